@@ -1,0 +1,13 @@
+//! vmsnap: consistent, live snapshots of QEMU/libvirt virtual machines whose disks live on ZFS.
+//!
+//! # Layout
+//! - [`qemu`]: the two protocol clients vmsnap speaks directly over unix sockets: QMP to QEMU
+//!   ([`qemu::qmp`], with block-job and fd-passing helpers) and the guest agent ([`qemu::qga`]).
+//! - [`zfs`]: the only place that runs `zfs`/`zpool`: validated names, pure parsers, operations.
+//! - [`fixtures`]: recording real QMP/QGA sessions and replaying them to test error paths.
+//! - [`rig`]: the test rig's machines (tiny QEMU guest, OpenZFS VM), used by tests and the recorder.
+
+pub mod fixtures;
+pub mod qemu;
+pub mod rig;
+pub mod zfs;

@@ -1,0 +1,245 @@
+//! ZFS: the datasets that hold a VM's disks, and their snapshots.
+//!
+//! [`names`] validates names, [`parse`] turns `zfs -H -p` text into types, [`command`] runs the
+//! binaries; this module puts them together into the operations vmsnap needs. Every listing asks
+//! for explicit columns with `-H -p`.
+
+pub mod command;
+pub mod error;
+pub mod names;
+pub mod parse;
+
+pub use command::ZfsCli;
+pub use error::ZfsError;
+pub use names::{Dataset, NameError, PropName, SnapshotName};
+pub use parse::{DatasetInfo, DatasetKind, Hold, SnapshotInfo};
+
+use crate::zargs;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
+
+/// The ZFS operations, over a [`ZfsCli`].
+#[derive(Debug, Clone, Default)]
+pub struct Zfs {
+    cli: ZfsCli,
+}
+
+impl Zfs {
+    pub fn new(cli: ZfsCli) -> Self {
+        Self { cli }
+    }
+
+    pub fn cli(&self) -> &ZfsCli {
+        &self.cli
+    }
+
+    /// Filesystems and volumes: all of them, or `root` and (if `recursive`) its descendants.
+    ///
+    /// # Errors
+    /// [`ZfsError::NotFound`] for a missing root, [`ZfsError::Parse`] for output vmsnap cannot read.
+    pub async fn list_datasets(&self, root: Option<&Dataset>, recursive: bool) -> Result<Vec<DatasetInfo>, ZfsError> {
+        let mut args = zargs![
+            "list",
+            "-H",
+            "-p",
+            "-t",
+            "filesystem,volume",
+            "-o",
+            parse::DATASET_COLUMNS.join(",")
+        ];
+        if recursive {
+            args.push("-r".into());
+        }
+        if let Some(root) = root {
+            args.push(root.as_str().into());
+        }
+        Ok(parse::datasets(&self.cli.zfs(args).await?)?)
+    }
+
+    /// The snapshots of `dataset` (not of its children), oldest first by `createtxg`, with the
+    /// user properties in `props`.
+    pub async fn list_snapshots(&self, dataset: &Dataset, props: &[PropName]) -> Result<Vec<SnapshotInfo>, ZfsError> {
+        let mut columns: Vec<&str> = parse::SNAPSHOT_COLUMNS.to_vec();
+        columns.extend(props.iter().map(PropName::as_str));
+        let args = zargs![
+            "list",
+            "-H",
+            "-p",
+            "-t",
+            "snapshot",
+            "-d",
+            "1",
+            "-s",
+            "createtxg",
+            "-o",
+            columns.join(","),
+            dataset.as_str()
+        ];
+        Ok(parse::snapshots(&self.cli.zfs(args).await?, props)?)
+    }
+
+    /// Takes `snap` of every dataset in `datasets` in one `zfs snapshot` call, which OpenZFS makes
+    /// atomic (all or none) within a pool. `props` are set on every new snapshot.
+    ///
+    /// # Errors
+    /// [`ZfsError::AlreadyExists`], [`ZfsError::NotFound`]; nothing is created then.
+    pub async fn snapshot(
+        &self,
+        datasets: &[Dataset],
+        snap: &str,
+        props: &BTreeMap<PropName, String>,
+    ) -> Result<Vec<SnapshotName>, ZfsError> {
+        let names = datasets.iter().map(|d| d.snapshot(snap)).collect::<Result<Vec<_>, _>>()?;
+        let mut args = zargs!["snapshot"];
+        for (k, v) in props {
+            args.push("-o".into());
+            args.push(format!("{k}={v}").into());
+        }
+        args.extend(names.iter().map(|n| OsString::from(n.to_string())));
+        self.cli.zfs(args).await?;
+        Ok(names)
+    }
+
+    /// Destroys one snapshot. Only a [`SnapshotName`] can be given.
+    pub async fn destroy(&self, snap: &SnapshotName) -> Result<(), ZfsError> {
+        self.cli.zfs(zargs!["destroy", snap.to_string()]).await?;
+        Ok(())
+    }
+
+    /// Places hold `tag` on each snapshot (one call: all or none).
+    pub async fn hold(&self, tag: &str, snaps: &[SnapshotName]) -> Result<(), ZfsError> {
+        let mut args = zargs!["hold", tag];
+        args.extend(snaps.iter().map(|s| OsString::from(s.to_string())));
+        self.cli.zfs(args).await?;
+        Ok(())
+    }
+
+    /// Releases hold `tag` from each snapshot.
+    pub async fn release(&self, tag: &str, snaps: &[SnapshotName]) -> Result<(), ZfsError> {
+        let mut args = zargs!["release", tag];
+        args.extend(snaps.iter().map(|s| OsString::from(s.to_string())));
+        self.cli.zfs(args).await?;
+        Ok(())
+    }
+
+    /// The holds on `snap`.
+    pub async fn holds(&self, snap: &SnapshotName) -> Result<Vec<Hold>, ZfsError> {
+        Ok(parse::holds(&self.cli.zfs(zargs!["holds", "-H", "-p", snap.to_string()]).await?)?)
+    }
+
+    /// The user properties set locally (or received) on a dataset or snapshot.
+    pub async fn user_properties(&self, name: &str) -> Result<BTreeMap<PropName, String>, ZfsError> {
+        let text = self
+            .cli
+            .zfs(zargs!["get", "-H", "-p", "-o", "name,property,value,source", "all", name])
+            .await?;
+        Ok(parse::user_properties(&text)?.remove(name).unwrap_or_default())
+    }
+
+    /// Sets a user property on a dataset or snapshot.
+    pub async fn set_property(&self, name: &str, prop: &PropName, value: &str) -> Result<(), ZfsError> {
+        self.cli.zfs(zargs!["set", format!("{prop}={value}"), name]).await?;
+        Ok(())
+    }
+
+    /// Rolls `snap`'s dataset back to it. With `destroy_newer`, newer snapshots are destroyed
+    /// (`-r`); without, a newer snapshot makes it fail with [`ZfsError::NewerSnapshots`].
+    pub async fn rollback(&self, snap: &SnapshotName, destroy_newer: bool) -> Result<(), ZfsError> {
+        let mut args = zargs!["rollback"];
+        if destroy_newer {
+            args.push("-r".into());
+        }
+        args.push(snap.to_string().into());
+        self.cli.zfs(args).await?;
+        Ok(())
+    }
+
+    /// Clones `snap` into a new dataset `target`.
+    pub async fn clone_snapshot(&self, snap: &SnapshotName, target: &Dataset, props: &BTreeMap<PropName, String>) -> Result<(), ZfsError> {
+        let mut args = zargs!["clone"];
+        for (k, v) in props {
+            args.push("-o".into());
+            args.push(format!("{k}={v}").into());
+        }
+        args.push(snap.to_string().into());
+        args.push(target.as_str().into());
+        self.cli.zfs(args).await?;
+        Ok(())
+    }
+
+    /// The dataset a disk image lives on: `/dev/zvol/POOL/VOL` is the volume `POOL/VOL`; a file is
+    /// on the mounted filesystem with the longest mountpoint that contains it.
+    ///
+    /// # Errors
+    /// [`ZfsError::NoDatasetFor`] when no ZFS dataset holds the path.
+    pub async fn dataset_of(&self, path: &Path) -> Result<Dataset, ZfsError> {
+        if let Some(vol) = zvol_name(path) {
+            return Ok(Dataset::new(&vol)?);
+        }
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| normalise(path));
+        if let Some(vol) = zvol_name(&real) {
+            return Ok(Dataset::new(&vol)?);
+        }
+        let all = self.list_datasets(None, false).await?;
+        longest_mount(&all, &real).ok_or_else(|| ZfsError::NoDatasetFor {
+            path: path.display().to_string(),
+        })
+    }
+}
+
+fn zvol_name(path: &Path) -> Option<String> {
+    let rest = path.strip_prefix("/dev/zvol").ok()?;
+    let name = rest.to_str()?.trim_matches('/');
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+fn normalise(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Pure: the mounted filesystem whose mountpoint is the longest prefix (by components) of `path`.
+pub fn longest_mount(datasets: &[DatasetInfo], path: &Path) -> Option<Dataset> {
+    datasets
+        .iter()
+        .filter(|d| d.mounted)
+        .filter_map(|d| d.mountpoint.as_ref().map(|m| (m, &d.name)))
+        .filter(|(m, _)| path.starts_with(m))
+        .max_by_key(|(m, _)| m.components().count())
+        .map(|(_, name)| name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zvol_paths_map_to_volumes() {
+        assert_eq!(
+            zvol_name(Path::new("/dev/zvol/tank/vms/vm1-disk0")).as_deref(),
+            Some("tank/vms/vm1-disk0")
+        );
+        assert_eq!(zvol_name(Path::new("/var/lib/x.qcow2")), None);
+        assert_eq!(zvol_name(Path::new("/dev/zvol/")), None);
+    }
+
+    #[test]
+    fn file_maps_to_longest_mounted_mountpoint() {
+        let ds = parse::datasets("tank\tfilesystem\t1\t/tank\tyes\ntank/vms\tfilesystem\t1\t/tank/vms\tyes\ntank/vmsx\tfilesystem\t1\t/tank/vmsx\tyes\ntank/off\tfilesystem\t1\t/tank/vms/off\tno\n").unwrap();
+        let pick = |p: &str| longest_mount(&ds, Path::new(p)).map(|d| d.to_string());
+        assert_eq!(pick("/tank/vms/vm1/disk.qcow2").as_deref(), Some("tank/vms"));
+        assert_eq!(pick("/tank/vmsx/disk.qcow2").as_deref(), Some("tank/vmsx"));
+        assert_eq!(pick("/tank/vms/off/disk.qcow2").as_deref(), Some("tank/vms"));
+        assert_eq!(pick("/srv/disk.qcow2"), None);
+    }
+}
