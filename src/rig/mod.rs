@@ -1,1 +1,77 @@
-//! placeholder
+//! The test rig's machines, booted under TCG from the images `scripts/rig/rig.sh` builds into
+//! `$VMSNAP_RIG` (default `/var/cache/vmsnap-rig`): a tiny guest running the real qemu-guest-agent
+//! ([`TinyVm`]), and a Debian VM with real OpenZFS ([`ZfsVm`]). Used by the tests and by the
+//! fixture recorder; not by vmsnap itself.
+//!
+//! Every machine lives in its own scratch directory, is killed when dropped, and prints its serial
+//! console when dropped during a panic (a failing test).
+
+mod machine;
+mod tiny;
+mod zfsvm;
+
+pub use machine::{Machine, ScratchDir};
+pub use tiny::{TinyVm, TinyVmOptions};
+pub use zfsvm::ZfsVm;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RigError {
+    #[error("the test rig is not built: {missing} is missing. Run `scripts/rig/rig.sh` (as root) first")]
+    NotBuilt { missing: PathBuf },
+    #[error("rig: {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rig: {0}")]
+    Failed(String),
+}
+
+/// Where the rig's images are.
+#[derive(Debug, Clone)]
+pub struct Rig {
+    dir: PathBuf,
+}
+
+impl Rig {
+    /// The rig at `$VMSNAP_RIG` or `/var/cache/vmsnap-rig`.
+    ///
+    /// # Errors
+    /// [`RigError::NotBuilt`] naming the first missing file.
+    pub fn locate() -> Result<Self, RigError> {
+        let dir = std::env::var_os("VMSNAP_RIG").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/vmsnap-rig"));
+        let rig = Self { dir };
+        for f in ["vmlinux", "initrd.gz", "data-template.qcow2"] {
+            rig.require(f)?;
+        }
+        Ok(rig)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn require(&self, name: &str) -> Result<PathBuf, RigError> {
+        let p = self.dir.join(name);
+        if p.exists() {
+            Ok(p)
+        } else {
+            Err(RigError::NotBuilt { missing: p })
+        }
+    }
+}
+
+/// Runs a host program (qemu-img, mkfs) and fails with its stderr.
+pub(crate) fn host_cmd(program: &str, args: &[&str]) -> Result<(), RigError> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| RigError::Io { what: format!("running {program}"), source })?;
+    if !out.status.success() {
+        return Err(RigError::Failed(format!("{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(())
+}

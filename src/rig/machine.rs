@@ -1,0 +1,156 @@
+//! A QEMU process in a scratch directory, with its QMP and guest-agent sockets and serial log.
+
+use super::RigError;
+use crate::qemu::qga::{Qga, QgaError, Timeouts};
+use crate::qemu::qmp::Qmp;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A directory removed when dropped.
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(prefix: &str) -> Result<Self, RigError> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::var_os("VMSNAP_SCRATCH").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|source| RigError::Io { what: format!("creating {}", dir.display()), source })?;
+        Ok(Self(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running QEMU. Killed on drop; its console is printed if that happens during a panic.
+#[derive(Debug)]
+pub struct Machine {
+    name: String,
+    child: Option<Child>,
+    pub qmp_path: PathBuf,
+    pub qga_path: PathBuf,
+    pub console_path: PathBuf,
+    started: Instant,
+    // Last: removed after the process is dead.
+    dir: ScratchDir,
+}
+
+impl Machine {
+    /// Starts `qemu-system-x86_64` with `args` plus the QMP socket, the agent channel and the
+    /// serial console, all in `dir`.
+    pub(crate) fn spawn(name: &str, dir: ScratchDir, args: Vec<String>) -> Result<Self, RigError> {
+        let qmp_path = dir.path().join("qmp.sock");
+        let qga_path = dir.path().join("qga.sock");
+        let console_path = dir.path().join("console.log");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-name", name, "-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console_path.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            .arg("-chardev")
+            .arg(format!("socket,id=qga0,path={},server=on,wait=off", qga_path.display()))
+            .args(["-device", "virtio-serial-pci,id=vser0", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("qemu.stderr")).map_err(|source| RigError::Io { what: "qemu.stderr".into(), source })?);
+        let child = cmd.spawn().map_err(|source| RigError::Io { what: "starting qemu-system-x86_64 (is the rig built?)".into(), source })?;
+        Ok(Self { name: name.to_owned(), child: Some(child), qmp_path, qga_path, console_path, started: Instant::now(), dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Time since the process was started.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits until the QMP socket accepts and negotiates.
+    pub async fn qmp(&mut self) -> Result<Qmp, RigError> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.check_alive()?;
+            match Qmp::connect(&self.qmp_path, Duration::from_secs(5)).await {
+                Ok(q) => return Ok(q),
+                Err(e) if Instant::now() > deadline => return Err(RigError::Failed(format!("{}: QMP never came up: {e}", self.name))),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Waits until the guest agent answers a sync and a ping; the connected client.
+    pub async fn wait_agent(&mut self, timeout: Duration) -> Result<Qga, RigError> {
+        let deadline = Instant::now() + timeout;
+        let probe = Timeouts { sync: Duration::from_secs(2), ..Timeouts::default() };
+        loop {
+            self.check_alive()?;
+            let attempt: Result<Qga, QgaError> = async {
+                let mut qga = Qga::connect(&self.qga_path, probe).await?;
+                qga.ping().await?;
+                Ok(qga)
+            }
+            .await;
+            match attempt {
+                Ok(q) => return Ok(q),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(RigError::Failed(format!("{}: guest agent silent after {timeout:?}: {e}\n{}", self.name, self.console())))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// The serial console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console_path).unwrap_or_default()
+    }
+
+    fn check_alive(&mut self) -> Result<(), RigError> {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let stderr = std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
+                return Err(RigError::Failed(format!("{} exited ({status}): {stderr}\nconsole:\n{}", self.name, self.console())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills QEMU now (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- {} console ({}) ----\n{}\n---- end of console ----", self.name, self.console_path.display(), self.console());
+            let stderr = std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
+            if !stderr.is_empty() {
+                eprintln!("---- {} qemu stderr ----\n{stderr}", self.name);
+            }
+        }
+        self.kill();
+    }
+}
