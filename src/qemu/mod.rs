@@ -4,6 +4,7 @@
 //! everything else differs: QMP has ids, events and fd passing ([`qmp`]), the agent channel is a bare
 //! byte stream that needs delimited syncs to stay in step ([`qga`]).
 
+pub mod block;
 pub mod blockjob;
 pub mod fdpass;
 pub mod qga;

@@ -15,10 +15,15 @@ pub struct ScratchDir(PathBuf);
 impl ScratchDir {
     pub fn new(prefix: &str) -> Result<Self, RigError> {
         static N: AtomicU32 = AtomicU32::new(0);
-        let base = std::env::var_os("VMSNAP_SCRATCH").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let base = std::env::var_os("VMSNAP_SCRATCH")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
         let dir = base.join(format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|source| RigError::Io { what: format!("creating {}", dir.display()), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| RigError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
         Ok(Self(dir))
     }
 
@@ -54,20 +59,51 @@ impl Machine {
         let qga_path = dir.path().join("qga.sock");
         let console_path = dir.path().join("console.log");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-name", name, "-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("file:{}", console_path.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-            .arg("-chardev")
-            .arg(format!("socket,id=qga0,path={},server=on,wait=off", qga_path.display()))
-            .args(["-device", "virtio-serial-pci,id=vser0", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"])
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("qemu.stderr")).map_err(|source| RigError::Io { what: "qemu.stderr".into(), source })?);
-        let child = cmd.spawn().map_err(|source| RigError::Io { what: "starting qemu-system-x86_64 (is the rig built?)".into(), source })?;
-        Ok(Self { name: name.to_owned(), child: Some(child), qmp_path, qga_path, console_path, started: Instant::now(), dir })
+        cmd.args([
+            "-name",
+            name,
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-user-config",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console_path.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=qga0,path={},server=on,wait=off", qga_path.display()))
+        .args([
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ])
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(dir.path().join("qemu.stderr")).map_err(|source| RigError::Io {
+                what: "qemu.stderr".into(),
+                source,
+            })?,
+        );
+        let child = cmd.spawn().map_err(|source| RigError::Io {
+            what: "starting qemu-system-x86_64 (is the rig built?)".into(),
+            source,
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            qmp_path,
+            qga_path,
+            console_path,
+            started: Instant::now(),
+            dir,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -99,7 +135,10 @@ impl Machine {
     /// Waits until the guest agent answers a sync and a ping; the connected client.
     pub async fn wait_agent(&mut self, timeout: Duration) -> Result<Qga, RigError> {
         let deadline = Instant::now() + timeout;
-        let probe = Timeouts { sync: Duration::from_secs(2), ..Timeouts::default() };
+        let probe = Timeouts {
+            sync: Duration::from_secs(2),
+            ..Timeouts::default()
+        };
         loop {
             self.check_alive()?;
             let attempt: Result<Qga, QgaError> = async {
@@ -111,7 +150,11 @@ impl Machine {
             match attempt {
                 Ok(q) => return Ok(q),
                 Err(e) if Instant::now() > deadline => {
-                    return Err(RigError::Failed(format!("{}: guest agent silent after {timeout:?}: {e}\n{}", self.name, self.console())))
+                    return Err(RigError::Failed(format!(
+                        "{}: guest agent silent after {timeout:?}: {e}\n{}",
+                        self.name,
+                        self.console()
+                    )))
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -127,7 +170,11 @@ impl Machine {
         if let Some(child) = self.child.as_mut() {
             if let Ok(Some(status)) = child.try_wait() {
                 let stderr = std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
-                return Err(RigError::Failed(format!("{} exited ({status}): {stderr}\nconsole:\n{}", self.name, self.console())));
+                return Err(RigError::Failed(format!(
+                    "{} exited ({status}): {stderr}\nconsole:\n{}",
+                    self.name,
+                    self.console()
+                )));
             }
         }
         Ok(())
@@ -145,7 +192,12 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- {} console ({}) ----\n{}\n---- end of console ----", self.name, self.console_path.display(), self.console());
+            eprintln!(
+                "---- {} console ({}) ----\n{}\n---- end of console ----",
+                self.name,
+                self.console_path.display(),
+                self.console()
+            );
             let stderr = std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
             if !stderr.is_empty() {
                 eprintln!("---- {} qemu stderr ----\n{stderr}", self.name);

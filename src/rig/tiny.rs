@@ -21,7 +21,12 @@ pub struct TinyVmOptions {
 
 impl Default for TinyVmOptions {
     fn default() -> Self {
-        Self { disks: 1, memory_mib: 512, extra_args: Vec::new(), disk_images: None }
+        Self {
+            disks: 1,
+            memory_mib: 512,
+            extra_args: Vec::new(),
+            disk_images: None,
+        }
     }
 }
 
@@ -43,7 +48,14 @@ impl TinyVm {
                 (0..opts.disks)
                     .map(|i| {
                         let p = dir.path().join(format!("disk{i}.qcow2"));
-                        host_cmd("cp", &["--sparse=always", template.to_str().expect("utf-8 path"), p.to_str().expect("utf-8 path")])?;
+                        host_cmd(
+                            "cp",
+                            &[
+                                "--sparse=always",
+                                template.to_str().expect("utf-8 path"),
+                                p.to_str().expect("utf-8 path"),
+                            ],
+                        )?;
                         Ok(p)
                     })
                     .collect::<Result<_, RigError>>()?
@@ -63,7 +75,10 @@ impl TinyVm {
         ];
         for (i, disk) in disks.iter().enumerate() {
             args.push("-blockdev".into());
-            args.push(format!("driver=file,filename={},node-name=disk{i}-file,cache.direct=off", disk.display()));
+            args.push(format!(
+                "driver=file,filename={},node-name=disk{i}-file,cache.direct=off",
+                disk.display()
+            ));
             args.push("-blockdev".into());
             args.push(format!("driver=qcow2,file=disk{i}-file,node-name=disk{i}-fmt"));
             args.push("-device".into());
