@@ -16,12 +16,16 @@ use tokio::net::UnixStream;
 /// # Errors
 /// The socket's I/O error.
 pub(crate) async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
-    let fds = [fd.as_raw_fd()];
+    send_with_fds(stream, bytes, &[fd.as_raw_fd()]).await
+}
+
+/// Writes `bytes` on `stream` with all of `fds` attached to the first byte.
+pub(crate) async fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[std::os::fd::RawFd]) -> io::Result<()> {
     let sent = loop {
         stream.writable().await?;
         let attempt = stream.try_io(Interest::WRITABLE, || {
             let iov = [IoSlice::new(bytes)];
-            let cmsg = [ControlMessage::ScmRights(&fds)];
+            let cmsg = [ControlMessage::ScmRights(fds)];
             sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
         });
         match attempt {
