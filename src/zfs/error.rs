@@ -16,6 +16,10 @@ pub enum ZfsError {
     Held { name: String, stderr: String },
     #[error("out of space in {name}")]
     OutOfSpace { name: String },
+    #[error("{name} has dependent clones")]
+    HasClones { name: String },
+    #[error("one `zfs snapshot` call is atomic only within one pool; got datasets in {pools}")]
+    CrossPool { pools: String },
     #[error("cannot roll back {name}: more recent snapshots exist")]
     NewerSnapshots { name: String },
     #[error("`{argv}` failed (exit {status}): {stderr}")]
@@ -38,6 +42,10 @@ pub enum ZfsError {
 /// the caller reports verbatim as [`ZfsError::Failed`].
 pub(crate) fn recognise(stderr: &str) -> Option<ZfsError> {
     for line in stderr.lines() {
+        if line.starts_with("could not find any snapshots to destroy") {
+            // `zfs destroy` of a missing snapshot does not name it; the caller knows the name.
+            return Some(ZfsError::NotFound { name: String::new() });
+        }
         let Some(rest) = line.strip_prefix("cannot ") else { continue };
         // `cannot <verb> ['<name>'|<name>]: <reason>`; OpenZFS quotes the name in most messages.
         let Some((head, reason)) = rest.split_once(": ") else { continue };
@@ -58,6 +66,8 @@ pub(crate) fn recognise(stderr: &str) -> Option<ZfsError> {
             ZfsError::Busy { name }
         } else if reason.contains("out of space") {
             ZfsError::OutOfSpace { name }
+        } else if reason.contains("has dependent clones") {
+            ZfsError::HasClones { name }
         } else if rest.starts_with("rollback") && reason.contains("more recent snapshots") {
             ZfsError::NewerSnapshots { name }
         } else {
@@ -91,5 +101,17 @@ mod tests {
         );
         assert!(matches!(recognise("cannot rollback to 'tank/vms/vm1-disk0@s2': more recent snapshots or bookmarks exist\nuse '-r' to force deletion of the following snapshots and bookmarks:\n"), Some(ZfsError::NewerSnapshots { .. })));
         assert!(recognise("internal error: something new\n").is_none());
+        // Seen live by tests/openzfs.rs on OpenZFS 2.3.2:
+        assert!(matches!(
+            recognise("could not find any snapshots to destroy; check snapshot names.\n"),
+            Some(ZfsError::NotFound { .. })
+        ));
+        assert!(matches!(
+            recognise("cannot destroy 'vmsnaptest/rollback_and_clone/a@s1': snapshot has dependent clones\nuse '-R' to destroy the following datasets:\n"),
+            Some(ZfsError::HasClones { name }) if name == "vmsnaptest/rollback_and_clone/a@s1"
+        ));
+        assert!(
+            matches!(recognise("cannot create 'vmsnaptest/x/too-big': out of space\n"), Some(ZfsError::OutOfSpace { name }) if name == "vmsnaptest/x/too-big")
+        );
     }
 }

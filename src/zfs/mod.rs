@@ -84,12 +84,18 @@ impl Zfs {
     ///
     /// # Errors
     /// [`ZfsError::AlreadyExists`], [`ZfsError::NotFound`]; nothing is created then.
+    /// [`ZfsError::CrossPool`] before running anything when the datasets span pools: OpenZFS
+    /// refuses such a call as a whole.
     pub async fn snapshot(
         &self,
         datasets: &[Dataset],
         snap: &str,
         props: &BTreeMap<PropName, String>,
     ) -> Result<Vec<SnapshotName>, ZfsError> {
+        let pools: std::collections::BTreeSet<&str> = datasets.iter().map(Dataset::pool).collect();
+        if pools.len() > 1 {
+            return Err(ZfsError::CrossPool { pools: pools.into_iter().collect::<Vec<_>>().join(", ") });
+        }
         let names = datasets.iter().map(|d| d.snapshot(snap)).collect::<Result<Vec<_>, _>>()?;
         let mut args = zargs!["snapshot"];
         for (k, v) in props {
@@ -103,8 +109,10 @@ impl Zfs {
 
     /// Destroys one snapshot. Only a [`SnapshotName`] can be given.
     pub async fn destroy(&self, snap: &SnapshotName) -> Result<(), ZfsError> {
-        self.cli.zfs(zargs!["destroy", snap.to_string()]).await?;
-        Ok(())
+        match self.cli.zfs(zargs!["destroy", snap.to_string()]).await {
+            Err(ZfsError::NotFound { name }) if name.is_empty() => Err(ZfsError::NotFound { name: snap.to_string() }),
+            other => other.map(drop),
+        }
     }
 
     /// Places hold `tag` on each snapshot (one call: all or none).
