@@ -94,7 +94,9 @@ impl Zfs {
     ) -> Result<Vec<SnapshotName>, ZfsError> {
         let pools: std::collections::BTreeSet<&str> = datasets.iter().map(Dataset::pool).collect();
         if pools.len() > 1 {
-            return Err(ZfsError::CrossPool { pools: pools.into_iter().collect::<Vec<_>>().join(", ") });
+            return Err(ZfsError::CrossPool {
+                pools: pools.into_iter().collect::<Vec<_>>().join(", "),
+            });
         }
         let names = datasets.iter().map(|d| d.snapshot(snap)).collect::<Result<Vec<_>, _>>()?;
         let mut args = zargs!["snapshot"];
