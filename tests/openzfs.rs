@@ -74,7 +74,7 @@ fn inside() {
     ));
     let version = sh("zfs version | head -1");
     eprintln!("inside the OpenZFS VM: {}", version.trim());
-    let cases: &[(&str, fn(Ctx) -> Fut)] = &[
+    let cases: &[(&str, Case)] = &[
         ("atomic_multi_dataset_snapshot_with_user_properties", |c| {
             Box::pin(atomic_snapshot(c))
         }),
@@ -104,6 +104,7 @@ fn inside() {
 }
 
 type Fut = std::pin::Pin<Box<dyn Future<Output = Result<(), Failed>>>>;
+type Case = fn(Ctx) -> Fut;
 
 /// One case's private corner of the pools.
 #[derive(Clone)]

@@ -79,8 +79,8 @@ EOF
 }
 
 # ZFS lane: a Debian rootfs (debootstrap) with the same kernel, its headers, zfs-dkms built by DKMS
-# inside the chroot for that kernel, qemu-guest-agent (to drive it), QEMU 7.2 and e2fsprogs (for
-# nested guests on zvols), as an ext4 image. Tests boot it with a per-run qcow2 overlay.
+# inside the chroot for that kernel, qemu-guest-agent (to drive it), QEMU 10 and e2fsprogs (for the
+# nested guests vmsnap snapshots there), as an ext4 image. Tests boot it with a per-run overlay.
 step_zfsvm() {
   local KVER; KVER=$(kver)
   local R=$RIG/zfsroot
@@ -99,7 +99,8 @@ EOF
   chroot "$R" apt-get -q update
   chroot "$R" apt-get -q install -y --no-install-recommends "linux-image-$KVER" "linux-headers-$KVER" qemu-guest-agent kmod udev e2fsprogs
   chroot "$R" apt-get -q install -y --no-install-recommends -t bookworm-backports zfs-dkms zfsutils-linux
-  chroot "$R" apt-get -q install -y --no-install-recommends qemu-system-x86 qemu-utils
+  # QEMU 10 from bookworm-backports, as on the host, for the guests vmsnap snapshots in there
+  chroot "$R" apt-get -q install -y --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
   chroot "$R" apt-get clean
   cleanup_mounts; trap - EXIT
   ls "$R/lib/modules/$KVER/updates/dkms/zfs.ko"

@@ -1,6 +1,7 @@
 //! The OpenZFS VM: a Debian 12 rootfs with zfs-dkms built for its kernel, two empty pool disks
-//! (`/dev/vdb`, `/dev/vdc`, by-id `virtio-pool1`, `virtio-pool2`), and a host directory shared over
-//! 9p on `/mnt/share`, through which tests hand it the binaries under test. Driven through its
+//! (`/dev/vdb`, `/dev/vdc`, by-id `virtio-pool1`, `virtio-pool2`), a host directory shared over
+//! 9p on `/mnt/share`, through which tests hand it the binaries under test, and the rig directory
+//! itself read-only on `/mnt/rig` (the tiny guest's kernel and initramfs for nested guests). Driven through its
 //! guest agent. Each boot gets a fresh qcow2 overlay over the cached root image.
 
 use super::machine::{Machine, ScratchDir};
