@@ -70,12 +70,7 @@ async fn overlay_with_data(vm: &TinyVm, qmp: &Qmp, qga: &mut Qga, middle: Option
     };
     qmp.blockdev_add(qcow2_overlay_node("ov-fmt", file_ref)).await?;
     qmp.snapshot_transaction(&[("disk0-fmt".into(), "ov-fmt".into())]).await?;
-    let out = qga
-        .sh(
-            "dd if=/dev/urandom of=/mnt/vda/data bs=1M count=4 2>/dev/null && sync",
-            Duration::from_secs(60),
-        )
-        .await?;
+    let out = qga.sh("dd if=/dev/urandom of=/mnt/vda/data bs=1M count=4 2>/dev/null && sync", Duration::from_secs(60)).await?;
     if !out.success() {
         return Err(format!("guest write failed: {out:?}").into());
     }
@@ -84,20 +79,14 @@ async fn overlay_with_data(vm: &TinyVm, qmp: &Qmp, qga: &mut Qga, middle: Option
 
 #[tokio::main]
 async fn main() -> Res {
-    let out = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("protocol-fixtures"));
+    let out = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("protocol-fixtures"));
     let rig = Rig::locate()?;
 
     // ---- VM 1: agent scenarios, a refused blockdev-add, a full commit with its events.
     let (mut vm, qmp, qga, _) = TinyVm::boot(&rig, &TinyVmOptions::default()).await?;
     let mut direct_qga = qga;
     let agent = direct_qga.info().await?.version;
-    let s = Session {
-        out: out.clone(),
-        recorded_with: format!("QEMU {}, qemu-ga {agent}, TCG", qmp.version()),
-    };
+    let s = Session { out: out.clone(), recorded_with: format!("QEMU {}, qemu-ga {agent}, TCG", qmp.version()) };
     drop(direct_qga);
     let dir = vm.machine.dir().to_owned();
     settle().await;
@@ -112,12 +101,7 @@ async fn main() -> Res {
         qga.freeze_status().await?;
     }
     settle().await;
-    s.save(
-        rec,
-        "qga",
-        "late-reply",
-        "guest-ping times out while the VM is paused; after cont its reply arrives ahead of the resync",
-    )?;
+    s.save(rec, "qga", "late-reply", "guest-ping times out while the VM is paused; after cont its reply arrives ahead of the resync")?;
 
     let rec = Recorder::start(&vm.machine.qga_path, &dir.join("rec-qga.sock"))?;
     {
@@ -131,12 +115,7 @@ async fn main() -> Res {
         qga.thaw().await?;
     }
     settle().await;
-    s.save(
-        rec,
-        "qga",
-        "freeze-while-frozen",
-        "freeze, a second freeze refused in frozen state, thaw, thaw again (0)",
-    )?;
+    s.save(rec, "qga", "freeze-while-frozen", "freeze, a second freeze refused in frozen state, thaw, thaw again (0)")?;
 
     drop(qmp);
     settle().await;
@@ -147,19 +126,14 @@ async fn main() -> Res {
         assert!(matches!(err, Err(QmpError::Command { .. })), "{err:?}");
     }
     settle().await;
-    s.save(
-        rec,
-        "qmp",
-        "blockdev-add-error",
-        "blockdev-add of a file that does not exist: GenericError",
-    )?;
+    s.save(rec, "qmp", "blockdev-add-error", "blockdev-add of a file that does not exist: GenericError")?;
 
     let rec = Recorder::start(&vm.machine.qmp_path, &dir.join("rec-qmp.sock"))?;
     {
         let qmp = Qmp::connect(rec.path(), Duration::from_secs(10)).await?;
         let mut qga = vm.machine.wait_agent(Duration::from_secs(10)).await?;
         overlay_with_data(&vm, &qmp, &mut qga, None).await?;
-        let job = BlockJob::start_active_commit(&qmp, "commit-ov", "ov-fmt").await?;
+        let job = BlockJob::start_active_commit(&qmp, "commit-ov", "ov-fmt", Some("disk0-fmt")).await?;
         job.wait_ready(Duration::from_secs(60)).await?;
         job.complete().await?;
         job.wait_concluded(Duration::from_secs(60)).await?;
@@ -183,14 +157,7 @@ async fn main() -> Res {
     settle().await;
     let rec = Recorder::start(&vm.machine.qga_path, &dir.join("rec-qga.sock"))?;
     {
-        let err = Qga::connect(
-            rec.path(),
-            Timeouts {
-                sync: Duration::from_secs(2),
-                ..Timeouts::default()
-            },
-        )
-        .await;
+        let err = Qga::connect(rec.path(), Timeouts { sync: Duration::from_secs(2), ..Timeouts::default() }).await;
         assert!(matches!(err, Err(QgaError::AgentNotRunning { .. })), "{err:?}");
     }
     settle().await;
@@ -209,7 +176,7 @@ async fn main() -> Res {
         let filter = json!({"driver": "blkdebug", "node-name": "ov-filter", "image": "ov-file",
             "inject-error": [{"event": "read_aio", "errno": 5, "sector": 4096, "once": false}]});
         overlay_with_data(&vm, &qmp, &mut qga, Some(filter)).await?;
-        let job = BlockJob::start_active_commit(&qmp, "commit-ov", "ov-fmt").await?;
+        let job = BlockJob::start_active_commit(&qmp, "commit-ov", "ov-fmt", Some("disk0-fmt")).await?;
         let err = job.wait_ready(Duration::from_secs(60)).await;
         assert!(matches!(err, Err(JobError::Io { .. })), "{err:?}");
         let concluded = job.wait_concluded(Duration::from_secs(60)).await;
@@ -249,11 +216,6 @@ async fn main() -> Res {
         assert!(matches!(res, Err(JobError::Qmp(QmpError::Disconnected { .. }))), "{res:?}");
     }
     settle().await;
-    s.save(
-        rec,
-        "qmp",
-        "qemu-exits-mid-job",
-        "QEMU is killed while a rate-limited active commit runs: the socket closes",
-    )?;
+    s.save(rec, "qmp", "qemu-exits-mid-job", "QEMU is killed while a rate-limited active commit runs: the socket closes")?;
     Ok(())
 }

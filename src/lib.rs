@@ -1,12 +1,16 @@
 //! vmsnap: consistent, live snapshots of QEMU/libvirt virtual machines whose disks live on ZFS.
 //!
 //! # Layout
+//! - [`config`]: the TOML file: directories, policy, the domains.
+//! - [`engine`]: the consistent snapshot flow, its journal, crash recovery, the per-domain lock.
 //! - [`qemu`]: the two protocol clients vmsnap speaks directly over unix sockets: QMP to QEMU
 //!   ([`qemu::qmp`], with block-job and fd-passing helpers) and the guest agent ([`qemu::qga`]).
 //! - [`zfs`]: the only place that runs `zfs`/`zpool`: validated names, pure parsers, operations.
 //! - [`fixtures`]: recording real QMP/QGA sessions and replaying them to test error paths.
 //! - [`rig`]: the test rig's machines (tiny QEMU guest, OpenZFS VM), used by tests and the recorder.
 
+pub mod config;
+pub mod engine;
 pub mod fixtures;
 pub mod qemu;
 pub mod rig;

@@ -1,12 +1,194 @@
-//! The `vmsnap` command line.
+//! The `vmsnap` command line: parses arguments, runs one command, prints its result (human or
+//! `--json`) or the whole error chain with a hint.
 
-use clap::Parser;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use vmsnap::config::{self, Config};
+use vmsnap::engine::{self, naming, RamMode, SnapshotOptions, Strategy};
+use vmsnap::zfs::Zfs;
 
 /// Consistent, live snapshots of QEMU/libvirt virtual machines on ZFS.
 #[derive(Parser)]
 #[command(version, about)]
-struct Cli {}
+struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Take a consistent snapshot of a domain now.
+    Snapshot {
+        domain: String,
+        /// Save the RAM too (resumable snapshot).
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "background")]
+        memory: Option<MemoryArg>,
+        #[arg(long, value_enum, default_value = "overlay")]
+        strategy: StrategyArg,
+        /// Do not freeze the guest's filesystems (crash-consistent).
+        #[arg(long)]
+        no_quiesce: bool,
+        /// The label at the end of the snapshot name.
+        #[arg(long, default_value = "manual")]
+        label: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a domain's snapshots (or every configured domain's).
+    List {
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Finish or undo operations a crash interrupted: thaw, resume, merge overlays, delete partial dumps.
+    Recover {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StrategyArg {
+    Overlay,
+    Direct,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MemoryArg {
+    Precopy,
+    Background,
+}
 
 fn main() {
-    Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMSNAP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("vmsnap: error: {e:#}");
+        if let Some(hint) = e.downcast_ref::<engine::EngineError>().and_then(engine::EngineError::hint) {
+            eprintln!("hint: {hint}");
+        }
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let cfg = Config::load(&cli.config)?;
+    let zfs = Zfs::default();
+    match cli.command {
+        Command::Snapshot { domain, memory, strategy, no_quiesce, label, json } => {
+            let dom = cfg.domain(&domain)?;
+            let opts = SnapshotOptions {
+                strategy: match strategy {
+                    StrategyArg::Overlay => Strategy::Overlay,
+                    StrategyArg::Direct => Strategy::Direct,
+                },
+                memory: memory.map(|m| match m {
+                    MemoryArg::Precopy => RamMode::Precopy,
+                    MemoryArg::Background => RamMode::Background,
+                }),
+                quiesce: !no_quiesce,
+                label,
+            };
+            let progress = |step: &str| {
+                if !json {
+                    eprintln!("  {step}");
+                }
+            };
+            let report = engine::snapshot(&cfg, dom, &opts, &zfs, &progress).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{} @{}: {} ({})", report.domain, report.name, report.consistency, report.strategy);
+                for s in &report.snapshots {
+                    println!("  {s}");
+                }
+                if let Some(f) = report.freeze_ms {
+                    println!("  guest frozen {f:.1} ms");
+                }
+                if let Some(p) = report.pause_ms {
+                    println!("  VM paused {p:.1} ms");
+                }
+                for w in &report.warnings {
+                    println!("  warning: {w}");
+                }
+            }
+        }
+        Command::List { domain, json } => list(&cfg, &zfs, domain.as_deref(), json).await?,
+        Command::Recover { json } => {
+            let reports =
+                engine::recover::recover_all(&cfg).await.map_err(anyhow::Error::msg).context("recovery incomplete; the journals stay")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else if reports.is_empty() {
+                println!("nothing to recover");
+            } else {
+                for r in reports {
+                    println!("{}: recovered ({})", r.domain, r.journal.display());
+                    for a in r.actions {
+                        println!("  {a}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A snapshot as `vmsnap list` shows it.
+#[derive(serde::Serialize)]
+struct Listed {
+    domain: String,
+    snapshot: String,
+    creation: i64,
+    consistency: Option<String>,
+    ram_dump: Option<String>,
+}
+
+async fn list(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result<()> {
+    let props = naming::listed_properties();
+    let mut rows = Vec::new();
+    let domains: Vec<&config::DomainConfig> = match only {
+        Some(name) => vec![cfg.domain(name)?],
+        None => cfg.domains.values().collect(),
+    };
+    for dom in domains {
+        let by_pool = engine::disks::datasets_by_pool(zfs, &dom.disks).await.with_context(|| format!("domain {}", dom.name))?;
+        for ds in by_pool.values().flatten() {
+            for s in zfs.list_snapshots(ds, &props).await? {
+                let get = |k: &str| s.props.iter().find(|(p, _)| p.as_str() == k).map(|(_, v)| v.clone());
+                if get(naming::DOMAIN).as_deref() != Some(dom.name.as_str()) {
+                    continue;
+                }
+                rows.push(Listed {
+                    domain: dom.name.clone(),
+                    snapshot: s.name.to_string(),
+                    creation: s.creation,
+                    consistency: get(naming::CONSISTENCY),
+                    ram_dump: get(naming::RAM_DUMP),
+                });
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        for r in rows {
+            println!(
+                "{:<12} {:<70} {:<8} {}",
+                r.domain,
+                r.snapshot,
+                r.consistency.as_deref().unwrap_or("-"),
+                r.ram_dump.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
 }

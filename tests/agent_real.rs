@@ -16,11 +16,7 @@ async fn freeze_blocks_guest_writes_until_thaw() {
 
     let info = qga.info().await.unwrap();
     for needed in ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-exec", "guest-sync-delimited"] {
-        assert!(
-            info.enabled.iter().any(|c| c == needed),
-            "{needed} not enabled in qemu-ga {}",
-            info.version
-        );
+        assert!(info.enabled.iter().any(|c| c == needed), "{needed} not enabled in qemu-ga {}", info.version);
     }
     assert_eq!(qga.freeze_status().await.unwrap(), FreezeStatus::Thawed);
 
@@ -49,15 +45,9 @@ async fn freeze_blocks_guest_writes_until_thaw() {
     assert_eq!(qga.thaw().await.unwrap(), 0, "thawing a thawed guest is a harmless no-op");
     eprintln!("METRIC freeze_ms={freeze_ms} thaw_ms={thaw_ms}");
 
-    let done = qga
-        .exec_wait(writer, "writer", tokio::time::Instant::now() + Duration::from_secs(20))
-        .await
-        .unwrap();
+    let done = qga.exec_wait(writer, "writer", tokio::time::Instant::now() + Duration::from_secs(20)).await.unwrap();
     assert!(done.success(), "writer failed: {done:?}");
-    let out = qga
-        .sh("cat /run/t0 /run/t1 /mnt/vda/during-freeze", Duration::from_secs(10))
-        .await
-        .unwrap();
+    let out = qga.sh("cat /run/t0 /run/t1 /mnt/vda/during-freeze", Duration::from_secs(10)).await.unwrap();
     let text = out.stdout_text();
     let mut lines = text.lines();
     let t0: f64 = lines.next().unwrap().parse().unwrap();
@@ -73,10 +63,7 @@ async fn reconnect_after_timeout_skips_the_stale_reply() {
     let (vm, qmp, mut qga, _) = TinyVm::boot(&rig(), &TinyVmOptions::default()).await.unwrap();
     // Pause the VM so the agent cannot answer; the ping times out and its reply stays queued.
     qmp.execute(&qapi::qmp::stop {}).await.unwrap();
-    let err = qga
-        .execute_raw("guest-ping", serde_json::json!({}), Duration::from_millis(500))
-        .await
-        .unwrap_err();
+    let err = qga.execute_raw("guest-ping", serde_json::json!({}), Duration::from_millis(500)).await.unwrap_err();
     assert!(matches!(err, QgaError::Timeout { .. }), "{err}");
     qmp.execute(&qapi::qmp::cont {}).await.unwrap();
     // The next call resyncs first, so the late `{"return": {}}` of the ping is not taken as the
@@ -91,10 +78,7 @@ async fn agent_not_running_is_its_own_error() {
     // Kill qemu-ga inside the guest; the chardev socket still accepts connections.
     let _ = qga.sh("kill $(pidof qemu-ga)", Duration::from_secs(5)).await;
     drop(qga);
-    let timeouts = vmsnap::qemu::qga::Timeouts {
-        sync: Duration::from_secs(1),
-        ..Default::default()
-    };
+    let timeouts = vmsnap::qemu::qga::Timeouts { sync: Duration::from_secs(1), ..Default::default() };
     let err = vmsnap::qemu::qga::Qga::connect(&vm.machine.qga_path, timeouts).await.unwrap_err();
     assert!(matches!(err, QgaError::AgentNotRunning { .. }), "{err}");
 }

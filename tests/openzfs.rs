@@ -1,83 +1,32 @@
-//! The zfs adapter against real OpenZFS (ZFS lane).
-//!
-//! OpenZFS cannot load on this host's kernel, so this test binary runs twice: on the host it boots
-//! the rig's OpenZFS VM, shares its own directory into it over 9p, and runs itself inside through
-//! the guest agent with `VMSNAP_INSIDE_ZFSVM=1`; inside, it creates two pools on the VM's spare
-//! disks and runs the cases below against the real `zfs`. Its exit status and output are the
-//! inner run's. Without the rig it fails; it never skips.
+//! The zfs adapter against real OpenZFS (ZFS lane, see `support/zfslane.rs`): inside the OpenZFS
+//! VM it creates two pools on the VM's spare disks and runs the cases below against the real `zfs`.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
-use std::time::Duration;
-use vmsnap::rig::{Rig, ZfsVm};
 use vmsnap::zargs;
 use vmsnap::zfs::{Dataset, PropName, SnapshotName, Zfs, ZfsError};
 
-const INSIDE: &str = "VMSNAP_INSIDE_ZFSVM";
+mod support;
+
+use support::zfslane::sh;
+
 const POOL: &str = "vmsnaptest";
 const POOL2: &str = "vmsnaptest2";
 
 fn main() {
-    if std::env::var_os(INSIDE).is_some() {
-        inside();
-    } else {
-        outside();
-    }
-}
-
-fn outside() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let code = rt.block_on(async {
-        let rig = Rig::locate().expect("the test rig is required (scripts/rig/rig.sh)");
-        let exe = std::env::current_exe().unwrap();
-        let share = exe.parent().unwrap();
-        let mut vm = ZfsVm::boot(&rig, share).await.expect("booting the OpenZFS VM");
-        eprintln!("OpenZFS VM: agent answered {:.1} s after launch", vm.boot_time.as_secs_f64());
-        let inner = format!("/mnt/share/{}", exe.file_name().unwrap().to_str().unwrap());
-        let mut argv = vec![inner.as_str()];
-        argv.extend(args.iter().map(String::as_str));
-        let env = [
-            format!("{INSIDE}=1"),
-            "PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            "RUST_BACKTRACE=1".into(),
-        ];
-        let env: Vec<&str> = env.iter().map(String::as_str).collect();
-        let out = vm
-            .run(&argv, &env, Duration::from_secs(900))
-            .await
-            .expect("running the tests inside the VM");
-        print!("{}", out.stdout_text());
-        eprint!("{}", String::from_utf8_lossy(&out.stderr));
-        if !out.success() {
-            eprintln!(
-                "inner run exited {:?} (signal {:?})\n---- console ----\n{}",
-                out.exit_code,
-                out.signal,
-                vm.machine.console()
-            );
-        }
-        out.exit_code.unwrap_or(1) as i32
-    });
-    std::process::exit(code);
+    support::zfslane::dispatch(inside);
 }
 
 fn inside() {
     let args = Arguments::from_args();
-    sh(&format!(
-        "zpool create -f -O mountpoint=/{POOL} {POOL} /dev/disk/by-id/virtio-pool1"
-    ));
-    sh(&format!(
-        "zpool create -f -O mountpoint=/{POOL2} {POOL2} /dev/disk/by-id/virtio-pool2"
-    ));
+    sh(&format!("zpool create -f -O mountpoint=/{POOL} {POOL} /dev/disk/by-id/virtio-pool1"));
+    sh(&format!("zpool create -f -O mountpoint=/{POOL2} {POOL2} /dev/disk/by-id/virtio-pool2"));
     let version = sh("zfs version | head -1");
     eprintln!("inside the OpenZFS VM: {}", version.trim());
     let cases: &[(&str, Case)] = &[
-        ("atomic_multi_dataset_snapshot_with_user_properties", |c| {
-            Box::pin(atomic_snapshot(c))
-        }),
+        ("atomic_multi_dataset_snapshot_with_user_properties", |c| Box::pin(atomic_snapshot(c))),
         ("snapshot_across_two_pools", |c| Box::pin(two_pools(c))),
         ("snapshot_conflict_and_missing_dataset_create_nothing", |c| Box::pin(conflicts(c))),
         ("hold_release_destroy", |c| Box::pin(holds(c))),
@@ -120,11 +69,7 @@ impl Ctx {
         let root = Dataset::new(&format!("{POOL}/{short}")).unwrap();
         let root2 = Dataset::new(&format!("{POOL2}/{short}")).unwrap();
         sh(&format!("zfs create {root} && zfs create {root2}"));
-        Self {
-            zfs: Zfs::default(),
-            root,
-            root2,
-        }
+        Self { zfs: Zfs::default(), root, root2 }
     }
 
     fn cleanup(&self) {
@@ -141,13 +86,6 @@ impl Ctx {
         self.zfs.cli().zfs(v).await.map_err(fail)?;
         Ok(())
     }
-}
-
-fn sh(script: &str) -> String {
-    let out = std::process::Command::new("/bin/bash").arg("-c").arg(script).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "`{script}` failed: {text}");
-    text
 }
 
 fn fail(e: impl std::fmt::Display) -> Failed {
@@ -172,11 +110,7 @@ async fn atomic_snapshot(c: Ctx) -> Result<(), Failed> {
     c.create(&[fs2.as_str()]).await?;
     c.create(&["-V", "64M", vol.as_str()]).await?;
     let p = props(&[("vmsnap:consistency", "app"), ("vmsnap:freeze-ms", "42")]);
-    let names = c
-        .zfs
-        .snapshot(&[fs1.clone(), fs2.clone(), vol.clone()], "autosnap_2026-11-26_14:00:00_manual", &p)
-        .await
-        .map_err(fail)?;
+    let names = c.zfs.snapshot(&[fs1.clone(), fs2.clone(), vol.clone()], "autosnap_2026-11-26_14:00:00_manual", &p).await.map_err(fail)?;
     check(names.len() == 3, "three snapshot names")?;
     let keys: Vec<PropName> = p.keys().cloned().collect();
     let mut txgs = Vec::new();
@@ -208,14 +142,8 @@ async fn two_pools(c: Ctx) -> Result<(), Failed> {
         Err(ZfsError::CrossPool { pools }) => check(pools == format!("{POOL}, {POOL2}"), &pools)?,
         other => return Err(fail(format!("expected CrossPool, got {other:?}"))),
     }
-    check(
-        c.zfs.list_snapshots(&a, &[]).await.map_err(fail)?.is_empty(),
-        "nothing created in pool 1",
-    )?;
-    check(
-        c.zfs.list_snapshots(&b, &[]).await.map_err(fail)?.is_empty(),
-        "nothing created in pool 2",
-    )?;
+    check(c.zfs.list_snapshots(&a, &[]).await.map_err(fail)?.is_empty(), "nothing created in pool 1")?;
+    check(c.zfs.list_snapshots(&b, &[]).await.map_err(fail)?.is_empty(), "nothing created in pool 2")?;
     Ok(())
 }
 
@@ -223,18 +151,12 @@ async fn conflicts(c: Ctx) -> Result<(), Failed> {
     let (a, b) = (c.ds("a"), c.ds("b"));
     c.create(&[a.as_str()]).await?;
     c.create(&[b.as_str()]).await?;
-    c.zfs
-        .snapshot(std::slice::from_ref(&a), "s1", &BTreeMap::new())
-        .await
-        .map_err(fail)?;
+    c.zfs.snapshot(std::slice::from_ref(&a), "s1", &BTreeMap::new()).await.map_err(fail)?;
     match c.zfs.snapshot(&[a.clone(), b.clone()], "s1", &BTreeMap::new()).await {
         Err(ZfsError::AlreadyExists { name }) => check(name == format!("{a}@s1"), format!("named {name}"))?,
         other => return Err(fail(format!("expected AlreadyExists, got {other:?}"))),
     }
-    check(
-        c.zfs.list_snapshots(&b, &[]).await.map_err(fail)?.is_empty(),
-        "b@s1 must not exist: the call is atomic",
-    )?;
+    check(c.zfs.list_snapshots(&b, &[]).await.map_err(fail)?.is_empty(), "b@s1 must not exist: the call is atomic")?;
     let ghost = c.ds("ghost");
     match c.zfs.snapshot(&[b.clone(), ghost.clone()], "s2", &BTreeMap::new()).await {
         Err(ZfsError::NotFound { name }) => check(name == ghost.as_str(), format!("named {name}"))?,
@@ -250,18 +172,10 @@ async fn conflicts(c: Ctx) -> Result<(), Failed> {
 async fn holds(c: Ctx) -> Result<(), Failed> {
     let a = c.ds("a");
     c.create(&[a.as_str()]).await?;
-    let snap = c
-        .zfs
-        .snapshot(std::slice::from_ref(&a), "s1", &BTreeMap::new())
-        .await
-        .map_err(fail)?
-        .remove(0);
+    let snap = c.zfs.snapshot(std::slice::from_ref(&a), "s1", &BTreeMap::new()).await.map_err(fail)?.remove(0);
     c.zfs.hold("vmsnap-replica", std::slice::from_ref(&snap)).await.map_err(fail)?;
     let holds = c.zfs.holds(&snap).await.map_err(fail)?;
-    check(
-        holds.len() == 1 && holds[0].tag == "vmsnap-replica" && holds[0].snapshot == snap,
-        format!("{holds:?}"),
-    )?;
+    check(holds.len() == 1 && holds[0].tag == "vmsnap-replica" && holds[0].snapshot == snap, format!("{holds:?}"))?;
     check(c.zfs.list_snapshots(&a, &[]).await.map_err(fail)?[0].userrefs == 1, "userrefs = 1")?;
     match c.zfs.destroy(&snap).await {
         Err(ZfsError::Held { name, .. }) => check(name == snap.to_string(), format!("named {name}"))?,
@@ -281,17 +195,9 @@ async fn rollback_clone(c: Ctx) -> Result<(), Failed> {
     c.create(&[a.as_str()]).await?;
     let file = format!("/{a}/data.txt");
     std::fs::write(&file, "one").unwrap();
-    let s1 = c
-        .zfs
-        .snapshot(std::slice::from_ref(&a), "s1", &props(&[("vmsnap:consistency", "crash")]))
-        .await
-        .map_err(fail)?
-        .remove(0);
+    let s1 = c.zfs.snapshot(std::slice::from_ref(&a), "s1", &props(&[("vmsnap:consistency", "crash")])).await.map_err(fail)?.remove(0);
     std::fs::write(&file, "two").unwrap();
-    c.zfs
-        .snapshot(std::slice::from_ref(&a), "s2", &BTreeMap::new())
-        .await
-        .map_err(fail)?;
+    c.zfs.snapshot(std::slice::from_ref(&a), "s2", &BTreeMap::new()).await.map_err(fail)?;
     std::fs::write(&file, "three").unwrap();
     match c.zfs.rollback(&s1, false).await {
         Err(ZfsError::NewerSnapshots { .. }) => {}
@@ -299,24 +205,12 @@ async fn rollback_clone(c: Ctx) -> Result<(), Failed> {
     }
     c.zfs.rollback(&s1, true).await.map_err(fail)?;
     check(std::fs::read_to_string(&file).unwrap() == "one", "rolled back content")?;
-    check(
-        c.zfs.list_snapshots(&a, &[]).await.map_err(fail)?.len() == 1,
-        "s2 destroyed by rollback -r",
-    )?;
+    check(c.zfs.list_snapshots(&a, &[]).await.map_err(fail)?.len() == 1, "s2 destroyed by rollback -r")?;
     let clone = c.ds("a-clone");
-    c.zfs
-        .clone_snapshot(&s1, &clone, &props(&[("vmsnap:restored-from", "s1")]))
-        .await
-        .map_err(fail)?;
-    check(
-        std::fs::read_to_string(format!("/{clone}/data.txt")).unwrap() == "one",
-        "clone content",
-    )?;
+    c.zfs.clone_snapshot(&s1, &clone, &props(&[("vmsnap:restored-from", "s1")])).await.map_err(fail)?;
+    check(std::fs::read_to_string(format!("/{clone}/data.txt")).unwrap() == "one", "clone content")?;
     let p = c.zfs.user_properties(clone.as_str()).await.map_err(fail)?;
-    check(
-        p.get(&PropName::new("vmsnap:restored-from").unwrap()).map(String::as_str) == Some("s1"),
-        format!("{p:?}"),
-    )?;
+    check(p.get(&PropName::new("vmsnap:restored-from").unwrap()).map(String::as_str) == Some("s1"), format!("{p:?}"))?;
     // A snapshot with a dependent clone cannot be destroyed.
     match c.zfs.destroy(&s1).await {
         Err(ZfsError::HasClones { name }) => check(name == s1.to_string(), name),
@@ -334,20 +228,9 @@ async fn properties(c: Ctx) -> Result<(), Failed> {
     let child = c.ds("a/child");
     c.create(&[child.as_str()]).await?;
     // Inherited values are not the child's own.
-    check(
-        c.zfs.user_properties(child.as_str()).await.map_err(fail)?.is_empty(),
-        "inherited props are not local",
-    )?;
-    let snap = c
-        .zfs
-        .snapshot(std::slice::from_ref(&a), "s", &BTreeMap::new())
-        .await
-        .map_err(fail)?
-        .remove(0);
-    c.zfs
-        .set_property(&snap.to_string(), &PropName::new("vmsnap:ram-dump").unwrap(), "deleted")
-        .await
-        .map_err(fail)?;
+    check(c.zfs.user_properties(child.as_str()).await.map_err(fail)?.is_empty(), "inherited props are not local")?;
+    let snap = c.zfs.snapshot(std::slice::from_ref(&a), "s", &BTreeMap::new()).await.map_err(fail)?.remove(0);
+    c.zfs.set_property(&snap.to_string(), &PropName::new("vmsnap:ram-dump").unwrap(), "deleted").await.map_err(fail)?;
     let sp = c.zfs.user_properties(&snap.to_string()).await.map_err(fail)?;
     check(sp.len() == 1, format!("{sp:?}"))
 }
@@ -359,16 +242,10 @@ async fn resolve(c: Ctx) -> Result<(), Failed> {
     sh("udevadm settle");
     let img = format!("/{fs}/vm1.qcow2");
     std::fs::write(&img, b"x").unwrap();
-    check(
-        c.zfs.dataset_of(Path::new(&img)).await.map_err(fail)? == fs,
-        "file -> its filesystem",
-    )?;
+    check(c.zfs.dataset_of(Path::new(&img)).await.map_err(fail)? == fs, "file -> its filesystem")?;
     let zvol = format!("/dev/zvol/{vol}");
     check(Path::new(&zvol).exists(), format!("{zvol} exists"))?;
-    check(
-        c.zfs.dataset_of(Path::new(&zvol)).await.map_err(fail)? == vol,
-        "zvol path -> volume",
-    )?;
+    check(c.zfs.dataset_of(Path::new(&zvol)).await.map_err(fail)? == vol, "zvol path -> volume")?;
     // The zd device node behind the link resolves too.
     let dev = std::fs::canonicalize(&zvol).unwrap();
     eprintln!("{zvol} -> {}", dev.display());

@@ -27,17 +27,7 @@ async fn overlay_round_trip_with_fd_passed_overlay_and_active_commit() {
     assert_eq!(qmp.version().major, 10, "the rig runs QEMU 10: {}", qmp.version());
     let base = vm.disks[0].clone();
     let overlay = vm.machine.dir().join("overlay.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        overlay.to_str().unwrap(),
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2", overlay.to_str().unwrap()]);
 
     // vmsnap opens the overlay; QEMU gets the descriptor through an fdset.
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&overlay).unwrap();
@@ -53,10 +43,7 @@ async fn overlay_round_trip_with_fd_passed_overlay_and_active_commit() {
 
     // The guest writes while the overlay is on top.
     let out = qga
-        .sh(
-            "dd if=/dev/urandom of=/mnt/vda/during bs=1M count=4 2>/dev/null && sync && md5sum /mnt/vda/during",
-            Duration::from_secs(60),
-        )
+        .sh("dd if=/dev/urandom of=/mnt/vda/during bs=1M count=4 2>/dev/null && sync && md5sum /mnt/vda/during", Duration::from_secs(60))
         .await
         .unwrap();
     assert!(out.success(), "{out:?}");
@@ -65,7 +52,7 @@ async fn overlay_round_trip_with_fd_passed_overlay_and_active_commit() {
     assert!(overlay_len > 4 << 20, "the guest's 4 MiB went to the overlay ({overlay_len} bytes)");
 
     let t = Instant::now();
-    let job = BlockJob::start_active_commit(&qmp, "commit-ov0", "ov0-fmt").await.unwrap();
+    let job = BlockJob::start_active_commit(&qmp, "commit-ov0", "ov0-fmt", Some("disk0-fmt")).await.unwrap();
     job.wait_ready(Duration::from_secs(60)).await.unwrap();
     let ready_ms = t.elapsed().as_secs_f64() * 1e3;
     job.complete().await.unwrap();
@@ -81,11 +68,7 @@ async fn overlay_round_trip_with_fd_passed_overlay_and_active_commit() {
     assert!(!nodes.iter().any(|n| n.starts_with("ov0")), "overlay nodes left: {nodes:?}");
     let blocks = qmp.execute(&qmp::query_block {}).await.unwrap();
     let inserted = blocks[0].inserted.as_ref().unwrap();
-    assert_eq!(
-        inserted.node_name.as_deref(),
-        Some("disk0-fmt"),
-        "the chain is back on the base node"
-    );
+    assert_eq!(inserted.node_name.as_deref(), Some("disk0-fmt"), "the chain is back on the base node");
     assert_eq!(inserted.backing_file_depth, 0);
     eprintln!(
         "METRIC overlay_add_ms={add_ms:.1} overlay_switch_ms={switch_ms:.1} commit_ready_ms={ready_ms:.1} commit_total_ms={commit_ms:.1}"
@@ -95,10 +78,7 @@ async fn overlay_round_trip_with_fd_passed_overlay_and_active_commit() {
     qmp.execute(&qmp::quit {}).await.ok();
     drop(qga);
     vm.machine.kill();
-    let opts = TinyVmOptions {
-        disk_images: Some(vec![base]),
-        ..Default::default()
-    };
+    let opts = TinyVmOptions { disk_images: Some(vec![base]), ..Default::default() };
     let (_vm2, _qmp2, mut qga2, _) = TinyVm::boot(&rig, &opts).await.unwrap();
     let out = qga2.sh("md5sum /mnt/vda/during", Duration::from_secs(30)).await.unwrap();
     assert_eq!(out.stdout_text().split_whitespace().next(), Some(md5.as_str()));
@@ -107,10 +87,7 @@ async fn overlay_round_trip_with_fd_passed_overlay_and_active_commit() {
 #[tokio::test]
 async fn blockdev_add_of_a_missing_file_is_a_typed_generic_error() {
     let (_vm, qmp, _qga, _) = TinyVm::boot(&rig(), &TinyVmOptions::default()).await.unwrap();
-    let err = qmp
-        .blockdev_add(file_node("nope-file", "/nonexistent/overlay.qcow2"))
-        .await
-        .unwrap_err();
+    let err = qmp.blockdev_add(file_node("nope-file", "/nonexistent/overlay.qcow2")).await.unwrap_err();
     match err {
         QmpError::Command { class, desc, .. } => {
             assert_eq!(class, vmsnap::qemu::ErrorClass::GenericError);
@@ -124,17 +101,9 @@ async fn blockdev_add_of_a_missing_file_is_a_typed_generic_error() {
 async fn ram_state_to_a_file_through_getfd_then_cont() {
     let (vm, qmp, mut qga, _) = TinyVm::boot(&rig(), &TinyVmOptions::default()).await.unwrap();
     let dump = vm.machine.dir().join("ram.bin");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&dump)
-        .unwrap();
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&dump).unwrap();
     qmp.execute(&qmp::migrate_set_capabilities {
-        capabilities: vec![qmp::MigrationCapabilityStatus {
-            capability: qmp::MigrationCapability::events,
-            state: true,
-        }],
+        capabilities: vec![qmp::MigrationCapabilityStatus { capability: qmp::MigrationCapability::events, state: true }],
     })
     .await
     .unwrap();
@@ -143,14 +112,7 @@ async fn ram_state_to_a_file_through_getfd_then_cont() {
 
     let mut events = qmp.subscribe().unwrap();
     let t = Instant::now();
-    qmp.execute(&qmp::migrate {
-        uri: Some("fd:vmsnap-ram".into()),
-        channels: None,
-        detach: None,
-        resume: None,
-    })
-    .await
-    .unwrap();
+    qmp.execute(&qmp::migrate { uri: Some("fd:vmsnap-ram".into()), channels: None, detach: None, resume: None }).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let done = events
         .wait_for("migration to finish", deadline, |e| {

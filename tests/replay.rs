@@ -25,10 +25,7 @@ impl Replay {
         let transcript = Transcript::load(&path).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let server = ReplayServer::start(transcript, &dir.path().join("replay.sock")).unwrap();
-        Self {
-            server: Some(server),
-            _dir: dir,
-        }
+        Self { server: Some(server), _dir: dir }
     }
 
     fn path(&self) -> PathBuf {
@@ -36,12 +33,7 @@ impl Replay {
     }
 
     async fn finish(mut self) {
-        self.server
-            .take()
-            .unwrap()
-            .finish()
-            .await
-            .expect("the client followed the recording");
+        self.server.take().unwrap().finish().await.expect("the client followed the recording");
     }
 }
 
@@ -49,10 +41,7 @@ impl Replay {
 async fn qga_late_reply_is_skipped_by_the_resync() {
     let replay = Replay::start("qga/late-reply.jsonl");
     let mut qga = Qga::connect(&replay.path(), Timeouts::default()).await.unwrap();
-    let err = qga
-        .execute_raw("guest-ping", json!({}), Duration::from_millis(500))
-        .await
-        .unwrap_err();
+    let err = qga.execute_raw("guest-ping", json!({}), Duration::from_millis(500)).await.unwrap_err();
     assert!(matches!(err, QgaError::Timeout { .. }), "{err}");
     // The ping's late `{"return": {}}` arrives now; without the resync it would be read as the
     // status and fail to parse.
@@ -64,15 +53,7 @@ async fn qga_late_reply_is_skipped_by_the_resync() {
 #[tokio::test]
 async fn qga_absent_agent_is_agent_not_running() {
     let replay = Replay::start("qga/agent-absent.jsonl");
-    let err = Qga::connect(
-        &replay.path(),
-        Timeouts {
-            sync: Duration::from_secs(1),
-            ..Timeouts::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let err = Qga::connect(&replay.path(), Timeouts { sync: Duration::from_secs(1), ..Timeouts::default() }).await.unwrap_err();
     assert!(matches!(err, QgaError::AgentNotRunning { .. }), "{err}");
     assert!(err.to_string().contains("qemu-ga is not running"), "{err}");
     replay.finish().await;
@@ -97,10 +78,7 @@ async fn qmp_generic_error_on_blockdev_add() {
     let replay = Replay::start("qmp/blockdev-add-error.jsonl");
     let qmp = Qmp::connect(&replay.path(), Duration::from_secs(5)).await.unwrap();
     assert_eq!(qmp.version().major, 10);
-    let err = qmp
-        .blockdev_add(file_node("missing-file", "/nonexistent/overlay.qcow2"))
-        .await
-        .unwrap_err();
+    let err = qmp.blockdev_add(file_node("missing-file", "/nonexistent/overlay.qcow2")).await.unwrap_err();
     assert_eq!(err.class(), Some(&ErrorClass::GenericError), "{err}");
     assert!(err.to_string().contains("blockdev-add"), "{err}");
     drop(qmp);
@@ -129,7 +107,7 @@ async fn qmp_events_between_a_command_and_its_reply_reach_subscribers() {
     let qmp = Qmp::connect(&replay.path(), Duration::from_secs(5)).await.unwrap();
     add_overlay(&qmp, None).await;
     let mut events = qmp.subscribe().unwrap();
-    let job = BlockJob::start_active_commit(&qmp, "commit-ov", "ov-fmt").await.unwrap();
+    let job = BlockJob::start_active_commit(&qmp, "commit-ov", "ov-fmt", Some("disk0-fmt")).await.unwrap();
     // JOB_STATUS_CHANGE created/running came before block-commit's {"return": {}}: both are
     // already queued for this subscriber when the command returns.
     let soon = tokio::time::Instant::now() + Duration::from_millis(50);
@@ -153,7 +131,7 @@ async fn qmp_block_job_error_is_typed() {
     let filter = json!({"driver": "blkdebug", "node-name": "ov-filter", "image": "ov-file",
         "inject-error": [{"event": "read_aio", "errno": 5, "sector": 4096, "once": false}]});
     add_overlay(&qmp, Some(filter)).await;
-    let job = BlockJob::start_active_commit(&qmp, "commit-ov", "ov-fmt").await.unwrap();
+    let job = BlockJob::start_active_commit(&qmp, "commit-ov", "ov-fmt", Some("disk0-fmt")).await.unwrap();
     match job.wait_ready(Duration::from_secs(10)).await {
         Err(JobError::Io { id, operation, action }) => {
             assert_eq!((id.as_str(), operation.as_str(), action.as_str()), ("commit-ov", "read", "report"));

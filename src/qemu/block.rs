@@ -42,9 +42,7 @@ pub fn qcow2_overlay_node(node: &str, file_node: &str) -> BlockdevOptions {
         base: base(node),
         qcow2: BlockdevOptionsQcow2 {
             base: BlockdevOptionsGenericCOWFormat {
-                base: BlockdevOptionsGenericFormat {
-                    file: BlockdevRef::reference(file_node.to_owned()),
-                },
+                base: BlockdevOptionsGenericFormat { file: BlockdevRef::reference(file_node.to_owned()) },
                 backing: Some(BlockdevRefOrNull::null(())),
             },
             cache_clean_interval: None,
@@ -76,10 +74,7 @@ impl Qmp {
 
     /// `blockdev-del`.
     pub async fn blockdev_del(&self, node: &str) -> Result<(), QmpError> {
-        self.execute(&qmp::blockdev_del {
-            node_name: node.to_owned(),
-        })
-        .await?;
+        self.execute(&qmp::blockdev_del { node_name: node.to_owned() }).await?;
         Ok(())
     }
 
@@ -90,10 +85,7 @@ impl Qmp {
             .iter()
             .map(|(node, overlay)| {
                 TransactionAction::blockdev_snapshot(BlockdevSnapshotWrapper {
-                    data: BlockdevSnapshot {
-                        node: node.clone(),
-                        overlay: overlay.clone(),
-                    },
+                    data: BlockdevSnapshot { node: node.clone(), overlay: overlay.clone() },
                 })
             })
             .collect();

@@ -50,33 +50,29 @@ pub struct JobProgress {
 }
 
 impl BlockJob {
-    /// Starts an active commit of `top_node` (an overlay on top of a running disk) into its
-    /// backing node. The job becomes ready once the overlay's data is in the base; the guest keeps
-    /// writing through it until [`BlockJob::complete`] pivots back to the base.
+    /// Starts an active commit of `top_node` (an overlay on top of a running disk) into
+    /// `base_node`, or into the bottom of the chain when `None` (only right for a one-image disk).
+    /// The job becomes ready once the overlay's data is in the base; the guest keeps writing
+    /// through it until [`BlockJob::complete`] pivots back to the base.
     ///
     /// # Errors
     /// [`JobError::Qmp`] when QEMU refuses to start it (unknown node, a node that has no backing).
-    pub async fn start_active_commit(qmp: &Qmp, job_id: &str, top_node: &str) -> Result<Self, JobError> {
+    pub async fn start_active_commit(qmp: &Qmp, job_id: &str, top_node: &str, base_node: Option<&str>) -> Result<Self, JobError> {
         let cmd = qmp::block_commit {
             job_id: Some(job_id.to_owned()),
             device: top_node.to_owned(),
+            base_node: base_node.map(str::to_owned),
             auto_dismiss: Some(false),
             auto_finalize: Some(true),
             ..empty_block_commit()
         };
         qmp.execute(&cmd).await?;
-        Ok(Self {
-            qmp: qmp.clone(),
-            id: job_id.to_owned(),
-        })
+        Ok(Self { qmp: qmp.clone(), id: job_id.to_owned() })
     }
 
     /// A handle on a job that already exists (started by an earlier connection or process).
     pub fn attach(qmp: &Qmp, job_id: &str) -> Self {
-        Self {
-            qmp: qmp.clone(),
-            id: job_id.to_owned(),
-        }
+        Self { qmp: qmp.clone(), id: job_id.to_owned() }
     }
 
     pub fn id(&self) -> &str {
@@ -91,11 +87,7 @@ impl BlockJob {
     /// Current status and progress.
     pub async fn progress(&self) -> Result<JobProgress, JobError> {
         let info = self.info().await?.ok_or_else(|| JobError::NotFound { id: self.id.clone() })?;
-        Ok(JobProgress {
-            status: status_name(info.status).to_owned(),
-            current: info.current_progress,
-            total: info.total_progress,
-        })
+        Ok(JobProgress { status: status_name(info.status).to_owned(), current: info.current_progress, total: info.total_progress })
     }
 
     /// Waits until the job is ready to complete (an active commit has copied everything).
@@ -138,10 +130,7 @@ impl BlockJob {
     pub async fn finish(&self, timeout: Duration) -> Result<(), JobError> {
         let deadline = Instant::now() + timeout;
         let info = self.info().await?.ok_or_else(|| JobError::NotFound { id: self.id.clone() })?;
-        if !matches!(
-            info.status,
-            JobStatus::waiting | JobStatus::pending | JobStatus::concluded | JobStatus::null
-        ) {
+        if !matches!(info.status, JobStatus::waiting | JobStatus::pending | JobStatus::concluded | JobStatus::null) {
             self.wait_ready(left(deadline)).await?;
             self.complete().await?;
         }
@@ -166,16 +155,9 @@ impl BlockJob {
                 // A job that ends without reaching `want` failed or was cancelled; ask why.
                 let reason = match error {
                     Some(e) => e,
-                    None => self
-                        .info()
-                        .await?
-                        .and_then(|i| i.error)
-                        .unwrap_or_else(|| format!("ended in state {}", status_name(status))),
+                    None => self.info().await?.and_then(|i| i.error).unwrap_or_else(|| format!("ended in state {}", status_name(status))),
                 };
-                return Err(JobError::Failed {
-                    id: self.id.clone(),
-                    reason,
-                });
+                return Err(JobError::Failed { id: self.id.clone(), reason });
             }
             let what = format!("block job {} to become {}", self.id, status_name(want));
             let id = self.id.clone();

@@ -83,19 +83,8 @@ impl Qmp {
     /// `add-fd`: puts a copy of `fd` into fdset `fdset_id` (a new set when `None`). Open flags must
     /// match what the block driver asks for (O_RDWR for a writable overlay; O_DIRECT counts too).
     pub async fn add_fd(&self, fdset_id: Option<i64>, opaque: &str, fd: BorrowedFd<'_>) -> Result<FdsetEntry, QmpError> {
-        let info = self
-            .execute_with_fd(
-                &qmp::add_fd {
-                    fdset_id,
-                    opaque: Some(opaque.to_owned()),
-                },
-                fd,
-            )
-            .await?;
-        Ok(FdsetEntry {
-            fdset_id: info.fdset_id,
-            fd: info.fd,
-        })
+        let info = self.execute_with_fd(&qmp::add_fd { fdset_id, opaque: Some(opaque.to_owned()) }, fd).await?;
+        Ok(FdsetEntry { fdset_id: info.fdset_id, fd: info.fd })
     }
 
     /// `remove-fd`: releases the set's own copy; the set disappears once no node uses it.

@@ -115,10 +115,7 @@ pub struct Qga {
 
 impl std::fmt::Debug for Qga {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qga")
-            .field("path", &self.path)
-            .field("in_step", &self.in_step)
-            .finish()
+        f.debug_struct("Qga").field("path", &self.path).field("in_step", &self.in_step).finish()
     }
 }
 
@@ -129,17 +126,8 @@ impl Qga {
     /// [`QgaError::Connect`] when the socket does not accept, [`QgaError::AgentNotRunning`] when it
     /// accepts but nothing answers the sync.
     pub async fn connect(path: &Path, timeouts: Timeouts) -> Result<Self, QgaError> {
-        let stream = UnixStream::connect(path).await.map_err(|source| QgaError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut qga = Self {
-            stream: BufReader::new(stream),
-            path: path.to_owned(),
-            timeouts,
-            in_step: false,
-            next_sync: random_u32(),
-        };
+        let stream = UnixStream::connect(path).await.map_err(|source| QgaError::Connect { path: path.to_owned(), source })?;
+        let mut qga = Self { stream: BufReader::new(stream), path: path.to_owned(), timeouts, in_step: false, next_sync: random_u32() };
         qga.sync().await?;
         Ok(qga)
     }
@@ -163,38 +151,25 @@ impl Qga {
         msg.extend(serde_json::to_vec(&json!({"execute": "guest-sync-delimited", "arguments": {"id": id}})).expect("json"));
         msg.push(b'\n');
         let path = self.path.clone();
-        let not_running = || QgaError::AgentNotRunning {
-            path: path.clone(),
-            waited,
-        };
+        let not_running = || QgaError::AgentNotRunning { path: path.clone(), waited };
         timeout_at(deadline, self.stream.get_mut().write_all(&msg))
             .await
             .map_err(|_| not_running())?
-            .map_err(|source| QgaError::Io {
-                command: "guest-sync-delimited".into(),
-                source,
-            })?;
+            .map_err(|source| QgaError::Io { command: "guest-sync-delimited".into(), source })?;
         loop {
             // Everything before the sentinel is stale output or the parse error caused by 0xFF.
             let mut skipped = Vec::new();
             let n = timeout_at(deadline, self.stream.read_until(0xFF, &mut skipped))
                 .await
                 .map_err(|_| not_running())?
-                .map_err(|source| QgaError::Io {
-                    command: "guest-sync-delimited".into(),
-                    source,
-                })?;
+                .map_err(|source| QgaError::Io { command: "guest-sync-delimited".into(), source })?;
             if n == 0 || skipped.last() != Some(&0xFF) {
-                return Err(QgaError::Disconnected {
-                    command: "guest-sync-delimited".into(),
-                });
+                return Err(QgaError::Disconnected { command: "guest-sync-delimited".into() });
             }
             if skipped.len() > 1 {
                 tracing::debug!(skipped = %String::from_utf8_lossy(&skipped[..skipped.len() - 1]).trim(), "QGA: discarded before sync");
             }
-            let line = timeout_at(deadline, self.read_line("guest-sync-delimited"))
-                .await
-                .map_err(|_| not_running())??;
+            let line = timeout_at(deadline, self.read_line("guest-sync-delimited")).await.map_err(|_| not_running())??;
             match parse_reply(&line) {
                 Some(Ok(v)) if v.as_i64() == Some(id) => {
                     self.in_step = true;
@@ -215,10 +190,7 @@ impl Qga {
     /// Not cancel safe in the sense that a dropped call leaves a reply in flight; the connection
     /// notices (it is no longer in step) and resyncs before the next call.
     pub async fn execute<C: qapi::Command>(&mut self, cmd: &C, timeout: Duration) -> Result<C::Ok, QgaError> {
-        let args = serde_json::to_value(cmd).map_err(|e| QgaError::UnexpectedReply {
-            command: C::NAME.into(),
-            detail: e.to_string(),
-        })?;
+        let args = serde_json::to_value(cmd).map_err(|e| QgaError::UnexpectedReply { command: C::NAME.into(), detail: e.to_string() })?;
         let value = self.execute_raw(C::NAME, args, timeout).await?;
         decode(C::NAME, value)
     }
@@ -237,18 +209,12 @@ impl Qga {
         // Out of step until the answer is read: a timeout or a cancelled call leaves it in flight.
         self.in_step = false;
         let deadline = Instant::now() + timeout;
-        let timed_out = || QgaError::Timeout {
-            command: name.to_owned(),
-            timeout,
-        };
+        let timed_out = || QgaError::Timeout { command: name.to_owned(), timeout };
         tracing::debug!(command = name, "QGA ->");
         timeout_at(deadline, self.stream.get_mut().write_all(&line))
             .await
             .map_err(|_| timed_out())?
-            .map_err(|source| QgaError::Io {
-                command: name.into(),
-                source,
-            })?;
+            .map_err(|source| QgaError::Io { command: name.into(), source })?;
         loop {
             let reply = timeout_at(deadline, self.read_line(name)).await.map_err(|_| timed_out())??;
             let text = reply.trim_matches(|c: char| c.is_whitespace() || c == '\u{FFFD}');
@@ -259,20 +225,14 @@ impl Qga {
             return match parse_reply(text) {
                 Some(Ok(value)) => Ok(value),
                 Some(Err(err)) => Err(command_error(name, err)),
-                None => Err(QgaError::UnexpectedReply {
-                    command: name.into(),
-                    detail: text.to_owned(),
-                }),
+                None => Err(QgaError::UnexpectedReply { command: name.into(), detail: text.to_owned() }),
             };
         }
     }
 
     async fn read_line(&mut self, command: &str) -> Result<String, QgaError> {
         let mut buf = Vec::new();
-        let n = self.stream.read_until(b'\n', &mut buf).await.map_err(|source| QgaError::Io {
-            command: command.into(),
-            source,
-        })?;
+        let n = self.stream.read_until(b'\n', &mut buf).await.map_err(|source| QgaError::Io { command: command.into(), source })?;
         if n == 0 {
             return Err(QgaError::Disconnected { command: command.into() });
         }
@@ -300,10 +260,7 @@ impl Qga {
         match v.as_str() {
             Some("thawed") => Ok(FreezeStatus::Thawed),
             Some("frozen") => Ok(FreezeStatus::Frozen),
-            _ => Err(QgaError::UnexpectedReply {
-                command: "guest-fsfreeze-status".into(),
-                detail: v.to_string(),
-            }),
+            _ => Err(QgaError::UnexpectedReply { command: "guest-fsfreeze-status".into(), detail: v.to_string() }),
         }
     }
 
@@ -314,13 +271,7 @@ impl Qga {
 
     /// `guest-fsfreeze-freeze-list`: freezes only the given mountpoints.
     pub async fn freeze_list(&mut self, mountpoints: &[String]) -> Result<i64, QgaError> {
-        self.execute(
-            &qga::guest_fsfreeze_freeze_list {
-                mountpoints: Some(mountpoints.to_vec()),
-            },
-            self.timeouts.freeze,
-        )
-        .await
+        self.execute(&qga::guest_fsfreeze_freeze_list { mountpoints: Some(mountpoints.to_vec()) }, self.timeouts.freeze).await
     }
 
     /// `guest-fsfreeze-thaw`: the number of filesystems thawed (0 when nothing was frozen).
@@ -366,10 +317,7 @@ impl Qga {
                 return Ok(out);
             }
             if Instant::now() + pause > deadline {
-                return Err(QgaError::Timeout {
-                    command: format!("guest-exec {what} (pid {pid})"),
-                    timeout: pause,
-                });
+                return Err(QgaError::Timeout { command: format!("guest-exec {what} (pid {pid})"), timeout: pause });
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));
@@ -389,11 +337,7 @@ fn command_error(name: &str, err: WireError) -> QgaError {
     if class == ErrorClass::CommandNotFound && err.desc.contains("frozen state") {
         return QgaError::AlreadyFrozen { command: name.to_owned() };
     }
-    QgaError::Command {
-        command: name.to_owned(),
-        class,
-        desc: err.desc,
-    }
+    QgaError::Command { command: name.to_owned(), class, desc: err.desc }
 }
 
 /// `Some(Ok(return))`, `Some(Err(error))`, or `None` when the line is not a reply.
@@ -404,29 +348,20 @@ fn parse_reply(line: &str) -> Option<Result<Value, WireError>> {
     if let Some(v) = obj.remove("return") {
         return Some(Ok(v));
     }
-    obj.remove("error")
-        .and_then(|e| serde_json::from_value::<WireError>(e).ok())
-        .map(Err)
+    obj.remove("error").and_then(|e| serde_json::from_value::<WireError>(e).ok()).map(Err)
 }
 
 fn decode<T: DeserializeOwned>(command: &str, value: Value) -> Result<T, QgaError> {
-    serde_json::from_value(value.clone()).map_err(|e| QgaError::UnexpectedReply {
-        command: command.into(),
-        detail: format!("{e}: {value}"),
-    })
+    serde_json::from_value(value.clone())
+        .map_err(|e| QgaError::UnexpectedReply { command: command.into(), detail: format!("{e}: {value}") })
 }
 
 fn random_u32() -> u32 {
     let mut buf = [0u8; 4];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-        .is_ok()
-    {
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf)).is_ok() {
         return u32::from_ne_bytes(buf);
     }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     t.subsec_nanos() ^ std::process::id()
 }
 
@@ -440,29 +375,15 @@ mod tests {
             class: "CommandNotFound".into(),
             desc: "Command guest-fsfreeze-freeze has been disabled: the agent is in frozen state".into(),
         };
-        assert!(matches!(
-            command_error("guest-fsfreeze-freeze", err),
-            QgaError::AlreadyFrozen { .. }
-        ));
-        let err = WireError {
-            class: "CommandNotFound".into(),
-            desc: "The command no-such-cmd has not been found".into(),
-        };
-        assert!(matches!(
-            command_error("no-such-cmd", err),
-            QgaError::Command {
-                class: ErrorClass::CommandNotFound,
-                ..
-            }
-        ));
+        assert!(matches!(command_error("guest-fsfreeze-freeze", err), QgaError::AlreadyFrozen { .. }));
+        let err = WireError { class: "CommandNotFound".into(), desc: "The command no-such-cmd has not been found".into() };
+        assert!(matches!(command_error("no-such-cmd", err), QgaError::Command { class: ErrorClass::CommandNotFound, .. }));
     }
 
     #[test]
     fn parses_replies_from_the_rig_transcript() {
         assert_eq!(parse_reply(r#"{"return": 401706099}"#).unwrap().unwrap(), json!(401706099));
-        let e = parse_reply(r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\ufffd'"}}"#)
-            .unwrap()
-            .unwrap_err();
+        let e = parse_reply(r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\ufffd'"}}"#).unwrap().unwrap_err();
         assert_eq!(e.class, "GenericError");
         assert!(parse_reply("garbage").is_none());
     }

@@ -121,10 +121,7 @@ pub struct Qmp {
 
 impl std::fmt::Debug for Qmp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qmp")
-            .field("path", &self.path)
-            .field("version", &self.version)
-            .finish()
+        f.debug_struct("Qmp").field("path", &self.path).field("version", &self.version).finish()
     }
 }
 
@@ -160,27 +157,15 @@ impl Qmp {
         let deadline = Instant::now() + timeout;
         let stream = timeout_at(deadline, UnixStream::connect(path))
             .await
-            .map_err(|_| QmpError::Timeout {
-                during: "connect".into(),
-                timeout,
-            })?
-            .map_err(|source| QmpError::Connect {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(|_| QmpError::Timeout { during: "connect".into(), timeout })?
+            .map_err(|source| QmpError::Connect { path: path.to_owned(), source })?;
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let mut line = String::new();
         let n = timeout_at(deadline, reader.read_line(&mut line))
             .await
-            .map_err(|_| QmpError::Timeout {
-                during: "greeting".into(),
-                timeout,
-            })?
-            .map_err(|source| QmpError::Io {
-                during: "greeting".into(),
-                source,
-            })?;
+            .map_err(|_| QmpError::Timeout { during: "greeting".into(), timeout })?
+            .map_err(|source| QmpError::Io { during: "greeting".into(), source })?;
         if n == 0 {
             return Err(QmpError::Disconnected { during: "greeting".into() });
         }
@@ -199,11 +184,7 @@ impl Qmp {
             next_id: AtomicU64::new(1),
         });
         tokio::spawn(read_loop(reader, Arc::downgrade(&shared)));
-        let qmp = Qmp {
-            shared,
-            version,
-            path: path.to_owned(),
-        };
+        let qmp = Qmp { shared, version, path: path.to_owned() };
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         qmp.execute_raw("qmp_capabilities", None, remaining).await?;
         tracing::debug!(path = %path.display(), version = %qmp.version, "QMP connected");
@@ -232,20 +213,16 @@ impl Qmp {
 
     /// Runs a typed command with an explicit deadline.
     pub async fn execute_within<C: qapi::Command>(&self, cmd: &C, timeout: Duration) -> Result<C::Ok, QmpError> {
-        let args = serde_json::to_value(cmd).map_err(|e| QmpError::UnexpectedReply {
-            command: C::NAME.into(),
-            detail: format!("cannot encode arguments: {e}"),
-        })?;
+        let args = serde_json::to_value(cmd)
+            .map_err(|e| QmpError::UnexpectedReply { command: C::NAME.into(), detail: format!("cannot encode arguments: {e}") })?;
         let value = self.send(C::NAME, Some(args), timeout, None).await?;
         decode(C::NAME, value)
     }
 
     /// Runs a typed command and passes `fd` along with it (SCM_RIGHTS), as `getfd` and `add-fd` need.
     pub async fn execute_with_fd<C: qapi::Command>(&self, cmd: &C, fd: BorrowedFd<'_>) -> Result<C::Ok, QmpError> {
-        let args = serde_json::to_value(cmd).map_err(|e| QmpError::UnexpectedReply {
-            command: C::NAME.into(),
-            detail: format!("cannot encode arguments: {e}"),
-        })?;
+        let args = serde_json::to_value(cmd)
+            .map_err(|e| QmpError::UnexpectedReply { command: C::NAME.into(), detail: format!("cannot encode arguments: {e}") })?;
         let value = self.send(C::NAME, Some(args), DEFAULT_TIMEOUT, Some(fd)).await?;
         decode(C::NAME, value)
     }
@@ -266,9 +243,7 @@ impl Qmp {
         let guard = self.shared.events.lock().expect("events lock");
         match guard.as_ref() {
             Some(tx) => Ok(EventStream { rx: tx.subscribe() }),
-            None => Err(QmpError::Disconnected {
-                during: "subscribe".into(),
-            }),
+            None => Err(QmpError::Disconnected { during: "subscribe".into() }),
         }
     }
 
@@ -307,26 +282,13 @@ impl Qmp {
         })
         .await;
         let outcome = match written {
-            Err(_) => Err(QmpError::Timeout {
-                during: format!("sending {name}"),
-                timeout,
-            }),
-            Ok(Err(source)) => Err(QmpError::Io {
-                during: name.into(),
-                source,
-            }),
+            Err(_) => Err(QmpError::Timeout { during: format!("sending {name}"), timeout }),
+            Ok(Err(source)) => Err(QmpError::Io { during: name.into(), source }),
             Ok(Ok(())) => match timeout_at(deadline, rx).await {
-                Err(_) => Err(QmpError::Timeout {
-                    during: name.into(),
-                    timeout,
-                }),
+                Err(_) => Err(QmpError::Timeout { during: name.into(), timeout }),
                 Ok(Err(_)) => Err(QmpError::Disconnected { during: name.into() }),
                 Ok(Ok(Ok(value))) => Ok(value),
-                Ok(Ok(Err((class, desc)))) => Err(QmpError::Command {
-                    command: name.into(),
-                    class,
-                    desc,
-                }),
+                Ok(Ok(Err((class, desc)))) => Err(QmpError::Command { command: name.into(), class, desc }),
             },
         };
         if outcome.is_err() {
@@ -337,10 +299,8 @@ impl Qmp {
 }
 
 fn decode<T: DeserializeOwned>(command: &str, value: Value) -> Result<T, QmpError> {
-    serde_json::from_value(value.clone()).map_err(|e| QmpError::UnexpectedReply {
-        command: command.into(),
-        detail: format!("{e}: {value}"),
-    })
+    serde_json::from_value(value.clone())
+        .map_err(|e| QmpError::UnexpectedReply { command: command.into(), detail: format!("{e}: {value}") })
 }
 
 /// One line from QEMU, classified.
@@ -371,11 +331,7 @@ pub(crate) fn classify(line: &str) -> Incoming {
         let secs = ts.and_then(|t| t.get("seconds")).and_then(Value::as_u64).unwrap_or(0);
         let micros = ts.and_then(|t| t.get("microseconds")).and_then(Value::as_u64).unwrap_or(0);
         let data = obj.remove("data").unwrap_or(Value::Null);
-        return Incoming::Event(Event {
-            name,
-            data,
-            timestamp_us: secs * 1_000_000 + micros,
-        });
+        return Incoming::Event(Event { name, data, timestamp_us: secs * 1_000_000 + micros });
     }
     let Some(id) = obj.get("id").and_then(Value::as_u64) else {
         return Incoming::Stray(line.to_owned());
@@ -385,10 +341,7 @@ pub(crate) fn classify(line: &str) -> Incoming {
     }
     if let Some(err) = obj.remove("error") {
         if let Ok(err) = serde_json::from_value::<WireError>(err) {
-            return Incoming::Reply {
-                id,
-                reply: Err((ErrorClass::parse(&err.class), err.desc)),
-            };
+            return Incoming::Reply { id, reply: Err((ErrorClass::parse(&err.class), err.desc)) };
         }
     }
     Incoming::Stray(line.to_owned())
@@ -458,11 +411,7 @@ impl EventStream {
             match next {
                 Ok(event) if pred(&event) => return Ok(event),
                 Ok(_) => continue,
-                Err(broadcast::error::RecvError::Closed) => {
-                    return Err(QmpError::Disconnected {
-                        during: format!("waiting for {what}"),
-                    })
-                }
+                Err(broadcast::error::RecvError::Closed) => return Err(QmpError::Disconnected { during: format!("waiting for {what}") }),
                 Err(broadcast::error::RecvError::Lagged(n)) => return Err(QmpError::EventsLost(n)),
             }
         }
@@ -486,19 +435,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            classify(r#"{"return": {}, "id": 7}"#),
-            Incoming::Reply {
-                id: 7,
-                reply: Ok(json!({}))
-            }
-        );
+        assert_eq!(classify(r#"{"return": {}, "id": 7}"#), Incoming::Reply { id: 7, reply: Ok(json!({})) });
         assert_eq!(
             classify(r#"{"error": {"class": "GenericError", "desc": "Cannot find device='nope' nor node-name='nope'"}, "id": 3}"#),
-            Incoming::Reply {
-                id: 3,
-                reply: Err((ErrorClass::GenericError, "Cannot find device='nope' nor node-name='nope'".into()))
-            }
+            Incoming::Reply { id: 3, reply: Err((ErrorClass::GenericError, "Cannot find device='nope' nor node-name='nope'".into())) }
         );
         assert!(matches!(classify(r#"{"return": {}}"#), Incoming::Stray(_)));
         assert!(matches!(classify("not json"), Incoming::Stray(_)));

@@ -15,15 +15,10 @@ pub struct ScratchDir(PathBuf);
 impl ScratchDir {
     pub fn new(prefix: &str) -> Result<Self, RigError> {
         static N: AtomicU32 = AtomicU32::new(0);
-        let base = std::env::var_os("VMSNAP_SCRATCH")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
+        let base = std::env::var_os("VMSNAP_SCRATCH").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
         let dir = base.join(format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|source| RigError::Io {
-            what: format!("creating {}", dir.display()),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir).map_err(|source| RigError::Io { what: format!("creating {}", dir.display()), source })?;
         Ok(Self(dir))
     }
 
@@ -45,6 +40,8 @@ pub struct Machine {
     child: Option<Child>,
     pub qmp_path: PathBuf,
     pub qga_path: PathBuf,
+    /// A second QMP monitor, for tests to observe the VM while vmsnap uses the first.
+    pub observer_path: PathBuf,
     pub console_path: PathBuf,
     started: Instant,
     // Last: removed after the process is dead.
@@ -58,47 +55,33 @@ impl Machine {
         let qmp_path = dir.path().join("qmp.sock");
         let qga_path = dir.path().join("qga.sock");
         let console_path = dir.path().join("console.log");
+        let observer_path = dir.path().join("observer.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-name",
-            name,
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-user-config",
-            "-no-reboot",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console_path.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-        .arg("-chardev")
-        .arg(format!("socket,id=qga0,path={},server=on,wait=off", qga_path.display()))
-        .args([
-            "-device",
-            "virtio-serial-pci,id=vser0",
-            "-device",
-            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-        ])
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::File::create(dir.path().join("qemu.stderr")).map_err(|source| RigError::Io {
-                what: "qemu.stderr".into(),
-                source,
-            })?,
-        );
-        let child = cmd.spawn().map_err(|source| RigError::Io {
-            what: "starting qemu-system-x86_64 (is the rig built?)".into(),
-            source,
-        })?;
+        cmd.args(["-name", name, "-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console_path.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            // A second monitor for test code to watch the VM while vmsnap holds the first.
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", observer_path.display()))
+            .arg("-chardev")
+            .arg(format!("socket,id=qga0,path={},server=on,wait=off", qga_path.display()))
+            .args(["-device", "virtio-serial-pci,id=vser0", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.path().join("qemu.stderr"))
+                    .map_err(|source| RigError::Io { what: "qemu.stderr".into(), source })?,
+            );
+        let child =
+            cmd.spawn().map_err(|source| RigError::Io { what: "starting qemu-system-x86_64 (is the rig built?)".into(), source })?;
         Ok(Self {
             name: name.to_owned(),
             child: Some(child),
             qmp_path,
+            observer_path,
             qga_path,
             console_path,
             started: Instant::now(),
@@ -121,10 +104,21 @@ impl Machine {
 
     /// Waits until the QMP socket accepts and negotiates.
     pub async fn qmp(&mut self) -> Result<Qmp, RigError> {
+        let path = self.qmp_path.clone();
+        self.connect_qmp(&path).await
+    }
+
+    /// Connects to the observer monitor.
+    pub async fn observer(&mut self) -> Result<Qmp, RigError> {
+        let path = self.observer_path.clone();
+        self.connect_qmp(&path).await
+    }
+
+    async fn connect_qmp(&mut self, path: &Path) -> Result<Qmp, RigError> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             self.check_alive()?;
-            match Qmp::connect(&self.qmp_path, Duration::from_secs(5)).await {
+            match Qmp::connect(path, Duration::from_secs(5)).await {
                 Ok(q) => return Ok(q),
                 Err(e) if Instant::now() > deadline => return Err(RigError::Failed(format!("{}: QMP never came up: {e}", self.name))),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -135,10 +129,7 @@ impl Machine {
     /// Waits until the guest agent answers a sync and a ping; the connected client.
     pub async fn wait_agent(&mut self, timeout: Duration) -> Result<Qga, RigError> {
         let deadline = Instant::now() + timeout;
-        let probe = Timeouts {
-            sync: Duration::from_secs(2),
-            ..Timeouts::default()
-        };
+        let probe = Timeouts { sync: Duration::from_secs(2), ..Timeouts::default() };
         loop {
             self.check_alive()?;
             let attempt: Result<Qga, QgaError> = async {
@@ -150,11 +141,7 @@ impl Machine {
             match attempt {
                 Ok(q) => return Ok(q),
                 Err(e) if Instant::now() > deadline => {
-                    return Err(RigError::Failed(format!(
-                        "{}: guest agent silent after {timeout:?}: {e}\n{}",
-                        self.name,
-                        self.console()
-                    )))
+                    return Err(RigError::Failed(format!("{}: guest agent silent after {timeout:?}: {e}\n{}", self.name, self.console())))
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -170,11 +157,7 @@ impl Machine {
         if let Some(child) = self.child.as_mut() {
             if let Ok(Some(status)) = child.try_wait() {
                 let stderr = std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
-                return Err(RigError::Failed(format!(
-                    "{} exited ({status}): {stderr}\nconsole:\n{}",
-                    self.name,
-                    self.console()
-                )));
+                return Err(RigError::Failed(format!("{} exited ({status}): {stderr}\nconsole:\n{}", self.name, self.console())));
             }
         }
         Ok(())
@@ -192,12 +175,7 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "---- {} console ({}) ----\n{}\n---- end of console ----",
-                self.name,
-                self.console_path.display(),
-                self.console()
-            );
+            eprintln!("---- {} console ({}) ----\n{}\n---- end of console ----", self.name, self.console_path.display(), self.console());
             let stderr = std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
             if !stderr.is_empty() {
                 eprintln!("---- {} qemu stderr ----\n{stderr}", self.name);

@@ -7,6 +7,7 @@
 //! console when dropped during a panic (a failing test).
 
 mod machine;
+pub mod resume_kit;
 mod tiny;
 mod zfsvm;
 
@@ -42,9 +43,7 @@ impl Rig {
     /// # Errors
     /// [`RigError::NotBuilt`] naming the first missing file.
     pub fn locate() -> Result<Self, RigError> {
-        let dir = std::env::var_os("VMSNAP_RIG")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/cache/vmsnap-rig"));
+        let dir = std::env::var_os("VMSNAP_RIG").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/vmsnap-rig"));
         let rig = Self { dir };
         for f in ["vmlinux", "initrd.gz", "data-template.qcow2"] {
             rig.require(f)?;
@@ -71,15 +70,9 @@ pub(crate) fn host_cmd(program: &str, args: &[&str]) -> Result<(), RigError> {
     let out = std::process::Command::new(program)
         .args(args)
         .output()
-        .map_err(|source| RigError::Io {
-            what: format!("running {program}"),
-            source,
-        })?;
+        .map_err(|source| RigError::Io { what: format!("running {program}"), source })?;
     if !out.status.success() {
-        return Err(RigError::Failed(format!(
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(RigError::Failed(format!("{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(())
 }

@@ -15,18 +15,14 @@ pub struct TinyVmOptions {
     pub memory_mib: u32,
     /// Extra QEMU arguments (e.g. `-incoming defer`).
     pub extra_args: Vec<String>,
-    /// Use these disk images instead of fresh copies of the template.
+    /// Use these disk images instead of fresh copies of the template: `.raw` files and paths
+    /// under `/dev` (zvols) are raw, other files qcow2 images.
     pub disk_images: Option<Vec<PathBuf>>,
 }
 
 impl Default for TinyVmOptions {
     fn default() -> Self {
-        Self {
-            disks: 1,
-            memory_mib: 512,
-            extra_args: Vec::new(),
-            disk_images: None,
-        }
+        Self { disks: 1, memory_mib: 512, extra_args: Vec::new(), disk_images: None }
     }
 }
 
@@ -48,14 +44,7 @@ impl TinyVm {
                 (0..opts.disks)
                     .map(|i| {
                         let p = dir.path().join(format!("disk{i}.qcow2"));
-                        host_cmd(
-                            "cp",
-                            &[
-                                "--sparse=always",
-                                template.to_str().expect("utf-8 path"),
-                                p.to_str().expect("utf-8 path"),
-                            ],
-                        )?;
+                        host_cmd("cp", &["--sparse=always", template.to_str().expect("utf-8 path"), p.to_str().expect("utf-8 path")])?;
                         Ok(p)
                     })
                     .collect::<Result<_, RigError>>()?
@@ -74,13 +63,12 @@ impl TinyVm {
             "console=ttyS0 panic=-1 quiet".into(),
         ];
         for (i, disk) in disks.iter().enumerate() {
+            // A block device (a zvol) is a raw disk; a file is a qcow2 image.
+            let (protocol, format) = if disk.starts_with("/dev") { ("host_device", "raw") } else { ("file", "qcow2") };
             args.push("-blockdev".into());
-            args.push(format!(
-                "driver=file,filename={},node-name=disk{i}-file,cache.direct=off",
-                disk.display()
-            ));
+            args.push(format!("driver={protocol},filename={},node-name=disk{i}-file,cache.direct=off", disk.display()));
             args.push("-blockdev".into());
-            args.push(format!("driver=qcow2,file=disk{i}-file,node-name=disk{i}-fmt"));
+            args.push(format!("driver={format},file=disk{i}-file,node-name=disk{i}-fmt"));
             args.push("-device".into());
             args.push(format!("virtio-blk-pci,drive=disk{i}-fmt,id=vd{i}"));
         }

@@ -23,10 +23,7 @@ impl Default for ZfsCli {
 impl ZfsCli {
     pub fn from_env() -> Self {
         let var = |k: &str, d: &str| std::env::var_os(k).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(d));
-        Self {
-            zfs: var("VMSNAP_ZFS", "zfs"),
-            zpool: var("VMSNAP_ZPOOL", "zpool"),
-        }
+        Self { zfs: var("VMSNAP_ZFS", "zfs"), zpool: var("VMSNAP_ZPOOL", "zpool") }
     }
 
     pub fn with_binaries(zfs: PathBuf, zpool: PathBuf) -> Self {
@@ -61,10 +58,7 @@ async fn run(program: &PathBuf, args: Vec<OsString>) -> Result<String, ZfsError>
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|source| ZfsError::Spawn {
-            program: program.display().to_string(),
-            source,
-        })?;
+        .map_err(|source| ZfsError::Spawn { program: program.display().to_string(), source })?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if out.status.success() {
         if !stderr.trim().is_empty() {
@@ -78,11 +72,7 @@ async fn run(program: &PathBuf, args: Vec<OsString>) -> Result<String, ZfsError>
     }
     let status = out.status.code().map_or_else(|| "signal".to_owned(), |c| c.to_string());
     tracing::debug!(%argv, %status, stderr = %stderr.trim(), "failed");
-    Err(recognise(&stderr).unwrap_or(ZfsError::Failed {
-        argv,
-        status,
-        stderr: stderr.trim().to_owned(),
-    }))
+    Err(recognise(&stderr).unwrap_or(ZfsError::Failed { argv, status, stderr: stderr.trim().to_owned() }))
 }
 
 /// Builds an argument vector from anything string-like.

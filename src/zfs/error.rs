@@ -58,10 +58,7 @@ pub(crate) fn recognise(stderr: &str) -> Option<ZfsError> {
         } else if reason.contains("already exists") {
             ZfsError::AlreadyExists { name }
         } else if reason.contains("being held") || reason.contains("tag already exists") {
-            ZfsError::Held {
-                name,
-                stderr: line.to_owned(),
-            }
+            ZfsError::Held { name, stderr: line.to_owned() }
         } else if reason.contains("is busy") || reason.contains("dataset is busy") {
             ZfsError::Busy { name }
         } else if reason.contains("out of space") {
@@ -102,10 +99,7 @@ mod tests {
         assert!(matches!(recognise("cannot rollback to 'tank/vms/vm1-disk0@s2': more recent snapshots or bookmarks exist\nuse '-r' to force deletion of the following snapshots and bookmarks:\n"), Some(ZfsError::NewerSnapshots { .. })));
         assert!(recognise("internal error: something new\n").is_none());
         // Seen live by tests/openzfs.rs on OpenZFS 2.3.2:
-        assert!(matches!(
-            recognise("could not find any snapshots to destroy; check snapshot names.\n"),
-            Some(ZfsError::NotFound { .. })
-        ));
+        assert!(matches!(recognise("could not find any snapshots to destroy; check snapshot names.\n"), Some(ZfsError::NotFound { .. })));
         assert!(matches!(
             recognise("cannot destroy 'vmsnaptest/rollback_and_clone/a@s1': snapshot has dependent clones\nuse '-R' to destroy the following datasets:\n"),
             Some(ZfsError::HasClones { name }) if name == "vmsnaptest/rollback_and_clone/a@s1"

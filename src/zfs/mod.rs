@@ -39,15 +39,7 @@ impl Zfs {
     /// # Errors
     /// [`ZfsError::NotFound`] for a missing root, [`ZfsError::Parse`] for output vmsnap cannot read.
     pub async fn list_datasets(&self, root: Option<&Dataset>, recursive: bool) -> Result<Vec<DatasetInfo>, ZfsError> {
-        let mut args = zargs![
-            "list",
-            "-H",
-            "-p",
-            "-t",
-            "filesystem,volume",
-            "-o",
-            parse::DATASET_COLUMNS.join(",")
-        ];
+        let mut args = zargs!["list", "-H", "-p", "-t", "filesystem,volume", "-o", parse::DATASET_COLUMNS.join(",")];
         if recursive {
             args.push("-r".into());
         }
@@ -62,20 +54,7 @@ impl Zfs {
     pub async fn list_snapshots(&self, dataset: &Dataset, props: &[PropName]) -> Result<Vec<SnapshotInfo>, ZfsError> {
         let mut columns: Vec<&str> = parse::SNAPSHOT_COLUMNS.to_vec();
         columns.extend(props.iter().map(PropName::as_str));
-        let args = zargs![
-            "list",
-            "-H",
-            "-p",
-            "-t",
-            "snapshot",
-            "-d",
-            "1",
-            "-s",
-            "createtxg",
-            "-o",
-            columns.join(","),
-            dataset.as_str()
-        ];
+        let args = zargs!["list", "-H", "-p", "-t", "snapshot", "-d", "1", "-s", "createtxg", "-o", columns.join(","), dataset.as_str()];
         Ok(parse::snapshots(&self.cli.zfs(args).await?, props)?)
     }
 
@@ -94,9 +73,7 @@ impl Zfs {
     ) -> Result<Vec<SnapshotName>, ZfsError> {
         let pools: std::collections::BTreeSet<&str> = datasets.iter().map(Dataset::pool).collect();
         if pools.len() > 1 {
-            return Err(ZfsError::CrossPool {
-                pools: pools.into_iter().collect::<Vec<_>>().join(", "),
-            });
+            return Err(ZfsError::CrossPool { pools: pools.into_iter().collect::<Vec<_>>().join(", ") });
         }
         let names = datasets.iter().map(|d| d.snapshot(snap)).collect::<Result<Vec<_>, _>>()?;
         let mut args = zargs!["snapshot"];
@@ -140,10 +117,7 @@ impl Zfs {
 
     /// The user properties set locally (or received) on a dataset or snapshot.
     pub async fn user_properties(&self, name: &str) -> Result<BTreeMap<PropName, String>, ZfsError> {
-        let text = self
-            .cli
-            .zfs(zargs!["get", "-H", "-p", "-o", "name,property,value,source", "all", name])
-            .await?;
+        let text = self.cli.zfs(zargs!["get", "-H", "-p", "-o", "name,property,value,source", "all", name]).await?;
         Ok(parse::user_properties(&text)?.remove(name).unwrap_or_default())
     }
 
@@ -192,9 +166,7 @@ impl Zfs {
             return Ok(Dataset::new(&vol)?);
         }
         let all = self.list_datasets(None, false).await?;
-        longest_mount(&all, &real).ok_or_else(|| ZfsError::NoDatasetFor {
-            path: path.display().to_string(),
-        })
+        longest_mount(&all, &real).ok_or_else(|| ZfsError::NoDatasetFor { path: path.display().to_string() })
     }
 }
 
@@ -235,10 +207,7 @@ mod tests {
 
     #[test]
     fn zvol_paths_map_to_volumes() {
-        assert_eq!(
-            zvol_name(Path::new("/dev/zvol/tank/vms/vm1-disk0")).as_deref(),
-            Some("tank/vms/vm1-disk0")
-        );
+        assert_eq!(zvol_name(Path::new("/dev/zvol/tank/vms/vm1-disk0")).as_deref(), Some("tank/vms/vm1-disk0"));
         assert_eq!(zvol_name(Path::new("/var/lib/x.qcow2")), None);
         assert_eq!(zvol_name(Path::new("/dev/zvol/")), None);
     }

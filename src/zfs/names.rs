@@ -16,9 +16,7 @@ pub struct NameError {
 const MAX_NAME: usize = 255;
 
 fn valid_component(c: &str) -> bool {
-    !c.is_empty()
-        && c.chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.' | ':' | ' '))
+    !c.is_empty() && c.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.' | ':' | ' '))
 }
 
 /// A filesystem or volume: `pool` or `pool/a/b`.
@@ -29,11 +27,7 @@ impl Dataset {
     /// # Errors
     /// [`NameError`] naming what is wrong.
     pub fn new(name: &str) -> Result<Self, NameError> {
-        let err = |why| NameError {
-            kind: "dataset",
-            name: name.to_owned(),
-            why,
-        };
+        let err = |why| NameError { kind: "dataset", name: name.to_owned(), why };
         if name.is_empty() {
             return Err(err("empty"));
         }
@@ -44,9 +38,7 @@ impl Dataset {
             return Err(err("a dataset name has no '@' or '#'"));
         }
         if name.split('/').any(|c| !valid_component(c) || c == "." || c == "..") {
-            return Err(err(
-                "components are non-empty and use only letters, digits, '_', '-', '.', ':' and space",
-            ));
+            return Err(err("components are non-empty and use only letters, digits, '_', '-', '.', ':' and space"));
         }
         if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
             return Err(err("a pool name starts with a letter"));
@@ -100,39 +92,22 @@ impl SnapshotName {
     /// [`NameError`] when there is no `@` or either side is invalid.
     pub fn new(full: &str) -> Result<Self, NameError> {
         let Some((ds, snap)) = full.split_once('@') else {
-            return Err(NameError {
-                kind: "snapshot",
-                name: full.to_owned(),
-                why: "a snapshot name has the form dataset@name",
-            });
+            return Err(NameError { kind: "snapshot", name: full.to_owned(), why: "a snapshot name has the form dataset@name" });
         };
-        let dataset = Dataset::new(ds).map_err(|e| NameError {
-            kind: "snapshot",
-            name: full.to_owned(),
-            why: e.why,
-        })?;
+        let dataset = Dataset::new(ds).map_err(|e| NameError { kind: "snapshot", name: full.to_owned(), why: e.why })?;
         Self::from_parts(dataset, snap)
     }
 
     pub fn from_parts(dataset: Dataset, snap: &str) -> Result<Self, NameError> {
         let full = format!("{dataset}@{snap}");
-        let err = |why| NameError {
-            kind: "snapshot",
-            name: full.clone(),
-            why,
-        };
+        let err = |why| NameError { kind: "snapshot", name: full.clone(), why };
         if !valid_component(snap) {
-            return Err(err(
-                "the part after '@' is non-empty and uses only letters, digits, '_', '-', '.', ':' and space",
-            ));
+            return Err(err("the part after '@' is non-empty and uses only letters, digits, '_', '-', '.', ':' and space"));
         }
         if full.len() > MAX_NAME {
             return Err(err("longer than 255 bytes"));
         }
-        Ok(Self {
-            dataset,
-            snap: snap.to_owned(),
-        })
+        Ok(Self { dataset, snap: snap.to_owned() })
     }
 
     pub fn dataset(&self) -> &Dataset {
@@ -166,19 +141,11 @@ impl PropName {
     /// # Errors
     /// [`NameError`] unless the name has a `:` and only lower-case letters, digits, `:-_.`.
     pub fn new(name: &str) -> Result<Self, NameError> {
-        let err = |why| NameError {
-            kind: "user property",
-            name: name.to_owned(),
-            why,
-        };
+        let err = |why| NameError { kind: "user property", name: name.to_owned(), why };
         if !name.contains(':') {
             return Err(err("a user property is named module:property"));
         }
-        if name.len() > 255
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, ':' | '-' | '_' | '.'))
-        {
+        if name.len() > 255 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, ':' | '-' | '_' | '.')) {
             return Err(err("lower-case letters, digits, ':', '-', '_' and '.' only, at most 255 bytes"));
         }
         Ok(Self(name.to_owned()))

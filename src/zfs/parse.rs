@@ -86,19 +86,12 @@ impl<'a> Lines<'a> {
 
     fn err(&self, line_no: usize, why: impl Into<String>) -> ParseError {
         let line = self.text.lines().nth(line_no - 1).unwrap_or_default().to_owned();
-        ParseError {
-            command: self.command,
-            line_no,
-            line,
-            why: why.into(),
-        }
+        ParseError { command: self.command, line_no, line, why: why.into() }
     }
 }
 
 fn num<T: std::str::FromStr>(lines: &Lines<'_>, line_no: usize, column: &str, value: &str) -> Result<T, ParseError> {
-    value
-        .parse()
-        .map_err(|_| lines.err(line_no, format!("{column} {value:?} is not a number")))
+    value.parse().map_err(|_| lines.err(line_no, format!("{column} {value:?} is not a number")))
 }
 
 /// Parses `zfs list -H -p -t snapshot -o <SNAPSHOT_COLUMNS>,<props>`.
@@ -106,10 +99,7 @@ fn num<T: std::str::FromStr>(lines: &Lines<'_>, line_no: usize, column: &str, va
 /// # Errors
 /// [`ParseError`] naming the line and what was wrong with it.
 pub fn snapshots(text: &str, props: &[PropName]) -> Result<Vec<SnapshotInfo>, ParseError> {
-    let lines = Lines {
-        command: "list -t snapshot",
-        text,
-    };
+    let lines = Lines { command: "list -t snapshot", text };
     let mut out = Vec::new();
     for row in lines.rows(SNAPSHOT_COLUMNS.len() + props.len()) {
         let (n, f) = row?;
@@ -146,13 +136,7 @@ pub fn datasets(text: &str) -> Result<Vec<DatasetInfo>, ParseError> {
             other => return Err(lines.err(n, format!("type {other:?} is not filesystem or volume"))),
         };
         let mountpoint = (kind == DatasetKind::Filesystem && f[3].starts_with('/')).then(|| PathBuf::from(f[3]));
-        out.push(DatasetInfo {
-            name,
-            kind,
-            used: num(&lines, n, "used", f[2])?,
-            mountpoint,
-            mounted: f[4] == "yes",
-        });
+        out.push(DatasetInfo { name, kind, used: num(&lines, n, "used", f[2])?, mountpoint, mounted: f[4] == "yes" });
     }
     Ok(out)
 }
@@ -179,11 +163,7 @@ pub fn holds(text: &str) -> Result<Vec<Hold>, ParseError> {
     for row in lines.rows(3) {
         let (n, f) = row?;
         let snapshot = SnapshotName::new(f[0]).map_err(|e| lines.err(n, e.to_string()))?;
-        out.push(Hold {
-            snapshot,
-            tag: f[1].to_owned(),
-            since: num(&lines, n, "timestamp", f[2])?,
-        });
+        out.push(Hold { snapshot, tag: f[1].to_owned(), since: num(&lines, n, "timestamp", f[2])? });
     }
     Ok(out)
 }

@@ -1,0 +1,204 @@
+//! The configuration file (`/etc/vmsnap/vmsnap.toml` by default): where vmsnap keeps its state,
+//! overlays and RAM dumps, and the domains it snapshots. Parsing is pure ([`Config::parse`]);
+//! every error names the file and what was wrong.
+//!
+//! ```toml
+//! state_dir = "/var/lib/vmsnap"          # journals and locks
+//! overlay_dir = "/var/lib/vmsnap/overlays" # outside the snapshotted datasets
+//! ram_dir = "/srv/cheap/vmsnap-ram"      # RAM dumps (root only, files 0600)
+//! require_quiesce = false
+//!
+//! [domain.web]
+//! qmp = "/run/vmsnap/web.qmp"
+//! qga = "/run/vmsnap/web.qga"
+//! disks = ["/tank/vms/web/root.qcow2", "/dev/zvol/tank/vms/web-data"]
+//! nvram = "/var/lib/libvirt/qemu/nvram/web_VARS.fd"
+//! xml = "/etc/libvirt/qemu/web.xml"
+//! ```
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/vmsnap/vmsnap.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("no domain named {name:?} in {path} (known: {known})")]
+    NoSuchDomain { name: String, path: PathBuf, known: String },
+}
+
+/// How a snapshot stays consistent when the guest agent is missing or the freeze fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuiescePolicy {
+    /// Abort, leaving the VM untouched.
+    Require,
+    /// Go on crash-consistent and record it.
+    BestEffort,
+}
+
+/// One domain as vmsnap sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainConfig {
+    pub name: String,
+    pub uuid: Option<String>,
+    /// QEMU's QMP socket (a vmsnap-owned one under libvirt).
+    pub qmp: PathBuf,
+    /// The guest agent's chardev socket, if the domain has one vmsnap may use.
+    pub qga: Option<PathBuf>,
+    /// Disk images or zvols; needed to snapshot a stopped VM. For a running VM the disks come
+    /// from QEMU itself.
+    pub disks: Vec<PathBuf>,
+    pub nvram: Option<PathBuf>,
+    pub xml: Option<PathBuf>,
+    pub quiesce: QuiescePolicy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub overlay_dir: PathBuf,
+    pub ram_dir: PathBuf,
+    pub domains: BTreeMap<String, DomainConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<PathBuf>,
+    overlay_dir: Option<PathBuf>,
+    ram_dir: Option<PathBuf>,
+    require_quiesce: Option<bool>,
+    #[serde(default)]
+    domain: BTreeMap<String, RawDomain>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDomain {
+    uuid: Option<String>,
+    qmp: PathBuf,
+    qga: Option<PathBuf>,
+    #[serde(default)]
+    disks: Vec<PathBuf>,
+    nvram: Option<PathBuf>,
+    xml: Option<PathBuf>,
+    require_quiesce: Option<bool>,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file and the problem.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text; `path` is only used in messages and as [`Config::path`].
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| invalid(e.to_string().trim().replace('\n', " ")))?;
+        let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/vmsnap"));
+        let overlay_dir = raw.overlay_dir.unwrap_or_else(|| state_dir.join("overlays"));
+        let ram_dir = raw.ram_dir.unwrap_or_else(|| state_dir.join("ram"));
+        for (key, dir) in [("state_dir", &state_dir), ("overlay_dir", &overlay_dir), ("ram_dir", &ram_dir)] {
+            if !dir.is_absolute() {
+                return Err(invalid(format!("{key} must be an absolute path, got {}", dir.display())));
+            }
+        }
+        let default_quiesce = raw.require_quiesce.unwrap_or(false);
+        let mut domains = BTreeMap::new();
+        for (name, d) in raw.domain {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) || name.starts_with('.')
+            {
+                return Err(invalid(format!("domain name {name:?}: use letters, digits, '-', '_' and '.'")));
+            }
+            let paths = std::iter::once(("qmp", Some(&d.qmp)))
+                .chain([("qga", d.qga.as_ref()), ("nvram", d.nvram.as_ref()), ("xml", d.xml.as_ref())])
+                .chain(d.disks.iter().map(|p| ("disks", Some(p))));
+            for (key, p) in paths {
+                if let Some(p) = p {
+                    if !p.is_absolute() {
+                        return Err(invalid(format!("[domain.{name}] {key}: {} is not an absolute path", p.display())));
+                    }
+                }
+            }
+            let quiesce = if d.require_quiesce.unwrap_or(default_quiesce) { QuiescePolicy::Require } else { QuiescePolicy::BestEffort };
+            domains.insert(
+                name.clone(),
+                DomainConfig { name, uuid: d.uuid, qmp: d.qmp, qga: d.qga, disks: d.disks, nvram: d.nvram, xml: d.xml, quiesce },
+            );
+        }
+        Ok(Self { path: path.to_owned(), state_dir, overlay_dir, ram_dir, domains })
+    }
+
+    /// The domain called `name`.
+    ///
+    /// # Errors
+    /// [`ConfigError::NoSuchDomain`] listing the known ones.
+    pub fn domain(&self, name: &str) -> Result<&DomainConfig, ConfigError> {
+        self.domains.get(name).ok_or_else(|| ConfigError::NoSuchDomain {
+            name: name.to_owned(),
+            path: self.path.clone(),
+            known: if self.domains.is_empty() { "none".into() } else { self.domains.keys().cloned().collect::<Vec<_>>().join(", ") },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/vmsnap/vmsnap.toml"))
+    }
+
+    #[test]
+    fn full_example() {
+        let c = parse(
+            r#"
+            ram_dir = "/srv/ram"
+            require_quiesce = true
+            [domain.web]
+            qmp = "/run/web.qmp"
+            qga = "/run/web.qga"
+            disks = ["/tank/vms/web/root.qcow2", "/dev/zvol/tank/web-data"]
+            [domain.db]
+            qmp = "/run/db.qmp"
+            require_quiesce = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/vmsnap"));
+        assert_eq!(c.overlay_dir, PathBuf::from("/var/lib/vmsnap/overlays"));
+        assert_eq!(c.ram_dir, PathBuf::from("/srv/ram"));
+        assert_eq!(c.domain("web").unwrap().quiesce, QuiescePolicy::Require);
+        assert_eq!(c.domain("db").unwrap().quiesce, QuiescePolicy::BestEffort);
+        assert_eq!(c.domain("web").unwrap().disks.len(), 2);
+        let e = c.domain("nope").unwrap_err().to_string();
+        assert!(e.contains("db, web"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let e = parse("[domain.web]\nqmp = \"run/web.qmp\"\n").unwrap_err().to_string();
+        assert!(e.contains("/etc/vmsnap/vmsnap.toml") && e.contains("[domain.web] qmp"), "{e}");
+        let e = parse("[domain.web]\nqmp = \"/x\"\nfrobnicate = 1\n").unwrap_err().to_string();
+        assert!(e.contains("frobnicate") && e.contains("line 3"), "{e}");
+        let e = parse("[domain.web]\nqga = \"/x\"\n").unwrap_err().to_string();
+        assert!(e.contains("qmp"), "{e}");
+        let e = parse("[domain.\"a b\"]\nqmp = \"/x\"\n").unwrap_err().to_string();
+        assert!(e.contains("domain name"), "{e}");
+    }
+}

@@ -1,0 +1,605 @@
+//! One snapshot of one domain, as steps.
+//!
+//! Running VM, overlay strategy (the default):
+//! 1. ask QEMU for the disks, map them to datasets, copy the domain XML and nvram next to them;
+//! 2. connect to the guest agent (a missing agent refuses here, VM untouched, if quiescing is required);
+//! 3. create an overlay file per disk, open it, hand QEMU the fd (`add-fd`) and `blockdev-add` it;
+//! 4. freeze the guest → one `transaction` switches every disk onto its overlay → thaw;
+//! 5. one `zfs snapshot` per pool of every dataset under the disks, with vmsnap's properties;
+//! 6. active-commit each overlay back, delete its nodes, its fdset and its file.
+//!
+//! Direct strategy: freeze (or, without an agent, pause) → `zfs snapshot` → thaw (or resume).
+//! Stopped VM: `zfs snapshot` of the configured disks' datasets.
+//!
+//! Every step that changes the VM is journaled before it is done. On any error the engine replays
+//! its own journal through [`super::recover`], so the guest is thawed, a VM it paused is resumed
+//! and no overlay stays behind; after a crash `vmsnap recover` does the same from the file.
+
+use super::disks::{datasets_by_pool, live_disks, LiveDisk};
+use super::journal::{create_private_dir, obligations, Journal, OverlayRecord, Record};
+use super::lock::DomainLock;
+use super::naming;
+use super::recover::{self, fdset_tag};
+use super::{ram, Consistency, EngineError, RamMode, SnapshotOptions, SnapshotReport, StepError, Strategy};
+use crate::config::{Config, DomainConfig, QuiescePolicy};
+use crate::qemu::block::{file_node, qcow2_overlay_node};
+use crate::qemu::qga::{Qga, Timeouts};
+use crate::qemu::qmp::EventStream;
+use crate::qemu::qmp::{Qmp, QmpError};
+use crate::zfs::{Dataset, DatasetKind, PropName, Zfs};
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Progress callback: called with a short description as each step starts.
+pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// Takes one snapshot of `dom`.
+///
+/// # Errors
+/// [`EngineError::Busy`] when another operation holds the domain; [`EngineError::Step`] naming
+/// the step that failed (after everything it had changed was undone);
+/// [`EngineError::CleanupFailed`] when undoing failed too (the journal stays for `vmsnap recover`).
+pub async fn snapshot(
+    cfg: &Config,
+    dom: &DomainConfig,
+    opts: &SnapshotOptions,
+    zfs: &Zfs,
+    progress: Progress<'_>,
+) -> Result<SnapshotReport, EngineError> {
+    let _lock = DomainLock::acquire(&cfg.state_dir, &dom.name)?;
+    let fail = |step: &'static str, source: StepError| EngineError::Step { domain: dom.name.clone(), step, source: Box::new(source) };
+    // A journal left by an earlier crash of this domain is settled first.
+    let leftover = Journal::dir(&cfg.state_dir).join(format!("{}.json", dom.name));
+    if leftover.exists() {
+        progress("recovering an interrupted earlier operation");
+        recover::recover_journal(&leftover).await.map_err(|e| fail("recover", StepError::Refused(e)))?;
+    }
+    let name = naming::snapshot_name(SystemTime::now(), &opts.label);
+    let qmp = match Qmp::connect(&dom.qmp, Duration::from_secs(5)).await {
+        Ok(q) => q,
+        Err(QmpError::Connect { .. }) => return offline(dom, zfs, name, progress).await.map_err(|(s, e)| fail(s, e)),
+        Err(e) => return Err(fail("connect to QMP", e.into())),
+    };
+    let mut run = Run {
+        cfg,
+        dom,
+        opts,
+        zfs,
+        qmp,
+        qga: None,
+        name,
+        journal: None,
+        machine: None,
+        report: SnapshotReport {
+            domain: dom.name.clone(),
+            name: String::new(),
+            snapshots: Vec::new(),
+            consistency: Consistency::Crash.as_str(),
+            strategy: match opts.strategy {
+                Strategy::Overlay => "overlay",
+                Strategy::Direct => "direct",
+            },
+            freeze_ms: None,
+            pause_ms: None,
+            ram_dump: None,
+            ram_sha256: None,
+            warnings: Vec::new(),
+            steps: Vec::new(),
+        },
+        progress,
+    };
+    run.report.name = run.name.clone();
+    match run.steps().await {
+        Ok(()) => {
+            if let Some(mut j) = run.journal.take() {
+                j.append(Record::End).map_err(|e| fail("finish", e.into()))?;
+                j.remove().map_err(|e| fail("finish", e.into()))?;
+            }
+            Ok(run.report)
+        }
+        Err((step, source)) => Err(run.undo(step, source).await),
+    }
+}
+
+type StepResult<T = ()> = Result<T, (&'static str, StepError)>;
+
+trait At<T> {
+    fn at(self, step: &'static str) -> StepResult<T>;
+}
+
+impl<T, E: Into<StepError>> At<T> for Result<T, E> {
+    fn at(self, step: &'static str) -> StepResult<T> {
+        self.map_err(|e| (step, e.into()))
+    }
+}
+
+struct Run<'a> {
+    cfg: &'a Config,
+    dom: &'a DomainConfig,
+    opts: &'a SnapshotOptions,
+    zfs: &'a Zfs,
+    qmp: Qmp,
+    qga: Option<Qga>,
+    name: String,
+    journal: Option<Journal>,
+    /// QEMU's machine type, recorded with a RAM dump.
+    machine: Option<String>,
+    report: SnapshotReport,
+    progress: Progress<'a>,
+}
+
+impl Run<'_> {
+    async fn steps(&mut self) -> StepResult {
+        let t = Instant::now();
+        (self.progress)("querying disks");
+        let disks = live_disks(&self.qmp).await.at("query disks")?;
+        if disks.is_empty() {
+            return Err(("query disks", StepError::Refused("the VM has no writable disk".into())));
+        }
+        let paths: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
+        let by_pool = datasets_by_pool(self.zfs, &paths).await.at("resolve datasets")?;
+        self.save_domain_files(&by_pool).await.at("save XML and nvram")?;
+        self.timed("prepare", t);
+
+        self.journal = Some(
+            Journal::create(
+                &self.cfg.state_dir,
+                &self.dom.name,
+                Record::Begin {
+                    domain: self.dom.name.clone(),
+                    qmp: self.dom.qmp.clone(),
+                    qga: self.dom.qga.clone(),
+                    snapshot: self.name.clone(),
+                    pid: std::process::id(),
+                },
+            )
+            .at("journal")?,
+        );
+
+        let running = self.qmp.execute(&qapi::qmp::query_status {}).await.at("query status")?.running;
+        if self.opts.memory.is_some() && !running {
+            return Err(("save RAM", StepError::Refused("the VM is paused; vmsnap saves the RAM of running VMs".into())));
+        }
+        // With RAM the snapshot is resumable as it stands: no freeze needed (nor wanted: a
+        // resumed guest would wake up frozen).
+        if self.opts.quiesce && running && self.opts.memory.is_none() {
+            self.connect_agent().await?;
+        } else if self.opts.quiesce && !running {
+            self.report.warnings.push("the VM is paused: no freeze, crash-consistent".into());
+        }
+
+        let overlays = match self.opts.strategy {
+            Strategy::Overlay => self.create_overlays(&disks).await?,
+            Strategy::Direct => Vec::new(),
+        };
+        let consistency = match self.opts.memory {
+            Some(mode) => self.with_ram(mode, &overlays, &by_pool).await?,
+            None => self.disk_only(running, &overlays, &by_pool).await?,
+        };
+        if self.opts.strategy == Strategy::Overlay {
+            self.zfs_snapshot(&by_pool, consistency).await?;
+            self.merge(&overlays).await?;
+        }
+        Ok(())
+    }
+
+    /// Freeze (or, for `direct` without an agent, pause) → capture the disks → thaw (resume).
+    async fn disk_only(
+        &mut self,
+        running: bool,
+        overlays: &[OverlayRecord],
+        by_pool: &BTreeMap<String, Vec<Dataset>>,
+    ) -> StepResult<Consistency> {
+        let window = Instant::now();
+        let frozen = self.freeze().await?;
+        let consistency = if frozen { Consistency::App } else { Consistency::Crash };
+        let paused = !frozen && self.opts.strategy == Strategy::Direct && running;
+        let pause = Instant::now();
+        if paused {
+            // Without a freeze, pausing makes QEMU drain and flush every disk, so the image files
+            // are consistent on the host while ZFS snapshots them.
+            self.record(Record::PauseStarted).await?;
+            self.qmp.execute(&qapi::qmp::stop {}).await.at("pause")?;
+        }
+        self.capture_disks(overlays, by_pool, consistency).await?;
+        if paused {
+            self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
+            self.record(Record::Resumed).await?;
+            self.report.pause_ms = Some(ms(pause.elapsed()));
+        }
+        if frozen {
+            let t = Instant::now();
+            self.thaw().await?;
+            self.timed("thaw", t);
+            self.report.freeze_ms = Some(ms(window.elapsed()));
+        }
+        self.timed(if frozen { "frozen window" } else { "window" }, window);
+        Ok(consistency)
+    }
+
+    /// The disks at this instant: onto their overlays, or (direct) straight into ZFS.
+    async fn capture_disks(
+        &mut self,
+        overlays: &[OverlayRecord],
+        by_pool: &BTreeMap<String, Vec<Dataset>>,
+        consistency: Consistency,
+    ) -> StepResult {
+        let t = Instant::now();
+        match self.opts.strategy {
+            Strategy::Overlay => self.switch(overlays).await?,
+            Strategy::Direct => self.zfs_snapshot(by_pool, consistency).await?,
+        }
+        self.timed(if self.opts.strategy == Strategy::Overlay { "switch" } else { "zfs snapshot (in window)" }, t);
+        Ok(())
+    }
+
+    /// Saves the RAM with the disks captured at the same instant.
+    async fn with_ram(
+        &mut self,
+        mode: RamMode,
+        overlays: &[OverlayRecord],
+        by_pool: &BTreeMap<String, Vec<Dataset>>,
+    ) -> StepResult<Consistency> {
+        ram::prepare(&self.qmp, mode).await.at("prepare RAM dump")?;
+        self.machine = Some(ram::machine_type(&self.qmp).await.at("prepare RAM dump")?);
+        let (path, file) = ram::create_dump(&self.cfg.ram_dir, &self.dom.name, &self.name).at("create RAM dump")?;
+        self.record(Record::RamDumpStarted { path: path.clone() }).await?;
+        let mut events = self.qmp.subscribe().at("save RAM")?;
+        let mut pauses = self.qmp.subscribe().at("save RAM")?;
+        let t = Instant::now();
+        match mode {
+            RamMode::Precopy => {
+                (self.progress)("saving RAM (precopy; the VM pauses at the end)");
+                self.record(Record::PauseStarted).await?;
+                ram::start(&self.qmp, &file).await.at("save RAM")?;
+                ram::wait_completed(&self.qmp, &mut events, RAM_TIMEOUT).await.at("save RAM")?;
+                self.capture_disks(overlays, by_pool, Consistency::Ram).await?;
+                self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
+                self.record(Record::Resumed).await?;
+            }
+            RamMode::Background => {
+                self.record(Record::PauseStarted).await?;
+                self.qmp.execute(&qapi::qmp::stop {}).await.at("pause")?;
+                self.capture_disks(overlays, by_pool, Consistency::Ram).await?;
+                ram::start(&self.qmp, &file).await.at("save RAM")?;
+                ram::wait_saving_started(&self.qmp, Duration::from_secs(60)).await.at("save RAM")?;
+                self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
+                self.record(Record::Resumed).await?;
+                (self.progress)("saving RAM (background; the VM runs)");
+                ram::wait_completed(&self.qmp, &mut events, RAM_TIMEOUT).await.at("save RAM")?;
+                ram::set_capabilities(&self.qmp, false).await.at("save RAM")?;
+            }
+        }
+        drop(file);
+        self.timed("save RAM", t);
+        self.report.pause_ms = paused_ms(&mut pauses).await;
+        let t = Instant::now();
+        let sha256 = ram::sha256_file(&path).at("checksum RAM dump")?;
+        self.timed("checksum RAM dump", t);
+        self.record(Record::RamDumpDone { path: path.clone(), sha256: sha256.clone() }).await?;
+        self.report.ram_dump = Some(path);
+        self.report.ram_sha256 = Some(sha256);
+        if self.opts.strategy == Strategy::Direct {
+            // The snapshots were taken before the dump's checksum was known.
+            let props = self.ram_properties();
+            for snap in self.report.snapshots.clone() {
+                for (k, v) in &props {
+                    self.zfs.set_property(&snap, k, v).await.at("record RAM dump")?;
+                }
+            }
+        }
+        Ok(Consistency::Ram)
+    }
+
+    fn timed(&mut self, step: &str, since: Instant) {
+        self.report.steps.push((step.to_owned(), ms(since.elapsed())));
+    }
+
+    async fn record(&mut self, r: Record) -> StepResult {
+        let step = r.name();
+        self.journal.as_mut().expect("journal is open").append(r).at(step)
+    }
+
+    /// Copies the domain XML and nvram into `<mountpoint>/.vmsnap/<domain>/` of the first
+    /// filesystem under the disks, so the ZFS snapshot holds them.
+    async fn save_domain_files(&mut self, by_pool: &BTreeMap<String, Vec<Dataset>>) -> Result<(), StepError> {
+        let files: Vec<(&Path, &str)> = [(self.dom.xml.as_deref(), "domain.xml"), (self.dom.nvram.as_deref(), "nvram.fd")]
+            .into_iter()
+            .filter_map(|(p, n)| p.map(|p| (p, n)))
+            .collect();
+        if files.is_empty() {
+            return Ok(());
+        }
+        let mut target = None;
+        for ds in by_pool.values().flatten() {
+            let info = self.zfs.list_datasets(Some(ds), false).await?;
+            if let Some(mp) = info.first().filter(|i| i.kind == DatasetKind::Filesystem && i.mounted).and_then(|i| i.mountpoint.clone()) {
+                target = Some(mp);
+                break;
+            }
+        }
+        let Some(mountpoint) = target else {
+            self.report.warnings.push("no filesystem dataset under the disks (zvols only): domain XML and nvram not saved".into());
+            return Ok(());
+        };
+        let dir = mountpoint.join(".vmsnap").join(&self.dom.name);
+        create_private_dir(&dir).map_err(|source| StepError::Io { what: format!("creating {}", dir.display()), source })?;
+        for (src, name) in files {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            std::fs::copy(src, &tmp).map_err(|source| StepError::Io { what: format!("copying {}", src.display()), source })?;
+            std::fs::rename(&tmp, dir.join(name)).map_err(|source| StepError::Io { what: format!("saving {name}"), source })?;
+        }
+        Ok(())
+    }
+
+    /// Connects to the guest agent. A missing agent refuses the snapshot when quiescing is
+    /// required; otherwise the snapshot goes on crash-consistent.
+    async fn connect_agent(&mut self) -> StepResult {
+        let attempt = match &self.dom.qga {
+            None => Err("the domain has no guest-agent socket configured".to_owned()),
+            Some(path) => match Qga::connect(path, Timeouts::default()).await {
+                Ok(mut qga) => match qga.ping().await {
+                    Ok(()) => Ok(qga),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        match (attempt, self.dom.quiesce) {
+            (Ok(qga), _) => self.qga = Some(qga),
+            (Err(why), QuiescePolicy::Require) => {
+                return Err((
+                    "connect to guest agent",
+                    StepError::Refused(format!("require_quiesce is set and the guest agent is unavailable: {why}")),
+                ))
+            }
+            (Err(why), QuiescePolicy::BestEffort) => self.report.warnings.push(format!("no freeze, crash-consistent: {why}")),
+        }
+        Ok(())
+    }
+
+    /// Creates, opens and adds one overlay per disk (before the freeze, to keep it short).
+    async fn create_overlays(&mut self, disks: &[LiveDisk]) -> StepResult<Vec<OverlayRecord>> {
+        (self.progress)("creating overlays");
+        let t = Instant::now();
+        let dir = self.cfg.overlay_dir.join(&self.dom.name);
+        create_private_dir(&dir)
+            .map_err(|source| StepError::Io { what: format!("creating {}", dir.display()), source })
+            .at("create overlays")?;
+        let overlays: Vec<OverlayRecord> = disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| OverlayRecord {
+                disk_node: d.node.clone(),
+                overlay_node: format!("vmsnap-ov{i}"),
+                file_node: format!("vmsnap-ov{i}-f"),
+                path: dir.join(format!("{}-{i}.qcow2", self.name)),
+                fdset_id: None,
+                job_id: format!("vmsnap-commit{i}"),
+            })
+            .collect();
+        // Journaled before any file exists, so a crash in the middle removes what was made.
+        self.record(Record::OverlaysCreated { overlays: overlays.clone() }).await?;
+        for (ov, disk) in overlays.iter().zip(disks) {
+            make_overlay_file(&ov.path, disk).at("create overlays")?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(nix::libc::O_CLOEXEC)
+                .open(&ov.path)
+                .map_err(|source| StepError::Io { what: format!("opening {}", ov.path.display()), source })
+                .at("create overlays")?;
+            let set = self.qmp.add_fd(None, &fdset_tag(&ov.overlay_node), file.as_fd()).await.at("create overlays")?;
+            drop(file);
+            self.qmp.blockdev_add(file_node(&ov.file_node, &set.path())).await.at("create overlays")?;
+            self.qmp.blockdev_add(qcow2_overlay_node(&ov.overlay_node, &ov.file_node)).await.at("create overlays")?;
+        }
+        self.timed("create overlays", t);
+        Ok(overlays)
+    }
+
+    /// Freezes the guest if there is an agent. False when the snapshot goes on unfrozen.
+    async fn freeze(&mut self) -> StepResult<bool> {
+        if self.qga.is_none() {
+            return Ok(false);
+        }
+        (self.progress)("freezing the guest");
+        self.record(Record::FreezeStarted).await?;
+        let t = Instant::now();
+        let qga = self.qga.as_mut().expect("checked");
+        match qga.freeze().await {
+            Ok(_) => {
+                self.timed("freeze", t);
+                Ok(true)
+            }
+            Err(e) => {
+                // Never leave it half frozen: thaw now, whatever the policy says next.
+                let _ = qga.thaw().await;
+                self.record(Record::Thawed).await?;
+                match self.dom.quiesce {
+                    QuiescePolicy::Require => Err(("freeze", e.into())),
+                    QuiescePolicy::BestEffort => {
+                        self.report.warnings.push(format!("freeze failed, crash-consistent: {e}"));
+                        Ok(false)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn thaw(&mut self) -> StepResult {
+        let qga = self.qga.as_mut().expect("frozen through this agent");
+        qga.thaw().await.at("thaw")?;
+        self.record(Record::Thawed).await
+    }
+
+    /// One transaction: every disk onto its overlay at the same instant.
+    async fn switch(&mut self, overlays: &[OverlayRecord]) -> StepResult {
+        self.record(Record::SwitchStarted).await?;
+        let pairs: Vec<(String, String)> = overlays.iter().map(|o| (o.disk_node.clone(), o.overlay_node.clone())).collect();
+        self.qmp.snapshot_transaction(&pairs).await.at("switch to overlays")?;
+        self.record(Record::Switched).await
+    }
+
+    /// One `zfs snapshot` per pool.
+    async fn zfs_snapshot(&mut self, by_pool: &BTreeMap<String, Vec<Dataset>>, consistency: Consistency) -> StepResult {
+        (self.progress)("taking the zfs snapshot");
+        let t = Instant::now();
+        self.report.consistency = consistency.as_str();
+        let props = self.properties(consistency);
+        let mut names = Vec::new();
+        for datasets in by_pool.values() {
+            let made = self.zfs.snapshot(datasets, &self.name, &props).await.at("zfs snapshot")?;
+            names.extend(made.into_iter().map(|n| n.to_string()));
+        }
+        self.report.snapshots = names.clone();
+        self.timed("zfs snapshot", t);
+        self.record(Record::ZfsSnapshotDone { names }).await
+    }
+
+    fn properties(&self, consistency: Consistency) -> BTreeMap<PropName, String> {
+        let mut p = BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            p.insert(PropName::new(k).expect("valid property name"), v);
+        };
+        set(naming::CONSISTENCY, consistency.as_str().into());
+        set(naming::VERSION, env!("CARGO_PKG_VERSION").into());
+        set(naming::DOMAIN, self.dom.name.clone());
+        set(naming::QEMU_VERSION, self.qmp.version().to_string());
+        if let Some(f) = self.report.freeze_ms {
+            set(naming::FREEZE_MS, format!("{f:.1}"));
+        }
+        p.extend(self.ram_properties());
+        p
+    }
+
+    /// What a resume needs to know, once the dump exists.
+    fn ram_properties(&self) -> BTreeMap<PropName, String> {
+        let mut p = BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            p.insert(PropName::new(k).expect("valid property name"), v);
+        };
+        if let (Some(path), Some(sum)) = (&self.report.ram_dump, &self.report.ram_sha256) {
+            set(naming::RAM_DUMP, path.display().to_string());
+            set(naming::RAM_SHA256, sum.clone());
+        }
+        if let Some(m) = &self.machine {
+            set(naming::MACHINE, m.clone());
+        }
+        if let Some(ms) = self.report.pause_ms {
+            set(naming::PAUSE_MS, format!("{ms:.1}"));
+        }
+        p
+    }
+
+    /// Commits every overlay back and removes it.
+    async fn merge(&mut self, overlays: &[OverlayRecord]) -> StepResult {
+        (self.progress)("merging overlays back");
+        let t = Instant::now();
+        for ov in overlays {
+            recover::merge_overlay(Some(&self.qmp), ov).await.map_err(StepError::Refused).at("merge overlays")?;
+        }
+        self.timed("merge overlays", t);
+        self.record(Record::Committed).await
+    }
+
+    /// After a failed step: carry out the journal's obligations, then report the step's error.
+    async fn undo(&mut self, step: &'static str, source: StepError) -> EngineError {
+        let domain = self.dom.name.clone();
+        let Some(journal) = self.journal.take() else {
+            return EngineError::Step { domain, step, source: Box::new(source) };
+        };
+        let o = obligations(journal.records());
+        // The agent connection may be the one that just failed: recovery opens its own.
+        self.qga = None;
+        let mut actions = Vec::new();
+        match recover::apply(Some(&self.qmp), self.dom.qga.as_deref(), &o, &mut actions).await {
+            Ok(()) => {
+                for a in &actions {
+                    tracing::info!(domain = %domain, "undo: {a}");
+                }
+                let _ = journal.remove();
+                EngineError::Step { domain, step, source: Box::new(source) }
+            }
+            Err(cleanup) => EngineError::CleanupFailed { domain, step, cleanup, source: Box::new(source) },
+        }
+    }
+}
+
+/// `qemu-img create` of an overlay whose backing is `disk` (vmsnap never attaches it through the
+/// header: `blockdev-snapshot` links the live node, `-u` spares opening the backing here).
+fn make_overlay_file(path: &Path, disk: &LiveDisk) -> Result<(), StepError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", &disk.format, "-b"])
+        .arg(&disk.path)
+        .arg(path)
+        .arg(disk.virtual_size.to_string())
+        .output()
+        .map_err(|source| StepError::Io { what: "running qemu-img".into(), source })?;
+    if !out.status.success() {
+        return Err(StepError::Refused(format!("qemu-img create {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| StepError::Io { what: format!("chmod {}", path.display()), source })
+}
+
+/// A VM that is not running: one `zfs snapshot` per pool of its configured disks' datasets.
+async fn offline(dom: &DomainConfig, zfs: &Zfs, name: String, progress: Progress<'_>) -> Result<SnapshotReport, (&'static str, StepError)> {
+    if dom.disks.is_empty() {
+        return Err(("resolve datasets", StepError::Refused("the VM is not running and the config lists no disks for it".into())));
+    }
+    progress("the VM is not running: snapshotting its datasets");
+    let t = Instant::now();
+    let by_pool = datasets_by_pool(zfs, &dom.disks).await.at("resolve datasets")?;
+    let mut props = BTreeMap::new();
+    props.insert(PropName::new(naming::CONSISTENCY).expect("valid"), Consistency::Offline.as_str().to_owned());
+    props.insert(PropName::new(naming::VERSION).expect("valid"), env!("CARGO_PKG_VERSION").to_owned());
+    props.insert(PropName::new(naming::DOMAIN).expect("valid"), dom.name.clone());
+    let mut names = Vec::new();
+    for datasets in by_pool.values() {
+        names.extend(zfs.snapshot(datasets, &name, &props).await.at("zfs snapshot")?.into_iter().map(|n| n.to_string()));
+    }
+    Ok(SnapshotReport {
+        domain: dom.name.clone(),
+        name,
+        snapshots: names,
+        consistency: Consistency::Offline.as_str(),
+        strategy: "offline",
+        freeze_ms: None,
+        pause_ms: None,
+        ram_dump: None,
+        ram_sha256: None,
+        warnings: Vec::new(),
+        steps: vec![("zfs snapshot".into(), ms(t.elapsed()))],
+    })
+}
+
+/// How long a RAM dump may take.
+const RAM_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The time the VM spent paused, from QEMU's own STOP/RESUME event timestamps seen on `events`.
+async fn paused_ms(events: &mut EventStream) -> Option<f64> {
+    let mut total_us = 0u64;
+    let mut stopped_at = None;
+    loop {
+        let soon = tokio::time::Instant::now() + Duration::from_millis(100);
+        let Ok(ev) = events.wait_for("STOP/RESUME", soon, |e| e.name == "STOP" || e.name == "RESUME").await else { break };
+        match (ev.name.as_str(), stopped_at) {
+            ("STOP", None) => stopped_at = Some(ev.timestamp_us),
+            ("RESUME", Some(t0)) => {
+                total_us += ev.timestamp_us.saturating_sub(t0);
+                stopped_at = None;
+            }
+            _ => {}
+        }
+    }
+    (total_us > 0).then(|| total_us as f64 / 1e3)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}

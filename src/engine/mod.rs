@@ -1,0 +1,164 @@
+//! The snapshot engine: consistent snapshots of one domain, and cleaning up after a crash.
+//!
+//! [`flow`] is the snapshot itself, top to bottom as steps; every step that changes the VM is
+//! journaled first ([`journal`]), and on any error the engine replays its own journal through
+//! [`recover`], the same code `vmsnap recover` runs after a crash. [`lock`] keeps two snapshots of
+//! one domain from interleaving; [`disks`] asks QEMU which disks a running VM has; [`naming`]
+//! holds the snapshot names and the ZFS properties every snapshot carries.
+
+pub mod disks;
+pub mod flow;
+pub mod journal;
+pub mod lock;
+pub mod naming;
+pub mod ram;
+pub mod recover;
+
+use crate::qemu::blockjob::JobError;
+use crate::qemu::qga::QgaError;
+use crate::qemu::qmp::QmpError;
+use crate::zfs::ZfsError;
+use std::path::PathBuf;
+
+pub use flow::snapshot;
+
+/// How disks are captured while the VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Switch every disk to an overlay, snapshot ZFS, merge the overlays back.
+    Overlay,
+    /// Take the ZFS snapshot while the guest is frozen (or paused), no overlay.
+    Direct,
+}
+
+/// How RAM is saved with `--memory`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamMode {
+    /// Live migration into a file; the VM pauses at the end of it.
+    Precopy,
+    /// QEMU's background-snapshot: the RAM as it was at a short pause, written while the guest runs.
+    Background,
+}
+
+/// How consistent a snapshot is; recorded in `vmsnap:consistency`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// The guest's filesystems were frozen by its agent.
+    App,
+    /// Like pulling the power cord (the agent was missing or the freeze failed).
+    Crash,
+    /// Disks and RAM from the same instant: resumable.
+    Ram,
+    /// The VM was not running.
+    Offline,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::App => "app",
+            Self::Crash => "crash",
+            Self::Ram => "ram",
+            Self::Offline => "offline",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    pub strategy: Strategy,
+    pub memory: Option<RamMode>,
+    /// `false` with `--no-quiesce`: do not freeze even if an agent is there.
+    pub quiesce: bool,
+    /// The label after the timestamp in the name (`manual` from the CLI).
+    pub label: String,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        Self { strategy: Strategy::Overlay, memory: None, quiesce: true, label: "manual".into() }
+    }
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotReport {
+    pub domain: String,
+    /// The part after `@`.
+    pub name: String,
+    pub snapshots: Vec<String>,
+    pub consistency: &'static str,
+    pub strategy: &'static str,
+    /// How long the guest's filesystems were frozen.
+    pub freeze_ms: Option<f64>,
+    /// How long the VM was paused.
+    pub pause_ms: Option<f64>,
+    pub ram_dump: Option<PathBuf>,
+    pub ram_sha256: Option<String>,
+    /// Why the snapshot is less consistent than asked, if it is.
+    pub warnings: Vec<String>,
+    /// Each step and how long it took, in order.
+    pub steps: Vec<(String, f64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Qga(#[from] QgaError),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    Zfs(#[from] ZfsError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("domain {domain} is busy: another vmsnap operation holds its lock ({lock})")]
+    Busy { domain: String, lock: PathBuf },
+    #[error("domain {domain}: step {step} failed")]
+    Step {
+        domain: String,
+        step: &'static str,
+        #[source]
+        source: Box<StepError>,
+    },
+    #[error("domain {domain}: step {step} failed, and cleaning up after it failed too: {cleanup}")]
+    CleanupFailed {
+        domain: String,
+        step: &'static str,
+        cleanup: String,
+        #[source]
+        source: Box<StepError>,
+    },
+}
+
+impl EngineError {
+    /// A hint for the operator, when there is an obvious next thing to try.
+    pub fn hint(&self) -> Option<&'static str> {
+        let source = match self {
+            EngineError::Busy { .. } => return Some("wait for the other operation, or check `vmsnap recover` if none runs"),
+            EngineError::CleanupFailed { .. } => return Some("run `vmsnap recover` to finish the cleanup"),
+            EngineError::Step { source, .. } => source.as_ref(),
+        };
+        match source {
+            StepError::Qga(QgaError::AgentNotRunning { .. } | QgaError::Connect { .. }) => {
+                Some("is qemu-guest-agent running in the guest? Use --no-quiesce for a crash-consistent snapshot")
+            }
+            StepError::Qmp(QmpError::Connect { .. }) => Some("is the VM running, and is `qmp` in the config its QMP socket?"),
+            StepError::Zfs(ZfsError::NoDatasetFor { .. }) => Some("vmsnap snapshots disks that live on ZFS datasets or zvols"),
+            _ => None,
+        }
+    }
+}

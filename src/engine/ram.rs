@@ -1,0 +1,142 @@
+//! Saving the VM's RAM into a file vmsnap opened (QEMU gets the descriptor with `getfd` and
+//! migrates to `fd:`; no shell, no path QEMU must be allowed to open).
+//!
+//! Two modes: precopy (a live migration that pauses the VM at its end) and background-snapshot
+//! (the VM pauses only for the disk switch; QEMU then writes the RAM as it was at that pause while
+//! the guest runs, tracking writes with userfaultfd write-protection).
+
+use super::journal::create_private_dir;
+use super::{RamMode, StepError};
+use crate::qemu::qmp::{EventStream, Qmp};
+use qapi::qmp::{self, MigrationCapability, MigrationCapabilityStatus};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The name the dump's descriptor gets in QEMU.
+const FD_NAME: &str = "vmsnap-ram";
+
+/// Refuses when QEMU says migration is blocked, then sets the capabilities `mode` needs.
+///
+/// # Errors
+/// [`StepError::Refused`] naming QEMU's blockers, or QEMU's refusal of background-snapshot.
+pub async fn prepare(qmp: &Qmp, mode: RamMode) -> Result<(), StepError> {
+    let status = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await?;
+    if let Some(reasons) = status.get("blocked-reasons").and_then(Value::as_array).filter(|r| !r.is_empty()) {
+        let reasons: Vec<&str> = reasons.iter().filter_map(Value::as_str).collect();
+        return Err(StepError::Refused(format!("QEMU cannot save this VM's RAM: {}", reasons.join("; "))));
+    }
+    if let Some(s) =
+        status.get("status").and_then(Value::as_str).filter(|s| matches!(*s, "setup" | "active" | "device" | "postcopy-active"))
+    {
+        return Err(StepError::Refused(format!("a migration is already running ({s})")));
+    }
+    set_capabilities(qmp, mode == RamMode::Background).await.map_err(|e| match (mode, e) {
+        (RamMode::Background, StepError::Qmp(q)) => StepError::Refused(format!(
+            "QEMU refused background-snapshot ({q}); QEMU needs userfaultfd (root or CAP_SYS_PTRACE), or use --memory precopy"
+        )),
+        (_, e) => e,
+    })
+}
+
+/// `events` on (so completion is an event), `background-snapshot` as asked.
+pub async fn set_capabilities(qmp: &Qmp, background: bool) -> Result<(), StepError> {
+    let caps = vec![
+        MigrationCapabilityStatus { capability: MigrationCapability::events, state: true },
+        MigrationCapabilityStatus { capability: MigrationCapability::background_snapshot, state: background },
+    ];
+    qmp.execute(&qmp::migrate_set_capabilities { capabilities: caps }).await?;
+    Ok(())
+}
+
+/// Creates `<ram_dir>/<domain>/<name>.ram`: the directory root-only, the file 0600 and new.
+pub fn create_dump(ram_dir: &Path, domain: &str, name: &str) -> Result<(PathBuf, std::fs::File), StepError> {
+    let dir = ram_dir.join(domain);
+    create_private_dir(&dir).map_err(|source| StepError::Io { what: format!("creating {}", dir.display()), source })?;
+    let path = dir.join(format!("{name}.ram"));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|source| StepError::Io { what: format!("creating {}", path.display()), source })?;
+    Ok((path, file))
+}
+
+/// Hands QEMU the dump's descriptor and starts the migration into it.
+pub async fn start(qmp: &Qmp, file: &std::fs::File) -> Result<(), StepError> {
+    qmp.getfd(FD_NAME, file.as_fd()).await?;
+    qmp.execute(&qmp::migrate { uri: Some(format!("fd:{FD_NAME}")), channels: None, detach: None, resume: None }).await?;
+    Ok(())
+}
+
+/// Waits for the migration to finish.
+///
+/// # Errors
+/// [`StepError::Refused`] when it failed or was cancelled (with QEMU's reason).
+pub async fn wait_completed(qmp: &Qmp, events: &mut EventStream, timeout: Duration) -> Result<(), StepError> {
+    let deadline = Instant::now() + timeout;
+    let ev = events
+        .wait_for("the RAM dump to finish", deadline, |e| {
+            e.name == "MIGRATION" && matches!(e.str("status"), Some("completed" | "failed" | "cancelled"))
+        })
+        .await?;
+    if ev.str("status") == Some("completed") {
+        return Ok(());
+    }
+    let info = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await.unwrap_or(Value::Null);
+    let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+    Err(StepError::Refused(format!("the RAM dump {}: {why}", ev.str("status").unwrap_or("failed"))))
+}
+
+/// Background-snapshot: waits until QEMU has saved the device state and started streaming RAM,
+/// i.e. the image is fixed at the pause and `cont` is safe. (If `cont` came earlier, QEMU's
+/// migration thread would stop the VM again later and the image would postdate the disk switch.)
+pub async fn wait_saving_started(qmp: &Qmp, timeout: Duration) -> Result<(), StepError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await?;
+        let status = m.get("status").and_then(Value::as_str).unwrap_or("");
+        let ram = m.get("ram");
+        let pages = |k: &str| ram.and_then(|r| r.get(k)).and_then(Value::as_u64).unwrap_or(0);
+        if status == "completed" || pages("normal") + pages("duplicate") > 0 {
+            return Ok(());
+        }
+        if matches!(status, "failed" | "cancelled") {
+            return Err(StepError::Refused(format!("the RAM dump {status} before it started")));
+        }
+        if Instant::now() > deadline {
+            return Err(StepError::Refused(format!("the RAM dump did not start within {timeout:?} (status {status})")));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// sha256 of a file, read in 1 MiB pieces (never the whole dump in memory).
+pub fn sha256_file(path: &Path) -> Result<String, StepError> {
+    let io = |source| StepError::Io { what: format!("reading {}", path.display()), source };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The machine type QEMU runs (`pc-i440fx-10.0`), which a restore must use again.
+pub async fn machine_type(qmp: &Qmp) -> Result<String, StepError> {
+    let v = qmp.execute_raw("qom-get", Some(serde_json::json!({"path": "/machine", "property": "type"})), Duration::from_secs(10)).await?;
+    Ok(v.as_str().unwrap_or_default().trim_end_matches("-machine").to_owned())
+}

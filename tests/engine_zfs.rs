@@ -1,0 +1,392 @@
+//! The snapshot engine end to end on real parts (ZFS lane, see `support/zfslane.rs`): inside the
+//! OpenZFS VM a nested tiny guest runs on two disks that live on ZFS (a qcow2 file on a filesystem
+//! and a raw zvol), and the real `vmsnap` binary snapshots it while the guest writes.
+//!
+//! The cases share one nested guest (it takes over a minute to boot under nested TCG) and run one
+//! after the other; each checks the guest is left thawed and running with no overlay anywhere.
+
+mod support;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Output;
+use std::sync::Mutex;
+use std::time::Duration;
+use support::zfslane::{sh, vmsnap_bin};
+use vmsnap::qemu::qga::{FreezeStatus, Qga, Timeouts};
+use vmsnap::qemu::qmp::Qmp;
+use vmsnap::rig::resume_kit::{self, ResumeKit};
+use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
+
+const CONFIG: &str = "/etc/vmsnap/vmsnap.toml";
+const STATE: &str = "/var/lib/vmsnap";
+const FS: &str = "tank/vms/demo";
+const ZVOL: &str = "tank/vms/demo-data";
+
+fn main() {
+    support::zfslane::dispatch(inside);
+}
+
+struct Guest {
+    vm: TinyVm,
+}
+
+static GUEST: Mutex<Option<Guest>> = Mutex::new(None);
+
+type Case = fn() -> Result<(), Failed>;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn inside() {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    sh("zpool create -f -O mountpoint=/tank tank /dev/disk/by-id/virtio-pool1");
+    sh(&format!("zfs create -p {FS} && zfs create -V 64M {ZVOL} && zfs create tank/vms/stopped && udevadm settle"));
+    let rig = Rig::locate().expect("the rig's files on /mnt/rig");
+    let kit = ResumeKit::find(&rig).expect("the resume kit (built on the host by the ZFS-lane dispatcher)");
+    // The nested guest's disks on ZFS: the kit's disks as they were when it was saved.
+    sh(&format!(
+        "cp {} /{FS}/disk0.qcow2 && dd if={} of=/dev/zvol/{ZVOL} bs=1M conv=fsync status=none",
+        kit.disk0().display(),
+        kit.disk1().display()
+    ));
+    sh("cp /mnt/rig/data-template.qcow2 /tank/vms/stopped/disk0.qcow2");
+    let vm = rt().block_on(async {
+        let t = std::time::Instant::now();
+        let disks = vec![format!("/{FS}/disk0.qcow2").into(), format!("/dev/zvol/{ZVOL}").into()];
+        let mut vm = resume_kit::restore(&rig, &kit, disks).await.expect("starting the nested guest from the resume kit");
+        let mut qga = vm.machine.wait_agent(Duration::from_secs(300)).await.expect("nested guest agent");
+        eprintln!("METRIC nested_guest_restore_to_agent_s={:.1}", t.elapsed().as_secs_f64());
+        let mounts = qga.sh("grep /mnt/ /proc/mounts", Duration::from_secs(30)).await.unwrap().stdout_text();
+        assert!(mounts.contains("/mnt/vda") && mounts.contains("/mnt/vdb"), "guest mounts: {mounts}");
+        // The writer: a counter on both disks, rewritten every 50 ms, for the whole run.
+        qga.exec_start(
+            "/bin/sh",
+            // Each counter file is replaced atomically (write + rename), so any instant has a whole one.
+            &[
+                "-c",
+                "i=0; while :; do i=$((i+1)); for d in vda vdb; do echo $i > /mnt/$d/c.tmp && mv /mnt/$d/c.tmp /mnt/$d/counter; done; sleep 0.05; done",
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+        // Let the writer get going on both disks before the first snapshot.
+        for _ in 0..600 {
+            let c = qga.sh("cat /mnt/vdb/counter 2>/dev/null", Duration::from_secs(30)).await.unwrap().stdout_text();
+            if c.trim().parse::<i64>().is_ok_and(|n| n >= 2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        vm
+    });
+    write_config(&vm);
+    *GUEST.lock().unwrap() = Some(Guest { vm });
+
+    let cases: &[(&str, Case)] = &[
+        ("overlay_snapshot_is_app_consistent_and_leaves_nothing", overlay_snapshot),
+        ("direct_snapshot", direct_snapshot),
+        ("no_quiesce_is_crash_consistent", no_quiesce),
+        ("require_quiesce_without_agent_refuses_and_changes_nothing", require_quiesce_refuses),
+        ("a_locked_domain_is_busy", busy),
+        ("stopped_vm_gets_a_plain_snapshot", stopped_vm),
+        ("crash_at_every_step_then_recover", crash_and_recover),
+        ("ram_precopy_snapshot", ram_precopy),
+        ("ram_background_snapshot_resumes_from_a_clone", ram_background_resumes),
+        ("list_shows_consistency", list_json),
+    ];
+    let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(mut g) = GUEST.lock().unwrap().take() {
+        g.vm.machine.kill();
+    }
+    let _ = std::process::Command::new("zpool").args(["destroy", "-f", "tank"]).status();
+    conclusion.exit();
+}
+
+fn write_config(vm: &TinyVm) {
+    std::fs::create_dir_all("/etc/vmsnap").unwrap();
+    std::fs::write("/etc/vmsnap/demo.xml", "<domain type='qemu'><name>demo</name></domain>\n").unwrap();
+    sh("head -c 131072 /dev/urandom > /etc/vmsnap/demo_VARS.fd");
+    let m = &vm.machine;
+    let config = format!(
+        r#"state_dir = "{STATE}"
+[domain.demo]
+qmp = "{qmp}"
+qga = "{qga}"
+disks = ["/{FS}/disk0.qcow2", "/dev/zvol/{ZVOL}"]
+xml = "/etc/vmsnap/demo.xml"
+nvram = "/etc/vmsnap/demo_VARS.fd"
+
+[domain.strict]
+qmp = "{qmp}"
+qga = "/run/no-such-agent.sock"
+disks = ["/{FS}/disk0.qcow2", "/dev/zvol/{ZVOL}"]
+require_quiesce = true
+
+[domain.stopped]
+qmp = "/run/no-such-qemu.sock"
+disks = ["/tank/vms/stopped/disk0.qcow2"]
+"#,
+        qmp = m.qmp_path.display(),
+        qga = m.qga_path.display(),
+    );
+    std::fs::write(CONFIG, config).unwrap();
+}
+
+fn vmsnap(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(vmsnap_bin());
+    cmd.arg("--config").arg(CONFIG).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A label per run: two snapshots in the same second would otherwise share a name.
+fn label() -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    format!("t{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+fn snapshot_json(args: &[&str]) -> Result<Value, Failed> {
+    let label = label();
+    let mut full = vec!["snapshot", "demo", "--json", "--label", &label];
+    full.extend_from_slice(args);
+    let out = vmsnap(&full, &[]);
+    if !out.status.success() {
+        return Err(format!("vmsnap {full:?} failed: {}", text(&out)).into());
+    }
+    Ok(serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON ({e}): {}", text(&out)))?)
+}
+
+fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.to_string().into())
+    }
+}
+
+/// The guest is running, thawed, has no vmsnap node or job, and no overlay or journal file exists.
+fn assert_clean() -> Result<(), Failed> {
+    let (observer, qga_path) = {
+        let g = GUEST.lock().unwrap();
+        let g = g.as_ref().unwrap();
+        (g.vm.machine.observer_path.clone(), g.vm.machine.qga_path.clone())
+    };
+    rt().block_on(async {
+        let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        let status = qmp.execute(&qapi::qmp::query_status {}).await.map_err(|e| e.to_string())?;
+        check(status.running, format!("VM not running: {:?}", status.status))?;
+        let nodes = qmp.node_names().await.map_err(|e| e.to_string())?;
+        check(!nodes.iter().any(|n| n.starts_with("vmsnap")), format!("vmsnap nodes left: {nodes:?}"))?;
+        check(qmp.query_jobs().await.map_err(|e| e.to_string())?.is_empty(), "a block job is left")?;
+        let fdsets = qmp.execute(&qapi::qmp::query_fdsets {}).await.map_err(|e| e.to_string())?;
+        check(fdsets.is_empty(), format!("fdsets left: {fdsets:?}"))?;
+        let blocks = qmp.execute(&qapi::qmp::query_block {}).await.map_err(|e| e.to_string())?;
+        let tops: Vec<String> = blocks.into_iter().filter_map(|b| b.inserted.and_then(|i| i.node_name)).collect();
+        check(tops == ["disk0-fmt", "disk1-fmt"], format!("disk chains not back on their base: {tops:?}"))?;
+        let mut qga = Qga::connect(&qga_path, Timeouts::default()).await.map_err(|e| e.to_string())?;
+        check(qga.freeze_status().await.map_err(|e| e.to_string())? == FreezeStatus::Thawed, "guest left frozen")?;
+        let w =
+            qga.sh("echo ok > /mnt/vda/probe && sync && cat /mnt/vda/probe", Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        check(w.stdout_text().trim() == "ok", "guest cannot write to its disk")?;
+        Ok::<(), Failed>(())
+    })?;
+    let overlays = sh(&format!("find {STATE}/overlays -type f 2>/dev/null | wc -l"));
+    check(overlays.trim() == "0", format!("overlay files left: {overlays}"))?;
+    let journals = sh(&format!("ls {STATE}/journal 2>/dev/null | wc -l"));
+    check(journals.trim() == "0", format!("journals left: {journals}"))
+}
+
+/// A clone of a snapshot of the qcow2 disk and of the zvol: both pass e2fsck; the counters the
+/// guest wrote to both disks are from one moment.
+fn verify_snapshot(name: &str) -> Result<(), Failed> {
+    sh(&format!("zfs clone {FS}@{name} tank/chk && zfs clone {ZVOL}@{name} tank/chk-data && udevadm settle"));
+    let res = (|| {
+        sh("qemu-img check -q /tank/chk/disk0.qcow2 && qemu-img convert -O raw /tank/chk/disk0.qcow2 /tmp/chk.raw");
+        sh("e2fsck -fn /tmp/chk.raw");
+        sh("e2fsck -fn /dev/zvol/tank/chk-data");
+        let a: i64 = sh("debugfs -R 'cat /counter' /tmp/chk.raw 2>/dev/null").trim().parse().map_err(|e| format!("counter on disk0: {e}"))?;
+        let b: i64 =
+            sh("debugfs -R 'cat /counter' /dev/zvol/tank/chk-data 2>/dev/null").trim().parse().map_err(|e| format!("counter on disk1: {e}"))?;
+        eprintln!("snapshot {name}: counters {a} / {b}");
+        check(a > 0 && (a - b).abs() <= 1, format!("the two disks are not from one moment: counters {a} and {b}"))?;
+        let saved = Path::new("/tank/chk/.vmsnap/demo");
+        check(saved.join("domain.xml").exists() && saved.join("nvram.fd").exists(), "domain XML and nvram are in the snapshot")?;
+        sh(&format!("cmp {}/nvram.fd /etc/vmsnap/demo_VARS.fd", saved.display()));
+        Ok::<(), Failed>(())
+    })();
+    sh("rm -f /tmp/chk.raw; zfs destroy tank/chk; zfs destroy tank/chk-data");
+    res
+}
+
+fn overlay_snapshot() -> Result<(), Failed> {
+    let r = snapshot_json(&[])?;
+    eprintln!("METRIC overlay report: {r}");
+    check(r["consistency"] == "app", format!("consistency {}", r["consistency"]))?;
+    let snaps = r["snapshots"].as_array().unwrap();
+    check(snaps.len() == 2, format!("one snapshot per dataset: {snaps:?}"))?;
+    check(r["freeze_ms"].as_f64().is_some(), "freeze time recorded")?;
+    let name = r["name"].as_str().unwrap();
+    // One `zfs snapshot` call: one transaction group for both datasets.
+    let txg = sh(&format!("zfs get -H -p -o value createtxg {FS}@{name} {ZVOL}@{name}"));
+    let txgs: Vec<&str> = txg.lines().collect();
+    check(txgs.len() == 2 && txgs[0] == txgs[1], format!("createtxg differ: {txgs:?}"))?;
+    let props = sh(&format!("zfs get -H -o value vmsnap:consistency,vmsnap:domain,vmsnap:freeze-ms {FS}@{name}"));
+    check(props.lines().take(2).collect::<Vec<_>>() == ["app", "demo"], format!("properties: {props}"))?;
+    assert_clean()?;
+    verify_snapshot(name)
+}
+
+fn direct_snapshot() -> Result<(), Failed> {
+    let r = snapshot_json(&["--strategy", "direct"])?;
+    eprintln!("METRIC direct report: {r}");
+    check(r["consistency"] == "app" && r["strategy"] == "direct", format!("{r}"))?;
+    assert_clean()?;
+    verify_snapshot(r["name"].as_str().unwrap())
+}
+
+fn no_quiesce() -> Result<(), Failed> {
+    let r = snapshot_json(&["--no-quiesce"])?;
+    check(r["consistency"] == "crash", format!("{r}"))?;
+    assert_clean()?;
+    let r = snapshot_json(&["--no-quiesce", "--strategy", "direct"])?;
+    check(r["consistency"] == "crash" && r["pause_ms"].as_f64().is_some(), format!("direct without freeze pauses: {r}"))?;
+    assert_clean()
+}
+
+fn count_snapshots() -> usize {
+    sh(&format!("zfs list -H -t snapshot -o name {FS}")).lines().count()
+}
+
+fn require_quiesce_refuses() -> Result<(), Failed> {
+    let before = count_snapshots();
+    let out = vmsnap(&["snapshot", "strict"], &[]);
+    check(!out.status.success(), format!("must fail: {}", text(&out)))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    check(err.contains("require_quiesce") && err.contains("strict"), format!("the error names the policy and the domain: {err}"))?;
+    check(count_snapshots() == before, "no snapshot taken")?;
+    assert_clean()
+}
+
+fn busy() -> Result<(), Failed> {
+    sh(&format!("mkdir -p {STATE}/locks"));
+    let mut holder = std::process::Command::new("flock").args(["-n", &format!("{STATE}/locks/demo.lock"), "sleep", "30"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = vmsnap(&["snapshot", "demo"], &[]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    check(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("busy"), text(&out))?;
+    assert_clean()
+}
+
+fn stopped_vm() -> Result<(), Failed> {
+    let out = vmsnap(&["snapshot", "stopped", "--json"], &[]);
+    check(out.status.success(), text(&out))?;
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    check(r["consistency"] == "offline" && r["snapshots"].as_array().unwrap().len() == 1, format!("{r}"))
+}
+
+fn crash_and_recover() -> Result<(), Failed> {
+    for step in ["overlays_created", "freeze_started", "switch_started", "switched", "thawed", "zfs_snapshot_done", "committed"] {
+        let out = vmsnap(&["snapshot", "demo", "--label", &label()], &[("VMSNAP_ABORT_AFTER", step)]);
+        check(!out.status.success(), format!("{step}: vmsnap should have aborted: {}", text(&out)))?;
+        check(Path::new(&format!("{STATE}/journal/demo.json")).exists(), format!("{step}: no journal left behind: {}", text(&out)))?;
+        let rec = vmsnap(&["recover"], &[]);
+        check(rec.status.success(), format!("{step}: recover failed: {}", text(&rec)))?;
+        eprintln!("after abort at {step}: {}", String::from_utf8_lossy(&rec.stdout).trim());
+        assert_clean().map_err(|e| format!("after abort at {step}: {}", e.message().unwrap_or_default()))?;
+    }
+    Ok(())
+}
+
+fn list_json() -> Result<(), Failed> {
+    let out = vmsnap(&["list", "demo", "--json"], &[]);
+    check(out.status.success(), text(&out))?;
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    check(rows.len() == count_snapshots() * 2, format!("{} rows for {} snapshots on two datasets", rows.len(), count_snapshots()))?;
+    check(rows.iter().any(|r| r["consistency"] == "app") && rows.iter().any(|r| r["consistency"] == "crash"), format!("{rows:?}"))
+}
+
+/// The RAM dump is private (dir 0700, file 0600), its checksum is the recorded one, and the
+/// snapshot properties say where it is.
+fn check_dump(r: &Value) -> Result<String, Failed> {
+    use std::os::unix::fs::PermissionsExt;
+    check(r["consistency"] == "ram", format!("{r}"))?;
+    let dump = r["ram_dump"].as_str().ok_or("no ram_dump in the report")?.to_owned();
+    let meta = std::fs::metadata(&dump)?;
+    check(meta.permissions().mode() & 0o777 == 0o600, format!("dump mode {:o}", meta.permissions().mode()))?;
+    let dir_mode = std::fs::metadata(Path::new(&dump).parent().unwrap())?.permissions().mode() & 0o777;
+    check(dir_mode == 0o700, format!("dump dir mode {dir_mode:o}"))?;
+    let sum = sh(&format!("sha256sum {dump}"));
+    check(Some(sum.split_whitespace().next().unwrap_or("")) == r["ram_sha256"].as_str(), "checksum matches")?;
+    let name = r["name"].as_str().unwrap();
+    let props = sh(&format!("zfs get -H -o value vmsnap:consistency,vmsnap:ram-dump,vmsnap:ram-sha256,vmsnap:machine {FS}@{name}"));
+    let props: Vec<&str> = props.lines().collect();
+    check(
+        props[0] == "ram" && props[1] == dump && Some(props[2]) == r["ram_sha256"].as_str() && props[3].starts_with("pc"),
+        format!("properties {props:?}"),
+    )?;
+    check(r["pause_ms"].as_f64().is_some(), "pause recorded")?;
+    Ok(dump)
+}
+
+fn ram_precopy() -> Result<(), Failed> {
+    let r = snapshot_json(&["--memory", "precopy"])?;
+    eprintln!("METRIC precopy report: {r}");
+    check_dump(&r)?;
+    assert_clean()
+}
+
+fn guest_uptime(qga_path: &Path) -> Result<f64, Failed> {
+    rt().block_on(async {
+        let mut qga = Qga::connect(qga_path, Timeouts::default()).await.map_err(|e| e.to_string())?;
+        let out = qga.sh("cut -d' ' -f1 /proc/uptime", Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        Ok(out.stdout_text().trim().parse::<f64>().map_err(|e| e.to_string())?)
+    })
+}
+
+fn ram_background_resumes() -> Result<(), Failed> {
+    let qga_path = GUEST.lock().unwrap().as_ref().unwrap().vm.machine.qga_path.clone();
+    let before = guest_uptime(&qga_path)?;
+    let r = snapshot_json(&["--memory", "background"])?;
+    eprintln!("METRIC background report: {r}");
+    let dump = check_dump(&r)?;
+    assert_clean()?;
+    let name = r["name"].as_str().unwrap().to_owned();
+    // A fresh QEMU on clones of the snapshot, fed the dump: the guest goes on where it was.
+    sh(&format!("zfs clone {FS}@{name} tank/restore && zfs clone {ZVOL}@{name} tank/restore-data && udevadm settle"));
+    let res = rt().block_on(async {
+        let rig = Rig::locate().map_err(|e| e.to_string())?;
+        let opts = TinyVmOptions {
+            memory_mib: resume_kit::KIT_MEMORY_MIB,
+            disk_images: Some(vec!["/tank/restore/disk0.qcow2".into(), "/dev/zvol/tank/restore-data".into()]),
+            extra_args: vec!["-incoming".into(), "defer".into()],
+            ..Default::default()
+        };
+        let t = std::time::Instant::now();
+        // Restored exactly as a user would resume the snapshot: -incoming defer + migrate-incoming.
+        let mut vm = resume_kit::restore_state(&rig, &opts, Path::new(&dump)).await.map_err(|e| e.to_string())?;
+        let mut qga = vm.machine.wait_agent(Duration::from_secs(120)).await.map_err(|e| e.to_string())?;
+        eprintln!("METRIC restore_to_agent_s={:.1}", t.elapsed().as_secs_f64());
+        let out = qga.sh("cut -d' ' -f1 /proc/uptime; cat /mnt/vda/counter", Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        let text = out.stdout_text();
+        let uptime: f64 = text.lines().next().unwrap_or("").parse().map_err(|e| format!("uptime {text:?}: {e}"))?;
+        eprintln!("restored guest: uptime {uptime} s (was {before} s before the snapshot)");
+        check(uptime >= before, format!("the restored guest rebooted: uptime {uptime} < {before}"))?;
+        vm.machine.kill();
+        Ok::<(), Failed>(())
+    });
+    sh("zfs destroy tank/restore; zfs destroy tank/restore-data");
+    res
+}
