@@ -1,11 +1,9 @@
-//! The snapshot engine end to end on real parts (ZFS lane, see `support/zfslane.rs`): inside the
+//! The snapshot engine end to end on real parts (ZFS lane, see `vmsnap::rig::lane`): inside the
 //! OpenZFS VM a nested tiny guest runs on two disks that live on ZFS (a qcow2 file on a filesystem
 //! and a raw zvol), and the real `vmsnap` binary snapshots it while the guest writes.
 //!
 //! The cases share one nested guest (it takes over a minute to boot under nested TCG) and run one
 //! after the other; each checks the guest is left thawed and running with no overlay anywhere.
-
-mod support;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
@@ -13,9 +11,9 @@ use std::path::Path;
 use std::process::Output;
 use std::sync::Mutex;
 use std::time::Duration;
-use support::zfslane::{sh, vmsnap_bin};
 use vmsnap::qemu::qga::{FreezeStatus, Qga, Timeouts};
 use vmsnap::qemu::qmp::Qmp;
+use vmsnap::rig::lane::{sh, vmsnap_bin};
 use vmsnap::rig::resume_kit::{self, ResumeKit};
 use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
 
@@ -25,7 +23,7 @@ const FS: &str = "tank/vms/demo";
 const ZVOL: &str = "tank/vms/demo-data";
 
 fn main() {
-    support::zfslane::dispatch(inside);
+    vmsnap::rig::lane::dispatch(inside);
 }
 
 struct Guest {
@@ -60,7 +58,7 @@ fn inside() {
         let mut vm = resume_kit::restore(&rig, &kit, disks).await.expect("starting the nested guest from the resume kit");
         let mut qga = vm.machine.wait_agent(Duration::from_secs(300)).await.expect("nested guest agent");
         eprintln!("METRIC nested_guest_restore_to_agent_s={:.1}", t.elapsed().as_secs_f64());
-        let mounts = qga.sh("grep /mnt/ /proc/mounts", Duration::from_secs(30)).await.unwrap().stdout_text();
+        let mounts = qga.sh("grep /mnt/ /proc/mounts", Duration::from_secs(300)).await.unwrap().stdout_text();
         assert!(mounts.contains("/mnt/vda") && mounts.contains("/mnt/vdb"), "guest mounts: {mounts}");
         // The writer: a counter on both disks, rewritten every 50 ms, for the whole run.
         qga.exec_start(
@@ -76,7 +74,7 @@ fn inside() {
         .unwrap();
         // Let the writer get going on both disks before the first snapshot.
         for _ in 0..600 {
-            let c = qga.sh("cat /mnt/vdb/counter 2>/dev/null", Duration::from_secs(30)).await.unwrap().stdout_text();
+            let c = qga.sh("cat /mnt/vdb/counter 2>/dev/null", Duration::from_secs(120)).await.unwrap().stdout_text();
             if c.trim().parse::<i64>().is_ok_and(|n| n >= 2) {
                 break;
             }
@@ -216,9 +214,12 @@ fn verify_snapshot(name: &str) -> Result<(), Failed> {
         sh("qemu-img check -q /tank/chk/disk0.qcow2 && qemu-img convert -O raw /tank/chk/disk0.qcow2 /tmp/chk.raw");
         sh("e2fsck -fn /tmp/chk.raw");
         sh("e2fsck -fn /dev/zvol/tank/chk-data");
-        let a: i64 = sh("debugfs -R 'cat /counter' /tmp/chk.raw 2>/dev/null").trim().parse().map_err(|e| format!("counter on disk0: {e}"))?;
-        let b: i64 =
-            sh("debugfs -R 'cat /counter' /dev/zvol/tank/chk-data 2>/dev/null").trim().parse().map_err(|e| format!("counter on disk1: {e}"))?;
+        let a: i64 =
+            sh("debugfs -R 'cat /counter' /tmp/chk.raw 2>/dev/null").trim().parse().map_err(|e| format!("counter on disk0: {e}"))?;
+        let b: i64 = sh("debugfs -R 'cat /counter' /dev/zvol/tank/chk-data 2>/dev/null")
+            .trim()
+            .parse()
+            .map_err(|e| format!("counter on disk1: {e}"))?;
         eprintln!("snapshot {name}: counters {a} / {b}");
         check(a > 0 && (a - b).abs() <= 1, format!("the two disks are not from one moment: counters {a} and {b}"))?;
         let saved = Path::new("/tank/chk/.vmsnap/demo");
@@ -226,7 +227,8 @@ fn verify_snapshot(name: &str) -> Result<(), Failed> {
         sh(&format!("cmp {}/nvram.fd /etc/vmsnap/demo_VARS.fd", saved.display()));
         Ok::<(), Failed>(())
     })();
-    sh("rm -f /tmp/chk.raw; zfs destroy tank/chk; zfs destroy tank/chk-data");
+    sh("rm -f /tmp/chk.raw");
+    destroy_clones(&["tank/chk", "tank/chk-data"]);
     res
 }
 
@@ -280,14 +282,20 @@ fn require_quiesce_refuses() -> Result<(), Failed> {
 }
 
 fn busy() -> Result<(), Failed> {
-    sh(&format!("mkdir -p {STATE}/locks"));
-    let mut holder = std::process::Command::new("flock").args(["-n", &format!("{STATE}/locks/demo.lock"), "sleep", "30"]).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Another operation on the domain, as far as the lock goes: this process holds it.
+    let held = vmsnap::engine::lock::DomainLock::acquire(Path::new(STATE), "demo").map_err(|e| e.to_string())?;
     let out = vmsnap(&["snapshot", "demo"], &[]);
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(held);
     check(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("busy"), text(&out))?;
     assert_clean()
+}
+
+/// `zfs destroy` of clones a just-killed QEMU had open: udev may still probe a zvol for a moment.
+fn destroy_clones(names: &[&str]) {
+    for name in names {
+        let script = format!("for i in $(seq 1 20); do zfs destroy {name} 2>/dev/null && exit 0; sleep 0.5; done; zfs destroy {name}");
+        sh(&script);
+    }
 }
 
 fn stopped_vm() -> Result<(), Failed> {
@@ -351,7 +359,7 @@ fn ram_precopy() -> Result<(), Failed> {
 fn guest_uptime(qga_path: &Path) -> Result<f64, Failed> {
     rt().block_on(async {
         let mut qga = Qga::connect(qga_path, Timeouts::default()).await.map_err(|e| e.to_string())?;
-        let out = qga.sh("cut -d' ' -f1 /proc/uptime", Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        let out = qga.sh("cut -d' ' -f1 /proc/uptime", Duration::from_secs(120)).await.map_err(|e| e.to_string())?;
         Ok(out.stdout_text().trim().parse::<f64>().map_err(|e| e.to_string())?)
     })
 }
@@ -364,6 +372,11 @@ fn ram_background_resumes() -> Result<(), Failed> {
     let dump = check_dump(&r)?;
     assert_clean()?;
     let name = r["name"].as_str().unwrap().to_owned();
+    // This is the last case that needs the running guest: stop it, so the restored one has the
+    // VM's CPUs to itself (both are nested TCG).
+    if let Some(mut g) = GUEST.lock().unwrap().take() {
+        g.vm.machine.kill();
+    }
     // A fresh QEMU on clones of the snapshot, fed the dump: the guest goes on where it was.
     sh(&format!("zfs clone {FS}@{name} tank/restore && zfs clone {ZVOL}@{name} tank/restore-data && udevadm settle"));
     let res = rt().block_on(async {
@@ -379,7 +392,7 @@ fn ram_background_resumes() -> Result<(), Failed> {
         let mut vm = resume_kit::restore_state(&rig, &opts, Path::new(&dump)).await.map_err(|e| e.to_string())?;
         let mut qga = vm.machine.wait_agent(Duration::from_secs(120)).await.map_err(|e| e.to_string())?;
         eprintln!("METRIC restore_to_agent_s={:.1}", t.elapsed().as_secs_f64());
-        let out = qga.sh("cut -d' ' -f1 /proc/uptime; cat /mnt/vda/counter", Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        let out = qga.sh("cut -d' ' -f1 /proc/uptime; cat /mnt/vda/counter", Duration::from_secs(600)).await.map_err(|e| e.to_string())?;
         let text = out.stdout_text();
         let uptime: f64 = text.lines().next().unwrap_or("").parse().map_err(|e| format!("uptime {text:?}: {e}"))?;
         eprintln!("restored guest: uptime {uptime} s (was {before} s before the snapshot)");
@@ -387,6 +400,6 @@ fn ram_background_resumes() -> Result<(), Failed> {
         vm.machine.kill();
         Ok::<(), Failed>(())
     });
-    sh("zfs destroy tank/restore; zfs destroy tank/restore-data");
+    destroy_clones(&["tank/restore", "tank/restore-data"]);
     res
 }

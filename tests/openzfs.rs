@@ -1,4 +1,4 @@
-//! The zfs adapter against real OpenZFS (ZFS lane, see `support/zfslane.rs`): inside the OpenZFS
+//! The zfs adapter against real OpenZFS (ZFS lane, see `vmsnap::rig::lane`): inside the OpenZFS
 //! VM it creates two pools on the VM's spare disks and runs the cases below against the real `zfs`.
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -8,15 +8,13 @@ use std::path::Path;
 use vmsnap::zargs;
 use vmsnap::zfs::{Dataset, PropName, SnapshotName, Zfs, ZfsError};
 
-mod support;
-
-use support::zfslane::sh;
+use vmsnap::rig::lane::sh;
 
 const POOL: &str = "vmsnaptest";
 const POOL2: &str = "vmsnaptest2";
 
 fn main() {
-    support::zfslane::dispatch(inside);
+    vmsnap::rig::lane::dispatch(inside);
 }
 
 fn inside() {

@@ -311,13 +311,14 @@ impl Qga {
 
     /// Polls a started `guest-exec` until it exits or `deadline` passes.
     pub async fn exec_wait(&mut self, pid: i64, what: &str, deadline: Instant) -> Result<ExecOutput, QgaError> {
+        let started = Instant::now();
         let mut pause = Duration::from_millis(20);
         loop {
             if let Some(out) = self.exec_status(pid).await? {
                 return Ok(out);
             }
             if Instant::now() + pause > deadline {
-                return Err(QgaError::Timeout { command: format!("guest-exec {what} (pid {pid})"), timeout: pause });
+                return Err(QgaError::Timeout { command: format!("guest-exec {what} (pid {pid})"), timeout: started.elapsed() });
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));

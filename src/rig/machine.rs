@@ -129,7 +129,8 @@ impl Machine {
     /// Waits until the guest agent answers a sync and a ping; the connected client.
     pub async fn wait_agent(&mut self, timeout: Duration) -> Result<Qga, RigError> {
         let deadline = Instant::now() + timeout;
-        let probe = Timeouts { sync: Duration::from_secs(2), ..Timeouts::default() };
+        // Short syncs while probing; generous deadlines after, for nested guests under load.
+        let probe = Timeouts { sync: Duration::from_secs(2), other: Duration::from_secs(180), ..Timeouts::default() };
         loop {
             self.check_alive()?;
             let attempt: Result<Qga, QgaError> = async {

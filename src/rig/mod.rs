@@ -6,6 +6,7 @@
 //! Every machine lives in its own scratch directory, is killed when dropped, and prints its serial
 //! console when dropped during a panic (a failing test).
 
+pub mod lane;
 mod machine;
 pub mod resume_kit;
 mod tiny;

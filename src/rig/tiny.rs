@@ -63,8 +63,14 @@ impl TinyVm {
             "console=ttyS0 panic=-1 quiet".into(),
         ];
         for (i, disk) in disks.iter().enumerate() {
-            // A block device (a zvol) is a raw disk; a file is a qcow2 image.
-            let (protocol, format) = if disk.starts_with("/dev") { ("host_device", "raw") } else { ("file", "qcow2") };
+            // A block device (a zvol) or a `.raw` file is a raw disk; any other file a qcow2 image.
+            let (protocol, format) = if disk.starts_with("/dev") {
+                ("host_device", "raw")
+            } else if disk.extension().is_some_and(|e| e == "raw") {
+                ("file", "raw")
+            } else {
+                ("file", "qcow2")
+            };
             args.push("-blockdev".into());
             args.push(format!("driver={protocol},filename={},node-name=disk{i}-file,cache.direct=off", disk.display()));
             args.push("-blockdev".into());

@@ -1,0 +1,195 @@
+//! Benchmark: what the guest feels of a snapshot, per strategy, against the flow libvirt runs for
+//! a non-live external snapshot with `--memspec` (the "seed" flow users script today).
+//!
+//! `cargo bench --bench strategies` (ZFS lane: runs inside the rig's OpenZFS VM on a nested guest
+//! under write load). For each variant it takes N snapshots (`VMSNAP_BENCH_N`, default 3) with
+//! the real `vmsnap` binary and reads the guest-visible pause from QEMU's own STOP/RESUME event
+//! timestamps (on a second QMP monitor) and the freeze window from vmsnap's report (agent freeze
+//! call to thaw reply). It prints medians and ratios; every figure comes from this run.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::Duration;
+use vmsnap::qemu::block::{file_node, qcow2_overlay_node};
+use vmsnap::qemu::blockjob::BlockJob;
+use vmsnap::qemu::qmp::{EventStream, Qmp};
+use vmsnap::rig::lane::{sh, vmsnap_bin};
+use vmsnap::rig::resume_kit::{self, ResumeKit};
+use vmsnap::rig::Rig;
+
+const FS: &str = "tank/vms/bench";
+const ZVOL: &str = "tank/vms/bench-data";
+
+fn main() {
+    vmsnap::rig::lane::dispatch(inside);
+}
+
+struct Sample {
+    pause_ms: f64,
+    freeze_ms: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Total STOP→RESUME time seen on `events` since it was subscribed.
+async fn paused_ms(events: &mut EventStream) -> f64 {
+    let mut total = 0u64;
+    let mut stopped = None;
+    while let Ok(e) = events
+        .wait_for("STOP/RESUME", tokio::time::Instant::now() + Duration::from_millis(300), |e| e.name == "STOP" || e.name == "RESUME")
+        .await
+    {
+        match (e.name.as_str(), stopped) {
+            ("STOP", None) => stopped = Some(e.timestamp_us),
+            ("RESUME", Some(t0)) => {
+                total += e.timestamp_us - t0;
+                stopped = None;
+            }
+            _ => {}
+        }
+    }
+    total as f64 / 1e3
+}
+
+fn inside() {
+    let n: usize = std::env::var("VMSNAP_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    sh("zpool create -f -O mountpoint=/tank tank /dev/disk/by-id/virtio-pool1");
+    sh(&format!("zfs create -p {FS} && zfs create -V 64M {ZVOL} && udevadm settle"));
+    let rig = Rig::locate().expect("rig");
+    let kit = ResumeKit::find(&rig).expect("resume kit");
+    sh(&format!(
+        "cp {} /{FS}/disk0.qcow2 && dd if={} of=/dev/zvol/{ZVOL} bs=1M conv=fsync status=none",
+        kit.disk0().display(),
+        kit.disk1().display()
+    ));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut vm = rt.block_on(async {
+        let disks = vec![format!("/{FS}/disk0.qcow2").into(), format!("/dev/zvol/{ZVOL}").into()];
+        let mut vm = resume_kit::restore(&rig, &kit, disks).await.expect("guest");
+        let mut qga = vm.machine.wait_agent(Duration::from_secs(300)).await.expect("agent");
+        // Write load for the whole run: 1 MiB rewritten and synced in a loop on each disk.
+        qga.exec_start(
+            "/bin/sh",
+            &[
+                "-c",
+                "while :; do for d in vda vdb; do dd if=/dev/urandom of=/mnt/$d/load bs=64k count=16 conv=fsync 2>/dev/null; done; done",
+            ],
+            &[],
+        )
+        .await
+        .expect("load");
+        vm
+    });
+    std::fs::create_dir_all("/etc/vmsnap").unwrap();
+    let config = format!(
+        "[domain.bench]\nqmp = \"{}\"\nqga = \"{}\"\ndisks = [\"/{FS}/disk0.qcow2\", \"/dev/zvol/{ZVOL}\"]\n",
+        vm.machine.qmp_path.display(),
+        vm.machine.qga_path.display()
+    );
+    std::fs::write("/etc/vmsnap/bench.toml", config).unwrap();
+    let observer = vm.machine.observer_path.clone();
+    let qmp_path = vm.machine.qmp_path.clone();
+
+    let variants: &[(&str, &[&str])] = &[
+        ("overlay", &[]),
+        ("direct", &["--strategy", "direct"]),
+        ("overlay + RAM (background)", &["--memory", "background"]),
+        ("direct + RAM (background)", &["--strategy", "direct", "--memory", "background"]),
+        ("overlay + RAM (precopy)", &["--memory", "precopy"]),
+    ];
+    let mut results: Vec<(String, f64, f64)> = Vec::new();
+    let mut label = 0;
+    for (name, args) in variants {
+        let mut samples = Vec::new();
+        for _ in 0..n {
+            label += 1;
+            let sample = rt.block_on(async {
+                let obs = Qmp::connect(&observer, Duration::from_secs(10)).await.expect("observer");
+                let mut events = obs.subscribe().expect("events");
+                let l = format!("b{label}");
+                let mut argv = vec!["--config", "/etc/vmsnap/bench.toml", "snapshot", "bench", "--json", "--label", &l];
+                argv.extend_from_slice(args);
+                let out = std::process::Command::new(vmsnap_bin()).args(&argv).output().expect("vmsnap");
+                assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+                let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+                Sample { pause_ms: paused_ms(&mut events).await, freeze_ms: report["freeze_ms"].as_f64().unwrap_or(0.0) }
+            });
+            samples.push(sample);
+        }
+        results.push((
+            name.to_string(),
+            median(samples.iter().map(|s| s.pause_ms).collect()),
+            median(samples.iter().map(|s| s.freeze_ms).collect()),
+        ));
+    }
+    // The baseline: libvirt's non-live external snapshot with --memspec, over QMP.
+    let mut base = Vec::new();
+    for i in 0..n {
+        base.push(rt.block_on(baseline(&qmp_path, &observer, i)));
+    }
+    results.push(("baseline: stop, save RAM, overlay, cont (libvirt --memspec flow)".into(), median(base), 0.0));
+    vm.machine.kill();
+
+    let base_pause = results.last().map(|r| r.1).unwrap_or(1.0).max(0.001);
+    println!("\nvmsnap strategies, nested TCG guest under write load, N={n} each (medians)");
+    println!("{:<66} {:>12} {:>12} {:>14}", "variant", "pause ms", "freeze ms", "pause/baseline");
+    for (name, pause, freeze) in &results {
+        println!("{name:<66} {pause:>12.1} {freeze:>12.1} {:>14.3}", pause / base_pause);
+    }
+    let get = |k: &str| results.iter().find(|r| r.0 == k).map(|r| (r.1, r.2)).unwrap_or((0.0, 0.0));
+    let (o, d) = (get("overlay"), get("direct"));
+    println!("\nfreeze window overlay/direct: {:.3}", o.1 / d.1.max(0.001));
+    let (orb, drb) = (get("overlay + RAM (background)"), get("direct + RAM (background)"));
+    println!("pause with RAM, overlay/direct: {:.3}", orb.0 / drb.0.max(0.001));
+}
+
+/// stop → migrate RAM to a file → overlays (blockdev-add + transaction) → cont → zfs snapshot →
+/// active commit → cleanup. Returns the STOP→RESUME time.
+async fn baseline(qmp_path: &Path, observer: &Path, i: usize) -> f64 {
+    let obs = Qmp::connect(observer, Duration::from_secs(10)).await.expect("observer");
+    let mut pauses = obs.subscribe().expect("events");
+    let qmp = Qmp::connect(qmp_path, Duration::from_secs(10)).await.expect("qmp");
+    vmsnap::engine::ram::set_capabilities(&qmp, false).await.expect("caps");
+    let dir = Path::new("/var/lib/vmsnap-bench");
+    std::fs::create_dir_all(dir).unwrap();
+    let disks = [("disk0-fmt", format!("/{FS}/disk0.qcow2"), "qcow2"), ("disk1-fmt", format!("/dev/zvol/{ZVOL}"), "raw")];
+    let mut events = qmp.subscribe().expect("events");
+    qmp.execute(&qapi::qmp::stop {}).await.expect("stop");
+    let (dump, file) = vmsnap::engine::ram::create_dump(dir, "baseline", &format!("b{i}")).expect("dump");
+    vmsnap::engine::ram::start(&qmp, &file).await.expect("migrate");
+    vmsnap::engine::ram::wait_completed(&qmp, &mut events, Duration::from_secs(600)).await.expect("dump done");
+    let mut pairs = Vec::new();
+    for (k, (node, path, fmt)) in disks.iter().enumerate() {
+        let ov = dir.join(format!("ov{k}.qcow2"));
+        let _ = std::fs::remove_file(&ov);
+        sh(&format!("qemu-img create -q -f qcow2 -u -F {fmt} -b {path} {} 64M", ov.display()));
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&ov).unwrap();
+        let set = qmp.add_fd(None, &format!("base-ov{k}"), f.as_fd()).await.expect("add-fd");
+        qmp.blockdev_add(file_node(&format!("base-ov{k}-f"), &set.path())).await.expect("file node");
+        qmp.blockdev_add(qcow2_overlay_node(&format!("base-ov{k}"), &format!("base-ov{k}-f"))).await.expect("overlay node");
+        pairs.push((node.to_string(), format!("base-ov{k}")));
+    }
+    qmp.snapshot_transaction(&pairs).await.expect("transaction");
+    qmp.execute(&qapi::qmp::cont {}).await.expect("cont");
+    sh(&format!("zfs snapshot {FS}@base{i} {ZVOL}@base{i}"));
+    for (k, (node, _)) in pairs.iter().enumerate() {
+        let job =
+            BlockJob::start_active_commit(&qmp, &format!("base-commit{k}"), &format!("base-ov{k}"), Some(node)).await.expect("commit");
+        job.finish(Duration::from_secs(600)).await.expect("commit done");
+        qmp.blockdev_del(&format!("base-ov{k}")).await.expect("del");
+        qmp.blockdev_del(&format!("base-ov{k}-f")).await.expect("del file");
+    }
+    for set in qmp.execute(&qapi::qmp::query_fdsets {}).await.expect("fdsets") {
+        qmp.remove_fd(set.fdset_id).await.expect("remove-fd");
+    }
+    let _ = std::fs::remove_file(dump);
+    drop(qmp);
+    paused_ms(&mut pauses).await
+}

@@ -1,0 +1,82 @@
+//! Running a program inside the rig's OpenZFS VM (the ZFS lane).
+//!
+//! OpenZFS cannot load on this host's kernel. A ZFS-lane program (a test binary, the demo) calls
+//! [`dispatch`]: on the host it builds the resume kit if needed, boots the OpenZFS VM, shares the
+//! cargo target directory into it over 9p (so the program and the `vmsnap` binary are both
+//! there), and reruns itself inside through the guest agent with `VMSNAP_INSIDE_ZFSVM=1`; its
+//! output and exit status become the host's.
+
+use super::resume_kit::ResumeKit;
+use super::{Rig, ZfsVm};
+use std::time::Duration;
+
+pub const INSIDE: &str = "VMSNAP_INSIDE_ZFSVM";
+
+/// True inside the OpenZFS VM.
+pub fn inside() -> bool {
+    std::env::var_os(INSIDE).is_some()
+}
+
+/// Runs `inside` when already in the VM; else boots the VM, reruns this program there, and exits
+/// with its status.
+pub fn dispatch(inside_fn: fn()) {
+    if inside() {
+        inside_fn();
+        return;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let code = rt.block_on(async {
+        let rig = Rig::locate().expect("the test rig is required (scripts/rig/rig.sh)");
+        // Nested guests start from a saved state: booting one under TCG inside TCG takes minutes.
+        let kit = ResumeKit::ensure(&rig).await.expect("building the resume kit");
+        eprintln!("resume kit: {}", kit.dir.display());
+        let exe = std::env::current_exe().expect("own path");
+        // target/debug/<deps|examples>/<program>: share target/debug, which holds the vmsnap binary.
+        let sub = exe.parent().expect("a directory");
+        let share = sub.parent().expect("the target directory");
+        let mut vm = ZfsVm::boot(&rig, share).await.expect("booting the OpenZFS VM");
+        eprintln!("METRIC zfsvm_boot_to_agent_s={:.1}", vm.boot_time.as_secs_f64());
+        let inner = format!("/mnt/share/{}/{}", name(sub), name(&exe));
+        let mut argv = vec![inner.as_str()];
+        argv.extend(args.iter().map(String::as_str));
+        let env = [
+            format!("{INSIDE}=1"),
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            "RUST_BACKTRACE=1".into(),
+            "VMSNAP_RIG=/mnt/rig".into(),
+            "HOME=/root".into(),
+        ];
+        let env: Vec<&str> = env.iter().map(String::as_str).collect();
+        let out = vm.run(&argv, &env, Duration::from_secs(1500)).await.expect("running inside the VM");
+        print!("{}", out.stdout_text());
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        if !out.success() {
+            eprintln!(
+                "inner run exited {:?} (signal {:?})\n---- OpenZFS VM console ----\n{}",
+                out.exit_code,
+                out.signal,
+                vm.machine.console()
+            );
+        }
+        out.exit_code.unwrap_or(1) as i32
+    });
+    std::process::exit(code);
+}
+
+fn name(p: &std::path::Path) -> &str {
+    p.file_name().and_then(|n| n.to_str()).expect("a UTF-8 file name")
+}
+
+/// The `vmsnap` binary as the VM sees it (built next to the program's directory).
+pub fn vmsnap_bin() -> String {
+    "/mnt/share/vmsnap".into()
+}
+
+/// Runs a bash script inside the VM; panics with its output unless it exits 0.
+pub fn sh(script: &str) -> String {
+    let out = std::process::Command::new("/bin/bash").arg("-c").arg(script).output().expect("bash");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "`{script}` failed: {text}");
+    text
+}
