@@ -152,7 +152,9 @@ async fn main() -> Res {
     // The agent killed inside the guest: the socket still accepts, nothing answers.
     {
         let mut qga = vm.machine.wait_agent(Duration::from_secs(10)).await?;
-        let _ = qga.sh("kill $(pidof qemu-ga)", Duration::from_secs(5)).await;
+        // Fire and forget: the agent dies before it could report the command's end.
+        let _ = qga.exec_start("/bin/sh", &["-c", "sleep 0.2; kill $(pidof qemu-ga)"], &[]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     settle().await;
     let rec = Recorder::start(&vm.machine.qga_path, &dir.join("rec-qga.sock"))?;

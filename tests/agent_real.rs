@@ -76,7 +76,9 @@ async fn reconnect_after_timeout_skips_the_stale_reply() {
 async fn agent_not_running_is_its_own_error() {
     let (vm, _qmp, mut qga, _) = TinyVm::boot(&rig(), &TinyVmOptions::default()).await.unwrap();
     // Kill qemu-ga inside the guest; the chardev socket still accepts connections.
-    let _ = qga.sh("kill $(pidof qemu-ga)", Duration::from_secs(5)).await;
+    // Fire and forget: the agent dies before it could report the command's end.
+    let _ = qga.exec_start("/bin/sh", &["-c", "sleep 0.2; kill $(pidof qemu-ga)"], &[]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     drop(qga);
     let timeouts = vmsnap::qemu::qga::Timeouts { sync: Duration::from_secs(1), ..Default::default() };
     let err = vmsnap::qemu::qga::Qga::connect(&vm.machine.qga_path, timeouts).await.unwrap_err();

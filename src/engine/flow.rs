@@ -256,6 +256,7 @@ impl Run<'_> {
                 self.record(Record::PauseStarted).await?;
                 ram::start(&self.qmp, &file).await.at("save RAM")?;
                 ram::wait_completed(&self.qmp, &mut events, RAM_TIMEOUT).await.at("save RAM")?;
+                ram::wait_postmigrate(&self.qmp, Duration::from_secs(30)).await.at("save RAM")?;
                 self.capture_disks(overlays, by_pool, Consistency::Ram).await?;
                 self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
                 self.record(Record::Resumed).await?;

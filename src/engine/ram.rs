@@ -95,6 +95,22 @@ pub async fn wait_completed(qmp: &Qmp, events: &mut EventStream, timeout: Durati
     Err(StepError::Refused(format!("the RAM dump {}: {why}", ev.str("status").unwrap_or("failed"))))
 }
 
+/// Precopy: after `MIGRATION completed` the VM may need a moment to reach `postmigrate` (the
+/// event can come before the runstate change). Waits for it, so the disks are captured paused.
+pub async fn wait_postmigrate(qmp: &Qmp, timeout: Duration) -> Result<(), StepError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = qmp.execute(&qmp::query_status {}).await?;
+        if !st.running && st.status == qmp::RunState::postmigrate {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(StepError::Refused(format!("the VM did not pause after the RAM dump (state {:?})", st.status)));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Background-snapshot: waits until QEMU has saved the device state and started streaming RAM,
 /// i.e. the image is fixed at the pause and `cont` is safe. (If `cont` came earlier, QEMU's
 /// migration thread would stop the VM again later and the image would postdate the disk switch.)

@@ -75,6 +75,16 @@ impl Machine {
                 std::fs::File::create(dir.path().join("qemu.stderr"))
                     .map_err(|source| RigError::Io { what: "qemu.stderr".into(), source })?,
             );
+        // QEMU dies with the thread that started it, even when a test or the demo is killed.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child =
             cmd.spawn().map_err(|source| RigError::Io { what: "starting qemu-system-x86_64 (is the rig built?)".into(), source })?;
         Ok(Self {
