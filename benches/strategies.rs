@@ -10,9 +10,10 @@
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
+use vmsnap::engine::ram;
 use vmsnap::qemu::block::{file_node, qcow2_overlay_node};
 use vmsnap::qemu::blockjob::BlockJob;
-use vmsnap::qemu::qmp::{EventStream, Qmp};
+use vmsnap::qemu::qmp::Qmp;
 use vmsnap::rig::lane::{sh, vmsnap_bin};
 use vmsnap::rig::resume_kit::{self, ResumeKit};
 use vmsnap::rig::Rig;
@@ -36,26 +37,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         v[v.len() / 2]
     }
-}
-
-/// Total STOP→RESUME time seen on `events` since it was subscribed.
-async fn paused_ms(events: &mut EventStream) -> f64 {
-    let mut total = 0u64;
-    let mut stopped = None;
-    while let Ok(e) = events
-        .wait_for("STOP/RESUME", tokio::time::Instant::now() + Duration::from_millis(300), |e| e.name == "STOP" || e.name == "RESUME")
-        .await
-    {
-        match (e.name.as_str(), stopped) {
-            ("STOP", None) => stopped = Some(e.timestamp_us),
-            ("RESUME", Some(t0)) => {
-                total += e.timestamp_us - t0;
-                stopped = None;
-            }
-            _ => {}
-        }
-    }
-    total as f64 / 1e3
 }
 
 fn inside() {
@@ -119,7 +100,10 @@ fn inside() {
                 let out = std::process::Command::new(vmsnap_bin()).args(&argv).output().expect("vmsnap");
                 assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
                 let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
-                Sample { pause_ms: paused_ms(&mut events).await, freeze_ms: report["freeze_ms"].as_f64().unwrap_or(0.0) }
+                Sample {
+                    pause_ms: ram::paused_ms(&mut events).await.unwrap_or(0.0),
+                    freeze_ms: report["freeze_ms"].as_f64().unwrap_or(0.0),
+                }
             });
             samples.push(sample);
         }
@@ -191,5 +175,5 @@ async fn baseline(qmp_path: &Path, observer: &Path, i: usize) -> f64 {
     }
     let _ = std::fs::remove_file(dump);
     drop(qmp);
-    paused_ms(&mut pauses).await
+    ram::paused_ms(&mut pauses).await.unwrap_or(0.0)
 }

@@ -34,6 +34,12 @@ static GUEST: Mutex<Option<Guest>> = Mutex::new(None);
 
 type Case = fn() -> Result<(), Failed>;
 
+/// Agent deadlines for a nested TCG guest, which can take seconds to answer a sync while it
+/// catches up after a freeze.
+fn patient() -> Timeouts {
+    Timeouts { sync: Duration::from_secs(60), other: Duration::from_secs(180), ..Timeouts::default() }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -193,7 +199,7 @@ fn assert_clean() -> Result<(), Failed> {
         let blocks = qmp.execute(&qapi::qmp::query_block {}).await.map_err(|e| e.to_string())?;
         let tops: Vec<String> = blocks.into_iter().filter_map(|b| b.inserted.and_then(|i| i.node_name)).collect();
         check(tops == ["disk0-fmt", "disk1-fmt"], format!("disk chains not back on their base: {tops:?}"))?;
-        let mut qga = Qga::connect(&qga_path, Timeouts::default()).await.map_err(|e| e.to_string())?;
+        let mut qga = Qga::connect(&qga_path, patient()).await.map_err(|e| e.to_string())?;
         check(qga.freeze_status().await.map_err(|e| e.to_string())? == FreezeStatus::Thawed, "guest left frozen")?;
         let w =
             qga.sh("echo ok > /mnt/vda/probe && sync && cat /mnt/vda/probe", Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
@@ -358,7 +364,7 @@ fn ram_precopy() -> Result<(), Failed> {
 
 fn guest_uptime(qga_path: &Path) -> Result<f64, Failed> {
     rt().block_on(async {
-        let mut qga = Qga::connect(qga_path, Timeouts::default()).await.map_err(|e| e.to_string())?;
+        let mut qga = Qga::connect(qga_path, patient()).await.map_err(|e| e.to_string())?;
         let out = qga.sh("cut -d' ' -f1 /proc/uptime", Duration::from_secs(120)).await.map_err(|e| e.to_string())?;
         Ok(out.stdout_text().trim().parse::<f64>().map_err(|e| e.to_string())?)
     })

@@ -24,7 +24,6 @@ use super::{ram, Consistency, EngineError, RamMode, SnapshotOptions, SnapshotRep
 use crate::config::{Config, DomainConfig, QuiescePolicy};
 use crate::qemu::block::{file_node, qcow2_overlay_node};
 use crate::qemu::qga::{Qga, Timeouts};
-use crate::qemu::qmp::EventStream;
 use crate::qemu::qmp::{Qmp, QmpError};
 use crate::zfs::{Dataset, DatasetKind, PropName, Zfs};
 use std::collections::BTreeMap;
@@ -276,7 +275,7 @@ impl Run<'_> {
         }
         drop(file);
         self.timed("save RAM", t);
-        self.report.pause_ms = paused_ms(&mut pauses).await;
+        self.report.pause_ms = ram::paused_ms(&mut pauses).await;
         let t = Instant::now();
         let sha256 = ram::sha256_file(&path).at("checksum RAM dump")?;
         self.timed("checksum RAM dump", t);
@@ -581,25 +580,6 @@ async fn offline(dom: &DomainConfig, zfs: &Zfs, name: String, progress: Progress
 
 /// How long a RAM dump may take.
 const RAM_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// The time the VM spent paused, from QEMU's own STOP/RESUME event timestamps seen on `events`.
-async fn paused_ms(events: &mut EventStream) -> Option<f64> {
-    let mut total_us = 0u64;
-    let mut stopped_at = None;
-    loop {
-        let soon = tokio::time::Instant::now() + Duration::from_millis(100);
-        let Ok(ev) = events.wait_for("STOP/RESUME", soon, |e| e.name == "STOP" || e.name == "RESUME").await else { break };
-        match (ev.name.as_str(), stopped_at) {
-            ("STOP", None) => stopped_at = Some(ev.timestamp_us),
-            ("RESUME", Some(t0)) => {
-                total_us += ev.timestamp_us.saturating_sub(t0);
-                stopped_at = None;
-            }
-            _ => {}
-        }
-    }
-    (total_us > 0).then(|| total_us as f64 / 1e3)
-}
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0

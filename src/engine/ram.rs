@@ -156,3 +156,22 @@ pub async fn machine_type(qmp: &Qmp) -> Result<String, StepError> {
     let v = qmp.execute_raw("qom-get", Some(serde_json::json!({"path": "/machine", "property": "type"})), Duration::from_secs(10)).await?;
     Ok(v.as_str().unwrap_or_default().trim_end_matches("-machine").to_owned())
 }
+
+/// The time the VM spent paused, from QEMU's own STOP/RESUME event timestamps seen on `events`.
+pub async fn paused_ms(events: &mut EventStream) -> Option<f64> {
+    let mut total_us = 0u64;
+    let mut stopped_at = None;
+    loop {
+        let soon = tokio::time::Instant::now() + Duration::from_millis(100);
+        let Ok(ev) = events.wait_for("STOP/RESUME", soon, |e| e.name == "STOP" || e.name == "RESUME").await else { break };
+        match (ev.name.as_str(), stopped_at) {
+            ("STOP", None) => stopped_at = Some(ev.timestamp_us),
+            ("RESUME", Some(t0)) => {
+                total_us += ev.timestamp_us.saturating_sub(t0);
+                stopped_at = None;
+            }
+            _ => {}
+        }
+    }
+    (total_us > 0).then(|| total_us as f64 / 1e3)
+}

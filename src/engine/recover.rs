@@ -94,7 +94,8 @@ async fn resume(qmp: &Qmp) -> Result<bool, QmpError> {
 async fn thaw(path: &Path) -> Result<i64, String> {
     let mut last = String::new();
     for _ in 0..5 {
-        match Qga::connect(path, Timeouts::default()).await {
+        // A guest that was just frozen can be slow to answer: sync patiently.
+        match Qga::connect(path, Timeouts { sync: Duration::from_secs(10), ..Timeouts::default() }).await {
             Ok(mut qga) => match qga.thaw().await {
                 Ok(n) => return Ok(n),
                 Err(e) => last = e.to_string(),
