@@ -28,6 +28,8 @@ fn main() {
 struct Sample {
     pause_ms: f64,
     freeze_ms: f64,
+    /// The part of the window the strategy itself takes: the overlay switch or the zfs snapshot.
+    capture_ms: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -85,7 +87,7 @@ fn inside() {
         ("direct + RAM (background)", &["--strategy", "direct", "--memory", "background"]),
         ("overlay + RAM (precopy)", &["--memory", "precopy"]),
     ];
-    let mut results: Vec<(String, f64, f64)> = Vec::new();
+    let mut results: Vec<(String, f64, f64, f64)> = Vec::new();
     let mut label = 0;
     for (name, args) in variants {
         let mut samples = Vec::new();
@@ -103,6 +105,7 @@ fn inside() {
                 Sample {
                     pause_ms: ram::paused_ms(&mut events).await.unwrap_or(0.0),
                     freeze_ms: report["freeze_ms"].as_f64().unwrap_or(0.0),
+                    capture_ms: capture_ms(&report),
                 }
             });
             samples.push(sample);
@@ -111,6 +114,7 @@ fn inside() {
             name.to_string(),
             median(samples.iter().map(|s| s.pause_ms).collect()),
             median(samples.iter().map(|s| s.freeze_ms).collect()),
+            median(samples.iter().map(|s| s.capture_ms).collect()),
         ));
     }
     // The baseline: libvirt's non-live external snapshot with --memspec, over QMP.
@@ -118,20 +122,27 @@ fn inside() {
     for i in 0..n {
         base.push(rt.block_on(baseline(&qmp_path, &observer, i)));
     }
-    results.push(("baseline: stop, save RAM, overlay, cont (libvirt --memspec flow)".into(), median(base), 0.0));
+    results.push(("baseline: stop, save RAM, overlay, cont (libvirt --memspec flow)".into(), median(base), 0.0, 0.0));
     vm.machine.kill();
 
     let base_pause = results.last().map(|r| r.1).unwrap_or(1.0).max(0.001);
     println!("\nvmsnap strategies, nested TCG guest under write load, N={n} each (medians)");
-    println!("{:<66} {:>12} {:>12} {:>14}", "variant", "pause ms", "freeze ms", "pause/baseline");
-    for (name, pause, freeze) in &results {
-        println!("{name:<66} {pause:>12.1} {freeze:>12.1} {:>14.3}", pause / base_pause);
+    println!("{:<66} {:>10} {:>10} {:>11} {:>15}", "variant", "pause ms", "freeze ms", "capture ms", "pause/baseline");
+    for (name, pause, freeze, capture) in &results {
+        println!("{name:<66} {pause:>10.1} {freeze:>10.1} {capture:>11.1} {:>15.3}", pause / base_pause);
     }
-    let get = |k: &str| results.iter().find(|r| r.0 == k).map(|r| (r.1, r.2)).unwrap_or((0.0, 0.0));
+    let get = |k: &str| results.iter().find(|r| r.0 == k).map(|r| (r.1, r.2, r.3)).unwrap_or((0.0, 0.0, 0.0));
     let (o, d) = (get("overlay"), get("direct"));
     println!("\nfreeze window overlay/direct: {:.3}", o.1 / d.1.max(0.001));
+    println!("capture inside the window (switch vs zfs snapshot), overlay/direct: {:.3}", o.2 / d.2.max(0.001));
     let (orb, drb) = (get("overlay + RAM (background)"), get("direct + RAM (background)"));
     println!("pause with RAM, overlay/direct: {:.3}", orb.0 / drb.0.max(0.001));
+}
+
+/// How long the in-window capture took, from the report's steps.
+fn capture_ms(report: &serde_json::Value) -> f64 {
+    let steps = report["steps"].as_array().map(Vec::as_slice).unwrap_or_default();
+    steps.iter().find(|s| s[0] == "switch" || s[0] == "zfs snapshot (in window)").and_then(|s| s[1].as_f64()).unwrap_or(0.0)
 }
 
 /// stop → migrate RAM to a file → overlays (blockdev-add + transaction) → cont → zfs snapshot →

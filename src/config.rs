@@ -8,7 +8,16 @@
 //! ram_dir = "/srv/cheap/vmsnap-ram"      # RAM dumps (root only, files 0600)
 //! require_quiesce = false
 //!
+//! [template.production]                # sanoid's keys and defaults
+//! hourly = 36
+//! daily = 30
+//! monthly = 3
+//! ram = ["daily"]                        # the daily snapshots also save the RAM
+//! ram_keep = 7                           # RAM dumps of the newest 7 snapshots that have one
+//!
 //! [domain.web]
+//! use_template = "production"
+//! hourly = 48                            # overrides the template
 //! qmp = "/run/vmsnap/web.qmp"
 //! qga = "/run/vmsnap/web.qga"
 //! disks = ["/tank/vms/web/root.qcow2", "/dev/zvol/tank/vms/web-data"]
@@ -16,6 +25,7 @@
 //! xml = "/etc/libvirt/qemu/web.xml"
 //! ```
 
+use crate::policy::{policy_section, Policy, RawPolicy};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +70,7 @@ pub struct DomainConfig {
     pub nvram: Option<PathBuf>,
     pub xml: Option<PathBuf>,
     pub quiesce: QuiescePolicy,
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -79,20 +90,23 @@ struct RawConfig {
     ram_dir: Option<PathBuf>,
     require_quiesce: Option<bool>,
     #[serde(default)]
+    template: BTreeMap<String, RawPolicy>,
+    #[serde(default)]
     domain: BTreeMap<String, RawDomain>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDomain {
-    uuid: Option<String>,
-    qmp: PathBuf,
-    qga: Option<PathBuf>,
-    #[serde(default)]
-    disks: Vec<PathBuf>,
-    nvram: Option<PathBuf>,
-    xml: Option<PathBuf>,
-    require_quiesce: Option<bool>,
+policy_section! {
+    /// A `[domain.NAME]` table: where the domain is, and its policy keys.
+    RawDomain {
+        uuid: Option<String>,
+        qmp: PathBuf,
+        qga: Option<PathBuf>,
+        #[serde(default)]
+        disks: Vec<PathBuf>,
+        nvram: Option<PathBuf>,
+        xml: Option<PathBuf>,
+        require_quiesce: Option<bool>,
+    }
 }
 
 impl Config {
@@ -108,6 +122,11 @@ impl Config {
     /// Parses config text; `path` is only used in messages and as [`Config::path`].
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
+        // Errors found after parsing name the line of the key they are about.
+        let at = |table: &str, name: &str, key: &str, why: String| {
+            let line = locate(text, table, name, key).map(|l| format!("line {l}: ")).unwrap_or_default();
+            invalid(format!("{line}[{table}.{name}] {key}: {why}"))
+        };
         let raw: RawConfig = toml::from_str(text).map_err(|e| invalid(e.to_string().trim().replace('\n', " ")))?;
         let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/vmsnap"));
         let overlay_dir = raw.overlay_dir.unwrap_or_else(|| state_dir.join("overlays"));
@@ -124,20 +143,21 @@ impl Config {
             {
                 return Err(invalid(format!("domain name {name:?}: use letters, digits, '-', '_' and '.'")));
             }
+            let policy = resolve(&raw.template, &d.policy(), &name).map_err(|(table, tname, key, why)| at(table, &tname, key, why))?;
             let paths = std::iter::once(("qmp", Some(&d.qmp)))
                 .chain([("qga", d.qga.as_ref()), ("nvram", d.nvram.as_ref()), ("xml", d.xml.as_ref())])
                 .chain(d.disks.iter().map(|p| ("disks", Some(p))));
             for (key, p) in paths {
                 if let Some(p) = p {
                     if !p.is_absolute() {
-                        return Err(invalid(format!("[domain.{name}] {key}: {} is not an absolute path", p.display())));
+                        return Err(at("domain", &name, key, format!("{} is not an absolute path", p.display())));
                     }
                 }
             }
             let quiesce = if d.require_quiesce.unwrap_or(default_quiesce) { QuiescePolicy::Require } else { QuiescePolicy::BestEffort };
             domains.insert(
                 name.clone(),
-                DomainConfig { name, uuid: d.uuid, qmp: d.qmp, qga: d.qga, disks: d.disks, nvram: d.nvram, xml: d.xml, quiesce },
+                DomainConfig { name, uuid: d.uuid, qmp: d.qmp, qga: d.qga, disks: d.disks, nvram: d.nvram, xml: d.xml, quiesce, policy },
             );
         }
         Ok(Self { path: path.to_owned(), state_dir, overlay_dir, ram_dir, domains })
@@ -156,9 +176,74 @@ impl Config {
     }
 }
 
+/// A bad key found while resolving: (table kind, table name, key, why).
+type BadAt = (&'static str, String, &'static str, String);
+
+/// A domain's policy: built-in defaults (sanoid's), then `[template.default]`, then its
+/// `use_template` chain (templates may use templates), then its own keys.
+fn resolve(templates: &BTreeMap<String, RawPolicy>, own: &RawPolicy, domain: &str) -> Result<Policy, BadAt> {
+    let mut policy = Policy::default();
+    if let Some(d) = templates.get("default") {
+        apply_template(templates, "default", d, &mut policy, &mut Vec::new())?;
+    }
+    for t in own.use_template.iter().flat_map(|u| u.names()) {
+        let Some(raw) = templates.get(t) else {
+            return Err(("domain", domain.to_owned(), "use_template", unknown_template(t, templates)));
+        };
+        apply_template(templates, t, raw, &mut policy, &mut Vec::new())?;
+    }
+    own.apply(&mut policy).map_err(|b| ("domain", domain.to_owned(), b.key, b.why))?;
+    Ok(policy)
+}
+
+fn apply_template(
+    templates: &BTreeMap<String, RawPolicy>,
+    name: &str,
+    raw: &RawPolicy,
+    policy: &mut Policy,
+    chain: &mut Vec<String>,
+) -> Result<(), BadAt> {
+    if chain.iter().any(|c| c == name) {
+        chain.push(name.to_owned());
+        return Err(("template", chain[0].clone(), "use_template", format!("templates use each other in a loop: {}", chain.join(" → "))));
+    }
+    chain.push(name.to_owned());
+    for t in raw.use_template.iter().flat_map(|u| u.names()) {
+        let Some(inner) = templates.get(t) else {
+            return Err(("template", name.to_owned(), "use_template", unknown_template(t, templates)));
+        };
+        apply_template(templates, t, inner, policy, chain)?;
+    }
+    chain.pop();
+    raw.apply(policy).map_err(|b| ("template", name.to_owned(), b.key, b.why))
+}
+
+fn unknown_template(t: &str, templates: &BTreeMap<String, RawPolicy>) -> String {
+    let known: Vec<&str> = templates.keys().map(String::as_str).collect();
+    format!("no template named {t:?} (known: {})", if known.is_empty() { "none".into() } else { known.join(", ") })
+}
+
+/// The 1-based line of `key` in the `[table.name]` section of `text`, if it can be found.
+fn locate(text: &str, table: &str, name: &str, key: &str) -> Option<usize> {
+    let headers = [format!("[{table}.{name}]"), format!("[{table}.\"{name}\"]")];
+    let mut inside = false;
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            inside = headers.iter().any(|h| l.replace(' ', "") == *h);
+            continue;
+        }
+        if inside && l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Period;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/vmsnap/vmsnap.toml"))
@@ -200,5 +285,51 @@ mod tests {
         assert!(e.contains("qmp"), "{e}");
         let e = parse("[domain.\"a b\"]\nqmp = \"/x\"\n").unwrap_err().to_string();
         assert!(e.contains("domain name"), "{e}");
+    }
+
+    #[test]
+    fn templates_are_inherited_and_overridden() {
+        let c = parse(
+            r#"
+            [template.default]
+            hourly = 10
+            [template.base]
+            daily = 7
+            ram = ["daily"]
+            [template.production]
+            use_template = "base"
+            monthly = 2
+            [domain.web]
+            use_template = ["production"]
+            qmp = "/run/web.qmp"
+            daily = 14
+            [domain.db]
+            qmp = "/run/db.qmp"
+            "#,
+        )
+        .unwrap();
+        let web = &c.domain("web").unwrap().policy;
+        assert_eq!((web.keep.get(Period::Hourly), web.keep.get(Period::Daily), web.keep.get(Period::Monthly)), (10, 14, 2));
+        assert_eq!(web.ram_with, std::collections::BTreeSet::from([Period::Daily]));
+        let db = &c.domain("db").unwrap().policy;
+        assert_eq!((db.keep.get(Period::Hourly), db.keep.get(Period::Daily)), (10, 90));
+    }
+
+    #[test]
+    fn policy_errors_name_file_line_and_key() {
+        let e = parse("[domain.web]\nqmp = \"/x\"\n\ndaily_hour = 25\n").unwrap_err().to_string();
+        assert!(e.contains("/etc/vmsnap/vmsnap.toml") && e.contains("line 4") && e.contains("[domain.web] daily_hour"), "{e}");
+        let e = parse("[template.t]\nram = [\"sometimes\"]\n[domain.web]\nqmp = \"/x\"\nuse_template = \"t\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("[template.t] ram"), "{e}");
+        let e = parse("[domain.web]\nqmp = \"/x\"\nuse_template = \"nope\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("no template named \"nope\""), "{e}");
+        let e = parse(
+            "[template.a]\nuse_template = \"b\"\n[template.b]\nuse_template = \"a\"\n[domain.web]\nqmp = \"/x\"\nuse_template = \"a\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("loop") && e.contains("a → b → a"), "{e}");
+        let e = parse("[template.a]\nhourlyy = 3\n").unwrap_err().to_string();
+        assert!(e.contains("hourlyy") && e.contains("line 2"), "{e}");
     }
 }

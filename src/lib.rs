@@ -3,15 +3,25 @@
 //! # Layout
 //! - [`config`]: the TOML file: directories, policy, the domains.
 //! - [`engine`]: the consistent snapshot flow, its journal, crash recovery, the per-domain lock.
+//! - [`policy`]: sanoid-style retention counts, preferred times, RAM cadence, scripts.
+//! - [`catalog`]: a domain's snapshots read back from ZFS, one entry per name across datasets.
+//! - [`retention`]: the pure keep/destroy plan; [`prune`] carries it out.
+//! - [`schedule`]: which periods are due (pure); [`scripts`]: the user's pre/post/pruning scripts.
 //! - [`qemu`]: the two protocol clients vmsnap speaks directly over unix sockets: QMP to QEMU
 //!   ([`qemu::qmp`], with block-job and fd-passing helpers) and the guest agent ([`qemu::qga`]).
 //! - [`zfs`]: the only place that runs `zfs`/`zpool`: validated names, pure parsers, operations.
 //! - [`fixtures`]: recording real QMP/QGA sessions and replaying them to test error paths.
 //! - [`rig`]: the test rig's machines (tiny QEMU guest, OpenZFS VM), used by tests and the recorder.
 
+pub mod catalog;
 pub mod config;
 pub mod engine;
 pub mod fixtures;
+pub mod policy;
+pub mod prune;
 pub mod qemu;
+pub mod retention;
 pub mod rig;
+pub mod schedule;
+pub mod scripts;
 pub mod zfs;

@@ -44,6 +44,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Destroy the snapshots the retention policy no longer keeps, and their RAM dumps.
+    Prune {
+        /// One domain (default: every configured domain).
+        domain: Option<String>,
+        /// Show what would be destroyed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Plan as if it were this time (RFC 3339, e.g. 2026-11-26T12:00:00Z).
+        #[arg(long, value_parser = parse_time)]
+        now: Option<i64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Finish or undo operations a crash interrupted: thaw, resume, merge overlays, delete partial dumps.
     Recover {
         #[arg(long)]
@@ -96,6 +109,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }),
                 quiesce: !no_quiesce,
                 label,
+                periods: Vec::new(),
             };
             let progress = |step: &str| {
                 if !json {
@@ -121,6 +135,24 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Prune { domain, dry_run, now, json } => {
+            let now = now.unwrap_or_else(|| chrono::Utc::now().timestamp());
+            let domains: Vec<&config::DomainConfig> = match &domain {
+                Some(name) => vec![cfg.domain(name)?],
+                None => cfg.domains.values().collect(),
+            };
+            let mut reports = Vec::new();
+            for dom in domains {
+                reports.push(vmsnap::prune::prune(&cfg, dom, &zfs, now, dry_run).await?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                for r in &reports {
+                    print_prune(r);
+                }
+            }
+        }
         Command::List { domain, json } => list(&cfg, &zfs, domain.as_deref(), json).await?,
         Command::Recover { json } => {
             let reports =
@@ -140,6 +172,37 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp()).map_err(|e| format!("{s:?} is not an RFC 3339 time ({e})"))
+}
+
+fn print_prune(r: &vmsnap::prune::PruneReport) {
+    let verb = if r.dry_run { "would destroy" } else { "destroyed" };
+    println!("{}: {verb} {} of {} snapshots", r.domain, r.destroyed.len(), r.decisions.len());
+    for d in &r.decisions {
+        let why = serde_json::to_value(&d.rule).ok().map(|v| rule_text(&v)).unwrap_or_default();
+        let what = if d.keep { "keep   " } else { "destroy" };
+        let ram = if d.drop_ram { " (RAM dump dropped)" } else { "" };
+        println!("  {what} {:<48} {why}{ram}", d.name);
+    }
+    for p in &r.ram_deleted {
+        println!("  {} RAM dump {}", if r.dry_run { "would delete" } else { "deleted" }, p.display());
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+/// `{"rule":"within_count","period":"hourly","count":24}` → `within_count hourly=24`.
+fn rule_text(v: &serde_json::Value) -> String {
+    let rule = v["rule"].as_str().unwrap_or("");
+    match (v["period"].as_str(), v["count"].as_u64(), v["tag"].as_str()) {
+        (Some(p), Some(c), _) => format!("{rule} {p}={c}"),
+        (_, _, Some(tag)) => format!("{rule} ({tag})"),
+        _ => rule.to_owned(),
+    }
 }
 
 /// A snapshot as `vmsnap list` shows it.

@@ -66,22 +66,13 @@ fn inside() {
         eprintln!("METRIC nested_guest_restore_to_agent_s={:.1}", t.elapsed().as_secs_f64());
         let mounts = qga.sh("grep /mnt/ /proc/mounts", Duration::from_secs(300)).await.unwrap().stdout_text();
         assert!(mounts.contains("/mnt/vda") && mounts.contains("/mnt/vdb"), "guest mounts: {mounts}");
-        // The writer: a counter on both disks, rewritten every 50 ms, for the whole run.
-        qga.exec_start(
-            "/bin/sh",
-            // Each counter file is replaced atomically (write + rename), so any instant has a whole one.
-            &[
-                "-c",
-                "i=0; while :; do i=$((i+1)); for d in vda vdb; do echo $i > /mnt/$d/c.tmp && mv /mnt/$d/c.tmp /mnt/$d/counter; done; sleep 0.05; done",
-            ],
-            &[],
-        )
-        .await
-        .unwrap();
+        // The writer, for the whole run: a counter on both disks, rewritten every 50 ms, and
+        // every 4th round a 64 KiB block of random data with its sha256 in a side file.
+        qga.exec_start("/bin/sh", &["-c", WRITER], &[]).await.unwrap();
         // Let the writer get going on both disks before the first snapshot.
         for _ in 0..600 {
             let c = qga.sh("cat /mnt/vdb/counter 2>/dev/null", Duration::from_secs(120)).await.unwrap().stdout_text();
-            if c.trim().parse::<i64>().is_ok_and(|n| n >= 2) {
+            if c.trim().parse::<i64>().is_ok_and(|n| n >= 5) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -112,6 +103,34 @@ fn inside() {
     conclusion.exit();
 }
 
+/// Each counter file is replaced atomically (write + rename), so any instant has a whole one. A
+/// block's side file is removed before the block is rewritten and written (then renamed) after,
+/// so wherever a side file exists its block is complete: an app-consistent snapshot must show
+/// every block matching its side file.
+const WRITER: &str = "i=0; while :; do i=$((i+1)); \
+    for d in vda vdb; do echo $i > /mnt/$d/c.tmp && mv /mnt/$d/c.tmp /mnt/$d/counter; done; \
+    if [ $((i % 4)) = 0 ]; then k=$((i / 4 % 8)); for d in vda vdb; do \
+        rm -f /mnt/$d/blk.$k.sha; dd if=/dev/urandom of=/mnt/$d/blk.$k bs=64k count=1 2>/dev/null; \
+        sha256sum /mnt/$d/blk.$k | cut -d' ' -f1 > /mnt/$d/s.tmp && mv /mnt/$d/s.tmp /mnt/$d/blk.$k.sha; done; fi; \
+    sleep 0.05; done";
+
+/// Checks every block that has a side file in the ext4 image `img`; returns how many matched.
+fn verify_blocks(img: &str) -> Result<usize, Failed> {
+    let mut verified = 0;
+    for k in 0..8 {
+        let want = sh(&format!("debugfs -R 'cat /blk.{k}.sha' {img} 2>/dev/null"));
+        let want = want.trim();
+        if want.is_empty() {
+            continue;
+        }
+        let got =
+            sh(&format!("rm -f /tmp/blk && debugfs -R 'dump /blk.{k} /tmp/blk' {img} 2>/dev/null; sha256sum /tmp/blk | cut -d' ' -f1"));
+        check(got.trim() == want, format!("{img}: block {k} does not match its checksum ({} vs {want})", got.trim()))?;
+        verified += 1;
+    }
+    Ok(verified)
+}
+
 fn write_config(vm: &TinyVm) {
     std::fs::create_dir_all("/etc/vmsnap").unwrap();
     std::fs::write("/etc/vmsnap/demo.xml", "<domain type='qemu'><name>demo</name></domain>\n").unwrap();
@@ -135,6 +154,8 @@ require_quiesce = true
 [domain.stopped]
 qmp = "/run/no-such-qemu.sock"
 disks = ["/tank/vms/stopped/disk0.qcow2"]
+xml = "/etc/vmsnap/demo.xml"
+nvram = "/etc/vmsnap/demo_VARS.fd"
 "#,
         qmp = m.qmp_path.display(),
         qga = m.qga_path.display(),
@@ -226,7 +247,9 @@ fn verify_snapshot(name: &str) -> Result<(), Failed> {
             .trim()
             .parse()
             .map_err(|e| format!("counter on disk1: {e}"))?;
-        eprintln!("snapshot {name}: counters {a} / {b}");
+        let blocks = (verify_blocks("/tmp/chk.raw")?, verify_blocks("/dev/zvol/tank/chk-data")?);
+        eprintln!("snapshot {name}: counters {a} / {b}, checksummed blocks verified {} / {}", blocks.0, blocks.1);
+        check(blocks.0 > 0 && blocks.1 > 0, "no checksummed block in the snapshot")?;
         check(a > 0 && (a - b).abs() <= 1, format!("the two disks are not from one moment: counters {a} and {b}"))?;
         let saved = Path::new("/tank/chk/.vmsnap/demo");
         check(saved.join("domain.xml").exists() && saved.join("nvram.fd").exists(), "domain XML and nvram are in the snapshot")?;
@@ -308,7 +331,11 @@ fn stopped_vm() -> Result<(), Failed> {
     let out = vmsnap(&["snapshot", "stopped", "--json"], &[]);
     check(out.status.success(), text(&out))?;
     let r: Value = serde_json::from_slice(&out.stdout)?;
-    check(r["consistency"] == "offline" && r["snapshots"].as_array().unwrap().len() == 1, format!("{r}"))
+    check(r["consistency"] == "offline" && r["snapshots"].as_array().unwrap().len() == 1, format!("{r}"))?;
+    // The XML and nvram are inside the snapshot, as for a running VM.
+    let saved = format!("/tank/vms/stopped/.zfs/snapshot/{}/.vmsnap/stopped", r["name"].as_str().unwrap());
+    sh(&format!("cmp {saved}/domain.xml /etc/vmsnap/demo.xml && cmp {saved}/nvram.fd /etc/vmsnap/demo_VARS.fd"));
+    Ok(())
 }
 
 fn crash_and_recover() -> Result<(), Failed> {

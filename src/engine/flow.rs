@@ -9,7 +9,8 @@
 //! 6. active-commit each overlay back, delete its nodes, its fdset and its file.
 //!
 //! Direct strategy: freeze (or, without an agent, pause) → `zfs snapshot` → thaw (or resume).
-//! Stopped VM: `zfs snapshot` of the configured disks' datasets.
+//! Stopped VM: XML and nvram copied next to the disks, then `zfs snapshot` of the configured disks'
+//! datasets.
 //!
 //! Every step that changes the VM is journaled before it is done. On any error the engine replays
 //! its own journal through [`super::recover`], so the guest is thawed, a VM it paused is resumed
@@ -59,7 +60,7 @@ pub async fn snapshot(
     let name = naming::snapshot_name(SystemTime::now(), &opts.label);
     let qmp = match Qmp::connect(&dom.qmp, Duration::from_secs(5)).await {
         Ok(q) => q,
-        Err(QmpError::Connect { .. }) => return offline(dom, zfs, name, progress).await.map_err(|(s, e)| fail(s, e)),
+        Err(QmpError::Connect { .. }) => return offline(dom, opts, zfs, name, progress).await.map_err(|(s, e)| fail(s, e)),
         Err(e) => return Err(fail("connect to QMP", e.into())),
     };
     let mut run = Run {
@@ -140,7 +141,9 @@ impl Run<'_> {
         }
         let paths: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
         let by_pool = datasets_by_pool(self.zfs, &paths).await.at("resolve datasets")?;
-        self.save_domain_files(&by_pool).await.at("save XML and nvram")?;
+        if let Some(w) = save_domain_files(self.zfs, self.dom, &by_pool).await.at("save XML and nvram")? {
+            self.report.warnings.push(w);
+        }
         self.timed("prepare", t);
 
         self.journal = Some(
@@ -303,38 +306,6 @@ impl Run<'_> {
         self.journal.as_mut().expect("journal is open").append(r).at(step)
     }
 
-    /// Copies the domain XML and nvram into `<mountpoint>/.vmsnap/<domain>/` of the first
-    /// filesystem under the disks, so the ZFS snapshot holds them.
-    async fn save_domain_files(&mut self, by_pool: &BTreeMap<String, Vec<Dataset>>) -> Result<(), StepError> {
-        let files: Vec<(&Path, &str)> = [(self.dom.xml.as_deref(), "domain.xml"), (self.dom.nvram.as_deref(), "nvram.fd")]
-            .into_iter()
-            .filter_map(|(p, n)| p.map(|p| (p, n)))
-            .collect();
-        if files.is_empty() {
-            return Ok(());
-        }
-        let mut target = None;
-        for ds in by_pool.values().flatten() {
-            let info = self.zfs.list_datasets(Some(ds), false).await?;
-            if let Some(mp) = info.first().filter(|i| i.kind == DatasetKind::Filesystem && i.mounted).and_then(|i| i.mountpoint.clone()) {
-                target = Some(mp);
-                break;
-            }
-        }
-        let Some(mountpoint) = target else {
-            self.report.warnings.push("no filesystem dataset under the disks (zvols only): domain XML and nvram not saved".into());
-            return Ok(());
-        };
-        let dir = mountpoint.join(".vmsnap").join(&self.dom.name);
-        create_private_dir(&dir).map_err(|source| StepError::Io { what: format!("creating {}", dir.display()), source })?;
-        for (src, name) in files {
-            let tmp = dir.join(format!(".{name}.tmp"));
-            std::fs::copy(src, &tmp).map_err(|source| StepError::Io { what: format!("copying {}", src.display()), source })?;
-            std::fs::rename(&tmp, dir.join(name)).map_err(|source| StepError::Io { what: format!("saving {name}"), source })?;
-        }
-        Ok(())
-    }
-
     /// Connects to the guest agent. A missing agent refuses the snapshot when quiescing is
     /// required; otherwise the snapshot goes on crash-consistent.
     async fn connect_agent(&mut self) -> StepResult {
@@ -469,6 +440,9 @@ impl Run<'_> {
         set(naming::VERSION, env!("CARGO_PKG_VERSION").into());
         set(naming::DOMAIN, self.dom.name.clone());
         set(naming::QEMU_VERSION, self.qmp.version().to_string());
+        if !self.opts.periods.is_empty() {
+            set(naming::PERIODS, periods_value(&self.opts.periods));
+        }
         if let Some(f) = self.report.freeze_ms {
             set(naming::FREEZE_MS, format!("{f:.1}"));
         }
@@ -547,18 +521,60 @@ fn make_overlay_file(path: &Path, disk: &LiveDisk) -> Result<(), StepError> {
         .map_err(|source| StepError::Io { what: format!("chmod {}", path.display()), source })
 }
 
+/// Copies the domain XML and nvram into `<mountpoint>/.vmsnap/<domain>/` of the first mounted
+/// filesystem under the disks, so the ZFS snapshot holds them. Returns a warning when there is
+/// something to save but no filesystem to hold it (zvols only).
+async fn save_domain_files(zfs: &Zfs, dom: &DomainConfig, by_pool: &BTreeMap<String, Vec<Dataset>>) -> Result<Option<String>, StepError> {
+    let files: Vec<(&Path, &str)> = [(dom.xml.as_deref(), "domain.xml"), (dom.nvram.as_deref(), "nvram.fd")]
+        .into_iter()
+        .filter_map(|(p, n)| p.map(|p| (p, n)))
+        .collect();
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let mut target = None;
+    for ds in by_pool.values().flatten() {
+        let info = zfs.list_datasets(Some(ds), false).await?;
+        if let Some(mp) = info.first().filter(|i| i.kind == DatasetKind::Filesystem && i.mounted).and_then(|i| i.mountpoint.clone()) {
+            target = Some(mp);
+            break;
+        }
+    }
+    let Some(mountpoint) = target else {
+        return Ok(Some("no filesystem dataset under the disks (zvols only): domain XML and nvram not saved".into()));
+    };
+    let dir = mountpoint.join(".vmsnap").join(&dom.name);
+    create_private_dir(&dir).map_err(|source| StepError::Io { what: format!("creating {}", dir.display()), source })?;
+    for (src, name) in files {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::copy(src, &tmp).map_err(|source| StepError::Io { what: format!("copying {}", src.display()), source })?;
+        std::fs::rename(&tmp, dir.join(name)).map_err(|source| StepError::Io { what: format!("saving {name}"), source })?;
+    }
+    Ok(None)
+}
+
 /// A VM that is not running: one `zfs snapshot` per pool of its configured disks' datasets.
-async fn offline(dom: &DomainConfig, zfs: &Zfs, name: String, progress: Progress<'_>) -> Result<SnapshotReport, (&'static str, StepError)> {
+async fn offline(
+    dom: &DomainConfig,
+    opts: &SnapshotOptions,
+    zfs: &Zfs,
+    name: String,
+    progress: Progress<'_>,
+) -> Result<SnapshotReport, (&'static str, StepError)> {
     if dom.disks.is_empty() {
         return Err(("resolve datasets", StepError::Refused("the VM is not running and the config lists no disks for it".into())));
     }
     progress("the VM is not running: snapshotting its datasets");
     let t = Instant::now();
     let by_pool = datasets_by_pool(zfs, &dom.disks).await.at("resolve datasets")?;
+    let warnings: Vec<String> = save_domain_files(zfs, dom, &by_pool).await.at("save XML and nvram")?.into_iter().collect();
     let mut props = BTreeMap::new();
     props.insert(PropName::new(naming::CONSISTENCY).expect("valid"), Consistency::Offline.as_str().to_owned());
     props.insert(PropName::new(naming::VERSION).expect("valid"), env!("CARGO_PKG_VERSION").to_owned());
     props.insert(PropName::new(naming::DOMAIN).expect("valid"), dom.name.clone());
+    if !opts.periods.is_empty() {
+        props.insert(PropName::new(naming::PERIODS).expect("valid"), periods_value(&opts.periods));
+    }
     let mut names = Vec::new();
     for datasets in by_pool.values() {
         names.extend(zfs.snapshot(datasets, &name, &props).await.at("zfs snapshot")?.into_iter().map(|n| n.to_string()));
@@ -573,9 +589,13 @@ async fn offline(dom: &DomainConfig, zfs: &Zfs, name: String, progress: Progress
         pause_ms: None,
         ram_dump: None,
         ram_sha256: None,
-        warnings: Vec::new(),
+        warnings,
         steps: vec![("zfs snapshot".into(), ms(t.elapsed()))],
     })
+}
+
+fn periods_value(periods: &[crate::policy::Period]) -> String {
+    periods.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(",")
 }
 
 /// How long a RAM dump may take.

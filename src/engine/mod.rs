@@ -72,11 +72,13 @@ pub struct SnapshotOptions {
     pub quiesce: bool,
     /// The label after the timestamp in the name (`manual` from the CLI).
     pub label: String,
+    /// The retention periods a scheduled snapshot serves (recorded in `vmsnap:periods`).
+    pub periods: Vec<crate::policy::Period>,
 }
 
 impl Default for SnapshotOptions {
     fn default() -> Self {
-        Self { strategy: Strategy::Overlay, memory: None, quiesce: true, label: "manual".into() }
+        Self { strategy: Strategy::Overlay, memory: None, quiesce: true, label: "manual".into(), periods: Vec::new() }
     }
 }
 

@@ -15,10 +15,17 @@ pub const RAM_DUMP: &str = "vmsnap:ram-dump";
 pub const RAM_SHA256: &str = "vmsnap:ram-sha256";
 pub const QEMU_VERSION: &str = "vmsnap:qemu-version";
 pub const MACHINE: &str = "vmsnap:machine";
+/// The retention periods a scheduled snapshot serves (`hourly,daily`).
+pub const PERIODS: &str = "vmsnap:periods";
+/// When retention dropped the snapshot's RAM dump (unix seconds); `vmsnap:ram-dump` is then gone.
+pub const RAM_PRUNED: &str = "vmsnap:ram-pruned";
 
 /// Every property `vmsnap list` shows.
 pub fn listed_properties() -> Vec<PropName> {
-    [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256].iter().map(|p| PropName::new(p).expect("valid")).collect()
+    [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, PERIODS, RAM_PRUNED]
+        .iter()
+        .map(|p| PropName::new(p).expect("valid"))
+        .collect()
 }
 
 /// `autosnap_YYYY-MM-DD_HH:MM:SS_<label>` for `at`, in UTC.

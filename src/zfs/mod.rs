@@ -94,6 +94,26 @@ impl Zfs {
         }
     }
 
+    /// Destroys several snapshots of one dataset in one call (`zfs destroy ds@a,b,c`): ZFS
+    /// checks them all first and destroys none when one is held or has clones.
+    pub async fn destroy_many(&self, dataset: &Dataset, snaps: &[&str]) -> Result<(), ZfsError> {
+        if snaps.is_empty() {
+            return Ok(());
+        }
+        // Each name is validated as a snapshot of this dataset: no ',' or '@' can slip in.
+        for s in snaps {
+            dataset.snapshot(s)?;
+        }
+        self.cli.zfs(zargs!["destroy", format!("{dataset}@{}", snaps.join(","))]).await?;
+        Ok(())
+    }
+
+    /// Removes a user property set on a dataset or snapshot (`zfs inherit`).
+    pub async fn inherit(&self, name: &str, prop: &PropName) -> Result<(), ZfsError> {
+        self.cli.zfs(zargs!["inherit", prop.to_string(), name]).await?;
+        Ok(())
+    }
+
     /// Places hold `tag` on each snapshot (one call: all or none).
     pub async fn hold(&self, tag: &str, snaps: &[SnapshotName]) -> Result<(), ZfsError> {
         let mut args = zargs!["hold", tag];

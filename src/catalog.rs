@@ -1,0 +1,76 @@
+//! A domain's snapshots as vmsnap sees them: one entry per snapshot name across all the
+//! domain's datasets, read from ZFS (creation times, holds, vmsnap's properties). Retention,
+//! pruning, the scheduler and `vmsnap check` all start from here.
+
+use crate::config::DomainConfig;
+use crate::engine::disks::datasets_by_pool;
+use crate::engine::naming;
+use crate::retention::{periods_of, Snap};
+use crate::zfs::{Dataset, PropName, Zfs, ZfsError};
+use std::collections::BTreeMap;
+
+/// One snapshot name of a domain.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub snap: Snap,
+    /// The datasets that have a snapshot of this name.
+    pub datasets: Vec<Dataset>,
+    pub consistency: Option<String>,
+}
+
+/// Everything [`load`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// The domain's datasets (from its configured disks).
+    pub datasets: Vec<Dataset>,
+    /// Oldest first.
+    pub entries: Vec<Entry>,
+}
+
+impl Catalog {
+    pub fn snaps(&self) -> Vec<Snap> {
+        self.entries.iter().map(|e| e.snap.clone()).collect()
+    }
+}
+
+fn props() -> Vec<PropName> {
+    [naming::DOMAIN, naming::PERIODS, naming::RAM_DUMP, naming::CONSISTENCY].iter().map(|p| PropName::new(p).expect("valid")).collect()
+}
+
+/// The snapshots vmsnap took of `dom` (those whose `vmsnap:domain` names it).
+pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
+    let by_pool = datasets_by_pool(zfs, &dom.disks).await?;
+    let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
+    let props = props();
+    let mut groups: BTreeMap<String, Entry> = BTreeMap::new();
+    for ds in &datasets {
+        for s in zfs.list_snapshots(ds, &props).await? {
+            let get = |k: &str| s.props.iter().find(|(p, _)| p.as_str() == k).map(|(_, v)| v.clone()).filter(|v| v != "-");
+            if get(naming::DOMAIN).as_deref() != Some(dom.name.as_str()) {
+                continue;
+            }
+            let holds = if s.userrefs > 0 { zfs.holds(&s.name).await?.into_iter().map(|h| h.tag).collect() } else { Vec::new() };
+            let short = s.name.snap().to_owned();
+            let e = groups.entry(short.clone()).or_insert_with(|| Entry {
+                snap: Snap {
+                    name: short.clone(),
+                    created: s.creation,
+                    periods: periods_of(&short, get(naming::PERIODS).as_deref()),
+                    holds: Vec::new(),
+                    ram_dump: None,
+                },
+                datasets: Vec::new(),
+                consistency: get(naming::CONSISTENCY),
+            });
+            e.snap.created = e.snap.created.min(s.creation);
+            e.snap.holds.extend(holds);
+            if e.snap.ram_dump.is_none() {
+                e.snap.ram_dump = get(naming::RAM_DUMP);
+            }
+            e.datasets.push(ds.clone());
+        }
+    }
+    let mut entries: Vec<Entry> = groups.into_values().collect();
+    entries.sort_by(|a, b| a.snap.created.cmp(&b.snap.created).then_with(|| a.snap.name.cmp(&b.snap.name)));
+    Ok(Catalog { datasets, entries })
+}

@@ -1,0 +1,421 @@
+//! Snapshot policy: how many snapshots of each period to keep, when they are due, which of them
+//! carry RAM, and the scripts around them. The keys and defaults are sanoid's (a sanoid user
+//! reads the same words); vmsnap adds RAM cadence (`ram`, `ram_keep`, `ram_mode`) and `strategy`.
+//!
+//! This module owns the resolved [`Policy`] and the raw, all-optional [`RawPolicy`] that
+//! templates and domains write; [`crate::config`] resolves inheritance (built-in defaults →
+//! `[template.default]` → `use_template` → the domain's own keys).
+
+use crate::engine::{RamMode, Strategy};
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A retention period, as sanoid names them (the suffix of `autosnap_…_hourly`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Frequently,
+    Hourly,
+    Daily,
+    Weekly,
+    Monthly,
+    Yearly,
+}
+
+impl Period {
+    pub const ALL: [Period; 6] = [Period::Frequently, Period::Hourly, Period::Daily, Period::Weekly, Period::Monthly, Period::Yearly];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Frequently => "frequently",
+            Period::Hourly => "hourly",
+            Period::Daily => "daily",
+            Period::Weekly => "weekly",
+            Period::Monthly => "monthly",
+            Period::Yearly => "yearly",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Period> {
+        Period::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// The period's length in seconds as sanoid prunes by it (a month is 31 days, a year 365.25).
+    pub fn seconds(self, frequent_period_min: u32) -> f64 {
+        match self {
+            Period::Frequently => 60.0 * f64::from(frequent_period_min),
+            Period::Hourly => 3600.0,
+            Period::Daily => 86_400.0,
+            Period::Weekly => 7.0 * 86_400.0,
+            Period::Monthly => 31.0 * 86_400.0,
+            Period::Yearly => 365.25 * 86_400.0,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One number per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PerPeriod<T>(pub [T; 6]);
+
+impl<T: Copy> PerPeriod<T> {
+    pub fn get(&self, p: Period) -> T {
+        self.0[p.index()]
+    }
+    pub fn set(&mut self, p: Period, v: T) {
+        self.0[p.index()] = v;
+    }
+}
+
+/// When, within its period, a snapshot is preferably taken (sanoid's `daily_hour` …), in local time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreferredTimes {
+    pub hourly_min: u32,
+    pub daily_hour: u32,
+    pub daily_min: u32,
+    /// 0 = Sunday.
+    pub weekly_wday: u32,
+    pub weekly_hour: u32,
+    pub weekly_min: u32,
+    pub monthly_mday: u32,
+    pub monthly_hour: u32,
+    pub monthly_min: u32,
+    pub yearly_mon: u32,
+    pub yearly_mday: u32,
+    pub yearly_hour: u32,
+    pub yearly_min: u32,
+}
+
+/// Commands run around snapshots and pruning, with sanoid's environment variables.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scripts {
+    pub pre_snapshot: Option<PathBuf>,
+    pub post_snapshot: Option<PathBuf>,
+    pub pre_pruning: Option<PathBuf>,
+    pub pruning: Option<PathBuf>,
+    pub timeout: Duration,
+    /// Run the post script even when the pre script failed.
+    pub force_post: bool,
+    /// Skip the snapshot when the pre script fails.
+    pub no_inconsistent_snapshot: bool,
+}
+
+/// A domain's resolved policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// How many snapshots of each period to keep.
+    pub keep: PerPeriod<u32>,
+    /// Minutes per `frequently` snapshot.
+    pub frequent_period: u32,
+    pub autosnap: bool,
+    pub autoprune: bool,
+    pub preferred: PreferredTimes,
+    /// Snapshots of these periods also save the RAM.
+    pub ram_with: BTreeSet<Period>,
+    /// Keep RAM dumps only for the newest N snapshots that have one (the disk snapshots stay).
+    pub ram_keep: Option<u32>,
+    pub ram_mode: RamMode,
+    pub strategy: Strategy,
+    pub scripts: Scripts,
+    /// `vmsnap check`: age of the newest snapshot of a period that warns / goes critical (0 = never).
+    pub warn_after: PerPeriod<u64>,
+    pub crit_after: PerPeriod<u64>,
+}
+
+impl Default for Policy {
+    /// sanoid.defaults.conf's values; no RAM.
+    fn default() -> Self {
+        let h = 3600;
+        Policy {
+            keep: PerPeriod([0, 48, 90, 0, 6, 0]),
+            frequent_period: 15,
+            autosnap: true,
+            autoprune: true,
+            preferred: PreferredTimes {
+                hourly_min: 0,
+                daily_hour: 23,
+                daily_min: 59,
+                weekly_wday: 1,
+                weekly_hour: 23,
+                weekly_min: 30,
+                monthly_mday: 1,
+                monthly_hour: 0,
+                monthly_min: 0,
+                yearly_mon: 1,
+                yearly_mday: 1,
+                yearly_hour: 0,
+                yearly_min: 0,
+            },
+            ram_with: BTreeSet::new(),
+            ram_keep: None,
+            ram_mode: RamMode::Background,
+            strategy: Strategy::Overlay,
+            scripts: Scripts { timeout: Duration::from_secs(5), ..Scripts::default() },
+            warn_after: PerPeriod([0, 90 * 60, 28 * h, 0, 32 * 24 * h, 0]),
+            crit_after: PerPeriod([0, 360 * 60, 32 * h, 0, 40 * 24 * h, 0]),
+        }
+    }
+}
+
+/// Defines a config section struct: its own fields, then every policy key (all optional), and
+/// `policy()` to take the policy keys out. The key list is written once, here.
+macro_rules! policy_section {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $fty:ty,)* }) => {
+        policy_section! { @emit $(#[$m])* $name { $($(#[$fm])* $field : $fty,)* };
+            use_template: Option<$crate::policy::OneOrMany>,
+            frequently: Option<u32>, hourly: Option<u32>, daily: Option<u32>,
+            weekly: Option<u32>, monthly: Option<u32>, yearly: Option<u32>,
+            frequent_period: Option<u32>, autosnap: Option<bool>, autoprune: Option<bool>,
+            hourly_min: Option<u32>, daily_hour: Option<u32>, daily_min: Option<u32>,
+            weekly_wday: Option<u32>, weekly_hour: Option<u32>, weekly_min: Option<u32>,
+            monthly_mday: Option<u32>, monthly_hour: Option<u32>, monthly_min: Option<u32>,
+            yearly_mon: Option<u32>, yearly_mday: Option<u32>, yearly_hour: Option<u32>, yearly_min: Option<u32>,
+            ram: Option<Vec<String>>, ram_keep: Option<u32>, ram_mode: Option<String>, strategy: Option<String>,
+            pre_snapshot_script: Option<PathBuf>, post_snapshot_script: Option<PathBuf>,
+            pre_pruning_script: Option<PathBuf>, pruning_script: Option<PathBuf>,
+            script_timeout: Option<u64>, force_post_snapshot_script: Option<bool>, no_inconsistent_snapshot: Option<bool>,
+            frequently_warn: Option<String>, frequently_crit: Option<String>,
+            hourly_warn: Option<String>, hourly_crit: Option<String>,
+            daily_warn: Option<String>, daily_crit: Option<String>,
+            weekly_warn: Option<String>, weekly_crit: Option<String>,
+            monthly_warn: Option<String>, monthly_crit: Option<String>,
+            yearly_warn: Option<String>, yearly_crit: Option<String>,
+        }
+    };
+    (@emit $(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $fty:ty,)* }; $($key:ident : $kty:ty,)*) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Default, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fm])* pub $field: $fty,)*
+            $(pub $key: $kty,)*
+        }
+        impl $name {
+            /// The policy keys this section sets.
+            pub fn policy(&self) -> RawPolicy {
+                RawPolicy { $($key: self.$key.clone(),)* }
+            }
+        }
+    };
+}
+pub(crate) use policy_section;
+
+policy_section! {
+    /// What a template or a domain section may say about policy: every key optional.
+    RawPolicy {}
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// A policy key with a bad value: the key and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadKey {
+    pub key: &'static str,
+    pub why: String,
+}
+
+fn bad(key: &'static str, why: impl Into<String>) -> BadKey {
+    BadKey { key, why: why.into() }
+}
+
+impl RawPolicy {
+    /// Lays this section's keys over `base`, checking each value.
+    pub fn apply(&self, base: &mut Policy) -> Result<(), BadKey> {
+        let counts = [self.frequently, self.hourly, self.daily, self.weekly, self.monthly, self.yearly];
+        for (p, v) in Period::ALL.into_iter().zip(counts) {
+            if let Some(v) = v {
+                base.keep.set(p, v);
+            }
+        }
+        if let Some(v) = self.frequent_period {
+            if v == 0 || v > 1440 {
+                return Err(bad("frequent_period", format!("{v} minutes: use 1..=1440")));
+            }
+            base.frequent_period = v;
+        }
+        set(&mut base.autosnap, self.autosnap);
+        set(&mut base.autoprune, self.autoprune);
+        let t = &mut base.preferred;
+        let ranged: [(&'static str, Option<u32>, &mut u32, u32, u32); 13] = [
+            ("hourly_min", self.hourly_min, &mut t.hourly_min, 0, 59),
+            ("daily_hour", self.daily_hour, &mut t.daily_hour, 0, 23),
+            ("daily_min", self.daily_min, &mut t.daily_min, 0, 59),
+            ("weekly_wday", self.weekly_wday, &mut t.weekly_wday, 0, 6),
+            ("weekly_hour", self.weekly_hour, &mut t.weekly_hour, 0, 23),
+            ("weekly_min", self.weekly_min, &mut t.weekly_min, 0, 59),
+            ("monthly_mday", self.monthly_mday, &mut t.monthly_mday, 1, 31),
+            ("monthly_hour", self.monthly_hour, &mut t.monthly_hour, 0, 23),
+            ("monthly_min", self.monthly_min, &mut t.monthly_min, 0, 59),
+            ("yearly_mon", self.yearly_mon, &mut t.yearly_mon, 1, 12),
+            ("yearly_mday", self.yearly_mday, &mut t.yearly_mday, 1, 31),
+            ("yearly_hour", self.yearly_hour, &mut t.yearly_hour, 0, 23),
+            ("yearly_min", self.yearly_min, &mut t.yearly_min, 0, 59),
+        ];
+        for (key, v, slot, lo, hi) in ranged {
+            if let Some(v) = v {
+                if !(lo..=hi).contains(&v) {
+                    return Err(bad(key, format!("{v} is out of range {lo}..={hi}")));
+                }
+                *slot = v;
+            }
+        }
+        if let Some(names) = &self.ram {
+            let mut with = BTreeSet::new();
+            for n in names {
+                with.insert(
+                    Period::parse(n)
+                        .ok_or_else(|| bad("ram", format!("{n:?} is not a period (frequently, hourly, daily, weekly, monthly, yearly)")))?,
+                );
+            }
+            base.ram_with = with;
+        }
+        if let Some(n) = self.ram_keep {
+            base.ram_keep = Some(n);
+        }
+        if let Some(m) = &self.ram_mode {
+            base.ram_mode = match m.as_str() {
+                "background" => RamMode::Background,
+                "precopy" => RamMode::Precopy,
+                _ => return Err(bad("ram_mode", format!("{m:?}: use \"background\" or \"precopy\""))),
+            };
+        }
+        if let Some(s) = &self.strategy {
+            base.strategy = match s.as_str() {
+                "overlay" => Strategy::Overlay,
+                "direct" => Strategy::Direct,
+                _ => return Err(bad("strategy", format!("{s:?}: use \"overlay\" or \"direct\""))),
+            };
+        }
+        let scripts = [
+            ("pre_snapshot_script", &self.pre_snapshot_script, &mut base.scripts.pre_snapshot),
+            ("post_snapshot_script", &self.post_snapshot_script, &mut base.scripts.post_snapshot),
+            ("pre_pruning_script", &self.pre_pruning_script, &mut base.scripts.pre_pruning),
+            ("pruning_script", &self.pruning_script, &mut base.scripts.pruning),
+        ];
+        for (key, v, slot) in scripts {
+            if let Some(p) = v {
+                if !p.is_absolute() {
+                    return Err(bad(key, format!("{} is not an absolute path", p.display())));
+                }
+                *slot = Some(p.clone());
+            }
+        }
+        if let Some(s) = self.script_timeout {
+            base.scripts.timeout = Duration::from_secs(s);
+        }
+        set(&mut base.scripts.force_post, self.force_post_snapshot_script);
+        set(&mut base.scripts.no_inconsistent_snapshot, self.no_inconsistent_snapshot);
+        let limits = [
+            (Period::Frequently, "frequently_warn", &self.frequently_warn, "frequently_crit", &self.frequently_crit),
+            (Period::Hourly, "hourly_warn", &self.hourly_warn, "hourly_crit", &self.hourly_crit),
+            (Period::Daily, "daily_warn", &self.daily_warn, "daily_crit", &self.daily_crit),
+            (Period::Weekly, "weekly_warn", &self.weekly_warn, "weekly_crit", &self.weekly_crit),
+            (Period::Monthly, "monthly_warn", &self.monthly_warn, "monthly_crit", &self.monthly_crit),
+            (Period::Yearly, "yearly_warn", &self.yearly_warn, "yearly_crit", &self.yearly_crit),
+        ];
+        for (p, wk, w, ck, c) in limits {
+            if let Some(w) = w {
+                base.warn_after.set(p, parse_age(w).ok_or_else(|| bad(wk, format!("{w:?}: use a number with s, m, h, d or w")))?);
+            }
+            if let Some(c) = c {
+                base.crit_after.set(p, parse_age(c).ok_or_else(|| bad(ck, format!("{c:?}: use a number with s, m, h, d or w")))?);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set<T: Copy>(slot: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *slot = v;
+    }
+}
+
+/// sanoid's ages: `90m`, `28h`, `32d`, `2w`, a bare number of seconds; `0` means never.
+pub fn parse_age(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return None,
+    };
+    Some(n * mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> RawPolicy {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_sanoids() {
+        let p = Policy::default();
+        assert_eq!(p.keep.get(Period::Hourly), 48);
+        assert_eq!(p.keep.get(Period::Daily), 90);
+        assert_eq!(p.keep.get(Period::Monthly), 6);
+        assert_eq!(p.warn_after.get(Period::Hourly), 5400);
+        assert!(p.autosnap && p.autoprune && p.ram_with.is_empty());
+    }
+
+    #[test]
+    fn a_section_overrides_only_what_it_says() {
+        let mut p = Policy::default();
+        raw("hourly = 36\nram = [\"daily\"]\nram_keep = 3\nstrategy = \"direct\"\ndaily_warn = \"30h\"").apply(&mut p).unwrap();
+        assert_eq!(p.keep.get(Period::Hourly), 36);
+        assert_eq!(p.keep.get(Period::Daily), 90);
+        assert_eq!(p.ram_with, BTreeSet::from([Period::Daily]));
+        assert_eq!(p.ram_keep, Some(3));
+        assert_eq!(p.strategy, Strategy::Direct);
+        assert_eq!(p.warn_after.get(Period::Daily), 30 * 3600);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let mut p = Policy::default();
+        assert_eq!(raw("daily_hour = 24").apply(&mut p).unwrap_err().key, "daily_hour");
+        assert_eq!(raw("ram = [\"hourlie\"]").apply(&mut p).unwrap_err().key, "ram");
+        assert_eq!(raw("ram_mode = \"fast\"").apply(&mut p).unwrap_err().key, "ram_mode");
+        assert_eq!(raw("pre_snapshot_script = \"x.sh\"").apply(&mut p).unwrap_err().key, "pre_snapshot_script");
+        assert_eq!(raw("hourly_crit = \"soon\"").apply(&mut p).unwrap_err().key, "hourly_crit");
+        assert_eq!(raw("frequent_period = 0").apply(&mut p).unwrap_err().key, "frequent_period");
+        assert!(toml::from_str::<RawPolicy>("hourlyy = 3").unwrap_err().to_string().contains("hourlyy"));
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(parse_age("90m"), Some(5400));
+        assert_eq!(parse_age("32d"), Some(32 * 86_400));
+        assert_eq!(parse_age("0"), Some(0));
+        assert_eq!(parse_age("1y"), None);
+    }
+}
