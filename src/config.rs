@@ -7,6 +7,8 @@
 //! overlay_dir = "/var/lib/vmsnap/overlays" # outside the snapshotted datasets
 //! ram_dir = "/srv/cheap/vmsnap-ram"      # RAM dumps (root only, files 0600)
 //! require_quiesce = false
+//! metrics_file = "/var/lib/prometheus/node-exporter/vmsnap.prom"
+//! max_parallel = 2                       # domains snapshotted at once by the daemon
 //!
 //! [template.production]                # sanoid's keys and defaults
 //! hourly = 36
@@ -79,6 +81,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub overlay_dir: PathBuf,
     pub ram_dir: PathBuf,
+    /// Prometheus textfile the daemon rewrites after each job.
+    pub metrics_file: Option<PathBuf>,
+    /// How many domains the daemon snapshots at once (one job at a time per domain).
+    pub max_parallel: usize,
     pub domains: BTreeMap<String, DomainConfig>,
 }
 
@@ -88,6 +94,8 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     overlay_dir: Option<PathBuf>,
     ram_dir: Option<PathBuf>,
+    metrics_file: Option<PathBuf>,
+    max_parallel: Option<usize>,
     require_quiesce: Option<bool>,
     #[serde(default)]
     template: BTreeMap<String, RawPolicy>,
@@ -136,6 +144,13 @@ impl Config {
                 return Err(invalid(format!("{key} must be an absolute path, got {}", dir.display())));
             }
         }
+        if let Some(p) = raw.metrics_file.as_ref().filter(|p| !p.is_absolute()) {
+            return Err(invalid(format!("metrics_file must be an absolute path, got {}", p.display())));
+        }
+        let max_parallel = raw.max_parallel.unwrap_or(2);
+        if max_parallel == 0 {
+            return Err(invalid("max_parallel must be at least 1".into()));
+        }
         let default_quiesce = raw.require_quiesce.unwrap_or(false);
         let mut domains = BTreeMap::new();
         for (name, d) in raw.domain {
@@ -160,7 +175,7 @@ impl Config {
                 DomainConfig { name, uuid: d.uuid, qmp: d.qmp, qga: d.qga, disks: d.disks, nvram: d.nvram, xml: d.xml, quiesce, policy },
             );
         }
-        Ok(Self { path: path.to_owned(), state_dir, overlay_dir, ram_dir, domains })
+        Ok(Self { path: path.to_owned(), state_dir, overlay_dir, ram_dir, metrics_file: raw.metrics_file, max_parallel, domains })
     }
 
     /// The domain called `name`.

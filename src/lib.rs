@@ -7,6 +7,8 @@
 //! - [`catalog`]: a domain's snapshots read back from ZFS, one entry per name across datasets.
 //! - [`retention`]: the pure keep/destroy plan; [`prune`] carries it out.
 //! - [`schedule`]: which periods are due (pure); [`scripts`]: the user's pre/post/pruning scripts.
+//! - [`daemon`]: the scheduler; [`status`] and [`metrics`] are what it leaves for [`check`]
+//!   (the Nagios plugin) and Prometheus.
 //! - [`qemu`]: the two protocol clients vmsnap speaks directly over unix sockets: QMP to QEMU
 //!   ([`qemu::qmp`], with block-job and fd-passing helpers) and the guest agent ([`qemu::qga`]).
 //! - [`zfs`]: the only place that runs `zfs`/`zpool`: validated names, pure parsers, operations.
@@ -14,9 +16,12 @@
 //! - [`rig`]: the test rig's machines (tiny QEMU guest, OpenZFS VM), used by tests and the recorder.
 
 pub mod catalog;
+pub mod check;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod fixtures;
+pub mod metrics;
 pub mod policy;
 pub mod prune;
 pub mod qemu;
@@ -24,4 +29,5 @@ pub mod retention;
 pub mod rig;
 pub mod schedule;
 pub mod scripts;
+pub mod status;
 pub mod zfs;

@@ -57,6 +57,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the scheduler: take due snapshots of every configured domain, prune after them.
+    Daemon,
+    /// Nagios/Icinga plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN, one line with perfdata.
+    Check {
+        /// One domain (default: every configured domain).
+        domain: Option<String>,
+    },
     /// Finish or undo operations a crash interrupted: thaw, resume, merge overlays, delete partial dumps.
     Recover {
         #[arg(long)]
@@ -76,9 +83,18 @@ enum MemoryArg {
     Background,
 }
 
+/// The daemon logs what it does (one line per snapshot); other commands only warnings.
+fn default_log_level() -> &'static str {
+    if std::env::args().any(|a| a == "daemon") {
+        "info"
+    } else {
+        "warn"
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMSNAP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMSNAP_LOG").unwrap_or_else(|_| default_log_level().into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -93,9 +109,18 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let cfg = Config::load(&cli.config)?;
     let zfs = Zfs::default();
+    if let Command::Daemon = cli.command {
+        return Ok(vmsnap::daemon::run(&cli.config, zfs).await?);
+    }
+    if let Command::Check { domain } = &cli.command {
+        let (state, line) = check(&cli.config, &zfs, domain.as_deref()).await;
+        println!("{line}");
+        std::process::exit(state as i32);
+    }
+    let cfg = Config::load(&cli.config)?;
     match cli.command {
+        Command::Daemon | Command::Check { .. } => unreachable!("handled above"),
         Command::Snapshot { domain, memory, strategy, no_quiesce, label, json } => {
             let dom = cfg.domain(&domain)?;
             let opts = SnapshotOptions {
@@ -109,7 +134,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }),
                 quiesce: !no_quiesce,
                 label,
-                periods: Vec::new(),
+                ..SnapshotOptions::default()
             };
             let progress = |step: &str| {
                 if !json {
@@ -172,6 +197,39 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The check plugin never fails with a Rust error: anything unexpected is UNKNOWN, on one line.
+async fn check(path: &std::path::Path, zfs: &Zfs, only: Option<&str>) -> (vmsnap::check::State, String) {
+    use vmsnap::check::{self, State};
+    let unknown = |e: String| (State::Unknown, format!("VMSNAP UNKNOWN - {e}"));
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return unknown(vmsnap::daemon::error_chain(&e)),
+    };
+    let domains: Vec<&config::DomainConfig> = match only {
+        Some(name) => match cfg.domain(name) {
+            Ok(d) => vec![d],
+            Err(e) => return unknown(e.to_string()),
+        },
+        None => cfg.domains.values().filter(|d| d.policy.autosnap).collect(),
+    };
+    let status = vmsnap::status::Status::load(&cfg.state_dir).unwrap_or_default();
+    let now = chrono::Utc::now().timestamp();
+    let (mut findings, mut perf) = (Vec::new(), Vec::new());
+    for dom in &domains {
+        match vmsnap::catalog::load(zfs, dom).await {
+            Ok(cat) => {
+                let (f, p) = check::evaluate(dom, &cat.entries, status.domains.get(&dom.name), now);
+                findings.extend(f);
+                perf.extend(p);
+            }
+            Err(e) => {
+                findings.push(check::Finding { state: State::Unknown, text: format!("{}: {}", dom.name, vmsnap::daemon::error_chain(&e)) })
+            }
+        }
+    }
+    check::line(&findings, &perf, domains.len())
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {

@@ -17,6 +17,9 @@ use vmsnap::rig::lane::{sh, vmsnap_bin};
 use vmsnap::rig::resume_kit::{self, ResumeKit};
 use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
 
+#[path = "engine_zfs/daemon.rs"]
+mod daemon;
+
 const CONFIG: &str = "/etc/vmsnap/vmsnap.toml";
 const STATE: &str = "/var/lib/vmsnap";
 const FS: &str = "tank/vms/demo";
@@ -93,6 +96,8 @@ fn inside() {
         ("ram_precopy_snapshot", ram_precopy),
         ("ram_background_snapshot_resumes_from_a_clone", ram_background_resumes),
         ("list_shows_consistency", list_json),
+        // Last: it stops the guest agent.
+        ("daemon_takes_prunes_and_check_goes_critical", daemon::daemon_takes_prunes_and_check_goes_critical),
     ];
     let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
     let conclusion = libtest_mimic::run(&args, trials);
@@ -202,12 +207,9 @@ fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
 }
 
 /// The guest is running, thawed, has no vmsnap node or job, and no overlay or journal file exists.
-fn assert_clean() -> Result<(), Failed> {
-    let (observer, qga_path) = {
-        let g = GUEST.lock().unwrap();
-        let g = g.as_ref().unwrap();
-        (g.vm.machine.observer_path.clone(), g.vm.machine.qga_path.clone())
-    };
+/// QEMU's side and the host's files: running, no vmsnap node, job or fdset, no overlay or journal.
+fn assert_clean_qemu() -> Result<(), Failed> {
+    let observer = GUEST.lock().unwrap().as_ref().unwrap().vm.machine.observer_path.clone();
     rt().block_on(async {
         let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
         let status = qmp.execute(&qapi::qmp::query_status {}).await.map_err(|e| e.to_string())?;
@@ -219,18 +221,25 @@ fn assert_clean() -> Result<(), Failed> {
         check(fdsets.is_empty(), format!("fdsets left: {fdsets:?}"))?;
         let blocks = qmp.execute(&qapi::qmp::query_block {}).await.map_err(|e| e.to_string())?;
         let tops: Vec<String> = blocks.into_iter().filter_map(|b| b.inserted.and_then(|i| i.node_name)).collect();
-        check(tops == ["disk0-fmt", "disk1-fmt"], format!("disk chains not back on their base: {tops:?}"))?;
-        let mut qga = Qga::connect(&qga_path, patient()).await.map_err(|e| e.to_string())?;
-        check(qga.freeze_status().await.map_err(|e| e.to_string())? == FreezeStatus::Thawed, "guest left frozen")?;
-        let w =
-            qga.sh("echo ok > /mnt/vda/probe && sync && cat /mnt/vda/probe", Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
-        check(w.stdout_text().trim() == "ok", "guest cannot write to its disk")?;
-        Ok::<(), Failed>(())
+        check(tops == ["disk0-fmt", "disk1-fmt"], format!("disk chains not back on their base: {tops:?}"))
     })?;
     let overlays = sh(&format!("find {STATE}/overlays -type f 2>/dev/null | wc -l"));
     check(overlays.trim() == "0", format!("overlay files left: {overlays}"))?;
     let journals = sh(&format!("ls {STATE}/journal 2>/dev/null | wc -l"));
     check(journals.trim() == "0", format!("journals left: {journals}"))
+}
+
+/// [`assert_clean_qemu`], and the guest is thawed and can write.
+fn assert_clean() -> Result<(), Failed> {
+    assert_clean_qemu()?;
+    let qga_path = GUEST.lock().unwrap().as_ref().unwrap().vm.machine.qga_path.clone();
+    rt().block_on(async {
+        let mut qga = Qga::connect(&qga_path, patient()).await.map_err(|e| e.to_string())?;
+        check(qga.freeze_status().await.map_err(|e| e.to_string())? == FreezeStatus::Thawed, "guest left frozen")?;
+        let w =
+            qga.sh("echo ok > /mnt/vda/probe && sync && cat /mnt/vda/probe", Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        check(w.stdout_text().trim() == "ok", "guest cannot write to its disk")
+    })
 }
 
 /// A clone of a snapshot of the qcow2 disk and of the zvol: both pass e2fsck; the counters the

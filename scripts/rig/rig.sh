@@ -3,7 +3,7 @@
 # Debian VM with real OpenZFS built by DKMS (ZFS lane). Debian 12 host, root, TCG only (KVM does not
 # work on this machine: see README "Test rig").
 #
-# Usage: scripts/rig/rig.sh [all|packages|tiny|zfsvm|env]
+# Usage: scripts/rig/rig.sh [all|packages|tiny|zfsvm|sanoid|env]
 #   all      build every missing or outdated step (idempotent, cached in $VMSNAP_RIG)
 #   env      print the variables the tests read (VMSNAP_RIG=...)
 #
@@ -115,6 +115,18 @@ EOF
   rm -rf "$R"
 }
 
+# Debian's sanoid (for the retention side-by-side test and the planning benchmark), unpacked rather
+# than installed: the package depends on zfsutils-linux, which the host cannot use. Its two Perl
+# libraries come along; tests run it with PERL5LIB and a `zfs` stand-in on PATH.
+step_sanoid() {
+  apt_lists
+  local W=$RIG/sanoid.work; rm -rf "$W" "$RIG/sanoid"; mkdir -p "$W"
+  (cd "$W" && apt-get "${APTO[@]}" download sanoid libconfig-inifiles-perl libcapture-tiny-perl 2>&1 | grep -v unsandboxed || true)
+  for deb in "$W"/*.deb; do dpkg-deb -x "$deb" "$RIG/sanoid"; done
+  rm -rf "$W"
+  test -x "$RIG/sanoid/usr/sbin/sanoid" && test -s "$RIG/sanoid/usr/share/sanoid/sanoid.defaults.conf"
+}
+
 # The hash of what a step is: its function text, the kver helper, and the helper files it copies.
 recipe_hash() {
   local step=$1; shift
@@ -149,11 +161,14 @@ case "${1:-all}" in
     run_step tiny build-initramfs.sh
     [ -s "$RIG/zfsroot.img" ] || rm -f "$RIG/stamps/zfsvm"
     run_step zfsvm zfsvm-init
+    [ -x "$RIG/sanoid/usr/sbin/sanoid" ] || rm -f "$RIG/stamps/sanoid"
+    run_step sanoid
     log "rig ready in $((SECONDS - t0)) s: $RIG"
     ;;
   packages) step_packages ;;
   tiny) run_step tiny build-initramfs.sh ;;
   zfsvm) run_step zfsvm zfsvm-init ;;
+  sanoid) run_step sanoid ;;
   env) echo "VMSNAP_RIG=$RIG" ;;
-  *) echo "usage: $0 [all|packages|tiny|zfsvm|env]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|packages|tiny|zfsvm|sanoid|env]" >&2; exit 2 ;;
 esac

@@ -57,7 +57,7 @@ pub async fn snapshot(
         progress("recovering an interrupted earlier operation");
         recover::recover_journal(&leftover).await.map_err(|e| fail("recover", StepError::Refused(e)))?;
     }
-    let name = naming::snapshot_name(SystemTime::now(), &opts.label);
+    let name = naming::snapshot_name(opts.name_at.unwrap_or_else(SystemTime::now), &opts.label);
     let qmp = match Qmp::connect(&dom.qmp, Duration::from_secs(5)).await {
         Ok(q) => q,
         Err(QmpError::Connect { .. }) => return offline(dom, opts, zfs, name, progress).await.map_err(|(s, e)| fail(s, e)),

@@ -74,11 +74,14 @@ pub struct SnapshotOptions {
     pub label: String,
     /// The retention periods a scheduled snapshot serves (recorded in `vmsnap:periods`).
     pub periods: Vec<crate::policy::Period>,
+    /// The time in the snapshot's name (default: when the snapshot starts); the daemon fixes it
+    /// beforehand so the name its pre-snapshot script is told is the one taken.
+    pub name_at: Option<std::time::SystemTime>,
 }
 
 impl Default for SnapshotOptions {
     fn default() -> Self {
-        Self { strategy: Strategy::Overlay, memory: None, quiesce: true, label: "manual".into(), periods: Vec::new() }
+        Self { strategy: Strategy::Overlay, memory: None, quiesce: true, label: "manual".into(), periods: Vec::new(), name_at: None }
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod lane;
 mod machine;
 pub mod resume_kit;
+pub mod sanoid;
 mod tiny;
 mod zfsvm;
 

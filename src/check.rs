@@ -1,0 +1,161 @@
+//! `vmsnap check`: a Nagios/Icinga plugin in the manner of `sanoid --monitor-snapshots`. One
+//! line, perfdata after `|`, exit 0 OK / 1 WARNING / 2 CRITICAL / 3 UNKNOWN.
+//!
+//! A domain is critical when the newest snapshot of a counted period is older than its
+//! `*_crit` age (or there is none), when its newest snapshot fell back to crash-consistent
+//! although it has a guest agent, or when the daemon's last attempt failed; warning past the
+//! `*_warn` age. The findings are a pure function ([`evaluate`]) of the snapshots, the status
+//! file and the time.
+
+use crate::catalog::Entry;
+use crate::config::DomainConfig;
+use crate::policy::Period;
+use crate::status::Attempt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum State {
+    Ok = 0,
+    Warning = 1,
+    Critical = 2,
+    Unknown = 3,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ok => "OK",
+            State::Warning => "WARNING",
+            State::Critical => "CRITICAL",
+            State::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub state: State,
+    pub text: String,
+}
+
+/// One domain's findings and perfdata.
+pub fn evaluate(dom: &DomainConfig, entries: &[Entry], last: Option<&Attempt>, now: i64) -> (Vec<Finding>, Vec<String>) {
+    let p = &dom.policy;
+    let mut findings = Vec::new();
+    let mut perf = Vec::new();
+    let mut add = |state, text: String| findings.push(Finding { state, text: format!("{}: {text}", dom.name) });
+    for period in Period::ALL.into_iter().filter(|&x| p.keep.get(x) > 0) {
+        let (warn, crit) = (p.warn_after.get(period), p.crit_after.get(period));
+        let newest = entries.iter().filter(|e| e.snap.periods.contains(&period)).map(|e| e.snap.created).max();
+        let Some(created) = newest else {
+            if crit > 0 {
+                add(State::Critical, format!("no {} snapshot", period.as_str()));
+            }
+            continue;
+        };
+        let age = (now - created).max(0) as u64;
+        perf.push(format!("{}_{}_age={age}s;{warn};{crit}", dom.name, period.as_str()));
+        if crit > 0 && age > crit {
+            add(State::Critical, format!("newest {} snapshot is {} old", period.as_str(), human(age)));
+        } else if warn > 0 && age > warn {
+            add(State::Warning, format!("newest {} snapshot is {} old", period.as_str(), human(age)));
+        }
+    }
+    let newest = entries.iter().max_by_key(|e| e.snap.created);
+    if let Some(e) = newest {
+        if e.consistency.as_deref() == Some("crash") && dom.qga.is_some() {
+            add(State::Critical, format!("newest snapshot {} fell back to crash-consistent (is the guest agent running?)", e.snap.name));
+        }
+    }
+    if let Some(a) = last.filter(|a| !a.ok) {
+        if newest.is_none_or(|e| e.snap.created <= a.at) {
+            add(State::Critical, format!("last snapshot attempt failed: {}", a.error.as_deref().unwrap_or("unknown error")));
+        }
+    }
+    (findings, perf)
+}
+
+/// The plugin's line: worst state, the findings (or a summary), perfdata.
+pub fn line(findings: &[Finding], perf: &[String], domains: usize) -> (State, String) {
+    let state = findings.iter().map(|f| f.state).max().unwrap_or(State::Ok);
+    let text = if findings.is_empty() {
+        format!("{domains} domain(s) have fresh snapshots")
+    } else {
+        let mut worst: Vec<&Finding> = findings.iter().collect();
+        worst.sort_by_key(|f| std::cmp::Reverse(f.state));
+        worst.iter().map(|f| f.text.as_str()).collect::<Vec<_>>().join("; ")
+    };
+    let perf = if perf.is_empty() { String::new() } else { format!(" | {}", perf.join(" ")) };
+    (state, format!("VMSNAP {} - {text}{perf}", state.as_str()))
+}
+
+fn human(secs: u64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{:.1}d", s as f64 / 86_400.0),
+        s if s >= 3600 => format!("{:.1}h", s as f64 / 3600.0),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QuiescePolicy;
+    use crate::policy::{PerPeriod, Policy};
+    use crate::retention::Snap;
+    use std::path::PathBuf;
+
+    fn dom(qga: bool) -> DomainConfig {
+        DomainConfig {
+            name: "web".into(),
+            uuid: None,
+            qmp: "/run/web.qmp".into(),
+            qga: qga.then(|| PathBuf::from("/run/web.qga")),
+            disks: vec![],
+            nvram: None,
+            xml: None,
+            quiesce: QuiescePolicy::BestEffort,
+            policy: Policy { keep: PerPeriod([0, 24, 0, 0, 0, 0]), ..Policy::default() },
+        }
+    }
+
+    fn entry(name: &str, created: i64, consistency: &str) -> Entry {
+        Entry {
+            snap: Snap { name: name.into(), created, periods: [Period::Hourly].into(), holds: vec![], ram_dump: None },
+            datasets: vec![],
+            consistency: Some(consistency.into()),
+        }
+    }
+
+    #[test]
+    fn ages_against_warn_and_crit() {
+        let now = 100_000;
+        let (f, perf) = evaluate(&dom(true), &[entry("a", now - 600, "app")], None, now);
+        assert!(f.is_empty());
+        assert_eq!(perf, ["web_hourly_age=600s;5400;21600"]);
+        let (f, _) = evaluate(&dom(true), &[entry("a", now - 6000, "app")], None, now);
+        assert_eq!(f[0].state, State::Warning);
+        let (f, _) = evaluate(&dom(true), &[entry("a", now - 30_000, "app")], None, now);
+        assert_eq!(f[0].state, State::Critical);
+        let (f, _) = evaluate(&dom(true), &[], None, now);
+        assert_eq!((f[0].state, f[0].text.as_str()), (State::Critical, "web: no hourly snapshot"));
+    }
+
+    #[test]
+    fn crash_fallback_and_failed_attempt_are_critical() {
+        let now = 100_000;
+        let (f, _) = evaluate(&dom(true), &[entry("a", now - 60, "crash")], None, now);
+        assert!(f[0].state == State::Critical && f[0].text.contains("crash-consistent"), "{f:?}");
+        // Without an agent configured, crash-consistent is all there can be.
+        assert!(evaluate(&dom(false), &[entry("a", now - 60, "crash")], None, now).0.is_empty());
+        let failed = Attempt { at: now - 30, ok: false, snapshot: None, consistency: None, error: Some("agent gone".into()) };
+        let (f, _) = evaluate(&dom(true), &[entry("a", now - 60, "app")], Some(&failed), now);
+        assert!(f[0].text.contains("agent gone"));
+        // A success after the failure clears it.
+        assert!(evaluate(&dom(true), &[entry("a", now - 10, "app")], Some(&failed), now).0.is_empty());
+        let (state, text) = line(&f, &["x=1s;2;3".into()], 1);
+        assert_eq!(state, State::Critical);
+        assert!(text.starts_with("VMSNAP CRITICAL - web: last snapshot attempt failed") && text.ends_with(" | x=1s;2;3"), "{text}");
+        assert_eq!(line(&[], &[], 2), (State::Ok, "VMSNAP OK - 2 domain(s) have fresh snapshots".into()));
+    }
+}

@@ -1,0 +1,143 @@
+//! The daemon on the real rig: a 1-minute `frequently` policy with RAM in every snapshot takes
+//! and prunes snapshots of the running guest and deletes the pruned RAM dumps; a reload (SIGHUP)
+//! to disk-only snapshots after the guest agent is stopped makes `vmsnap check` critical; SIGTERM
+//! stops it cleanly. It stops the guest's agent, so it runs last.
+
+use super::{check, sh, Guest, FS, GUEST, STATE, ZVOL};
+use libtest_mimic::Failed;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use vmsnap::rig::lane::vmsnap_bin;
+
+const SCHED_CONFIG: &str = "/etc/vmsnap/sched.toml";
+const LOG: &str = "/var/log/vmsnap-daemon.log";
+const METRICS: &str = "/var/lib/vmsnap/vmsnap.prom";
+
+fn config(g: &Guest, ram: bool) -> String {
+    let m = &g.vm.machine;
+    format!(
+        r#"state_dir = "{STATE}"
+metrics_file = "{METRICS}"
+[domain.sched]
+qmp = "{qmp}"
+qga = "{qga}"
+disks = ["/{FS}/disk0.qcow2", "/dev/zvol/{ZVOL}"]
+frequently = 2
+frequent_period = 1
+hourly = 0
+daily = 0
+monthly = 0
+frequently_warn = "10m"
+frequently_crit = "20m"
+ram = [{ram}]
+"#,
+        qmp = m.qmp_path.display(),
+        qga = m.qga_path.display(),
+        ram = if ram { "\"frequently\"" } else { "" },
+    )
+}
+
+/// (name, consistency, ram dump) of the daemon's snapshots, oldest first.
+fn sched_snapshots() -> Vec<(String, String, String)> {
+    sh(&format!("zfs list -H -p -t snapshot -s creation -o name,vmsnap:domain,vmsnap:consistency,vmsnap:ram-dump {FS}"))
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 4 && f[1] == "sched").then(|| (f[0].split('@').nth(1).unwrap_or("").to_owned(), f[2].to_owned(), f[3].to_owned()))
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Result<(), Failed> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            eprintln!("METRIC daemon: {what} after {:.0} s", t.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    Err(format!("{what}: not within {limit:?}\n{}", std::fs::read_to_string(LOG).unwrap_or_default()).into())
+}
+
+fn vmsnap_check() -> (i32, String) {
+    let out = Command::new(vmsnap_bin()).args(["--config", SCHED_CONFIG, "check"]).output().expect("vmsnap check");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
+    std::fs::write(SCHED_CONFIG, config(GUEST.lock().unwrap().as_ref().unwrap(), true))?;
+    let log = std::fs::File::create(LOG)?;
+    let mut daemon = Daemon(
+        Command::new(vmsnap_bin())
+            .args(["--config", SCHED_CONFIG, "daemon"])
+            .env("VMSNAP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?,
+    );
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    // Three RAM snapshots a minute apart: the first is then older than 2 minutes and one of
+    // more than two, so it goes, with its RAM dump.
+    wait_for("a snapshot pruned", Duration::from_secs(600), || {
+        for s in sched_snapshots() {
+            if !seen.iter().any(|x| x.0 == s.0) {
+                eprintln!("daemon took {} ({}, {})", s.0, s.1, s.2);
+                seen.push(s);
+            }
+        }
+        let now: Vec<String> = sched_snapshots().into_iter().map(|s| s.0).collect();
+        seen.len() >= 3 && seen.iter().any(|s| !now.contains(&s.0))
+    })?;
+    let now = sched_snapshots();
+    check(now.len() <= 3 && now.iter().all(|s| s.1 == "ram"), format!("kept: {now:?}"))?;
+    for s in &seen {
+        let kept = now.iter().any(|n| n.0 == s.0);
+        let exists = std::path::Path::new(&s.2).exists();
+        check(kept == exists, format!("{}: snapshot kept {kept} but RAM dump exists {exists}", s.0))?;
+    }
+    let log_text = std::fs::read_to_string(LOG)?;
+    check(log_text.contains("snapshot taken") && log_text.contains("pruned"), "the daemon logs each snapshot and prune")?;
+    let (code, line) = vmsnap_check();
+    check(code == 0, format!("check should be OK: {code} {line}"))?;
+    let metrics = std::fs::read_to_string(METRICS)?;
+    check(metrics.contains("vmsnap_snapshots_taken_total{domain=\"sched\",consistency=\"ram\"}"), metrics.clone())?;
+
+    // Stop the guest agent, switch to disk-only snapshots and reload: the next snapshot falls
+    // back to crash-consistent and the check goes critical.
+    let qga_path = GUEST.lock().unwrap().as_ref().unwrap().vm.machine.qga_path.clone();
+    super::rt().block_on(async {
+        let mut qga = vmsnap::qemu::qga::Qga::connect(&qga_path, super::patient()).await.map_err(|e| e.to_string())?;
+        qga.exec_start("/bin/sh", &["-c", "(sleep 2; kill $(pidof qemu-ga)) >/dev/null 2>&1 &"], &[]).await.map_err(|e| e.to_string())?;
+        Ok::<(), Failed>(())
+    })?;
+    std::thread::sleep(Duration::from_secs(5));
+    std::fs::write(SCHED_CONFIG, config(GUEST.lock().unwrap().as_ref().unwrap(), false))?;
+    sh(&format!("kill -HUP {}", daemon.0.id()));
+    wait_for("a crash-consistent snapshot", Duration::from_secs(300), || sched_snapshots().last().is_some_and(|s| s.1 == "crash"))?;
+    let (code, line) = vmsnap_check();
+    check(code == 2 && line.contains("crash-consistent"), format!("check should be CRITICAL: {code} {line}"))?;
+
+    sh(&format!("kill -TERM {}", daemon.0.id()));
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = daemon.0.try_wait()? {
+            break s;
+        }
+        check(t.elapsed() < Duration::from_secs(300), "the daemon did not stop on SIGTERM")?;
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    check(status.success(), format!("daemon exit: {status}"))?;
+    let log_text = std::fs::read_to_string(LOG)?;
+    check(log_text.contains("configuration reloaded") && log_text.contains("vmsnap daemon stopped"), "reload and stop are logged")?;
+    super::assert_clean_qemu()
+}
