@@ -6,6 +6,7 @@
 //! - [`policy`]: sanoid-style retention counts, preferred times, RAM cadence, scripts.
 //! - [`catalog`]: a domain's snapshots read back from ZFS, one entry per name across datasets.
 //! - [`retention`]: the pure keep/destroy plan; [`prune`] carries it out.
+//! - [`sanoid_import`]: an existing sanoid.conf as a vmsnap config.
 //! - [`schedule`]: which periods are due (pure); [`scripts`]: the user's pre/post/pruning scripts.
 //! - [`daemon`]: the scheduler; [`status`] and [`metrics`] are what it leaves for [`check`]
 //!   (the Nagios plugin) and Prometheus.
@@ -27,6 +28,7 @@ pub mod prune;
 pub mod qemu;
 pub mod retention;
 pub mod rig;
+pub mod sanoid_import;
 pub mod schedule;
 pub mod scripts;
 pub mod status;

@@ -64,6 +64,11 @@ enum Command {
         /// One domain (default: every configured domain).
         domain: Option<String>,
     },
+    /// Print the vmsnap config equivalent to a sanoid.conf, for the domains of the current config.
+    ImportSanoid {
+        #[arg(default_value = "/etc/sanoid/sanoid.conf")]
+        sanoid_conf: PathBuf,
+    },
     /// Finish or undo operations a crash interrupted: thaw, resume, merge overlays, delete partial dumps.
     Recover {
         #[arg(long)]
@@ -118,9 +123,12 @@ async fn run(cli: Cli) -> Result<()> {
         println!("{line}");
         std::process::exit(state as i32);
     }
+    if let Command::ImportSanoid { sanoid_conf } = &cli.command {
+        return import_sanoid(&cli.config, sanoid_conf, &zfs).await;
+    }
     let cfg = Config::load(&cli.config)?;
     match cli.command {
-        Command::Daemon | Command::Check { .. } => unreachable!("handled above"),
+        Command::Daemon | Command::Check { .. } | Command::ImportSanoid { .. } => unreachable!("handled above"),
         Command::Snapshot { domain, memory, strategy, no_quiesce, label, json } => {
             let dom = cfg.domain(&domain)?;
             let opts = SnapshotOptions {
@@ -195,6 +203,29 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+async fn import_sanoid(config: &std::path::Path, sanoid_conf: &std::path::Path, zfs: &Zfs) -> Result<()> {
+    let text = std::fs::read_to_string(sanoid_conf).with_context(|| format!("reading {}", sanoid_conf.display()))?;
+    // Without a vmsnap config yet, only the templates carry over.
+    let cfg = if config.exists() { Some(Config::load(config)?) } else { None };
+    let mut domains = Vec::new();
+    for dom in cfg.iter().flat_map(|c| c.domains.values()) {
+        let on = engine::disks::datasets_by_pool(zfs, &dom.disks)
+            .await
+            .with_context(|| format!("finding the datasets of domain {}", dom.name))?
+            .into_values()
+            .flatten()
+            .map(|d| d.to_string())
+            .collect();
+        domains.push((dom, on));
+    }
+    let (out, notes) = vmsnap::sanoid_import::translate(&text, &sanoid_conf.display().to_string(), &domains)?;
+    print!("{out}");
+    for n in notes {
+        eprintln!("note: {n}");
     }
     Ok(())
 }
