@@ -2,7 +2,8 @@
 //! a non-live external snapshot with `--memspec` (the "seed" flow users script today).
 //!
 //! `cargo bench --bench strategies` (ZFS lane: runs inside the rig's OpenZFS VM on a nested guest
-//! under write load). For each variant it takes N snapshots (`VMSNAP_BENCH_N`, default 3) with
+//! under write load). It takes N snapshots of each variant (`VMSNAP_BENCH_N`, default 3), round-robin
+//! after a warm-up round, with
 //! the real `vmsnap` binary and reads the guest-visible pause from QEMU's own STOP/RESUME event
 //! timestamps (on a second QMP monitor) and the freeze window from vmsnap's report (agent freeze
 //! call to thaw reply). It prints medians and ratios; every figure comes from this run.
@@ -87,11 +88,13 @@ fn inside() {
         ("direct + RAM (background)", &["--strategy", "direct", "--memory", "background"]),
         ("overlay + RAM (precopy)", &["--memory", "precopy"]),
     ];
-    let mut results: Vec<(String, f64, f64, f64)> = Vec::new();
+    // Round-robin over the variants, after one unmeasured warm-up round: the first freezes of a
+    // freshly restored nested guest are slower (TCG translating code paths it has not run yet),
+    // and running each variant's samples back to back would charge that to whichever ran first.
+    let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
     let mut label = 0;
-    for (name, args) in variants {
-        let mut samples = Vec::new();
-        for _ in 0..n {
+    for round in 0..=n {
+        for (k, (name, args)) in variants.iter().enumerate() {
             label += 1;
             let sample = rt.block_on(async {
                 let obs = Qmp::connect(&observer, Duration::from_secs(10)).await.expect("observer");
@@ -108,15 +111,23 @@ fn inside() {
                     capture_ms: capture_ms(&report),
                 }
             });
-            samples.push(sample);
+            if round > 0 {
+                samples[k].push(sample);
+            }
         }
-        results.push((
-            name.to_string(),
-            median(samples.iter().map(|s| s.pause_ms).collect()),
-            median(samples.iter().map(|s| s.freeze_ms).collect()),
-            median(samples.iter().map(|s| s.capture_ms).collect()),
-        ));
     }
+    let mut results: Vec<(String, f64, f64, f64)> = variants
+        .iter()
+        .zip(&samples)
+        .map(|((name, _), s)| {
+            (
+                name.to_string(),
+                median(s.iter().map(|s| s.pause_ms).collect()),
+                median(s.iter().map(|s| s.freeze_ms).collect()),
+                median(s.iter().map(|s| s.capture_ms).collect()),
+            )
+        })
+        .collect();
     // The baseline: libvirt's non-live external snapshot with --memspec, over QMP.
     let mut base = Vec::new();
     for i in 0..n {
