@@ -98,10 +98,15 @@ fn default_log_level() -> &'static str {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMSNAP_LOG").unwrap_or_else(|_| default_log_level().into()))
-        .with_writer(std::io::stderr)
-        .init();
+    // journald adds its own timestamps and shows no colours: plain lines when stderr goes there.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMSNAP_LOG").unwrap_or_else(|_| default_log_level().into());
+    let plain = std::env::var_os("JOURNAL_STREAM").is_some() || !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(!plain);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        fmt.without_time().init();
+    } else {
+        fmt.init();
+    }
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     if let Err(e) = rt.block_on(run(cli)) {
@@ -301,7 +306,11 @@ struct Listed {
     snapshot: String,
     creation: i64,
     consistency: Option<String>,
+    /// The retention periods it serves (scheduled snapshots).
+    periods: Option<String>,
     ram_dump: Option<String>,
+    /// When retention dropped its RAM dump (unix seconds).
+    ram_pruned: Option<String>,
 }
 
 async fn list(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result<()> {
@@ -324,7 +333,9 @@ async fn list(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result
                     snapshot: s.name.to_string(),
                     creation: s.creation,
                     consistency: get(naming::CONSISTENCY),
+                    periods: get(naming::PERIODS),
                     ram_dump: get(naming::RAM_DUMP),
+                    ram_pruned: get(naming::RAM_PRUNED),
                 });
             }
         }
@@ -333,12 +344,17 @@ async fn list(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         for r in rows {
+            let ram = match (&r.ram_dump, &r.ram_pruned) {
+                (Some(d), _) => d.clone(),
+                (None, Some(_)) => "(RAM dump pruned)".into(),
+                (None, None) => String::new(),
+            };
             println!(
-                "{:<12} {:<70} {:<8} {}",
+                "{:<12} {:<70} {:<8} {:<18} {ram}",
                 r.domain,
                 r.snapshot,
                 r.consistency.as_deref().unwrap_or("-"),
-                r.ram_dump.as_deref().unwrap_or("")
+                r.periods.as_deref().unwrap_or("-")
             );
         }
     }
