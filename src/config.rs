@@ -86,6 +86,11 @@ pub struct Config {
     /// How many domains the daemon snapshots at once (one job at a time per domain).
     pub max_parallel: usize,
     pub domains: BTreeMap<String, DomainConfig>,
+    /// The policy of domains registered at run time (libvirt hook, D-Bus): the built-in
+    /// defaults and `[template.default]`.
+    pub registered_policy: Policy,
+    /// `require_quiesce` at the top level, for registered domains.
+    pub require_quiesce: bool,
 }
 
 #[derive(Deserialize)]
@@ -154,8 +159,7 @@ impl Config {
         let default_quiesce = raw.require_quiesce.unwrap_or(false);
         let mut domains = BTreeMap::new();
         for (name, d) in raw.domain {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) || name.starts_with('.')
-            {
+            if !valid_domain_name(&name) {
                 return Err(invalid(format!("domain name {name:?}: use letters, digits, '-', '_' and '.'")));
             }
             let policy = resolve(&raw.template, &d.policy(), &name).map_err(|(table, tname, key, why)| at(table, &tname, key, why))?;
@@ -175,7 +179,19 @@ impl Config {
                 DomainConfig { name, uuid: d.uuid, qmp: d.qmp, qga: d.qga, disks: d.disks, nvram: d.nvram, xml: d.xml, quiesce, policy },
             );
         }
-        Ok(Self { path: path.to_owned(), state_dir, overlay_dir, ram_dir, metrics_file: raw.metrics_file, max_parallel, domains })
+        let registered_policy = resolve(&raw.template, &RawPolicy::default(), "(registered)")
+            .map_err(|(table, tname, key, why)| at(table, &tname, key, why))?;
+        Ok(Self {
+            path: path.to_owned(),
+            state_dir,
+            overlay_dir,
+            ram_dir,
+            metrics_file: raw.metrics_file,
+            max_parallel,
+            domains,
+            registered_policy,
+            require_quiesce: default_quiesce,
+        })
     }
 
     /// The domain called `name`.
@@ -189,6 +205,15 @@ impl Config {
             known: if self.domains.is_empty() { "none".into() } else { self.domains.keys().cloned().collect::<Vec<_>>().join(", ") },
         })
     }
+}
+
+/// A domain name vmsnap accepts (it names files and locks): letters, digits, '-', '_', '.',
+/// not starting with '.'.
+pub fn valid_domain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
 }
 
 /// A bad key found while resolving: (table kind, table name, key, why).

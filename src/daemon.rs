@@ -6,14 +6,17 @@
 //! the pre-snapshot script, the engine, the post-snapshot script, then pruning. SIGHUP reloads
 //! the config (a bad one is refused and the old one keeps running); SIGTERM/SIGINT stop
 //! scheduling and wait for running jobs, which the engine always leaves thawed and resumed.
-//! Journals left by a crash are recovered at start-up.
+//! Journals left by a crash are recovered at start-up. The domains are the config's plus those
+//! registered by the libvirt hook or over D-Bus ([`crate::registry`]), which it also serves.
 
 use crate::catalog;
 use crate::config::{Config, ConfigError, DomainConfig};
+use crate::dbus::{self, Bus};
 use crate::engine::{self, naming, SnapshotOptions};
 use crate::metrics::Metrics;
 use crate::policy::{PerPeriod, Period};
 use crate::prune;
+use crate::registry::{all_domains, Registry};
 use crate::schedule;
 use crate::scripts::{self, ScriptEnv};
 use crate::status::{Attempt, Status};
@@ -33,6 +36,8 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("serving {name} on D-Bus (is another vmsnap daemon running? see `--bus`)", name = crate::dbus::BUS_NAME)]
+    DBus(#[source] zbus::Error),
 }
 
 /// The longest the daemon sleeps between looks at the schedule.
@@ -46,9 +51,15 @@ struct Shared {
     status: Status,
 }
 
-/// Runs until SIGTERM or SIGINT.
-pub async fn run(config_path: &Path, zfs: Zfs) -> Result<(), DaemonError> {
+/// Runs until SIGTERM or SIGINT, serving D-Bus on `bus` unless it is `None`.
+pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), DaemonError> {
     let mut cfg = Arc::new(Config::load(config_path)?);
+    let zfs = Arc::new(zfs);
+    let shared_cfg = Arc::new(std::sync::RwLock::new(cfg.clone()));
+    let _bus = match &bus {
+        Some(b) => Some(dbus::serve(b, dbus::Agent::new(shared_cfg.clone(), zfs.clone())).await.map_err(DaemonError::DBus)?),
+        None => None,
+    };
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -64,13 +75,12 @@ pub async fn run(config_path: &Path, zfs: Zfs) -> Result<(), DaemonError> {
         Status::default()
     });
     let shared = Arc::new(Mutex::new(Shared { metrics: Metrics::default(), status }));
-    let zfs = Arc::new(zfs);
     let mut slots = Arc::new(Semaphore::new(cfg.max_parallel));
     let mut jobs: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut not_before: HashMap<String, Instant> = HashMap::new();
     loop {
         jobs.retain(|_, j| !j.is_finished());
-        for dom in cfg.domains.values() {
+        for dom in &all_domains(&cfg, &Registry::new(&cfg.state_dir)) {
             if jobs.contains_key(&dom.name) || not_before.get(&dom.name).is_some_and(|t| Instant::now() < *t) {
                 continue;
             }
@@ -106,6 +116,7 @@ pub async fn run(config_path: &Path, zfs: Zfs) -> Result<(), DaemonError> {
                         slots = Arc::new(Semaphore::new(new.max_parallel));
                     }
                     cfg = Arc::new(new);
+                    *shared_cfg.write().expect("config lock") = cfg.clone();
                     not_before.clear();
                 }
                 Err(e) => tracing::error!("reload refused, the previous configuration stays: {}", error_chain(&e)),

@@ -57,8 +57,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the scheduler: take due snapshots of every configured domain, prune after them.
-    Daemon,
+    /// Run the scheduler: take due snapshots of every configured domain, prune after them; serve D-Bus.
+    Daemon {
+        /// Where to offer the D-Bus service.
+        #[arg(long, value_enum, default_value = "system")]
+        bus: BusArg,
+        /// A bus address (e.g. unix:path=/run/test-bus), instead of --bus.
+        #[arg(long)]
+        bus_address: Option<String>,
+    },
     /// Nagios/Icinga plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN, one line with perfdata.
     Check {
         /// One domain (default: every configured domain).
@@ -74,6 +81,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BusArg {
+    System,
+    Session,
+    /// No D-Bus service.
+    None,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -120,8 +135,15 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     let zfs = Zfs::default();
-    if let Command::Daemon = cli.command {
-        return Ok(vmsnap::daemon::run(&cli.config, zfs).await?);
+    if let Command::Daemon { bus, bus_address } = &cli.command {
+        use vmsnap::dbus::Bus;
+        let bus = match (bus_address, bus) {
+            (Some(a), _) => Some(Bus::Address(a.clone())),
+            (None, BusArg::System) => Some(Bus::System),
+            (None, BusArg::Session) => Some(Bus::Session),
+            (None, BusArg::None) => None,
+        };
+        return Ok(vmsnap::daemon::run(&cli.config, zfs, bus).await?);
     }
     if let Command::Check { domain } = &cli.command {
         let (state, line) = check(&cli.config, &zfs, domain.as_deref()).await;
@@ -133,7 +155,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let cfg = Config::load(&cli.config)?;
     match cli.command {
-        Command::Daemon | Command::Check { .. } | Command::ImportSanoid { .. } => unreachable!("handled above"),
+        Command::Daemon { .. } | Command::Check { .. } | Command::ImportSanoid { .. } => unreachable!("handled above"),
         Command::Snapshot { domain, memory, strategy, no_quiesce, label, json } => {
             let dom = cfg.domain(&domain)?;
             let opts = SnapshotOptions {

@@ -15,7 +15,7 @@ fn refuses_a_bad_config() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("vmsnap.toml");
     std::fs::write(&cfg, "[domain.web]\nqmp = \"/run/web.qmp\"\n\ndaily_hour = 24\n").unwrap();
-    let out = Command::new(bin()).arg("--config").arg(&cfg).arg("daemon").output().unwrap();
+    let out = Command::new(bin()).arg("--config").arg(&cfg).args(["daemon", "--bus", "none"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to start") && err.contains("line 4") && err.contains("daily_hour"), "{err}");
@@ -43,7 +43,7 @@ fn reload_keeps_the_old_config_on_error_and_stops_on_sigterm() {
     let mut child = Command::new(bin())
         .arg("--config")
         .arg(&cfg)
-        .arg("daemon")
+        .args(["daemon", "--bus", "none"])
         .env("VMSNAP_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())

@@ -38,7 +38,7 @@ EOF
 step_packages() {
   apt_lists
   apt-get "${APTO[@]}" -q install -y --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
-  apt-get "${APTO[@]}" -q install -y --no-install-recommends cpio kmod debootstrap e2fsprogs dbus xz-utils
+  apt-get "${APTO[@]}" -q install -y --no-install-recommends cpio kmod debootstrap e2fsprogs dbus dbus-bin systemd util-linux xz-utils
   apt-get "${APTO[@]}" clean
 }
 
@@ -149,7 +149,8 @@ run_step() {
 packages_ok() {
   command -v qemu-system-x86_64 >/dev/null && qemu-system-x86_64 --version | grep -q 'version 1[0-9]\.' \
     && command -v debootstrap >/dev/null && command -v depmod >/dev/null && command -v cpio >/dev/null \
-    && command -v dbus-daemon >/dev/null
+    && command -v dbus-daemon >/dev/null && command -v dbus-send >/dev/null && command -v busctl >/dev/null \
+    && command -v setpriv >/dev/null
 }
 
 case "${1:-all}" in

@@ -12,6 +12,8 @@ use vmsnap::rig::lane::vmsnap_bin;
 const SCHED_CONFIG: &str = "/etc/vmsnap/sched.toml";
 const LOG: &str = "/var/log/vmsnap-daemon.log";
 const METRICS: &str = "/var/lib/vmsnap/vmsnap.prom";
+const SCRIPT: &str = "/etc/vmsnap/record-env.sh";
+const SCRIPT_LOG: &str = "/var/log/vmsnap-scripts.log";
 
 fn config(g: &Guest, ram: bool) -> String {
     let m = &g.vm.machine;
@@ -30,6 +32,9 @@ monthly = 0
 frequently_warn = "10m"
 frequently_crit = "20m"
 ram = [{ram}]
+pre_snapshot_script = "{SCRIPT}"
+post_snapshot_script = "{SCRIPT}"
+pruning_script = "{SCRIPT}"
 "#,
         qmp = m.qmp_path.display(),
         qga = m.qga_path.display(),
@@ -75,11 +80,14 @@ impl Drop for Daemon {
 }
 
 pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
+    // The user's scripts: each call appends what sanoid's variables said.
+    std::fs::write(SCRIPT, format!("#!/bin/sh\necho \"$SANOID_SCRIPT $VMSNAP_DOMAIN $SANOID_SNAPNAME $SANOID_TYPES\" >> {SCRIPT_LOG}\n"))?;
+    sh(&format!("chmod 755 {SCRIPT} && rm -f {SCRIPT_LOG}"));
     std::fs::write(SCHED_CONFIG, config(GUEST.lock().unwrap().as_ref().unwrap(), true))?;
     let log = std::fs::File::create(LOG)?;
     let mut daemon = Daemon(
         Command::new(vmsnap_bin())
-            .args(["--config", SCHED_CONFIG, "daemon"])
+            .args(["--config", SCHED_CONFIG, "daemon", "--bus", "none"])
             .env("VMSNAP_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -109,6 +117,13 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
     check(log_text.contains("snapshot taken") && log_text.contains("pruned"), "the daemon logs each snapshot and prune")?;
     let (code, line) = vmsnap_check();
     check(code == 0, format!("check should be OK: {code} {line}"))?;
+    let scripts = std::fs::read_to_string(SCRIPT_LOG)?;
+    for s in &seen {
+        check(scripts.contains(&format!("pre sched {} frequently", s.0)), format!("no pre script for {}: {scripts}", s.0))?;
+        check(scripts.contains(&format!("post sched {} frequently", s.0)), format!("no post script for {}: {scripts}", s.0))?;
+    }
+    let gone = seen.iter().find(|s| !now.iter().any(|n| n.0 == s.0)).expect("one was pruned");
+    check(scripts.contains(&format!("prune sched {} frequently", gone.0)), format!("no pruning script for {}: {scripts}", gone.0))?;
     let metrics = std::fs::read_to_string(METRICS)?;
     check(metrics.contains("vmsnap_snapshots_taken_total{domain=\"sched\",consistency=\"ram\"}"), metrics.clone())?;
 
@@ -139,5 +154,17 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
     check(status.success(), format!("daemon exit: {status}"))?;
     let log_text = std::fs::read_to_string(LOG)?;
     check(log_text.contains("configuration reloaded") && log_text.contains("vmsnap daemon stopped"), "reload and stop are logged")?;
-    super::assert_clean_qemu()
+    super::assert_clean_qemu()?;
+
+    // prune --dry-run, years from now: all but the newest two (frequently = 2) would go, and
+    // nothing is destroyed.
+    let before = sched_snapshots();
+    let out = Command::new(vmsnap_bin())
+        .args(["--config", SCHED_CONFIG, "prune", "sched", "--dry-run", "--json", "--now", "2030-01-01T00:00:00Z"])
+        .output()?;
+    check(out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())?;
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let destroyed = reports[0]["destroyed"].as_array().map(Vec::len).unwrap_or(0);
+    check(destroyed + 2 == before.len(), format!("dry run: {destroyed} of {} would go: {reports}", before.len()))?;
+    check(sched_snapshots() == before, "a dry run destroyed something")
 }

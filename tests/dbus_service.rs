@@ -1,0 +1,274 @@
+//! The D-Bus service on a private, real `dbus-daemon` (with vmsnap's shipped policy file
+//! included): reading methods for anyone, every mutating method refused to a non-root caller
+//! (the caller's uid comes from the bus), malformed arguments refused with a clear error and
+//! nothing changed, registration persisted, and the introspection matching the committed XML.
+//! Non-root calls are made with `dbus-send` under `setpriv --reuid 65534`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    address: String,
+    _bus: Kill,
+    _daemon: Kill,
+}
+
+fn start() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("bus");
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/dbus/io.github.vmsnap.Agent1.conf");
+    // Like the system bus: anyone connects, nobody owns names or calls methods unless a policy
+    // (here vmsnap's own file) says so.
+    let conf = format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"#,
+        socket = socket.display(),
+        policy = policy.display()
+    );
+    let conf_path = dir.path().join("bus.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let bus = Kill(
+        Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf_path.display()))
+            .arg("--nofork")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (the rig installs the dbus package)"),
+    );
+    let t = Instant::now();
+    while !socket.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "dbus-daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let address = format!("unix:path={}", socket.display());
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("vmsnap.toml");
+    std::fs::write(&cfg, format!("state_dir = \"{}\"\n[domain.web]\nqmp = \"/run/no-such-web.qmp\"\n", state.display())).unwrap();
+    let daemon = Kill(
+        Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["daemon", "--bus-address", &address])
+            .env("VMSNAP_LOG", "info")
+            .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let f = Fixture { dir, address, _bus: bus, _daemon: daemon };
+    let t = Instant::now();
+    while !f.call(false, "Domains", &[]).0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the service did not appear: {}", f.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f
+}
+
+impl Fixture {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Calls `Agent1.<method>` with busctl (signature, then arguments), as root or as nobody;
+    /// (success, stdout + stderr).
+    fn call(&self, nobody: bool, method: &str, args: &[&str]) -> (bool, String) {
+        self.busctl(nobody, &["call", "io.github.vmsnap.Agent1", "/io/github/vmsnap/Agent1", "io.github.vmsnap.Agent1", method], args)
+    }
+
+    fn busctl(&self, nobody: bool, head: &[&str], args: &[&str]) -> (bool, String) {
+        let mut cmd = if nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "busctl"]);
+            c
+        } else {
+            Command::new("busctl")
+        };
+        let out = cmd.arg(format!("--address={}", self.address)).args(head).args(args).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// dbus-send shows the D-Bus error *name* (busctl shows only the message).
+    fn dbus_send(&self, nobody: bool, method: &str, args: &[&str]) -> String {
+        let mut cmd = if nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "dbus-send"]);
+            c
+        } else {
+            Command::new("dbus-send")
+        };
+        let out = cmd
+            .arg(format!("--bus={}", self.address))
+            .args([
+                "--print-reply",
+                "--dest=io.github.vmsnap.Agent1",
+                "/io/github/vmsnap/Agent1",
+                &format!("io.github.vmsnap.Agent1.{method}"),
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    }
+
+    fn job_property(&self, job: &str, prop: &str) -> String {
+        self.busctl(true, &["get-property", "io.github.vmsnap.Agent1", job, "io.github.vmsnap.Job1", prop], &[]).1
+    }
+}
+
+const REG: [&str; 9] = [
+    "ssssasss",
+    "lab",
+    "c7a5fdbd-cdaf-9455-926a-d65c16db1809",
+    "/run/vmsnap/lab.qmp",
+    "/run/vmsnap/lab.qga",
+    "1",
+    "/tank/vms/lab/root.qcow2",
+    "",
+    "<domain><name>lab</name></domain>",
+];
+
+#[test]
+fn authorization_arguments_registry_and_introspection() {
+    let f = start();
+    // Before any job object exists (they would appear as child nodes).
+    let agent_xml = introspect(&f, "/io/github/vmsnap/Agent1");
+    // Reading: anyone.
+    let (ok, out) = f.call(true, "Domains", &[]);
+    assert!(ok && out.contains("\"web\""), "{out}");
+
+    // Every mutating method, as nobody: NotAuthorized, and nothing changes.
+    for (method, args) in [
+        ("Snapshot", vec!["sa{sv}", "web", "0"]),
+        ("Prune", vec!["sb", "web", "false"]),
+        ("RegisterDomain", REG.to_vec()),
+        ("UnregisterDomain", vec!["s", "web"]),
+    ] {
+        let (ok, out) = f.call(true, method, &args);
+        assert!(!ok && out.contains("needs root") && out.contains("uid 65534"), "{method}: {out}");
+    }
+    assert!(!f.state().join("registry").exists(), "a refused call changed the registry");
+    // The errors' D-Bus names.
+    let out = f.dbus_send(true, "UnregisterDomain", &["string:web"]);
+    assert!(out.contains("io.github.vmsnap.Error.NotAuthorized"), "{out}");
+    let out = f.dbus_send(false, "UnregisterDomain", &["string:../x"]);
+    assert!(out.contains("io.github.vmsnap.Error.InvalidArgument"), "{out}");
+    let out = f.dbus_send(false, "Prune", &["string:nope", "boolean:true"]);
+    assert!(out.contains("io.github.vmsnap.Error.NoSuchDomain"), "{out}");
+
+    // Malformed arguments, as root: clear errors, nothing changed.
+    let (ok, out) = f.call(false, "Snapshot", &["sa{sv}", "nope", "0"]);
+    assert!(!ok && out.contains("no domain named \"nope\"") && out.contains("web"), "{out}");
+    let (ok, out) = f.call(false, "Snapshot", &["sa{sv}", "web", "1", "frobnicate", "i", "1"]);
+    assert!(!ok && out.contains("unknown option \"frobnicate\""), "{out}");
+    let (ok, out) = f.call(false, "Snapshot", &["sa{sv}", "web", "1", "strategy", "s", "sideways"]);
+    assert!(!ok && out.contains("sideways"), "{out}");
+    let (ok, out) = f.call(false, "Snapshot", &["sa{sv}", "web", "1", "quiesce", "s", "yes"]);
+    assert!(!ok && out.contains("\"quiesce\" must be a boolean"), "{out}");
+    let mut bad = REG;
+    bad[3] = "relative/lab.qmp";
+    let (ok, out) = f.call(false, "RegisterDomain", &bad);
+    assert!(!ok && out.contains("qmp") && out.contains("not an absolute path"), "{out}");
+    bad = REG;
+    bad[1] = "../../etc";
+    let (ok, out) = f.call(false, "RegisterDomain", &bad);
+    assert!(!ok && out.contains("domain name"), "{out}");
+    assert!(!f.state().join("registry/lab.json").exists());
+    let (ok, out) = f.call(false, "RegisterDomain", &["s", "lab"]);
+    assert!(!ok, "{out}");
+
+    // Registration, as root: persisted (0600) and listed; unregistering removes it.
+    let (ok, out) = f.call(false, "RegisterDomain", &REG);
+    assert!(ok, "{out}");
+    let saved = std::fs::read_to_string(f.state().join("registry/lab.json")).unwrap();
+    assert!(saved.contains("/run/vmsnap/lab.qmp") && saved.contains("c7a5fdbd"), "{saved}");
+    assert!(std::fs::read_to_string(f.state().join("registry/lab.xml")).unwrap().contains("<name>lab</name>"));
+    let (_, out) = f.call(true, "Domains", &[]);
+    assert!(out.contains("\"lab\"") && out.contains("\"web\""), "{out}");
+    // A snapshot of a domain whose QMP socket is absent and that has no disks: the job fails
+    // and says why.
+    let (ok, out) = f.call(false, "Snapshot", &["sa{sv}", "lab", "1", "label", "s", "dbus"]);
+    assert!(ok && out.contains("/io/github/vmsnap/Agent1/Jobs/"), "{out}");
+    let job = out.split('"').find(|s| s.starts_with("/io/github/vmsnap/Agent1/Jobs/")).unwrap().to_owned();
+    let t = Instant::now();
+    let state = loop {
+        let out = f.job_property(&job, "State");
+        if !out.contains("\"running\"") {
+            break out;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "job still running: {}", f.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(state.contains("\"failed\""), "{state}");
+    let result = f.job_property(&job, "Result");
+    assert!(result.contains("lab") && result.contains("zfs"), "{result}");
+    let (ok, out) = f.call(false, "UnregisterDomain", &["s", "lab"]);
+    assert!(ok && out.contains("b true"), "{out}");
+    assert!(!f.state().join("registry/lab.json").exists());
+
+    // The interfaces as committed.
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/dbus/io.github.vmsnap.Agent1.xml");
+    let live = format!("{agent_xml}\n{}", introspect(&f, &job));
+    if std::env::var_os("VMSNAP_BLESS").is_some() {
+        std::fs::write(&committed, &live).unwrap();
+    }
+    let want = std::fs::read_to_string(&committed).unwrap_or_default();
+    assert!(live == want, "the D-Bus interface changed; if on purpose, rerun with VMSNAP_BLESS=1 and commit\n{live}");
+}
+
+/// The introspection XML of `path`.
+fn introspect(f: &Fixture, path: &str) -> String {
+    let (ok, out) = f.busctl(true, &["call", "io.github.vmsnap.Agent1", path, "org.freedesktop.DBus.Introspectable", "Introspect"], &[]);
+    assert!(ok, "{out}");
+    // `s "<xml>"`: busctl quotes it C-style.
+    let quoted = out.trim().strip_prefix("s \"").and_then(|q| q.strip_suffix('"')).unwrap_or(&out);
+    let mut xml = String::new();
+    let mut chars = quoted.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            xml.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => xml.push('\n'),
+            Some('t') => xml.push('\t'),
+            Some(other) => xml.push(other),
+            None => {}
+        }
+    }
+    xml.trim().to_owned() + "\n"
+}
