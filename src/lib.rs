@@ -8,7 +8,8 @@
 //! - [`retention`]: the pure keep/destroy plan; [`prune`] carries it out.
 //! - [`sanoid_import`]: an existing sanoid.conf as a vmsnap config.
 //! - [`schedule`]: which periods are due (pure); [`scripts`]: the user's pre/post/pruning scripts.
-//! - [`daemon`]: the scheduler; [`status`] and [`metrics`] are what it leaves for [`check`]
+//! - [`hook`]: libvirt's qemu hook; [`registry`]: domains registered by it or over [`dbus`].
+//! - [`daemon`]: the scheduler and the D-Bus service; [`status`] and [`metrics`] are what it leaves for [`check`]
 //!   (the Nagios plugin) and Prometheus.
 //! - [`qemu`]: the two protocol clients vmsnap speaks directly over unix sockets: QMP to QEMU
 //!   ([`qemu::qmp`], with block-job and fd-passing helpers) and the guest agent ([`qemu::qga`]).
@@ -23,6 +24,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod engine;
 pub mod fixtures;
+pub mod hook;
 pub mod metrics;
 pub mod policy;
 pub mod prune;

@@ -76,6 +76,12 @@ enum Command {
         #[arg(default_value = "/etc/sanoid/sanoid.conf")]
         sanoid_conf: PathBuf,
     },
+    /// libvirt's qemu hook (install hooks/qemu as /etc/libvirt/hooks/qemu.d/vmsnap): registers
+    /// domains on started/reconnect, unregisters on stopped/release. Always exits 0, prints nothing.
+    Hook {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Finish or undo operations a crash interrupted: thaw, resume, merge overlays, delete partial dumps.
     Recover {
         #[arg(long)]
@@ -150,12 +156,28 @@ async fn run(cli: Cli) -> Result<()> {
         println!("{line}");
         std::process::exit(state as i32);
     }
+    if let Command::Hook { args } = &cli.command {
+        // stdin is read to the end whatever happens: libvirt writes the domain XML there.
+        let mut xml = String::new();
+        let read = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml);
+        let bus = std::env::var("VMSNAP_BUS_ADDRESS").ok();
+        let said = match read {
+            Ok(_) => vmsnap::hook::run(args, &xml, bus.as_deref()).await,
+            Err(e) => format!("vmsnap hook: reading the domain XML from stdin: {e}"),
+        };
+        if !said.is_empty() {
+            eprintln!("{said}");
+        }
+        std::process::exit(0);
+    }
     if let Command::ImportSanoid { sanoid_conf } = &cli.command {
         return import_sanoid(&cli.config, sanoid_conf, &zfs).await;
     }
     let cfg = Config::load(&cli.config)?;
     match cli.command {
-        Command::Daemon { .. } | Command::Check { .. } | Command::ImportSanoid { .. } => unreachable!("handled above"),
+        Command::Daemon { .. } | Command::Check { .. } | Command::ImportSanoid { .. } | Command::Hook { .. } => {
+            unreachable!("handled above")
+        }
         Command::Snapshot { domain, memory, strategy, no_quiesce, label, json } => {
             let dom = cfg.domain(&domain)?;
             let opts = SnapshotOptions {

@@ -272,3 +272,99 @@ fn introspect(f: &Fixture, path: &str) -> String {
     }
     xml.trim().to_owned() + "\n"
 }
+
+/// Runs `hooks/qemu` as libvirt would: argv, the domain XML on stdin. (exit code, stdout, stderr, time).
+fn run_hook(address: &str, args: &[&str], xml: &str) -> (i32, String, String, Duration) {
+    use std::io::Write;
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/qemu");
+    let t = Instant::now();
+    let mut child = Command::new(hook)
+        .args(args)
+        .env("VMSNAP", env!("CARGO_BIN_EXE_vmsnap"))
+        .env("VMSNAP_BUS_ADDRESS", address)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // libvirt writes the whole XML; a hook that stopped reading would fail this write.
+    child.stdin.take().unwrap().write_all(xml.as_bytes()).expect("the hook reads all of stdin");
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        t.elapsed(),
+    )
+}
+
+const ENROLLED: &str = r#"<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>lab2</name>
+  <uuid>2b7c3e55-0d5e-4d0c-8f0e-3e2f4a1b9c77</uuid>
+  <devices><disk type='file' device='disk'><source file='/tank/vms/lab2/root.qcow2'/></disk></devices>
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/><qemu:arg value='unix:/run/vmsnap/lab2.qmp,server=on,wait=off'/>
+    <qemu:arg value='-chardev'/><qemu:arg value='socket,id=vmsnap-qga,path=/run/vmsnap/lab2.qga,server=on,wait=off'/>
+  </qemu:commandline>
+</domain>
+"#;
+
+#[test]
+fn the_libvirt_hook_registers_and_never_blocks_a_start() {
+    let f = start();
+    let (code, stdout, stderr, _) = run_hook(&f.address, &["lab2", "started", "begin", "-"], ENROLLED);
+    assert!(code == 0 && stdout.is_empty(), "{code} {stdout} {stderr}");
+    let saved = std::fs::read_to_string(f.state().join("registry/lab2.json")).unwrap_or_else(|e| panic!("{e}: {stderr}\n{}", f.log()));
+    assert!(
+        saved.contains("/run/vmsnap/lab2.qmp") && saved.contains("/run/vmsnap/lab2.qga") && saved.contains("/tank/vms/lab2/root.qcow2"),
+        "{saved}"
+    );
+    assert!(f.call(true, "Domains", &[]).1.contains("\"lab2\""));
+    // Operations other than started/reconnect/stopped/release do nothing and print nothing.
+    for op in ["prepare", "start", "migrate", "restore"] {
+        let (code, stdout, _, _) = run_hook(&f.address, &["lab2", op, "begin", "-"], ENROLLED);
+        assert!(code == 0 && stdout.is_empty());
+    }
+    let (code, stdout, _, _) = run_hook(&f.address, &["lab2", "stopped", "end", "-"], ENROLLED);
+    assert!(code == 0 && stdout.is_empty());
+    assert!(!f.state().join("registry/lab2.json").exists(), "stopped must unregister");
+    // A real libvirt XML (recorded), reconnect after a libvirtd restart: registered.
+    let recorded =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("protocol-fixtures/libvirt/hook-stdin-started-begin.xml"))
+            .unwrap()
+            .replace("$RIG", "/var/cache/vmsnap-rig");
+    let (code, _, stderr, _) = run_hook(&f.address, &["tiny", "reconnect", "begin", "-"], &recorded);
+    assert!(code == 0 && f.state().join("registry/tiny.json").exists(), "{stderr}");
+    // Malformed XML: exit 0, says why on stderr, registers nothing.
+    let (code, stdout, stderr, _) = run_hook(&f.address, &["bad", "started", "begin", "-"], "<domain><name>bad");
+    assert!(code == 0 && stdout.is_empty() && stderr.contains("does not parse"), "{stderr}");
+    assert!(!f.state().join("registry/bad.json").exists());
+}
+
+#[test]
+fn the_hook_exits_0_at_once_when_the_daemon_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let address = format!("unix:path={}", dir.path().join("no-bus").display());
+    // A large XML: the hook must still read all of it.
+    let big = ENROLLED.replace("</domain>", &format!("<description>{}</description></domain>", "x".repeat(1 << 20)));
+    let (code, stdout, stderr, took) = run_hook(&address, &["lab2", "started", "begin", "-"], &big);
+    assert!(code == 0 && stdout.is_empty(), "{code} {stdout}");
+    assert!(stderr.contains("lab2") && stderr.contains("daemon"), "{stderr}");
+    assert!(took < Duration::from_secs(10), "the hook took {took:?}");
+    // Without the binary at all: still 0, stdin drained.
+    let (code, _, stderr, _) = {
+        use std::io::Write;
+        let mut child = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/qemu"))
+            .args(["lab2", "started", "begin", "-"])
+            .env("VMSNAP", "/nonexistent/vmsnap")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(big.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code().unwrap_or(-1), String::new(), String::from_utf8_lossy(&out.stderr).into_owned(), ())
+    };
+    assert!(code == 0 && stderr.contains("missing"), "{stderr}");
+}

@@ -31,6 +31,9 @@ fn main() {
 
 struct Guest {
     vm: TinyVm,
+    /// The filesystem dataset holding its qcow2 disk, and its two disks.
+    fs: String,
+    disks: [String; 2],
 }
 
 static GUEST: Mutex<Option<Guest>> = Mutex::new(None);
@@ -83,7 +86,7 @@ fn inside() {
         vm
     });
     write_config(&vm);
-    *GUEST.lock().unwrap() = Some(Guest { vm });
+    *GUEST.lock().unwrap() = Some(Guest { vm, fs: FS.into(), disks: [format!("/{FS}/disk0.qcow2"), format!("/dev/zvol/{ZVOL}")] });
 
     let cases: &[(&str, Case)] = &[
         ("overlay_snapshot_is_app_consistent_and_leaves_nothing", overlay_snapshot),
@@ -96,7 +99,7 @@ fn inside() {
         ("ram_precopy_snapshot", ram_precopy),
         ("ram_background_snapshot_resumes_from_a_clone", ram_background_resumes),
         ("list_shows_consistency", list_json),
-        // Last: it stops the guest agent.
+        // Last: it runs on the guest resumed from RAM above, and stops its agent.
         ("daemon_takes_prunes_and_check_goes_critical", daemon::daemon_takes_prunes_and_check_goes_critical),
     ];
     let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
@@ -439,9 +442,18 @@ fn ram_background_resumes() -> Result<(), Failed> {
         let uptime: f64 = text.lines().next().unwrap_or("").parse().map_err(|e| format!("uptime {text:?}: {e}"))?;
         eprintln!("restored guest: uptime {uptime} s (was {before} s before the snapshot)");
         check(uptime >= before, format!("the restored guest rebooted: uptime {uptime} < {before}"))?;
-        vm.machine.kill();
-        Ok::<(), Failed>(())
+        Ok::<TinyVm, Failed>(vm)
     });
-    destroy_clones(&["tank/restore", "tank/restore-data"]);
-    res
+    match res {
+        // The resumed guest is the one the daemon case manages next.
+        Ok(vm) => {
+            let disks = ["/tank/restore/disk0.qcow2".to_owned(), "/dev/zvol/tank/restore-data".to_owned()];
+            *GUEST.lock().unwrap() = Some(Guest { vm, fs: "tank/restore".into(), disks });
+            Ok(())
+        }
+        Err(e) => {
+            destroy_clones(&["tank/restore", "tank/restore-data"]);
+            Err(e)
+        }
+    }
 }

@@ -1,9 +1,10 @@
 //! The daemon on the real rig: a 1-minute `frequently` policy with RAM in every snapshot takes
 //! and prunes snapshots of the running guest and deletes the pruned RAM dumps; a reload (SIGHUP)
 //! to disk-only snapshots after the guest agent is stopped makes `vmsnap check` critical; SIGTERM
-//! stops it cleanly. It stops the guest's agent, so it runs last.
+//! stops it cleanly. It runs last, on the guest the RAM case resumed from a snapshot (on clones
+//! of it), and stops that guest's agent.
 
-use super::{check, sh, Guest, FS, GUEST, STATE, ZVOL};
+use super::{check, sh, Guest, GUEST, STATE};
 use libtest_mimic::Failed;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ metrics_file = "{METRICS}"
 [domain.sched]
 qmp = "{qmp}"
 qga = "{qga}"
-disks = ["/{FS}/disk0.qcow2", "/dev/zvol/{ZVOL}"]
+disks = ["{d0}", "{d1}"]
 frequently = 2
 frequent_period = 1
 hourly = 0
@@ -38,13 +39,16 @@ pruning_script = "{SCRIPT}"
 "#,
         qmp = m.qmp_path.display(),
         qga = m.qga_path.display(),
+        d0 = g.disks[0],
+        d1 = g.disks[1],
         ram = if ram { "\"frequently\"" } else { "" },
     )
 }
 
 /// (name, consistency, ram dump) of the daemon's snapshots, oldest first.
 fn sched_snapshots() -> Vec<(String, String, String)> {
-    sh(&format!("zfs list -H -p -t snapshot -s creation -o name,vmsnap:domain,vmsnap:consistency,vmsnap:ram-dump {FS}"))
+    let fs = GUEST.lock().unwrap().as_ref().map(|g| g.fs.clone()).unwrap_or_default();
+    sh(&format!("zfs list -H -p -t snapshot -s creation -o name,vmsnap:domain,vmsnap:consistency,vmsnap:ram-dump {fs}"))
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
@@ -80,6 +84,7 @@ impl Drop for Daemon {
 }
 
 pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
+    check(GUEST.lock().unwrap().is_some(), "no running guest (the RAM resume case did not leave one)")?;
     // The user's scripts: each call appends what sanoid's variables said.
     std::fs::write(SCRIPT, format!("#!/bin/sh\necho \"$SANOID_SCRIPT $VMSNAP_DOMAIN $SANOID_SNAPNAME $SANOID_TYPES\" >> {SCRIPT_LOG}\n"))?;
     sh(&format!("chmod 755 {SCRIPT} && rm -f {SCRIPT_LOG}"));
