@@ -6,6 +6,7 @@
 //! - [`policy`]: sanoid-style retention counts, preferred times, RAM cadence, scripts.
 //! - [`catalog`]: a domain's snapshots read back from ZFS, one entry per name across datasets.
 //! - [`retention`]: the pure keep/destroy plan; [`prune`] carries it out.
+//! - [`setup`]: installing the hook, unit, D-Bus files, config, completions and man page.
 //! - [`sanoid_import`]: an existing sanoid.conf as a vmsnap config.
 //! - [`schedule`]: which periods are due (pure); [`scripts`]: the user's pre/post/pruning scripts.
 //! - [`hook`]: libvirt's qemu hook; [`registry`]: domains registered by it or over [`dbus`].
@@ -35,5 +36,6 @@ pub mod rig;
 pub mod sanoid_import;
 pub mod schedule;
 pub mod scripts;
+pub mod setup;
 pub mod status;
 pub mod zfs;

@@ -1,17 +1,19 @@
 //! The `vmsnap` command line: parses arguments, runs one command, prints its result (human or
 //! `--json`) or the whole error chain with a hint.
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Result;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use vmsnap::config::{self, Config};
-use vmsnap::engine::{self, naming, RamMode, SnapshotOptions, Strategy};
+
+mod cmd;
+use vmsnap::engine;
 use vmsnap::zfs::Zfs;
 
 /// Consistent, live snapshots of QEMU/libvirt virtual machines on ZFS.
 #[derive(Parser)]
 #[command(version, about)]
-struct Cli {
+pub struct Cli {
     /// The configuration file.
     #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
@@ -52,7 +54,7 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
         /// Plan as if it were this time (RFC 3339, e.g. 2026-11-26T12:00:00Z).
-        #[arg(long, value_parser = parse_time)]
+        #[arg(long, value_parser = cmd::prune::parse_time)]
         now: Option<i64>,
         #[arg(long)]
         json: bool,
@@ -82,6 +84,19 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Install the libvirt hook, systemd unit, D-Bus policy, default config, completions and man page.
+    Setup {
+        /// Show what would be installed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Install under this root instead of / (packaging, tests).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Manpage,
     /// Finish or undo operations a crash interrupted: thaw, resume, merge overlays, delete partial dumps.
     Recover {
         #[arg(long)]
@@ -98,13 +113,13 @@ enum BusArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum StrategyArg {
+pub enum StrategyArg {
     Overlay,
     Direct,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum MemoryArg {
+pub enum MemoryArg {
     Precopy,
     Background,
 }
@@ -141,266 +156,51 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     let zfs = Zfs::default();
-    if let Command::Daemon { bus, bus_address } = &cli.command {
-        use vmsnap::dbus::Bus;
-        let bus = match (bus_address, bus) {
-            (Some(a), _) => Some(Bus::Address(a.clone())),
-            (None, BusArg::System) => Some(Bus::System),
-            (None, BusArg::Session) => Some(Bus::Session),
-            (None, BusArg::None) => None,
-        };
-        return Ok(vmsnap::daemon::run(&cli.config, zfs, bus).await?);
-    }
-    if let Command::Check { domain } = &cli.command {
-        let (state, line) = check(&cli.config, &zfs, domain.as_deref()).await;
-        println!("{line}");
-        std::process::exit(state as i32);
-    }
-    if let Command::Hook { args } = &cli.command {
-        // stdin is read to the end whatever happens: libvirt writes the domain XML there.
-        let mut xml = String::new();
-        let read = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml);
-        let bus = std::env::var("VMSNAP_BUS_ADDRESS").ok();
-        let said = match read {
-            Ok(_) => vmsnap::hook::run(args, &xml, bus.as_deref()).await,
-            Err(e) => format!("vmsnap hook: reading the domain XML from stdin: {e}"),
-        };
-        if !said.is_empty() {
-            eprintln!("{said}");
-        }
-        std::process::exit(0);
-    }
-    if let Command::ImportSanoid { sanoid_conf } = &cli.command {
-        return import_sanoid(&cli.config, sanoid_conf, &zfs).await;
-    }
-    let cfg = Config::load(&cli.config)?;
+    let load = || Config::load(&cli.config);
     match cli.command {
-        Command::Daemon { .. } | Command::Check { .. } | Command::ImportSanoid { .. } | Command::Hook { .. } => {
-            unreachable!("handled above")
-        }
         Command::Snapshot { domain, memory, strategy, no_quiesce, label, json } => {
-            let dom = cfg.domain(&domain)?;
-            let opts = SnapshotOptions {
-                strategy: match strategy {
-                    StrategyArg::Overlay => Strategy::Overlay,
-                    StrategyArg::Direct => Strategy::Direct,
-                },
-                memory: memory.map(|m| match m {
-                    MemoryArg::Precopy => RamMode::Precopy,
-                    MemoryArg::Background => RamMode::Background,
-                }),
-                quiesce: !no_quiesce,
-                label,
-                ..SnapshotOptions::default()
+            cmd::snapshot::run(&load()?, &zfs, cmd::snapshot::Args { domain, memory, strategy, no_quiesce, label, json }).await
+        }
+        Command::List { domain, json } => cmd::list::run(&load()?, &zfs, domain.as_deref(), json).await,
+        Command::Prune { domain, dry_run, now, json } => cmd::prune::run(&load()?, &zfs, domain, dry_run, now, json).await,
+        Command::Recover { json } => cmd::recover::run(&load()?, json).await,
+        Command::Daemon { bus, bus_address } => {
+            use vmsnap::dbus::Bus;
+            let bus = match (bus_address, bus) {
+                (Some(a), _) => Some(Bus::Address(a)),
+                (None, BusArg::System) => Some(Bus::System),
+                (None, BusArg::Session) => Some(Bus::Session),
+                (None, BusArg::None) => None,
             };
-            let progress = |step: &str| {
-                if !json {
-                    eprintln!("  {step}");
-                }
+            Ok(vmsnap::daemon::run(&cli.config, zfs, bus).await?)
+        }
+        Command::Check { domain } => {
+            let (state, line) = cmd::check::run(&cli.config, &zfs, domain.as_deref()).await;
+            println!("{line}");
+            std::process::exit(state as i32);
+        }
+        Command::Hook { args } => {
+            // stdin is read to the end whatever happens: libvirt writes the domain XML there.
+            let mut xml = String::new();
+            let read = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml);
+            let bus = std::env::var("VMSNAP_BUS_ADDRESS").ok();
+            let said = match read {
+                Ok(_) => vmsnap::hook::run(&args, &xml, bus.as_deref()).await,
+                Err(e) => format!("vmsnap hook: reading the domain XML from stdin: {e}"),
             };
-            let report = engine::snapshot(&cfg, dom, &opts, &zfs, &progress).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("{} @{}: {} ({})", report.domain, report.name, report.consistency, report.strategy);
-                for s in &report.snapshots {
-                    println!("  {s}");
-                }
-                if let Some(f) = report.freeze_ms {
-                    println!("  guest frozen {f:.1} ms");
-                }
-                if let Some(p) = report.pause_ms {
-                    println!("  VM paused {p:.1} ms");
-                }
-                for w in &report.warnings {
-                    println!("  warning: {w}");
-                }
+            if !said.is_empty() {
+                eprintln!("{said}");
             }
+            std::process::exit(0);
         }
-        Command::Prune { domain, dry_run, now, json } => {
-            let now = now.unwrap_or_else(|| chrono::Utc::now().timestamp());
-            let domains: Vec<&config::DomainConfig> = match &domain {
-                Some(name) => vec![cfg.domain(name)?],
-                None => cfg.domains.values().collect(),
-            };
-            let mut reports = Vec::new();
-            for dom in domains {
-                reports.push(vmsnap::prune::prune(&cfg, dom, &zfs, now, dry_run).await?);
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reports)?);
-            } else {
-                for r in &reports {
-                    print_prune(r);
-                }
-            }
+        Command::ImportSanoid { sanoid_conf } => cmd::import_sanoid::run(&cli.config, &sanoid_conf, &zfs).await,
+        Command::Setup { dry_run, root } => cmd::setup::run(&cli.config, &root, dry_run),
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics when its writer fails (a closed pipe).
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vmsnap", &mut buf);
+            Ok(std::io::Write::write_all(&mut std::io::stdout(), &buf)?)
         }
-        Command::List { domain, json } => list(&cfg, &zfs, domain.as_deref(), json).await?,
-        Command::Recover { json } => {
-            let reports =
-                engine::recover::recover_all(&cfg).await.map_err(anyhow::Error::msg).context("recovery incomplete; the journals stay")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reports)?);
-            } else if reports.is_empty() {
-                println!("nothing to recover");
-            } else {
-                for r in reports {
-                    println!("{}: recovered ({})", r.domain, r.journal.display());
-                    for a in r.actions {
-                        println!("  {a}");
-                    }
-                }
-            }
-        }
+        Command::Manpage => Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?),
     }
-    Ok(())
-}
-
-async fn import_sanoid(config: &std::path::Path, sanoid_conf: &std::path::Path, zfs: &Zfs) -> Result<()> {
-    let text = std::fs::read_to_string(sanoid_conf).with_context(|| format!("reading {}", sanoid_conf.display()))?;
-    // Without a vmsnap config yet, only the templates carry over.
-    let cfg = if config.exists() { Some(Config::load(config)?) } else { None };
-    let mut domains = Vec::new();
-    for dom in cfg.iter().flat_map(|c| c.domains.values()) {
-        let on = engine::disks::datasets_by_pool(zfs, &dom.disks)
-            .await
-            .with_context(|| format!("finding the datasets of domain {}", dom.name))?
-            .into_values()
-            .flatten()
-            .map(|d| d.to_string())
-            .collect();
-        domains.push((dom, on));
-    }
-    let (out, notes) = vmsnap::sanoid_import::translate(&text, &sanoid_conf.display().to_string(), &domains)?;
-    print!("{out}");
-    for n in notes {
-        eprintln!("note: {n}");
-    }
-    Ok(())
-}
-
-/// The check plugin never fails with a Rust error: anything unexpected is UNKNOWN, on one line.
-async fn check(path: &std::path::Path, zfs: &Zfs, only: Option<&str>) -> (vmsnap::check::State, String) {
-    use vmsnap::check::{self, State};
-    let unknown = |e: String| (State::Unknown, format!("VMSNAP UNKNOWN - {e}"));
-    let cfg = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return unknown(vmsnap::daemon::error_chain(&e)),
-    };
-    let domains: Vec<&config::DomainConfig> = match only {
-        Some(name) => match cfg.domain(name) {
-            Ok(d) => vec![d],
-            Err(e) => return unknown(e.to_string()),
-        },
-        None => cfg.domains.values().filter(|d| d.policy.autosnap).collect(),
-    };
-    let status = vmsnap::status::Status::load(&cfg.state_dir).unwrap_or_default();
-    let now = chrono::Utc::now().timestamp();
-    let (mut findings, mut perf) = (Vec::new(), Vec::new());
-    for dom in &domains {
-        match vmsnap::catalog::load(zfs, dom).await {
-            Ok(cat) => {
-                let (f, p) = check::evaluate(dom, &cat.entries, status.domains.get(&dom.name), now);
-                findings.extend(f);
-                perf.extend(p);
-            }
-            Err(e) => {
-                findings.push(check::Finding { state: State::Unknown, text: format!("{}: {}", dom.name, vmsnap::daemon::error_chain(&e)) })
-            }
-        }
-    }
-    check::line(&findings, &perf, domains.len())
-}
-
-fn parse_time(s: &str) -> Result<i64, String> {
-    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp()).map_err(|e| format!("{s:?} is not an RFC 3339 time ({e})"))
-}
-
-fn print_prune(r: &vmsnap::prune::PruneReport) {
-    let verb = if r.dry_run { "would destroy" } else { "destroyed" };
-    println!("{}: {verb} {} of {} snapshots", r.domain, r.destroyed.len(), r.decisions.len());
-    for d in &r.decisions {
-        let why = serde_json::to_value(&d.rule).ok().map(|v| rule_text(&v)).unwrap_or_default();
-        let what = if d.keep { "keep   " } else { "destroy" };
-        let ram = if d.drop_ram { " (RAM dump dropped)" } else { "" };
-        println!("  {what} {:<48} {why}{ram}", d.name);
-    }
-    for p in &r.ram_deleted {
-        println!("  {} RAM dump {}", if r.dry_run { "would delete" } else { "deleted" }, p.display());
-    }
-    for w in &r.warnings {
-        println!("  warning: {w}");
-    }
-}
-
-/// `{"rule":"within_count","period":"hourly","count":24}` → `within_count hourly=24`.
-fn rule_text(v: &serde_json::Value) -> String {
-    let rule = v["rule"].as_str().unwrap_or("");
-    match (v["period"].as_str(), v["count"].as_u64(), v["tag"].as_str()) {
-        (Some(p), Some(c), _) => format!("{rule} {p}={c}"),
-        (_, _, Some(tag)) => format!("{rule} ({tag})"),
-        _ => rule.to_owned(),
-    }
-}
-
-/// A snapshot as `vmsnap list` shows it.
-#[derive(serde::Serialize)]
-struct Listed {
-    domain: String,
-    snapshot: String,
-    creation: i64,
-    consistency: Option<String>,
-    /// The retention periods it serves (scheduled snapshots).
-    periods: Option<String>,
-    ram_dump: Option<String>,
-    /// When retention dropped its RAM dump (unix seconds).
-    ram_pruned: Option<String>,
-}
-
-async fn list(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result<()> {
-    let props = naming::listed_properties();
-    let mut rows = Vec::new();
-    let domains: Vec<&config::DomainConfig> = match only {
-        Some(name) => vec![cfg.domain(name)?],
-        None => cfg.domains.values().collect(),
-    };
-    for dom in domains {
-        let by_pool = engine::disks::datasets_by_pool(zfs, &dom.disks).await.with_context(|| format!("domain {}", dom.name))?;
-        for ds in by_pool.values().flatten() {
-            for s in zfs.list_snapshots(ds, &props).await? {
-                let get = |k: &str| s.props.iter().find(|(p, _)| p.as_str() == k).map(|(_, v)| v.clone());
-                if get(naming::DOMAIN).as_deref() != Some(dom.name.as_str()) {
-                    continue;
-                }
-                rows.push(Listed {
-                    domain: dom.name.clone(),
-                    snapshot: s.name.to_string(),
-                    creation: s.creation,
-                    consistency: get(naming::CONSISTENCY),
-                    periods: get(naming::PERIODS),
-                    ram_dump: get(naming::RAM_DUMP),
-                    ram_pruned: get(naming::RAM_PRUNED),
-                });
-            }
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        for r in rows {
-            let ram = match (&r.ram_dump, &r.ram_pruned) {
-                (Some(d), _) => d.clone(),
-                (None, Some(_)) => "(RAM dump pruned)".into(),
-                (None, None) => String::new(),
-            };
-            println!(
-                "{:<12} {:<70} {:<8} {:<18} {ram}",
-                r.domain,
-                r.snapshot,
-                r.consistency.as_deref().unwrap_or("-"),
-                r.periods.as_deref().unwrap_or("-")
-            );
-        }
-    }
-    Ok(())
 }

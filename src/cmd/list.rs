@@ -1,0 +1,68 @@
+//! `vmsnap list`: a domain's snapshots with consistency, periods and RAM dump.
+
+use anyhow::{Context, Result};
+use vmsnap::config::{self, Config};
+use vmsnap::engine::{self, naming};
+use vmsnap::zfs::Zfs;
+
+/// A snapshot as `vmsnap list` shows it.
+#[derive(serde::Serialize)]
+struct Listed {
+    domain: String,
+    snapshot: String,
+    creation: i64,
+    consistency: Option<String>,
+    /// The retention periods it serves (scheduled snapshots).
+    periods: Option<String>,
+    ram_dump: Option<String>,
+    /// When retention dropped its RAM dump (unix seconds).
+    ram_pruned: Option<String>,
+}
+
+pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result<()> {
+    let props = naming::listed_properties();
+    let mut rows = Vec::new();
+    let domains: Vec<&config::DomainConfig> = match only {
+        Some(name) => vec![cfg.domain(name)?],
+        None => cfg.domains.values().collect(),
+    };
+    for dom in domains {
+        let by_pool = engine::disks::datasets_by_pool(zfs, &dom.disks).await.with_context(|| format!("domain {}", dom.name))?;
+        for ds in by_pool.values().flatten() {
+            for s in zfs.list_snapshots(ds, &props).await? {
+                let get = |k: &str| s.props.iter().find(|(p, _)| p.as_str() == k).map(|(_, v)| v.clone());
+                if get(naming::DOMAIN).as_deref() != Some(dom.name.as_str()) {
+                    continue;
+                }
+                rows.push(Listed {
+                    domain: dom.name.clone(),
+                    snapshot: s.name.to_string(),
+                    creation: s.creation,
+                    consistency: get(naming::CONSISTENCY),
+                    periods: get(naming::PERIODS),
+                    ram_dump: get(naming::RAM_DUMP),
+                    ram_pruned: get(naming::RAM_PRUNED),
+                });
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        for r in rows {
+            let ram = match (&r.ram_dump, &r.ram_pruned) {
+                (Some(d), _) => d.clone(),
+                (None, Some(_)) => "(RAM dump pruned)".into(),
+                (None, None) => String::new(),
+            };
+            println!(
+                "{:<12} {:<70} {:<8} {:<18} {ram}",
+                r.domain,
+                r.snapshot,
+                r.consistency.as_deref().unwrap_or("-"),
+                r.periods.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(())
+}

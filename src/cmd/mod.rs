@@ -1,0 +1,10 @@
+//! The binary's commands, one file each: `main.rs` parses the command line, these call the
+//! library and print.
+
+pub mod check;
+pub mod import_sanoid;
+pub mod list;
+pub mod prune;
+pub mod recover;
+pub mod setup;
+pub mod snapshot;

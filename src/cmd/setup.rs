@@ -1,0 +1,33 @@
+//! `vmsnap setup`: the edge of `vmsnap::setup`, adding the completions and man page clap makes.
+
+use crate::Cli;
+use anyhow::{Context, Result};
+use clap::CommandFactory;
+
+pub fn run(config: &std::path::Path, root: &std::path::Path, dry_run: bool) -> Result<()> {
+    use vmsnap::setup::{self, Item};
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let mut extra = Vec::new();
+    for (shell, path) in [
+        (clap_complete::Shell::Bash, "usr/share/bash-completion/completions/vmsnap"),
+        (clap_complete::Shell::Zsh, "usr/share/zsh/vendor-completions/_vmsnap"),
+        (clap_complete::Shell::Fish, "usr/share/fish/vendor_completions.d/vmsnap.fish"),
+    ] {
+        let mut buf = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "vmsnap", &mut buf);
+        extra.push(Item { path: path.into(), content: buf, mode: 0o644, keep_existing: false });
+    }
+    let mut man = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut man)?;
+    extra.push(Item { path: "usr/local/share/man/man1/vmsnap.1".into(), content: man, mode: 0o644, keep_existing: false });
+    let done = setup::apply(root, &setup::items(&exe, config, extra), dry_run)?;
+    for d in &done {
+        let what = serde_json::to_value(d.outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        println!("{}{what:<10} {}", if dry_run { "would be " } else { "" }, d.path.display());
+    }
+    println!("\nnext:");
+    for s in setup::next_steps(&done) {
+        println!("  - {s}");
+    }
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! `vmsnap setup`: puts vmsnap's system files in place, idempotently — the libvirt hook, the
+//! systemd unit, the D-Bus policy and activation file, a default config (never overwritten),
+//! shell completions and the man page — and says what the user must do next. `--dry-run`
+//! reports the same actions and writes nothing. `--root` installs under another root (tests,
+//! packaging).
+
+use serde::Serialize;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// One file setup manages.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// Path relative to the root (`etc/libvirt/hooks/qemu.d/vmsnap`).
+    pub path: PathBuf,
+    pub content: Vec<u8>,
+    pub mode: u32,
+    /// Written only when absent (the user's config).
+    pub keep_existing: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Installed,
+    Updated,
+    Unchanged,
+    /// The file exists and is the user's: left alone.
+    Kept,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Done {
+    pub path: PathBuf,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}")]
+pub struct SetupError {
+    what: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+const HOOK: &str = include_str!("../hooks/qemu");
+const DBUS_POLICY: &str = include_str!("../dist/dbus/io.github.vmsnap.Agent1.conf");
+pub const BUS_POLICY_PATH: &str = "usr/share/dbus-1/system.d/io.github.vmsnap.Agent1.conf";
+pub const HOOK_PATH: &str = "etc/libvirt/hooks/qemu.d/vmsnap";
+
+fn unit(exe: &Path, config: &Path) -> String {
+    format!(
+        "[Unit]
+Description=vmsnap: consistent live snapshots of QEMU/libvirt VMs on ZFS
+Documentation=man:vmsnap(1)
+After=zfs.target zfs-mount.service dbus.service libvirtd.service
+Wants=zfs.target
+
+[Service]
+Type=dbus
+BusName=io.github.vmsnap.Agent1
+ExecStart={exe} --config {config} daemon
+ExecReload=/bin/kill -HUP $MAINPID
+# A running snapshot finishes (or is undone) before the daemon exits.
+TimeoutStopSec=15min
+
+[Install]
+WantedBy=multi-user.target
+",
+        exe = exe.display(),
+        config = config.display()
+    )
+}
+
+const ACTIVATION: &str = "[D-BUS Service]
+Name=io.github.vmsnap.Agent1
+Exec=/bin/false
+User=root
+SystemdService=vmsnap.service
+";
+
+const DEFAULT_CONFIG: &str = r#"# vmsnap configuration: see `man vmsnap` and the README.
+# Domains started by libvirt register themselves through the hook once enrolled
+# (`vmsnap enroll DOMAIN`); they use [template.default]. Sanoid's keys and defaults apply.
+state_dir = "/var/lib/vmsnap"
+# ram_dir = "/srv/cheap/vmsnap-ram"   # RAM dumps on cheaper storage (root only, files 0600)
+# metrics_file = "/var/lib/prometheus/node-exporter/vmsnap.prom"
+
+[template.default]
+hourly = 24
+daily = 14
+monthly = 3
+ram = ["daily"]
+ram_keep = 3
+"#;
+
+/// Everything setup installs for the binary at `exe`, plus `extra` (completions, man page).
+pub fn items(exe: &Path, config: &Path, extra: Vec<Item>) -> Vec<Item> {
+    let hook = HOOK.replace("VMSNAP=${VMSNAP:-/usr/local/bin/vmsnap}", &format!("VMSNAP=${{VMSNAP:-{}}}", exe.display()));
+    let item = |path: &str, content: String, mode| Item { path: path.into(), content: content.into_bytes(), mode, keep_existing: false };
+    let mut v = vec![
+        item(HOOK_PATH, hook, 0o755),
+        item("etc/systemd/system/vmsnap.service", unit(exe, config), 0o644),
+        item(BUS_POLICY_PATH, DBUS_POLICY.to_owned(), 0o644),
+        item("usr/share/dbus-1/system-services/io.github.vmsnap.Agent1.service", ACTIVATION.to_owned(), 0o644),
+        Item {
+            path: config.strip_prefix("/").unwrap_or(config).to_owned(),
+            content: DEFAULT_CONFIG.as_bytes().to_vec(),
+            mode: 0o644,
+            keep_existing: true,
+        },
+    ];
+    v.extend(extra);
+    v
+}
+
+/// Installs `items` under `root` (or, `dry_run`, says what it would do).
+pub fn apply(root: &Path, items: &[Item], dry_run: bool) -> Result<Vec<Done>, SetupError> {
+    let mut done = Vec::new();
+    for it in items {
+        let path = root.join(&it.path);
+        let outcome = match std::fs::read(&path) {
+            Ok(_) if it.keep_existing => Outcome::Kept,
+            Ok(old) => {
+                let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0);
+                if old == it.content && mode == it.mode {
+                    Outcome::Unchanged
+                } else {
+                    Outcome::Updated
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Outcome::Installed,
+            Err(source) => return Err(SetupError { what: "reading", path, source }),
+        };
+        if !dry_run && matches!(outcome, Outcome::Installed | Outcome::Updated) {
+            write(&path, &it.content, it.mode)?;
+        }
+        done.push(Done { path, outcome });
+    }
+    Ok(done)
+}
+
+fn write(path: &Path, content: &[u8], mode: u32) -> Result<(), SetupError> {
+    let err = |what, source| SetupError { what, path: path.to_owned(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err("creating the directory of", e))?;
+    }
+    let tmp = path.with_extension("vmsnap-new");
+    std::fs::write(&tmp, content).map_err(|e| err("writing", e))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(|e| err("chmod", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err("installing", e))
+}
+
+/// What the user must do after setup changed something.
+pub fn next_steps(done: &[Done]) -> Vec<String> {
+    let changed =
+        |suffix: &str| done.iter().any(|d| d.path.ends_with(suffix) && matches!(d.outcome, Outcome::Installed | Outcome::Updated));
+    let mut steps = Vec::new();
+    if changed(HOOK_PATH) {
+        steps.push("restart libvirtd once so it sees the new hook: systemctl restart libvirtd (running domains keep running)".into());
+    }
+    if changed(BUS_POLICY_PATH) {
+        steps.push("reload D-Bus for the new policy: systemctl reload dbus".into());
+    }
+    if changed("etc/systemd/system/vmsnap.service") {
+        steps.push("start the daemon: systemctl daemon-reload && systemctl enable --now vmsnap".into());
+    }
+    steps.push("give each domain vmsnap's own QMP socket and agent channel: vmsnap enroll DOMAIN (effective at its next start)".into());
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(root: &Path, dry: bool) -> Vec<Done> {
+        apply(root, &items(Path::new("/usr/local/bin/vmsnap"), Path::new("/etc/vmsnap/vmsnap.toml"), vec![]), dry).unwrap()
+    }
+
+    #[test]
+    fn idempotent_dry_run_and_the_users_config_is_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let dry = run(root.path(), true);
+        assert!(dry.iter().all(|d| d.outcome == Outcome::Installed));
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0, "a dry run writes nothing");
+        let first = run(root.path(), false);
+        assert!(first.iter().all(|d| d.outcome == Outcome::Installed));
+        let hook = root.path().join(HOOK_PATH);
+        assert_eq!(std::fs::metadata(&hook).unwrap().permissions().mode() & 0o777, 0o755);
+        assert!(std::fs::read_to_string(&hook).unwrap().contains("VMSNAP=${VMSNAP:-/usr/local/bin/vmsnap}"));
+        assert!(next_steps(&first).iter().any(|s| s.contains("restart libvirtd")));
+        let again = run(root.path(), false);
+        assert!(again.iter().all(|d| matches!(d.outcome, Outcome::Unchanged | Outcome::Kept)), "{again:?}");
+        // A changed unit is put back; the user's edited config is not touched.
+        let unit = root.path().join("etc/systemd/system/vmsnap.service");
+        std::fs::write(&unit, "edited").unwrap();
+        let cfg = root.path().join("etc/vmsnap/vmsnap.toml");
+        std::fs::write(&cfg, "# mine\n").unwrap();
+        let third = run(root.path(), false);
+        assert_eq!(third.iter().find(|d| d.path == unit).unwrap().outcome, Outcome::Updated);
+        assert_eq!(third.iter().find(|d| d.path == cfg).unwrap().outcome, Outcome::Kept);
+        assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "# mine\n");
+    }
+
+    #[test]
+    fn the_default_config_loads() {
+        crate::config::Config::parse(DEFAULT_CONFIG, Path::new("/etc/vmsnap/vmsnap.toml")).unwrap();
+    }
+}
