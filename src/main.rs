@@ -34,6 +34,9 @@ enum Command {
         /// Do not freeze the guest's filesystems (crash-consistent).
         #[arg(long)]
         no_quiesce: bool,
+        /// Run in this process even when the daemon is running.
+        #[arg(long)]
+        local: bool,
         /// The label at the end of the snapshot name.
         #[arg(long, default_value = "manual")]
         label: String,
@@ -158,8 +161,8 @@ async fn run(cli: Cli) -> Result<()> {
     let zfs = Zfs::default();
     let load = || Config::load(&cli.config);
     match cli.command {
-        Command::Snapshot { domain, memory, strategy, no_quiesce, label, json } => {
-            cmd::snapshot::run(&load()?, &zfs, cmd::snapshot::Args { domain, memory, strategy, no_quiesce, label, json }).await
+        Command::Snapshot { domain, memory, strategy, no_quiesce, local, label, json } => {
+            cmd::snapshot::run(&cli.config, &zfs, cmd::snapshot::Args { domain, memory, strategy, no_quiesce, label, json }, local).await
         }
         Command::List { domain, json } => cmd::list::run(&load()?, &zfs, domain.as_deref(), json).await,
         Command::Prune { domain, dry_run, now, json } => cmd::prune::run(&load()?, &zfs, domain, dry_run, now, json).await,

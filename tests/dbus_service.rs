@@ -368,3 +368,31 @@ fn the_hook_exits_0_at_once_when_the_daemon_is_down() {
     };
     assert!(code == 0 && stderr.contains("missing"), "{stderr}");
 }
+
+#[test]
+fn the_cli_goes_through_the_running_daemon() {
+    let f = start();
+    let cfg = f.dir.path().join("vmsnap.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["snapshot", "web", "--label", "cli"])
+        .env("VMSNAP_BUS_ADDRESS", &f.address)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // web's QMP socket does not exist and it lists no disks: the daemon's job fails, and says so.
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("daemon job /io/github/vmsnap/Agent1/Jobs/") && err.contains("web") && err.contains("disks"), "{err}");
+    assert!(f.log().contains("vmsnap daemon starting"));
+    // --local: the same refusal, from this process.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["snapshot", "web", "--local"])
+        .env("VMSNAP_BUS_ADDRESS", &f.address)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("daemon job") && err.contains("disks"), "{err}");
+}

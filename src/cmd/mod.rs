@@ -1,6 +1,7 @@
 //! The binary's commands, one file each: `main.rs` parses the command line, these call the
 //! library and print.
 
+pub mod bus;
 pub mod check;
 pub mod import_sanoid;
 pub mod list;

@@ -1,4 +1,5 @@
-//! `vmsnap snapshot`: one consistent snapshot now, in this process.
+//! `vmsnap snapshot`: one consistent snapshot now — through the daemon when it runs (so it is
+//! serialised with the scheduler's jobs and shows the job's progress), else in this process.
 
 use crate::{MemoryArg, StrategyArg};
 use anyhow::Result;
@@ -15,7 +16,76 @@ pub struct Args {
     pub json: bool,
 }
 
-pub async fn run(cfg: &Config, zfs: &Zfs, a: Args) -> Result<()> {
+/// Through the daemon when one answers on D-Bus (unless `local`), else in-process.
+pub async fn run(config: &std::path::Path, zfs: &Zfs, a: Args, local: bool) -> Result<()> {
+    if !local {
+        if let Some(conn) = super::bus::daemon().await {
+            return via_daemon(&conn, a).await;
+        }
+    }
+    in_process(&Config::load(config)?, zfs, a).await
+}
+
+async fn via_daemon(conn: &zbus::Connection, a: Args) -> Result<()> {
+    use std::collections::HashMap;
+    use vmsnap::dbus::{BUS_NAME, PATH};
+    use zbus::zvariant::Value;
+    let mut options: HashMap<&str, Value<'_>> = HashMap::new();
+    if let Some(m) = a.memory {
+        options.insert("memory", Value::from(if matches!(m, MemoryArg::Precopy) { "precopy" } else { "background" }));
+    }
+    options.insert("strategy", Value::from(if matches!(a.strategy, StrategyArg::Direct) { "direct" } else { "overlay" }));
+    options.insert("quiesce", Value::from(!a.no_quiesce));
+    options.insert("label", Value::from(a.label.as_str()));
+    let agent = zbus::Proxy::new(conn, BUS_NAME, PATH, BUS_NAME).await?;
+    let job: zbus::zvariant::OwnedObjectPath =
+        agent.call("Snapshot", &(a.domain.as_str(), options)).await.map_err(|e| anyhow::anyhow!("domain {}: {e}", a.domain))?;
+    let proxy = zbus::Proxy::new(conn, BUS_NAME, job.as_str(), "io.github.vmsnap.Job1").await?;
+    let mut shown = String::new();
+    let state = loop {
+        let progress: String = proxy.get_property("Progress").await?;
+        if progress != shown && !a.json {
+            eprintln!("  {progress} (daemon job {})", job.as_str());
+            shown = progress;
+        }
+        let state: String = proxy.get_property("State").await?;
+        if state != "running" {
+            break state;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let result: String = proxy.get_property("Result").await?;
+    if state != "succeeded" {
+        anyhow::bail!("{result}");
+    }
+    let report: serde_json::Value = serde_json::from_str(&result)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} @{}: {} ({})",
+            report["domain"].as_str().unwrap_or(""),
+            report["name"].as_str().unwrap_or(""),
+            report["consistency"].as_str().unwrap_or(""),
+            report["strategy"].as_str().unwrap_or("")
+        );
+        for s in report["snapshots"].as_array().into_iter().flatten() {
+            println!("  {}", s.as_str().unwrap_or(""));
+        }
+        if let Some(f) = report["freeze_ms"].as_f64() {
+            println!("  guest frozen {f:.1} ms");
+        }
+        if let Some(p) = report["pause_ms"].as_f64() {
+            println!("  VM paused {p:.1} ms");
+        }
+        for w in report["warnings"].as_array().into_iter().flatten() {
+            println!("  warning: {}", w.as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+async fn in_process(cfg: &Config, zfs: &Zfs, a: Args) -> Result<()> {
     let Args { domain, memory, strategy, no_quiesce, label, json } = a;
     let dom = cfg.domain(&domain)?;
     let opts = SnapshotOptions {

@@ -18,6 +18,9 @@ use zbus::interface;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 
+/// How long a finished job object stays on the bus.
+const JOB_LINGER: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Which bus to serve on.
 #[derive(Debug, Clone)]
 pub enum Bus {
@@ -229,6 +232,9 @@ impl Agent {
                     let _ = Agent::snapshot_taken(iface.signal_emitter(), &dom.name, &name, consistency).await;
                 }
             }
+            // The finished job stays readable for a while, then goes (the daemon runs for months).
+            tokio::time::sleep(JOB_LINGER).await;
+            let _ = conn.object_server().remove::<Job, _>(&job_path).await;
         });
         Ok(path)
     }
