@@ -24,6 +24,7 @@ pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod engine;
+pub mod enroll;
 pub mod fixtures;
 pub mod hook;
 pub mod metrics;

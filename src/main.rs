@@ -96,6 +96,10 @@ enum Command {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Give a libvirt domain vmsnap's own QMP socket and agent channel (persistent definition, via virsh).
+    Enroll { domain: String },
+    /// Put back the definition `enroll` saved.
+    Unenroll { domain: String },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
@@ -197,6 +201,8 @@ async fn run(cli: Cli) -> Result<()> {
             std::process::exit(0);
         }
         Command::ImportSanoid { sanoid_conf } => cmd::import_sanoid::run(&cli.config, &sanoid_conf, &zfs).await,
+        Command::Enroll { domain } => cmd::enroll::enroll(&load()?, &domain),
+        Command::Unenroll { domain } => cmd::enroll::unenroll(&load()?, &domain),
         Command::Setup { dry_run, root } => cmd::setup::run(&cli.config, &root, dry_run),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics when its writer fails (a closed pipe).

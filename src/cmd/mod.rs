@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod check;
+pub mod enroll;
 pub mod import_sanoid;
 pub mod list;
 pub mod prune;
