@@ -24,6 +24,11 @@ struct Fixture {
 }
 
 fn start() -> Fixture {
+    start_with("")
+}
+
+/// The bus and the daemon, with `extra` appended to the daemon's config.
+fn start_with(extra: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let socket = dir.path().join("bus");
@@ -75,7 +80,12 @@ fn start() -> Fixture {
     let address = format!("unix:path={}", socket.display());
     let state = dir.path().join("state");
     let cfg = dir.path().join("vmsnap.toml");
-    std::fs::write(&cfg, format!("state_dir = \"{}\"\n[domain.web]\nqmp = \"/run/no-such-web.qmp\"\n", state.display())).unwrap();
+    // No scheduled snapshots here: the daemon would take them and hold the domains' locks.
+    let text = format!(
+        "state_dir = \"{}\"\n[template.default]\nautosnap = false\n[domain.web]\nqmp = \"/run/no-such-web.qmp\"\n{extra}",
+        state.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
     let daemon = Kill(
         Command::new(env!("CARGO_BIN_EXE_vmsnap"))
             .arg("--config")
@@ -395,4 +405,26 @@ fn the_cli_goes_through_the_running_daemon() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !err.contains("daemon job") && err.contains("disks"), "{err}");
+}
+
+/// A running VM (the rig's tiny guest, real QEMU) whose domain requires quiescing but names no
+/// reachable agent: `Snapshot` refuses at once with AgentUnavailable, the VM untouched.
+#[test]
+fn snapshot_refuses_when_a_required_agent_is_unavailable() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rig = vmsnap::rig::Rig::locate().expect("the test rig is required");
+    let (vm, qmp, qga, _) = rt.block_on(vmsnap::rig::TinyVm::boot(&rig, &vmsnap::rig::TinyVmOptions::default())).expect("tiny guest");
+    // QEMU's monitor socket takes one client: let go of it for the daemon.
+    drop((qmp, qga));
+    let f = start_with(&format!(
+        "[domain.strict]\nqmp = \"{}\"\nqga = \"/run/no-such-agent.sock\"\nrequire_quiesce = true\n",
+        vm.machine.qmp_path.display()
+    ));
+    let (ok, msg) = f.call(false, "Snapshot", &["sa{sv}", "strict", "0"]);
+    assert!(!ok && msg.contains("require_quiesce") && msg.contains("guest agent is unavailable"), "{msg}");
+    rt.block_on(async {
+        let qmp = vmsnap::qemu::qmp::Qmp::connect(&vm.machine.observer_path, Duration::from_secs(10)).await.unwrap();
+        assert!(qmp.execute(&qapi::qmp::query_status {}).await.unwrap().running, "the VM must be untouched");
+    });
+    assert!(!f.state().join("journal/strict.json").exists());
 }

@@ -118,6 +118,26 @@ fn parse_options(options: &HashMap<String, OwnedValue>, defaults: &DomainConfig)
     Ok(o)
 }
 
+/// For a running VM (its QMP socket answers) under `require_quiesce`: the agent must answer.
+async fn agent_answers(dom: &DomainConfig) -> Result<(), VmsnapError> {
+    use crate::qemu::qga::{Qga, Timeouts};
+    use crate::qemu::qmp::Qmp;
+    if Qmp::connect(&dom.qmp, std::time::Duration::from_secs(2)).await.is_err() {
+        return Ok(()); // not running: an offline snapshot needs no agent
+    }
+    let why = match &dom.qga {
+        None => "the domain has no guest-agent socket".to_owned(),
+        Some(p) => match Qga::connect(p, Timeouts::default()).await {
+            Ok(mut q) => match q.ping().await {
+                Ok(()) => return Ok(()),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        },
+    };
+    Err(VmsnapError::AgentUnavailable(format!("{}: require_quiesce is set and the guest agent is unavailable: {why}", dom.name)))
+}
+
 fn engine_error(e: &EngineError) -> (String, bool) {
     (error_chain(e), false)
 }
@@ -184,8 +204,12 @@ impl Agent {
         let dom = self.domain(domain)?;
         let opts = parse_options(&options, &dom)?;
         let cfg = self.config();
-        // Fail fast when another operation holds the domain.
+        // Fail fast when another operation holds the domain, or when quiescing is required and
+        // the running VM's agent does not answer (the engine would refuse the same way, later).
         drop(DomainLock::acquire(&cfg.state_dir, &dom.name).map_err(|e| VmsnapError::Busy(e.to_string()))?);
+        if opts.quiesce && opts.memory.is_none() && dom.quiesce == crate::config::QuiescePolicy::Require {
+            agent_answers(&dom).await?;
+        }
         let id = self.next_job.fetch_add(1, Ordering::Relaxed);
         let path = OwnedObjectPath::try_from(format!("{JOBS}/{id}")).map_err(|e| VmsnapError::Failed(e.to_string()))?;
         let shared = Arc::new(Mutex::new(JobState { state: "running".into(), progress: "starting".into(), result: String::new() }));
