@@ -121,27 +121,13 @@ impl Fixture {
     }
 
     fn busctl(&self, nobody: bool, head: &[&str], args: &[&str]) -> (bool, String) {
-        let mut cmd = if nobody {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "busctl"]);
-            c
-        } else {
-            Command::new("busctl")
-        };
-        let out = cmd.arg(format!("--address={}", self.address)).args(head).args(args).output().unwrap();
+        let out = as_caller(nobody, "busctl").arg(format!("--address={}", self.address)).args(head).args(args).output().unwrap();
         (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 
     /// dbus-send shows the D-Bus error *name* (busctl shows only the message).
     fn dbus_send(&self, nobody: bool, method: &str, args: &[&str]) -> String {
-        let mut cmd = if nobody {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "dbus-send"]);
-            c
-        } else {
-            Command::new("dbus-send")
-        };
-        let out = cmd
+        let out = as_caller(nobody, "dbus-send")
             .arg(format!("--bus={}", self.address))
             .args([
                 "--print-reply",
@@ -157,6 +143,17 @@ impl Fixture {
 
     fn job_property(&self, job: &str, prop: &str) -> String {
         self.busctl(true, &["get-property", "io.github.vmsnap.Agent1", job, "io.github.vmsnap.Job1", prop], &[]).1
+    }
+}
+
+/// `program` run as root, or as nobody (uid 65534) through setpriv.
+fn as_caller(nobody: bool, program: &str) -> Command {
+    if nobody {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+        c
+    } else {
+        Command::new(program)
     }
 }
 
