@@ -125,6 +125,7 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
             _ = int.recv() => break,
         }
     }
+    jobs.retain(|_, j| !j.is_finished());
     tracing::info!(running = jobs.len(), "stopping: waiting for running jobs");
     for (_, j) in jobs {
         let _ = j.await;

@@ -173,6 +173,11 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
             .stderr(log)
             .spawn()?,
     );
+    // SIGHUP before the daemon has installed its handlers would simply kill it: wait for its
+    // start line (logged after the handlers are in place).
+    wait_for("the second daemon started", Duration::from_secs(60), || {
+        std::fs::read_to_string(LOG).unwrap_or_default().matches("vmsnap daemon starting").count() >= 2
+    })?;
     std::fs::write(SCHED_CONFIG, config(GUEST.lock().unwrap().as_ref().unwrap(), false))?;
     sh(&format!("kill -HUP {}", daemon.0.id()));
     wait_for("a crash-consistent snapshot", Duration::from_secs(300), || sched_snapshots().last().is_some_and(|s| s.1 == "crash"))?;
