@@ -83,6 +83,17 @@ impl Drop for Daemon {
     }
 }
 
+/// `vmsnap daemon` on the sched config, no D-Bus, logging to `log`.
+fn spawn_daemon(log: std::fs::File) -> Result<Daemon, Failed> {
+    let child = Command::new(vmsnap_bin())
+        .args(["--config", SCHED_CONFIG, "daemon", "--bus", "none"])
+        .env("VMSNAP_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    Ok(Daemon(child))
+}
+
 /// SIGTERM, then the daemon must exit 0 (after any running job).
 fn stop(daemon: &mut Daemon) -> Result<(), Failed> {
     sh(&format!("kill -TERM {}", daemon.0.id()));
@@ -103,15 +114,7 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
     std::fs::write(SCRIPT, format!("#!/bin/sh\necho \"$SANOID_SCRIPT $VMSNAP_DOMAIN $SANOID_SNAPNAME $SANOID_TYPES\" >> {SCRIPT_LOG}\n"))?;
     sh(&format!("chmod 755 {SCRIPT} && rm -f {SCRIPT_LOG}"));
     std::fs::write(SCHED_CONFIG, config(GUEST.lock().unwrap().as_ref().unwrap(), true))?;
-    let log = std::fs::File::create(LOG)?;
-    let mut daemon = Daemon(
-        Command::new(vmsnap_bin())
-            .args(["--config", SCHED_CONFIG, "daemon", "--bus", "none"])
-            .env("VMSNAP_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?,
-    );
+    let mut daemon = spawn_daemon(std::fs::File::create(LOG)?)?;
     let mut seen: Vec<(String, String, String)> = Vec::new();
     // Two RAM snapshots a minute apart: the first is then older than a minute and one of more
     // than one, so it goes, with its RAM dump.
@@ -164,15 +167,7 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
     })?;
     // A new daemon on the RAM config, reloaded (SIGHUP) to disk-only snapshots: without the
     // agent the next one falls back to crash-consistent and the check goes critical.
-    let log = std::fs::OpenOptions::new().append(true).open(LOG)?;
-    let mut daemon = Daemon(
-        Command::new(vmsnap_bin())
-            .args(["--config", SCHED_CONFIG, "daemon", "--bus", "none"])
-            .env("VMSNAP_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?,
-    );
+    let mut daemon = spawn_daemon(std::fs::OpenOptions::new().append(true).open(LOG)?)?;
     // SIGHUP before the daemon has installed its handlers would simply kill it: wait for its
     // start line (logged after the handlers are in place).
     wait_for("the second daemon started", Duration::from_secs(60), || {
