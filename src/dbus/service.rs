@@ -7,7 +7,7 @@ use crate::catalog;
 use crate::config::{Config, DomainConfig};
 use crate::daemon::error_chain;
 use crate::engine::lock::DomainLock;
-use crate::engine::{self, EngineError, RamMode, SnapshotOptions, Strategy};
+use crate::engine::{self, RamMode, SnapshotOptions, Strategy};
 use crate::registry::{all_domains, Registration, Registry};
 use crate::zfs::Zfs;
 use std::collections::HashMap;
@@ -138,10 +138,6 @@ async fn agent_answers(dom: &DomainConfig) -> Result<(), VmsnapError> {
     Err(VmsnapError::AgentUnavailable(format!("{}: require_quiesce is set and the guest agent is unavailable: {why}", dom.name)))
 }
 
-fn engine_error(e: &EngineError) -> (String, bool) {
-    (error_chain(e), false)
-}
-
 fn optional_path(field: &str, s: &str) -> Result<Option<PathBuf>, VmsnapError> {
     if s.is_empty() {
         return Ok(None);
@@ -228,10 +224,7 @@ impl Agent {
             };
             let (state, result, ok, taken) = match outcome {
                 Some(Ok(r)) => ("succeeded", serde_json::to_string(&r).unwrap_or_default(), true, Some((r.name.clone(), r.consistency))),
-                Some(Err(e)) => {
-                    let (msg, _) = engine_error(&e);
-                    ("failed", msg, false, None)
-                }
+                Some(Err(e)) => ("failed", error_chain(&e), false, None),
                 None => {
                     // The engine's future is gone mid-step: replay its journal, as after a crash.
                     let msg = match engine::recover::recover_all(&cfg).await {
