@@ -166,6 +166,23 @@ pub fn all_domains(cfg: &Config, registry: &Registry) -> Vec<DomainConfig> {
     out
 }
 
+/// The domains a command acts on: `only` (configured or registered) or every one of them.
+///
+/// # Errors
+/// [`ConfigError::NoSuchDomain`] listing the known domains.
+pub fn select(cfg: &Config, only: Option<&str>) -> Result<Vec<DomainConfig>, crate::config::ConfigError> {
+    let all = all_domains(cfg, &Registry::new(&cfg.state_dir));
+    let Some(name) = only else { return Ok(all) };
+    match all.iter().find(|d| d.name == name) {
+        Some(d) => Ok(vec![d.clone()]),
+        None => Err(crate::config::ConfigError::NoSuchDomain {
+            name: name.to_owned(),
+            path: cfg.path.clone(),
+            known: if all.is_empty() { "none".into() } else { all.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ") },
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

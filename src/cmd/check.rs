@@ -11,12 +11,10 @@ pub async fn run(path: &std::path::Path, zfs: &Zfs, only: Option<&str>) -> (vmsn
         Ok(c) => c,
         Err(e) => return unknown(vmsnap::daemon::error_chain(&e)),
     };
-    let domains: Vec<&config::DomainConfig> = match only {
-        Some(name) => match cfg.domain(name) {
-            Ok(d) => vec![d],
-            Err(e) => return unknown(e.to_string()),
-        },
-        None => cfg.domains.values().filter(|d| d.policy.autosnap).collect(),
+    let domains: Vec<config::DomainConfig> = match vmsnap::registry::select(&cfg, only) {
+        Ok(d) if only.is_some() => d,
+        Ok(d) => d.into_iter().filter(|d| d.policy.autosnap).collect(),
+        Err(e) => return unknown(e.to_string()),
     };
     let status = vmsnap::status::Status::load(&cfg.state_dir).unwrap_or_default();
     let now = chrono::Utc::now().timestamp();

@@ -1,7 +1,7 @@
 //! `vmsnap list`: a domain's snapshots with consistency, periods and RAM dump.
 
 use anyhow::{Context, Result};
-use vmsnap::config::{self, Config};
+use vmsnap::config::Config;
 use vmsnap::engine::{self, naming};
 use vmsnap::zfs::Zfs;
 
@@ -22,11 +22,8 @@ struct Listed {
 pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result<()> {
     let props = naming::listed_properties();
     let mut rows = Vec::new();
-    let domains: Vec<&config::DomainConfig> = match only {
-        Some(name) => vec![cfg.domain(name)?],
-        None => cfg.domains.values().collect(),
-    };
-    for dom in domains {
+    let domains = vmsnap::registry::select(cfg, only)?;
+    for dom in &domains {
         let by_pool = engine::disks::datasets_by_pool(zfs, &dom.disks).await.with_context(|| format!("domain {}", dom.name))?;
         for ds in by_pool.values().flatten() {
             for s in zfs.list_snapshots(ds, &props).await? {

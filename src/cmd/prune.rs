@@ -1,17 +1,14 @@
 //! `vmsnap prune`: retention for one domain or all, and how it is printed.
 
 use anyhow::Result;
-use vmsnap::config::{self, Config};
+use vmsnap::config::Config;
 use vmsnap::zfs::Zfs;
 
 pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<String>, dry_run: bool, now: Option<i64>, json: bool) -> Result<()> {
     let now = now.unwrap_or_else(|| chrono::Utc::now().timestamp());
-    let domains: Vec<&config::DomainConfig> = match &domain {
-        Some(name) => vec![cfg.domain(name)?],
-        None => cfg.domains.values().collect(),
-    };
+    let domains = vmsnap::registry::select(cfg, domain.as_deref())?;
     let mut reports = Vec::new();
-    for dom in domains {
+    for dom in &domains {
         reports.push(vmsnap::prune::prune(cfg, dom, zfs, now, dry_run).await?);
     }
     if json {

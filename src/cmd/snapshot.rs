@@ -87,7 +87,7 @@ async fn via_daemon(conn: &zbus::Connection, a: Args) -> Result<()> {
 
 async fn in_process(cfg: &Config, zfs: &Zfs, a: Args) -> Result<()> {
     let Args { domain, memory, strategy, no_quiesce, label, json } = a;
-    let dom = cfg.domain(&domain)?;
+    let dom = &vmsnap::registry::select(cfg, Some(&domain))?.remove(0);
     let opts = SnapshotOptions {
         strategy: match strategy {
             StrategyArg::Overlay => Strategy::Overlay,
