@@ -39,6 +39,8 @@ step_packages() {
   apt_lists
   apt-get "${APTO[@]}" -q install -y --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
   apt-get "${APTO[@]}" -q install -y --no-install-recommends cpio kmod debootstrap e2fsprogs dbus dbus-bin systemd util-linux xz-utils
+  # libvirt on the host only saves the libvirt lane's enrolled guest (a boot under nested TCG takes minutes)
+  apt-get "${APTO[@]}" -q install -y --no-install-recommends libvirt-daemon-system libvirt-clients
   apt-get "${APTO[@]}" clean
 }
 
@@ -80,7 +82,7 @@ EOF
 
 # ZFS lane: a Debian rootfs (debootstrap) with the same kernel, its headers, zfs-dkms built by DKMS
 # inside the chroot for that kernel, qemu-guest-agent (to drive it), QEMU 10 and e2fsprogs (for the
-# nested guests vmsnap snapshots there), as an ext4 image. Tests boot it with a per-run overlay.
+# nested guests vmsnap snapshots there), libvirt and dbus (the libvirt lane), as an ext4 image. Tests boot it with a per-run overlay.
 step_zfsvm() {
   local KVER; KVER=$(kver)
   local R=$RIG/zfsroot
@@ -101,6 +103,8 @@ EOF
   chroot "$R" apt-get -q install -y --no-install-recommends -t bookworm-backports zfs-dkms zfsutils-linux
   # QEMU 10 from bookworm-backports, as on the host, for the guests vmsnap snapshots in there
   chroot "$R" apt-get -q install -y --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
+  # libvirt and a system bus for the libvirt lane (hook, enrolment, D-Bus service on real libvirtd)
+  chroot "$R" apt-get -q install -y --no-install-recommends libvirt-daemon-system libvirt-clients dbus
   chroot "$R" apt-get clean
   cleanup_mounts; trap - EXIT
   ls "$R/lib/modules/$KVER/updates/dkms/zfs.ko"
@@ -150,7 +154,7 @@ packages_ok() {
   command -v qemu-system-x86_64 >/dev/null && qemu-system-x86_64 --version | grep -q 'version 1[0-9]\.' \
     && command -v debootstrap >/dev/null && command -v depmod >/dev/null && command -v cpio >/dev/null \
     && command -v dbus-daemon >/dev/null && command -v dbus-send >/dev/null && command -v busctl >/dev/null \
-    && command -v setpriv >/dev/null
+    && command -v setpriv >/dev/null && command -v virsh >/dev/null && command -v libvirtd >/dev/null
 }
 
 case "${1:-all}" in

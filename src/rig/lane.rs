@@ -20,6 +20,16 @@ pub fn inside() -> bool {
 /// Runs `inside` when already in the VM; else boots the VM, reruns this program there, and exits
 /// with its status.
 pub fn dispatch(inside_fn: fn()) {
+    dispatch_with(inside_fn, false)
+}
+
+/// [`dispatch`] for the libvirt lane: also builds the libvirt kit (on the host, with the `vmsnap`
+/// binary next to this program).
+pub fn dispatch_libvirt(inside_fn: fn()) {
+    dispatch_with(inside_fn, true)
+}
+
+fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
     if inside() {
         inside_fn();
         return;
@@ -35,6 +45,10 @@ pub fn dispatch(inside_fn: fn()) {
         // target/debug/<deps|examples>/<program>: share target/debug, which holds the vmsnap binary.
         let sub = exe.parent().expect("a directory");
         let share = sub.parent().expect("the target directory");
+        if libvirt_kit {
+            let kit = super::libvirt::LibvirtKit::ensure(&rig, &share.join("vmsnap")).await.expect("building the libvirt kit");
+            eprintln!("libvirt kit: {}", kit.dir.display());
+        }
         let mut vm = ZfsVm::boot(&rig, share).await.expect("booting the OpenZFS VM");
         eprintln!("METRIC zfsvm_boot_to_agent_s={:.1}", vm.boot_time.as_secs_f64());
         let inner = format!("/mnt/share/{}/{}", name(sub), name(&exe));

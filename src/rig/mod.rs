@@ -1,12 +1,13 @@
 //! The test rig's machines, booted under TCG from the images `scripts/rig/rig.sh` builds into
 //! `$VMSNAP_RIG` (default `/var/cache/vmsnap-rig`): a tiny guest running the real qemu-guest-agent
-//! ([`TinyVm`]), and a Debian VM with real OpenZFS ([`ZfsVm`]). Used by the tests and by the
+//! ([`TinyVm`]), a Debian VM with real OpenZFS ([`ZfsVm`]), and real libvirtd ([`libvirt`]). Used by the tests and by the
 //! fixture recorder; not by vmsnap itself.
 //!
 //! Every machine lives in its own scratch directory, is killed when dropped, and prints its serial
 //! console when dropped during a panic (a failing test).
 
 pub mod lane;
+pub mod libvirt;
 mod machine;
 pub mod resume_kit;
 pub mod sanoid;

@@ -92,7 +92,7 @@ async fn save_state(qmp: &Qmp, path: &Path) -> Result<(), RigError> {
 }
 
 /// What the kit was made from: the rig's guest files and the QEMU that saved it.
-fn stamp(rig: &Rig) -> Result<String, RigError> {
+pub(crate) fn stamp(rig: &Rig) -> Result<String, RigError> {
     let mut parts = Vec::new();
     for f in ["vmlinux", "initrd.gz", "data-template.qcow2"] {
         let meta = std::fs::metadata(rig.require(f)?).map_err(|source| RigError::Io { what: f.into(), source })?;

@@ -126,7 +126,10 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
             }
         }
         let now: Vec<String> = sched_snapshots().into_iter().map(|s| s.0).collect();
-        seen.len() >= 2 && seen.iter().any(|s| !now.contains(&s.0))
+        // The snapshot goes first, then its RAM dump: the prune is over at its log line.
+        seen.len() >= 2
+            && seen.iter().any(|s| !now.contains(&s.0))
+            && std::fs::read_to_string(LOG).unwrap_or_default().lines().any(|l| l.contains("pruned") && l.contains("ram_deleted"))
     })?;
     let now = sched_snapshots();
     check(now.len() <= 2 && now.iter().all(|s| s.1 == "ram"), format!("kept: {now:?}"))?;

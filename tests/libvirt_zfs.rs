@@ -1,0 +1,328 @@
+//! vmsnap's three ways in on real libvirtd (the libvirt lane: the ZFS lane plus libvirt and a
+//! system bus inside the OpenZFS VM). `vmsnap setup` installs the hook and the bus policy; the
+//! daemon serves `io.github.vmsnap.Agent1` on a real system bus; libvirtd restores the enrolled
+//! guest saved in the libvirt kit (see `vmsnap::rig::libvirt`) onto two ZFS datasets, and:
+//! the hook registers it → a `Snapshot` over D-Bus gives one consistent zfs snapshot of both
+//! datasets while libvirt keeps its own monitor → `virsh destroy` unregisters it → it starts fine
+//! with the daemon down → a libvirtd restart (`reconnect`) registers it again.
+//!
+//! The cases run in order on one libvirtd and one guest; each says what it needs.
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use vmsnap::qemu::qmp::Qmp;
+use vmsnap::rig::lane::{sh, vmsnap_bin};
+use vmsnap::rig::libvirt::{self, virsh, LibvirtKit, Libvirtd, DOMAIN, IMAGES};
+use vmsnap::rig::Rig;
+
+const CONFIG: &str = "/etc/vmsnap/vmsnap.toml";
+const STATE: &str = "/var/lib/vmsnap";
+const LOG: &str = "/var/log/vmsnap-daemon.log";
+const FS: &str = "tank/vms/lv";
+const DATA: &str = "tank/vms/lv-data";
+const AGENT: &str = "io.github.vmsnap.Agent1";
+const PATH: &str = "/io/github/vmsnap/Agent1";
+
+fn main() {
+    vmsnap::rig::lane::dispatch_libvirt(inside);
+}
+
+struct Lane {
+    libvirtd: Option<Libvirtd>,
+    daemon: Option<Child>,
+}
+
+static LANE: Mutex<Lane> = Mutex::new(Lane { libvirtd: None, daemon: None });
+
+type Case = fn() -> Result<(), Failed>;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.to_string().into())
+    }
+}
+
+fn inside() {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    sh("zpool create -f -O mountpoint=/tank tank /dev/disk/by-id/virtio-pool1");
+    sh(&format!("zfs create -p {FS} && zfs create {DATA}"));
+    // The saved definition's kernel and initramfs, where it expects them.
+    sh(&format!("mkdir -p {IMAGES} && cp /mnt/rig/vmlinux /mnt/rig/initrd.gz {IMAGES}/"));
+    std::fs::create_dir_all("/etc/vmsnap").unwrap();
+    // Registered domains use [template.default]; no scheduled snapshot while the cases run.
+    std::fs::write(CONFIG, format!("state_dir = \"{STATE}\"\n[template.default]\nautosnap = false\n")).unwrap();
+
+    let cases: &[(&str, Case)] = &[
+        ("setup_installs_hook_and_bus_policy", setup_installs),
+        ("a_started_domain_registers_through_the_hook", started_registers),
+        ("snapshot_over_dbus_is_consistent_under_libvirt", snapshot_over_dbus),
+        ("non_root_and_malformed_calls_change_nothing", refused_calls),
+        ("destroy_unregisters", destroy_unregisters),
+        ("a_domain_starts_with_the_daemon_down", starts_with_daemon_down),
+        ("a_libvirtd_restart_registers_again", reconnect_registers),
+    ];
+    let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let _ = virsh(&["destroy", DOMAIN]);
+    let mut lane = LANE.lock().unwrap();
+    if let Some(mut d) = lane.daemon.take() {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    lane.libvirtd.take();
+    drop(lane);
+    let _ = Command::new("zpool").args(["destroy", "-f", "tank"]).status();
+    conclusion.exit();
+}
+
+/// `vmsnap setup`, a system bus with the policy it installed, the daemon on it, then libvirtd
+/// (which reads its hooks when it starts).
+fn setup_installs() -> Result<(), Failed> {
+    let out = Command::new(vmsnap_bin()).args(["--config", CONFIG, "setup"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    check(out.status.success(), format!("vmsnap setup: {text}"))?;
+    let hook = std::fs::read_to_string("/etc/libvirt/hooks/qemu.d/vmsnap")?;
+    check(hook.contains(&format!("VMSNAP=${{VMSNAP:-{}}}", vmsnap_bin())), format!("the hook runs this vmsnap: {hook}"))?;
+    check(std::fs::read_to_string(CONFIG)?.contains("autosnap = false"), "setup left the existing config alone")?;
+    check(text.contains("libvirtd"), format!("setup says libvirtd must be restarted: {text}"))?;
+    // Idempotent: a second run changes nothing.
+    let again = Command::new(vmsnap_bin()).args(["--config", CONFIG, "setup", "--dry-run"]).output()?;
+    let again = String::from_utf8_lossy(&again.stdout);
+    check(!again.contains("install") && !again.contains("update"), format!("a second setup would change things: {again}"))?;
+
+    sh("mkdir -p /run/dbus && dbus-daemon --system --fork");
+    start_daemon()?;
+    let t = Instant::now();
+    let lv = Libvirtd::start(Duration::from_secs(900))?;
+    eprintln!("METRIC libvirtd first connection after {:.1} s", t.elapsed().as_secs_f64());
+    LANE.lock().unwrap().libvirtd = Some(lv);
+    Ok(())
+}
+
+fn start_daemon() -> Result<(), Failed> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(LOG)?;
+    let child = Command::new(vmsnap_bin())
+        .args(["--config", CONFIG, "daemon", "--bus", "system"])
+        .env("VMSNAP_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    LANE.lock().unwrap().daemon = Some(child);
+    wait_for("the daemon on the system bus", Duration::from_secs(60), || call(false, "Status", &[]).0)
+}
+
+fn stop_daemon() -> Result<(), Failed> {
+    let child = LANE.lock().unwrap().daemon.take();
+    if let Some(mut child) = child {
+        sh(&format!("kill -TERM {}", child.id()));
+        let status = child.wait()?;
+        check(status.success(), format!("daemon exit {status}"))?;
+    }
+    Ok(())
+}
+
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Result<(), Failed> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            eprintln!("METRIC {what} after {:.1} s", t.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(format!("{what}: not within {limit:?}\n{}", std::fs::read_to_string(LOG).unwrap_or_default()).into())
+}
+
+/// `busctl --system call` of an Agent1 method, as root or as nobody: (succeeded, output).
+fn call(nobody: bool, method: &str, args: &[&str]) -> (bool, String) {
+    busctl(nobody, &["call", AGENT, PATH, AGENT, method], args)
+}
+
+fn busctl(nobody: bool, head: &[&str], args: &[&str]) -> (bool, String) {
+    let mut cmd = if nobody {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "busctl"]);
+        c
+    } else {
+        Command::new("busctl")
+    };
+    let out = cmd.arg("--system").args(head).args(args).output().expect("busctl");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn registered() -> bool {
+    let (ok, out) = call(false, "Domains", &[]);
+    ok && out.contains(&format!("\"{DOMAIN}\""))
+}
+
+/// Fresh copies of the kit's disks on ZFS (the saved RAM must meet the disks it was saved with),
+/// then `virsh restore` with the disk paths moved there.
+fn restore_guest() -> Result<(), Failed> {
+    let rig = Rig::locate()?;
+    let kit = LibvirtKit::find(&rig)?;
+    sh(&format!(
+        "cp --sparse=always {} /{FS}/disk0.qcow2 && cp --sparse=always {} /{DATA}/disk1.raw",
+        kit.disk0().display(),
+        kit.disk1().display()
+    ));
+    let xml = virsh(&["save-image-dumpxml", &kit.save_file().display().to_string()])?;
+    let xml = xml
+        .replace(&format!("{IMAGES}/disk0.qcow2"), &format!("/{FS}/disk0.qcow2"))
+        .replace(&format!("{IMAGES}/disk1.raw"), &format!("/{DATA}/disk1.raw"));
+    std::fs::write("/tmp/restore.xml", xml)?;
+    let t = Instant::now();
+    virsh(&["restore", &kit.save_file().display().to_string(), "--xml", "/tmp/restore.xml"])?;
+    let (_, qga) = vmsnap::enroll::sockets(DOMAIN);
+    rt().block_on(libvirt::wait_agent(&qga, Duration::from_secs(300)))?;
+    eprintln!("METRIC virsh restore to agent {:.1} s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn started_registers() -> Result<(), Failed> {
+    check(!registered(), "registered before it started")?;
+    restore_guest()?;
+    wait_for("registered by the started hook", Duration::from_secs(30), registered)?;
+    let saved = std::fs::read_to_string(format!("{STATE}/registry/{DOMAIN}.json"))?;
+    let (qmp, qga) = vmsnap::enroll::sockets(DOMAIN);
+    for want in [qmp.display().to_string(), qga.display().to_string(), format!("/{FS}/disk0.qcow2"), format!("/{DATA}/disk1.raw")] {
+        check(saved.contains(&want), format!("the registration lacks {want}: {saved}"))?;
+    }
+    Ok(())
+}
+
+/// A counter on both disks, rewritten every 50 ms (write + rename), until the guest stops.
+const WRITER: &str =
+    "i=0; while :; do i=$((i+1)); for d in vda vdb; do echo $i > /mnt/$d/c.tmp && mv /mnt/$d/c.tmp /mnt/$d/counter; done; sleep 0.05; done";
+
+fn snapshot_over_dbus() -> Result<(), Failed> {
+    check(registered(), "the guest is not registered")?;
+    let (_, qga_path) = vmsnap::enroll::sockets(DOMAIN);
+    rt().block_on(async {
+        let mut qga = libvirt::wait_agent(&qga_path, Duration::from_secs(60)).await?;
+        qga.exec_start("/bin/sh", &["-c", WRITER], &[]).await.map_err(|e| e.to_string())?;
+        for _ in 0..300 {
+            let c = qga.sh("cat /mnt/vdb/counter 2>/dev/null", Duration::from_secs(120)).await.map_err(|e| e.to_string())?.stdout_text();
+            if c.trim().parse::<i64>().is_ok_and(|n| n >= 5) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err::<(), Failed>("the writer did not start".into())
+    })?;
+    let (ok, out) = call(false, "Snapshot", &["sa{sv}", DOMAIN, "1", "label", "s", "dbus"]);
+    check(ok, format!("Snapshot: {out}"))?;
+    let job = out.split('"').find(|s| s.starts_with("/io/github/vmsnap/Agent1/Jobs/")).ok_or(format!("no job path: {out}"))?.to_owned();
+    let prop = |p: &str| busctl(false, &["get-property", AGENT, &job, "io.github.vmsnap.Job1", p], &[]).1;
+    wait_for("the D-Bus snapshot job", Duration::from_secs(900), || !prop("State").contains("\"running\""))?;
+    let result = prop("Result");
+    check(prop("State").contains("\"succeeded\""), format!("job: {} {result}\n{}", prop("State"), std::fs::read_to_string(LOG)?))?;
+    eprintln!("METRIC D-Bus snapshot result: {result}");
+
+    // One zfs snapshot of both datasets (same txg), app-consistent, with the domain's XML.
+    let names = sh(&format!("zfs list -H -t snapshot -o name -s createtxg {FS} {DATA}"));
+    let snaps: Vec<&str> = names.lines().collect();
+    check(snaps.len() == 2, format!("one snapshot per dataset: {snaps:?}"))?;
+    let name = snaps[0].split('@').nth(1).unwrap_or_default().to_owned();
+    check(snaps[1].ends_with(&format!("@{name}")), format!("one name: {snaps:?}"))?;
+    let txg = sh(&format!("zfs get -H -p -o value createtxg {FS}@{name} {DATA}@{name}"));
+    check(txg.lines().collect::<Vec<_>>().windows(2).all(|w| w[0] == w[1]), format!("createtxg differ: {txg}"))?;
+    let props = sh(&format!("zfs get -H -o value vmsnap:consistency,vmsnap:domain {FS}@{name}"));
+    check(props.lines().collect::<Vec<_>>() == ["app", DOMAIN], format!("properties: {props}"))?;
+    verify_clone(&name)?;
+
+    // libvirt still owns the domain, running, on its original disks; vmsnap left no node, job or
+    // fdset behind in QEMU.
+    check(virsh(&["domstate", DOMAIN])?.trim() == "running", "the domain is not running")?;
+    let blk = virsh(&["domblklist", DOMAIN])?;
+    check(blk.contains(&format!("/{FS}/disk0.qcow2")) && blk.contains(&format!("/{DATA}/disk1.raw")), blk)?;
+    let (qmp_path, _) = vmsnap::enroll::sockets(DOMAIN);
+    rt().block_on(async {
+        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        let nodes = qmp.node_names().await.map_err(|e| e.to_string())?;
+        check(!nodes.iter().any(|n| n.starts_with("vmsnap")), format!("vmsnap nodes left: {nodes:?}"))?;
+        check(qmp.query_jobs().await.map_err(|e| e.to_string())?.is_empty(), "a block job is left")?;
+        let fdsets = qmp.execute(&qapi::qmp::query_fdsets {}).await.map_err(|e| e.to_string())?;
+        check(fdsets.is_empty(), format!("fdsets left: {fdsets:?}"))
+    })?;
+    let overlays = sh(&format!("find {STATE}/overlays -type f 2>/dev/null | wc -l"));
+    check(overlays.trim() == "0", format!("overlay files left: {overlays}"))
+}
+
+/// Clones of both datasets at `name`: the qcow2 passes `qemu-img check`, both filesystems pass
+/// e2fsck, the counters are from one moment, and the domain's XML is inside.
+fn verify_clone(name: &str) -> Result<(), Failed> {
+    sh(&format!("zfs clone {FS}@{name} tank/chk && zfs clone {DATA}@{name} tank/chk-data"));
+    let res = (|| {
+        sh("qemu-img check -q /tank/chk/disk0.qcow2 && qemu-img convert -O raw /tank/chk/disk0.qcow2 /tmp/chk.raw");
+        sh("e2fsck -fn /tmp/chk.raw && e2fsck -fn /tank/chk-data/disk1.raw");
+        let counter = |img: &str| -> Result<i64, Failed> {
+            Ok(sh(&format!("debugfs -R 'cat /counter' {img} 2>/dev/null")).trim().parse().map_err(|e| format!("counter in {img}: {e}"))?)
+        };
+        let (a, b) = (counter("/tmp/chk.raw")?, counter("/tank/chk-data/disk1.raw")?);
+        eprintln!("snapshot {name}: counters {a} / {b}");
+        check(a > 0 && (a - b).abs() <= 1, format!("the two disks are not from one moment: counters {a} and {b}"))?;
+        let xml = std::fs::read_to_string(format!("/tank/chk/.vmsnap/{DOMAIN}/domain.xml"))?;
+        check(xml.contains(&format!("<name>{DOMAIN}</name>")), "the domain XML is in the snapshot")
+    })();
+    sh("rm -f /tmp/chk.raw; zfs destroy tank/chk; zfs destroy tank/chk-data");
+    res
+}
+
+fn refused_calls() -> Result<(), Failed> {
+    let before = sh("zfs list -H -t snapshot -o name");
+    for (method, args) in [
+        ("Snapshot", vec!["sa{sv}", DOMAIN, "0"]),
+        ("Prune", vec!["sb", DOMAIN, "false"]),
+        ("UnregisterDomain", vec!["s", DOMAIN]),
+        ("RegisterDomain", vec!["sssssass", "x", "", "/run/x.qmp", "", "", "0", "", ""]),
+    ] {
+        let (ok, out) = call(true, method, &args);
+        check(!ok && (out.contains("needs root") || out.contains("Access denied")), format!("{method} as nobody: {out}"))?;
+    }
+    let (ok, out) = call(false, "Snapshot", &["sa{sv}", DOMAIN, "1", "frobnicate", "i", "1"]);
+    check(!ok && out.contains("unknown option \"frobnicate\""), format!("malformed Snapshot: {out}"))?;
+    let (ok, out) = call(false, "UnregisterDomain", &["s", "../etc"]);
+    check(!ok && out.contains("domain name"), format!("malformed UnregisterDomain: {out}"))?;
+    check(registered(), "a refused call unregistered the domain")?;
+    check(sh("zfs list -H -t snapshot -o name") == before, "a refused call changed the snapshots")
+}
+
+fn destroy_unregisters() -> Result<(), Failed> {
+    check(registered(), "the guest is not registered")?;
+    virsh(&["destroy", DOMAIN])?;
+    wait_for("unregistered by the stopped/release hook", Duration::from_secs(30), || !registered())?;
+    check(!std::path::Path::new(&format!("{STATE}/registry/{DOMAIN}.json")).exists(), "the registration file is left")
+}
+
+fn starts_with_daemon_down() -> Result<(), Failed> {
+    stop_daemon()?;
+    restore_guest()?;
+    check(virsh(&["domstate", DOMAIN])?.trim() == "running", "the domain is not running")?;
+    let log = sh("cat /var/log/libvirt/libvirtd.log 2>/dev/null | grep -i 'hook' | tail -5 || true");
+    eprintln!("libvirtd on the hook: {log}");
+    start_daemon()?;
+    // Nothing told the daemon: the domain started while it was down.
+    check(!registered(), "registered although the daemon was down at the start")
+}
+
+fn reconnect_registers() -> Result<(), Failed> {
+    check(virsh(&["domstate", DOMAIN])?.trim() == "running", "the domain is not running")?;
+    let mut lane = LANE.lock().unwrap();
+    let lv = lane.libvirtd.as_mut().ok_or("no libvirtd")?;
+    lv.stop()?;
+    let t = Instant::now();
+    *lv = Libvirtd::start(Duration::from_secs(900))?;
+    drop(lane);
+    eprintln!("METRIC libvirtd restart {:.1} s", t.elapsed().as_secs_f64());
+    wait_for("registered by the reconnect hook", Duration::from_secs(120), registered)?;
+    check(virsh(&["domstate", DOMAIN])?.trim() == "running", "the domain is not running after the restart")
+}
