@@ -70,6 +70,9 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
         }
         Err(e) => tracing::error!("recovering interrupted operations: {e}"),
     }
+    for (name, why) in Registry::new(&cfg.state_dir).drop_stale() {
+        tracing::warn!(domain = %name, "unregistered: {why}");
+    }
     let status = Status::load(&cfg.state_dir).unwrap_or_else(|e| {
         tracing::warn!("ignoring unreadable status file: {e}");
         Status::default()

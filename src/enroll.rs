@@ -72,10 +72,13 @@ pub fn enroll_xml(xml: &str) -> Result<Enrolled, String> {
         format!("unix:{},server=on,wait=off", qmp.display()),
         "-chardev".to_owned(),
         format!("socket,id=vmsnap-qga,path={},server=on,wait=off", qga.display()),
+        // JSON, like libvirt's own `-device`s: QEMU creates every `key=value` device before any
+        // JSON one, so a `key=value` controller here would take the PCI slot libvirt assigned to
+        // one of its devices (measured: "slot 2 function 0 not available for virtio-serial-pci").
         "-device".to_owned(),
-        "virtio-serial-pci,id=vmsnap-vser".to_owned(),
+        r#"{"driver":"virtio-serial-pci","id":"vmsnap-vser"}"#.to_owned(),
         "-device".to_owned(),
-        format!("virtserialport,bus=vmsnap-vser.0,chardev=vmsnap-qga,name={AGENT_PORT}"),
+        format!(r#"{{"driver":"virtserialport","bus":"vmsnap-vser.0","chardev":"vmsnap-qga","name":"{AGENT_PORT}"}}"#),
     ];
     let arg_lines: String = args.iter().map(|a| format!("    <{p}:arg value='{a}'/>\n")).collect();
     let existing =
@@ -143,6 +146,8 @@ mod tests {
         assert_eq!(d.qga, Some(PathBuf::from("/var/lib/libvirt/qemu/vmsnap-web.qga")));
         assert_eq!(d.disks, [PathBuf::from("/tank/vms/web/root.qcow2")]);
         assert!(is_enrolled(&e.xml) && !is_enrolled(INACTIVE));
+        // Devices as JSON, created after libvirt's own (also JSON) in command-line order.
+        assert!(e.xml.contains(r#"<qemu:arg value='{"driver":"virtio-serial-pci","id":"vmsnap-vser"}'/>"#), "{}", e.xml);
     }
 
     #[test]

@@ -151,6 +151,32 @@ impl Registry {
     }
 }
 
+/// Whether something listens on the unix socket at `path` (connect only; nothing is sent: a
+/// QMP monitor serves one client, and a connection that says nothing costs it nothing).
+fn socket_answers(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+impl Registry {
+    /// Forgets registrations whose QMP socket no longer answers: the domain stopped while no
+    /// daemon heard its hook (the hook never waits for one). Run at daemon start-up; returns
+    /// (name, why) of each one dropped.
+    pub fn drop_stale(&self) -> Vec<(String, String)> {
+        let mut dropped = Vec::new();
+        for r in self.load_all().0 {
+            if socket_answers(&r.qmp) {
+                continue;
+            }
+            let why = format!("its QMP socket {} does not answer (stopped while the daemon was down?)", r.qmp.display());
+            match self.remove(&r.name) {
+                Ok(_) => dropped.push((r.name, why)),
+                Err(e) => tracing::warn!(domain = %r.name, "dropping a stale registration: {e}"),
+            }
+        }
+        dropped
+    }
+}
+
 /// The config's domains plus the registered ones (the config wins on a name clash).
 pub fn all_domains(cfg: &Config, registry: &Registry) -> Vec<DomainConfig> {
     let mut out: Vec<DomainConfig> = cfg.domains.values().cloned().collect();
@@ -198,6 +224,30 @@ mod tests {
             nvram: None,
             xml: None,
         }
+    }
+
+    #[test]
+    fn stale_registrations_are_dropped_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::new(dir.path());
+        let live = dir.path().join("live.qmp");
+        let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        // A socket file nobody listens on any more, as QEMU leaves behind when killed.
+        let dead = dir.path().join("dead.qmp");
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        r.save(&Registration { qmp: live, ..reg("web") }).unwrap();
+        r.save(&Registration { qmp: dead, ..reg("db") }).unwrap();
+        r.save(&Registration { qmp: dir.path().join("absent.qmp"), ..reg("gone") }).unwrap();
+        let dropped: Vec<String> = r
+            .drop_stale()
+            .into_iter()
+            .map(|(n, why)| {
+                assert!(why.contains("does not answer"), "{why}");
+                n
+            })
+            .collect();
+        assert_eq!(dropped, ["db", "gone"]);
+        assert_eq!(r.load_all().0.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["web"]);
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl Libvirtd {
     /// next start reconnects to them (`reconnect` hook).
     pub fn stop(&mut self) -> Result<(), RigError> {
         let pid = read_pid(LIBVIRTD_PID).ok_or_else(|| RigError::Failed(format!("no libvirtd pid in {LIBVIRTD_PID}")))?;
-        host_cmd("kill", &["-TERM", &pid.to_string()])?;
+        signal(pid, nix::sys::signal::Signal::SIGTERM)?;
         let t = Instant::now();
         while Path::new(&format!("/proc/{pid}")).exists() {
             if t.elapsed() > Duration::from_secs(60) {
@@ -92,10 +92,15 @@ impl Drop for Libvirtd {
         if self.started {
             let _ = self.stop();
             if let Some(pid) = read_pid(VIRTLOGD_PID) {
-                let _ = host_cmd("kill", &["-TERM", &pid.to_string()]);
+                let _ = signal(pid, nix::sys::signal::Signal::SIGTERM);
             }
         }
     }
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) -> Result<(), RigError> {
+    let pid = i32::try_from(pid).map_err(|_| RigError::Failed(format!("pid {pid} out of range")))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(|e| RigError::Failed(format!("kill {pid}: {e}")))
 }
 
 fn read_pid(file: &str) -> Option<u32> {
