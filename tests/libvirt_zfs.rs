@@ -69,6 +69,7 @@ fn inside() {
         ("setup_installs_hook_and_bus_policy", setup_installs),
         ("a_started_domain_registers_through_the_hook", started_registers),
         ("snapshot_over_dbus_is_consistent_under_libvirt", snapshot_over_dbus),
+        ("ram_snapshot_over_dbus_under_libvirt", ram_snapshot_over_dbus),
         ("non_root_and_malformed_calls_change_nothing", refused_calls),
         ("destroy_unregisters", destroy_unregisters),
         ("a_domain_starts_with_the_daemon_down", starts_with_daemon_down),
@@ -223,14 +224,8 @@ fn snapshot_over_dbus() -> Result<(), Failed> {
         }
         Err::<(), Failed>("the writer did not start".into())
     })?;
-    let (ok, out) = call(false, "Snapshot", &["sa{sv}", DOMAIN, "1", "label", "s", "dbus"]);
-    check(ok, format!("Snapshot: {out}"))?;
-    let job = out.split('"').find(|s| s.starts_with("/io/github/vmsnap/Agent1/Jobs/")).ok_or(format!("no job path: {out}"))?.to_owned();
-    let prop = |p: &str| busctl(false, &["get-property", AGENT, &job, "io.github.vmsnap.Job1", p], &[]).1;
-    wait_for("the D-Bus snapshot job", Duration::from_secs(900), || !prop("State").contains("\"running\""))?;
-    let result = prop("Result");
-    check(prop("State").contains("\"succeeded\""), format!("job: {} {result}\n{}", prop("State"), std::fs::read_to_string(LOG)?))?;
-    eprintln!("METRIC D-Bus snapshot result: {result}");
+    let report = dbus_snapshot(&["1", "label", "s", "dbus"])?;
+    check(report["consistency"] == "app", format!("consistency: {report}"))?;
 
     // One zfs snapshot of both datasets (same txg), app-consistent, with the domain's XML.
     let names = sh(&format!("zfs list -H -t snapshot -o name -s createtxg {FS} {DATA}"));
@@ -262,6 +257,58 @@ fn snapshot_over_dbus() -> Result<(), Failed> {
     })?;
     let overlays = sh(&format!("find {STATE}/overlays -type f 2>/dev/null | wc -l"));
     check(overlays.trim() == "0", format!("overlay files left: {overlays}"))
+}
+
+/// `Snapshot(DOMAIN, options)` over the system bus (`options`: busctl's a{sv} arguments); waits
+/// for the job and returns its report.
+fn dbus_snapshot(options: &[&str]) -> Result<serde_json::Value, Failed> {
+    let mut args = vec!["sa{sv}", DOMAIN];
+    args.extend_from_slice(options);
+    let (ok, out) = call(false, "Snapshot", &args);
+    check(ok, format!("Snapshot: {out}"))?;
+    let job = out.split('"').find(|s| s.starts_with("/io/github/vmsnap/Agent1/Jobs/")).ok_or(format!("no job path: {out}"))?.to_owned();
+    let prop = |p: &str| busctl(false, &["get-property", "--json=short", AGENT, &job, "io.github.vmsnap.Job1", p], &[]).1;
+    wait_for("the D-Bus snapshot job", Duration::from_secs(900), || !prop("State").contains("\"running\""))?;
+    let result = prop("Result");
+    check(prop("State").contains("\"succeeded\""), format!("job: {} {result}\n{}", prop("State"), std::fs::read_to_string(LOG)?))?;
+    eprintln!("METRIC D-Bus snapshot result: {result}");
+    // {"type":"s","data":"<the report as JSON>"}
+    let wrapped: serde_json::Value = serde_json::from_str(&result)?;
+    Ok(serde_json::from_str(wrapped["data"].as_str().ok_or("no report")?)?)
+}
+
+/// RAM snapshots of the libvirt-managed guest: QEMU (run by libvirt as libvirt-qemu, sandboxed)
+/// writes the RAM to a descriptor vmsnap opened, a root-only file; libvirt follows the pause and
+/// still sees the domain running after it. Unprivileged, QEMU has no userfaultfd: background
+/// falls back to precopy and says why; with `vm.unprivileged_userfaultfd = 1` it runs.
+fn ram_snapshot_over_dbus() -> Result<(), Failed> {
+    check(registered(), "the guest is not registered")?;
+    sh("echo 0 > /proc/sys/vm/unprivileged_userfaultfd");
+    let report = dbus_snapshot(&["2", "label", "s", "ram", "memory", "s", "background"])?;
+    let warnings = report["warnings"].to_string();
+    check(warnings.contains("refused background-snapshot") && warnings.contains("precopy"), format!("no fallback warning: {report}"))?;
+    check_ram_snapshot(&report)?;
+    sh("echo 1 > /proc/sys/vm/unprivileged_userfaultfd");
+    let report = dbus_snapshot(&["2", "label", "s", "ram-bg", "memory", "s", "background"]);
+    sh("echo 0 > /proc/sys/vm/unprivileged_userfaultfd");
+    let report = report?;
+    check(report["warnings"].as_array().is_some_and(Vec::is_empty), format!("background under libvirt: {report}"))?;
+    check_ram_snapshot(&report)
+}
+
+fn check_ram_snapshot(report: &serde_json::Value) -> Result<(), Failed> {
+    use std::os::unix::fs::PermissionsExt;
+    check(report["consistency"] == "ram" && report["pause_ms"].as_f64().is_some(), format!("consistency: {report}"))?;
+    let dump = report["ram_dump"].as_str().ok_or(format!("no dump: {report}"))?.to_owned();
+    let mode = std::fs::metadata(&dump)?.permissions().mode() & 0o777;
+    let owner = sh(&format!("stat -c %U {dump}"));
+    check(mode == 0o600 && owner.trim() == "root", format!("dump {dump}: mode {mode:o}, owner {owner}"))?;
+    let sum = sh(&format!("sha256sum {dump}"));
+    check(Some(sum.split_whitespace().next().unwrap_or("")) == report["ram_sha256"].as_str(), "the dump's checksum")?;
+    check(virsh(&["domstate", DOMAIN])?.trim() == "running", "libvirt does not see the domain running after the RAM snapshot")?;
+    let name = report["name"].as_str().unwrap_or_default();
+    let props = sh(&format!("zfs get -H -o value vmsnap:consistency,vmsnap:ram-dump {FS}@{name}"));
+    check(props.lines().collect::<Vec<_>>() == ["ram", dump.as_str()], format!("properties: {props}"))
 }
 
 /// Clones of both datasets at `name`: the qcow2 passes `qemu-img check`, both filesystems pass

@@ -245,7 +245,11 @@ impl Run<'_> {
         overlays: &[OverlayRecord],
         by_pool: &BTreeMap<String, Vec<Dataset>>,
     ) -> StepResult<Consistency> {
-        ram::prepare(&self.qmp, mode).await.at("prepare RAM dump")?;
+        let (mode, fallback) = ram::prepare(&self.qmp, mode).await.at("prepare RAM dump")?;
+        if let Some(why) = fallback {
+            tracing::warn!(domain = %self.dom.name, "{why}");
+            self.report.warnings.push(why);
+        }
         self.machine = Some(ram::machine_type(&self.qmp).await.at("prepare RAM dump")?);
         let (path, file) = ram::create_dump(&self.cfg.ram_dir, &self.dom.name, &self.name).at("create RAM dump")?;
         self.record(Record::RamDumpStarted { path: path.clone() }).await?;

@@ -21,11 +21,14 @@ use tokio::time::Instant;
 /// The name the dump's descriptor gets in QEMU.
 const FD_NAME: &str = "vmsnap-ram";
 
-/// Refuses when QEMU says migration is blocked, then sets the capabilities `mode` needs.
+/// Refuses when QEMU says migration is blocked, then sets the capabilities `mode` needs. When
+/// QEMU refuses background-snapshot (it needs userfaultfd, which an unprivileged QEMU — libvirt
+/// runs it as `libvirt-qemu` — lacks unless `vm.unprivileged_userfaultfd = 1`), the RAM is saved
+/// with precopy instead: the mode used, and a warning saying why.
 ///
 /// # Errors
-/// [`StepError::Refused`] naming QEMU's blockers, or QEMU's refusal of background-snapshot.
-pub async fn prepare(qmp: &Qmp, mode: RamMode) -> Result<(), StepError> {
+/// [`StepError::Refused`] naming QEMU's blockers.
+pub async fn prepare(qmp: &Qmp, mode: RamMode) -> Result<(RamMode, Option<String>), StepError> {
     let status = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await?;
     if let Some(reasons) = status.get("blocked-reasons").and_then(Value::as_array).filter(|r| !r.is_empty()) {
         let reasons: Vec<&str> = reasons.iter().filter_map(Value::as_str).collect();
@@ -36,12 +39,20 @@ pub async fn prepare(qmp: &Qmp, mode: RamMode) -> Result<(), StepError> {
     {
         return Err(StepError::Refused(format!("a migration is already running ({s})")));
     }
-    set_capabilities(qmp, mode == RamMode::Background).await.map_err(|e| match (mode, e) {
-        (RamMode::Background, StepError::Qmp(q)) => StepError::Refused(format!(
-            "QEMU refused background-snapshot ({q}); QEMU needs userfaultfd (root or CAP_SYS_PTRACE), or use --memory precopy"
-        )),
-        (_, e) => e,
-    })
+    match set_capabilities(qmp, mode == RamMode::Background).await {
+        Ok(()) => Ok((mode, None)),
+        Err(StepError::Qmp(q)) if mode == RamMode::Background => {
+            set_capabilities(qmp, false).await?;
+            Ok((
+                RamMode::Precopy,
+                Some(format!(
+                    "QEMU refused background-snapshot ({q}): it needs userfaultfd, which an unprivileged QEMU \
+                     only gets with `sysctl vm.unprivileged_userfaultfd=1`; RAM saved with precopy (the VM pauses at the end)"
+                )),
+            ))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `events` on (so completion is an event), `background-snapshot` as asked.
