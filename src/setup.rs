@@ -1,5 +1,5 @@
 //! `vmsnap setup`: puts vmsnap's system files in place, idempotently — the libvirt hook, the
-//! systemd unit, the D-Bus policy and activation file, a default config (never overwritten),
+//! systemd unit, the D-Bus policy and activation file, the polkit action, a default config (never overwritten),
 //! shell completions and the man page — and says what the user must do next. `--dry-run`
 //! reports the same actions and writes nothing. `--root` installs under another root (tests,
 //! packaging).
@@ -46,6 +46,7 @@ pub struct SetupError {
 
 const HOOK: &str = include_str!("../hooks/qemu");
 const DBUS_POLICY: &str = include_str!("../dist/dbus/io.github.vmsnap.Agent1.conf");
+const POLKIT_ACTION: &str = include_str!("../dist/polkit/io.github.vmsnap.policy");
 pub const BUS_POLICY_PATH: &str = "usr/share/dbus-1/system.d/io.github.vmsnap.Agent1.conf";
 pub const HOOK_PATH: &str = "etc/libvirt/hooks/qemu.d/vmsnap";
 
@@ -104,6 +105,7 @@ pub fn items(exe: &Path, config: &Path, extra: Vec<Item>) -> Vec<Item> {
         item("etc/systemd/system/vmsnap.service", unit(exe, config), 0o644),
         item(BUS_POLICY_PATH, DBUS_POLICY.to_owned(), 0o644),
         item("usr/share/dbus-1/system-services/io.github.vmsnap.Agent1.service", ACTIVATION.to_owned(), 0o644),
+        item("usr/share/polkit-1/actions/io.github.vmsnap.policy", POLKIT_ACTION.to_owned(), 0o644),
         Item {
             path: config.strip_prefix("/").unwrap_or(config).to_owned(),
             content: DEFAULT_CONFIG.as_bytes().to_vec(),

@@ -3,12 +3,14 @@
 //! registry, with one object per snapshot job.
 //!
 //! Authorization comes from the caller's credentials as the bus daemon reports them for the
-//! message's sender (never from anything the caller says): mutating methods need uid 0; reading
-//! methods are open to whoever the bus policy lets in. `introspection.xml` at the top of the
-//! repository is the committed interface; a test diffs the live one against it.
+//! message's sender (never from anything the caller says): mutating methods need uid 0, or polkit's
+//! grant of `io.github.vmsnap.manage` when polkit is on the bus ([`polkit`]); reading methods are
+//! open to whoever the bus policy lets in. `dist/dbus/io.github.vmsnap.Agent1.xml` is the committed
+//! interface; a test diffs the live one against it.
 
 mod error;
 mod job;
+pub mod polkit;
 mod service;
 
 pub use error::VmsnapError;

@@ -2,6 +2,7 @@
 //! use the same engine, catalog, prune and registry as the CLI and the scheduler.
 
 use super::job::{Job, JobState};
+use super::polkit;
 use super::{VmsnapError, BUS_NAME, JOBS, PATH};
 use crate::catalog;
 use crate::config::{Config, DomainConfig};
@@ -71,12 +72,19 @@ pub(super) async fn caller_uid(conn: &zbus::Connection, hdr: &zbus::message::Hea
         .map_err(|e| VmsnapError::NotAuthorized(format!("cannot learn the caller's uid: {e}")))
 }
 
-/// Mutating methods: root only.
+/// Mutating methods: root, or a caller polkit authorizes for [`polkit::ACTION`].
 pub(super) async fn require_root(conn: &zbus::Connection, hdr: &zbus::message::Header<'_>, method: &str) -> Result<(), VmsnapError> {
-    match caller_uid(conn, hdr).await? {
-        0 => Ok(()),
-        uid => Err(VmsnapError::NotAuthorized(format!("{method} changes snapshots or domains and needs root; the caller is uid {uid}"))),
+    let uid = caller_uid(conn, hdr).await?;
+    if uid == 0 {
+        return Ok(());
     }
+    let sender = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
+    let why = match polkit::check(conn, &sender).await {
+        polkit::Verdict::Authorized => return Ok(()),
+        polkit::Verdict::NotAuthorized => format!("polkit does not grant {}", polkit::ACTION),
+        polkit::Verdict::Unavailable(e) => format!("no polkit to grant {} ({e})", polkit::ACTION),
+    };
+    Err(VmsnapError::NotAuthorized(format!("{method} changes snapshots or domains and needs root; the caller is uid {uid}, and {why}")))
 }
 
 /// `Snapshot` options: `memory` (s: "", "background", "precopy"), `strategy` (s: "overlay",

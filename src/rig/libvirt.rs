@@ -253,6 +253,26 @@ async fn build(rig: &Rig, vmsnap: &Path, dir: &Path, stamp: &str) -> Result<(), 
     Ok(())
 }
 
+/// Restores the kit's domain on copies of its disks at `disk0` (qcow2) and `disk1` (raw), e.g.
+/// on ZFS (the saved RAM must meet the disks it was saved with), and waits for its agent on
+/// vmsnap's socket. The hooks run as for any start.
+pub async fn restore(kit: &LibvirtKit, disk0: &Path, disk1: &Path) -> Result<(), RigError> {
+    let s = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    host_cmd("cp", &["--sparse=always", &s(&kit.disk0()), &s(disk0)])?;
+    host_cmd("cp", &["--sparse=always", &s(&kit.disk1()), &s(disk1)])?;
+    let saved = s(&kit.save_file());
+    let xml = virsh(&["save-image-dumpxml", &saved])?
+        .replace(&format!("{IMAGES}/disk0.qcow2"), &s(disk0))
+        .replace(&format!("{IMAGES}/disk1.raw"), &s(disk1));
+    let edited = super::ScratchDir::new("vmsnap-restore")?;
+    let xml_path = edited.path().join("domain.xml");
+    std::fs::write(&xml_path, xml).map_err(|source| RigError::Io { what: "restore xml".into(), source })?;
+    virsh(&["restore", &saved, "--xml", &s(&xml_path)])?;
+    let (_, qga) = crate::enroll::sockets(DOMAIN);
+    wait_agent(&qga, Duration::from_secs(300)).await.map_err(RigError::Failed)?;
+    Ok(())
+}
+
 /// Connects to a guest agent socket, retrying until it answers a ping or `timeout` passes.
 pub async fn wait_agent(path: &Path, timeout: Duration) -> Result<Qga, String> {
     let probe = Timeouts { sync: Duration::from_secs(3), other: Duration::from_secs(180), ..Timeouts::default() };
