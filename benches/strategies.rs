@@ -16,7 +16,7 @@ use vmsnap::qemu::block::{file_node, qcow2_overlay_node};
 use vmsnap::qemu::blockjob::BlockJob;
 use vmsnap::qemu::qmp::Qmp;
 use vmsnap::rig::lane::{sh, vmsnap_bin};
-use vmsnap::rig::resume_kit::{self, ResumeKit};
+use vmsnap::rig::resume_kit;
 use vmsnap::rig::Rig;
 
 const FS: &str = "tank/vms/bench";
@@ -47,17 +47,9 @@ fn inside() {
     sh("zpool create -f -O mountpoint=/tank tank /dev/disk/by-id/virtio-pool1");
     sh(&format!("zfs create -p {FS} && zfs create -V 64M {ZVOL} && udevadm settle"));
     let rig = Rig::locate().expect("rig");
-    let kit = ResumeKit::find(&rig).expect("resume kit");
-    sh(&format!(
-        "cp {} /{FS}/disk0.qcow2 && dd if={} of=/dev/zvol/{ZVOL} bs=1M conv=fsync status=none",
-        kit.disk0().display(),
-        kit.disk1().display()
-    ));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let mut vm = rt.block_on(async {
-        let disks = vec![format!("/{FS}/disk0.qcow2").into(), format!("/dev/zvol/{ZVOL}").into()];
-        let mut vm = resume_kit::restore(&rig, &kit, disks).await.expect("guest");
-        let mut qga = vm.machine.wait_agent(Duration::from_secs(300)).await.expect("agent");
+        let (vm, mut qga) = resume_kit::restore_on_zfs(&rig, FS, ZVOL).await.expect("guest");
         // Write load for the whole run: 1 MiB rewritten and synced in a loop on each disk.
         qga.exec_start(
             "/bin/sh",

@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::Duration;
 use vmsnap::rig::lane::{self, sh, vmsnap_bin};
-use vmsnap::rig::resume_kit::{self, ResumeKit};
+use vmsnap::rig::resume_kit;
 use vmsnap::rig::Rig;
 
 fn main() {
@@ -37,17 +37,9 @@ fn inside() {
     sh("zpool create -f -O mountpoint=/cheap cheap /dev/disk/by-id/virtio-pool2");
     sh("zfs create -p tank/vms/demo && zfs create -V 64M tank/vms/demo-data && udevadm settle");
     let rig = Rig::locate().expect("rig files on /mnt/rig");
-    let kit = ResumeKit::find(&rig).expect("resume kit");
-    sh(&format!(
-        "cp {} /tank/vms/demo/disk0.qcow2 && dd if={} of=/dev/zvol/tank/vms/demo-data bs=1M conv=fsync status=none",
-        kit.disk0().display(),
-        kit.disk1().display()
-    ));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let mut vm = rt.block_on(async {
-        let disks = vec!["/tank/vms/demo/disk0.qcow2".into(), "/dev/zvol/tank/vms/demo-data".into()];
-        let mut vm = resume_kit::restore(&rig, &kit, disks).await.expect("starting the demo VM");
-        let mut qga = vm.machine.wait_agent(Duration::from_secs(300)).await.expect("demo VM agent");
+        let (vm, mut qga) = resume_kit::restore_on_zfs(&rig, "tank/vms/demo", "tank/vms/demo-data").await.expect("starting the demo VM");
         qga.exec_start("/bin/sh", &["-c", "i=0; while :; do i=$((i+1)); echo $i > /mnt/vda/counter; sleep 0.2; done"], &[])
             .await
             .expect("writer");

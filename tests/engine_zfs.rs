@@ -14,7 +14,7 @@ use std::time::Duration;
 use vmsnap::qemu::qga::{FreezeStatus, Qga, Timeouts};
 use vmsnap::qemu::qmp::Qmp;
 use vmsnap::rig::lane::{sh, vmsnap_bin};
-use vmsnap::rig::resume_kit::{self, ResumeKit};
+use vmsnap::rig::resume_kit;
 use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
 
 #[path = "engine_zfs/daemon.rs"]
@@ -56,19 +56,11 @@ fn inside() {
     sh("zpool create -f -O mountpoint=/tank tank /dev/disk/by-id/virtio-pool1");
     sh(&format!("zfs create -p {FS} && zfs create -V 64M {ZVOL} && zfs create tank/vms/stopped && udevadm settle"));
     let rig = Rig::locate().expect("the rig's files on /mnt/rig");
-    let kit = ResumeKit::find(&rig).expect("the resume kit (built on the host by the ZFS-lane dispatcher)");
-    // The nested guest's disks on ZFS: the kit's disks as they were when it was saved.
-    sh(&format!(
-        "cp {} /{FS}/disk0.qcow2 && dd if={} of=/dev/zvol/{ZVOL} bs=1M conv=fsync status=none",
-        kit.disk0().display(),
-        kit.disk1().display()
-    ));
     sh("cp /mnt/rig/data-template.qcow2 /tank/vms/stopped/disk0.qcow2");
     let vm = rt().block_on(async {
         let t = std::time::Instant::now();
-        let disks = vec![format!("/{FS}/disk0.qcow2").into(), format!("/dev/zvol/{ZVOL}").into()];
-        let mut vm = resume_kit::restore(&rig, &kit, disks).await.expect("starting the nested guest from the resume kit");
-        let mut qga = vm.machine.wait_agent(Duration::from_secs(300)).await.expect("nested guest agent");
+        // The nested guest's disks on ZFS: the kit's disks as they were when it was saved.
+        let (vm, mut qga) = resume_kit::restore_on_zfs(&rig, FS, ZVOL).await.expect("starting the nested guest from the resume kit");
         eprintln!("METRIC nested_guest_restore_to_agent_s={:.1}", t.elapsed().as_secs_f64());
         let mounts = qga.sh("grep /mnt/ /proc/mounts", Duration::from_secs(300)).await.unwrap().stdout_text();
         assert!(mounts.contains("/mnt/vda") && mounts.contains("/mnt/vdb"), "guest mounts: {mounts}");

@@ -10,6 +10,7 @@
 use super::machine::ScratchDir;
 use super::tiny::{TinyVm, TinyVmOptions};
 use super::{host_cmd, Rig, RigError};
+use crate::qemu::qga::Qga;
 use crate::qemu::qmp::Qmp;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -118,6 +119,20 @@ pub async fn restore(rig: &Rig, kit: &ResumeKit, disks: Vec<PathBuf>) -> Result<
         ..Default::default()
     };
     restore_state(rig, &opts, &kit.state()).await
+}
+
+/// Inside the OpenZFS VM: the kit's guest running on ZFS, its qcow2 disk copied to
+/// `/<fs>/disk0.qcow2` (filesystem `fs`, mounted at `/<fs>`) and its raw disk written onto the
+/// zvol `zvol` (both must exist, the zvol at least 64 MiB); the VM and its agent.
+pub async fn restore_on_zfs(rig: &Rig, fs: &str, zvol: &str) -> Result<(TinyVm, Qga), RigError> {
+    let kit = ResumeKit::find(rig)?;
+    let (disk0, disk1) = (format!("/{fs}/disk0.qcow2"), format!("/dev/zvol/{zvol}"));
+    host_cmd("cp", &[kit.disk0().to_str().expect("utf-8 path"), &disk0])?;
+    let input = format!("if={}", kit.disk1().display());
+    host_cmd("dd", &[&input, &format!("of={disk1}"), "bs=1M", "conv=fsync", "status=none"])?;
+    let mut vm = restore(rig, &kit, vec![disk0.into(), disk1.into()]).await?;
+    let qga = vm.machine.wait_agent(Duration::from_secs(300)).await?;
+    Ok((vm, qga))
 }
 
 /// Starts QEMU with `-incoming defer` and feeds it `state`; resumes it; waits for its agent.
