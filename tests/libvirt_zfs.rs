@@ -76,6 +76,7 @@ fn inside() {
         ("a_domain_starts_with_the_daemon_down", starts_with_daemon_down),
         ("a_libvirtd_restart_registers_again", reconnect_registers),
         ("the_daemon_keeps_live_registrations_and_drops_stale_ones", daemon_restarts),
+        ("enroll_and_unenroll_through_virsh", enroll_and_unenroll),
     ];
     let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
     let conclusion = libtest_mimic::run(&args, trials);
@@ -403,4 +404,34 @@ fn daemon_restarts() -> Result<(), Failed> {
     check(!registered() && !std::path::Path::new(&file).exists(), "the stale registration survived the start")?;
     let log = std::fs::read_to_string(LOG)?;
     check(log.contains("unregistered") && log.contains("does not answer"), format!("the daemon says why: {log}"))
+}
+
+/// `vmsnap enroll` / `unenroll` on a persistent definition through real virsh: idempotent, the
+/// agent channel moves to vmsnap and back, the original is kept 0600 meanwhile.
+fn enroll_and_unenroll() -> Result<(), Failed> {
+    check(virsh(&["domstate", DOMAIN]).is_err(), "the domain still exists")?;
+    std::fs::write("/tmp/lvguest.xml", libvirt::domain_xml())?;
+    virsh(&["define", "/tmp/lvguest.xml"])?;
+    let vmsnap = |args: &[&str]| -> Result<String, Failed> {
+        let out = Command::new(vmsnap_bin()).args(["--config", CONFIG]).args(args).env("LIBVIRT_DEFAULT_URI", "qemu:///system").output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        check(out.status.success(), format!("vmsnap {args:?}: {text}"))?;
+        Ok(text)
+    };
+    let res = (|| {
+        let said = vmsnap(&["enroll", DOMAIN])?;
+        check(said.contains("domfsfreeze") && said.contains("next start"), format!("enroll warns and says when: {said}"))?;
+        let xml = virsh(&["dumpxml", "--inactive", DOMAIN])?;
+        check(xml.contains("id=vmsnap-qga") && !xml.contains("<channel type='unix'>"), format!("enrolled: {xml}"))?;
+        let backup = format!("{STATE}/enroll/{DOMAIN}.xml");
+        let mode = sh(&format!("stat -c %a {backup}"));
+        check(mode.trim() == "600", format!("backup mode {mode}"))?;
+        check(vmsnap(&["enroll", DOMAIN])?.contains("already enrolled"), "enroll twice")?;
+        vmsnap(&["unenroll", DOMAIN])?;
+        let xml = virsh(&["dumpxml", "--inactive", DOMAIN])?;
+        check(!xml.contains("vmsnap") && xml.contains("org.qemu.guest_agent.0"), format!("unenrolled: {xml}"))?;
+        check(vmsnap(&["unenroll", DOMAIN])?.contains("not enrolled"), "unenroll twice")
+    })();
+    virsh(&["undefine", DOMAIN])?;
+    res
 }
