@@ -429,7 +429,7 @@ fn enroll_and_unenroll() -> Result<(), Failed> {
         check(vmsnap(&["enroll", DOMAIN])?.contains("already enrolled"), "enroll twice")?;
         vmsnap(&["unenroll", DOMAIN])?;
         let xml = virsh(&["dumpxml", "--inactive", DOMAIN])?;
-        check(!xml.contains("vmsnap") && xml.contains("org.qemu.guest_agent.0"), format!("unenrolled: {xml}"))?;
+        check(!xml.contains("commandline") && xml.contains("org.qemu.guest_agent.0"), format!("unenrolled: {xml}"))?;
         check(vmsnap(&["unenroll", DOMAIN])?.contains("not enrolled"), "unenroll twice")
     })();
     virsh(&["undefine", DOMAIN])?;
