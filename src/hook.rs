@@ -5,7 +5,8 @@
 //! It must never hold up or fail a domain's start: it always reads stdin to the end, never calls
 //! libvirt (that would deadlock), writes nothing to stdout (libvirt reads hook stdout as XML for
 //! some operations), gives the daemon [`DAEMON_TIMEOUT`] and no more, and always exits 0. Why it
-//! did nothing goes to stderr, which libvirtd logs.
+//! did nothing goes to its stderr; where libvirt puts that was not checked (on the rig libvirtd
+//! runs detached).
 
 use crate::dbus::{BUS_NAME, PATH};
 use std::path::PathBuf;
