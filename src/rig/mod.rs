@@ -68,6 +68,14 @@ impl Rig {
     }
 }
 
+/// [`RigError::NotBuilt`] naming the first of `files` that is missing.
+pub(crate) fn require_all(files: &[PathBuf]) -> Result<(), RigError> {
+    match files.iter().find(|f| !f.exists()) {
+        Some(missing) => Err(RigError::NotBuilt { missing: missing.clone() }),
+        None => Ok(()),
+    }
+}
+
 /// Runs a host program (qemu-img, mkfs) and fails with its stderr.
 pub(crate) fn host_cmd(program: &str, args: &[&str]) -> Result<(), RigError> {
     let out = std::process::Command::new(program)
@@ -78,4 +86,22 @@ pub(crate) fn host_cmd(program: &str, args: &[&str]) -> Result<(), RigError> {
         return Err(RigError::Failed(format!("{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_all_names_the_first_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = dir.path().join("here");
+        std::fs::write(&here, b"").unwrap();
+        let (gone1, gone2) = (dir.path().join("gone1"), dir.path().join("gone2"));
+        assert!(require_all(std::slice::from_ref(&here)).is_ok());
+        match require_all(&[here, gone1.clone(), gone2]) {
+            Err(RigError::NotBuilt { missing }) => assert_eq!(missing, gone1),
+            other => panic!("{other:?}"),
+        }
+    }
 }

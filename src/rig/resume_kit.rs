@@ -38,11 +38,7 @@ impl ResumeKit {
     /// The kit in `rig` if it was built.
     pub fn find(rig: &Rig) -> Result<Self, RigError> {
         let kit = Self { dir: rig.dir().join(KIT_DIR) };
-        for f in [kit.state(), kit.disk0(), kit.disk1()] {
-            if !f.exists() {
-                return Err(RigError::NotBuilt { missing: f });
-            }
-        }
+        super::require_all(&[kit.state(), kit.disk0(), kit.disk1()])?;
         Ok(kit)
     }
 
