@@ -160,7 +160,8 @@ async fn baseline(qmp_path: &Path, observer: &Path, i: usize) -> f64 {
     let disks = [("disk0-fmt", format!("/{FS}/disk0.qcow2"), "qcow2"), ("disk1-fmt", format!("/dev/zvol/{ZVOL}"), "raw")];
     let mut events = qmp.subscribe().expect("events");
     qmp.execute(&qapi::qmp::stop {}).await.expect("stop");
-    let (dump, file) = vmsnap::engine::ram::create_dump(dir, "baseline", &format!("b{i}")).expect("dump");
+    let dump = vmsnap::engine::ram::dump_path(dir, "baseline", &format!("b{i}"));
+    let file = vmsnap::engine::ram::create_dump(&dump).expect("dump");
     vmsnap::engine::ram::start(&qmp, &file).await.expect("migrate");
     vmsnap::engine::ram::wait_completed(&qmp, &mut events, Duration::from_secs(600)).await.expect("dump done");
     let mut pairs = Vec::new();

@@ -91,6 +91,12 @@ pub struct Config {
     pub registered_policy: Policy,
     /// `require_quiesce` at the top level, for registered domains.
     pub require_quiesce: bool,
+    /// How long `guest-fsfreeze-freeze` may take before vmsnap gives up and thaws
+    /// (`freeze_timeout`, seconds, default 60).
+    pub freeze_timeout: std::time::Duration,
+    /// How long a `zfs snapshot` inside the frozen or paused window may take before vmsnap
+    /// thaws/resumes the guest and fails (`window_timeout`, seconds, default 60).
+    pub window_timeout: std::time::Duration,
 }
 
 #[derive(Deserialize)]
@@ -102,6 +108,8 @@ struct RawConfig {
     metrics_file: Option<PathBuf>,
     max_parallel: Option<usize>,
     require_quiesce: Option<bool>,
+    freeze_timeout: Option<u64>,
+    window_timeout: Option<u64>,
     #[serde(default)]
     template: BTreeMap<String, RawPolicy>,
     #[serde(default)]
@@ -157,6 +165,13 @@ impl Config {
             return Err(invalid("max_parallel must be at least 1".into()));
         }
         let default_quiesce = raw.require_quiesce.unwrap_or(false);
+        let seconds = |key: &str, v: Option<u64>| match v.unwrap_or(60) {
+            0 => Err(invalid(format!("{key} must be at least 1 (seconds)"))),
+            n if n > 86_400 => Err(invalid(format!("{key} must be at most 86400 (seconds), got {n}"))),
+            n => Ok(std::time::Duration::from_secs(n)),
+        };
+        let freeze_timeout = seconds("freeze_timeout", raw.freeze_timeout)?;
+        let window_timeout = seconds("window_timeout", raw.window_timeout)?;
         let mut domains = BTreeMap::new();
         for (name, d) in raw.domain {
             if !valid_domain_name(&name) {
@@ -191,6 +206,8 @@ impl Config {
             domains,
             registered_policy,
             require_quiesce: default_quiesce,
+            freeze_timeout,
+            window_timeout,
         })
     }
 

@@ -344,7 +344,7 @@ fn stopped_vm() -> Result<(), Failed> {
 
 fn crash_and_recover() -> Result<(), Failed> {
     for step in ["overlays_created", "freeze_started", "switch_started", "switched", "thawed", "zfs_snapshot_done", "committed"] {
-        let out = vmsnap(&["snapshot", "demo", "--label", &label()], &[("VMSNAP_ABORT_AFTER", step)]);
+        let out = vmsnap(&["snapshot", "demo", "--label", &label()], &[("VMSNAP_ABORT_AT", &format!("after:{step}"))]);
         check(!out.status.success(), format!("{step}: vmsnap should have aborted: {}", text(&out)))?;
         check(Path::new(&format!("{STATE}/journal/demo.json")).exists(), format!("{step}: no journal left behind: {}", text(&out)))?;
         let rec = vmsnap(&["recover"], &[]);

@@ -17,13 +17,14 @@
 //! and no overlay stays behind; after a crash `vmsnap recover` does the same from the file.
 
 use super::disks::{datasets_by_pool, live_disks, LiveDisk};
-use super::journal::{create_private_dir, obligations, Journal, OverlayRecord, Record};
+use super::journal::{self, create_private_dir, obligations, Journal, OverlayRecord, Record};
 use super::lock::DomainLock;
 use super::naming;
 use super::recover::{self, fdset_tag};
 use super::{ram, Consistency, EngineError, RamMode, SnapshotOptions, SnapshotReport, StepError, Strategy};
 use crate::config::{Config, DomainConfig, QuiescePolicy};
 use crate::qemu::block::{file_node, qcow2_overlay_node};
+use crate::qemu::process::ProcessId;
 use crate::qemu::qga::{Qga, Timeouts};
 use crate::qemu::qmp::{Qmp, QmpError};
 use crate::zfs::{Dataset, DatasetKind, PropName, Zfs};
@@ -55,7 +56,7 @@ pub async fn snapshot(
     let leftover = Journal::dir(&cfg.state_dir).join(format!("{}.json", dom.name));
     if leftover.exists() {
         progress("recovering an interrupted earlier operation");
-        recover::recover_journal(&leftover).await.map_err(|e| fail("recover", StepError::Refused(e)))?;
+        recover::recover_journal(&leftover, zfs).await.map_err(|e| fail("recover", StepError::Refused(e)))?;
     }
     let name = naming::snapshot_name(opts.name_at.unwrap_or_else(SystemTime::now), &opts.label);
     let qmp = match Qmp::connect(&dom.qmp, Duration::from_secs(5)).await {
@@ -73,6 +74,7 @@ pub async fn snapshot(
         name,
         journal: None,
         machine: None,
+        was_running: false,
         report: SnapshotReport {
             domain: dom.name.clone(),
             name: String::new(),
@@ -127,6 +129,8 @@ struct Run<'a> {
     journal: Option<Journal>,
     /// QEMU's machine type, recorded with a RAM dump.
     machine: Option<String>,
+    /// The VM ran when the snapshot began (a VM paused by an I/O error later is resumed).
+    was_running: bool,
     report: SnapshotReport,
     progress: Progress<'a>,
 }
@@ -146,22 +150,25 @@ impl Run<'_> {
         }
         self.timed("prepare", t);
 
+        let running = self.qmp.execute(&qapi::qmp::query_status {}).await.at("query status")?.running;
+        self.was_running = running;
         self.journal = Some(
             Journal::create(
                 &self.cfg.state_dir,
                 &self.dom.name,
                 Record::Begin {
+                    format: journal::FORMAT,
                     domain: self.dom.name.clone(),
                     qmp: self.dom.qmp.clone(),
                     qga: self.dom.qga.clone(),
                     snapshot: self.name.clone(),
                     pid: std::process::id(),
+                    qemu: self.qmp.peer_pid().and_then(ProcessId::of),
                 },
             )
             .at("journal")?,
         );
 
-        let running = self.qmp.execute(&qapi::qmp::query_status {}).await.at("query status")?.running;
         if self.opts.memory.is_some() && !running {
             return Err(("save RAM", StepError::Refused("the VM is paused; vmsnap saves the RAM of running VMs".into())));
         }
@@ -245,14 +252,19 @@ impl Run<'_> {
         overlays: &[OverlayRecord],
         by_pool: &BTreeMap<String, Vec<Dataset>>,
     ) -> StepResult<Consistency> {
-        let (mode, fallback) = ram::prepare(&self.qmp, mode).await.at("prepare RAM dump")?;
+        ram::check(&self.qmp).await.at("prepare RAM dump")?;
+        let previous = ram::current_capabilities(&self.qmp).await.at("prepare RAM dump")?;
+        self.record(Record::CapabilitiesSet { previous: previous.clone() }).await?;
+        let (mode, fallback) = ram::set_mode(&self.qmp, mode).await.at("prepare RAM dump")?;
         if let Some(why) = fallback {
             tracing::warn!(domain = %self.dom.name, "{why}");
             self.report.warnings.push(why);
         }
         self.machine = Some(ram::machine_type(&self.qmp).await.at("prepare RAM dump")?);
-        let (path, file) = ram::create_dump(&self.cfg.ram_dir, &self.dom.name, &self.name).at("create RAM dump")?;
+        let path = ram::dump_path(&self.cfg.ram_dir, &self.dom.name, &self.name);
+        // Journaled before the file exists, so a crash in between deletes what was made.
         self.record(Record::RamDumpStarted { path: path.clone() }).await?;
+        let file = ram::create_dump(&path).at("create RAM dump")?;
         let mut events = self.qmp.subscribe().at("save RAM")?;
         let mut pauses = self.qmp.subscribe().at("save RAM")?;
         let t = Instant::now();
@@ -260,8 +272,10 @@ impl Run<'_> {
             RamMode::Precopy => {
                 (self.progress)("saving RAM (precopy; the VM pauses at the end)");
                 self.record(Record::PauseStarted).await?;
+                self.record(Record::MigrationStarted).await?;
                 ram::start(&self.qmp, &file).await.at("save RAM")?;
                 ram::wait_completed(&self.qmp, &mut events, RAM_TIMEOUT).await.at("save RAM")?;
+                self.record(Record::MigrationDone).await?;
                 ram::wait_postmigrate(&self.qmp, Duration::from_secs(30)).await.at("save RAM")?;
                 self.capture_disks(overlays, by_pool, Consistency::Ram).await?;
                 self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
@@ -271,15 +285,18 @@ impl Run<'_> {
                 self.record(Record::PauseStarted).await?;
                 self.qmp.execute(&qapi::qmp::stop {}).await.at("pause")?;
                 self.capture_disks(overlays, by_pool, Consistency::Ram).await?;
+                self.record(Record::MigrationStarted).await?;
                 ram::start(&self.qmp, &file).await.at("save RAM")?;
                 ram::wait_saving_started(&self.qmp, Duration::from_secs(60)).await.at("save RAM")?;
                 self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
                 self.record(Record::Resumed).await?;
                 (self.progress)("saving RAM (background; the VM runs)");
                 ram::wait_completed(&self.qmp, &mut events, RAM_TIMEOUT).await.at("save RAM")?;
-                ram::set_capabilities(&self.qmp, false).await.at("save RAM")?;
+                self.record(Record::MigrationDone).await?;
             }
         }
+        ram::restore_capabilities(&self.qmp, &previous).await.at("save RAM")?;
+        self.record(Record::CapabilitiesReset).await?;
         drop(file);
         self.timed("save RAM", t);
         self.report.pause_ms = ram::paused_ms(&mut pauses).await;
@@ -290,13 +307,15 @@ impl Run<'_> {
         self.report.ram_dump = Some(path);
         self.report.ram_sha256 = Some(sha256);
         if self.opts.strategy == Strategy::Direct {
-            // The snapshots were taken before the dump's checksum was known.
-            let props = self.ram_properties();
+            // The snapshots were taken (labelled crash-consistent) before the dump was complete:
+            // one `zfs set` per snapshot makes each a `ram` snapshot with its dump, all at once.
+            let mut props = self.ram_properties();
+            props.insert(PropName::new(naming::CONSISTENCY).expect("valid"), Consistency::Ram.as_str().into());
             for snap in self.report.snapshots.clone() {
-                for (k, v) in &props {
-                    self.zfs.set_property(&snap, k, v).await.at("record RAM dump")?;
-                }
+                self.zfs.set_properties(&snap, &props).await.at("record RAM dump")?;
             }
+            self.record(Record::RamLabelled).await?;
+            self.report.consistency = Consistency::Ram.as_str();
         }
         Ok(Consistency::Ram)
     }
@@ -354,6 +373,7 @@ impl Run<'_> {
                 path: dir.join(format!("{}-{i}.qcow2", self.name)),
                 fdset_id: None,
                 job_id: format!("vmsnap-commit{i}"),
+                base: Some(d.path.clone()),
             })
             .collect();
         // Journaled before any file exists, so a crash in the middle removes what was made.
@@ -385,14 +405,22 @@ impl Run<'_> {
         self.record(Record::FreezeStarted).await?;
         let t = Instant::now();
         let qga = self.qga.as_mut().expect("checked");
-        match qga.freeze().await {
+        match qga.freeze_within(self.cfg.freeze_timeout).await {
             Ok(_) => {
                 self.timed("freeze", t);
                 Ok(true)
             }
             Err(e) => {
-                // Never leave it half frozen: thaw now, whatever the policy says next.
-                let _ = qga.thaw().await;
+                // The freeze may have happened, or may still be running in the guest, and this
+                // connection is out of step: drop it, thaw on a fresh one (the agent finishes
+                // the freeze first), and journal Thawed only once the agent says so. If that
+                // fails the obligation stays and the undo (or `vmsnap recover`) tries again.
+                self.qga = None;
+                let n = recover::thaw(self.dom.qga.as_deref().expect("an agent was connected"))
+                    .await
+                    .map_err(|why| StepError::Refused(format!("{e}; then the thaw failed: {why}")))
+                    .at("thaw after a failed freeze")?;
+                tracing::info!(domain = %self.dom.name, "freeze failed ({e}); thawed {n} filesystems");
                 self.record(Record::Thawed).await?;
                 match self.dom.quiesce {
                     QuiescePolicy::Require => Err(("freeze", e.into())),
@@ -423,11 +451,24 @@ impl Run<'_> {
     async fn zfs_snapshot(&mut self, by_pool: &BTreeMap<String, Vec<Dataset>>, consistency: Consistency) -> StepResult {
         (self.progress)("taking the zfs snapshot");
         let t = Instant::now();
-        self.report.consistency = consistency.as_str();
-        let props = self.properties(consistency);
+        // Direct + RAM: the dump is not complete yet, so the snapshot starts crash-consistent
+        // and becomes `ram` in one `zfs set` once the dump is (see `with_ram`).
+        let label =
+            if consistency == Consistency::Ram && self.opts.strategy == Strategy::Direct { Consistency::Crash } else { consistency };
+        self.report.consistency = label.as_str();
+        let props = self.properties(label);
+        let intended: Vec<String> = by_pool.values().flatten().map(|d| format!("{d}@{}", self.name)).collect();
+        self.record(Record::ZfsSnapshotStarted { names: intended }).await?;
+        // Inside the frozen or paused window (direct) a hung `zfs` must not keep the guest
+        // stopped: past the deadline the call is killed, and the undo thaws/resumes first.
+        let deadline = if self.opts.strategy == Strategy::Direct { self.cfg.window_timeout } else { Duration::from_secs(3600) };
         let mut names = Vec::new();
         for datasets in by_pool.values() {
-            let made = self.zfs.snapshot(datasets, &self.name, &props).await.at("zfs snapshot")?;
+            let made = tokio::time::timeout(deadline, self.zfs.snapshot(datasets, &self.name, &props))
+                .await
+                .map_err(|_| StepError::Refused(format!("zfs snapshot did not finish within {deadline:?} (window_timeout)")))
+                .at("zfs snapshot")?
+                .at("zfs snapshot")?;
             names.extend(made.into_iter().map(|n| n.to_string()));
         }
         self.report.snapshots = names.clone();
@@ -478,7 +519,15 @@ impl Run<'_> {
         (self.progress)("merging overlays back");
         let t = Instant::now();
         for ov in overlays {
-            recover::merge_overlay(Some(&self.qmp), ov).await.map_err(StepError::Refused).at("merge overlays")?;
+            let journal = self.journal.as_mut().expect("journal is open");
+            recover::merge_overlay(&self.qmp, ov, journal).await.map_err(StepError::Refused).at("merge overlays")?;
+        }
+        // A full overlay directory stops the VM with an I/O error; its requests are retried on
+        // the base now that the overlay is merged.
+        if self.was_running && recover::resume_after_io_error(&self.qmp).await.at("merge overlays")? {
+            let w = "the VM stopped on an I/O error writing its overlay (is overlay_dir full?); resumed it once the overlay was merged";
+            tracing::warn!(domain = %self.dom.name, "{w}");
+            self.report.warnings.push(w.into());
         }
         self.timed("merge overlays", t);
         self.record(Record::Committed).await
@@ -490,11 +539,20 @@ impl Run<'_> {
         let Some(journal) = self.journal.take() else {
             return EngineError::Step { domain, step, source: Box::new(source) };
         };
+        let mut journal = journal;
         let o = obligations(journal.records());
         // The agent connection may be the one that just failed: recovery opens its own.
         self.qga = None;
         let mut actions = Vec::new();
-        match recover::apply(Some(&self.qmp), self.dom.qga.as_deref(), &o, &mut actions).await {
+        let recorded = match journal.records().first() {
+            Some(Record::Begin { qemu, .. }) => *qemu,
+            _ => None,
+        };
+        let qemu = match recover::classify(Some(&self.qmp), recorded) {
+            Ok(q) => q,
+            Err(cleanup) => return EngineError::CleanupFailed { domain, step, cleanup, source: Box::new(source) },
+        };
+        match recover::apply(&qemu, self.dom.qga.as_deref(), &o, self.zfs, &mut journal, &mut actions).await {
             Ok(()) => {
                 for a in &actions {
                     tracing::info!(domain = %domain, "undo: {a}");

@@ -6,6 +6,7 @@
 //! sees either the old or the new list, never a torn one. [`obligations`] is the pure replay:
 //! from any prefix of records to what must be undone.
 
+use crate::qemu::process::ProcessId;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,43 +21,86 @@ pub struct OverlayRecord {
     pub path: PathBuf,
     pub fdset_id: Option<i64>,
     pub job_id: String,
+    /// The disk image the overlay sits on (its backing file), checked for other holders before
+    /// an offline commit.
+    #[serde(default)]
+    pub base: Option<PathBuf>,
 }
 
+/// The journal format this vmsnap writes and reads (recorded in `begin`).
+pub const FORMAT: u32 = 2;
+
+/// Every record is an *intent* (appended before the act, so a crash right after it undoes an act
+/// that may or may not have happened) or a *fact* (appended after the act succeeded, and only
+/// then). Recovery treats an intent as "maybe done" and checks QEMU or ZFS before undoing it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "snake_case")]
 pub enum Record {
     Begin {
+        /// [`FORMAT`]; journals without it were written by vmsnap before format 2.
+        #[serde(default)]
+        format: u32,
         domain: String,
         qmp: PathBuf,
         qga: Option<PathBuf>,
         snapshot: String,
         pid: u32,
+        /// The QEMU process the operation works on (None: the VM was not running, or the kernel
+        /// did not say). Recovery never merges into, resumes or cancels on another process.
+        #[serde(default)]
+        qemu: Option<ProcessId>,
     },
-    /// Overlay files exist and their nodes may have been added to QEMU.
+    /// Intent: overlay files are about to be created and their nodes added to QEMU.
     OverlaysCreated {
         overlays: Vec<OverlayRecord>,
     },
-    /// `guest-fsfreeze-freeze` is about to be sent.
+    /// Intent: `guest-fsfreeze-freeze` is about to be sent.
     FreezeStarted,
+    /// Fact: the agent thawed the guest (or said it is thawed).
     Thawed,
-    /// vmsnap is about to pause the VM (`stop`, or a migration that ends paused).
+    /// Intent: vmsnap is about to pause the VM (`stop`, or a migration that ends paused).
     PauseStarted,
+    /// Fact: the VM runs again.
     Resumed,
-    /// The RAM dump file is created and about to be written.
+    /// Intent: migration capabilities are about to change; `previous` is what they were.
+    CapabilitiesSet {
+        previous: Vec<(String, bool)>,
+    },
+    /// Fact: the capabilities are back to `previous`.
+    CapabilitiesReset,
+    /// Intent: the RAM dump file is about to be created.
     RamDumpStarted {
         path: PathBuf,
     },
+    /// Intent: `migrate` into the dump is about to be sent.
+    MigrationStarted,
+    /// Fact: the migration completed (QEMU writes no more into the dump).
+    MigrationDone,
+    /// Fact: the dump is complete and its checksum known.
     RamDumpDone {
         path: PathBuf,
         sha256: String,
     },
-    /// The `transaction` switching disks to overlays is about to be sent.
+    /// Intent: the `transaction` switching disks to overlays is about to be sent.
     SwitchStarted,
+    /// Fact: every disk runs on its overlay.
     Switched,
+    /// Intent: `zfs snapshot` of these names is about to run.
+    ZfsSnapshotStarted {
+        names: Vec<String>,
+    },
+    /// Fact: the snapshots exist.
     ZfsSnapshotDone {
         names: Vec<String>,
     },
-    /// Every overlay is merged back, its nodes deleted and its file removed.
+    /// Fact: the snapshots carry the RAM dump's properties (direct strategy: set after the dump).
+    RamLabelled,
+    /// Fact: this overlay's commit job completed (QEMU runs on the base again; the overlay file
+    /// is stale from here on and must never be committed again).
+    Merged {
+        overlay_node: String,
+    },
+    /// Fact: every overlay is merged back, its nodes deleted and its file removed.
     Committed,
     End,
 }
@@ -71,15 +115,33 @@ impl Record {
             Record::Thawed => "thawed",
             Record::PauseStarted => "pause_started",
             Record::Resumed => "resumed",
+            Record::CapabilitiesSet { .. } => "capabilities_set",
+            Record::CapabilitiesReset => "capabilities_reset",
             Record::RamDumpStarted { .. } => "ram_dump_started",
+            Record::MigrationStarted => "migration_started",
+            Record::MigrationDone => "migration_done",
             Record::RamDumpDone { .. } => "ram_dump_done",
             Record::SwitchStarted => "switch_started",
             Record::Switched => "switched",
+            Record::ZfsSnapshotStarted { .. } => "zfs_snapshot_started",
             Record::ZfsSnapshotDone { .. } => "zfs_snapshot_done",
+            Record::RamLabelled => "ram_labelled",
+            Record::Merged { .. } => "merged",
             Record::Committed => "committed",
             Record::End => "end",
         }
     }
+}
+
+/// A RAM dump the operation made or was making, and what decides its fate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RamObligation {
+    pub path: PathBuf,
+    /// Set once the dump was complete and checksummed.
+    pub sha256: Option<String>,
+    /// Snapshots that may exist and reference it: the dump is kept only if ZFS shows one of
+    /// them with `vmsnap:ram-dump` naming it.
+    pub snapshots: Vec<String>,
 }
 
 /// What must be done to leave nothing behind, derived from a journal.
@@ -89,12 +151,20 @@ pub struct Obligations {
     pub resume: bool,
     /// The guest may be frozen: thaw it.
     pub thaw: bool,
+    /// A migration into the dump may be running: cancel it and wait until it stopped.
+    pub cancel_migration: bool,
+    /// Migration capabilities vmsnap may have changed: set them back to these.
+    pub reset_capabilities: Option<Vec<(String, bool)>>,
     /// Overlays that may be in the disk chain: commit them back (if they are), then remove them.
     pub merge: Vec<OverlayRecord>,
-    /// Overlays that never reached the chain: remove their nodes, fdsets and files.
+    /// Overlays that never reached the chain, or whose commit completed: remove their nodes,
+    /// fdsets and files.
     pub remove: Vec<OverlayRecord>,
-    /// A RAM dump that has no snapshot to go with: delete it.
-    pub delete_ram: Option<PathBuf>,
+    /// A RAM dump: kept only when a snapshot that exists references it, deleted otherwise.
+    pub ram: Option<RamObligation>,
+    /// Snapshots that may have been created (`zfs snapshot` was started): recovery reports
+    /// which exist, and strips RAM properties from them when their dump is deleted.
+    pub snapshots: Vec<String>,
 }
 
 impl Obligations {
@@ -107,9 +177,8 @@ impl Obligations {
 pub fn obligations(records: &[Record]) -> Obligations {
     let mut o = Obligations::default();
     let mut overlays = Vec::new();
+    let mut merged: Vec<String> = Vec::new();
     let mut switch_started = false;
-    let mut ram: Option<PathBuf> = None;
-    let mut snapshot_taken = false;
     for r in records {
         match r {
             Record::Begin { .. } => {}
@@ -118,21 +187,33 @@ pub fn obligations(records: &[Record]) -> Obligations {
             Record::Thawed => o.thaw = false,
             Record::PauseStarted => o.resume = true,
             Record::Resumed => o.resume = false,
-            Record::RamDumpStarted { path } | Record::RamDumpDone { path, .. } => ram = Some(path.clone()),
+            Record::CapabilitiesSet { previous } => o.reset_capabilities = Some(previous.clone()),
+            Record::CapabilitiesReset => o.reset_capabilities = None,
+            Record::RamDumpStarted { path } => o.ram = Some(RamObligation { path: path.clone(), ..Default::default() }),
+            Record::MigrationStarted => o.cancel_migration = true,
+            Record::MigrationDone => o.cancel_migration = false,
+            Record::RamDumpDone { path, sha256 } => {
+                let ram = o.ram.get_or_insert_with(|| RamObligation { path: path.clone(), ..Default::default() });
+                ram.sha256 = Some(sha256.clone());
+            }
             Record::SwitchStarted => switch_started = true,
             Record::Switched => {}
-            Record::ZfsSnapshotDone { .. } => snapshot_taken = true,
+            Record::ZfsSnapshotStarted { names } | Record::ZfsSnapshotDone { names } => o.snapshots = names.clone(),
+            Record::RamLabelled => {}
+            Record::Merged { overlay_node } => merged.push(overlay_node.clone()),
             Record::Committed => overlays.clear(),
             Record::End => return Obligations::default(),
         }
     }
-    if switch_started {
-        o.merge = overlays;
-    } else {
-        o.remove = overlays;
+    for ov in overlays {
+        if switch_started && !merged.contains(&ov.overlay_node) {
+            o.merge.push(ov);
+        } else {
+            o.remove.push(ov);
+        }
     }
-    if !snapshot_taken {
-        o.delete_ram = ram;
+    if let Some(ram) = o.ram.as_mut() {
+        ram.snapshots = o.snapshots.clone();
     }
     o
 }
@@ -153,6 +234,22 @@ pub enum JournalError {
     },
     #[error("journal {path} is damaged: {why}")]
     Damaged { path: PathBuf, why: String },
+    #[error("journal {path} was written by an older vmsnap (format {found}; this one reads format {FORMAT})")]
+    OldFormat { path: PathBuf, found: u32 },
+}
+
+impl JournalError {
+    /// What the operator can do about it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            JournalError::Damaged { .. } | JournalError::OldFormat { .. } => Some(
+                "check the VM by hand: `virsh domfsthaw`/guest-fsfreeze-thaw, `cont` if paused, no vmsnap-ov* node in \
+                 query-block; commit any overlay left in overlay_dir with `qemu-img commit` while the VM is off; then \
+                 delete the journal file",
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// The journal file of one operation.
@@ -162,8 +259,19 @@ pub struct Journal {
     records: Vec<Record>,
 }
 
-/// Environment variable naming a record after which the process aborts (fault-injection tests).
-pub const ABORT_AFTER_ENV: &str = "VMSNAP_ABORT_AFTER";
+/// Environment variable naming a record before or after whose append the process aborts, as
+/// `before:NAME` or `after:NAME` (fault-injection tests: a kill -9 at that instant).
+pub const ABORT_AT_ENV: &str = "VMSNAP_ABORT_AT";
+
+/// Aborts the process when [`ABORT_AT_ENV`] names this moment.
+pub fn fault_point(when: &str, name: &str) {
+    if let Ok(v) = std::env::var(ABORT_AT_ENV) {
+        if v.split_once(':') == Some((when, name)) {
+            eprintln!("vmsnap: {ABORT_AT_ENV}={v}: aborting (fault-injection test)");
+            std::process::abort();
+        }
+    }
+}
 
 impl Journal {
     pub fn dir(state_dir: &Path) -> PathBuf {
@@ -183,9 +291,24 @@ impl Journal {
     /// Reads a journal left behind.
     pub fn load(path: &Path) -> Result<Self, JournalError> {
         let text = std::fs::read_to_string(path).map_err(|source| JournalError::Read { path: path.to_owned(), source })?;
-        let records: Vec<Record> =
-            serde_json::from_str(&text).map_err(|e| JournalError::Damaged { path: path.to_owned(), why: e.to_string() })?;
-        Ok(Self { path: path.to_owned(), records })
+        let records: Vec<Record> = match serde_json::from_str(&text) {
+            Ok(r) => r,
+            // A format-1 journal has records this one no longer knows, or lacks the format.
+            Err(e) => {
+                let old = serde_json::from_str::<Vec<serde_json::Value>>(&text)
+                    .ok()
+                    .and_then(|v| v.first().filter(|b| b["record"] == "begin").map(|b| b["format"].as_u64().unwrap_or(1) as u32));
+                return Err(match old {
+                    Some(found) if found != FORMAT => JournalError::OldFormat { path: path.to_owned(), found },
+                    _ => JournalError::Damaged { path: path.to_owned(), why: e.to_string() },
+                });
+            }
+        };
+        match records.first() {
+            Some(Record::Begin { format, .. }) if *format == FORMAT => Ok(Self { path: path.to_owned(), records }),
+            Some(Record::Begin { format, .. }) => Err(JournalError::OldFormat { path: path.to_owned(), found: (*format).max(1) }),
+            _ => Err(JournalError::Damaged { path: path.to_owned(), why: "it does not start with a begin record".into() }),
+        }
     }
 
     /// Every journal under `state_dir`.
@@ -213,6 +336,7 @@ impl Journal {
     /// Adds a record durably (fsync + rename + fsync of the directory).
     pub fn append(&mut self, record: Record) -> Result<(), JournalError> {
         let name = record.name();
+        fault_point("before", name);
         self.records.push(record);
         let err = |source| JournalError::Write { path: self.path.clone(), source };
         let tmp = self.path.with_extension("json.tmp");
@@ -224,10 +348,7 @@ impl Journal {
         if let Some(dir) = self.path.parent() {
             std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
         }
-        if std::env::var(ABORT_AFTER_ENV).is_ok_and(|v| v == name) {
-            eprintln!("vmsnap: {ABORT_AFTER_ENV}={name}: aborting (fault-injection test)");
-            std::process::abort();
-        }
+        fault_point("after", name);
         Ok(())
     }
 
@@ -256,18 +377,34 @@ mod tests {
             path: PathBuf::from(format!("/var/lib/vmsnap/overlays/vm/s-{i}.qcow2")),
             fdset_id: Some(i as i64),
             job_id: format!("vmsnap-commit-{i}"),
+            base: Some(PathBuf::from(format!("/tank/vm/disk{i}.qcow2"))),
+        }
+    }
+
+    fn begin(qga: Option<&str>) -> Record {
+        Record::Begin {
+            format: FORMAT,
+            domain: "vm".into(),
+            qmp: "/q".into(),
+            qga: qga.map(PathBuf::from),
+            snapshot: "s".into(),
+            pid: 1,
+            qemu: Some(ProcessId { pid: 7, start_ticks: 9 }),
         }
     }
 
     fn full_overlay_run() -> Vec<Record> {
         vec![
-            Record::Begin { domain: "vm".into(), qmp: "/q".into(), qga: Some("/a".into()), snapshot: "s".into(), pid: 1 },
+            begin(Some("/a")),
             Record::OverlaysCreated { overlays: vec![overlay(0), overlay(1)] },
             Record::FreezeStarted,
             Record::SwitchStarted,
             Record::Switched,
             Record::Thawed,
+            Record::ZfsSnapshotStarted { names: vec!["tank/vm@s".into()] },
             Record::ZfsSnapshotDone { names: vec!["tank/vm@s".into()] },
+            Record::Merged { overlay_node: "vmsnap-ov0".into() },
+            Record::Merged { overlay_node: "vmsnap-ov1".into() },
             Record::Committed,
             Record::End,
         ]
@@ -275,15 +412,21 @@ mod tests {
 
     fn full_ram_run() -> Vec<Record> {
         vec![
-            Record::Begin { domain: "vm".into(), qmp: "/q".into(), qga: None, snapshot: "s".into(), pid: 1 },
+            begin(None),
             Record::OverlaysCreated { overlays: vec![overlay(0)] },
+            Record::CapabilitiesSet { previous: vec![("events".into(), false), ("background-snapshot".into(), false)] },
+            Record::RamDumpStarted { path: "/ram/s.ram".into() },
             Record::PauseStarted,
             Record::SwitchStarted,
             Record::Switched,
-            Record::RamDumpStarted { path: "/ram/s.ram".into() },
+            Record::MigrationStarted,
             Record::Resumed,
+            Record::MigrationDone,
+            Record::CapabilitiesReset,
             Record::RamDumpDone { path: "/ram/s.ram".into(), sha256: "ab".into() },
+            Record::ZfsSnapshotStarted { names: vec!["tank/vm@s".into()] },
             Record::ZfsSnapshotDone { names: vec!["tank/vm@s".into()] },
+            Record::Merged { overlay_node: "vmsnap-ov0".into() },
             Record::Committed,
             Record::End,
         ]
@@ -296,13 +439,15 @@ mod tests {
         for cut in 0..=run.len() {
             let o = obligations(&run[..cut]);
             let seen = |name: &str| run[..cut].iter().any(|r| r.name() == name);
+            let merged = run[..cut].iter().filter(|r| r.name() == "merged").count();
             assert_eq!(o.thaw, seen("freeze_started") && !seen("thawed"), "cut {cut}");
-            assert!(!o.resume, "cut {cut}");
+            assert!(!o.resume && !o.cancel_migration && o.reset_capabilities.is_none() && o.ram.is_none(), "cut {cut}");
             let live = seen("overlays_created") && !seen("committed") && !seen("end");
-            assert_eq!(!o.merge.is_empty(), live && seen("switch_started"), "cut {cut}: {o:?}");
-            assert_eq!(!o.remove.is_empty(), live && !seen("switch_started"), "cut {cut}: {o:?}");
-            assert_eq!(o.merge.len() + o.remove.len(), if live { 2 } else { 0 });
-            assert_eq!(o.delete_ram, None);
+            // A merged overlay is stale: it is removed, never committed again.
+            let to_merge = if live && seen("switch_started") { 2 - merged } else { 0 };
+            assert_eq!(o.merge.len(), to_merge, "cut {cut}: {o:?}");
+            assert_eq!(o.merge.len() + o.remove.len(), if live { 2 } else { 0 }, "cut {cut}");
+            assert_eq!(!o.snapshots.is_empty(), seen("zfs_snapshot_started") && !seen("end"), "cut {cut}");
         }
         assert!(obligations(&run).is_empty());
     }
@@ -313,9 +458,29 @@ mod tests {
         for cut in 0..=run.len() {
             let o = obligations(&run[..cut]);
             let seen = |name: &str| run[..cut].iter().any(|r| r.name() == name);
+            let open = !seen("end");
             assert_eq!(o.resume, seen("pause_started") && !seen("resumed"), "cut {cut}");
-            assert_eq!(o.delete_ram.is_some(), seen("ram_dump_started") && !seen("zfs_snapshot_done") && !seen("end"), "cut {cut}");
+            assert_eq!(o.cancel_migration, seen("migration_started") && !seen("migration_done"), "cut {cut}");
+            assert_eq!(o.reset_capabilities.is_some(), seen("capabilities_set") && !seen("capabilities_reset") && open, "cut {cut}");
+            // The dump is an obligation until the end: recovery keeps it only if a snapshot
+            // that exists references it, and only once it is complete.
+            assert_eq!(o.ram.is_some(), seen("ram_dump_started") && open, "cut {cut}");
+            if let Some(ram) = &o.ram {
+                assert_eq!(ram.sha256.is_some(), seen("ram_dump_done"), "cut {cut}");
+                assert_eq!(ram.snapshots.is_empty(), !seen("zfs_snapshot_started"), "cut {cut}");
+            }
         }
+    }
+
+    #[test]
+    fn an_old_journal_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vm.json");
+        let old = r#"[{"record":"begin","domain":"vm","qmp":"/q","qga":null,"snapshot":"s","pid":1},{"record":"freeze_started"}]"#;
+        std::fs::write(&p, old).unwrap();
+        let e = Journal::load(&p).unwrap_err();
+        assert!(matches!(e, JournalError::OldFormat { found: 1, .. }), "{e}");
+        assert!(e.to_string().contains("older vmsnap") && e.hint().is_some(), "{e}");
     }
 
     #[test]

@@ -21,24 +21,26 @@ use tokio::time::Instant;
 /// The name the dump's descriptor gets in QEMU.
 const FD_NAME: &str = "vmsnap-ram";
 
-/// Refuses when QEMU says migration is blocked, then sets the capabilities `mode` needs. When
-/// QEMU refuses background-snapshot (it needs userfaultfd, which an unprivileged QEMU — libvirt
-/// runs it as `libvirt-qemu` — lacks unless `vm.unprivileged_userfaultfd = 1`), the RAM is saved
-/// with precopy instead: the mode used, and a warning saying why.
+/// Refuses when QEMU says migration is blocked or a migration already runs.
 ///
 /// # Errors
 /// [`StepError::Refused`] naming QEMU's blockers.
-pub async fn prepare(qmp: &Qmp, mode: RamMode) -> Result<(RamMode, Option<String>), StepError> {
+pub async fn check(qmp: &Qmp) -> Result<(), StepError> {
     let status = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await?;
     if let Some(reasons) = status.get("blocked-reasons").and_then(Value::as_array).filter(|r| !r.is_empty()) {
         let reasons: Vec<&str> = reasons.iter().filter_map(Value::as_str).collect();
         return Err(StepError::Refused(format!("QEMU cannot save this VM's RAM: {}", reasons.join("; "))));
     }
-    if let Some(s) =
-        status.get("status").and_then(Value::as_str).filter(|s| matches!(*s, "setup" | "active" | "device" | "postcopy-active"))
-    {
+    if let Some(s) = status.get("status").and_then(Value::as_str).filter(|s| is_running(s)) {
         return Err(StepError::Refused(format!("a migration is already running ({s})")));
     }
+    Ok(())
+}
+
+/// Sets the capabilities `mode` needs (journal [`current_capabilities`] first). When QEMU refuses
+/// background-snapshot (it needs userfaultfd, which an unprivileged QEMU lacks), the RAM is saved
+/// with precopy instead: the mode used, and a warning saying why.
+pub async fn set_mode(qmp: &Qmp, mode: RamMode) -> Result<(RamMode, Option<String>), StepError> {
     match set_capabilities(qmp, mode == RamMode::Background).await {
         Ok(()) => Ok((mode, None)),
         Err(StepError::Qmp(q)) if mode == RamMode::Background => {
@@ -55,6 +57,23 @@ pub async fn prepare(qmp: &Qmp, mode: RamMode) -> Result<(RamMode, Option<String
     }
 }
 
+/// The capabilities vmsnap changes, and how QEMU names them.
+const OUR_CAPABILITIES: [(&str, MigrationCapability); 2] =
+    [("events", MigrationCapability::events), ("background-snapshot", MigrationCapability::background_snapshot)];
+
+/// The current state of the capabilities vmsnap changes, to journal before changing them.
+pub async fn current_capabilities(qmp: &Qmp) -> Result<Vec<(String, bool)>, StepError> {
+    let v = qmp.execute_raw("query-migrate-capabilities", None, Duration::from_secs(10)).await?;
+    let list = v.as_array().cloned().unwrap_or_default();
+    Ok(OUR_CAPABILITIES
+        .iter()
+        .map(|(name, _)| {
+            let on = list.iter().any(|c| c["capability"] == *name && c["state"] == true);
+            ((*name).to_owned(), on)
+        })
+        .collect())
+}
+
 /// `events` on (so completion is an event), `background-snapshot` as asked.
 pub async fn set_capabilities(qmp: &Qmp, background: bool) -> Result<(), StepError> {
     let caps = vec![
@@ -65,19 +84,73 @@ pub async fn set_capabilities(qmp: &Qmp, background: bool) -> Result<(), StepErr
     Ok(())
 }
 
-/// Creates `<ram_dir>/<domain>/<name>.ram`: the directory root-only, the file 0600 and new.
-pub fn create_dump(ram_dir: &Path, domain: &str, name: &str) -> Result<(PathBuf, std::fs::File), StepError> {
-    let dir = ram_dir.join(domain);
-    create_private_dir(&dir).map_err(|source| StepError::Io { what: format!("creating {}", dir.display()), source })?;
-    let path = dir.join(format!("{name}.ram"));
+/// Puts the capabilities back as journaled (names vmsnap does not know are skipped).
+pub async fn restore_capabilities(qmp: &Qmp, previous: &[(String, bool)]) -> Result<(), StepError> {
+    let caps: Vec<MigrationCapabilityStatus> = previous
+        .iter()
+        .filter_map(|(name, on)| {
+            OUR_CAPABILITIES.iter().find(|(n, _)| n == name).map(|(_, cap)| MigrationCapabilityStatus { capability: *cap, state: *on })
+        })
+        .collect();
+    if !caps.is_empty() {
+        qmp.execute(&qmp::migrate_set_capabilities { capabilities: caps }).await?;
+    }
+    Ok(())
+}
+
+/// Cancels a running migration and waits until QEMU says it stopped; `None` when none ran.
+/// Also drops the dump's descriptor if QEMU still holds it unused.
+pub async fn cancel(qmp: &Qmp) -> Result<Option<String>, StepError> {
+    let status = migration_status(qmp).await?;
+    let result = if is_running(&status) {
+        qmp.execute(&qmp::migrate_cancel {}).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let now = migration_status(qmp).await?;
+            if !is_running(&now) && now != "cancelling" {
+                break Some(now);
+            }
+            if Instant::now() > deadline {
+                return Err(StepError::Refused(format!("the migration did not stop within 120 s of migrate_cancel (status {now})")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        None
+    };
+    // Harmless when `migrate` consumed it or it was never passed.
+    let _ = qmp.execute_raw("closefd", Some(serde_json::json!({ "fdname": FD_NAME })), Duration::from_secs(10)).await;
+    Ok(result)
+}
+
+async fn migration_status(qmp: &Qmp) -> Result<String, StepError> {
+    let m = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await?;
+    Ok(m.get("status").and_then(Value::as_str).unwrap_or("none").to_owned())
+}
+
+/// A status in which QEMU may still write into the dump.
+pub fn is_running(status: &str) -> bool {
+    matches!(status, "setup" | "active" | "device" | "pre-switchover" | "postcopy-active" | "wait-unplug" | "cancelling")
+}
+
+/// Creates the dump file: its directory root-only, the file 0600 and new.
+/// Journal the path ([`dump_path`]) before calling this.
+pub fn create_dump(path: &Path) -> Result<std::fs::File, StepError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    create_private_dir(dir).map_err(|source| StepError::Io { what: format!("creating {}", dir.display()), source })?;
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(nix::libc::O_CLOEXEC)
-        .open(&path)
+        .open(path)
         .map_err(|source| StepError::Io { what: format!("creating {}", path.display()), source })?;
-    Ok((path, file))
+    Ok(file)
+}
+
+/// Where the dump of snapshot `name` goes: `<ram_dir>/<domain>/<name>.ram`.
+pub fn dump_path(ram_dir: &Path, domain: &str, name: &str) -> PathBuf {
+    ram_dir.join(domain).join(format!("{name}.ram"))
 }
 
 /// Hands QEMU the dump's descriptor and starts the migration into it.

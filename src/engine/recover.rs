@@ -1,15 +1,29 @@
-//! Carrying out a journal's [`Obligations`]: resume a VM vmsnap paused, thaw a guest it froze,
-//! merge back or remove its overlays, delete a RAM dump that has no snapshot. Every action checks
-//! what QEMU reports first and is idempotent: thawing a thawed guest, or removing an overlay that
-//! is already gone, succeeds. The engine runs this on its own errors; `vmsnap recover` and the
-//! daemon's start-up run it on journals left by a crash.
+//! Carrying out a journal's [`Obligations`]: cancel a RAM dump's migration, put the migration
+//! capabilities back, resume a VM vmsnap paused, thaw a guest it froze, merge back or remove its
+//! overlays, and keep a RAM dump only when a snapshot that exists references it.
+//!
+//! Every undo first asks what is real. Which QEMU runs decides what may be touched:
+//! - **the same process** the journal began with: undo everything through QMP;
+//! - **none** (QEMU died): nothing to thaw or resume; an overlay that was in the disk chain holds
+//!   the guest's writes since the switch, so it is committed into its base offline (`qemu-img
+//!   commit`, which takes the image locks) before its file goes;
+//! - **another process** (the VM was restarted, or something else holds the base image): nothing
+//!   is merged, resumed or cancelled, and an overlay that was in the chain is kept and reported;
+//! - **the same process, not answering**: nothing is touched and the journal stays.
+//!
+//! Each action is idempotent (thawing a thawed guest, removing a gone overlay succeed), so a
+//! recovery that is itself killed is finished by the next one. The engine runs this on its own
+//! errors; `vmsnap recover` and the daemon's start-up run it on journals left by a crash.
 
-use super::journal::{obligations, Journal, Obligations, OverlayRecord, Record};
+use super::journal::{obligations, Journal, Obligations, OverlayRecord, RamObligation, Record};
 use super::lock::DomainLock;
+use super::{naming, ram};
 use crate::config::Config;
 use crate::qemu::blockjob::BlockJob;
-use crate::qemu::qga::{Qga, Timeouts};
+use crate::qemu::process::{holders_of, ProcessId};
+use crate::qemu::qga::{FreezeStatus, Qga, Timeouts};
 use crate::qemu::qmp::{Qmp, QmpError};
+use crate::zfs::{PropName, Zfs, ZfsError};
 use qapi::qmp;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,47 +44,134 @@ pub fn fdset_tag(overlay_node: &str) -> String {
     format!("vmsnap:{overlay_node}")
 }
 
-/// Carries out `o` for a VM reachable at `qmp` (None: QEMU is gone) with its agent at `qga_path`.
+/// The QEMU recovery finds, compared with the one the journal began with.
+pub enum Qemu<'a> {
+    /// The same process, answering on this connection.
+    Same(&'a Qmp),
+    /// No QEMU runs for the domain.
+    Gone,
+    /// Another process runs the VM (or holds its disks); the sentence says which.
+    Restarted(String),
+}
+
+/// Decides which [`Qemu`] recovery faces, given the connection the caller has (if any) and the
+/// process the journal recorded.
+pub fn classify<'a>(connection: Option<&'a Qmp>, recorded: Option<ProcessId>) -> Result<Qemu<'a>, String> {
+    let recorded_alive = recorded.map(|r| r.is_alive());
+    match (connection, recorded) {
+        (Some(qmp), Some(r)) => {
+            let now = qmp.peer_pid().and_then(ProcessId::of);
+            match now {
+                Some(n) if n == r => Ok(Qemu::Same(qmp)),
+                Some(n) => {
+                    Ok(Qemu::Restarted(format!("QEMU pid {} now serves {}, not pid {} of the journal", n.pid, qmp.path().display(), r.pid)))
+                }
+                // The connection's process is gone: the one we talked to died.
+                None if recorded_alive == Some(false) => Ok(Qemu::Gone),
+                None => Ok(Qemu::Same(qmp)),
+            }
+        }
+        (Some(qmp), None) => Ok(Qemu::Same(qmp)),
+        (None, Some(r)) if r.is_alive() => {
+            Err(format!("QEMU pid {} is alive but its QMP socket does not answer: nothing touched, try again", r.pid))
+        }
+        (None, _) => Ok(Qemu::Gone),
+    }
+}
+
+/// Carries out `o`, appending what it completes to `journal` (so a recovery killed half-way is
+/// never replayed wrongly).
 ///
 /// # Errors
 /// A sentence per action that failed; the others are still attempted.
-pub async fn apply(qmp: Option<&Qmp>, qga_path: Option<&Path>, o: &Obligations, actions: &mut Vec<String>) -> Result<(), String> {
+pub async fn apply(
+    qemu: &Qemu<'_>,
+    qga_path: Option<&Path>,
+    o: &Obligations,
+    zfs: &Zfs,
+    journal: &mut Journal,
+    actions: &mut Vec<String>,
+) -> Result<(), String> {
     let mut failures = Vec::new();
-    if o.resume {
-        if let Some(qmp) = qmp {
+    if let Qemu::Same(qmp) = qemu {
+        // QEMU must stop writing into the dump before anything decides about the dump.
+        if o.cancel_migration {
+            match ram::cancel(qmp).await {
+                Ok(Some(state)) => actions.push(format!("cancelled the RAM dump's migration (now {state})")),
+                Ok(None) => {}
+                Err(e) => failures.push(format!("cancel migration: {e}")),
+            }
+        }
+        if let Some(previous) = &o.reset_capabilities {
+            match ram::restore_capabilities(qmp, previous).await {
+                Ok(()) => {
+                    let _ = journal.append(Record::CapabilitiesReset);
+                    actions.push("reset the migration capabilities".into());
+                }
+                Err(e) => failures.push(format!("reset migration capabilities: {e}")),
+            }
+        }
+        if o.resume {
             match resume(qmp).await {
                 Ok(true) => actions.push("resumed the VM".into()),
                 Ok(false) => {}
                 Err(e) => failures.push(format!("resume: {e}")),
             }
         }
+        if o.thaw {
+            match qga_path {
+                Some(path) => match thaw(path).await {
+                    Ok(n) => {
+                        let _ = journal.append(Record::Thawed);
+                        actions.push(format!("thawed the guest ({n} filesystems)"));
+                    }
+                    Err(e) => failures.push(format!("thaw: {e}")),
+                },
+                None => failures.push("thaw: the journal says the guest may be frozen but names no agent socket".into()),
+            }
+        }
     }
-    if o.thaw && qmp.is_some() {
-        match qga_path {
-            Some(path) => match thaw(path).await {
-                Ok(n) => actions.push(format!("thawed the guest ({n} filesystems)")),
-                Err(e) => failures.push(format!("thaw: {e}")),
-            },
-            None => failures.push("thaw: the journal says the guest may be frozen but names no agent socket".into()),
+    if let Qemu::Restarted(why) = qemu {
+        if o.thaw || o.resume || o.cancel_migration {
+            actions.push(format!("left the running VM alone ({why})"));
         }
     }
     for ov in &o.merge {
-        match merge_overlay(qmp, ov).await {
+        let done = match qemu {
+            Qemu::Same(qmp) => merge_overlay(qmp, ov, journal).await,
+            Qemu::Gone => commit_offline(ov).await,
+            Qemu::Restarted(why) => Ok(vec![keep_overlay(ov, why)]),
+        };
+        match done {
             Ok(did) => actions.extend(did),
             Err(e) => failures.push(format!("overlay {}: {e}", ov.overlay_node)),
         }
     }
+    if let Qemu::Same(qmp) = qemu {
+        if !o.merge.is_empty() {
+            match resume_after_io_error(qmp).await {
+                Ok(true) => actions.push("resumed the VM, paused by an I/O error on its overlay, once the overlay was merged".into()),
+                Ok(false) => {}
+                Err(e) => failures.push(format!("resume after I/O error: {e}")),
+            }
+        }
+    }
     for ov in &o.remove {
+        let qmp = if let Qemu::Same(qmp) = qemu { Some(*qmp) } else { None };
         match remove_overlay(qmp, ov).await {
             Ok(did) => actions.extend(did),
             Err(e) => failures.push(format!("overlay {}: {e}", ov.overlay_node)),
         }
     }
-    if let Some(ram) = &o.delete_ram {
-        match std::fs::remove_file(ram) {
-            Ok(()) => actions.push(format!("deleted partial RAM dump {}", ram.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => failures.push(format!("deleting {}: {e}", ram.display())),
+    if failures.is_empty() {
+        // Only once QEMU can no longer write into it (cancelled above, or QEMU gone).
+        if let Some(ram) = &o.ram {
+            if let Err(e) = settle_ram(zfs, ram, actions).await {
+                failures.push(e);
+            }
+        }
+        if let Err(e) = report_snapshots(zfs, o, actions).await {
+            failures.push(e);
         }
     }
     if failures.is_empty() {
@@ -90,14 +191,32 @@ async fn resume(qmp: &Qmp) -> Result<bool, QmpError> {
     Ok(true)
 }
 
-/// Thaws, retrying for a while: a guest must never stay frozen.
-async fn thaw(path: &Path) -> Result<i64, String> {
+/// `cont` if the VM stopped on an I/O error (a full overlay directory): the failed requests are
+/// retried on the base once the overlay is merged.
+pub async fn resume_after_io_error(qmp: &Qmp) -> Result<bool, QmpError> {
+    let status = qmp.execute(&qmp::query_status {}).await?;
+    if status.running || status.status != qmp::RunState::io_error {
+        return Ok(false);
+    }
+    qmp.execute(&qmp::cont {}).await?;
+    Ok(true)
+}
+
+/// Thaws on fresh connections, retrying for a while, and checks the agent says `thawed`: a guest
+/// must never stay frozen. The agent runs one command at a time, so a freeze still running in the
+/// guest delays the sync until it is done; the thaw then undoes it.
+pub async fn thaw(path: &Path) -> Result<i64, String> {
     let mut last = String::new();
-    for _ in 0..5 {
+    for _ in 0..6 {
         // A guest that was just frozen can be slow to answer: sync patiently.
-        match Qga::connect(path, Timeouts { sync: Duration::from_secs(10), ..Timeouts::default() }).await {
+        let timeouts = Timeouts { sync: Duration::from_secs(10), ..Timeouts::default() };
+        match Qga::connect(path, timeouts).await {
             Ok(mut qga) => match qga.thaw().await {
-                Ok(n) => return Ok(n),
+                Ok(n) => match qga.freeze_status().await {
+                    Ok(FreezeStatus::Thawed) => return Ok(n),
+                    Ok(FreezeStatus::Frozen) => last = "the agent still says frozen after a thaw".into(),
+                    Err(e) => last = e.to_string(),
+                },
                 Err(e) => last = e.to_string(),
             },
             Err(e) => last = e.to_string(),
@@ -107,24 +226,75 @@ async fn thaw(path: &Path) -> Result<i64, String> {
     Err(last)
 }
 
-/// Commits `ov` back into its disk if it is in the disk's chain, then removes it.
-pub async fn merge_overlay(qmp: Option<&Qmp>, ov: &OverlayRecord) -> Result<Vec<String>, String> {
+/// Commits `ov` back into its disk if it is in the disk's chain (or finishes a commit already
+/// running), records [`Record::Merged`], then removes it.
+pub async fn merge_overlay(qmp: &Qmp, ov: &OverlayRecord, journal: &mut Journal) -> Result<Vec<String>, String> {
     let mut did = Vec::new();
-    if let Some(qmp) = qmp {
-        let jobs = qmp.query_jobs().await.map_err(|e| e.to_string())?;
-        if jobs.iter().any(|j| j.id == ov.job_id) {
-            // A commit outlived the process that started it: drive it to its end.
-            BlockJob::attach(qmp, &ov.job_id).finish(COMMIT_TIMEOUT).await.map_err(|e| e.to_string())?;
-            did.push(format!("finished commit job {}", ov.job_id));
-        } else if active_nodes(qmp).await.map_err(|e| e.to_string())?.contains(&ov.overlay_node) {
-            let job =
-                BlockJob::start_active_commit(qmp, &ov.job_id, &ov.overlay_node, Some(&ov.disk_node)).await.map_err(|e| e.to_string())?;
-            job.finish(COMMIT_TIMEOUT).await.map_err(|e| e.to_string())?;
-            did.push(format!("committed {} into {}", ov.overlay_node, ov.disk_node));
-        }
+    let jobs = qmp.query_jobs().await.map_err(|e| e.to_string())?;
+    let committed = if jobs.iter().any(|j| j.id == ov.job_id) {
+        // A commit outlived the process that started it: drive it to its end.
+        BlockJob::attach(qmp, &ov.job_id).finish(COMMIT_TIMEOUT).await.map_err(|e| e.to_string())?;
+        did.push(format!("finished commit job {}", ov.job_id));
+        true
+    } else if active_nodes(qmp).await.map_err(|e| e.to_string())?.contains(&ov.overlay_node) {
+        let job = BlockJob::start_active_commit(qmp, &ov.job_id, &ov.overlay_node, Some(&ov.disk_node)).await.map_err(|e| e.to_string())?;
+        job.finish(COMMIT_TIMEOUT).await.map_err(|e| e.to_string())?;
+        did.push(format!("committed {} into {}", ov.overlay_node, ov.disk_node));
+        true
+    } else {
+        false
+    };
+    if committed {
+        journal.append(Record::Merged { overlay_node: ov.overlay_node.clone() }).map_err(|e| e.to_string())?;
     }
-    did.extend(remove_overlay(qmp, ov).await?);
+    did.extend(remove_overlay(Some(qmp), ov).await?);
     Ok(did)
+}
+
+/// QEMU died while `ov` was (or may have been) in the chain: the overlay holds the guest's writes
+/// since the switch. Unless another process holds the base, commit it into the base with
+/// `qemu-img commit` (a half-done live commit is simply done again: the overlay holds every block
+/// it copied), then delete it.
+async fn commit_offline(ov: &OverlayRecord) -> Result<Vec<String>, String> {
+    if !ov.path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut held: Vec<u32> = holders_of(&ov.path);
+    if let Some(base) = &ov.base {
+        held.extend(holders_of(base));
+    }
+    if !held.is_empty() {
+        let why = format!("process {held:?} holds the disk image (the VM was restarted?)");
+        return Ok(vec![keep_overlay(ov, &why)]);
+    }
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["commit", "-q", "-f", "qcow2"])
+        .arg(&ov.path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("running qemu-img commit: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img commit {} failed, the overlay stays: {}",
+            ov.path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mut did = vec![format!("QEMU is gone: committed {} into its base with qemu-img", ov.path.display())];
+    did.extend(remove_overlay(None, ov).await?);
+    Ok(did)
+}
+
+/// The message for an overlay that recovery must not touch.
+fn keep_overlay(ov: &OverlayRecord, why: &str) -> String {
+    let msg = format!(
+        "kept overlay {}: it holds the guest's writes made after the switch, but {why}; inspect it with `qemu-img info`, \
+         and commit it (`qemu-img commit`) only if the VM ran on it last, or delete it",
+        ov.path.display()
+    );
+    tracing::warn!("{msg}");
+    msg
 }
 
 /// Removes an overlay that is not (or no longer) in a disk's chain: its nodes, its fdset, its file.
@@ -163,33 +333,98 @@ async fn active_nodes(qmp: &Qmp) -> Result<Vec<String>, QmpError> {
     Ok(blocks.into_iter().filter_map(|b| b.inserted.and_then(|i| i.node_name)).collect())
 }
 
-/// Recovers one journal file: connects to the VM it names and carries out its obligations. The
+/// The user properties of a snapshot, or `None` when it does not exist.
+async fn snapshot_props(zfs: &Zfs, name: &str) -> Result<Option<std::collections::BTreeMap<PropName, String>>, String> {
+    match zfs.user_properties(name).await {
+        Ok(p) => Ok(Some(p)),
+        Err(ZfsError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(format!("asking ZFS whether {name} exists: {e}")),
+    }
+}
+
+/// Keeps the dump when it is complete and a snapshot that exists names it; otherwise deletes it
+/// (and takes the RAM properties off a snapshot that would point at it).
+async fn settle_ram(zfs: &Zfs, ram: &RamObligation, actions: &mut Vec<String>) -> Result<(), String> {
+    let dump_prop = PropName::new(naming::RAM_DUMP).expect("valid");
+    let path = ram.path.display().to_string();
+    let mut referencing = Vec::new();
+    for name in &ram.snapshots {
+        if let Some(props) = snapshot_props(zfs, name).await? {
+            if props.get(&dump_prop) == Some(&path) {
+                referencing.push(name.clone());
+            }
+        }
+    }
+    if ram.sha256.is_some() && !referencing.is_empty() {
+        actions.push(format!("kept RAM dump {path}: snapshot {} references it", referencing.join(", ")));
+        return Ok(());
+    }
+    for name in &referencing {
+        for key in [naming::RAM_DUMP, naming::RAM_SHA256] {
+            zfs.inherit(name, &PropName::new(key).expect("valid")).await.map_err(|e| format!("unlabelling {name}: {e}"))?;
+        }
+        let consistency = PropName::new(naming::CONSISTENCY).expect("valid");
+        zfs.set_property(name, &consistency, "crash").await.map_err(|e| format!("unlabelling {name}: {e}"))?;
+        actions.push(format!("{name}: its RAM dump was incomplete, so it is labelled crash-consistent"));
+    }
+    match std::fs::remove_file(&ram.path) {
+        Ok(()) => actions.push(format!("deleted RAM dump {path} (no complete snapshot references it)")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("deleting {path}: {e}")),
+    }
+    Ok(())
+}
+
+/// Says which snapshots of an interrupted operation exist (they are kept: each was taken whole,
+/// inside the frozen or paused window, or from the overlays' fixed base).
+async fn report_snapshots(zfs: &Zfs, o: &Obligations, actions: &mut Vec<String>) -> Result<(), String> {
+    let mut existing = Vec::new();
+    for name in &o.snapshots {
+        if snapshot_props(zfs, name).await?.is_some() {
+            existing.push(name.clone());
+        }
+    }
+    if !existing.is_empty() {
+        actions.push(format!("kept snapshot {} taken before the interruption", existing.join(", ")));
+    }
+    Ok(())
+}
+
+/// Recovers one journal file: finds the QEMU it names and carries out its obligations. The
 /// journal is removed once everything succeeded.
-pub async fn recover_journal(path: &Path) -> Result<RecoveryReport, String> {
-    let journal = Journal::load(path).map_err(|e| e.to_string())?;
-    let (domain, qmp_path, qga_path) = match journal.records().first() {
-        Some(Record::Begin { domain, qmp, qga, .. }) => (domain.clone(), qmp.clone(), qga.clone()),
+pub async fn recover_journal(path: &Path, zfs: &Zfs) -> Result<RecoveryReport, String> {
+    let mut journal = Journal::load(path).map_err(|e| match e.hint() {
+        Some(h) => format!("{e} ({h})"),
+        None => e.to_string(),
+    })?;
+    let (domain, qmp_path, qga_path, recorded) = match journal.records().first() {
+        Some(Record::Begin { domain, qmp, qga, qemu, .. }) => (domain.clone(), qmp.clone(), qga.clone(), *qemu),
         _ => return Err(format!("journal {} does not start with a begin record", path.display())),
     };
     let o = obligations(journal.records());
     let mut actions = Vec::new();
     if !o.is_empty() {
-        let qmp = match Qmp::connect(&qmp_path, Duration::from_secs(10)).await {
+        let connection = match Qmp::connect(&qmp_path, Duration::from_secs(10)).await {
             Ok(q) => Some(q),
-            Err(QmpError::Connect { .. }) => {
-                actions.push(format!("QEMU is gone ({} does not answer): only files are cleaned up", qmp_path.display()));
+            Err(QmpError::Connect { .. }) => None,
+            Err(e) if recorded.is_some_and(|r| !r.is_alive()) => {
+                tracing::debug!("QMP {}: {e}; the journal's QEMU is gone", qmp_path.display());
                 None
             }
             Err(e) => return Err(format!("{domain}: {e}")),
         };
-        apply(qmp.as_ref(), qga_path.as_deref(), &o, &mut actions).await.map_err(|e| format!("{domain}: {e}"))?;
+        let qemu = classify(connection.as_ref(), recorded).map_err(|e| format!("{domain}: {e}"))?;
+        if matches!(qemu, Qemu::Gone) {
+            actions.push(format!("QEMU is gone ({} does not answer)", qmp_path.display()));
+        }
+        apply(&qemu, qga_path.as_deref(), &o, zfs, &mut journal, &mut actions).await.map_err(|e| format!("{domain}: {e}"))?;
     }
     journal.remove().map_err(|e| e.to_string())?;
     Ok(RecoveryReport { journal: path.to_owned(), domain, actions })
 }
 
 /// Recovers every journal under the config's state directory.
-pub async fn recover_all(cfg: &Config) -> Result<Vec<RecoveryReport>, String> {
+pub async fn recover_all(cfg: &Config, zfs: &Zfs) -> Result<Vec<RecoveryReport>, String> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for path in Journal::pending(&cfg.state_dir).map_err(|e| e.to_string())? {
@@ -202,7 +437,7 @@ pub async fn recover_all(cfg: &Config) -> Result<Vec<RecoveryReport>, String> {
                 continue;
             }
         };
-        match recover_journal(&path).await {
+        match recover_journal(&path, zfs).await {
             Ok(r) => out.push(r),
             Err(e) => errors.push(e),
         }

@@ -269,6 +269,11 @@ impl Qga {
         self.execute(&qga::guest_fsfreeze_freeze {}, self.timeouts.freeze).await
     }
 
+    /// `guest-fsfreeze-freeze` with its own deadline.
+    pub async fn freeze_within(&mut self, timeout: Duration) -> Result<i64, QgaError> {
+        self.execute(&qga::guest_fsfreeze_freeze {}, timeout).await
+    }
+
     /// `guest-fsfreeze-freeze-list`: freezes only the given mountpoints.
     pub async fn freeze_list(&mut self, mountpoints: &[String]) -> Result<i64, QgaError> {
         self.execute(&qga::guest_fsfreeze_freeze_list { mountpoints: Some(mountpoints.to_vec()) }, self.timeouts.freeze).await

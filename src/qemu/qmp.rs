@@ -117,6 +117,8 @@ pub struct Qmp {
     shared: Arc<Shared>,
     version: QemuVersion,
     path: PathBuf,
+    /// The process at the other end of the socket (`SO_PEERCRED`), when the kernel says.
+    peer_pid: Option<u32>,
 }
 
 impl std::fmt::Debug for Qmp {
@@ -159,6 +161,7 @@ impl Qmp {
             .await
             .map_err(|_| QmpError::Timeout { during: "connect".into(), timeout })?
             .map_err(|source| QmpError::Connect { path: path.to_owned(), source })?;
+        let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let mut line = String::new();
@@ -184,7 +187,7 @@ impl Qmp {
             next_id: AtomicU64::new(1),
         });
         tokio::spawn(read_loop(reader, Arc::downgrade(&shared)));
-        let qmp = Qmp { shared, version, path: path.to_owned() };
+        let qmp = Qmp { shared, version, path: path.to_owned(), peer_pid };
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         qmp.execute_raw("qmp_capabilities", None, remaining).await?;
         tracing::debug!(path = %path.display(), version = %qmp.version, "QMP connected");
@@ -197,6 +200,11 @@ impl Qmp {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The QEMU process serving this connection, as the kernel reports the socket's peer.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.peer_pid
     }
 
     /// Runs a typed command (from `qapi::qmp`) with the default deadline.

@@ -147,6 +147,15 @@ impl Zfs {
         Ok(())
     }
 
+    /// Sets several user properties in one `zfs set` (one ioctl: all of them or none).
+    pub async fn set_properties(&self, name: &str, props: &BTreeMap<PropName, String>) -> Result<(), ZfsError> {
+        let mut args = zargs!["set"];
+        args.extend(props.iter().map(|(k, v)| OsString::from(format!("{k}={v}"))));
+        args.push(name.into());
+        self.cli.zfs(args).await?;
+        Ok(())
+    }
+
     /// Rolls `snap`'s dataset back to it. With `destroy_newer`, newer snapshots are destroyed
     /// (`-r`); without, a newer snapshot makes it fail with [`ZfsError::NewerSnapshots`].
     pub async fn rollback(&self, snap: &SnapshotName, destroy_newer: bool) -> Result<(), ZfsError> {
