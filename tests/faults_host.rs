@@ -1,0 +1,645 @@
+//! Nothing lost, nothing stuck (host lane): the real `vmsnap` binary against real QEMU and the
+//! real qemu-ga in the tiny guest, killed at every journal record of every snapshot variant and
+//! recovered, plus the faults that are hard to get any other way: a freeze reply that comes too
+//! late, an agent stopped inside the frozen guest, QEMU killed while the guest runs on its
+//! overlay (and restarted), a full overlay directory, a hung `zfs` inside the frozen window, and
+//! a kill -9 in the middle of a RAM dump.
+//!
+//! `zfs` is a recording stand-in (`tests/faults_host/zfs-standin.py`): this lane has no OpenZFS,
+//! and the matrix must stay fast. The ZFS lane (`tests/engine_zfs.rs`) kills the same flows on
+//! real OpenZFS. Needs the rig; without it the tests fail, they never skip.
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use vmsnap::qemu::qga::{FreezeStatus, Qga, Timeouts};
+use vmsnap::qemu::qmp::Qmp;
+use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
+
+const DOMAIN: &str = "vm";
+const MEMORY_MIB: u32 = 160;
+
+/// The guest and the files around it. The test holds no agent connection while vmsnap runs (the
+/// agent's channel serves one client at a time).
+struct Lab {
+    vm: TinyVm,
+    root: tempfile::TempDir,
+}
+
+static LAB: Mutex<Option<Lab>> = Mutex::new(None);
+
+impl Lab {
+    fn boot() -> Self {
+        let root = tempfile::Builder::new().prefix("vmsnap-faults").tempdir().unwrap();
+        // The disks outlive any one QEMU (tests kill and restart it): they live in the lab.
+        let template = Rig::locate().expect("the test rig is required (scripts/rig/rig.sh)").dir().join("data-template.qcow2");
+        std::fs::create_dir_all(root.path().join("disks")).unwrap();
+        let disks: Vec<PathBuf> = (0..2).map(|i| root.path().join(format!("disks/disk{i}.qcow2"))).collect();
+        for d in &disks {
+            std::fs::copy(&template, d).unwrap();
+        }
+        let vm = boot_vm(Some(disks));
+        let lab = Self { vm, root };
+        for d in ["state", "overlays", "ram"] {
+            std::fs::create_dir_all(lab.root.path().join(d)).unwrap();
+        }
+        lab.write_config("");
+        lab
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.root.path().join(p)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.path("vmsnap.toml")
+    }
+
+    /// The config, with `extra` top-level keys and the `qga` key (default: the real agent).
+    fn write_config(&self, extra: &str) {
+        self.write_config_with(extra, &self.vm.machine.qga_path.clone(), false);
+    }
+
+    fn write_config_with(&self, extra: &str, qga: &Path, require_quiesce: bool) {
+        let m = &self.vm.machine;
+        let text = format!(
+            "{extra}\nstate_dir = \"{state}\"\noverlay_dir = \"{ov}\"\nram_dir = \"{ram}\"\n\n[domain.{DOMAIN}]\nqmp = \"{qmp}\"\nqga = \"{qga}\"\nrequire_quiesce = {require_quiesce}\n",
+            state = self.path("state").display(),
+            ov = self.path("overlays").display(),
+            ram = self.path("ram").display(),
+            qmp = m.qmp_path.display(),
+            qga = qga.display(),
+        );
+        std::fs::write(self.config(), text).unwrap();
+    }
+
+    fn vmsnap(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.vmsnap_cmd(args, env).output().unwrap()
+    }
+
+    fn vmsnap_cmd(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
+        cmd.arg("--config").arg(self.config()).args(args);
+        cmd.env("VMSNAP_ZFS", Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/faults_host/zfs-standin.py"));
+        cmd.env("VMSNAP_STANDIN_STATE", self.path("zfs-state.json"));
+        cmd.env("VMSNAP_STANDIN_MOUNT", self.path("disks"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn snapshots(&self) -> serde_json::Map<String, Value> {
+        match std::fs::read_to_string(self.path("zfs-state.json")) {
+            Ok(t) => serde_json::from_str::<Value>(&t).unwrap()["snapshots"].as_object().cloned().unwrap_or_default(),
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// Forgets the stand-in's snapshots and deletes the dumps they kept (between rounds).
+    fn reset_snapshots(&self) {
+        let _ = std::fs::remove_file(self.path("zfs-state.json"));
+        let _ = std::fs::remove_dir_all(self.path("ram").join(DOMAIN));
+    }
+}
+
+fn boot_vm(disk_images: Option<Vec<PathBuf>>) -> TinyVm {
+    let rig = Rig::locate().expect("the test rig is required (scripts/rig/rig.sh)");
+    let opts = TinyVmOptions { disks: 2, memory_mib: MEMORY_MIB, disk_images, ..Default::default() };
+    let (vm, _qmp, _qga, boot) = rt().block_on(TinyVm::boot(&rig, &opts)).expect("booting the tiny guest");
+    eprintln!("METRIC faults_boot_ms={}", boot.as_millis());
+    vm
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.to_string().into())
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn label() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("f{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn sha256_file(p: &Path) -> String {
+    vmsnap::engine::ram::sha256_file(p).unwrap()
+}
+
+fn agent(_qga_path: &Path) -> Timeouts {
+    Timeouts { sync: Duration::from_secs(20), other: Duration::from_secs(60), ..Timeouts::default() }
+}
+
+/// Runs a shell line in the guest on a short-lived agent connection.
+fn guest_sh(lab: &Lab, script: &str) -> Result<String, Failed> {
+    let qga = lab.vm.machine.qga_path.clone();
+    rt().block_on(async {
+        let mut q = Qga::connect(&qga, agent(&qga)).await.map_err(|e| e.to_string())?;
+        let out = q.sh(script, Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
+        check(out.success(), format!("guest `{script}`: {out:?}"))?;
+        Ok(out.stdout_text())
+    })
+}
+
+/// The invariants after `vmsnap recover`: the VM runs (or stays paused, if the test paused it),
+/// the guest is thawed and writes, and nothing of vmsnap is left in QEMU or on disk: no node,
+/// job, fdset, migration, changed capability, overlay file, journal; no RAM dump that no
+/// snapshot references, no `ram` snapshot whose dump is missing or fails its checksum.
+fn assert_invariants(lab: &Lab, expect_running: bool) -> Result<(), Failed> {
+    let observer = lab.vm.machine.observer_path.clone();
+    rt().block_on(async {
+        let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        let status = qmp.execute(&qapi::qmp::query_status {}).await.map_err(|e| e.to_string())?;
+        check(status.running == expect_running, format!("VM running={} ({:?}), expected {expect_running}", status.running, status.status))?;
+        let nodes = qmp.node_names().await.map_err(|e| e.to_string())?;
+        check(!nodes.iter().any(|n| n.starts_with("vmsnap")), format!("vmsnap nodes left: {nodes:?}"))?;
+        check(qmp.query_jobs().await.map_err(|e| e.to_string())?.is_empty(), "a block job is left")?;
+        let fdsets = qmp.execute(&qapi::qmp::query_fdsets {}).await.map_err(|e| e.to_string())?;
+        check(fdsets.is_empty(), format!("fdsets left: {fdsets:?}"))?;
+        let blocks = qmp.execute(&qapi::qmp::query_block {}).await.map_err(|e| e.to_string())?;
+        let tops: Vec<String> = blocks.into_iter().filter_map(|b| b.inserted.and_then(|i| i.node_name)).collect();
+        check(tops == ["disk0-fmt", "disk1-fmt"], format!("disk chains not back on their base: {tops:?}"))?;
+        let m = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        let st = m["status"].as_str().unwrap_or("none");
+        check(!vmsnap::engine::ram::is_running(st), format!("a migration is left {st}"))?;
+        let caps = qmp.execute_raw("query-migrate-capabilities", None, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        for c in caps.as_array().unwrap() {
+            if c["capability"] == "events" || c["capability"] == "background-snapshot" {
+                check(c["state"] == false, format!("capability left on: {c}"))?;
+            }
+        }
+        Ok::<(), Failed>(())
+    })?;
+    if expect_running {
+        let qga = lab.vm.machine.qga_path.clone();
+        rt().block_on(async {
+            let mut q = Qga::connect(&qga, agent(&qga)).await.map_err(|e| e.to_string())?;
+            check(q.freeze_status().await.map_err(|e| e.to_string())? == FreezeStatus::Thawed, "guest left frozen")?;
+            let w = q.sh("echo ok > /mnt/vda/probe && cat /mnt/vda/probe", Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+            check(w.stdout_text().trim() == "ok", "the guest cannot write")
+        })?;
+    }
+    let files = |d: &str| -> Vec<PathBuf> {
+        walk(&lab.path(d))
+    };
+    check(files("overlays").is_empty(), format!("overlay files left: {:?}", files("overlays")))?;
+    check(files("state/journal").is_empty(), format!("journals left: {:?}", files("state/journal")))?;
+    // RAM dumps and the snapshots that reference them.
+    let snaps = lab.snapshots();
+    let mut referenced = Vec::new();
+    for (name, s) in &snaps {
+        let props = &s["props"];
+        if props["vmsnap:consistency"] == "ram" {
+            let dump = props["vmsnap:ram-dump"].as_str().ok_or(format!("{name}: labelled ram without vmsnap:ram-dump: {props}"))?;
+            check(Path::new(dump).exists(), format!("{name}: its RAM dump {dump} is missing"))?;
+            check(Some(sha256_file(Path::new(dump)).as_str()) == props["vmsnap:ram-sha256"].as_str(), format!("{name}: {dump} fails its checksum"))?;
+            referenced.push(PathBuf::from(dump));
+        } else {
+            check(props.get("vmsnap:ram-dump").is_none(), format!("{name}: not ram but names a dump: {props}"))?;
+        }
+    }
+    for dump in files("ram") {
+        check(referenced.contains(&dump), format!("RAM dump {} is referenced by no snapshot", dump.display()))?;
+    }
+    Ok(())
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A snapshot variant: its CLI arguments and the records its journal gets, in order.
+struct Variant {
+    name: &'static str,
+    args: &'static [&'static str],
+    paused: bool,
+    records: &'static [&'static str],
+}
+
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "overlay",
+        args: &[],
+        paused: false,
+        records: &["begin", "overlays_created", "freeze_started", "switch_started", "switched", "thawed", "zfs_snapshot_started", "zfs_snapshot_done", "merged", "committed", "end"],
+    },
+    Variant {
+        name: "direct",
+        args: &["--strategy", "direct"],
+        paused: false,
+        records: &["begin", "freeze_started", "zfs_snapshot_started", "zfs_snapshot_done", "thawed", "end"],
+    },
+    Variant {
+        name: "direct-no-quiesce",
+        args: &["--strategy", "direct", "--no-quiesce"],
+        paused: false,
+        records: &["begin", "pause_started", "zfs_snapshot_started", "zfs_snapshot_done", "resumed", "end"],
+    },
+    Variant {
+        name: "overlay-precopy",
+        args: &["--memory", "precopy"],
+        paused: false,
+        records: &[
+            "begin", "overlays_created", "capabilities_set", "ram_dump_started", "pause_started", "migration_started", "migration_done",
+            "switch_started", "switched", "resumed", "capabilities_reset", "ram_dump_done", "zfs_snapshot_started", "zfs_snapshot_done",
+            "merged", "committed", "end",
+        ],
+    },
+    Variant {
+        name: "overlay-background",
+        args: &["--memory", "background"],
+        paused: false,
+        records: &[
+            "begin", "overlays_created", "capabilities_set", "ram_dump_started", "pause_started", "switch_started", "switched",
+            "migration_started", "resumed", "migration_done", "capabilities_reset", "ram_dump_done", "zfs_snapshot_started",
+            "zfs_snapshot_done", "merged", "committed", "end",
+        ],
+    },
+    Variant {
+        name: "direct-precopy",
+        args: &["--strategy", "direct", "--memory", "precopy"],
+        paused: false,
+        records: &[
+            "begin", "capabilities_set", "ram_dump_started", "pause_started", "migration_started", "migration_done", "zfs_snapshot_started",
+            "zfs_snapshot_done", "resumed", "capabilities_reset", "ram_dump_done", "ram_labelled", "end",
+        ],
+    },
+    Variant {
+        name: "direct-background",
+        args: &["--strategy", "direct", "--memory", "background"],
+        paused: false,
+        records: &[
+            "begin", "capabilities_set", "ram_dump_started", "pause_started", "zfs_snapshot_started", "zfs_snapshot_done",
+            "migration_started", "resumed", "migration_done", "capabilities_reset", "ram_dump_done", "ram_labelled", "end",
+        ],
+    },
+    Variant {
+        name: "paused-overlay",
+        args: &[],
+        paused: true,
+        records: &["begin", "overlays_created", "switch_started", "switched", "zfs_snapshot_started", "zfs_snapshot_done", "merged", "committed", "end"],
+    },
+    Variant {
+        name: "paused-direct",
+        args: &["--strategy", "direct"],
+        paused: true,
+        records: &["begin", "zfs_snapshot_started", "zfs_snapshot_done", "end"],
+    },
+];
+
+fn observer_exec(lab: &Lab, cmd: &str) {
+    let observer = lab.vm.machine.observer_path.clone();
+    rt().block_on(async {
+        let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.unwrap();
+        qmp.execute_raw(cmd, None, Duration::from_secs(10)).await.unwrap();
+    });
+}
+
+/// Every variant, killed before and after each of its records, then `vmsnap recover`; every
+/// third interrupted round, `vmsnap recover` is itself killed at a random moment first.
+fn matrix(v: &Variant) -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    lab.write_config("");
+    // A clean run first: the variant's records are the ones listed.
+    let out = lab.vmsnap(&[&["snapshot", DOMAIN, "--json", "--label", &label()][..], v.args].concat(), &[]);
+    if v.paused {
+        observer_exec(lab, "stop");
+    }
+    let res = (|| {
+        if !v.paused {
+            check(out.status.success(), format!("{}: a clean run fails: {}", v.name, text(&out)))?;
+            assert_invariants(lab, true)?;
+        }
+        lab.reset_snapshots();
+        let t = Instant::now();
+        let mut rounds = 0;
+        for record in v.records {
+            for when in ["before", "after"] {
+                let point = format!("{when}:{record}");
+                let out = lab.vmsnap(&[&["snapshot", DOMAIN, "--label", &label()][..], v.args].concat(), &[("VMSNAP_ABORT_AT", &point)]);
+                let err = String::from_utf8_lossy(&out.stderr);
+                check(!out.status.success() && err.contains("fault-injection"), format!("{}: {point} was not reached: {}", v.name, text(&out)))?;
+                rounds += 1;
+                let journal = lab.path("state/journal").join(format!("{DOMAIN}.json"));
+                if journal.exists() && rounds % 3 == 0 {
+                    let mut child = lab.vmsnap_cmd(&["recover"], &[]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+                    std::thread::sleep(Duration::from_millis(fastrand::u64(0..200)));
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                let rec = lab.vmsnap(&["recover"], &[]);
+                check(rec.status.success(), format!("{}: recover after {point} failed: {}", v.name, text(&rec)))?;
+                assert_invariants(lab, !v.paused).map_err(|e| format!("{}: after a kill at {point}: {}", v.name, e.message().unwrap_or_default()))?;
+                lab.reset_snapshots();
+            }
+        }
+        eprintln!("METRIC matrix {}: {rounds} kills in {:.1} s", v.name, t.elapsed().as_secs_f64());
+        Ok(())
+    })();
+    if v.paused {
+        observer_exec(lab, "cont");
+    }
+    res
+}
+
+/// A tiny proxy on the agent's socket that holds back the reply to `guest-fsfreeze-freeze` for
+/// `hold` (the guest froze; vmsnap hears it too late). Everything else passes.
+fn start_freeze_proxy(upstream: PathBuf, listen: PathBuf, hold: Duration) -> tokio::runtime::Runtime {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let rt = rt();
+    let _ = std::fs::remove_file(&listen);
+    let listener = rt.block_on(async { tokio::net::UnixListener::bind(&listen) }).unwrap();
+    rt.spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::UnixStream::connect(&upstream).await else { return };
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (sr, mut sw) = server.into_split();
+                let freeze = Arc::new(AtomicBool::new(false));
+                let seen = freeze.clone();
+                let up = async move {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if buf[..n].windows(21).any(|w| w == b"guest-fsfreeze-freeze") {
+                            seen.store(true, Ordering::SeqCst);
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = async move {
+                    let mut sr = BufReader::new(sr);
+                    loop {
+                        let mut line = Vec::new();
+                        match sr.read_until(b'\n', &mut line).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                        if freeze.swap(false, Ordering::SeqCst) {
+                            tokio::time::sleep(hold).await;
+                        }
+                        if cw.write_all(&line).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                tokio::select! { _ = up => {}, _ = down => {} }
+            });
+        }
+    });
+    rt
+}
+
+/// The freeze reply comes after vmsnap's deadline: best effort goes on crash-consistent, a
+/// required quiesce refuses; either way the guest is thawed (before the fix it stayed frozen,
+/// and the journal said thawed).
+fn late_freeze_reply() -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    let proxy = lab.path("qga-proxy.sock");
+    let _rt = start_freeze_proxy(lab.vm.machine.qga_path.clone(), proxy.clone(), Duration::from_secs(6));
+    let res = (|| {
+        lab.write_config_with("freeze_timeout = 2", &proxy, false);
+        let out = lab.vmsnap(&["snapshot", DOMAIN, "--json", "--label", &label()], &[]);
+        check(out.status.success(), format!("best effort goes on: {}", text(&out)))?;
+        let r: Value = serde_json::from_slice(&out.stdout)?;
+        check(r["consistency"] == "crash" && r["warnings"].to_string().contains("freeze failed"), format!("{r}"))?;
+        assert_invariants(lab, true)?;
+        lab.write_config_with("freeze_timeout = 2", &proxy, true);
+        let out = lab.vmsnap(&["snapshot", DOMAIN, "--label", &label()], &[]);
+        check(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("freeze"), format!("require_quiesce refuses: {}", text(&out)))?;
+        let rec = lab.vmsnap(&["recover"], &[]);
+        check(rec.status.success(), text(&rec))?;
+        assert_invariants(lab, true)
+    })();
+    lab.write_config("");
+    lab.reset_snapshots();
+    res
+}
+
+/// qemu-ga is stopped (SIGSTOP) inside the guest right after it froze, and continued 15 s later:
+/// vmsnap's thaw times out, its undo keeps thawing on fresh connections until the agent answers.
+fn agent_stopped_while_frozen() -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    // A write that does not finish within 0.3 s means the filesystem is frozen.
+    let watcher = "while :; do (echo x > /mnt/vda/.probe) & p=$!; sleep 0.3; \
+        if kill -0 $p 2>/dev/null; then kill -STOP $(pidof qemu-ga); sleep 15; kill -CONT $(pidof qemu-ga); exit 0; fi; wait $p; done";
+    let qga = lab.vm.machine.qga_path.clone();
+    rt().block_on(async {
+        let mut q = Qga::connect(&qga, agent(&qga)).await.map_err(|e| e.to_string())?;
+        q.exec_start("/bin/sh", &["-c", watcher], &[]).await.map_err(|e| e.to_string())?;
+        Ok::<(), Failed>(())
+    })?;
+    let t = Instant::now();
+    let out = lab.vmsnap(&["snapshot", DOMAIN, "--json", "--label", &label()], &[]);
+    eprintln!("METRIC agent stopped while frozen: vmsnap returned after {:.1} s: {}", t.elapsed().as_secs_f64(), text(&out));
+    let rec = lab.vmsnap(&["recover"], &[]);
+    check(rec.status.success(), text(&rec))?;
+    let res = assert_invariants(lab, true);
+    lab.reset_snapshots();
+    res
+}
+
+/// Inside the frozen window `zfs snapshot` hangs: past `window_timeout` vmsnap kills it, thaws,
+/// and fails, naming the deadline.
+fn hung_zfs_in_the_window() -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    lab.write_config("window_timeout = 2");
+    let t = Instant::now();
+    let out = lab.vmsnap(&["snapshot", DOMAIN, "--strategy", "direct", "--label", &label()], &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "30")]);
+    let took = t.elapsed();
+    lab.write_config("");
+    check(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("window_timeout"), text(&out))?;
+    check(took < Duration::from_secs(25), format!("vmsnap waited {took:?} for the hung zfs"))?;
+    assert_invariants(lab, true)?;
+    lab.reset_snapshots();
+    Ok(())
+}
+
+/// A kill -9 of `vmsnap snapshot --memory` while QEMU streams the RAM (precopy and background),
+/// then `vmsnap recover`: the migration is cancelled, the VM runs, the partial dump is gone.
+fn kill_during_ram_dump() -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    let observer = lab.vm.machine.observer_path.clone();
+    for mode in ["precopy", "background"] {
+        // A guest that dirties memory keeps a precopy migration going for a while.
+        let mut child = lab
+            .vmsnap_cmd(&["snapshot", DOMAIN, "--memory", mode, "--label", &label()], &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let seen = rt().block_on(async {
+            let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                let m = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await.unwrap();
+                if m["status"] == "active" {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            false
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        check(seen, format!("{mode}: the migration was never seen active"))?;
+        let rec = lab.vmsnap(&["recover"], &[]);
+        check(rec.status.success(), format!("{mode}: {}", text(&rec)))?;
+        eprintln!("{mode}: recover after a kill mid-dump: {}", String::from_utf8_lossy(&rec.stdout).trim());
+        assert_invariants(lab, true).map_err(|e| format!("{mode}: {}", e.message().unwrap_or_default()))?;
+        lab.reset_snapshots();
+    }
+    Ok(())
+}
+
+/// The overlay directory fills up while the guest runs on its overlay: QEMU stops the VM on the
+/// I/O error, vmsnap merges the overlay and resumes it, and the guest's data is whole.
+fn full_overlay_directory() -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    let ov = lab.path("overlays");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs"]).arg(&ov).status()?;
+    check(mounted.success(), "mounting a 3 MiB tmpfs on the overlay directory (needs root)")?;
+    let res = (|| {
+        // The writer runs through the snapshot: 12 MiB cannot fit in the 3 MiB overlay.
+        let qga = lab.vm.machine.qga_path.clone();
+        rt().block_on(async {
+            let mut q = Qga::connect(&qga, agent(&qga)).await.map_err(|e| e.to_string())?;
+            q.exec_start("/bin/sh", &["-c", "sleep 1; dd if=/dev/urandom of=/mnt/vdb/big bs=64k count=192 conv=fsync 2>/dev/null; sha256sum /mnt/vdb/big > /mnt/vdb/big.sha; sync"], &[]).await.map_err(|e| e.to_string())?;
+            Ok::<(), Failed>(())
+        })?;
+        let out = lab.vmsnap(&["snapshot", DOMAIN, "--no-quiesce", "--json", "--label", &label()], &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "8")]);
+        check(out.status.success(), text(&out))?;
+        let r: Value = serde_json::from_slice(&out.stdout)?;
+        eprintln!("full overlay directory: {}", r["warnings"]);
+        check(r["warnings"].to_string().contains("I/O error"), format!("the I/O error pause is reported: {r}"))?;
+        assert_invariants(lab, true)?;
+        // The file the guest wrote across the full overlay is whole, read back from the disk.
+        let mut last = String::new();
+        for _ in 0..60 {
+            last = guest_sh(lab, "cat /mnt/vdb/big.sha 2>/dev/null | cut -d' ' -f1; echo 3 > /proc/sys/vm/drop_caches; sha256sum /mnt/vdb/big | cut -d' ' -f1")?;
+            let l: Vec<&str> = last.lines().collect();
+            if l.len() == 2 && !l[0].is_empty() {
+                return check(l[0] == l[1], format!("the guest's file is damaged: {last}"));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Err(format!("the guest's writer never finished: {last}").into())
+    })();
+    let _ = Command::new("umount").arg(&ov).status();
+    lab.reset_snapshots();
+    res
+}
+
+/// The guest writes after the switch, then QEMU is SIGKILLed with the guest on its overlay and
+/// vmsnap dead too: `vmsnap recover` commits the overlay into the base offline, and a new QEMU on
+/// the base reads what the guest wrote. Then the same with the VM restarted before recovery:
+/// the overlay is kept (and reported), nothing is merged.
+fn qemu_killed_on_the_overlay() -> Result<(), Failed> {
+    let mut guard = LAB.lock().unwrap();
+    let lab = guard.as_mut().unwrap();
+    let n = 4242 + fastrand::u32(0..1000);
+    let out = lab.vmsnap(&["snapshot", DOMAIN, "--no-quiesce", "--label", &label()], &[("VMSNAP_ABORT_AT", "after:switched")]);
+    check(!out.status.success(), text(&out))?;
+    guest_sh(lab, &format!("echo {n} > /mnt/vda/counter && sync"))?;
+    let disks = lab.vm.disks.clone();
+    lab.vm.machine.kill();
+    let rec = lab.vmsnap(&["recover"], &[]);
+    check(rec.status.success(), text(&rec))?;
+    let said = String::from_utf8_lossy(&rec.stdout);
+    eprintln!("recover with QEMU gone: {said}");
+    check(said.contains("qemu-img"), format!("the overlay was committed offline: {said}"))?;
+    check(walk(&lab.path("overlays")).is_empty(), "the overlay file is gone once committed")?;
+    // The same disks, a new QEMU: the write made on the overlay is in the base.
+    lab.vm = boot_vm(Some(disks.clone()));
+    lab.write_config("");
+    let got = guest_sh(lab, "cat /mnt/vda/counter")?;
+    check(got.trim() == n.to_string(), format!("the base lost the guest's write: counter {got:?}, expected {n}"))?;
+
+    // Restarted before recovery: never merge into a disk another QEMU runs.
+    let m = n + 1;
+    let out = lab.vmsnap(&["snapshot", DOMAIN, "--no-quiesce", "--label", &label()], &[("VMSNAP_ABORT_AT", "after:switched")]);
+    check(!out.status.success(), text(&out))?;
+    guest_sh(lab, &format!("echo {m} > /mnt/vda/counter && sync"))?;
+    let config = std::fs::read_to_string(lab.config())?;
+    lab.vm.machine.kill();
+    lab.vm = boot_vm(Some(disks));
+    // The journal names the old QMP socket; the config keeps pointing there too.
+    std::fs::write(lab.config(), &config)?;
+    let rec = lab.vmsnap(&["recover"], &[]);
+    let said = String::from_utf8_lossy(&rec.stdout).into_owned();
+    eprintln!("recover with QEMU restarted: {said}");
+    check(rec.status.success() && said.contains("kept overlay"), text(&rec))?;
+    let kept = walk(&lab.path("overlays"));
+    check(kept.len() == 2, format!("both overlays kept: {kept:?}"))?;
+    for k in kept {
+        std::fs::remove_file(k)?;
+    }
+    lab.write_config("");
+    lab.reset_snapshots();
+    assert_invariants(lab, true)
+}
+
+type Case = fn() -> Result<(), Failed>;
+
+fn main() {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let mut trials: Vec<Trial> = VARIANTS
+        .iter()
+        .map(|v| Trial::test(format!("kill_at_every_record::{}", v.name), move || matrix(v)))
+        .collect();
+    let cases: &[(&str, Case)] = &[
+        ("late_freeze_reply_leaves_the_guest_thawed", late_freeze_reply),
+        ("agent_stopped_while_frozen_is_thawed_when_it_continues", agent_stopped_while_frozen),
+        ("hung_zfs_in_the_window_thaws_first", hung_zfs_in_the_window),
+        ("kill_during_a_ram_dump_cancels_the_migration", kill_during_ram_dump),
+        ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
+        // Last: it kills and restarts QEMU.
+        ("qemu_killed_on_the_overlay_keeps_the_guests_writes", qemu_killed_on_the_overlay),
+    ];
+    trials.extend(cases.iter().map(|&(name, f)| Trial::test(name, f)));
+    if !args.list {
+        *LAB.lock().unwrap() = Some(Lab::boot());
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(LAB.lock().unwrap().take());
+    conclusion.exit();
+}
