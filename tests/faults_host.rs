@@ -451,7 +451,8 @@ fn late_freeze_reply() -> Result<(), Failed> {
 }
 
 /// qemu-ga is stopped (SIGSTOP) inside the guest right after it froze, and continued 15 s later:
-/// vmsnap's thaw times out, its undo keeps thawing on fresh connections until the agent answers.
+/// vmsnap's thaw times out, its undo keeps thawing on fresh connections until the agent answers
+/// (the snapshot fails: it was taken frozen, but the run could not confirm the thaw in time).
 fn agent_stopped_while_frozen() -> Result<(), Failed> {
     let guard = LAB.lock().unwrap();
     let lab = guard.as_ref().unwrap();
@@ -465,7 +466,10 @@ fn agent_stopped_while_frozen() -> Result<(), Failed> {
         Ok::<(), Failed>(())
     })?;
     let t = Instant::now();
-    let out = lab.vmsnap(&["snapshot", DOMAIN, "--json", "--label", &label()], &[]);
+    // Direct, with a `zfs snapshot` that takes 3 s: the watcher sees the freeze in the window.
+    let out = lab.vmsnap(&["snapshot", DOMAIN, "--strategy", "direct", "--json", "--label", &label()], &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "3")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    check(!out.status.success() && err.contains("thaw"), format!("the thaw of a stopped agent fails the snapshot: {}", text(&out)))?;
     eprintln!("METRIC agent stopped while frozen: vmsnap returned after {:.1} s: {}", t.elapsed().as_secs_f64(), text(&out));
     let rec = lab.vmsnap(&["recover"], &[]);
     check(rec.status.success(), text(&rec))?;
