@@ -193,9 +193,7 @@ fn assert_invariants(lab: &Lab, expect_running: bool) -> Result<(), Failed> {
             check(w.stdout_text().trim() == "ok", "the guest cannot write")
         })?;
     }
-    let files = |d: &str| -> Vec<PathBuf> {
-        walk(&lab.path(d))
-    };
+    let files = |d: &str| -> Vec<PathBuf> { walk(&lab.path(d)) };
     check(files("overlays").is_empty(), format!("overlay files left: {:?}", files("overlays")))?;
     check(files("state/journal").is_empty(), format!("journals left: {:?}", files("state/journal")))?;
     // RAM dumps and the snapshots that reference them.
@@ -206,7 +204,10 @@ fn assert_invariants(lab: &Lab, expect_running: bool) -> Result<(), Failed> {
         if props["vmsnap:consistency"] == "ram" {
             let dump = props["vmsnap:ram-dump"].as_str().ok_or(format!("{name}: labelled ram without vmsnap:ram-dump: {props}"))?;
             check(Path::new(dump).exists(), format!("{name}: its RAM dump {dump} is missing"))?;
-            check(Some(sha256_file(Path::new(dump)).as_str()) == props["vmsnap:ram-sha256"].as_str(), format!("{name}: {dump} fails its checksum"))?;
+            check(
+                Some(sha256_file(Path::new(dump)).as_str()) == props["vmsnap:ram-sha256"].as_str(),
+                format!("{name}: {dump} fails its checksum"),
+            )?;
             referenced.push(PathBuf::from(dump));
         } else {
             check(props.get("vmsnap:ram-dump").is_none(), format!("{name}: not ram but names a dump: {props}"))?;
@@ -242,6 +243,7 @@ struct Variant {
     records: &'static [&'static str],
 }
 
+#[rustfmt::skip]
 const VARIANTS: &[Variant] = &[
     Variant {
         name: "overlay",
@@ -345,18 +347,27 @@ fn matrix(v: &Variant) -> Result<(), Failed> {
                 let point = format!("{when}:{record}");
                 let out = lab.vmsnap(&[&["snapshot", DOMAIN, "--label", &label()][..], v.args].concat(), &[("VMSNAP_ABORT_AT", &point)]);
                 let err = String::from_utf8_lossy(&out.stderr);
-                check(!out.status.success() && err.contains("fault-injection"), format!("{}: {point} was not reached: {}", v.name, text(&out)))?;
+                check(
+                    !out.status.success() && err.contains("fault-injection"),
+                    format!("{}: {point} was not reached: {}", v.name, text(&out)),
+                )?;
                 rounds += 1;
                 let journal = lab.path("state/journal").join(format!("{DOMAIN}.json"));
                 if journal.exists() && rounds % 3 == 0 {
-                    let mut child = lab.vmsnap_cmd(&["recover"], &[]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+                    let mut child = lab
+                        .vmsnap_cmd(&["recover"], &[])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .unwrap();
                     std::thread::sleep(Duration::from_millis(fastrand::u64(0..200)));
                     let _ = child.kill();
                     let _ = child.wait();
                 }
                 let rec = lab.vmsnap(&["recover"], &[]);
                 check(rec.status.success(), format!("{}: recover after {point} failed: {}", v.name, text(&rec)))?;
-                assert_invariants(lab, !v.paused).map_err(|e| format!("{}: after a kill at {point}: {}", v.name, e.message().unwrap_or_default()))?;
+                assert_invariants(lab, !v.paused)
+                    .map_err(|e| format!("{}: after a kill at {point}: {}", v.name, e.message().unwrap_or_default()))?;
                 lab.reset_snapshots();
             }
         }
@@ -440,7 +451,10 @@ fn late_freeze_reply() -> Result<(), Failed> {
         assert_invariants(lab, true)?;
         lab.write_config_with("freeze_timeout = 2", &proxy, true);
         let out = lab.vmsnap(&["snapshot", DOMAIN, "--label", &label()], &[]);
-        check(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("freeze"), format!("require_quiesce refuses: {}", text(&out)))?;
+        check(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("freeze"),
+            format!("require_quiesce refuses: {}", text(&out)),
+        )?;
         let rec = lab.vmsnap(&["recover"], &[]);
         check(rec.status.success(), text(&rec))?;
         assert_invariants(lab, true)
@@ -467,7 +481,8 @@ fn agent_stopped_while_frozen() -> Result<(), Failed> {
     })?;
     let t = Instant::now();
     // Direct, with a `zfs snapshot` that takes 3 s: the watcher sees the freeze in the window.
-    let out = lab.vmsnap(&["snapshot", DOMAIN, "--strategy", "direct", "--json", "--label", &label()], &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "3")]);
+    let out =
+        lab.vmsnap(&["snapshot", DOMAIN, "--strategy", "direct", "--json", "--label", &label()], &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "3")]);
     let err = String::from_utf8_lossy(&out.stderr);
     check(!out.status.success() && err.contains("thaw"), format!("the thaw of a stopped agent fails the snapshot: {}", text(&out)))?;
     eprintln!("METRIC agent stopped while frozen: vmsnap returned after {:.1} s: {}", t.elapsed().as_secs_f64(), text(&out));
@@ -549,7 +564,8 @@ fn full_overlay_directory() -> Result<(), Failed> {
             q.exec_start("/bin/sh", &["-c", "sleep 1; dd if=/dev/urandom of=/mnt/vdb/big bs=64k count=192 conv=fsync 2>/dev/null; sha256sum /mnt/vdb/big > /mnt/vdb/big.sha; sync"], &[]).await.map_err(|e| e.to_string())?;
             Ok::<(), Failed>(())
         })?;
-        let out = lab.vmsnap(&["snapshot", DOMAIN, "--no-quiesce", "--json", "--label", &label()], &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "8")]);
+        let out =
+            lab.vmsnap(&["snapshot", DOMAIN, "--no-quiesce", "--json", "--label", &label()], &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "8")]);
         check(out.status.success(), text(&out))?;
         let r: Value = serde_json::from_slice(&out.stdout)?;
         eprintln!("full overlay directory: {}", r["warnings"]);
@@ -626,10 +642,8 @@ type Case = fn() -> Result<(), Failed>;
 fn main() {
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
-    let mut trials: Vec<Trial> = VARIANTS
-        .iter()
-        .map(|v| Trial::test(format!("kill_at_every_record::{}", v.name), move || matrix(v)))
-        .collect();
+    let mut trials: Vec<Trial> =
+        VARIANTS.iter().map(|v| Trial::test(format!("kill_at_every_record::{}", v.name), move || matrix(v))).collect();
     let cases: &[(&str, Case)] = &[
         ("late_freeze_reply_leaves_the_guest_thawed", late_freeze_reply),
         ("agent_stopped_while_frozen_is_thawed_when_it_continues", agent_stopped_while_frozen),
