@@ -64,7 +64,7 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     tracing::info!(config = %config_path.display(), domains = cfg.domains.len(), "vmsnap daemon starting");
-    match engine::recover::recover_all(&cfg, &crate::zfs::Zfs::default()).await {
+    match engine::recover::recover_all(&cfg, &zfs).await {
         Ok(reports) => {
             reports.iter().for_each(|r| tracing::warn!(domain = %r.domain, "recovered an interrupted operation: {:?}", r.actions))
         }

@@ -235,7 +235,7 @@ impl Agent {
                 Some(Err(e)) => ("failed", error_chain(&e), false, None),
                 None => {
                     // The engine's future is gone mid-step: replay its journal, as after a crash.
-                    let msg = match engine::recover::recover_all(&cfg, &crate::zfs::Zfs::default()).await {
+                    let msg = match engine::recover::recover_all(&cfg, &zfs).await {
                         Ok(_) => "cancelled; the journal was replayed (guest thawed and resumed, overlays merged)".to_owned(),
                         Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
                     };
