@@ -67,7 +67,7 @@ impl Lab {
     fn write_config_with(&self, extra: &str, qga: &Path, require_quiesce: bool) {
         let m = &self.vm.machine;
         let text = format!(
-            "{extra}\nstate_dir = \"{state}\"\noverlay_dir = \"{ov}\"\nram_dir = \"{ram}\"\n\n[domain.{DOMAIN}]\nqmp = \"{qmp}\"\nqga = \"{qga}\"\nrequire_quiesce = {require_quiesce}\n",
+            "{extra}\nstate_dir = \"{state}\"\noverlay_dir = \"{ov}\"\nram_dir = \"{ram}\"\n\n[domain.{DOMAIN}]\nqmp = \"{qmp}\"\nqga = \"{qga}\"\nrequire_quiesce = {require_quiesce}\n\n# The daemon (D-Bus case) takes no scheduled snapshot.\n[template.default]\nautosnap = false\n",
             state = self.path("state").display(),
             ov = self.path("overlays").display(),
             ram = self.path("ram").display(),
@@ -548,6 +548,86 @@ fn kill_during_ram_dump() -> Result<(), Failed> {
     Ok(())
 }
 
+/// D-Bus `Cancel` of a `Snapshot` job while QEMU streams the RAM (precopy, slowed to 2 MB/s so
+/// the dump lasts): the migration is cancelled, the VM runs, no dump is kept.
+fn dbus_cancel_during_a_dump() -> Result<(), Failed> {
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    let socket = lab.path("bus.sock");
+    let address = format!("unix:path={}", socket.display());
+    let _bus = Kill(Command::new("dbus-daemon").args(["--session", "--nofork"]).arg(format!("--address={address}")).spawn()?);
+    let t = Instant::now();
+    while !socket.exists() {
+        check(t.elapsed() < Duration::from_secs(10), "dbus-daemon did not start")?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = lab.path("daemon.log");
+    let _daemon = Kill(
+        lab.vmsnap_cmd(&["daemon", "--bus-address", &address], &[("VMSNAP_LOG", "info")]).stderr(std::fs::File::create(&log)?).spawn()?,
+    );
+    let busctl = |args: &[&str]| {
+        let out = Command::new("busctl").arg(format!("--address={address}")).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let agent1 = ["call", "io.github.vmsnap.Agent1", "/io/github/vmsnap/Agent1", "io.github.vmsnap.Agent1"];
+    let t = Instant::now();
+    while !busctl(&[&agent1[..], &["Domains"]].concat()).0 {
+        check(t.elapsed() < Duration::from_secs(20), format!("the service did not appear: {}", std::fs::read_to_string(&log)?))?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let observer = lab.vm.machine.observer_path.clone();
+    let set_bandwidth = |bytes: u64| {
+        rt().block_on(async {
+            let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.unwrap();
+            let args = serde_json::json!({ "max-bandwidth": bytes });
+            qmp.execute_raw("migrate-set-parameters", Some(args), Duration::from_secs(10)).await.unwrap();
+        })
+    };
+    set_bandwidth(2 << 20);
+    let res = (|| {
+        let (ok, reply) = busctl(&[&agent1[..], &["Snapshot", "sa{sv}", DOMAIN, "1", "memory", "s", "precopy"]].concat());
+        check(ok, format!("Snapshot: {reply}"))?;
+        let job = reply.split('"').nth(1).ok_or(format!("no job path in {reply:?}"))?.to_owned();
+        let active = rt().block_on(async {
+            let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                let m = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await.unwrap();
+                if m["status"] == "active" {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        });
+        check(active, "the dump never started")?;
+        let (ok, reply) = busctl(&["call", "io.github.vmsnap.Agent1", &job, "io.github.vmsnap.Job1", "Cancel"]);
+        check(ok, format!("Cancel: {reply}"))?;
+        let t = Instant::now();
+        loop {
+            let (_, state) = busctl(&["get-property", "io.github.vmsnap.Agent1", &job, "io.github.vmsnap.Job1", "State"]);
+            if state.contains("cancelled") {
+                break;
+            }
+            check(t.elapsed() < Duration::from_secs(120), format!("the job did not end cancelled: {state}"))?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (_, result) = busctl(&["get-property", "io.github.vmsnap.Agent1", &job, "io.github.vmsnap.Job1", "Result"]);
+        eprintln!("D-Bus cancel during a dump: {}", result.trim());
+        assert_invariants(lab, true)
+    })();
+    set_bandwidth(128 << 20);
+    lab.reset_snapshots();
+    res
+}
+
 /// The overlay directory fills up while the guest runs on its overlay: QEMU stops the VM on the
 /// I/O error, vmsnap merges the overlay and resumes it, and the guest's data is whole.
 fn full_overlay_directory() -> Result<(), Failed> {
@@ -649,6 +729,7 @@ fn main() {
         ("agent_stopped_while_frozen_is_thawed_when_it_continues", agent_stopped_while_frozen),
         ("hung_zfs_in_the_window_thaws_first", hung_zfs_in_the_window),
         ("kill_during_a_ram_dump_cancels_the_migration", kill_during_ram_dump),
+        ("dbus_cancel_during_a_dump_cancels_the_migration", dbus_cancel_during_a_dump),
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
         // Last: it kills and restarts QEMU.
         ("qemu_killed_on_the_overlay_keeps_the_guests_writes", qemu_killed_on_the_overlay),
