@@ -548,40 +548,94 @@ fn kill_during_ram_dump() -> Result<(), Failed> {
     Ok(())
 }
 
-/// D-Bus `Cancel` of a `Snapshot` job while QEMU streams the RAM (precopy, slowed to 2 MB/s so
-/// the dump lasts): the migration is cancelled, the VM runs, no dump is kept.
-fn dbus_cancel_during_a_dump() -> Result<(), Failed> {
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    let guard = LAB.lock().unwrap();
-    let lab = guard.as_ref().unwrap();
+}
+
+/// A private bus and `vmsnap daemon` on it (with the stand-in `zfs`): the bus address and both
+/// processes (killed on drop).
+fn start_daemon(lab: &Lab) -> Result<(String, Kill, Kill), Failed> {
     let socket = lab.path("bus.sock");
+    let _ = std::fs::remove_file(&socket);
     let address = format!("unix:path={}", socket.display());
-    let _bus = Kill(Command::new("dbus-daemon").args(["--session", "--nofork"]).arg(format!("--address={address}")).spawn()?);
+    let bus = Kill(Command::new("dbus-daemon").args(["--session", "--nofork"]).arg(format!("--address={address}")).spawn()?);
     let t = Instant::now();
     while !socket.exists() {
         check(t.elapsed() < Duration::from_secs(10), "dbus-daemon did not start")?;
         std::thread::sleep(Duration::from_millis(50));
     }
     let log = lab.path("daemon.log");
-    let _daemon = Kill(
+    let daemon = Kill(
         lab.vmsnap_cmd(&["daemon", "--bus-address", &address], &[("VMSNAP_LOG", "info")]).stderr(std::fs::File::create(&log)?).spawn()?,
     );
-    let busctl = |args: &[&str]| {
-        let out = Command::new("busctl").arg(format!("--address={address}")).args(args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-    };
-    let agent1 = ["call", "io.github.vmsnap.Agent1", "/io/github/vmsnap/Agent1", "io.github.vmsnap.Agent1"];
     let t = Instant::now();
-    while !busctl(&[&agent1[..], &["Domains"]].concat()).0 {
+    while !busctl(&address, &[&AGENT1[..], &["Domains"]].concat()).0 {
         check(t.elapsed() < Duration::from_secs(20), format!("the service did not appear: {}", std::fs::read_to_string(&log)?))?;
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok((address, bus, daemon))
+}
+
+const AGENT1: [&str; 4] = ["call", "io.github.vmsnap.Agent1", "/io/github/vmsnap/Agent1", "io.github.vmsnap.Agent1"];
+
+fn busctl(address: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("busctl").arg(format!("--address={address}")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// `vmsnap snapshot` while a daemon runs goes through the daemon's job and returns its result
+/// and exit status, for a success and for a failure (before the fix it waited forever: its
+/// proxy cached the job's `running` state).
+fn cli_through_the_daemon_returns() -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    let (address, _bus, _daemon) = start_daemon(lab)?;
+    let run = |args: &[&str]| {
+        let mut cmd = lab.vmsnap_cmd(args, &[("VMSNAP_BUS_ADDRESS", &address)]);
+        let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let t = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if t.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let out = run(&["snapshot", DOMAIN, "--label", &label()]);
+    check(out.status.success(), format!("through the daemon: {}", text(&out)))?;
+    check(String::from_utf8_lossy(&out.stderr).contains("(daemon job"), format!("it went through the daemon: {}", text(&out)))?;
+    check(String::from_utf8_lossy(&out.stdout).contains(": app (overlay)"), format!("the job's report: {}", text(&out)))?;
+    let out = run(&["snapshot", DOMAIN, "--json", "--label", &label()]);
+    let r: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))?;
+    check(out.status.success() && r["consistency"] == "app", format!("{r}"))?;
+    // A failure: RAM of a paused VM is refused; the CLI says why and exits 1.
+    observer_exec(lab, "stop");
+    let out = run(&["snapshot", DOMAIN, "--memory", "precopy", "--label", &label()]);
+    observer_exec(lab, "cont");
+    check(
+        out.status.code() == Some(1) && String::from_utf8_lossy(&out.stderr).contains("paused"),
+        format!("a failed job: {}", text(&out)),
+    )?;
+    assert_invariants(lab, true)?;
+    lab.reset_snapshots();
+    Ok(())
+}
+
+/// D-Bus `Cancel` of a `Snapshot` job while QEMU streams the RAM (precopy, slowed to 2 MB/s so
+/// the dump lasts): the migration is cancelled, the VM runs, no dump is kept.
+fn dbus_cancel_during_a_dump() -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    let (address, _bus, _daemon) = start_daemon(lab)?;
+    let busctl = |args: &[&str]| busctl(&address, args);
+    let agent1 = AGENT1;
     let observer = lab.vm.machine.observer_path.clone();
     let set_bandwidth = |bytes: u64| {
         rt().block_on(async {
@@ -730,6 +784,7 @@ fn main() {
         ("hung_zfs_in_the_window_thaws_first", hung_zfs_in_the_window),
         ("kill_during_a_ram_dump_cancels_the_migration", kill_during_ram_dump),
         ("dbus_cancel_during_a_dump_cancels_the_migration", dbus_cancel_during_a_dump),
+        ("cli_through_the_daemon_returns_the_jobs_result", cli_through_the_daemon_returns),
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
         // Last: it kills and restarts QEMU.
         ("qemu_killed_on_the_overlay_keeps_the_guests_writes", qemu_killed_on_the_overlay),

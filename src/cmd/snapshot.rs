@@ -40,7 +40,15 @@ async fn via_daemon(conn: &zbus::Connection, a: Args) -> Result<()> {
     let agent = zbus::Proxy::new(conn, BUS_NAME, PATH, BUS_NAME).await?;
     let job: zbus::zvariant::OwnedObjectPath =
         agent.call("Snapshot", &(a.domain.as_str(), options)).await.map_err(|e| anyhow::anyhow!("domain {}: {e}", a.domain))?;
-    let proxy = zbus::Proxy::new(conn, BUS_NAME, job.as_str(), "io.github.vmsnap.Job1").await?;
+    // Uncached: the job's properties are read fresh each time (a cached proxy only learns of a
+    // change from PropertiesChanged, and would wait forever on a stale `running`).
+    let proxy: zbus::Proxy<'_> = zbus::proxy::Builder::new(conn)
+        .destination(BUS_NAME)?
+        .path(job.as_str())?
+        .interface("io.github.vmsnap.Job1")?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
     let mut shown = String::new();
     let state = loop {
         let progress: String = proxy.get_property("Progress").await?;
