@@ -106,6 +106,7 @@ mod tests {
         }
         let _ = child.kill();
         let _ = child.wait();
-        assert_eq!(found, vec![child.id()]);
+        // The shell, and the `sleep` that inherited descriptor 3.
+        assert!(found.contains(&child.id()), "{found:?} vs {}", child.id());
     }
 }
