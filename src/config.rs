@@ -225,12 +225,13 @@ impl Config {
 }
 
 /// A domain name vmsnap accepts (it names files and locks): letters, digits, '-', '_', '.',
-/// not starting with '.'.
+/// not starting with '.' or '-' (it would read as an option to the programs it is passed to).
 pub fn valid_domain_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 200
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !name.starts_with('.')
+        && !name.starts_with('-')
 }
 
 /// A bad key found while resolving: (table kind, table name, key, why).

@@ -37,8 +37,8 @@ enum Command {
         /// Run in this process even when the daemon is running.
         #[arg(long)]
         local: bool,
-        /// The label at the end of the snapshot name.
-        #[arg(long, default_value = "manual")]
+        /// The label at the end of the snapshot name (1 to 64 letters, digits, '-', '_', '.').
+        #[arg(long, default_value = "manual", value_parser = parse_label)]
         label: String,
         #[arg(long)]
         json: bool,
@@ -131,9 +131,16 @@ pub enum MemoryArg {
     Background,
 }
 
+fn parse_label(s: &str) -> Result<String, String> {
+    engine::naming::check_label(s).map(|()| s.to_owned())
+}
+
+/// The most domain XML the hook reads from libvirt (real definitions are a few KiB).
+const HOOK_XML_MAX: u64 = 4 << 20;
+
 /// The daemon logs what it does (one line per snapshot); other commands only warnings.
 fn default_log_level() -> &'static str {
-    if std::env::args().any(|a| a == "daemon") {
+    if std::env::args_os().any(|a| a == "daemon") {
         "info"
     } else {
         "warn"
@@ -150,7 +157,16 @@ fn main() {
     } else {
         fmt.init();
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // The hook always exits 0 (libvirt would refuse to start the domain otherwise), even
+        // on arguments it cannot read.
+        Err(e) if std::env::args_os().skip(1).any(|a| a == "hook") && e.use_stderr() => {
+            eprintln!("vmsnap hook: {}", e.to_string().lines().next().unwrap_or("bad arguments"));
+            std::process::exit(0);
+        }
+        Err(e) => e.exit(),
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("vmsnap: error: {e:#}");
@@ -188,11 +204,20 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Hook { args } => {
             // stdin is read to the end whatever happens: libvirt writes the domain XML there.
-            let mut xml = String::new();
-            let read = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml);
+            // Up to HOOK_XML_MAX is kept; the rest is drained, so libvirt never blocks on a pipe.
+            let mut bytes = Vec::new();
+            let mut stdin = std::io::stdin().lock();
+            let read = std::io::Read::read_to_end(&mut std::io::Read::take(&mut stdin, HOOK_XML_MAX), &mut bytes)
+                .and_then(|_| std::io::copy(&mut stdin, &mut std::io::sink()))
+                .map_err(|e| e.to_string())
+                .and_then(|rest| match rest {
+                    0 => String::from_utf8(bytes).map_err(|_| "the domain XML is not UTF-8".to_owned()),
+                    n => Err(format!("the domain XML is larger than {HOOK_XML_MAX} bytes (by {n})")),
+                });
+            let xml = read.as_deref().unwrap_or("");
             let bus = std::env::var("VMSNAP_BUS_ADDRESS").ok();
             let said = match read {
-                Ok(_) => vmsnap::hook::run(&args, &xml, bus.as_deref()).await,
+                Ok(_) => vmsnap::hook::run(&args, xml, bus.as_deref()).await,
                 Err(e) => format!("vmsnap hook: reading the domain XML from stdin: {e}"),
             };
             if !said.is_empty() {

@@ -115,9 +115,7 @@ fn parse_options(options: &HashMap<String, OwnedValue>, defaults: &DomainConfig)
             "quiesce" => o.quiesce = bool::try_from(v).map_err(|_| bad("option \"quiesce\" must be a boolean".into()))?,
             "label" => {
                 let l = string(k, v)?;
-                if l.is_empty() || l.len() > 64 || !l.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-                    return Err(bad(format!("option label = {l:?}: use 1 to 64 letters, digits, '-', '_' or '.'")));
-                }
+                crate::engine::naming::check_label(&l).map_err(|why| bad(format!("option {why}")))?;
                 o.label = l;
             }
             other => return Err(bad(format!("unknown option {other:?} (known: memory, strategy, quiesce, label)"))),

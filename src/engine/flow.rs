@@ -50,13 +50,15 @@ pub async fn snapshot(
     zfs: &Zfs,
     progress: Progress<'_>,
 ) -> Result<SnapshotReport, EngineError> {
-    let _lock = DomainLock::acquire(&cfg.state_dir, &dom.name)?;
     let fail = |step: &'static str, source: StepError| EngineError::Step { domain: dom.name.clone(), step, source: Box::new(source) };
+    // Every name vmsnap makes carries the label: check it before anything is touched.
+    naming::check_label(&opts.label).map_err(|why| fail("check arguments", StepError::Refused(why)))?;
+    let _lock = DomainLock::acquire(&cfg.state_dir, &dom.name)?;
     // A journal left by an earlier crash of this domain is settled first.
     let leftover = Journal::dir(&cfg.state_dir).join(format!("{}.json", dom.name));
     if leftover.exists() {
         progress("recovering an interrupted earlier operation");
-        recover::recover_journal(&leftover, zfs).await.map_err(|e| fail("recover", StepError::Refused(e)))?;
+        recover::recover_journal(&leftover, recover::Places::of(cfg), zfs).await.map_err(|e| fail("recover", StepError::Refused(e)))?;
     }
     let name = naming::snapshot_name(opts.name_at.unwrap_or_else(SystemTime::now), &opts.label);
     let qmp = match Qmp::connect(&dom.qmp, Duration::from_secs(5)).await {
@@ -552,7 +554,8 @@ impl Run<'_> {
             Ok(q) => q,
             Err(cleanup) => return EngineError::CleanupFailed { domain, step, cleanup, source: Box::new(source) },
         };
-        match recover::apply(&qemu, self.dom.qga.as_deref(), &o, self.zfs, &mut journal, &mut actions).await {
+        match recover::apply(&qemu, recover::Places::of(self.cfg), self.dom.qga.as_deref(), &o, self.zfs, &mut journal, &mut actions).await
+        {
             Ok(()) => {
                 for a in &actions {
                     tracing::info!(domain = %domain, "undo: {a}");

@@ -28,6 +28,19 @@ pub fn listed_properties() -> Vec<PropName> {
         .collect()
 }
 
+/// Checks a label before anything is touched: 1 to 64 letters, digits, '-', '_' or '.' (the
+/// snapshot name, the overlay and dump file names all carry it).
+///
+/// # Errors
+/// A sentence naming the label and the rule.
+pub fn check_label(label: &str) -> Result<(), String> {
+    if label.is_empty() || label.len() > 64 || !label.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        let shown: String = label.chars().take(80).collect();
+        return Err(format!("label {shown:?}: use 1 to 64 letters, digits, '-', '_' or '.'"));
+    }
+    Ok(())
+}
+
 /// `autosnap_YYYY-MM-DD_HH:MM:SS_<label>` for `at`, in UTC.
 pub fn snapshot_name(at: SystemTime, label: &str) -> String {
     let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);

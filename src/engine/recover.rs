@@ -44,6 +44,38 @@ pub fn fdset_tag(overlay_node: &str) -> String {
     format!("vmsnap:{overlay_node}")
 }
 
+/// Where recovery may delete files: nothing outside these two directories, whatever a journal
+/// names.
+#[derive(Debug, Clone, Copy)]
+pub struct Places<'a> {
+    pub overlay_dir: &'a Path,
+    pub ram_dir: &'a Path,
+}
+
+impl<'a> Places<'a> {
+    pub fn of(cfg: &'a Config) -> Self {
+        Self { overlay_dir: &cfg.overlay_dir, ram_dir: &cfg.ram_dir }
+    }
+
+    fn check(path: &Path, dir: &Path, key: &str) -> Result<(), String> {
+        let plain =
+            path.is_absolute() && path.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
+        if plain && path.starts_with(dir) && path != dir {
+            Ok(())
+        } else {
+            Err(format!("the journal names {}, which is not inside {key} ({}): not touched", path.display(), dir.display()))
+        }
+    }
+
+    fn overlay(&self, path: &Path) -> Result<(), String> {
+        Self::check(path, self.overlay_dir, "overlay_dir")
+    }
+
+    fn ram(&self, path: &Path) -> Result<(), String> {
+        Self::check(path, self.ram_dir, "ram_dir")
+    }
+}
+
 /// The QEMU recovery finds, compared with the one the journal began with.
 pub enum Qemu<'a> {
     /// The same process, answering on this connection.
@@ -86,6 +118,7 @@ pub fn classify<'a>(connection: Option<&'a Qmp>, recorded: Option<ProcessId>) ->
 /// A sentence per action that failed; the others are still attempted.
 pub async fn apply(
     qemu: &Qemu<'_>,
+    places: Places<'_>,
     qga_path: Option<&Path>,
     o: &Obligations,
     zfs: &Zfs,
@@ -93,6 +126,13 @@ pub async fn apply(
     actions: &mut Vec<String>,
 ) -> Result<(), String> {
     let mut failures = Vec::new();
+    // A journal naming files elsewhere is not from this vmsnap: touch nothing at all.
+    for ov in o.merge.iter().chain(&o.remove) {
+        places.overlay(&ov.path)?;
+    }
+    if let Some(ram) = &o.ram {
+        places.ram(&ram.path)?;
+    }
     if let Qemu::Same(qmp) = qemu {
         // QEMU must stop writing into the dump before anything decides about the dump.
         if o.cancel_migration {
@@ -392,7 +432,7 @@ async fn report_snapshots(zfs: &Zfs, o: &Obligations, actions: &mut Vec<String>)
 
 /// Recovers one journal file: finds the QEMU it names and carries out its obligations. The
 /// journal is removed once everything succeeded.
-pub async fn recover_journal(path: &Path, zfs: &Zfs) -> Result<RecoveryReport, String> {
+pub async fn recover_journal(path: &Path, places: Places<'_>, zfs: &Zfs) -> Result<RecoveryReport, String> {
     let mut journal = Journal::load(path).map_err(|e| match e.hint() {
         Some(h) => format!("{e} ({h})"),
         None => e.to_string(),
@@ -417,7 +457,7 @@ pub async fn recover_journal(path: &Path, zfs: &Zfs) -> Result<RecoveryReport, S
         if matches!(qemu, Qemu::Gone) {
             actions.push(format!("QEMU is gone ({} does not answer)", qmp_path.display()));
         }
-        apply(&qemu, qga_path.as_deref(), &o, zfs, &mut journal, &mut actions).await.map_err(|e| format!("{domain}: {e}"))?;
+        apply(&qemu, places, qga_path.as_deref(), &o, zfs, &mut journal, &mut actions).await.map_err(|e| format!("{domain}: {e}"))?;
     }
     journal.remove().map_err(|e| e.to_string())?;
     Ok(RecoveryReport { journal: path.to_owned(), domain, actions })
@@ -437,7 +477,7 @@ pub async fn recover_all(cfg: &Config, zfs: &Zfs) -> Result<Vec<RecoveryReport>,
                 continue;
             }
         };
-        match recover_journal(&path, zfs).await {
+        match recover_journal(&path, Places::of(cfg), zfs).await {
             Ok(r) => out.push(r),
             Err(e) => errors.push(e),
         }
@@ -446,5 +486,28 @@ pub async fn recover_all(cfg: &Config, zfs: &Zfs) -> Result<Vec<RecoveryReport>,
         Ok(out)
     } else {
         Err(errors.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_deletes_only_inside_its_directories() {
+        let places = Places { overlay_dir: Path::new("/var/lib/vmsnap/overlays"), ram_dir: Path::new("/srv/ram") };
+        assert!(places.overlay(Path::new("/var/lib/vmsnap/overlays/vm/a-0.qcow2")).is_ok());
+        assert!(places.ram(Path::new("/srv/ram/vm/a.ram")).is_ok());
+        for bad in [
+            "/etc/shadow",
+            "/var/lib/vmsnap/overlays/../../../etc/shadow",
+            "vm/a.qcow2",
+            "/var/lib/vmsnap/overlays",
+            "/var/lib/vmsnap/overlaysX/a",
+        ] {
+            let e = places.overlay(Path::new(bad)).unwrap_err();
+            assert!(e.contains("overlay_dir") && e.contains("not touched"), "{bad}: {e}");
+        }
+        assert!(places.ram(Path::new("/var/lib/vmsnap/overlays/vm/a-0.qcow2")).is_err());
     }
 }
