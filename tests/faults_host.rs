@@ -67,12 +67,14 @@ impl Lab {
     fn write_config_with(&self, extra: &str, qga: &Path, require_quiesce: bool) {
         let m = &self.vm.machine;
         let text = format!(
-            "{extra}\nstate_dir = \"{state}\"\noverlay_dir = \"{ov}\"\nram_dir = \"{ram}\"\n\n[domain.{DOMAIN}]\nqmp = \"{qmp}\"\nqga = \"{qga}\"\nrequire_quiesce = {require_quiesce}\n\n# The daemon (D-Bus case) takes no scheduled snapshot.\n[template.default]\nautosnap = false\n",
+            "{extra}\nstate_dir = \"{state}\"\noverlay_dir = \"{ov}\"\nram_dir = \"{ram}\"\n\n[domain.{DOMAIN}]\nqmp = \"{qmp}\"\nqga = \"{qga}\"\nrequire_quiesce = {require_quiesce}\n\n[domain.down]\nqmp = \"{down_qmp}\"\ndisks = [\"{down_disk}\"]\n\n# The daemon (D-Bus case) takes no scheduled snapshot.\n[template.default]\nautosnap = false\n",
             state = self.path("state").display(),
             ov = self.path("overlays").display(),
             ram = self.path("ram").display(),
             qmp = m.qmp_path.display(),
             qga = qga.display(),
+            down_qmp = self.path("down.qmp").display(),
+            down_disk = self.path("disks/down.qcow2").display(),
         );
         std::fs::write(self.config(), text).unwrap();
     }
@@ -682,6 +684,57 @@ fn dbus_cancel_during_a_dump() -> Result<(), Failed> {
     res
 }
 
+/// A VM that does not answer on QMP is snapshotted as stopped only when it is known to be down:
+/// no socket → `offline`; a stale socket (QEMU died) → `crash`; a socket vmsnap cannot reach,
+/// a disk some process holds, a disk that does not exist, or `--memory` → refused, nothing taken.
+fn stopped_only_when_known_down() -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    let disk = lab.path("disks/down.qcow2");
+    let qmp = lab.path("down.qmp");
+    let snap = |extra: &[&str]| lab.vmsnap(&[&["snapshot", "down", "--json", "--label", &label()][..], extra].concat(), &[]);
+    let refused = |out: &Output, why: &str| {
+        check(out.status.code() == Some(1) && String::from_utf8_lossy(&out.stderr).contains(why), format!("refused ({why}): {}", text(out)))
+    };
+    let count = || lab.snapshots().len();
+    let _ = std::fs::remove_file(&qmp);
+    refused(&snap(&[]), "does not exist")?;
+    std::fs::copy(Rig::locate().unwrap().dir().join("data-template.qcow2"), &disk)?;
+    let res = (|| {
+        let out = snap(&[]);
+        check(out.status.success(), text(&out))?;
+        let r: Value = serde_json::from_slice(&out.stdout)?;
+        check(r["consistency"] == "offline", format!("no socket: offline: {r}"))?;
+        refused(&snap(&["--memory", "precopy"]), "--memory")?;
+        // QEMU died and left its socket: nobody accepts on it.
+        drop(std::os::unix::net::UnixListener::bind(&qmp)?);
+        let out = snap(&[]);
+        check(out.status.success(), text(&out))?;
+        let r: Value = serde_json::from_slice(&out.stdout)?;
+        check(r["consistency"] == "crash" && r["warnings"].to_string().contains("stale socket"), format!("stale socket: crash: {r}"))?;
+        // Something holds the disk: it may be running with another socket.
+        let holder = Kill(Command::new("sh").arg("-c").arg("exec 3<\"$0\"; sleep 60").arg(&disk).spawn()?);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = count();
+        refused(&snap(&[]), "holds disk")?;
+        drop(holder);
+        check(count() == before, "no snapshot of a disk in use")?;
+        // A path that is not a socket vmsnap can reach (its parent is a file): an error, not "stopped".
+        std::fs::remove_file(&qmp)?;
+        std::fs::write(&qmp, b"")?;
+        let config = std::fs::read_to_string(lab.config())?;
+        std::fs::write(lab.config(), config.replace(&format!("{}\"", qmp.display()), &format!("{}/sock\"", qmp.display())))?;
+        let out = snap(&[]);
+        lab.write_config("");
+        refused(&out, "QMP")?;
+        check(count() == before, "no snapshot when QMP cannot be reached")
+    })();
+    let _ = std::fs::remove_file(&qmp);
+    let _ = std::fs::remove_file(&disk);
+    lab.reset_snapshots();
+    res
+}
+
 /// The overlay directory fills up while the guest runs on its overlay: QEMU stops the VM on the
 /// I/O error, vmsnap merges the overlay and resumes it, and the guest's data is whole.
 fn full_overlay_directory() -> Result<(), Failed> {
@@ -786,6 +839,7 @@ fn main() {
         ("dbus_cancel_during_a_dump_cancels_the_migration", dbus_cancel_during_a_dump),
         ("cli_through_the_daemon_returns_the_jobs_result", cli_through_the_daemon_returns),
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
+        ("stopped_only_when_known_down", stopped_only_when_known_down),
         // Last: it kills and restarts QEMU.
         ("qemu_killed_on_the_overlay_keeps_the_guests_writes", qemu_killed_on_the_overlay),
     ];

@@ -24,11 +24,12 @@ use super::recover::{self, fdset_tag};
 use super::{ram, Consistency, EngineError, RamMode, SnapshotOptions, SnapshotReport, StepError, Strategy};
 use crate::config::{Config, DomainConfig, QuiescePolicy};
 use crate::qemu::block::{file_node, qcow2_overlay_node};
-use crate::qemu::process::ProcessId;
+use crate::qemu::process::{holders_of, ProcessId};
 use crate::qemu::qga::{Qga, Timeouts};
 use crate::qemu::qmp::{Qmp, QmpError};
 use crate::zfs::{Dataset, DatasetKind, PropName, Zfs};
 use std::collections::BTreeMap;
+use std::io::ErrorKind;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -63,7 +64,13 @@ pub async fn snapshot(
     let name = naming::snapshot_name(opts.name_at.unwrap_or_else(SystemTime::now), &opts.label);
     let qmp = match Qmp::connect(&dom.qmp, Duration::from_secs(5)).await {
         Ok(q) => q,
-        Err(QmpError::Connect { .. }) => return offline(dom, opts, zfs, name, progress).await.map_err(|(s, e)| fail(s, e)),
+        // Stopped only when nothing listens: no socket (QEMU removes it when it exits), or a
+        // socket nobody accepts on (QEMU died without removing it: the disks are
+        // crash-consistent). Any other error (permissions, a full backlog) is an error.
+        Err(QmpError::Connect { source, .. }) if matches!(source.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            let down = if source.kind() == ErrorKind::NotFound { Down::ShutDown } else { Down::Crashed };
+            return offline(dom, opts, zfs, name, down, progress).await.map_err(|(s, e)| fail(s, e));
+        }
         Err(e) => return Err(fail("connect to QMP", e.into())),
     };
     let mut run = Run {
@@ -624,17 +631,43 @@ async fn offline(
     opts: &SnapshotOptions,
     zfs: &Zfs,
     name: String,
+    down: Down,
     progress: Progress<'_>,
 ) -> Result<SnapshotReport, (&'static str, StepError)> {
+    let refuse = |why: String| Err(("check the VM is stopped", StepError::Refused(why)));
+    if opts.memory.is_some() {
+        return refuse(format!("the VM is not running ({} does not answer): --memory saves the RAM of a running VM", dom.qmp.display()));
+    }
     if dom.disks.is_empty() {
         return Err(("resolve datasets", StepError::Refused("the VM is not running and the config lists no disks for it".into())));
     }
+    for disk in &dom.disks {
+        if std::fs::symlink_metadata(disk).is_err() {
+            return refuse(format!("disk {} does not exist", disk.display()));
+        }
+        let held = holders_of(disk);
+        if !held.is_empty() {
+            return refuse(format!(
+                "{} does not answer, but process {held:?} holds disk {}: is the VM running with another QMP socket? \
+                 Not snapshotting it as stopped",
+                dom.qmp.display(),
+                disk.display()
+            ));
+        }
+    }
+    let consistency = match down {
+        Down::ShutDown => Consistency::Offline,
+        Down::Crashed => Consistency::Crash,
+    };
     progress("the VM is not running: snapshotting its datasets");
     let t = Instant::now();
     let by_pool = datasets_by_pool(zfs, &dom.disks).await.at("resolve datasets")?;
-    let warnings: Vec<String> = save_domain_files(zfs, dom, &by_pool).await.at("save XML and nvram")?.into_iter().collect();
+    let mut warnings: Vec<String> = save_domain_files(zfs, dom, &by_pool).await.at("save XML and nvram")?.into_iter().collect();
+    if down == Down::Crashed {
+        warnings.push(format!("{} is a stale socket (QEMU did not shut down cleanly): the disks are crash-consistent", dom.qmp.display()));
+    }
     let mut props = BTreeMap::new();
-    props.insert(PropName::new(naming::CONSISTENCY).expect("valid"), Consistency::Offline.as_str().to_owned());
+    props.insert(PropName::new(naming::CONSISTENCY).expect("valid"), consistency.as_str().to_owned());
     props.insert(PropName::new(naming::VERSION).expect("valid"), env!("CARGO_PKG_VERSION").to_owned());
     props.insert(PropName::new(naming::DOMAIN).expect("valid"), dom.name.clone());
     if !opts.periods.is_empty() {
@@ -648,7 +681,7 @@ async fn offline(
         domain: dom.name.clone(),
         name,
         snapshots: names,
-        consistency: Consistency::Offline.as_str(),
+        consistency: consistency.as_str(),
         strategy: "offline",
         freeze_ms: None,
         pause_ms: None,
@@ -657,6 +690,15 @@ async fn offline(
         warnings,
         steps: vec![("zfs snapshot".into(), ms(t.elapsed()))],
     })
+}
+
+/// How a VM that does not answer on QMP went down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Down {
+    /// No socket: QEMU exited and removed it.
+    ShutDown,
+    /// A socket nobody accepts on: QEMU died.
+    Crashed,
 }
 
 fn periods_value(periods: &[crate::policy::Period]) -> String {

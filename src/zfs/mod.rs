@@ -17,7 +17,7 @@ pub use parse::{DatasetInfo, DatasetKind, Hold, SnapshotInfo};
 use crate::zargs;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 /// The ZFS operations, over a [`ZfsCli`].
 #[derive(Debug, Clone, Default)]
@@ -190,7 +190,8 @@ impl Zfs {
         if let Some(vol) = zvol_name(path) {
             return Ok(Dataset::new(&vol)?);
         }
-        let real = std::fs::canonicalize(path).unwrap_or_else(|_| normalise(path));
+        // A path that does not exist has no dataset (never "the nearest mounted parent").
+        let real = std::fs::canonicalize(path).map_err(|_| ZfsError::NotFound { name: path.display().to_string() })?;
         if let Some(vol) = zvol_name(&real) {
             return Ok(Dataset::new(&vol)?);
         }
@@ -203,20 +204,6 @@ fn zvol_name(path: &Path) -> Option<String> {
     let rest = path.strip_prefix("/dev/zvol").ok()?;
     let name = rest.to_str()?.trim_matches('/');
     (!name.is_empty()).then(|| name.to_owned())
-}
-
-fn normalise(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
 }
 
 /// Pure: the mounted filesystem whose mountpoint is the longest prefix (by components) of `path`.
