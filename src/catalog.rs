@@ -44,8 +44,12 @@ pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
     let props = props();
     let mut groups: BTreeMap<String, Entry> = BTreeMap::new();
     for ds in &datasets {
-        for s in zfs.list_snapshots(ds, &props).await? {
-            let get = |k: &str| s.props.iter().find(|(p, _)| p.as_str() == k).map(|(_, v)| v.clone()).filter(|v| v != "-");
+        // Only properties set on the snapshot itself count: a `vmsnap:domain` inherited from the
+        // dataset would make sanoid's or a person's snapshots look like vmsnap's.
+        let local = zfs.local_snapshot_properties(ds, &props).await?;
+        for s in zfs.list_snapshots(ds, &[]).await? {
+            let own = local.get(&s.name.to_string());
+            let get = |k: &str| own.and_then(|p| p.iter().find(|(p, _)| p.as_str() == k)).map(|(_, v)| v.clone()).filter(|v| v != "-");
             if get(naming::DOMAIN).as_deref() != Some(dom.name.as_str()) {
                 continue;
             }
@@ -55,7 +59,9 @@ pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
                 snap: Snap {
                     name: short.clone(),
                     created: s.creation,
-                    periods: periods_of(&short, get(naming::PERIODS).as_deref()),
+                    // Scheduled snapshots say which periods they serve; one taken by hand serves
+                    // none, whatever its label (`--label daily` is not a daily).
+                    periods: get(naming::PERIODS).map(|p| periods_of(&short, Some(&p))).unwrap_or_default(),
                     holds: Vec::new(),
                     ram_dump: None,
                 },

@@ -15,6 +15,7 @@
 //! - [`qemu`]: the two protocol clients vmsnap speaks directly over unix sockets: QMP to QEMU
 //!   ([`qemu::qmp`], with block-job and fd-passing helpers) and the guest agent ([`qemu::qga`]).
 //! - [`zfs`]: the only place that runs `zfs`/`zpool`: validated names, pure parsers, operations.
+//! - [`fsutil`]: files root writes where others may reach: no symlink followed, whole files only.
 //! - [`fixtures`]: recording real QMP/QGA sessions and replaying them to test error paths.
 //! - [`rig`]: the test rig's machines (tiny QEMU guest, OpenZFS VM), used by tests and the recorder.
 
@@ -26,6 +27,7 @@ pub mod dbus;
 pub mod engine;
 pub mod enroll;
 pub mod fixtures;
+pub mod fsutil;
 pub mod hook;
 pub mod metrics;
 pub mod policy;

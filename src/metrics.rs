@@ -126,9 +126,7 @@ impl Metrics {
 
     /// Writes [`Metrics::render`] to `path` atomically (temp file + rename), mode 0644.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("prom.tmp");
-        std::fs::write(&tmp, self.render())?;
-        std::fs::rename(&tmp, path)
+        crate::fsutil::write_atomic(path, self.render().as_bytes(), 0o644).map_err(std::io::Error::other)
     }
 }
 

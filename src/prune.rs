@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
+    #[error(transparent)]
+    Busy(#[from] crate::engine::EngineError),
     #[error("domain {domain}: reading its snapshots")]
     List {
         domain: String,
@@ -56,6 +58,9 @@ pub struct PruneReport {
 /// Plans and (unless `dry_run`) carries out retention for `dom` at `now` (unix seconds).
 pub async fn prune(cfg: &Config, dom: &DomainConfig, zfs: &Zfs, now: i64, dry_run: bool) -> Result<PruneReport, PruneError> {
     let list = |source| PruneError::List { domain: dom.name.clone(), source };
+    // Never while a snapshot (or another prune) of the domain runs: a dump it is writing, or a
+    // snapshot it is labelling, must not be judged half-made. A dry run changes nothing.
+    let _lock = if dry_run { None } else { Some(crate::engine::lock::DomainLock::acquire(&cfg.state_dir, &dom.name)?) };
     let cat = catalog::load(zfs, dom).await.map_err(list)?;
     let decisions = retention::plan(&cat.snaps(), &dom.policy, now);
     let mut report = PruneReport {

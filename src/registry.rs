@@ -5,8 +5,6 @@
 
 use crate::config::{valid_domain_name, Config, DomainConfig, QuiescePolicy};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// What registering a domain tells vmsnap.
@@ -89,16 +87,8 @@ impl Registry {
 
     fn write_private(&self, path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
         crate::engine::journal::create_private_dir(&self.dir).map_err(Self::io(format!("creating {}", self.dir.display())))?;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(Self::io(format!("writing {}", tmp.display())))?;
-        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(Self::io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(Self::io(format!("saving {}", path.display())))
+        crate::fsutil::write_atomic(path, bytes, 0o600)
+            .map_err(|e| RegistryError::Io { what: format!("saving {}", path.display()), source: std::io::Error::other(e) })
     }
 
     /// Saves the domain's XML next to its registration; returns where.

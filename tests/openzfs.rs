@@ -32,6 +32,7 @@ fn inside() {
         ("user_properties_get_set", |c| Box::pin(properties(c))),
         ("dataset_of_file_and_zvol", |c| Box::pin(resolve(c))),
         ("error_variant_out_of_space", |c| Box::pin(busy_and_space(c))),
+        ("prune_ignores_an_inherited_domain_property", |c| Box::pin(prune_inherited(c))),
     ];
     let trials = cases
         .iter()
@@ -265,4 +266,44 @@ async fn busy_and_space(c: Ctx) -> Result<(), Failed> {
     // A snapshot name vmsnap would never produce is refused before zfs runs.
     check(SnapshotName::new(&format!("{}@a,b", c.root)).is_err(), "comma rejected")?;
     Ok(())
+}
+
+/// sanoid's and a person's snapshots on a dataset whose `vmsnap:domain` is inherited (set on the
+/// dataset) are not vmsnap's: `prune` leaves them, and a snapshot vmsnap took by hand with the
+/// label `daily` is not a scheduled daily. Only vmsnap's own scheduled hourlies go.
+async fn prune_inherited(c: Ctx) -> Result<(), Failed> {
+    let fs = c.ds("fs");
+    c.create(&[fs.as_str()]).await?;
+    sh(&format!("truncate -s 1M /{fs}/disk.img && zfs set vmsnap:domain=demo {fs}"));
+    let theirs = ["autosnap_2026-01-01_00:00:00_hourly", "autosnap_2026-01-01_01:00:00_daily", "handmade"];
+    for n in theirs {
+        sh(&format!("zfs snapshot {fs}@{n}"));
+    }
+    let own = |n: &str, periods: Option<&str>| {
+        let p = periods.map(|p| format!("-o vmsnap:periods={p}")).unwrap_or_default();
+        sh(&format!("zfs snapshot -o vmsnap:domain=demo {p} {fs}@{n}"));
+    };
+    own("autosnap_2026-01-01_02:00:00_hourly", Some("hourly"));
+    own("autosnap_2026-01-01_03:00:00_hourly", Some("hourly"));
+    own("autosnap_2026-01-01_04:00:00_hourly", Some("hourly"));
+    own("autosnap_2026-01-01_05:00:00_daily", None);
+    let state = tempfile::tempdir().map_err(fail)?;
+    let text = format!(
+        "state_dir = \"{}\"\n[domain.demo]\nqmp = \"/run/none.qmp\"\ndisks = [\"/{fs}/disk.img\"]\nfrequently = 0\nhourly = 1\ndaily = 0\nweekly = 0\nmonthly = 0\nyearly = 0\n",
+        state.path().display()
+    );
+    let cfg = vmsnap::config::Config::parse(&text, Path::new("test.toml")).map_err(fail)?;
+    let created: i64 =
+        sh(&format!("zfs get -H -p -o value creation {fs}@autosnap_2026-01-01_05:00:00_daily")).trim().parse().map_err(fail)?;
+    let report = vmsnap::prune::prune(&cfg, cfg.domain("demo").map_err(fail)?, &c.zfs, created + 10 * 86400, false).await.map_err(fail)?;
+    let left = sh(&format!("zfs list -H -o name -t snapshot {fs}"));
+    eprintln!("destroyed {:?}; left:\n{left}", report.destroyed);
+    for n in theirs {
+        check(left.contains(&format!("@{n}\n")), format!("{n} (not vmsnap's) was pruned: left {left}"))?;
+    }
+    check(left.contains("05:00:00_daily"), "the hand-made 'daily' stays (manual)")?;
+    check(
+        left.contains("04:00:00_hourly") && !left.contains("02:00:00_hourly") && !left.contains("03:00:00_hourly"),
+        format!("hourly = 1: {left}"),
+    )
 }

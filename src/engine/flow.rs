@@ -615,12 +615,11 @@ async fn save_domain_files(zfs: &Zfs, dom: &DomainConfig, by_pool: &BTreeMap<Str
     let Some(mountpoint) = target else {
         return Ok(Some("no filesystem dataset under the disks (zvols only): domain XML and nvram not saved".into()));
     };
-    let dir = mountpoint.join(".vmsnap").join(&dom.name);
-    create_private_dir(&dir).map_err(|source| StepError::Io { what: format!("creating {}", dir.display()), source })?;
+    // The dataset is the VM's: whatever is planted under its mountpoint is never followed.
+    let fs_err = |e: crate::fsutil::FsError| StepError::Refused(e.to_string());
+    let dir = crate::fsutil::Dir::private(&mountpoint, &[".vmsnap", &dom.name]).map_err(fs_err)?;
     for (src, name) in files {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::copy(src, &tmp).map_err(|source| StepError::Io { what: format!("copying {}", src.display()), source })?;
-        std::fs::rename(&tmp, dir.join(name)).map_err(|source| StepError::Io { what: format!("saving {name}"), source })?;
+        dir.copy_atomic(name, src, 0o600).map_err(fs_err)?;
     }
     Ok(None)
 }

@@ -8,7 +8,6 @@
 
 use crate::qemu::process::ProcessId;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One overlay vmsnap put (or was about to put) on top of a disk.
@@ -338,16 +337,9 @@ impl Journal {
         let name = record.name();
         fault_point("before", name);
         self.records.push(record);
-        let err = |source| JournalError::Write { path: self.path.clone(), source };
-        let tmp = self.path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(&self.records).expect("records serialise");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&text).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        }
+        crate::fsutil::write_atomic(&self.path, &text, 0o600)
+            .map_err(|e| JournalError::Write { path: self.path.clone(), source: std::io::Error::other(e) })?;
         fault_point("after", name);
         Ok(())
     }
@@ -358,11 +350,13 @@ impl Journal {
     }
 }
 
-/// Creates `dir` (and parents) as root-only (0700).
+/// Creates `dir` as root-only (0700): its parent comes from root's config and is created if
+/// missing; `dir` itself is never a symlink and must be vmsnap's own (see [`crate::fsutil`]).
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    match (dir.parent(), dir.file_name().and_then(|n| n.to_str())) {
+        (Some(parent), Some(name)) => crate::fsutil::Dir::private(parent, &[name]).map(drop).map_err(std::io::Error::other),
+        _ => crate::fsutil::Dir::private(dir, &[]).map(drop).map_err(std::io::Error::other),
+    }
 }
 
 #[cfg(test)]

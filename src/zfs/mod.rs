@@ -141,6 +141,33 @@ impl Zfs {
         Ok(parse::user_properties(&text)?.remove(name).unwrap_or_default())
     }
 
+    /// The given user properties of every snapshot of `dataset` (not of its children), only
+    /// where they are set on the snapshot itself (`local`) or arrived with it (`received`):
+    /// never a value inherited from the dataset, which anyone may have set.
+    pub async fn local_snapshot_properties(
+        &self,
+        dataset: &Dataset,
+        props: &[PropName],
+    ) -> Result<BTreeMap<String, BTreeMap<PropName, String>>, ZfsError> {
+        let names: Vec<&str> = props.iter().map(PropName::as_str).collect();
+        let args = zargs![
+            "get",
+            "-H",
+            "-p",
+            "-d",
+            "1",
+            "-t",
+            "snapshot",
+            "-s",
+            "local,received",
+            "-o",
+            "name,property,value,source",
+            names.join(","),
+            dataset.as_str()
+        ];
+        Ok(parse::user_properties(&self.cli.zfs(args).await?)?)
+    }
+
     /// Sets a user property on a dataset or snapshot.
     pub async fn set_property(&self, name: &str, prop: &PropName, value: &str) -> Result<(), ZfsError> {
         self.cli.zfs(zargs!["set", format!("{prop}={value}"), name]).await?;

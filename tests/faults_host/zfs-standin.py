@@ -79,6 +79,14 @@ def main(argv):
         for n in names:
             snaps[n] = {"createtxg": state["txg"], "creation": int(time.time()), "guid": state["txg"] * 7919, "props": dict(props)}
         save()
+    elif cmd == "get" and "-t" in args:
+        # get -H -p -d 1 -t snapshot -s local,received -o name,property,value,source PROPS DATASET
+        wanted = args[-2].split(",")
+        for name, s in sorted(snaps.items(), key=lambda kv: kv[1]["createtxg"]):
+            if name.startswith(args[-1] + "@"):
+                for k, v in s["props"].items():
+                    if k in wanted:
+                        print(f"{name}\t{k}\t{v}\tlocal")
     elif cmd == "get":
         name = args[-1]
         if name not in snaps:
