@@ -735,6 +735,66 @@ fn stopped_only_when_known_down() -> Result<(), Failed> {
     res
 }
 
+/// Things planted in the VM's dataset where vmsnap saves the domain XML (`.vmsnap/<domain>/`),
+/// and a FIFO as the XML source: refused with a clear error, never followed, never blocking;
+/// a symlink at the final name is replaced, its target untouched.
+fn planted_files_are_refused() -> Result<(), Failed> {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    let xml = lab.path("domain.xml");
+    std::fs::write(&xml, "<domain type='qemu'><name>withxml</name></domain>\n")?;
+    let m = &lab.vm.machine;
+    let extra = format!(
+        "\n[domain.withxml]\nqmp = \"{}\"\nqga = \"{}\"\nxml = \"{}\"\n",
+        m.qmp_path.display(),
+        m.qga_path.display(),
+        xml.display()
+    );
+    std::fs::write(lab.config(), std::fs::read_to_string(lab.config())? + &extra)?;
+    let saved = lab.path("disks/.vmsnap");
+    let target = lab.path("elsewhere");
+    std::fs::create_dir_all(&target)?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
+    let snap = || lab.vmsnap(&["snapshot", "withxml", "--label", &label()], &[]);
+    let refused = |out: &Output, why: &str| {
+        check(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(why), format!("refused ({why}): {}", text(out)))
+    };
+    let res = (|| {
+        symlink(&target, &saved)?;
+        refused(&snap(), "symbolic link")?;
+        check(std::fs::read_dir(&target)?.count() == 0, "nothing written through the symlink")?;
+        check(std::fs::metadata(&target)?.permissions().mode() & 0o777 == 0o755, "the symlink's target not chmodded")?;
+        std::fs::remove_file(&saved)?;
+        std::fs::create_dir(&saved)?;
+        nix::unistd::mkfifo(&saved.join("withxml"), nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+        refused(&snap(), "not a directory")?;
+        std::fs::remove_file(saved.join("withxml"))?;
+        // A symlink where the saved XML goes: replaced by the new file, its target untouched.
+        std::fs::create_dir(saved.join("withxml"))?;
+        let victim = target.join("victim");
+        std::fs::write(&victim, "precious")?;
+        symlink(&victim, saved.join("withxml/domain.xml"))?;
+        let out = snap();
+        check(out.status.success(), text(&out))?;
+        check(std::fs::read_to_string(&victim)? == "precious", "the symlink's target was written")?;
+        check(std::fs::read_to_string(saved.join("withxml/domain.xml"))?.contains("withxml"), "the XML is saved")?;
+        // A FIFO as the XML source does not block the snapshot.
+        std::fs::remove_file(&xml)?;
+        nix::unistd::mkfifo(&xml, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+        let t = Instant::now();
+        refused(&snap(), "not a regular file")?;
+        check(t.elapsed() < Duration::from_secs(20), "the FIFO blocked vmsnap")?;
+        assert_invariants(lab, true)
+    })();
+    let _ = std::fs::remove_file(&saved);
+    let _ = std::fs::remove_dir_all(&saved);
+    let _ = std::fs::remove_file(&xml);
+    lab.write_config("");
+    lab.reset_snapshots();
+    res
+}
+
 /// The overlay directory fills up while the guest runs on its overlay: QEMU stops the VM on the
 /// I/O error, vmsnap merges the overlay and resumes it, and the guest's data is whole.
 fn full_overlay_directory() -> Result<(), Failed> {
@@ -840,6 +900,7 @@ fn main() {
         ("cli_through_the_daemon_returns_the_jobs_result", cli_through_the_daemon_returns),
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
         ("stopped_only_when_known_down", stopped_only_when_known_down),
+        ("planted_files_are_refused", planted_files_are_refused),
         // Last: it kills and restarts QEMU.
         ("qemu_killed_on_the_overlay_keeps_the_guests_writes", qemu_killed_on_the_overlay),
     ];
