@@ -10,13 +10,13 @@
 //! The chardev serves one client at a time: a second connection is accepted but hears nothing, so
 //! it looks exactly like an agent that is not running ([`QgaError::AgentNotRunning`]).
 
-use super::{ErrorClass, WireError};
+use super::{abridge, read_bounded, ErrorClass, WireError, QGA_LINE_MAX};
 use qapi::qga;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::time::{timeout_at, Instant};
 
@@ -61,6 +61,8 @@ pub enum QgaError {
     Command { command: String, class: ErrorClass, desc: String },
     #[error("guest agent closed the channel during {command}")]
     Disconnected { command: String },
+    #[error("the guest agent sent a line of {bytes} bytes during {command} (at most {QGA_LINE_MAX} are read): dropped")]
+    LineTooLong { command: String, bytes: usize },
     #[error("unexpected guest-agent reply to {command}: {detail}")]
     UnexpectedReply { command: String, detail: String },
     #[error("I/O error on the guest-agent socket during {command}")]
@@ -158,24 +160,31 @@ impl Qga {
             .map_err(|source| QgaError::Io { command: "guest-sync-delimited".into(), source })?;
         loop {
             // Everything before the sentinel is stale output or the parse error caused by 0xFF.
+            // Only the first 256 bytes of what is skipped are kept (for the debug log).
             let mut skipped = Vec::new();
-            let n = timeout_at(deadline, self.stream.read_until(0xFF, &mut skipped))
+            let (n, found) = timeout_at(deadline, read_bounded(&mut self.stream, 0xFF, 256, &mut skipped))
                 .await
                 .map_err(|_| not_running())?
                 .map_err(|source| QgaError::Io { command: "guest-sync-delimited".into(), source })?;
-            if n == 0 || skipped.last() != Some(&0xFF) {
+            if !found {
                 return Err(QgaError::Disconnected { command: "guest-sync-delimited".into() });
             }
-            if skipped.len() > 1 {
-                tracing::debug!(skipped = %String::from_utf8_lossy(&skipped[..skipped.len() - 1]).trim(), "QGA: discarded before sync");
+            if n > 1 {
+                let shown = String::from_utf8_lossy(&skipped[..skipped.len().min(n) - 1]).into_owned();
+                tracing::debug!(skipped = %abridge(shown.trim(), 200), bytes = n - 1, "QGA: discarded before sync");
             }
-            let line = timeout_at(deadline, self.read_line("guest-sync-delimited")).await.map_err(|_| not_running())??;
+            let line = match timeout_at(deadline, self.read_line("guest-sync-delimited")).await.map_err(|_| not_running())? {
+                Ok(l) => l,
+                // An overlong line after a sentinel is not our answer: look for the next one.
+                Err(QgaError::LineTooLong { .. }) => continue,
+                Err(e) => return Err(e),
+            };
             match parse_reply(&line) {
                 Some(Ok(v)) if v.as_i64() == Some(id) => {
                     self.in_step = true;
                     return Ok(());
                 }
-                _ => tracing::debug!(line = %line.trim(), "QGA: stale reply after sentinel"),
+                _ => tracing::debug!(line = %abridge(line.trim(), 200), "QGA: stale reply after sentinel"),
             }
         }
     }
@@ -225,16 +234,24 @@ impl Qga {
             return match parse_reply(text) {
                 Some(Ok(value)) => Ok(value),
                 Some(Err(err)) => Err(command_error(name, err)),
-                None => Err(QgaError::UnexpectedReply { command: name.into(), detail: text.to_owned() }),
+                None => Err(QgaError::UnexpectedReply { command: name.into(), detail: abridge(text, 200) }),
             };
         }
     }
 
+    /// One line, at most [`QGA_LINE_MAX`] bytes: a longer one is dropped as it arrives and
+    /// reported as [`QgaError::LineTooLong`] (the connection is then out of step and resyncs).
     async fn read_line(&mut self, command: &str) -> Result<String, QgaError> {
         let mut buf = Vec::new();
-        let n = self.stream.read_until(b'\n', &mut buf).await.map_err(|source| QgaError::Io { command: command.into(), source })?;
+        let (n, _) = read_bounded(&mut self.stream, b'\n', QGA_LINE_MAX, &mut buf)
+            .await
+            .map_err(|source| QgaError::Io { command: command.into(), source })?;
         if n == 0 {
             return Err(QgaError::Disconnected { command: command.into() });
+        }
+        if n > QGA_LINE_MAX {
+            self.in_step = false;
+            return Err(QgaError::LineTooLong { command: command.into(), bytes: n });
         }
         Ok(String::from_utf8_lossy(&buf).into_owned())
     }
@@ -343,7 +360,7 @@ fn command_error(name: &str, err: WireError) -> QgaError {
     if class == ErrorClass::CommandNotFound && err.desc.contains("frozen state") {
         return QgaError::AlreadyFrozen { command: name.to_owned() };
     }
-    QgaError::Command { command: name.to_owned(), class, desc: err.desc }
+    QgaError::Command { command: name.to_owned(), class, desc: abridge(&err.desc, 200) }
 }
 
 /// `Some(Ok(return))`, `Some(Err(error))`, or `None` when the line is not a reply.
@@ -359,7 +376,7 @@ fn parse_reply(line: &str) -> Option<Result<Value, WireError>> {
 
 fn decode<T: DeserializeOwned>(command: &str, value: Value) -> Result<T, QgaError> {
     serde_json::from_value(value.clone())
-        .map_err(|e| QgaError::UnexpectedReply { command: command.into(), detail: format!("{e}: {value}") })
+        .map_err(|e| QgaError::UnexpectedReply { command: command.into(), detail: abridge(&format!("{e}: {value}"), 200) })
 }
 
 fn random_u32() -> u32 {

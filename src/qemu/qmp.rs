@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
@@ -164,15 +164,17 @@ impl Qmp {
         let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
-        let mut line = String::new();
-        let n = timeout_at(deadline, reader.read_line(&mut line))
+        let mut bytes = Vec::new();
+        let (n, _) = timeout_at(deadline, super::read_bounded(&mut reader, b'\n', 64 << 10, &mut bytes))
             .await
             .map_err(|_| QmpError::Timeout { during: "greeting".into(), timeout })?
             .map_err(|source| QmpError::Io { during: "greeting".into(), source })?;
         if n == 0 {
             return Err(QmpError::Disconnected { during: "greeting".into() });
         }
-        let greeting: Greeting = serde_json::from_str(&line).map_err(|e| QmpError::Greeting(format!("{e}: {}", line.trim())))?;
+        let line = String::from_utf8_lossy(&bytes);
+        let greeting: Greeting =
+            serde_json::from_str(&line).map_err(|e| QmpError::Greeting(format!("{e}: {}", super::abridge(line.trim(), 200))))?;
         let version = QemuVersion {
             major: greeting.qmp.version.qemu.major,
             minor: greeting.qmp.version.qemu.minor,
@@ -357,11 +359,11 @@ pub(crate) fn classify(line: &str) -> Incoming {
 
 async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: std::sync::Weak<Shared>) {
     let fd = reader.get_ref().as_ref().as_raw_fd();
-    let mut line = String::new();
+    let mut buf = Vec::new();
     loop {
-        line.clear();
-        let n = match reader.read_line(&mut line).await {
-            Ok(n) => n,
+        buf.clear();
+        let n = match super::read_bounded(&mut reader, b'\n', super::QMP_LINE_MAX, &mut buf).await {
+            Ok((n, _)) => n,
             Err(e) => {
                 tracing::warn!(fd, error = %e, "QMP read failed");
                 0
@@ -376,6 +378,11 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: std::sync::Weak
             tracing::debug!(fd, "QMP socket closed");
             return;
         }
+        if n > super::QMP_LINE_MAX {
+            tracing::warn!(fd, bytes = n, "QMP line longer than {} bytes dropped", super::QMP_LINE_MAX);
+            continue;
+        }
+        let line = String::from_utf8_lossy(&buf);
         match classify(line.trim_end()) {
             Incoming::Reply { id, reply } => {
                 let waiter = shared.pending.lock().expect("pending lock").remove(&id);
@@ -392,7 +399,7 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: std::sync::Weak
                     let _ = tx.send(Arc::new(event));
                 }
             }
-            Incoming::Stray(text) => tracing::warn!(line = %text, "unexpected line on QMP socket"),
+            Incoming::Stray(text) => tracing::warn!(line = %super::abridge(&text, 200), "unexpected line on QMP socket"),
         }
     }
 }
