@@ -87,6 +87,20 @@ pub(super) async fn require_root(conn: &zbus::Connection, hdr: &zbus::message::H
     Err(VmsnapError::NotAuthorized(format!("{method} changes snapshots or domains and needs root; the caller is uid {uid}, and {why}")))
 }
 
+/// Methods that make root connect to sockets and read files the caller names: root only, never
+/// polkit's grant (the libvirt hook, their one legitimate caller, runs as root).
+async fn require_uid0(conn: &zbus::Connection, hdr: &zbus::message::Header<'_>, method: &str) -> Result<(), VmsnapError> {
+    let uid = caller_uid(conn, hdr).await?;
+    if uid == 0 {
+        return Ok(());
+    }
+    Err(VmsnapError::NotAuthorized(format!(
+        "{method} needs root: it makes vmsnap connect to the sockets and copy the files it names, so only root may \
+         call it (polkit's {} does not cover it); the caller is uid {uid}",
+        polkit::ACTION
+    )))
+}
+
 /// `Snapshot` options: `memory` (s: "", "background", "precopy"), `strategy` (s: "overlay",
 /// "direct"), `quiesce` (b), `label` (s). Anything else is refused.
 fn parse_options(options: &HashMap<String, OwnedValue>, defaults: &DomainConfig) -> Result<SnapshotOptions, VmsnapError> {
@@ -263,7 +277,7 @@ impl Agent {
     }
 
     /// Registers a domain (the libvirt hook calls this on `started`/`reconnect`). Empty
-    /// strings mean "none". Root only.
+    /// strings mean "none". Root only (uid 0; polkit cannot grant it).
     #[allow(clippy::too_many_arguments)]
     async fn register_domain(
         &self,
@@ -278,7 +292,7 @@ impl Agent {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(), VmsnapError> {
-        require_root(conn, &hdr, "RegisterDomain").await?;
+        require_uid0(conn, &hdr, "RegisterDomain").await?;
         let registry = self.registry();
         let mut r = Registration {
             name: name.to_owned(),
