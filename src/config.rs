@@ -46,6 +46,8 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("no domain named {name:?} in {path} (known: {known})")]
     NoSuchDomain { name: String, path: PathBuf, known: String },
+    #[error("nothing to do: {path} configures no domain and none is registered (add a [domain.NAME] table, or install the libvirt hook with `vmsnap setup`)")]
+    NothingConfigured { path: PathBuf },
 }
 
 /// How a snapshot stays consistent when the guest agent is missing or the freeze fails.

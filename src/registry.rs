@@ -188,7 +188,9 @@ pub fn all_domains(cfg: &Config, registry: &Registry) -> Vec<DomainConfig> {
 /// [`ConfigError::NoSuchDomain`] listing the known domains.
 pub fn select(cfg: &Config, only: Option<&str>) -> Result<Vec<DomainConfig>, crate::config::ConfigError> {
     let all = all_domains(cfg, &Registry::new(&cfg.state_dir));
-    let Some(name) = only else { return Ok(all) };
+    let Some(name) = only else {
+        return if all.is_empty() { Err(crate::config::ConfigError::NothingConfigured { path: cfg.path.clone() }) } else { Ok(all) };
+    };
     match all.iter().find(|d| d.name == name) {
         Some(d) => Ok(vec![d.clone()]),
         None => Err(crate::config::ConfigError::NoSuchDomain {

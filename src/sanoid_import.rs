@@ -133,10 +133,20 @@ fn policy_lines(section: &Section, path: &str, notes: &mut Vec<String>) -> Resul
 
 /// Translates `text` (sanoid.conf, read from `path`) for `domains`, each with the datasets of
 /// its disks. Returns the TOML text and the notes (unknown keys, unmatched sections).
-pub fn translate(text: &str, path: &str, domains: &[(&DomainConfig, Vec<String>)]) -> Result<(String, Vec<String>), ImportError> {
+/// `current` is the vmsnap config being replaced: its top-level keys (directories, limits,
+/// deadlines) carry over as they are.
+pub fn translate(
+    text: &str,
+    path: &str,
+    current: Option<&crate::config::Config>,
+    domains: &[(&DomainConfig, Vec<String>)],
+) -> Result<(String, Vec<String>), ImportError> {
     let sections = parse_ini(text, path)?;
     let mut notes = Vec::new();
     let mut out = format!("# vmsnap configuration imported from {path} by `vmsnap import-sanoid`\n");
+    if let Some(c) = current {
+        write_top_level(&mut out, c);
+    }
     let mut datasets: Vec<(&Section, Vec<String>, bool)> = Vec::new();
     for s in &sections {
         let (lines, recursive) = policy_lines(s, path, &mut notes)?;
@@ -177,6 +187,22 @@ pub fn translate(text: &str, path: &str, domains: &[(&DomainConfig, Vec<String>)
         }
     }
     Ok((out, notes))
+}
+
+/// The current config's top-level keys, so the imported file keeps its directories and limits.
+fn write_top_level(out: &mut String, c: &crate::config::Config) {
+    let q = |p: &std::path::Path| format!("{:?}", p.display().to_string());
+    let _ = writeln!(out, "# carried over from {}", c.path.display());
+    let _ = writeln!(out, "state_dir = {}", q(&c.state_dir));
+    let _ = writeln!(out, "overlay_dir = {}", q(&c.overlay_dir));
+    let _ = writeln!(out, "ram_dir = {}", q(&c.ram_dir));
+    if let Some(m) = &c.metrics_file {
+        let _ = writeln!(out, "metrics_file = {}", q(m));
+    }
+    let _ = writeln!(out, "max_parallel = {}", c.max_parallel);
+    let _ = writeln!(out, "require_quiesce = {}", c.require_quiesce);
+    let _ = writeln!(out, "freeze_timeout = {}", c.freeze_timeout.as_secs());
+    let _ = writeln!(out, "window_timeout = {}", c.window_timeout.as_secs());
 }
 
 /// The domain's own keys (where it is), as the current config has them.
@@ -269,7 +295,7 @@ mod tests {
     #[test]
     fn templates_datasets_and_unknown_keys() {
         let cfg = Config::parse(
-            "[domain.web]\nqmp = \"/run/web.qmp\"\ndisks = [\"/tank/vms/web/root.qcow2\"]\n[domain.db]\nqmp = \"/run/db.qmp\"\n[domain.lab]\nqmp = \"/run/lab.qmp\"\n",
+            "state_dir = \"/srv/vmsnap\"\nram_dir = \"/cheap/ram\"\nmax_parallel = 3\nwindow_timeout = 20\n[domain.web]\nqmp = \"/run/web.qmp\"\ndisks = [\"/tank/vms/web/root.qcow2\"]\n[domain.db]\nqmp = \"/run/db.qmp\"\n[domain.lab]\nqmp = \"/run/lab.qmp\"\n",
             Path::new("/etc/vmsnap/vmsnap.toml"),
         )
         .unwrap();
@@ -278,7 +304,7 @@ mod tests {
             (cfg.domain("db").unwrap(), vec!["tank/vms/db".to_owned()]),
             (cfg.domain("lab").unwrap(), vec!["scratch/lab".to_owned()]),
         ];
-        let (text, notes) = translate(SANOID, "/etc/sanoid/sanoid.conf", &doms).unwrap();
+        let (text, notes) = translate(SANOID, "/etc/sanoid/sanoid.conf", Some(&cfg), &doms).unwrap();
         // The output is a valid vmsnap config with the same policies.
         let back = Config::parse(&text, Path::new("imported.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let web = &back.domain("web").unwrap().policy;
@@ -287,6 +313,9 @@ mod tests {
         let db = &back.domain("db").unwrap().policy;
         assert_eq!((db.keep.get(Period::Hourly), db.keep.get(Period::Daily)), (72, 7));
         assert_eq!(back.domain("web").unwrap().disks, cfg.domain("web").unwrap().disks);
+        // The current config's top-level keys carry over.
+        assert_eq!((back.state_dir.as_path(), back.ram_dir.as_path()), (Path::new("/srv/vmsnap"), Path::new("/cheap/ram")));
+        assert_eq!((back.overlay_dir, back.max_parallel, back.window_timeout.as_secs()), (cfg.overlay_dir.clone(), 3, 20));
         let all = notes.join("\n");
         assert!(all.contains("capacity_crit") && all.contains("process_children_only"), "{all}");
         assert!(all.contains("[tank/backup]: no vmsnap domain"), "{all}");
@@ -296,9 +325,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_line() {
-        let e = translate("[tank/x]\nhourly = many\n", "s.conf", &[]).unwrap_err().to_string();
+        let e = translate("[tank/x]\nhourly = many\n", "s.conf", None, &[]).unwrap_err().to_string();
         assert!(e.contains("s.conf line 2") && e.contains("hourly"), "{e}");
-        let e = translate("hourly = 1\n", "s.conf", &[]).unwrap_err().to_string();
+        let e = translate("hourly = 1\n", "s.conf", None, &[]).unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
     }
 }

@@ -83,3 +83,16 @@ fn a_long_label_is_refused_before_anything_is_touched() {
     }
     assert!(!dir.path().join("state").exists(), "nothing is created for a refused label");
 }
+
+#[test]
+fn an_empty_config_says_there_is_nothing_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vmsnap.toml");
+    std::fs::write(&cfg, format!("state_dir = \"{}\"\n", dir.path().join("state").display())).unwrap();
+    for cmd in ["list", "prune"] {
+        let out = vmsnap(&[os(cmd)], &cfg, b"");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(err.contains("configures no domain") && err.contains("vmsnap.toml"), "{cmd}: {err}");
+    }
+}

@@ -21,7 +21,7 @@ pub async fn run(config: &std::path::Path, sanoid_conf: &std::path::Path, zfs: &
             .collect();
         domains.push((dom, on));
     }
-    let (out, notes) = vmsnap::sanoid_import::translate(&text, &sanoid_conf.display().to_string(), &domains)?;
+    let (out, notes) = vmsnap::sanoid_import::translate(&text, &sanoid_conf.display().to_string(), cfg.as_ref(), &domains)?;
     print!("{out}");
     for n in notes {
         eprintln!("note: {n}");
