@@ -181,10 +181,18 @@ async fn job(cfg: &Config, dom: &DomainConfig, zfs: &Zfs, due: BTreeSet<Period>,
         name_at: Some(at),
         ..SnapshotOptions::default()
     };
+    // Like sanoid, scripts are told dataset names (the datasets under the domain's disks).
+    let targets: Vec<String> = match crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await {
+        Ok(by_pool) => by_pool.into_values().flatten().map(|d| d.to_string()).collect(),
+        Err(e) => {
+            tracing::warn!(domain = %dom.name, "scripts get no SANOID_TARGETS: {e}");
+            Vec::new()
+        }
+    };
     let env = |script: &'static str| ScriptEnv {
         domain: dom.name.clone(),
         script,
-        targets: dom.disks.iter().map(|d| d.display().to_string()).collect(),
+        targets: targets.clone(),
         snapnames: vec![name.clone()],
         types: periods.iter().map(|p| p.as_str().to_owned()).collect(),
     };

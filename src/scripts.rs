@@ -48,12 +48,19 @@ impl ScriptEnv {
 /// Runs `path` with `env`; its stdout goes to the log, a non-zero exit or a timeout is an error.
 pub async fn run(path: &Path, env: &ScriptEnv, timeout: Duration) -> Result<(), ScriptError> {
     let mut cmd = tokio::process::Command::new(path);
-    cmd.envs(env.vars()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    // Its own process group: a timeout kills whatever the script started too (a child left
+    // holding its output pipe would otherwise outlive it).
+    cmd.envs(env.vars()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
     let child = cmd.spawn().map_err(|source| ScriptError::Spawn { path: path.to_owned(), source })?;
+    let group = child.id().and_then(|p| i32::try_from(p).ok()).map(nix::unistd::Pid::from_raw);
     let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(r) => r.map_err(|source| ScriptError::Spawn { path: path.to_owned(), source })?,
-        // Dropping the future drops the child: kill_on_drop kills it.
-        Err(_) => return Err(ScriptError::Timeout { path: path.to_owned(), timeout }),
+        Err(_) => {
+            if let Some(g) = group {
+                let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
+            }
+            return Err(ScriptError::Timeout { path: path.to_owned(), timeout });
+        }
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !stdout.trim().is_empty() {
@@ -110,5 +117,27 @@ mod tests {
         let t = std::time::Instant::now();
         let e = run(&p, &env, Duration::from_millis(300)).await.unwrap_err();
         assert!(matches!(e, ScriptError::Timeout { .. }) && t.elapsed() < Duration::from_secs(10), "{e}");
+    }
+
+    /// A script that started a child holding its output pipe: the timeout kills the whole group.
+    #[tokio::test]
+    async fn a_timeout_kills_what_the_script_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("child.pid");
+        let p = script(dir.path(), &format!("sleep 60 & echo $! > {}; wait", pid_file.display()));
+        let e = run(&p, &ScriptEnv::default(), Duration::from_millis(500)).await.unwrap_err();
+        assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
+        let child: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let mut gone = false;
+        for _ in 0..50 {
+            // Gone, or a zombie of an init that has not reaped it yet.
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            if stat.is_empty() || crate::qemu::process::state(&stat) == Some('Z') {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone, "the script's child {child} outlived the timeout");
     }
 }
