@@ -111,7 +111,10 @@ fn stop(daemon: &mut Daemon) -> Result<(), Failed> {
 pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
     check(GUEST.lock().unwrap().is_some(), "no running guest (the RAM resume case did not leave one)")?;
     // The user's scripts: each call appends what sanoid's variables said.
-    std::fs::write(SCRIPT, format!("#!/bin/sh\necho \"$SANOID_SCRIPT $VMSNAP_DOMAIN $SANOID_SNAPNAME $SANOID_TYPES\" >> {SCRIPT_LOG}\n"))?;
+    std::fs::write(
+        SCRIPT,
+        format!("#!/bin/sh\necho \"$SANOID_SCRIPT $VMSNAP_DOMAIN $SANOID_SNAPNAME $SANOID_TYPES $SANOID_TARGETS\" >> {SCRIPT_LOG}\n"),
+    )?;
     sh(&format!("chmod 755 {SCRIPT} && rm -f {SCRIPT_LOG}"));
     std::fs::write(SCHED_CONFIG, config(GUEST.lock().unwrap().as_ref().unwrap(), true))?;
     let mut daemon = spawn_daemon(std::fs::File::create(LOG)?)?;
@@ -147,6 +150,11 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
         check(scripts.contains(&format!("pre sched {} frequently", s.0)), format!("no pre script for {}: {scripts}", s.0))?;
         check(scripts.contains(&format!("post sched {} frequently", s.0)), format!("no post script for {}: {scripts}", s.0))?;
     }
+    // Like sanoid's, the targets are the datasets (the guest's qcow2 filesystem and its zvol).
+    check(
+        scripts.lines().all(|l| l.contains(" tank/restore") && !l.contains("/dev/") && !l.contains(".qcow2")),
+        format!("SANOID_TARGETS are datasets: {scripts}"),
+    )?;
     let gone = seen.iter().find(|s| !now.iter().any(|n| n.0 == s.0)).expect("one was pruned");
     check(scripts.contains(&format!("prune sched {} frequently", gone.0)), format!("no pruning script for {}: {scripts}", gone.0))?;
     let metrics = std::fs::read_to_string(METRICS)?;
