@@ -290,6 +290,10 @@ fn direct_snapshot() -> Result<(), Failed> {
     let r = snapshot_json(&["--strategy", "direct"])?;
     eprintln!("METRIC direct report: {r}");
     check(r["consistency"] == "app" && r["strategy"] == "direct", format!("{r}"))?;
+    // The window closes after the snapshot: its length is recorded once the guest is thawed.
+    let name = r["name"].as_str().unwrap();
+    let freeze = sh(&format!("zfs get -H -o value vmsnap:freeze-ms {FS}@{name}"));
+    check(freeze.trim().parse::<f64>().is_ok(), format!("vmsnap:freeze-ms of a direct snapshot: {freeze:?}"))?;
     assert_clean()?;
     verify_snapshot(r["name"].as_str().unwrap())
 }

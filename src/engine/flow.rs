@@ -235,6 +235,21 @@ impl Run<'_> {
             self.report.freeze_ms = Some(ms(window.elapsed()));
         }
         self.timed(if frozen { "frozen window" } else { "window" }, window);
+        if self.opts.strategy == Strategy::Direct {
+            // The snapshot was taken inside the window, before its length was known.
+            let mut props = BTreeMap::new();
+            if let Some(f) = self.report.freeze_ms {
+                props.insert(PropName::new(naming::FREEZE_MS).expect("valid"), format!("{f:.1}"));
+            }
+            if let Some(p) = self.report.pause_ms {
+                props.insert(PropName::new(naming::PAUSE_MS).expect("valid"), format!("{p:.1}"));
+            }
+            if !props.is_empty() {
+                for snap in self.report.snapshots.clone() {
+                    self.zfs.set_properties(&snap, &props).await.at("record the window")?;
+                }
+            }
+        }
         Ok(consistency)
     }
 
