@@ -366,7 +366,8 @@ pub fn parse_age(s: &str) -> Option<u64> {
         "w" => 7 * 86_400,
         _ => return None,
     };
-    Some(n * mult)
+    // An age too large to count in seconds is not an age.
+    n.checked_mul(mult)
 }
 
 #[cfg(test)]
@@ -415,6 +416,8 @@ mod tests {
     fn ages() {
         assert_eq!(parse_age("90m"), Some(5400));
         assert_eq!(parse_age("32d"), Some(32 * 86_400));
+        assert_eq!(parse_age("18446744073709551615w"), None);
+        assert_eq!(parse_age("99999999999999999999999d"), None);
         assert_eq!(parse_age("0"), Some(0));
         assert_eq!(parse_age("1y"), None);
     }

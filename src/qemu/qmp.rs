@@ -341,7 +341,7 @@ pub(crate) fn classify(line: &str) -> Incoming {
         let secs = ts.and_then(|t| t.get("seconds")).and_then(Value::as_u64).unwrap_or(0);
         let micros = ts.and_then(|t| t.get("microseconds")).and_then(Value::as_u64).unwrap_or(0);
         let data = obj.remove("data").unwrap_or(Value::Null);
-        return Incoming::Event(Event { name, data, timestamp_us: secs * 1_000_000 + micros });
+        return Incoming::Event(Event { name, data, timestamp_us: secs.saturating_mul(1_000_000).saturating_add(micros) });
     }
     let Some(id) = obj.get("id").and_then(Value::as_u64) else {
         return Incoming::Stray(line.to_owned());
