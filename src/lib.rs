@@ -42,3 +42,6 @@ pub mod scripts;
 pub mod setup;
 pub mod status;
 pub mod zfs;
+
+#[cfg(test)]
+mod parser_properties;

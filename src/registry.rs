@@ -128,7 +128,8 @@ impl Registry {
         let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
         paths.sort();
         for p in paths {
-            match std::fs::read(&p)
+            // A registration is a few hundred bytes: anything far bigger, or not a regular file, is refused.
+            match crate::fsutil::read_limited(&p, 1 << 20)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<Registration>(&b).map_err(|e| e.to_string()))
             {

@@ -364,7 +364,7 @@ fn command_error(name: &str, err: WireError) -> QgaError {
 }
 
 /// `Some(Ok(return))`, `Some(Err(error))`, or `None` when the line is not a reply.
-fn parse_reply(line: &str) -> Option<Result<Value, WireError>> {
+pub(crate) fn parse_reply(line: &str) -> Option<Result<Value, WireError>> {
     let Value::Object(mut obj) = serde_json::from_str::<Value>(line.trim()).ok()? else {
         return None;
     };
