@@ -4,8 +4,6 @@
 //! take effect at the domain's next start. Never behind libvirt's back: only through virsh.
 
 use anyhow::{bail, Context, Result};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use vmsnap::config::{valid_domain_name, Config};
 use vmsnap::enroll::{enroll_xml, is_enrolled};
@@ -26,9 +24,7 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         vmsnap::engine::journal::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
+    vmsnap::fsutil::write_atomic(path, text.as_bytes(), 0o600)?;
     Ok(())
 }
 
@@ -46,7 +42,8 @@ pub fn enroll(cfg: &Config, domain: &str) -> Result<()> {
     if !backup.exists() {
         write_private(&backup, &xml)?;
     }
-    let new = backup.with_extension("enrolled.xml");
+    // A leading '.' no domain name has: it cannot be another domain's saved definition.
+    let new = backup.with_file_name(format!(".{domain}.enrolled.xml"));
     write_private(&new, &e.xml)?;
     virsh(&["define", &new.display().to_string()])?;
     let _ = std::fs::remove_file(&new);
