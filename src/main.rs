@@ -167,7 +167,9 @@ fn main() {
         }
         Err(e) => e.exit(),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    // Two workers: one domain's blocking step (a checksum, a fsync) never holds up another
+    // domain's frozen window, D-Bus or the hook.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("vmsnap: error: {e:#}");
         if let Some(hint) = e.downcast_ref::<engine::EngineError>().and_then(engine::EngineError::hint) {

@@ -861,6 +861,41 @@ done; done"#;
     res
 }
 
+/// SIGINT (Ctrl-C) and SIGTERM to `vmsnap snapshot --local` while the guest is frozen (direct,
+/// with a `zfs snapshot` that takes 10 s): vmsnap undoes before it exits, the guest is thawed
+/// and no journal is left.
+fn interrupted_mid_freeze() -> Result<(), Failed> {
+    let guard = LAB.lock().unwrap();
+    let lab = guard.as_ref().unwrap();
+    for sig in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+        let child = lab
+            .vmsnap_cmd(
+                &["snapshot", DOMAIN, "--local", "--strategy", "direct", "--label", &label()],
+                &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "10")],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let journal = lab.path("state/journal").join(format!("{DOMAIN}.json"));
+        let t = Instant::now();
+        // Frozen once the journal says freeze_started and the zfs call has begun.
+        while !std::fs::read_to_string(&journal).unwrap_or_default().contains("zfs_snapshot_started") {
+            check(t.elapsed() < Duration::from_secs(30), "the snapshot never reached its window")?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig)?;
+        let out = child.wait_with_output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{sig}: {err}");
+        check(!out.status.success() && err.contains("interrupted") && err.contains("thawed"), format!("{sig}: {}", text(&out)))?;
+        check(t.elapsed() < Duration::from_secs(9), format!("{sig}: vmsnap waited for the hung zfs"))?;
+        assert_invariants(lab, true).map_err(|e| format!("{sig}: {}", e.message().unwrap_or_default()))?;
+        lab.reset_snapshots();
+    }
+    Ok(())
+}
+
 /// The overlay directory fills up while the guest runs on its overlay: QEMU stops the VM on the
 /// I/O error, vmsnap merges the overlay and resumes it, and the guest's data is whole.
 fn full_overlay_directory() -> Result<(), Failed> {
@@ -967,6 +1002,7 @@ fn main() {
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
         ("stopped_only_when_known_down", stopped_only_when_known_down),
         ("planted_files_are_refused", planted_files_are_refused),
+        ("interrupted_mid_freeze_thaws_before_exit", interrupted_mid_freeze),
         // These two kill and restart QEMU.
         ("hostile_agent_port_costs_no_memory", hostile_agent_port),
         ("qemu_killed_on_the_overlay_keeps_the_guests_writes", qemu_killed_on_the_overlay),

@@ -114,7 +114,34 @@ async fn in_process(cfg: &Config, zfs: &Zfs, a: Args) -> Result<()> {
             eprintln!("  {step}");
         }
     };
-    let report = engine::snapshot(cfg, dom, &opts, zfs, &progress).await?;
+    // Ctrl-C or SIGTERM mid-step: stop the engine where it is and undo through its journal
+    // (thaw, resume, cancel the dump, merge the overlays) before exiting; further signals are
+    // ignored until then.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        r = engine::snapshot(cfg, dom, &opts, zfs, &progress) => Some(r),
+        _ = int.recv() => None,
+        _ = term.recv() => None,
+    };
+    let report = match outcome {
+        Some(r) => r?,
+        None => {
+            eprintln!("vmsnap: interrupted: undoing the snapshot of {} before exiting", dom.name);
+            let _lock = engine::lock::DomainLock::acquire(&cfg.state_dir, &dom.name)?;
+            let journal = engine::journal::Journal::dir(&cfg.state_dir).join(format!("{}.json", dom.name));
+            if journal.exists() {
+                let r = engine::recover::recover_journal(&journal, engine::recover::Places::of(cfg), zfs)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("interrupted, and undoing failed (run `vmsnap recover`): {e}"))?;
+                for a in &r.actions {
+                    eprintln!("  {a}");
+                }
+            }
+            anyhow::bail!("interrupted; the snapshot of {} was undone", dom.name);
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -325,7 +325,14 @@ impl Run<'_> {
         self.timed("save RAM", t);
         self.report.pause_ms = ram::paused_ms(&mut pauses).await;
         let t = Instant::now();
-        let sha256 = ram::sha256_file(&path).at("checksum RAM dump")?;
+        // Hashing gigabytes is blocking work: off the async threads (other domains' windows,
+        // D-Bus and the hook go on meanwhile).
+        let to_hash = path.clone();
+        let sha256 = tokio::task::spawn_blocking(move || ram::sha256_file(&to_hash))
+            .await
+            .map_err(|e| StepError::Refused(format!("checksum task: {e}")))
+            .at("checksum RAM dump")?
+            .at("checksum RAM dump")?;
         self.timed("checksum RAM dump", t);
         self.record(Record::RamDumpDone { path: path.clone(), sha256: sha256.clone() }).await?;
         self.report.ram_dump = Some(path);
@@ -403,7 +410,7 @@ impl Run<'_> {
         // Journaled before any file exists, so a crash in the middle removes what was made.
         self.record(Record::OverlaysCreated { overlays: overlays.clone() }).await?;
         for (ov, disk) in overlays.iter().zip(disks) {
-            make_overlay_file(&ov.path, disk).at("create overlays")?;
+            make_overlay_file(&ov.path, disk).await.at("create overlays")?;
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -592,13 +599,15 @@ impl Run<'_> {
 
 /// `qemu-img create` of an overlay whose backing is `disk` (vmsnap never attaches it through the
 /// header: `blockdev-snapshot` links the live node, `-u` spares opening the backing here).
-fn make_overlay_file(path: &Path, disk: &LiveDisk) -> Result<(), StepError> {
-    let out = std::process::Command::new("qemu-img")
+async fn make_overlay_file(path: &Path, disk: &LiveDisk) -> Result<(), StepError> {
+    let out = tokio::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-u", "-F", &disk.format, "-b"])
         .arg(&disk.path)
         .arg(path)
         .arg(disk.virtual_size.to_string())
+        .stdin(std::process::Stdio::null())
         .output()
+        .await
         .map_err(|source| StepError::Io { what: "running qemu-img".into(), source })?;
     if !out.status.success() {
         return Err(StepError::Refused(format!("qemu-img create {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim())));
