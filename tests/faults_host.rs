@@ -32,6 +32,11 @@ struct Lab {
 
 static LAB: Mutex<Option<Lab>> = Mutex::new(None);
 
+/// The lab, even after a case panicked holding it: one failure must not fail every later case.
+fn lab_lock() -> std::sync::MutexGuard<'static, Option<Lab>> {
+    LAB.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Lab {
     fn boot() -> Self {
         let root = tempfile::Builder::new().prefix("vmsnap-faults").tempdir().unwrap();
@@ -328,7 +333,7 @@ fn observer_exec(lab: &Lab, cmd: &str) {
 /// Every variant, killed before and after each of its records, then `vmsnap recover`; every
 /// third interrupted round, `vmsnap recover` is itself killed at a random moment first.
 fn matrix(v: &Variant) -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     lab.write_config("");
     // A clean run first: the variant's records are the ones listed.
@@ -440,7 +445,7 @@ fn start_freeze_proxy(upstream: PathBuf, listen: PathBuf, hold: Duration) -> tok
 /// required quiesce refuses; either way the guest is thawed (before the fix it stayed frozen,
 /// and the journal said thawed).
 fn late_freeze_reply() -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     let proxy = lab.path("qga-proxy.sock");
     let _rt = start_freeze_proxy(lab.vm.machine.qga_path.clone(), proxy.clone(), Duration::from_secs(6));
@@ -470,7 +475,7 @@ fn late_freeze_reply() -> Result<(), Failed> {
 /// vmsnap's thaw times out, its undo keeps thawing on fresh connections until the agent answers
 /// (the snapshot fails: it was taken frozen, but the run could not confirm the thaw in time).
 fn agent_stopped_while_frozen() -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     // A write that does not finish within 0.3 s means the filesystem is frozen.
     let watcher = "while :; do (echo x > /mnt/vda/.probe) & p=$!; sleep 0.3; \
@@ -498,7 +503,7 @@ fn agent_stopped_while_frozen() -> Result<(), Failed> {
 /// Inside the frozen window `zfs snapshot` hangs: past `window_timeout` vmsnap kills it, thaws,
 /// and fails, naming the deadline.
 fn hung_zfs_in_the_window() -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     lab.write_config("window_timeout = 2");
     let t = Instant::now();
@@ -515,7 +520,7 @@ fn hung_zfs_in_the_window() -> Result<(), Failed> {
 /// A kill -9 of `vmsnap snapshot --memory` while QEMU streams the RAM (precopy and background),
 /// then `vmsnap recover`: the migration is cancelled, the VM runs, the partial dump is gone.
 fn kill_during_ram_dump() -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     let observer = lab.vm.machine.observer_path.clone();
     for mode in ["precopy", "background"] {
@@ -594,7 +599,7 @@ fn busctl(address: &str, args: &[&str]) -> (bool, String) {
 /// and exit status, for a success and for a failure (before the fix it waited forever: its
 /// proxy cached the job's `running` state).
 fn cli_through_the_daemon_returns() -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     let (address, _bus, _daemon) = start_daemon(lab)?;
     let run = |args: &[&str]| {
@@ -633,7 +638,7 @@ fn cli_through_the_daemon_returns() -> Result<(), Failed> {
 /// D-Bus `Cancel` of a `Snapshot` job while QEMU streams the RAM (precopy, slowed to 2 MB/s so
 /// the dump lasts): the migration is cancelled, the VM runs, no dump is kept.
 fn dbus_cancel_during_a_dump() -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     let (address, _bus, _daemon) = start_daemon(lab)?;
     let busctl = |args: &[&str]| busctl(&address, args);
@@ -688,7 +693,7 @@ fn dbus_cancel_during_a_dump() -> Result<(), Failed> {
 /// no socket → `offline`; a stale socket (QEMU died) → `crash`; a socket vmsnap cannot reach,
 /// a disk some process holds, a disk that does not exist, or `--memory` → refused, nothing taken.
 fn stopped_only_when_known_down() -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     let disk = lab.path("disks/down.qcow2");
     let qmp = lab.path("down.qmp");
@@ -740,7 +745,7 @@ fn stopped_only_when_known_down() -> Result<(), Failed> {
 /// a symlink at the final name is replaced, its target untouched.
 fn planted_files_are_refused() -> Result<(), Failed> {
     use std::os::unix::fs::{symlink, PermissionsExt};
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     let xml = lab.path("domain.xml");
     std::fs::write(&xml, "<domain type='qemu'><name>withxml</name></domain>\n")?;
@@ -819,7 +824,7 @@ fn run_measured(lab: &Lab, args: &[&str]) -> (Output, u64, Duration) {
 /// cap, vmsnap kept the whole line: 1 GB of peak RSS in this test; 22 MB after.)
 /// The guest is rebooted afterwards.
 fn hostile_agent_port() -> Result<(), Failed> {
-    let mut guard = LAB.lock().unwrap();
+    let mut guard = lab_lock();
     let lab = guard.as_mut().unwrap();
     let fake_agent = r#"exec </dev/null >/dev/null 2>&1; sleep 1; kill -9 $(pidof qemu-ga); sleep 0.5
 exec 3<>/dev/virtio-ports/org.qemu.guest_agent.0
@@ -865,7 +870,7 @@ done; done"#;
 /// with a `zfs snapshot` that takes 10 s): vmsnap undoes before it exits, the guest is thawed
 /// and no journal is left.
 fn interrupted_mid_freeze() -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     for sig in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
         let child = lab
@@ -899,7 +904,7 @@ fn interrupted_mid_freeze() -> Result<(), Failed> {
 /// The overlay directory fills up while the guest runs on its overlay: QEMU stops the VM on the
 /// I/O error, vmsnap merges the overlay and resumes it, and the guest's data is whole.
 fn full_overlay_directory() -> Result<(), Failed> {
-    let guard = LAB.lock().unwrap();
+    let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     let ov = lab.path("overlays");
     let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs"]).arg(&ov).status()?;
@@ -941,7 +946,7 @@ fn full_overlay_directory() -> Result<(), Failed> {
 /// the base reads what the guest wrote. Then the same with the VM restarted before recovery:
 /// the overlay is kept (and reported), nothing is merged.
 fn qemu_killed_on_the_overlay() -> Result<(), Failed> {
-    let mut guard = LAB.lock().unwrap();
+    let mut guard = lab_lock();
     let lab = guard.as_mut().unwrap();
     let n = 4242 + fastrand::u32(0..1000);
     let out = lab.vmsnap(&["snapshot", DOMAIN, "--no-quiesce", "--label", &label()], &[("VMSNAP_ABORT_AT", "after:switched")]);
@@ -1009,9 +1014,9 @@ fn main() {
     ];
     trials.extend(cases.iter().map(|&(name, f)| Trial::test(name, f)));
     if !args.list {
-        *LAB.lock().unwrap() = Some(Lab::boot());
+        *lab_lock() = Some(Lab::boot());
     }
     let conclusion = libtest_mimic::run(&args, trials);
-    drop(LAB.lock().unwrap().take());
+    drop(lab_lock().take());
     conclusion.exit();
 }

@@ -235,8 +235,17 @@ impl Agent {
         let (zfs, conn, job_path) = (self.zfs.clone(), conn.clone(), path.clone());
         tokio::spawn(async move {
             let progress = {
-                let shared = shared.clone();
-                move |step: &str| shared.lock().expect("job state").progress = step.to_owned()
+                let (shared, conn, job_path) = (shared.clone(), conn.clone(), job_path.clone());
+                move |step: &str| {
+                    shared.lock().expect("job state").progress = step.to_owned();
+                    // Followers learn of it from PropertiesChanged (no polling).
+                    let (conn, job_path) = (conn.clone(), job_path.clone());
+                    tokio::spawn(async move {
+                        if let Ok(iface) = conn.object_server().interface::<_, Job>(&job_path).await {
+                            let _ = iface.get().await.progress_changed(iface.signal_emitter()).await;
+                        }
+                    });
+                }
             };
             let outcome = tokio::select! {
                 r = engine::snapshot(&cfg, &dom, &opts, &zfs, &progress) => Some(r),
@@ -246,9 +255,16 @@ impl Agent {
                 Some(Ok(r)) => ("succeeded", serde_json::to_string(&r).unwrap_or_default(), true, Some((r.name.clone(), r.consistency))),
                 Some(Err(e)) => ("failed", error_chain(&e), false, None),
                 None => {
-                    // The engine's future is gone mid-step: replay its journal, as after a crash.
-                    let msg = match engine::recover::recover_all(&cfg, &zfs).await {
-                        Ok(_) => "cancelled; the journal was replayed (guest thawed and resumed, overlays merged)".to_owned(),
+                    // The engine's future is gone mid-step: replay this domain's journal (and only
+                    // its own: other domains may be mid-snapshot), as after a crash.
+                    let journal = engine::journal::Journal::dir(&cfg.state_dir).join(format!("{}.json", dom.name));
+                    let undone = match engine::lock::DomainLock::acquire(&cfg.state_dir, &dom.name) {
+                        Err(e) => Err(e.to_string()),
+                        Ok(_lock) if !journal.exists() => Ok(()),
+                        Ok(_lock) => engine::recover::recover_journal(&journal, engine::recover::Places::of(&cfg), &zfs).await.map(drop),
+                    };
+                    let msg = match undone {
+                        Ok(()) => "cancelled; the journal was replayed (guest thawed and resumed, dump cancelled, overlays merged)".to_owned(),
                         Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
                     };
                     ("cancelled", msg, false, None)
@@ -261,8 +277,13 @@ impl Agent {
                 s.result = result.clone();
             }
             if let Ok(iface) = conn.object_server().interface::<_, Job>(&job_path).await {
-                let _ = Job::finished(iface.signal_emitter(), ok, &result).await;
-                let _ = iface.get().await.cancel.lock().map(|mut c| c.take());
+                let job = iface.get().await;
+                let emitter = iface.signal_emitter();
+                let _ = job.state_changed(emitter).await;
+                let _ = job.progress_changed(emitter).await;
+                let _ = job.result_changed(emitter).await;
+                let _ = Job::finished(emitter, ok, &result).await;
+                let _ = job.cancel.lock().map(|mut c| c.take());
             }
             if let Some((name, consistency)) = taken {
                 if let Ok(iface) = conn.object_server().interface::<_, Agent>(PATH).await {
