@@ -264,7 +264,9 @@ impl Agent {
                         Ok(_lock) => engine::recover::recover_journal(&journal, engine::recover::Places::of(&cfg), &zfs).await.map(drop),
                     };
                     let msg = match undone {
-                        Ok(()) => "cancelled; the journal was replayed (guest thawed and resumed, dump cancelled, overlays merged)".to_owned(),
+                        Ok(()) => {
+                            "cancelled; the journal was replayed (guest thawed and resumed, dump cancelled, overlays merged)".to_owned()
+                        }
                         Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
                     };
                     ("cancelled", msg, false, None)
