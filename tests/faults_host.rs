@@ -162,6 +162,16 @@ fn guest_sh(lab: &Lab, script: &str) -> Result<String, Failed> {
     })
 }
 
+/// Starts a shell line in the guest and leaves it running (the connection is let go at once).
+fn guest_start(lab: &Lab, script: &str) -> Result<(), Failed> {
+    let qga = lab.vm.machine.qga_path.clone();
+    rt().block_on(async {
+        let mut q = Qga::connect(&qga, agent(&qga)).await.map_err(|e| e.to_string())?;
+        q.exec_start("/bin/sh", &["-c", script], &[]).await.map_err(|e| e.to_string())?;
+        Ok::<(), Failed>(())
+    })
+}
+
 /// The invariants after `vmsnap recover`: the VM runs (or stays paused, if the test paused it),
 /// the guest is thawed and writes, and nothing of vmsnap is left in QEMU or on disk: no node,
 /// job, fdset, migration, changed capability, overlay file, journal; no RAM dump that no
@@ -480,12 +490,7 @@ fn agent_stopped_while_frozen() -> Result<(), Failed> {
     // A write that does not finish within 0.3 s means the filesystem is frozen.
     let watcher = "while :; do (echo x > /mnt/vda/.probe) & p=$!; sleep 0.3; \
         if kill -0 $p 2>/dev/null; then kill -STOP $(pidof qemu-ga); sleep 15; kill -CONT $(pidof qemu-ga); exit 0; fi; wait $p; done";
-    let qga = lab.vm.machine.qga_path.clone();
-    rt().block_on(async {
-        let mut q = Qga::connect(&qga, agent(&qga)).await.map_err(|e| e.to_string())?;
-        q.exec_start("/bin/sh", &["-c", watcher], &[]).await.map_err(|e| e.to_string())?;
-        Ok::<(), Failed>(())
-    })?;
+    guest_start(lab, watcher)?;
     let t = Instant::now();
     // Direct, with a `zfs snapshot` that takes 3 s: the watcher sees the freeze in the window.
     let out =
@@ -838,12 +843,7 @@ while :; do sleep 0.05; while read -r line <&3; do
     *guest-fsfreeze-status*) printf '{"return": "thawed"}\n' >&3;;
   esac
 done; done"#;
-    let qga = lab.vm.machine.qga_path.clone();
-    rt().block_on(async {
-        let mut q = Qga::connect(&qga, agent(&qga)).await.map_err(|e| e.to_string())?;
-        q.exec_start("/bin/sh", &["-c", fake_agent], &[]).await.map_err(|e| e.to_string())?;
-        Ok::<(), Failed>(())
-    })?;
+    guest_start(lab, fake_agent)?;
     std::thread::sleep(Duration::from_secs(3));
     let res = (|| {
         lab.write_config("freeze_timeout = 25");
@@ -911,12 +911,10 @@ fn full_overlay_directory() -> Result<(), Failed> {
     check(mounted.success(), "mounting a 3 MiB tmpfs on the overlay directory (needs root)")?;
     let res = (|| {
         // The writer runs through the snapshot: 12 MiB cannot fit in the 3 MiB overlay.
-        let qga = lab.vm.machine.qga_path.clone();
-        rt().block_on(async {
-            let mut q = Qga::connect(&qga, agent(&qga)).await.map_err(|e| e.to_string())?;
-            q.exec_start("/bin/sh", &["-c", "sleep 1; dd if=/dev/urandom of=/mnt/vdb/big bs=64k count=192 conv=fsync 2>/dev/null; sha256sum /mnt/vdb/big > /mnt/vdb/big.sha; sync"], &[]).await.map_err(|e| e.to_string())?;
-            Ok::<(), Failed>(())
-        })?;
+        guest_start(
+            lab,
+            "sleep 1; dd if=/dev/urandom of=/mnt/vdb/big bs=64k count=192 conv=fsync 2>/dev/null; sha256sum /mnt/vdb/big > /mnt/vdb/big.sha; sync",
+        )?;
         let out =
             lab.vmsnap(&["snapshot", DOMAIN, "--no-quiesce", "--json", "--label", &label()], &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "8")]);
         check(out.status.success(), text(&out))?;
