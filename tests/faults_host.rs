@@ -789,6 +789,19 @@ fn planted_files_are_refused() -> Result<(), Failed> {
         check(out.status.success(), text(&out))?;
         check(std::fs::read_to_string(&victim)? == "precious", "the symlink's target was written")?;
         check(std::fs::read_to_string(saved.join("withxml/domain.xml"))?.contains("withxml"), "the XML is saved")?;
+        // vmsnap's own directories: a symlink planted where the journal, the overlays or the
+        // dumps go is refused, and its target is untouched.
+        for (dir, args) in [("state/journal", vec![]), ("overlays/withxml", vec![]), ("ram/withxml", vec!["--memory", "precopy"])] {
+            let at = lab.path(dir);
+            let _ = std::fs::remove_dir_all(&at);
+            symlink(&target, &at)?;
+            let out = lab.vmsnap(&[&["snapshot", "withxml", "--label", &label()][..], &args].concat(), &[]);
+            std::fs::remove_file(&at)?;
+            refused(&out, "symbolic link")?;
+            check(std::fs::metadata(&target)?.permissions().mode() & 0o777 == 0o755, format!("{dir}: the target was chmodded"))?;
+            check(std::fs::read_dir(&target)?.count() == 1, format!("{dir}: something was written through the symlink"))?;
+            assert_invariants(lab, true).map_err(|e| format!("{dir}: {}", e.message().unwrap_or_default()))?;
+        }
         // A FIFO as the XML source does not block the snapshot.
         std::fs::remove_file(&xml)?;
         nix::unistd::mkfifo(&xml, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
