@@ -171,6 +171,15 @@ const REG: [&str; 9] = [
 
 #[test]
 fn authorization_arguments_registry_and_introspection() {
+    // A running VM (the rig's tiny guest, real QEMU): only what its QEMU uses can be registered.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rig = vmsnap::rig::Rig::locate().expect("the test rig is required");
+    let (vm, qmp, qga, _) = rt.block_on(vmsnap::rig::TinyVm::boot(&rig, &vmsnap::rig::TinyVmOptions::default())).expect("tiny guest");
+    drop((qmp, qga));
+    let (qmp, disk) = (vm.machine.qmp_path.display().to_string(), vm.disks[0].display().to_string());
+    let mut live: Vec<&str> = REG.to_vec();
+    live[3] = &qmp;
+    live[6] = &disk;
     let f = start();
     // Before any job object exists (they would appear as child nodes).
     let agent_xml = introspect(&f, "/io/github/vmsnap/Agent1");
@@ -217,17 +226,28 @@ fn authorization_arguments_registry_and_introspection() {
     assert!(!f.state().join("registry/lab.json").exists());
     let (ok, out) = f.call(false, "RegisterDomain", &["s", "lab"]);
     assert!(!ok, "{out}");
+    // A socket nothing answers on, or a disk (or nvram) its QEMU does not have open: refused.
+    let (ok, out) = f.call(false, "RegisterDomain", &REG);
+    assert!(!ok && out.contains("nothing answers on /run/vmsnap/lab.qmp"), "{out}");
+    let mut other = live.clone();
+    other[6] = "/etc/shadow";
+    let (ok, out) = f.call(false, "RegisterDomain", &other);
+    assert!(!ok && out.contains("does not have /etc/shadow open"), "{out}");
+    other = live.clone();
+    other[7] = "/etc/shadow";
+    let (ok, out) = f.call(false, "RegisterDomain", &other);
+    assert!(!ok && out.contains("nvram") && out.contains("/etc/shadow"), "{out}");
+    assert!(!f.state().join("registry/lab.json").exists());
 
     // Registration, as root: persisted (0600) and listed; unregistering removes it.
-    let (ok, out) = f.call(false, "RegisterDomain", &REG);
+    let (ok, out) = f.call(false, "RegisterDomain", &live);
     assert!(ok, "{out}");
     let saved = std::fs::read_to_string(f.state().join("registry/lab.json")).unwrap();
-    assert!(saved.contains("/run/vmsnap/lab.qmp") && saved.contains("c7a5fdbd"), "{saved}");
+    assert!(saved.contains(&qmp) && saved.contains("c7a5fdbd"), "{saved}");
     assert!(std::fs::read_to_string(f.state().join("registry/lab.xml")).unwrap().contains("<name>lab</name>"));
     let (_, out) = f.call(true, "Domains", &[]);
     assert!(out.contains("\"lab\"") && out.contains("\"web\""), "{out}");
-    // A snapshot of a domain whose QMP socket is absent and that has no disks: the job fails
-    // and says why.
+    // A snapshot of the running domain on this host without ZFS: the job fails and says why.
     let (ok, out) = f.call(false, "Snapshot", &["sa{sv}", "lab", "1", "label", "s", "dbus"]);
     assert!(ok && out.contains("/io/github/vmsnap/Agent1/Jobs/"), "{out}");
     let job = out.split('"').find(|s| s.starts_with("/io/github/vmsnap/Agent1/Jobs/")).unwrap().to_owned();
@@ -242,8 +262,7 @@ fn authorization_arguments_registry_and_introspection() {
     };
     assert!(state.contains("\"failed\""), "{state}");
     let result = f.job_property(&job, "Result");
-    // The registered disk does not exist on this host: refused, never "the nearest dataset".
-    assert!(result.contains("lab") && result.contains("does not exist"), "{result}");
+    assert!(result.contains("lab") && result.contains("zfs"), "{result}");
     let (ok, out) = f.call(false, "UnregisterDomain", &["s", "lab"]);
     assert!(ok && out.contains("b true"), "{out}");
     assert!(!f.state().join("registry/lab.json").exists());
@@ -319,27 +338,39 @@ const ENROLLED: &str = r#"<domain type='qemu' xmlns:qemu='http://libvirt.org/sch
 
 #[test]
 fn the_libvirt_hook_registers_and_never_blocks_a_start() {
+    // The domains the hook registers must be running: a real QEMU stands behind their sockets
+    // and holds their disks (the XML is libvirt's, with this QEMU's paths).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rig = vmsnap::rig::Rig::locate().expect("the test rig is required");
+    let (vm, qmp, qga, _) = rt.block_on(vmsnap::rig::TinyVm::boot(&rig, &vmsnap::rig::TinyVmOptions::default())).expect("tiny guest");
+    drop((qmp, qga));
+    let (qmp, disk) = (vm.machine.qmp_path.display().to_string(), vm.disks[0].display().to_string());
+    let enrolled = ENROLLED.replace("/run/vmsnap/lab2.qmp", &qmp).replace("/tank/vms/lab2/root.qcow2", &disk);
     let f = start();
-    let (code, stdout, stderr, _) = run_hook(&f.address, &["lab2", "started", "begin", "-"], ENROLLED);
+    let (code, stdout, stderr, _) = run_hook(&f.address, &["lab2", "started", "begin", "-"], &enrolled);
     assert!(code == 0 && stdout.is_empty(), "{code} {stdout} {stderr}");
     let saved = std::fs::read_to_string(f.state().join("registry/lab2.json")).unwrap_or_else(|e| panic!("{e}: {stderr}\n{}", f.log()));
-    assert!(
-        saved.contains("/run/vmsnap/lab2.qmp") && saved.contains("/run/vmsnap/lab2.qga") && saved.contains("/tank/vms/lab2/root.qcow2"),
-        "{saved}"
-    );
+    assert!(saved.contains(&qmp) && saved.contains("/run/vmsnap/lab2.qga") && saved.contains(&disk), "{saved}");
+    // The same domain with a disk its QEMU does not have open: refused, exit 0 all the same.
+    let foreign_disk = ENROLLED.replace("/run/vmsnap/lab2.qmp", &qmp).replace("lab2</name>", "lab3</name>");
+    let (code, _, stderr, _) = run_hook(&f.address, &["lab3", "started", "begin", "-"], &foreign_disk);
+    assert!(code == 0 && stderr.contains("does not have /tank/vms/lab2/root.qcow2 open"), "{stderr}");
+    assert!(!f.state().join("registry/lab3.json").exists());
     assert!(f.call(true, "Domains", &[]).1.contains("\"lab2\""));
     // Operations other than started/reconnect/stopped/release do nothing and print nothing.
     for op in ["prepare", "start", "migrate", "restore"] {
-        let (code, stdout, _, _) = run_hook(&f.address, &["lab2", op, "begin", "-"], ENROLLED);
+        let (code, stdout, _, _) = run_hook(&f.address, &["lab2", op, "begin", "-"], &enrolled);
         assert!(code == 0 && stdout.is_empty());
     }
-    let (code, stdout, _, _) = run_hook(&f.address, &["lab2", "stopped", "end", "-"], ENROLLED);
+    let (code, stdout, _, _) = run_hook(&f.address, &["lab2", "stopped", "end", "-"], &enrolled);
     assert!(code == 0 && stdout.is_empty());
     assert!(!f.state().join("registry/lab2.json").exists(), "stopped must unregister");
     // A real libvirt XML (recorded), reconnect after a libvirtd restart: registered.
     let recorded =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("protocol-fixtures/libvirt/hook-stdin-started-begin.xml"))
             .unwrap()
+            .replace("$RIG/lv/extra-qmp.sock", &qmp)
+            .replace("$RIG/lv/data.qcow2", &disk)
             .replace("$RIG", "/var/cache/vmsnap-rig");
     let (code, _, stderr, _) = run_hook(&f.address, &["tiny", "reconnect", "begin", "-"], &recorded);
     assert!(code == 0 && f.state().join("registry/tiny.json").exists(), "{stderr}");

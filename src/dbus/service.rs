@@ -87,6 +87,27 @@ pub(super) async fn require_root(conn: &zbus::Connection, hdr: &zbus::message::H
     Err(VmsnapError::NotAuthorized(format!("{method} changes snapshots or domains and needs root; the caller is uid {uid}, and {why}")))
 }
 
+/// A registration names only what its QEMU really uses: something answers on the QMP socket,
+/// and that process has every registered disk and the nvram open (as the kernel reports it).
+/// So even root's hook cannot be steered into copying or snapshotting an unrelated file.
+fn check_held_by_qemu(r: &Registration) -> Result<(), VmsnapError> {
+    use crate::qemu::process::{has_open, socket_peer};
+    let bad = VmsnapError::InvalidArgument;
+    let Some(pid) = socket_peer(&r.qmp) else {
+        return Err(bad(format!("qmp: nothing answers on {}: only a running domain can be registered", r.qmp.display())));
+    };
+    for (field, p) in r.disks.iter().map(|d| ("disks", d)).chain(r.nvram.iter().map(|n| ("nvram", n))) {
+        if !has_open(pid, p) {
+            return Err(bad(format!(
+                "{field}: the QEMU process on {} (pid {pid}) does not have {} open; vmsnap registers only what the VM uses",
+                r.qmp.display(),
+                p.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Methods that make root connect to sockets and read files the caller names: root only, never
 /// polkit's grant (the libvirt hook, their one legitimate caller, runs as root).
 async fn require_uid0(conn: &zbus::Connection, hdr: &zbus::message::Header<'_>, method: &str) -> Result<(), VmsnapError> {
@@ -327,6 +348,7 @@ impl Agent {
             xml: None,
         };
         r.validate().map_err(|e| VmsnapError::InvalidArgument(e.to_string()))?;
+        check_held_by_qemu(&r)?;
         if !xml.is_empty() {
             r.xml = Some(registry.save_xml(name, xml).map_err(|e| VmsnapError::Failed(error_chain(&e)))?);
         }

@@ -66,6 +66,21 @@ pub fn holders_of(image: &Path) -> Vec<u32> {
     out
 }
 
+/// Whether process `pid` has `path` open (a descriptor resolving to the same file or device).
+pub fn has_open(pid: u32, path: &Path) -> bool {
+    let Ok(target) = std::fs::canonicalize(path) else { return false };
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.filter_map(Result::ok).any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| same_file(&l, &target)))
+}
+
+/// The process listening on the unix socket at `path` (a bare connection and `SO_PEERCRED`;
+/// nothing is sent), or `None` when nothing answers.
+pub fn socket_peer(path: &Path) -> Option<u32> {
+    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    u32::try_from(cred.pid()).ok()
+}
+
 fn same_file(link: &Path, target: &PathBuf) -> bool {
     link == target.as_path() || std::fs::canonicalize(link).is_ok_and(|l| l == *target)
 }
