@@ -56,8 +56,12 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
     let mut cfg = Arc::new(Config::load(config_path)?);
     let zfs = Arc::new(zfs);
     let shared_cfg = Arc::new(std::sync::RwLock::new(cfg.clone()));
+    // D-Bus jobs hold this while they work on a VM; shutdown waits for all of them.
+    let dbus_jobs = Arc::new(tokio::sync::RwLock::new(()));
     let _bus = match &bus {
-        Some(b) => Some(dbus::serve(b, dbus::Agent::new(shared_cfg.clone(), zfs.clone())).await.map_err(DaemonError::DBus)?),
+        Some(b) => {
+            Some(dbus::serve(b, dbus::Agent::new(shared_cfg.clone(), zfs.clone(), dbus_jobs.clone())).await.map_err(DaemonError::DBus)?)
+        }
         None => None,
     };
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -133,6 +137,9 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
     for (_, j) in jobs {
         let _ = j.await;
     }
+    // And the jobs started over D-Bus: each ends with its guest thawed and resumed.
+    tracing::info!("stopping: waiting for D-Bus jobs");
+    let _all_done = dbus_jobs.write().await;
     tracing::info!("vmsnap daemon stopped");
     Ok(())
 }

@@ -572,6 +572,10 @@ impl Drop for Kill {
 /// A private bus and `vmsnap daemon` on it (with the stand-in `zfs`): the bus address and both
 /// processes (killed on drop).
 fn start_daemon(lab: &Lab) -> Result<(String, Kill, Kill), Failed> {
+    start_daemon_with(lab, &[])
+}
+
+fn start_daemon_with(lab: &Lab, env: &[(&str, &str)]) -> Result<(String, Kill, Kill), Failed> {
     let socket = lab.path("bus.sock");
     let _ = std::fs::remove_file(&socket);
     let address = format!("unix:path={}", socket.display());
@@ -583,7 +587,9 @@ fn start_daemon(lab: &Lab) -> Result<(String, Kill, Kill), Failed> {
     }
     let log = lab.path("daemon.log");
     let daemon = Kill(
-        lab.vmsnap_cmd(&["daemon", "--bus-address", &address], &[("VMSNAP_LOG", "info")]).stderr(std::fs::File::create(&log)?).spawn()?,
+        lab.vmsnap_cmd(&["daemon", "--bus-address", &address], &[&[("VMSNAP_LOG", "info")][..], env].concat())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
     );
     let t = Instant::now();
     while !busctl(&address, &[&AGENT1[..], &["Domains"]].concat()).0 {
@@ -636,6 +642,31 @@ fn cli_through_the_daemon_returns() -> Result<(), Failed> {
         format!("a failed job: {}", text(&out)),
     )?;
     assert_invariants(lab, true)?;
+    lab.reset_snapshots();
+    Ok(())
+}
+
+/// SIGTERM to the daemon while a D-Bus job has the guest frozen (direct, a `zfs snapshot` that
+/// takes 5 s): the daemon exits only once the job is over and the guest thawed (before, it
+/// exited at once and left the guest frozen until the next start's recovery).
+fn daemon_sigterm_mid_freeze() -> Result<(), Failed> {
+    let guard = lab_lock();
+    let lab = guard.as_ref().unwrap();
+    let (address, _bus, mut daemon) = start_daemon_with(lab, &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "5")])?;
+    let (ok, reply) = busctl(&address, &[&AGENT1[..], &["Snapshot", "sa{sv}", DOMAIN, "1", "strategy", "s", "direct"]].concat());
+    check(ok, format!("Snapshot: {reply}"))?;
+    let journal = lab.path("state/journal").join(format!("{DOMAIN}.json"));
+    let t = Instant::now();
+    while !std::fs::read_to_string(&journal).unwrap_or_default().contains("zfs_snapshot_started") {
+        check(t.elapsed() < Duration::from_secs(30), "the job never reached its window")?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.0.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let status = daemon.0.wait()?;
+    let log = std::fs::read_to_string(lab.path("daemon.log"))?;
+    check(status.success() && log.contains("waiting for D-Bus jobs"), format!("daemon exit {status}: {log}"))?;
+    assert_invariants(lab, true)?;
+    check(lab.snapshots().len() == 1, "the job finished its snapshot before the daemon stopped")?;
     lab.reset_snapshots();
     Ok(())
 }
@@ -1015,6 +1046,7 @@ fn main() {
         ("kill_during_a_ram_dump_cancels_the_migration", kill_during_ram_dump),
         ("dbus_cancel_during_a_dump_cancels_the_migration", dbus_cancel_during_a_dump),
         ("cli_through_the_daemon_returns_the_jobs_result", cli_through_the_daemon_returns),
+        ("daemon_sigterm_mid_freeze_waits_for_the_thaw", daemon_sigterm_mid_freeze),
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
         ("stopped_only_when_known_down", stopped_only_when_known_down),
         ("planted_files_are_refused", planted_files_are_refused),

@@ -35,11 +35,14 @@ pub struct Agent {
     pub cfg: Arc<RwLock<Arc<Config>>>,
     pub zfs: Arc<Zfs>,
     next_job: AtomicU64,
+    /// Held (read) by every job while it works on a VM: the daemon's shutdown takes it (write)
+    /// and so waits until each guest is thawed and resumed.
+    running: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Agent {
-    pub fn new(cfg: Arc<RwLock<Arc<Config>>>, zfs: Arc<Zfs>) -> Self {
-        Self { cfg, zfs, next_job: AtomicU64::new(1) }
+    pub fn new(cfg: Arc<RwLock<Arc<Config>>>, zfs: Arc<Zfs>, running: Arc<tokio::sync::RwLock<()>>) -> Self {
+        Self { cfg, zfs, next_job: AtomicU64::new(1), running }
     }
 
     fn config(&self) -> Arc<Config> {
@@ -254,6 +257,8 @@ impl Agent {
         let job = Job { domain: dom.name.clone(), shared: shared.clone(), cancel: Arc::new(Mutex::new(Some(tx))) };
         server.at(&path, job).await?;
         let (zfs, conn, job_path) = (self.zfs.clone(), conn.clone(), path.clone());
+        // Taken before the task runs, so a shutdown that starts now still waits for this job.
+        let working = self.running.clone().read_owned().await;
         tokio::spawn(async move {
             let progress = {
                 let (shared, conn, job_path) = (shared.clone(), conn.clone(), job_path.clone());
@@ -299,6 +304,8 @@ impl Agent {
                 s.progress = "done".into();
                 s.result = result.clone();
             }
+            // The VM is left as it should be: a shutdown may go on.
+            drop(working);
             if let Ok(iface) = conn.object_server().interface::<_, Job>(&job_path).await {
                 let job = iface.get().await;
                 let emitter = iface.signal_emitter();
