@@ -63,8 +63,12 @@ Type=dbus
 BusName=io.github.vmsnap.Agent1
 ExecStart={exe} --config {config} daemon
 ExecReload=/bin/kill -HUP $MAINPID
-# A running snapshot finishes (or is undone) before the daemon exits.
-TimeoutStopSec=15min
+# A running snapshot finishes (or is undone) before the daemon exits: longer than the longest
+# step's deadline (a RAM dump or a commit may take up to an hour), so systemd never kills the
+# daemon with a guest frozen or paused.
+TimeoutStopSec=65min
+Restart=on-failure
+RestartSec=5s
 
 [Install]
 WantedBy=multi-user.target
