@@ -126,12 +126,14 @@ pub async fn apply(
     actions: &mut Vec<String>,
 ) -> Result<(), String> {
     let mut failures = Vec::new();
-    // A journal naming files elsewhere is not from this vmsnap: touch nothing at all.
-    for ov in o.merge.iter().chain(&o.remove) {
-        places.overlay(&ov.path)?;
+    // Files a journal names outside overlay_dir and ram_dir are never touched (the journal is
+    // damaged, or the directories were moved since); the guest is still thawed and resumed.
+    for path in o.merge.iter().chain(&o.remove).filter_map(|ov| places.overlay(&ov.path).err()) {
+        failures.push(path);
     }
-    if let Some(ram) = &o.ram {
-        places.ram(&ram.path)?;
+    let ram_outside = o.ram.as_ref().and_then(|r| places.ram(&r.path).err());
+    if let Some(e) = &ram_outside {
+        failures.push(e.clone());
     }
     if let Qemu::Same(qmp) = qemu {
         // QEMU must stop writing into the dump before anything decides about the dump.
@@ -176,7 +178,7 @@ pub async fn apply(
             actions.push(format!("left the running VM alone ({why})"));
         }
     }
-    for ov in &o.merge {
+    for ov in o.merge.iter().filter(|ov| places.overlay(&ov.path).is_ok()) {
         let done = match qemu {
             Qemu::Same(qmp) => merge_overlay(qmp, ov, journal).await,
             Qemu::Gone => commit_offline(ov).await,
@@ -196,7 +198,7 @@ pub async fn apply(
             }
         }
     }
-    for ov in &o.remove {
+    for ov in o.remove.iter().filter(|ov| places.overlay(&ov.path).is_ok()) {
         let qmp = if let Qemu::Same(qmp) = qemu { Some(*qmp) } else { None };
         match remove_overlay(qmp, ov).await {
             Ok(did) => actions.extend(did),
@@ -509,5 +511,44 @@ mod tests {
             assert!(e.contains("overlay_dir") && e.contains("not touched"), "{bad}: {e}");
         }
         assert!(places.ram(Path::new("/var/lib/vmsnap/overlays/vm/a-0.qcow2")).is_err());
+    }
+
+    /// A journal naming a file outside overlay_dir: that file is left alone and the recovery
+    /// fails (the journal stays), the rest of the obligations are still carried out.
+    #[tokio::test]
+    async fn a_file_outside_the_directories_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("precious.qcow2");
+        std::fs::write(&victim, b"x").unwrap();
+        let inside = dir.path().join("overlays/vm/s-1.qcow2");
+        std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+        std::fs::write(&inside, b"y").unwrap();
+        let ov = |path: &Path, i: usize| OverlayRecord {
+            disk_node: format!("disk{i}"),
+            overlay_node: format!("vmsnap-ov{i}"),
+            file_node: format!("vmsnap-ov{i}-f"),
+            path: path.to_owned(),
+            fdset_id: None,
+            job_id: format!("vmsnap-commit{i}"),
+            base: None,
+        };
+        let o = Obligations { remove: vec![ov(&victim, 0), ov(&inside, 1)], ..Obligations::default() };
+        let begin = Record::Begin {
+            format: super::super::journal::FORMAT,
+            domain: "vm".into(),
+            qmp: "/q".into(),
+            qga: None,
+            snapshot: "s".into(),
+            pid: 1,
+            qemu: None,
+        };
+        let mut journal = Journal::create(&dir.path().join("state"), "vm", begin).unwrap();
+        let overlays = dir.path().join("overlays");
+        let places = Places { overlay_dir: &overlays, ram_dir: &dir.path().join("ram") };
+        let mut actions = Vec::new();
+        let e = apply(&Qemu::Gone, places, None, &o, &Zfs::default(), &mut journal, &mut actions).await.unwrap_err();
+        assert!(e.contains("precious.qcow2") && e.contains("not touched"), "{e}");
+        assert!(victim.exists(), "a file outside overlay_dir was deleted");
+        assert!(!inside.exists(), "the overlay inside overlay_dir is still removed: {actions:?}");
     }
 }
