@@ -129,15 +129,11 @@ async fn in_process(cfg: &Config, zfs: &Zfs, a: Args) -> Result<()> {
         Some(r) => r?,
         None => {
             eprintln!("vmsnap: interrupted: undoing the snapshot of {} before exiting", dom.name);
-            let _lock = engine::lock::DomainLock::acquire(&cfg.state_dir, &dom.name)?;
-            let journal = engine::journal::Journal::dir(&cfg.state_dir).join(format!("{}.json", dom.name));
-            if journal.exists() {
-                let r = engine::recover::recover_journal(&journal, engine::recover::Places::of(cfg), zfs)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("interrupted, and undoing failed (run `vmsnap recover`): {e}"))?;
-                for a in &r.actions {
-                    eprintln!("  {a}");
-                }
+            let undone = engine::recover::recover_domain(cfg, &dom.name, zfs)
+                .await
+                .map_err(|e| anyhow::anyhow!("interrupted, and undoing failed (run `vmsnap recover`): {e}"))?;
+            for a in undone.iter().flat_map(|r| &r.actions) {
+                eprintln!("  {a}");
             }
             anyhow::bail!("interrupted; the snapshot of {} was undone", dom.name);
         }

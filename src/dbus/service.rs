@@ -283,14 +283,9 @@ impl Agent {
                 None => {
                     // The engine's future is gone mid-step: replay this domain's journal (and only
                     // its own: other domains may be mid-snapshot), as after a crash.
-                    let journal = engine::journal::Journal::dir(&cfg.state_dir).join(format!("{}.json", dom.name));
-                    let undone = match engine::lock::DomainLock::acquire(&cfg.state_dir, &dom.name) {
-                        Err(e) => Err(e.to_string()),
-                        Ok(_lock) if !journal.exists() => Ok(()),
-                        Ok(_lock) => engine::recover::recover_journal(&journal, engine::recover::Places::of(&cfg), &zfs).await.map(drop),
-                    };
+                    let undone = engine::recover::recover_domain(&cfg, &dom.name, &zfs).await;
                     let msg = match undone {
-                        Ok(()) => {
+                        Ok(_) => {
                             "cancelled; the journal was replayed (guest thawed and resumed, dump cancelled, overlays merged)".to_owned()
                         }
                         Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),

@@ -17,7 +17,7 @@
 //! and no overlay stays behind; after a crash `vmsnap recover` does the same from the file.
 
 use super::disks::{datasets_by_pool, live_disks, LiveDisk};
-use super::journal::{self, create_private_dir, obligations, Journal, OverlayRecord, Record};
+use super::journal::{self, create_private_dir, Journal, OverlayRecord, Record};
 use super::lock::DomainLock;
 use super::naming;
 use super::recover::{self, fdset_tag};
@@ -245,9 +245,7 @@ impl Run<'_> {
                 props.insert(PropName::new(naming::PAUSE_MS).expect("valid"), format!("{p:.1}"));
             }
             if !props.is_empty() {
-                for snap in self.report.snapshots.clone() {
-                    self.zfs.set_properties(&snap, &props).await.at("record the window")?;
-                }
+                self.label_snapshots(&props).await.at("record the window")?;
             }
         }
         Ok(consistency)
@@ -342,13 +340,20 @@ impl Run<'_> {
             // one `zfs set` per snapshot makes each a `ram` snapshot with its dump, all at once.
             let mut props = self.ram_properties();
             props.insert(PropName::new(naming::CONSISTENCY).expect("valid"), Consistency::Ram.as_str().into());
-            for snap in self.report.snapshots.clone() {
-                self.zfs.set_properties(&snap, &props).await.at("record RAM dump")?;
-            }
+            self.label_snapshots(&props).await.at("record RAM dump")?;
             self.record(Record::RamLabelled).await?;
             self.report.consistency = Consistency::Ram.as_str();
         }
         Ok(Consistency::Ram)
+    }
+
+    /// Sets `props` on each snapshot taken, in one `zfs set` each (direct strategy: the
+    /// snapshot was taken before these were known).
+    async fn label_snapshots(&self, props: &BTreeMap<PropName, String>) -> Result<(), crate::zfs::ZfsError> {
+        for snap in &self.report.snapshots {
+            self.zfs.set_properties(snap, props).await?;
+        }
+        Ok(())
     }
 
     fn timed(&mut self, step: &str, since: Instant) {
@@ -567,24 +572,13 @@ impl Run<'_> {
     /// After a failed step: carry out the journal's obligations, then report the step's error.
     async fn undo(&mut self, step: &'static str, source: StepError) -> EngineError {
         let domain = self.dom.name.clone();
-        let Some(journal) = self.journal.take() else {
+        let Some(mut journal) = self.journal.take() else {
             return EngineError::Step { domain, step, source: Box::new(source) };
         };
-        let mut journal = journal;
-        let o = obligations(journal.records());
         // The agent connection may be the one that just failed: recovery opens its own.
         self.qga = None;
         let mut actions = Vec::new();
-        let recorded = match journal.records().first() {
-            Some(Record::Begin { qemu, .. }) => *qemu,
-            _ => None,
-        };
-        let qemu = match recover::classify(Some(&self.qmp), recorded) {
-            Ok(q) => q,
-            Err(cleanup) => return EngineError::CleanupFailed { domain, step, cleanup, source: Box::new(source) },
-        };
-        match recover::apply(&qemu, recover::Places::of(self.cfg), self.dom.qga.as_deref(), &o, self.zfs, &mut journal, &mut actions).await
-        {
+        match recover::settle(&mut journal, Some(&self.qmp), recover::Places::of(self.cfg), self.zfs, &mut actions).await {
             Ok(()) => {
                 for a in &actions {
                     tracing::info!(domain = %domain, "undo: {a}");

@@ -432,21 +432,45 @@ async fn report_snapshots(zfs: &Zfs, o: &Obligations, actions: &mut Vec<String>)
     Ok(())
 }
 
-/// Recovers one journal file: finds the QEMU it names and carries out its obligations. The
-/// journal is removed once everything succeeded.
+/// Carries out what `journal` still owes, facing the QEMU reachable on `connection` (None: its
+/// socket does not answer). Shared by the engine's own undo and by recovery after a crash; the
+/// caller removes the journal once this succeeded.
+pub async fn settle(
+    journal: &mut Journal,
+    connection: Option<&Qmp>,
+    places: Places<'_>,
+    zfs: &Zfs,
+    actions: &mut Vec<String>,
+) -> Result<(), String> {
+    let (qmp_path, qga_path, recorded) = match journal.records().first() {
+        Some(Record::Begin { qmp, qga, qemu, .. }) => (qmp.clone(), qga.clone(), *qemu),
+        _ => return Err(format!("journal {} does not start with a begin record", journal.path().display())),
+    };
+    let o = obligations(journal.records());
+    if o.is_empty() {
+        return Ok(());
+    }
+    let qemu = classify(connection, recorded)?;
+    if matches!(qemu, Qemu::Gone) {
+        actions.push(format!("QEMU is gone ({} does not answer)", qmp_path.display()));
+    }
+    apply(&qemu, places, qga_path.as_deref(), &o, zfs, journal, actions).await
+}
+
+/// Recovers one journal file: connects to the QEMU it names and [`settle`]s it.
 pub async fn recover_journal(path: &Path, places: Places<'_>, zfs: &Zfs) -> Result<RecoveryReport, String> {
     let mut journal = Journal::load(path).map_err(|e| match e.hint() {
         Some(h) => format!("{e} ({h})"),
         None => e.to_string(),
     })?;
-    let (domain, qmp_path, qga_path, recorded) = match journal.records().first() {
-        Some(Record::Begin { domain, qmp, qga, qemu, .. }) => (domain.clone(), qmp.clone(), qga.clone(), *qemu),
-        _ => return Err(format!("journal {} does not start with a begin record", path.display())),
+    let Some(Record::Begin { domain, qmp: qmp_path, qemu: recorded, .. }) = journal.records().first().cloned() else {
+        return Err(format!("journal {} does not start with a begin record", path.display()));
     };
-    let o = obligations(journal.records());
     let mut actions = Vec::new();
-    if !o.is_empty() {
-        let connection = match Qmp::connect(&qmp_path, Duration::from_secs(10)).await {
+    let connection = if obligations(journal.records()).is_empty() {
+        None
+    } else {
+        match Qmp::connect(&qmp_path, Duration::from_secs(10)).await {
             Ok(q) => Some(q),
             Err(QmpError::Connect { .. }) => None,
             Err(e) if recorded.is_some_and(|r| !r.is_alive()) => {
@@ -454,15 +478,22 @@ pub async fn recover_journal(path: &Path, places: Places<'_>, zfs: &Zfs) -> Resu
                 None
             }
             Err(e) => return Err(format!("{domain}: {e}")),
-        };
-        let qemu = classify(connection.as_ref(), recorded).map_err(|e| format!("{domain}: {e}"))?;
-        if matches!(qemu, Qemu::Gone) {
-            actions.push(format!("QEMU is gone ({} does not answer)", qmp_path.display()));
         }
-        apply(&qemu, places, qga_path.as_deref(), &o, zfs, &mut journal, &mut actions).await.map_err(|e| format!("{domain}: {e}"))?;
-    }
+    };
+    settle(&mut journal, connection.as_ref(), places, zfs, &mut actions).await.map_err(|e| format!("{domain}: {e}"))?;
     journal.remove().map_err(|e| e.to_string())?;
     Ok(RecoveryReport { journal: path.to_owned(), domain, actions })
+}
+
+/// Recovers `domain`'s journal, if it has one, under its lock (a locked domain has an operation
+/// still running: [`super::EngineError::Busy`] as a sentence).
+pub async fn recover_domain(cfg: &Config, domain: &str, zfs: &Zfs) -> Result<Option<RecoveryReport>, String> {
+    let _lock = DomainLock::acquire(&cfg.state_dir, domain).map_err(|e| e.to_string())?;
+    let path = Journal::dir(&cfg.state_dir).join(format!("{domain}.json"));
+    if !path.exists() {
+        return Ok(None);
+    }
+    recover_journal(&path, Places::of(cfg), zfs).await.map(Some)
 }
 
 /// Recovers every journal under the config's state directory.
@@ -471,16 +502,8 @@ pub async fn recover_all(cfg: &Config, zfs: &Zfs) -> Result<Vec<RecoveryReport>,
     let mut errors = Vec::new();
     for path in Journal::pending(&cfg.state_dir).map_err(|e| e.to_string())? {
         let domain = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        // A journal whose domain is locked belongs to an operation that is still running.
-        let _lock = match DomainLock::acquire(&cfg.state_dir, &domain) {
-            Ok(lock) => lock,
-            Err(e) => {
-                errors.push(e.to_string());
-                continue;
-            }
-        };
-        match recover_journal(&path, Places::of(cfg), zfs).await {
-            Ok(r) => out.push(r),
+        match recover_domain(cfg, &domain, zfs).await {
+            Ok(r) => out.extend(r),
             Err(e) => errors.push(e),
         }
     }

@@ -48,22 +48,9 @@ pub fn start_ticks(stat: &str) -> Option<u64> {
 /// The processes that have `image` open (any descriptor resolving to the same file or device),
 /// other than this one. Processes whose descriptors cannot be read are skipped.
 pub fn holders_of(image: &Path) -> Vec<u32> {
-    let Ok(target) = std::fs::canonicalize(image) else { return Vec::new() };
     let me = std::process::id();
     let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut out = Vec::new();
-    for entry in procs.filter_map(Result::ok) {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        if pid == me {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
-        let holds = fds.filter_map(Result::ok).any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| same_file(&l, &target)));
-        if holds {
-            out.push(pid);
-        }
-    }
-    out
+    procs.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).filter(|&pid| pid != me && has_open(pid, image)).collect()
 }
 
 /// Whether process `pid` has `path` open (a descriptor resolving to the same file or device).

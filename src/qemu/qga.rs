@@ -283,7 +283,7 @@ impl Qga {
 
     /// `guest-fsfreeze-freeze`: the number of filesystems frozen.
     pub async fn freeze(&mut self) -> Result<i64, QgaError> {
-        self.execute(&qga::guest_fsfreeze_freeze {}, self.timeouts.freeze).await
+        self.freeze_within(self.timeouts.freeze).await
     }
 
     /// `guest-fsfreeze-freeze` with its own deadline.
