@@ -12,7 +12,6 @@ use std::process::Output;
 use std::sync::Mutex;
 use std::time::Duration;
 use vmsnap::qemu::qga::{FreezeStatus, Qga, Timeouts};
-use vmsnap::qemu::qmp::Qmp;
 use vmsnap::rig::lane::{sh, vmsnap_bin};
 use vmsnap::rig::resume_kit;
 use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
@@ -201,26 +200,13 @@ fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
     }
 }
 
-/// The guest is running, thawed, has no vmsnap node or job, and no overlay or journal file exists.
-/// QEMU's side and the host's files: running, no vmsnap node, job or fdset, no overlay or journal.
+/// QEMU's side ([`vmsnap::rig::Machine::vmsnap_leftovers`]) and the host's files: no overlay or
+/// journal.
 fn assert_clean_qemu() -> Result<(), Failed> {
-    let observer = GUEST.lock().unwrap().as_ref().unwrap().vm.machine.observer_path.clone();
-    rt().block_on(async {
-        let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
-        let status = qmp.execute(&qapi::qmp::query_status {}).await.map_err(|e| e.to_string())?;
-        check(status.running, format!("VM not running: {:?}", status.status))?;
-        let nodes = qmp.node_names().await.map_err(|e| e.to_string())?;
-        check(!nodes.iter().any(|n| n.starts_with("vmsnap")), format!("vmsnap nodes left: {nodes:?}"))?;
-        check(qmp.query_jobs().await.map_err(|e| e.to_string())?.is_empty(), "a block job is left")?;
-        let fdsets = qmp.execute(&qapi::qmp::query_fdsets {}).await.map_err(|e| e.to_string())?;
-        check(fdsets.is_empty(), format!("fdsets left: {fdsets:?}"))?;
-        let blocks = qmp.execute(&qapi::qmp::query_block {}).await.map_err(|e| e.to_string())?;
-        let tops: Vec<String> = blocks.into_iter().filter_map(|b| b.inserted.and_then(|i| i.node_name)).collect();
-        check(tops == ["disk0-fmt", "disk1-fmt"], format!("disk chains not back on their base: {tops:?}"))?;
-        let m = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
-        let st = m["status"].as_str().unwrap_or("none");
-        check(!vmsnap::engine::ram::is_running(st), format!("a migration is left {st}"))
-    })?;
+    {
+        let guest = GUEST.lock().unwrap();
+        rt().block_on(guest.as_ref().unwrap().vm.machine.vmsnap_leftovers(true, &[]))?;
+    }
     let overlays = sh(&format!("find {STATE}/overlays -type f 2>/dev/null | wc -l"));
     check(overlays.trim() == "0", format!("overlay files left: {overlays}"))?;
     let journals = sh(&format!("ls {STATE}/journal 2>/dev/null | wc -l"));

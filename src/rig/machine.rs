@@ -174,6 +174,49 @@ impl Machine {
         Ok(())
     }
 
+    /// What vmsnap must never leave behind in this QEMU, seen on the observer monitor: the VM
+    /// running (or paused, as `expect_running` says), no `vmsnap*` node, block job or fdset, every
+    /// disk on its own node (`disk<i>-fmt`), no migration running, and the migration
+    /// capabilities in `caps` as given (vmsnap puts back what it found). The first thing wrong,
+    /// as a sentence.
+    pub async fn vmsnap_leftovers(&self, expect_running: bool, caps: &[(&str, bool)]) -> Result<(), String> {
+        let fail = |what: String| Err(what);
+        let qmp = Qmp::connect(&self.observer_path, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        let status = qmp.execute(&qapi::qmp::query_status {}).await.map_err(|e| e.to_string())?;
+        if status.running != expect_running {
+            return fail(format!("VM running={} ({:?}), expected {expect_running}", status.running, status.status));
+        }
+        let nodes = qmp.node_names().await.map_err(|e| e.to_string())?;
+        if nodes.iter().any(|n| n.starts_with("vmsnap")) {
+            return fail(format!("vmsnap nodes left: {nodes:?}"));
+        }
+        if !qmp.query_jobs().await.map_err(|e| e.to_string())?.is_empty() {
+            return fail("a block job is left".into());
+        }
+        let fdsets = qmp.execute(&qapi::qmp::query_fdsets {}).await.map_err(|e| e.to_string())?;
+        if !fdsets.is_empty() {
+            return fail(format!("fdsets left: {fdsets:?}"));
+        }
+        let blocks = qmp.execute(&qapi::qmp::query_block {}).await.map_err(|e| e.to_string())?;
+        let tops: Vec<String> = blocks.into_iter().filter_map(|b| b.inserted.and_then(|i| i.node_name)).collect();
+        if tops.iter().enumerate().any(|(i, t)| *t != format!("disk{i}-fmt")) {
+            return fail(format!("disk chains not back on their base: {tops:?}"));
+        }
+        let m = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        let st = m["status"].as_str().unwrap_or("none");
+        if crate::engine::ram::is_running(st) {
+            return fail(format!("a migration is left {st}"));
+        }
+        let now = qmp.execute_raw("query-migrate-capabilities", None, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        for (name, want) in caps {
+            let on = now.as_array().into_iter().flatten().any(|c| c["capability"] == *name && c["state"] == true);
+            if on != *want {
+                return fail(format!("migration capability {name} is {on}, expected {want}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Kills QEMU now (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
