@@ -107,7 +107,7 @@ pub async fn cancel(qmp: &Qmp) -> Result<Option<String>, StepError> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let now = migration_status(qmp).await?;
-            if !is_running(&now) && now != "cancelling" {
+            if !is_running(&now) {
                 break Some(now);
             }
             if Instant::now() > deadline {
