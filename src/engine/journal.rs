@@ -282,6 +282,7 @@ impl Journal {
         let dir = Self::dir(state_dir);
         let path = dir.join(format!("{domain}.json"));
         create_private_dir(&dir).map_err(|source| JournalError::Write { path: path.clone(), source })?;
+        Self::sweep_temporaries(state_dir, domain)?;
         let mut j = Self { path, records: Vec::new() };
         j.append(begin)?;
         Ok(j)
@@ -310,18 +311,48 @@ impl Journal {
         }
     }
 
-    /// Every journal under `state_dir`.
-    pub fn pending(state_dir: &Path) -> Result<Vec<PathBuf>, JournalError> {
+    /// Every domain with a journal under `state_dir`, or with only the temporary file of a journal
+    /// write that was killed half-way (see [`Journal::sweep_temporaries`]).
+    pub fn pending(state_dir: &Path) -> Result<Vec<String>, JournalError> {
         let dir = Self::dir(state_dir);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => return Err(JournalError::Read { path: dir, source }),
         };
-        let mut out: Vec<PathBuf> =
-            entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        let mut out: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().and_then(|n| journal_domain(n).or_else(|| temporary_domain(n))).map(str::to_owned))
+            .collect();
         out.sort();
+        out.dedup();
         Ok(out)
+    }
+
+    /// The path of `domain`'s journal.
+    pub fn path_of(state_dir: &Path, domain: &str) -> PathBuf {
+        Self::dir(state_dir).join(format!("{domain}.json"))
+    }
+
+    /// Removes the temporary files of `domain`'s journal writes that were killed before their
+    /// rename (the journal itself still holds the last complete state). Call it under the
+    /// domain's lock: no writer of that domain runs then. Returns how many went.
+    pub fn sweep_temporaries(state_dir: &Path, domain: &str) -> Result<usize, JournalError> {
+        let dir = Self::dir(state_dir);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(JournalError::Read { path: dir, source }),
+        };
+        let mut removed = 0;
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_name().to_str().and_then(temporary_domain) == Some(domain) {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|source| JournalError::Write { path, source })?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     pub fn path(&self) -> &Path {
@@ -348,6 +379,19 @@ impl Journal {
     pub fn remove(self) -> Result<(), JournalError> {
         std::fs::remove_file(&self.path).map_err(|source| JournalError::Write { path: self.path.clone(), source })
     }
+}
+
+/// `NAME` of a journal file `NAME.json`.
+fn journal_domain(file: &str) -> Option<&str> {
+    file.strip_suffix(".json").filter(|d| !d.is_empty() && !d.starts_with('.'))
+}
+
+/// `NAME` of a temporary file `.NAME.json.XXXXXXXX.tmp` left by a killed journal write (the
+/// shape [`crate::fsutil::Dir::write_atomic`] gives them).
+fn temporary_domain(file: &str) -> Option<&str> {
+    let (stem, random) = file.strip_prefix('.')?.strip_suffix(".tmp")?.rsplit_once('.')?;
+    (random.len() == 8 && random.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
+    journal_domain(stem)
 }
 
 /// Creates `dir` as root-only (0700): its parent comes from root's config and is created if
@@ -487,13 +531,33 @@ mod tests {
             j.append(r.clone()).unwrap();
         }
         let pending = Journal::pending(dir.path()).unwrap();
-        assert_eq!(pending.len(), 1);
-        let loaded = Journal::load(&pending[0]).unwrap();
+        assert_eq!(pending, ["vm"]);
+        let loaded = Journal::load(&Journal::path_of(dir.path(), "vm")).unwrap();
         assert_eq!(loaded.records(), &run[..4]);
         let mode = std::fs::metadata(Journal::dir(dir.path())).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         loaded.remove().unwrap();
         assert!(Journal::pending(dir.path()).unwrap().is_empty());
+    }
+
+    /// A journal write killed before its rename leaves `.vm.json.XXXXXXXX.tmp`: the domain is
+    /// still pending (even with no journal), and the sweep removes only that domain's leftovers.
+    #[test]
+    fn temporaries_of_a_killed_write_are_found_and_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = Journal::dir(dir.path());
+        std::fs::create_dir_all(&jdir).unwrap();
+        for f in [".vm.json.0c4568ee.tmp", ".vm.json.deadbeef.tmp", ".other.json.00000000.tmp", ".vm.json.nothex!!.tmp", "notes.txt"] {
+            std::fs::write(jdir.join(f), b"{").unwrap();
+        }
+        assert_eq!(Journal::pending(dir.path()).unwrap(), ["other", "vm"]);
+        assert_eq!(Journal::sweep_temporaries(dir.path(), "vm").unwrap(), 2);
+        assert_eq!(Journal::pending(dir.path()).unwrap(), ["other"]);
+        assert!(jdir.join(".vm.json.nothex!!.tmp").exists() && jdir.join("notes.txt").exists());
+        let j = Journal::create(dir.path(), "other", full_overlay_run()[0].clone()).unwrap();
+        assert!(!jdir.join(".other.json.00000000.tmp").exists());
+        assert_eq!(Journal::pending(dir.path()).unwrap(), ["other"]);
+        j.remove().unwrap();
     }
 
     #[test]

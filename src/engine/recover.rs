@@ -489,7 +489,9 @@ pub async fn recover_journal(path: &Path, places: Places<'_>, zfs: &Zfs) -> Resu
 /// still running: [`super::EngineError::Busy`] as a sentence).
 pub async fn recover_domain(cfg: &Config, domain: &str, zfs: &Zfs) -> Result<Option<RecoveryReport>, String> {
     let _lock = DomainLock::acquire(&cfg.state_dir, domain).map_err(|e| e.to_string())?;
-    let path = Journal::dir(&cfg.state_dir).join(format!("{domain}.json"));
+    // A journal write killed half-way left its temporary file; the journal keeps the last whole state.
+    Journal::sweep_temporaries(&cfg.state_dir, domain).map_err(|e| e.to_string())?;
+    let path = Journal::path_of(&cfg.state_dir, domain);
     if !path.exists() {
         return Ok(None);
     }
@@ -500,8 +502,7 @@ pub async fn recover_domain(cfg: &Config, domain: &str, zfs: &Zfs) -> Result<Opt
 pub async fn recover_all(cfg: &Config, zfs: &Zfs) -> Result<Vec<RecoveryReport>, String> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    for path in Journal::pending(&cfg.state_dir).map_err(|e| e.to_string())? {
-        let domain = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    for domain in Journal::pending(&cfg.state_dir).map_err(|e| e.to_string())? {
         match recover_domain(cfg, &domain, zfs).await {
             Ok(r) => out.extend(r),
             Err(e) => errors.push(e),
