@@ -8,7 +8,7 @@
 //! did nothing goes to its stderr; where libvirt puts that was not checked (on the rig libvirtd
 //! runs detached).
 
-use crate::dbus::{BUS_NAME, PATH};
+use crate::dbus::client::Agent1Proxy;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -128,7 +128,7 @@ async fn call(act: Action, dom_arg: &str, xml: &str, bus_address: Option<&str>) 
         None => zbus::Connection::system().await,
     }
     .map_err(|e| format!("no D-Bus connection ({e}); is the vmsnap daemon running?"))?;
-    let proxy = zbus::Proxy::new(&conn, BUS_NAME, PATH, BUS_NAME).await.map_err(|e| e.to_string())?;
+    let proxy = Agent1Proxy::new(&conn).await.map_err(|e| e.to_string())?;
     match act {
         Action::Register => {
             let d = parse_domain_xml(xml)?;
@@ -143,17 +143,16 @@ async fn call(act: Action, dom_arg: &str, xml: &str, bus_address: Option<&str>) 
             };
             let s = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
             let disks: Vec<String> = d.disks.iter().map(|p| p.display().to_string()).collect();
+            let disks: Vec<&str> = disks.iter().map(String::as_str).collect();
+            let uuid = d.uuid.clone().unwrap_or_default();
             proxy
-                .call_method(
-                    "RegisterDomain",
-                    &(&d.name, d.uuid.clone().unwrap_or_default(), qmp.display().to_string(), s(&d.qga), disks, s(&d.nvram), xml),
-                )
+                .register_domain(&d.name, &uuid, &qmp.display().to_string(), &s(&d.qga), &disks, &s(&d.nvram), xml)
                 .await
                 .map_err(|e| format!("RegisterDomain: {e}"))?;
             Ok(String::new())
         }
         Action::Unregister => {
-            proxy.call_method("UnregisterDomain", &(dom_arg,)).await.map_err(|e| format!("UnregisterDomain: {e}"))?;
+            proxy.unregister_domain(dom_arg).await.map_err(|e| format!("UnregisterDomain: {e}"))?;
             Ok(String::new())
         }
         Action::Nothing => Ok(String::new()),

@@ -642,7 +642,7 @@ fn daemon_sigterm_mid_freeze() -> Result<(), Failed> {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.0.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
     let status = daemon.0.wait()?;
     let log = std::fs::read_to_string(lab.path("daemon.log"))?;
-    check(status.success() && log.contains("waiting for D-Bus jobs"), format!("daemon exit {status}: {log}"))?;
+    check(status.success() && log.contains("waiting for running jobs jobs=1"), format!("daemon exit {status}: {log}"))?;
     assert_invariants(lab, true)?;
     check(lab.snapshots().len() == 1, "the job finished its snapshot before the daemon stopped")?;
     lab.reset_snapshots();
@@ -1010,6 +1010,50 @@ fn qemu_killed_on_the_overlay() -> Result<(), Failed> {
     assert_invariants(lab, true)
 }
 
+/// A snapshot the daemon's scheduler takes is announced with `SnapshotTaken` like a D-Bus one
+/// (before the job layer only D-Bus-started snapshots were), and lands in `status.json`.
+fn scheduled_snapshot_is_announced() -> Result<(), Failed> {
+    let guard = lab_lock();
+    let lab = guard.as_ref().unwrap();
+    let (address, _bus, daemon) = start_daemon(lab)?;
+    let monitor = Kill(
+        Command::new("dbus-monitor")
+            .args(["--address", &address])
+            .arg("type='signal',interface='io.github.vmsnap.Agent1',member='SnapshotTaken'")
+            .stdout(std::fs::File::create(lab.path("monitor.log"))?)
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Schedule this domain (and only it): an hourly snapshot is due at once.
+    let cfg = std::fs::read_to_string(lab.config())?;
+    let scheduled = cfg.replace(&format!("[domain.{DOMAIN}]\n"), &format!("[domain.{DOMAIN}]\nautosnap = true\nhourly = 2\n"));
+    check(scheduled != cfg, "the test config has the domain's section")?;
+    std::fs::write(lab.config(), &scheduled)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.0.id() as i32), nix::sys::signal::Signal::SIGHUP)?;
+    let t = Instant::now();
+    let said = loop {
+        let said = std::fs::read_to_string(lab.path("monitor.log"))?;
+        if said.contains("SnapshotTaken") {
+            break said;
+        }
+        let log = std::fs::read_to_string(lab.path("daemon.log"))?;
+        check(t.elapsed() < Duration::from_secs(60), format!("no SnapshotTaken for the scheduled snapshot: {said}\n{log}"))?;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(monitor);
+    eprintln!("scheduled snapshot announced: {}", said.lines().filter(|l| l.contains("string")).collect::<Vec<_>>().join(" | "));
+    check(said.contains(&format!("string \"{DOMAIN}\"")) && said.contains("string \"app\""), said.clone())?;
+    let status: Value = serde_json::from_str(&std::fs::read_to_string(lab.path("state/status.json"))?)?;
+    check(status["domains"][DOMAIN]["ok"] == true, format!("status.json: {status}"))?;
+    let mut daemon = daemon;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.0.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    check(daemon.0.wait()?.success(), "the daemon stops on SIGTERM")?;
+    lab.write_config("");
+    assert_invariants(lab, true)?;
+    lab.reset_snapshots();
+    Ok(())
+}
+
 type Case = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -1025,6 +1069,7 @@ fn main() {
         ("dbus_cancel_during_a_dump_cancels_the_migration", dbus_cancel_during_a_dump),
         ("cli_through_the_daemon_returns_the_jobs_result", cli_through_the_daemon_returns),
         ("daemon_sigterm_mid_freeze_waits_for_the_thaw", daemon_sigterm_mid_freeze),
+        ("scheduled_snapshot_is_announced", scheduled_snapshot_is_announced),
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
         ("stopped_only_when_known_down", stopped_only_when_known_down),
         ("planted_files_are_refused", planted_files_are_refused),

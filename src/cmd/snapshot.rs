@@ -1,10 +1,17 @@
-//! `vmsnap snapshot`: one consistent snapshot now — through the daemon when it runs (so it is
-//! serialised with the scheduler's jobs and shows the job's progress), else in this process.
+//! `vmsnap snapshot`: one consistent snapshot now — through the daemon when it runs (its job
+//! layer serialises it with the scheduler's jobs; the CLI follows the job's signals), else
+//! through a job layer in this process. Either way the report is one typed
+//! [`SnapshotReport`], printed by [`print_report`].
 
+use super::progress::Steps;
 use crate::{MemoryArg, StrategyArg};
-use anyhow::Result;
+use anyhow::{bail, Result};
+use futures_util::StreamExt;
+use std::sync::Arc;
 use vmsnap::config::Config;
-use vmsnap::engine::{self, RamMode, SnapshotOptions, Strategy};
+use vmsnap::daemon::jobs::{Jobs, Origin, Outcome, Output, Request};
+use vmsnap::dbus::client::{Agent1Proxy, Job1Proxy};
+use vmsnap::engine::{RamMode, SnapshotOptions, SnapshotReport, Strategy};
 use vmsnap::zfs::Zfs;
 
 pub struct Args {
@@ -18,17 +25,15 @@ pub struct Args {
 
 /// Through the daemon when one answers on D-Bus (unless `local`), else in-process.
 pub async fn run(config: &std::path::Path, zfs: &Zfs, a: Args, local: bool) -> Result<()> {
-    if !local {
-        if let Some(conn) = super::bus::daemon().await {
-            return via_daemon(&conn, a).await;
-        }
-    }
-    in_process(&Config::load(config)?, zfs, a).await
+    let report = match (local, if local { None } else { super::bus::daemon().await }) {
+        (false, Some(conn)) => via_daemon(&conn, &a).await?,
+        _ => in_process(Config::load(config)?, zfs, &a).await?,
+    };
+    print_report(&report, a.json)
 }
 
-async fn via_daemon(conn: &zbus::Connection, a: Args) -> Result<()> {
+async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport> {
     use std::collections::HashMap;
-    use vmsnap::dbus::{BUS_NAME, PATH};
     use zbus::zvariant::Value;
     let mut options: HashMap<&str, Value<'_>> = HashMap::new();
     if let Some(m) = a.memory {
@@ -37,123 +42,112 @@ async fn via_daemon(conn: &zbus::Connection, a: Args) -> Result<()> {
     options.insert("strategy", Value::from(if matches!(a.strategy, StrategyArg::Direct) { "direct" } else { "overlay" }));
     options.insert("quiesce", Value::from(!a.no_quiesce));
     options.insert("label", Value::from(a.label.as_str()));
-    let agent = zbus::Proxy::new(conn, BUS_NAME, PATH, BUS_NAME).await?;
-    let job: zbus::zvariant::OwnedObjectPath =
-        agent.call("Snapshot", &(a.domain.as_str(), options)).await.map_err(|e| anyhow::anyhow!("domain {}: {e}", a.domain))?;
-    // Uncached: the job's properties are read fresh each time (a cached proxy only learns of a
-    // change from PropertiesChanged, and would wait forever on a stale `running`).
-    let proxy: zbus::Proxy<'_> = zbus::proxy::Builder::new(conn)
-        .destination(BUS_NAME)?
-        .path(job.as_str())?
-        .interface("io.github.vmsnap.Job1")?
+    let agent = Agent1Proxy::new(conn).await?;
+    let path = agent.snapshot(&a.domain, options).await.map_err(|e| anyhow::anyhow!("domain {}: {e}", a.domain))?;
+    // Uncached: State and Result are read fresh once the job says it has finished.
+    let job = Job1Proxy::builder(conn).path(path.clone())?.cache_properties(zbus::proxy::CacheProperties::No).build().await?;
+    let props = zbus::fdo::PropertiesProxy::builder(conn)
+        .destination(vmsnap::dbus::BUS_NAME)?
+        .path(path.clone())?
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;
-    let mut shown = String::new();
-    let state = loop {
-        let progress: String = proxy.get_property("Progress").await?;
-        if progress != shown && !a.json {
-            eprintln!("  {progress} (daemon job {})", job.as_str());
-            shown = progress;
+    // Subscribed before the first look, so no change between the two is missed.
+    let mut changes = props.receive_properties_changed().await?;
+    let mut finished = job.receive_finished().await?;
+    let mut steps = Steps::new(a.json, &a.domain, &format!("daemon job {}", path.as_str()));
+    steps.step(&job.progress().await?);
+    if job.state().await? == "running" {
+        loop {
+            tokio::select! {
+                Some(change) = changes.next() => {
+                    if let Ok(args) = change.args() {
+                        if let Some(v) = args.changed_properties().get("Progress") {
+                            if let Ok(s) = String::try_from(v.try_clone()?) {
+                                steps.step(&s);
+                            }
+                        }
+                    }
+                }
+                _ = finished.next() => break,
+                else => break,
+            }
         }
-        let state: String = proxy.get_property("State").await?;
-        if state != "running" {
-            break state;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
-    let result: String = proxy.get_property("Result").await?;
+    }
+    steps.done();
+    let (state, result) = (job.state().await?, job.result().await?);
     if state != "succeeded" {
-        anyhow::bail!("{result}");
+        bail!("{result}");
     }
-    let report: serde_json::Value = serde_json::from_str(&result)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!(
-            "{} @{}: {} ({})",
-            report["domain"].as_str().unwrap_or(""),
-            report["name"].as_str().unwrap_or(""),
-            report["consistency"].as_str().unwrap_or(""),
-            report["strategy"].as_str().unwrap_or("")
-        );
-        for s in report["snapshots"].as_array().into_iter().flatten() {
-            println!("  {}", s.as_str().unwrap_or(""));
-        }
-        if let Some(f) = report["freeze_ms"].as_f64() {
-            println!("  guest frozen {f:.1} ms");
-        }
-        if let Some(p) = report["pause_ms"].as_f64() {
-            println!("  VM paused {p:.1} ms");
-        }
-        for w in report["warnings"].as_array().into_iter().flatten() {
-            println!("  warning: {}", w.as_str().unwrap_or(""));
-        }
-    }
-    Ok(())
+    Ok(serde_json::from_str(&result)?)
 }
 
-async fn in_process(cfg: &Config, zfs: &Zfs, a: Args) -> Result<()> {
-    let Args { domain, memory, strategy, no_quiesce, label, json } = a;
-    let dom = &vmsnap::registry::select(cfg, Some(&domain))?.remove(0);
+async fn in_process(cfg: Config, zfs: &Zfs, a: &Args) -> Result<SnapshotReport> {
+    let dom = vmsnap::registry::select(&cfg, Some(&a.domain))?.remove(0);
     let opts = SnapshotOptions {
-        strategy: match strategy {
+        strategy: match a.strategy {
             StrategyArg::Overlay => Strategy::Overlay,
             StrategyArg::Direct => Strategy::Direct,
         },
-        memory: memory.map(|m| match m {
+        memory: a.memory.map(|m| match m {
             MemoryArg::Precopy => RamMode::Precopy,
             MemoryArg::Background => RamMode::Background,
         }),
-        quiesce: !no_quiesce,
-        label,
+        quiesce: !a.no_quiesce,
+        label: a.label.clone(),
         ..SnapshotOptions::default()
     };
-    let progress = |step: &str| {
-        if !json {
-            eprintln!("  {step}");
-        }
-    };
-    // Ctrl-C or SIGTERM mid-step: stop the engine where it is and undo through its journal
-    // (thaw, resume, cancel the dump, merge the overlays) before exiting; further signals are
-    // ignored until then.
+    // The job layer as the daemon runs it (scripts, status), here in this process; the metrics
+    // file stays the daemon's.
+    let jobs = Jobs::new(Arc::new(cfg), Arc::new(zfs.clone()), false);
+    let mut handle = jobs.start(dom, Request::Snapshot(opts), Origin::Cli)?;
+    let mut steps = Steps::new(a.json, &a.domain, "");
+    // Ctrl-C or SIGTERM mid-step: the job stops where it is and undoes through its journal
+    // (thaw, resume, cancel the dump, merge the overlays) before this process exits; further
+    // signals are ignored until then.
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    let outcome = tokio::select! {
-        r = engine::snapshot(cfg, dom, &opts, zfs, &progress) => Some(r),
-        _ = int.recv() => None,
-        _ = term.recv() => None,
-    };
-    let report = match outcome {
-        Some(r) => r?,
-        None => {
-            eprintln!("vmsnap: interrupted: undoing the snapshot of {} before exiting", dom.name);
-            let undone = engine::recover::recover_domain(cfg, &dom.name, zfs)
-                .await
-                .map_err(|e| anyhow::anyhow!("interrupted, and undoing failed (run `vmsnap recover`): {e}"))?;
-            for a in undone.iter().flat_map(|r| &r.actions) {
-                eprintln!("  {a}");
-            }
-            anyhow::bail!("interrupted; the snapshot of {} was undone", dom.name);
+    let mut end = handle.clone();
+    loop {
+        tokio::select! {
+            Some(s) = handle.progress_changed() => steps.step(&s),
+            _ = end.outcome() => break,
+            _ = int.recv() => break interrupt(&jobs, &steps, &a.domain).await,
+            _ = term.recv() => break interrupt(&jobs, &steps, &a.domain).await,
         }
-    };
+    }
+    steps.done();
+    match end.outcome().await {
+        Outcome::Succeeded(Output::Snapshot(r)) => Ok(*r),
+        Outcome::Cancelled(m) => bail!("interrupted; the snapshot of {} was {}", a.domain, m),
+        other => bail!("{}", other.result_text()),
+    }
+}
+
+async fn interrupt(jobs: &Jobs, steps: &Steps, domain: &str) {
+    steps.note(&format!("vmsnap: interrupted: undoing the snapshot of {domain} before exiting"));
+    jobs.shutdown(true).await;
+}
+
+/// The report, as JSON (`--json`) or as lines.
+pub fn print_report(report: &SnapshotReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{} @{}: {} ({})", report.domain, report.name, report.consistency, report.strategy);
-        for s in &report.snapshots {
-            println!("  {s}");
-        }
-        if let Some(f) = report.freeze_ms {
-            println!("  guest frozen {f:.1} ms");
-        }
-        if let Some(p) = report.pause_ms {
-            println!("  VM paused {p:.1} ms");
-        }
-        for w in &report.warnings {
-            println!("  warning: {w}");
-        }
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!("{} @{}: {} ({})", report.domain, report.name, report.consistency, report.strategy);
+    for s in &report.snapshots {
+        println!("  {s}");
+    }
+    if let Some(f) = report.freeze_ms {
+        println!("  guest frozen {f:.1} ms");
+    }
+    if let Some(p) = report.pause_ms {
+        println!("  VM paused {p:.1} ms");
+    }
+    for w in &report.warnings {
+        println!("  warning: {w}");
     }
     Ok(())
 }

@@ -1,68 +1,98 @@
-//! One snapshot job started over D-Bus, exported at `…/Jobs/<n>`: its `State`
-//! (`running`, `succeeded`, `failed`, `cancelled`), the step in `Progress`, the report or error
-//! in `Result` (JSON), `Cancel()`, and a `Finished(success, result)` signal.
+//! One job started over D-Bus, exported at `…/Jobs/<n>`: its `State` (`running`, `succeeded`,
+//! `failed`, `cancelled`), the step in `Progress`, the report or error in `Result` (JSON),
+//! `Cancel()`, and a `Finished(success, result)` signal. Every property change is announced
+//! with `PropertiesChanged`, so followers never poll. The job itself lives in
+//! [`crate::daemon::jobs`]; this object only shows it.
 
 use super::VmsnapError;
-use std::sync::{Arc, Mutex};
+use crate::daemon::jobs::{JobHandle, Jobs, Outcome};
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
+use zbus::zvariant::OwnedObjectPath;
 
-/// What the job has come to; shared with the task that runs it.
-#[derive(Debug, Clone, Default)]
-pub struct JobState {
-    pub state: String,
-    pub progress: String,
-    pub result: String,
-}
+/// How long a finished job object stays on the bus.
+const JOB_LINGER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The exported job object.
 pub struct Job {
-    pub domain: String,
-    pub shared: Arc<Mutex<JobState>>,
-    /// Aborts the running snapshot; set by the service once the task exists.
-    pub cancel: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
+    handle: JobHandle,
+    jobs: Jobs,
+}
+
+impl Job {
+    pub fn new(handle: JobHandle, jobs: Jobs) -> Self {
+        Self { handle, jobs }
+    }
 }
 
 #[interface(name = "io.github.vmsnap.Job1")]
 impl Job {
     #[zbus(property)]
     fn domain(&self) -> String {
-        self.domain.clone()
+        self.handle.domain.clone()
     }
 
     #[zbus(property)]
     fn state(&self) -> String {
-        self.shared.lock().expect("job state").state.clone()
+        self.handle.finished().map_or("running", |o| o.state()).to_owned()
     }
 
     #[zbus(property)]
     fn progress(&self) -> String {
-        self.shared.lock().expect("job state").progress.clone()
+        match self.handle.finished() {
+            Some(_) => "done".to_owned(),
+            None => self.handle.progress(),
+        }
     }
 
     #[zbus(property)]
     fn result(&self) -> String {
-        self.shared.lock().expect("job state").result.clone()
+        self.handle.finished().map(|o| o.result_text()).unwrap_or_default()
     }
 
-    /// Stops the snapshot: the task is dropped and the domain's journal is replayed (thaw,
-    /// resume, merge overlays), as after a crash. Only the job's starter or root may do it —
-    /// root only, like every mutating call.
+    /// Stops the job at the step it is in and replays its domain's journal (thaw, resume,
+    /// cancel the dump, merge overlays), as after a crash. Root only, like every mutating call.
     async fn cancel(
         &self,
         #[zbus(header)] hdr: zbus::message::Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(), VmsnapError> {
-        super::service::require_root(conn, &hdr, "Cancel").await?;
-        match self.cancel.lock().expect("cancel").take() {
-            Some(tx) => {
-                let _ = tx.send(());
-                Ok(())
-            }
-            None => Err(VmsnapError::Failed("the job has already finished".into())),
+        super::authz::require_root(conn, &hdr, "Cancel").await?;
+        if self.handle.finished().is_some() || !self.jobs.cancel(self.handle.id) {
+            return Err(VmsnapError::Failed("the job has already finished".into()));
         }
+        Ok(())
     }
 
     #[zbus(signal)]
     pub async fn finished(emitter: &SignalEmitter<'_>, success: bool, result: &str) -> zbus::Result<()>;
+}
+
+/// Announces the job's changes until it ends, then keeps the object readable for a while (the
+/// daemon runs for months) and removes it.
+pub async fn follow(conn: zbus::Connection, path: OwnedObjectPath, mut handle: JobHandle) {
+    let Ok(iface) = conn.object_server().interface::<_, Job>(&path).await else { return };
+    let mut end = handle.clone();
+    while handle.finished().is_none() {
+        tokio::select! {
+            changed = handle.progress_changed() => {
+                if changed.is_none() {
+                    break;
+                }
+                let _ = iface.get().await.progress_changed(iface.signal_emitter()).await;
+            }
+            _ = end.outcome() => break,
+        }
+    }
+    let outcome = handle.outcome().await;
+    {
+        let job = iface.get().await;
+        let emitter = iface.signal_emitter();
+        let _ = job.state_changed(emitter).await;
+        let _ = job.progress_changed(emitter).await;
+        let _ = job.result_changed(emitter).await;
+        let _ = Job::finished(emitter, matches!(outcome, Outcome::Succeeded(_)), &outcome.result_text()).await;
+    }
+    tokio::time::sleep(JOB_LINGER).await;
+    let _ = conn.object_server().remove::<Job, _>(&path).await;
 }

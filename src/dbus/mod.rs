@@ -8,6 +8,8 @@
 //! open to whoever the bus policy lets in. `dist/dbus/io.github.vmsnap.Agent1.xml` is the committed
 //! interface; a test diffs the live one against it.
 
+mod authz;
+pub mod client;
 mod error;
 mod job;
 pub mod polkit;

@@ -1,26 +1,23 @@
-//! The `io.github.vmsnap.Agent1` object: its methods check the caller and the arguments, then
-//! use the same engine, catalog, prune and registry as the CLI and the scheduler.
+//! The `io.github.vmsnap.Agent1` object: its methods parse the arguments, check the caller
+//! ([`super::authz`]), and start jobs through [`crate::daemon::jobs`] like the scheduler and the CLI.
 
-use super::job::{Job, JobState};
-use super::polkit;
+use super::authz::{require_root, require_uid0};
+use super::job::Job;
 use super::{VmsnapError, BUS_NAME, JOBS, PATH};
 use crate::catalog;
 use crate::config::{Config, DomainConfig};
 use crate::daemon::error_chain;
-use crate::engine::lock::DomainLock;
-use crate::engine::{self, RamMode, SnapshotOptions, Strategy};
+use crate::daemon::jobs::{JobEvent, Jobs, Origin, Outcome, Output, Request, StartError};
+use crate::engine::{RamMode, SnapshotOptions, Strategy};
 use crate::registry::{all_domains, Registration, Registry};
-use crate::zfs::Zfs;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
-
-/// How long a finished job object stays on the bus.
-const JOB_LINGER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Which bus to serve on.
 #[derive(Debug, Clone)]
@@ -30,23 +27,32 @@ pub enum Bus {
     Address(String),
 }
 
-/// The service object; the daemon shares its config with it (replaced on reload).
+/// Root's `zfs` processes that reads (List, Status, a dry-run Prune), open to every local user,
+/// may run at once; more wait, up to [`READ_WAIT`], then are refused as busy.
+const MAX_READS: usize = 4;
+const READ_WAIT: Duration = Duration::from_secs(30);
+
+/// The service object: methods parse, authorize, and hand work to the job layer.
 pub struct Agent {
-    pub cfg: Arc<RwLock<Arc<Config>>>,
-    pub zfs: Arc<Zfs>,
-    next_job: AtomicU64,
-    /// Held (read) by every job while it works on a VM: the daemon's shutdown takes it (write)
-    /// and so waits until each guest is thawed and resumed.
-    running: Arc<tokio::sync::RwLock<()>>,
+    jobs: Jobs,
+    reads: Arc<Semaphore>,
 }
 
 impl Agent {
-    pub fn new(cfg: Arc<RwLock<Arc<Config>>>, zfs: Arc<Zfs>, running: Arc<tokio::sync::RwLock<()>>) -> Self {
-        Self { cfg, zfs, next_job: AtomicU64::new(1), running }
+    pub fn new(jobs: Jobs) -> Self {
+        Self { jobs, reads: Arc::new(Semaphore::new(MAX_READS)) }
     }
 
     fn config(&self) -> Arc<Config> {
-        self.cfg.read().expect("config lock").clone()
+        self.jobs.config()
+    }
+
+    /// A permit for one unauthenticated read.
+    async fn read_permit(&self, method: &str) -> Result<tokio::sync::OwnedSemaphorePermit, VmsnapError> {
+        match tokio::time::timeout(READ_WAIT, self.reads.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(VmsnapError::Busy(format!("{method}: {MAX_READS} reads are already running; try again later"))),
+        }
     }
 
     fn registry(&self) -> Registry {
@@ -64,30 +70,6 @@ impl Agent {
             ))
         })
     }
-}
-
-/// The caller's uid, from the bus daemon, for the message's sender.
-pub(super) async fn caller_uid(conn: &zbus::Connection, hdr: &zbus::message::Header<'_>) -> Result<u32, VmsnapError> {
-    let sender = hdr.sender().ok_or_else(|| VmsnapError::NotAuthorized("the message has no sender".into()))?;
-    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-    dbus.get_connection_unix_user(sender.clone().into())
-        .await
-        .map_err(|e| VmsnapError::NotAuthorized(format!("cannot learn the caller's uid: {e}")))
-}
-
-/// Mutating methods: root, or a caller polkit authorizes for [`polkit::ACTION`].
-pub(super) async fn require_root(conn: &zbus::Connection, hdr: &zbus::message::Header<'_>, method: &str) -> Result<(), VmsnapError> {
-    let uid = caller_uid(conn, hdr).await?;
-    if uid == 0 {
-        return Ok(());
-    }
-    let sender = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
-    let why = match polkit::check(conn, &sender).await {
-        polkit::Verdict::Authorized => return Ok(()),
-        polkit::Verdict::NotAuthorized => format!("polkit does not grant {}", polkit::ACTION),
-        polkit::Verdict::Unavailable(e) => format!("no polkit to grant {} ({e})", polkit::ACTION),
-    };
-    Err(VmsnapError::NotAuthorized(format!("{method} changes snapshots or domains and needs root; the caller is uid {uid}, and {why}")))
 }
 
 /// A registration names only what its QEMU really uses: something answers on the QMP socket,
@@ -109,20 +91,6 @@ fn check_held_by_qemu(r: &Registration) -> Result<(), VmsnapError> {
         }
     }
     Ok(())
-}
-
-/// Methods that make root connect to sockets and read files the caller names: root only, never
-/// polkit's grant (the libvirt hook, their one legitimate caller, runs as root).
-async fn require_uid0(conn: &zbus::Connection, hdr: &zbus::message::Header<'_>, method: &str) -> Result<(), VmsnapError> {
-    let uid = caller_uid(conn, hdr).await?;
-    if uid == 0 {
-        return Ok(());
-    }
-    Err(VmsnapError::NotAuthorized(format!(
-        "{method} needs root: it makes vmsnap connect to the sockets and copy the files it names, so only root may \
-         call it (polkit's {} does not cover it); the caller is uid {uid}",
-        polkit::ACTION
-    )))
 }
 
 /// `Snapshot` options: `memory` (s: "", "background", "precopy"), `strategy` (s: "overlay",
@@ -204,7 +172,8 @@ impl Agent {
     /// A domain's snapshots: (name, creation time, consistency, RAM dump or "").
     async fn list(&self, domain: &str) -> Result<Vec<(String, i64, String, String)>, VmsnapError> {
         let dom = self.domain(domain)?;
-        let cat = catalog::load(&self.zfs, &dom).await.map_err(|e| VmsnapError::Failed(error_chain(&e)))?;
+        let _permit = self.read_permit("List").await?;
+        let cat = catalog::load(&self.jobs.zfs(), &dom).await.map_err(|e| VmsnapError::Failed(error_chain(&e)))?;
         Ok(cat
             .entries
             .into_iter()
@@ -221,13 +190,21 @@ impl Agent {
         #[zbus(header)] hdr: zbus::message::Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<String, VmsnapError> {
-        if !dry_run {
-            require_root(conn, &hdr, "Prune").await?;
-        }
         let dom = self.domain(domain)?;
-        let cfg = self.config();
-        let now = chrono::Utc::now().timestamp();
-        let report = crate::prune::prune(&cfg, &dom, &self.zfs, now, dry_run).await.map_err(|e| VmsnapError::Failed(error_chain(&e)))?;
+        let report = if dry_run {
+            let _permit = self.read_permit("Prune").await?;
+            let now = chrono::Utc::now().timestamp();
+            crate::prune::prune(&self.config(), &dom, &self.jobs.zfs(), now, true)
+                .await
+                .map_err(|e| VmsnapError::Failed(error_chain(&e)))?
+        } else {
+            require_root(conn, &hdr, "Prune").await?;
+            let mut job = self.jobs.start(dom, Request::Prune { dry_run: false }, Origin::DBus).map_err(start_error)?;
+            match job.outcome().await {
+                Outcome::Succeeded(Output::Prune(r)) => *r,
+                other => return Err(VmsnapError::Failed(other.result_text())),
+            }
+        };
         serde_json::to_string(&report).map_err(|e| VmsnapError::Failed(e.to_string()))
     }
 
@@ -243,82 +220,15 @@ impl Agent {
         require_root(conn, &hdr, "Snapshot").await?;
         let dom = self.domain(domain)?;
         let opts = parse_options(&options, &dom)?;
-        let cfg = self.config();
-        // Fail fast when another operation holds the domain, or when quiescing is required and
-        // the running VM's agent does not answer (the engine would refuse the same way, later).
-        drop(DomainLock::acquire(&cfg.state_dir, &dom.name).map_err(|e| VmsnapError::Busy(e.to_string()))?);
+        // Fail fast when quiescing is required and the running VM's agent does not answer (the
+        // engine would refuse the same way, later).
         if opts.quiesce && opts.memory.is_none() && dom.quiesce == crate::config::QuiescePolicy::Require {
             agent_answers(&dom).await?;
         }
-        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
-        let path = OwnedObjectPath::try_from(format!("{JOBS}/{id}")).map_err(|e| VmsnapError::Failed(e.to_string()))?;
-        let shared = Arc::new(Mutex::new(JobState { state: "running".into(), progress: "starting".into(), result: String::new() }));
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let job = Job { domain: dom.name.clone(), shared: shared.clone(), cancel: Arc::new(Mutex::new(Some(tx))) };
-        server.at(&path, job).await?;
-        let (zfs, conn, job_path) = (self.zfs.clone(), conn.clone(), path.clone());
-        // Taken before the task runs, so a shutdown that starts now still waits for this job.
-        let working = self.running.clone().read_owned().await;
-        tokio::spawn(async move {
-            let progress = {
-                let (shared, conn, job_path) = (shared.clone(), conn.clone(), job_path.clone());
-                move |step: &str| {
-                    shared.lock().expect("job state").progress = step.to_owned();
-                    // Followers learn of it from PropertiesChanged (no polling).
-                    let (conn, job_path) = (conn.clone(), job_path.clone());
-                    tokio::spawn(async move {
-                        if let Ok(iface) = conn.object_server().interface::<_, Job>(&job_path).await {
-                            let _ = iface.get().await.progress_changed(iface.signal_emitter()).await;
-                        }
-                    });
-                }
-            };
-            let outcome = tokio::select! {
-                r = engine::snapshot(&cfg, &dom, &opts, &zfs, &progress) => Some(r),
-                Ok(()) = &mut rx => None,
-            };
-            let (state, result, ok, taken) = match outcome {
-                Some(Ok(r)) => ("succeeded", serde_json::to_string(&r).unwrap_or_default(), true, Some((r.name.clone(), r.consistency))),
-                Some(Err(e)) => ("failed", error_chain(&e), false, None),
-                None => {
-                    // The engine's future is gone mid-step: replay this domain's journal (and only
-                    // its own: other domains may be mid-snapshot), as after a crash.
-                    let undone = engine::recover::recover_domain(&cfg, &dom.name, &zfs).await;
-                    let msg = match undone {
-                        Ok(_) => {
-                            "cancelled; the journal was replayed (guest thawed and resumed, dump cancelled, overlays merged)".to_owned()
-                        }
-                        Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
-                    };
-                    ("cancelled", msg, false, None)
-                }
-            };
-            {
-                let mut s = shared.lock().expect("job state");
-                s.state = state.into();
-                s.progress = "done".into();
-                s.result = result.clone();
-            }
-            // The VM is left as it should be: a shutdown may go on.
-            drop(working);
-            if let Ok(iface) = conn.object_server().interface::<_, Job>(&job_path).await {
-                let job = iface.get().await;
-                let emitter = iface.signal_emitter();
-                let _ = job.state_changed(emitter).await;
-                let _ = job.progress_changed(emitter).await;
-                let _ = job.result_changed(emitter).await;
-                let _ = Job::finished(emitter, ok, &result).await;
-                let _ = job.cancel.lock().map(|mut c| c.take());
-            }
-            if let Some((name, consistency)) = taken {
-                if let Ok(iface) = conn.object_server().interface::<_, Agent>(PATH).await {
-                    let _ = Agent::snapshot_taken(iface.signal_emitter(), &dom.name, &name, consistency).await;
-                }
-            }
-            // The finished job stays readable for a while, then goes (the daemon runs for months).
-            tokio::time::sleep(JOB_LINGER).await;
-            let _ = conn.object_server().remove::<Job, _>(&job_path).await;
-        });
+        let handle = self.jobs.start(dom, Request::Snapshot(opts), Origin::DBus).map_err(start_error)?;
+        let path = OwnedObjectPath::try_from(format!("{JOBS}/{}", handle.id)).map_err(|e| VmsnapError::Failed(e.to_string()))?;
+        server.at(&path, Job::new(handle.clone(), self.jobs.clone())).await?;
+        tokio::spawn(super::job::follow(conn.clone(), path.clone(), handle));
         Ok(path)
     }
 
@@ -379,6 +289,7 @@ impl Agent {
 
     /// The daemon's last attempt per domain (JSON, as `<state_dir>/status.json`).
     async fn status(&self) -> Result<String, VmsnapError> {
+        let _permit = self.read_permit("Status").await?;
         let st = crate::status::Status::load(&self.config().state_dir).map_err(|e| VmsnapError::Failed(e.to_string()))?;
         serde_json::to_string(&st).map_err(|e| VmsnapError::Failed(e.to_string()))
     }
@@ -399,12 +310,36 @@ impl Agent {
     async fn domain_unregistered(emitter: &SignalEmitter<'_>, domain: &str) -> zbus::Result<()>;
 }
 
-/// Connects to `bus`, exports the agent and takes the bus name. Keep the connection alive.
-pub async fn serve(bus: &Bus, agent: Agent) -> zbus::Result<zbus::Connection> {
+fn start_error(e: StartError) -> VmsnapError {
+    match e {
+        StartError::Busy { .. } | StartError::Locked(_) | StartError::ShuttingDown => VmsnapError::Busy(e.to_string()),
+    }
+}
+
+/// Connects to `bus`, exports the agent over `jobs` and takes the bus name; every snapshot any
+/// job takes (scheduled ones too) is announced as `SnapshotTaken`. Keep the connection alive.
+pub async fn serve(bus: &Bus, jobs: Jobs) -> zbus::Result<zbus::Connection> {
     let builder = match bus {
         Bus::System => zbus::connection::Builder::system()?,
         Bus::Session => zbus::connection::Builder::session()?,
         Bus::Address(a) => zbus::connection::Builder::address(a.as_str())?,
     };
-    builder.name(BUS_NAME)?.serve_at(PATH, agent)?.build().await
+    let mut events = jobs.subscribe();
+    let conn = builder.name(BUS_NAME)?.serve_at(PATH, Agent::new(jobs))?.build().await?;
+    let announcer = conn.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(JobEvent::SnapshotTaken { domain, snapshot, consistency, .. }) => {
+                    if let Ok(iface) = announcer.object_server().interface::<_, Agent>(PATH).await {
+                        let _ = Agent::snapshot_taken(iface.signal_emitter(), &domain, &snapshot, &consistency).await;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!("D-Bus signals: {n} job events missed"),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+    Ok(conn)
 }

@@ -56,7 +56,7 @@ pub async fn snapshot(
     naming::check_label(&opts.label).map_err(|why| fail("check arguments", StepError::Refused(why)))?;
     let _lock = DomainLock::acquire(&cfg.state_dir, &dom.name)?;
     // A journal left by an earlier crash of this domain is settled first.
-    let leftover = Journal::dir(&cfg.state_dir).join(format!("{}.json", dom.name));
+    let leftover = Journal::path_of(&cfg.state_dir, &dom.name);
     if leftover.exists() {
         progress("recovering an interrupted earlier operation");
         recover::recover_journal(&leftover, recover::Places::of(cfg), zfs).await.map_err(|e| fail("recover", StepError::Refused(e)))?;
@@ -88,11 +88,12 @@ pub async fn snapshot(
             domain: dom.name.clone(),
             name: String::new(),
             snapshots: Vec::new(),
-            consistency: Consistency::Crash.as_str(),
+            consistency: Consistency::Crash,
             strategy: match opts.strategy {
                 Strategy::Overlay => "overlay",
                 Strategy::Direct => "direct",
-            },
+            }
+            .into(),
             freeze_ms: None,
             pause_ms: None,
             ram_dump: None,
@@ -342,7 +343,7 @@ impl Run<'_> {
             props.insert(PropName::new(naming::CONSISTENCY).expect("valid"), Consistency::Ram.as_str().into());
             self.label_snapshots(&props).await.at("record RAM dump")?;
             self.record(Record::RamLabelled).await?;
-            self.report.consistency = Consistency::Ram.as_str();
+            self.report.consistency = Consistency::Ram;
         }
         Ok(Consistency::Ram)
     }
@@ -491,7 +492,7 @@ impl Run<'_> {
         // and becomes `ram` in one `zfs set` once the dump is (see `with_ram`).
         let label =
             if consistency == Consistency::Ram && self.opts.strategy == Strategy::Direct { Consistency::Crash } else { consistency };
-        self.report.consistency = label.as_str();
+        self.report.consistency = label;
         let props = self.properties(label);
         let intended: Vec<String> = by_pool.values().flatten().map(|d| format!("{d}@{}", self.name)).collect();
         self.record(Record::ZfsSnapshotStarted { names: intended }).await?;
@@ -698,8 +699,8 @@ async fn offline(
         domain: dom.name.clone(),
         name,
         snapshots: names,
-        consistency: consistency.as_str(),
-        strategy: "offline",
+        consistency,
+        strategy: "offline".into(),
         freeze_ms: None,
         pause_ms: None,
         ram_dump: None,

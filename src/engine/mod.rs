@@ -41,7 +41,8 @@ pub enum RamMode {
 }
 
 /// How consistent a snapshot is; recorded in `vmsnap:consistency`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Consistency {
     /// The guest's filesystems were frozen by its agent.
     App,
@@ -61,6 +62,12 @@ impl Consistency {
             Self::Ram => "ram",
             Self::Offline => "offline",
         }
+    }
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -85,15 +92,16 @@ impl Default for SnapshotOptions {
     }
 }
 
-/// What a snapshot did.
-#[derive(Debug, Clone, serde::Serialize)]
+/// What a snapshot did (also the `Result` of a D-Bus snapshot job, as JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotReport {
     pub domain: String,
     /// The part after `@`.
     pub name: String,
     pub snapshots: Vec<String>,
-    pub consistency: &'static str,
-    pub strategy: &'static str,
+    pub consistency: Consistency,
+    /// `overlay`, `direct`, or `offline` (the VM was not running).
+    pub strategy: String,
     /// How long the guest's filesystems were frozen.
     pub freeze_ms: Option<f64>,
     /// How long the VM was paused.

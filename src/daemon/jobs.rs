@@ -1,0 +1,528 @@
+//! The job layer: the one way any entrance (the scheduler, D-Bus, the CLI's local mode) makes
+//! vmsnap act on a domain.
+//!
+//! [`Jobs::start`] takes a domain, a [`Request`] and who asks ([`Origin`]) and returns a
+//! [`JobHandle`]. This module alone owns what every job must get right, whoever started it:
+//! one job per domain at a time (and a cross-process check of the domain's lock), at most
+//! `max_parallel` jobs working at once, the pre/post snapshot scripts, the engine call, pruning
+//! after a scheduled snapshot, `status.json`, the metrics file, the events that become D-Bus
+//! signals ([`Jobs::subscribe`]), and cancellation: [`Jobs::cancel`] stops the job at the step it
+//! is in and replays *that domain's* journal (thaw, resume, cancel the dump, merge overlays), as
+//! after a crash. [`Jobs::shutdown`] refuses new jobs, then cancels or awaits every running one.
+
+use crate::config::{Config, DomainConfig};
+use crate::engine::lock::DomainLock;
+use crate::engine::{self, SnapshotOptions, SnapshotReport};
+use crate::metrics::Metrics;
+use crate::prune::{self, PruneReport};
+use crate::scripts::{self, ScriptEnv};
+use crate::status::{Attempt, Status};
+use crate::zfs::Zfs;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+use tokio::sync::{broadcast, watch, Semaphore};
+
+/// What a job is asked to do.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// A snapshot now; one serving retention periods (`opts.periods`, the scheduler's) is followed
+    /// by pruning when the policy has `autoprune`.
+    Snapshot(SnapshotOptions),
+    /// Retention carried out now (or only planned, with `dry_run`).
+    Prune { dry_run: bool },
+}
+
+impl Request {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Snapshot(_) => "snapshot",
+            Self::Prune { .. } => "prune",
+        }
+    }
+}
+
+/// Who started a job (logged, and kept on the job for whoever lists it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Schedule,
+    DBus,
+    Cli,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Schedule => "schedule",
+            Self::DBus => "dbus",
+            Self::Cli => "cli",
+        }
+    }
+}
+
+/// What a job produced.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Snapshot(Box<SnapshotReport>),
+    Prune(Box<PruneReport>),
+}
+
+impl Output {
+    /// The report as JSON (the D-Bus job's `Result`).
+    pub fn to_json(&self) -> String {
+        match self {
+            Self::Snapshot(r) => serde_json::to_string(r),
+            Self::Prune(r) => serde_json::to_string(r),
+        }
+        .expect("reports serialise")
+    }
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Succeeded(Output),
+    /// The error, with its causes.
+    Failed(String),
+    /// Cancelled; what the undo did (or why it is incomplete).
+    Cancelled(String),
+}
+
+impl Outcome {
+    pub fn state(&self) -> &'static str {
+        match self {
+            Self::Succeeded(_) => "succeeded",
+            Self::Failed(_) => "failed",
+            Self::Cancelled(_) => "cancelled",
+        }
+    }
+
+    /// The report as JSON on success, else the message.
+    pub fn result_text(&self) -> String {
+        match self {
+            Self::Succeeded(o) => o.to_json(),
+            Self::Failed(m) | Self::Cancelled(m) => m.clone(),
+        }
+    }
+}
+
+/// What happens to jobs, for whoever listens (the D-Bus service turns these into signals).
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// A step starts.
+    Progress {
+        id: u64,
+        domain: String,
+        step: String,
+    },
+    /// A snapshot was taken (by any job, whoever started it).
+    SnapshotTaken {
+        id: u64,
+        domain: String,
+        snapshot: String,
+        consistency: String,
+    },
+    Finished {
+        id: u64,
+        domain: String,
+        state: &'static str,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{domain}: job {id} ({kind}) is still running for it; one job per domain at a time")]
+    Busy { domain: String, id: u64, kind: &'static str },
+    #[error("{0}")]
+    Locked(String),
+    #[error("vmsnap is shutting down and starts no new job")]
+    ShuttingDown,
+}
+
+/// A started job: its id, and its outcome once it is over.
+#[derive(Debug, Clone)]
+pub struct JobHandle {
+    pub id: u64,
+    pub domain: String,
+    done: watch::Receiver<Option<Outcome>>,
+    progress: watch::Receiver<String>,
+}
+
+impl JobHandle {
+    /// Waits for the job to end.
+    pub async fn outcome(&mut self) -> Outcome {
+        match self.done.wait_for(Option::is_some).await {
+            Ok(o) => o.clone().expect("waited for Some"),
+            Err(_) => Outcome::Failed("the job's task ended without an outcome".into()),
+        }
+    }
+
+    /// The step it is at now.
+    pub fn progress(&self) -> String {
+        self.progress.borrow().clone()
+    }
+
+    /// Resolves when the step changes (or the job is gone).
+    pub async fn progress_changed(&mut self) -> Option<String> {
+        self.progress.changed().await.ok().map(|()| self.progress.borrow_and_update().clone())
+    }
+
+    /// Its outcome, if it is over.
+    pub fn finished(&self) -> Option<Outcome> {
+        self.done.borrow().clone()
+    }
+}
+
+struct Running {
+    kind: &'static str,
+    cancel: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+struct Inner {
+    cfg: RwLock<Arc<Config>>,
+    zfs: Arc<Zfs>,
+    /// At most `max_parallel` jobs work at once (replaced on a reload that changes it).
+    slots: RwLock<(usize, Arc<Semaphore>)>,
+    running: Mutex<HashMap<String, (u64, Running)>>,
+    record: Mutex<Records>,
+    events: broadcast::Sender<JobEvent>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// The daemon's counters, and whether this process writes the metrics file (only the daemon
+/// does: the counters live in its memory).
+struct Records {
+    metrics: Metrics,
+    write_metrics: bool,
+}
+
+/// The job layer; cheap to clone.
+#[derive(Clone)]
+pub struct Jobs(Arc<Inner>);
+
+impl Jobs {
+    /// `write_metrics`: keep counters and write `metrics_file` (the daemon); the CLI's local
+    /// mode leaves the file to the daemon.
+    pub fn new(cfg: Arc<Config>, zfs: Arc<Zfs>, write_metrics: bool) -> Self {
+        let n = cfg.max_parallel.max(1);
+        Self(Arc::new(Inner {
+            cfg: RwLock::new(cfg),
+            zfs,
+            slots: RwLock::new((n, Arc::new(Semaphore::new(n)))),
+            running: Mutex::new(HashMap::new()),
+            record: Mutex::new(Records { metrics: Metrics::default(), write_metrics }),
+            events: broadcast::channel(1024).0,
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.0.cfg.read().expect("config lock").clone()
+    }
+
+    pub fn zfs(&self) -> Arc<Zfs> {
+        self.0.zfs.clone()
+    }
+
+    /// A reloaded config: new jobs use it; a new `max_parallel` applies to jobs not yet working.
+    pub fn set_config(&self, cfg: Arc<Config>) {
+        let n = cfg.max_parallel.max(1);
+        let mut slots = self.0.slots.write().expect("slots lock");
+        if slots.0 != n {
+            *slots = (n, Arc::new(Semaphore::new(n)));
+        }
+        *self.0.cfg.write().expect("config lock") = cfg;
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.0.events.subscribe()
+    }
+
+    /// Is a job of `domain` running (its id)?
+    pub fn running_for(&self, domain: &str) -> Option<u64> {
+        self.0.running.lock().expect("jobs lock").get(domain).map(|(id, _)| *id)
+    }
+
+    /// Starts `request` on `dom`. Refused when the domain already has a job (here, or in another
+    /// vmsnap process holding its lock) or when shutting down.
+    pub fn start(&self, dom: DomainConfig, request: Request, origin: Origin) -> Result<JobHandle, StartError> {
+        if self.0.closed.load(Ordering::SeqCst) {
+            return Err(StartError::ShuttingDown);
+        }
+        let cfg = self.config();
+        let mut running = self.0.running.lock().expect("jobs lock");
+        if let Some((id, r)) = running.get(&dom.name) {
+            return Err(StartError::Busy { domain: dom.name.clone(), id: *id, kind: r.kind });
+        }
+        // Another process (a `vmsnap snapshot --local`, a `vmsnap prune`) may hold the domain.
+        if !matches!(request, Request::Prune { dry_run: true }) {
+            drop(DomainLock::acquire(&cfg.state_dir, &dom.name).map_err(|e| StartError::Locked(e.to_string()))?);
+        }
+        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
+        let (cancel, cancelled) = watch::channel(false);
+        let (done_tx, done) = watch::channel(None);
+        let (progress_tx, progress) = watch::channel("waiting to start".to_owned());
+        let kind = request.kind();
+        tracing::info!(job = id, domain = %dom.name, origin = origin.as_str(), kind, "job started");
+        let this = self.clone();
+        let domain = dom.name.clone();
+        let task = tokio::spawn(async move {
+            let outcome = this.run(id, &cfg, &dom, request, cancelled, progress_tx).await;
+            let state = outcome.state();
+            match &outcome {
+                Outcome::Failed(e) => tracing::error!(job = id, domain = %dom.name, kind, "job failed: {e}"),
+                Outcome::Cancelled(m) => tracing::warn!(job = id, domain = %dom.name, kind, "job cancelled: {m}"),
+                Outcome::Succeeded(_) => tracing::info!(job = id, domain = %dom.name, kind, "job succeeded"),
+            }
+            this.0.running.lock().expect("jobs lock").remove(&dom.name);
+            let _ = done_tx.send(Some(outcome));
+            let _ = this.0.events.send(JobEvent::Finished { id, domain: dom.name.clone(), state });
+        });
+        running.insert(domain.clone(), (id, Running { kind, cancel, task: Some(task) }));
+        Ok(JobHandle { id, domain, done, progress })
+    }
+
+    /// Cancels job `id`; false when no such job runs.
+    pub fn cancel(&self, id: u64) -> bool {
+        let running = self.0.running.lock().expect("jobs lock");
+        match running.values().find(|(i, _)| *i == id) {
+            Some((_, r)) => r.cancel.send(true).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Refuses new jobs, then cancels (`cancel`) or awaits every running job. Returns when each
+    /// has ended, its guest thawed and resumed.
+    pub async fn shutdown(&self, cancel: bool) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        let tasks: Vec<_> = {
+            let mut running = self.0.running.lock().expect("jobs lock");
+            running
+                .values_mut()
+                .filter_map(|(_, r)| {
+                    if cancel {
+                        let _ = r.cancel.send(true);
+                    }
+                    r.task.take()
+                })
+                .collect()
+        };
+        tracing::info!(jobs = tasks.len(), cancel, "waiting for running jobs");
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// The job itself: waits for a slot, then does the work unless cancelled first.
+    async fn run(
+        &self,
+        id: u64,
+        cfg: &Config,
+        dom: &DomainConfig,
+        request: Request,
+        mut cancelled: watch::Receiver<bool>,
+        progress: watch::Sender<String>,
+    ) -> Outcome {
+        let step = |s: &str| {
+            progress.send_replace(s.to_owned());
+            let _ = self.0.events.send(JobEvent::Progress { id, domain: dom.name.clone(), step: s.to_owned() });
+        };
+        let slots = self.0.slots.read().expect("slots lock").1.clone();
+        let work = async {
+            if slots.available_permits() == 0 {
+                step("waiting for a free slot (max_parallel)");
+            }
+            let _slot = slots.acquire_owned().await.map_err(|_| "the job slots are gone".to_owned())?;
+            match &request {
+                Request::Snapshot(opts) => self.snapshot(id, cfg, dom, opts, &step).await.map(|r| Output::Snapshot(Box::new(r))),
+                Request::Prune { dry_run } => {
+                    step(if *dry_run { "planning retention" } else { "pruning" });
+                    let now = chrono::Utc::now().timestamp();
+                    prune::prune(cfg, dom, &self.0.zfs, now, *dry_run)
+                        .await
+                        .map(|r| Output::Prune(Box::new(r)))
+                        .map_err(|e| error_chain(&e))
+                }
+            }
+        };
+        let stop = async move {
+            let _ = cancelled.wait_for(|c| *c).await;
+        };
+        tokio::select! {
+            r = work => match r {
+                Ok(out) => Outcome::Succeeded(out),
+                Err(e) => Outcome::Failed(e),
+            },
+            () = stop => {
+                // The work's future is gone mid-step: replay this domain's journal (and only
+                // its own: other domains may be mid-snapshot), as after a crash.
+                step("cancelled: undoing");
+                let msg = match engine::recover::recover_domain(cfg, &dom.name, &self.0.zfs).await {
+                    Ok(Some(r)) => format!("cancelled; the journal was replayed: {}", r.actions.join("; ")),
+                    Ok(None) => "cancelled before anything was changed".to_owned(),
+                    Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
+                };
+                if matches!(request, Request::Snapshot(_)) {
+                    self.record(cfg, dom, &Err(msg.clone()), 0);
+                }
+                Outcome::Cancelled(msg)
+            }
+        }
+    }
+
+    /// A snapshot with its scripts, then pruning when it serves retention periods.
+    async fn snapshot(
+        &self,
+        id: u64,
+        cfg: &Config,
+        dom: &DomainConfig,
+        opts: &SnapshotOptions,
+        step: &(dyn Fn(&str) + Sync),
+    ) -> Result<SnapshotReport, String> {
+        let zfs = &*self.0.zfs;
+        let policy = &dom.policy;
+        // The name is fixed now so the pre-snapshot script is told the one taken.
+        let opts = SnapshotOptions { name_at: Some(opts.name_at.unwrap_or_else(SystemTime::now)), ..opts.clone() };
+        let name = engine::naming::snapshot_name(opts.name_at.expect("set"), &opts.label);
+        let scripted = policy.scripts.pre_snapshot.is_some() || policy.scripts.post_snapshot.is_some();
+        // Like sanoid, scripts are told dataset names (the datasets under the domain's disks).
+        let targets: Vec<String> = if scripted {
+            match engine::disks::datasets_by_pool(zfs, &dom.disks).await {
+                Ok(by_pool) => by_pool.into_values().flatten().map(|d| d.to_string()).collect(),
+                Err(e) => {
+                    tracing::warn!(domain = %dom.name, "scripts get no SANOID_TARGETS: {e}");
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let env = |script: &'static str| ScriptEnv {
+            domain: dom.name.clone(),
+            script,
+            targets: targets.clone(),
+            snapnames: vec![name.clone()],
+            types: opts.periods.iter().map(|p| p.as_str().to_owned()).collect(),
+        };
+        let mut pre_failed = false;
+        if let Some(s) = &policy.scripts.pre_snapshot {
+            step("running pre_snapshot_script");
+            if let Err(e) = scripts::run(s, &env("pre"), policy.scripts.timeout).await {
+                tracing::warn!(domain = %dom.name, "pre_snapshot_script failed: {e}");
+                pre_failed = true;
+            }
+        }
+        let result = if pre_failed && policy.scripts.no_inconsistent_snapshot {
+            Err("pre_snapshot_script failed and no_inconsistent_snapshot is set: snapshot skipped".to_owned())
+        } else {
+            engine::snapshot(cfg, dom, &opts, zfs, step).await.map_err(|e| error_chain(&e))
+        };
+        if let Some(s) = &policy.scripts.post_snapshot {
+            if !pre_failed || policy.scripts.force_post {
+                step("running post_snapshot_script");
+                if let Err(e) = scripts::run(s, &env("post"), policy.scripts.timeout).await {
+                    tracing::warn!(domain = %dom.name, "post_snapshot_script failed: {e}");
+                }
+            }
+        }
+        if let Ok(r) = &result {
+            tracing::info!(
+                domain = %dom.name,
+                snapshot = %r.name,
+                consistency = r.consistency.as_str(),
+                freeze_ms = r.freeze_ms.unwrap_or(0.0),
+                pause_ms = r.pause_ms.unwrap_or(0.0),
+                ram = r.ram_dump.is_some(),
+                "snapshot taken"
+            );
+            for w in &r.warnings {
+                tracing::warn!(domain = %dom.name, snapshot = %r.name, "{w}");
+            }
+            let _ = self.0.events.send(JobEvent::SnapshotTaken {
+                id,
+                domain: dom.name.clone(),
+                snapshot: r.name.clone(),
+                consistency: r.consistency.to_string(),
+            });
+        }
+        let mut destroyed = 0;
+        if policy.autoprune && !opts.periods.is_empty() {
+            step("pruning");
+            match prune::prune(cfg, dom, zfs, chrono::Utc::now().timestamp(), false).await {
+                Ok(p) => {
+                    destroyed = p.destroyed.len() as u64;
+                    if destroyed > 0 || !p.ram_deleted.is_empty() {
+                        tracing::info!(domain = %dom.name, destroyed = ?p.destroyed, ram_deleted = ?p.ram_deleted, "pruned");
+                    }
+                    for w in &p.warnings {
+                        tracing::warn!(domain = %dom.name, "prune: {w}");
+                    }
+                }
+                Err(e) => tracing::error!(domain = %dom.name, "prune failed: {}", error_chain(&e)),
+            }
+        }
+        self.record(cfg, dom, &result, destroyed);
+        result
+    }
+
+    /// The attempt into `status.json` (read back first: another vmsnap process may have written
+    /// other domains) and, in the daemon, into the metrics file.
+    fn record(&self, cfg: &Config, dom: &DomainConfig, result: &Result<SnapshotReport, String>, destroyed: u64) {
+        let at = chrono::Utc::now().timestamp();
+        let attempt = match result {
+            Ok(r) => Attempt { at, ok: true, snapshot: Some(r.name.clone()), consistency: Some(r.consistency.to_string()), error: None },
+            Err(e) => Attempt { at, ok: false, snapshot: None, consistency: None, error: Some(e.clone()) },
+        };
+        let mut rec = self.0.record.lock().expect("no job panics while holding the records");
+        let mut status = Status::load(&cfg.state_dir).unwrap_or_else(|e| {
+            tracing::warn!("replacing an unreadable {}: {e}", Status::path(&cfg.state_dir).display());
+            Status::default()
+        });
+        status.domains.insert(dom.name.clone(), attempt);
+        if let Err(e) = status.save(&cfg.state_dir) {
+            tracing::error!("saving {}: {e}", Status::path(&cfg.state_dir).display());
+        }
+        if !rec.write_metrics {
+            return;
+        }
+        let m = rec.metrics.domain(&dom.name);
+        m.pruned += destroyed;
+        match result {
+            Ok(r) => {
+                *m.taken.entry(r.consistency.to_string()).or_default() += 1;
+                m.last_success = Some(at);
+                if let Some(f) = r.freeze_ms {
+                    m.freeze_ms.observe(f);
+                }
+                if let Some(p) = r.pause_ms {
+                    m.pause_ms.observe(p);
+                }
+            }
+            Err(_) => {
+                m.failed += 1;
+                m.last_failure = Some(at);
+            }
+        }
+        if let Some(path) = &cfg.metrics_file {
+            if let Err(e) = rec.metrics.write(path) {
+                tracing::error!("writing metrics to {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// `a: b: c` from an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
