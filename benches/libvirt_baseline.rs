@@ -14,16 +14,17 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use vmsnap::engine::ram;
 use vmsnap::qemu::qmp::Qmp;
-use vmsnap::rig::lane::{sh, vmsnap_bin};
-use vmsnap::rig::libvirt::{self, virsh, LibvirtKit, Libvirtd, DOMAIN};
-use vmsnap::rig::Rig;
+use vmsnap_testkit::rig::lane::{sh, vmsnap_bin};
+use vmsnap_testkit::rig::libvirt::{self, virsh, LibvirtKit, Libvirtd, DOMAIN};
+use vmsnap_testkit::rig::Rig;
+use vmsnap_testkit::support::median;
 
 const FS: &str = "tank/vms/lv";
 const DATA: &str = "tank/vms/lv-data";
 const CONFIG: &str = "/etc/vmsnap/bench.toml";
 
 fn main() {
-    vmsnap::rig::lane::dispatch_libvirt(inside);
+    vmsnap_testkit::rig::lane::dispatch_libvirt(inside);
 }
 
 #[derive(Clone, Copy)]
@@ -49,11 +50,6 @@ impl Variant {
 struct Sample {
     pause_ms: f64,
     total_ms: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn inside() {

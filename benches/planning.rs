@@ -8,8 +8,8 @@
 use std::time::Instant;
 use vmsnap::policy::{PerPeriod, Period, Policy};
 use vmsnap::retention::{self, periods_of, Snap};
-use vmsnap::rig::sanoid::{Sanoid, SanoidSection};
-use vmsnap::rig::Rig;
+use vmsnap_testkit::rig::sanoid::{Sanoid, SanoidSection};
+use vmsnap_testkit::rig::Rig;
 
 const DATASET: &str = "tank/vms/web";
 

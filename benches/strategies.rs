@@ -15,15 +15,16 @@ use vmsnap::engine::ram;
 use vmsnap::qemu::block::{file_node, qcow2_overlay_node};
 use vmsnap::qemu::blockjob::BlockJob;
 use vmsnap::qemu::qmp::Qmp;
-use vmsnap::rig::lane::{sh, vmsnap_bin};
-use vmsnap::rig::resume_kit;
-use vmsnap::rig::Rig;
+use vmsnap_testkit::rig::lane::{sh, vmsnap_bin};
+use vmsnap_testkit::rig::resume_kit;
+use vmsnap_testkit::rig::Rig;
+use vmsnap_testkit::support::median;
 
 const FS: &str = "tank/vms/bench";
 const ZVOL: &str = "tank/vms/bench-data";
 
 fn main() {
-    vmsnap::rig::lane::dispatch(inside);
+    vmsnap_testkit::rig::lane::dispatch(inside);
 }
 
 struct Sample {
@@ -31,15 +32,6 @@ struct Sample {
     freeze_ms: f64,
     /// The part of the window the strategy itself takes: the overlay switch or the zfs snapshot.
     capture_ms: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 fn inside() {

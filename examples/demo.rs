@@ -7,9 +7,9 @@
 
 use std::process::Command;
 use std::time::Duration;
-use vmsnap::rig::lane::{self, sh, vmsnap_bin};
-use vmsnap::rig::resume_kit;
-use vmsnap::rig::Rig;
+use vmsnap_testkit::rig::lane::{self, sh, vmsnap_bin};
+use vmsnap_testkit::rig::resume_kit;
+use vmsnap_testkit::rig::Rig;
 
 fn main() {
     lane::dispatch(inside);
@@ -76,7 +76,7 @@ fn inside() {
     let before = rt.block_on(uptime(&vm.machine.qga_path));
     vm.machine.kill();
     rt.block_on(async {
-        let opts = vmsnap::rig::TinyVmOptions {
+        let opts = vmsnap_testkit::rig::TinyVmOptions {
             memory_mib: resume_kit::KIT_MEMORY_MIB,
             disk_images: Some(vec!["/tank/resumed/disk0.qcow2".into(), "/dev/zvol/tank/resumed-data".into()]),
             extra_args: vec!["-incoming".into(), "defer".into()],

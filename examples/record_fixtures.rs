@@ -7,13 +7,13 @@ use serde_json::json;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use vmsnap::fixtures::record::Recorder;
-use vmsnap::fixtures::transcript::Header;
 use vmsnap::qemu::block::{file_node, qcow2_overlay_node};
 use vmsnap::qemu::blockjob::{BlockJob, JobError};
 use vmsnap::qemu::qga::{Qga, QgaError, Timeouts};
 use vmsnap::qemu::qmp::{Qmp, QmpError};
-use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
+use vmsnap_testkit::fixtures::record::Recorder;
+use vmsnap_testkit::fixtures::transcript::Header;
+use vmsnap_testkit::rig::{Rig, TinyVm, TinyVmOptions};
 
 type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
 

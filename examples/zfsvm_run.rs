@@ -3,7 +3,7 @@
 //! The cargo target directory is shared on `/mnt/share`, the rig on `/mnt/rig`.
 
 use std::time::Duration;
-use vmsnap::rig::{Rig, ZfsVm};
+use vmsnap_testkit::rig::{Rig, ZfsVm};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

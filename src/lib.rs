@@ -16,8 +16,9 @@
 //!   ([`qemu::qmp`], with block-job and fd-passing helpers) and the guest agent ([`qemu::qga`]).
 //! - [`zfs`]: the only place that runs `zfs`/`zpool`: validated names, pure parsers, operations.
 //! - [`fsutil`]: files root writes where others may reach: no symlink followed, whole files only.
-//! - [`fixtures`]: recording real QMP/QGA sessions and replaying them to test error paths.
-//! - [`rig`]: the test rig's machines (tiny QEMU guest, OpenZFS VM), used by tests and the recorder.
+//!
+//! The test rig, the protocol fixtures and shared test helpers live in the workspace's
+//! `vmsnap-testkit` crate (`testkit/`), a dev-dependency: none of it is in the product.
 
 pub mod catalog;
 pub mod check;
@@ -26,7 +27,6 @@ pub mod daemon;
 pub mod dbus;
 pub mod engine;
 pub mod enroll;
-pub mod fixtures;
 pub mod fsutil;
 pub mod hook;
 pub mod metrics;
@@ -35,7 +35,6 @@ pub mod prune;
 pub mod qemu;
 pub mod registry;
 pub mod retention;
-pub mod rig;
 pub mod sanoid_import;
 pub mod schedule;
 pub mod scripts;

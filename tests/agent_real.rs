@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 use vmsnap::qemu::qga::{FreezeStatus, QgaError};
-use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
+use vmsnap_testkit::rig::{Rig, TinyVm, TinyVmOptions};
 
 fn rig() -> Rig {
     Rig::locate().expect("the test rig is required")

@@ -173,8 +173,9 @@ const REG: [&str; 9] = [
 fn authorization_arguments_registry_and_introspection() {
     // A running VM (the rig's tiny guest, real QEMU): only what its QEMU uses can be registered.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let rig = vmsnap::rig::Rig::locate().expect("the test rig is required");
-    let (vm, qmp, qga, _) = rt.block_on(vmsnap::rig::TinyVm::boot(&rig, &vmsnap::rig::TinyVmOptions::default())).expect("tiny guest");
+    let rig = vmsnap_testkit::rig::Rig::locate().expect("the test rig is required");
+    let (vm, qmp, qga, _) =
+        rt.block_on(vmsnap_testkit::rig::TinyVm::boot(&rig, &vmsnap_testkit::rig::TinyVmOptions::default())).expect("tiny guest");
     drop((qmp, qga));
     let (qmp, disk) = (vm.machine.qmp_path.display().to_string(), vm.disks[0].display().to_string());
     let mut live: Vec<&str> = REG.to_vec();
@@ -341,8 +342,9 @@ fn the_libvirt_hook_registers_and_never_blocks_a_start() {
     // The domains the hook registers must be running: a real QEMU stands behind their sockets
     // and holds their disks (the XML is libvirt's, with this QEMU's paths).
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let rig = vmsnap::rig::Rig::locate().expect("the test rig is required");
-    let (vm, qmp, qga, _) = rt.block_on(vmsnap::rig::TinyVm::boot(&rig, &vmsnap::rig::TinyVmOptions::default())).expect("tiny guest");
+    let rig = vmsnap_testkit::rig::Rig::locate().expect("the test rig is required");
+    let (vm, qmp, qga, _) =
+        rt.block_on(vmsnap_testkit::rig::TinyVm::boot(&rig, &vmsnap_testkit::rig::TinyVmOptions::default())).expect("tiny guest");
     drop((qmp, qga));
     let (qmp, disk) = (vm.machine.qmp_path.display().to_string(), vm.disks[0].display().to_string());
     let enrolled = ENROLLED.replace("/run/vmsnap/lab2.qmp", &qmp).replace("/tank/vms/lab2/root.qcow2", &disk);
@@ -441,8 +443,9 @@ fn the_cli_goes_through_the_running_daemon() {
 #[test]
 fn snapshot_refuses_when_a_required_agent_is_unavailable() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let rig = vmsnap::rig::Rig::locate().expect("the test rig is required");
-    let (vm, qmp, qga, _) = rt.block_on(vmsnap::rig::TinyVm::boot(&rig, &vmsnap::rig::TinyVmOptions::default())).expect("tiny guest");
+    let rig = vmsnap_testkit::rig::Rig::locate().expect("the test rig is required");
+    let (vm, qmp, qga, _) =
+        rt.block_on(vmsnap_testkit::rig::TinyVm::boot(&rig, &vmsnap_testkit::rig::TinyVmOptions::default())).expect("tiny guest");
     // QEMU's monitor socket takes one client: let go of it for the daemon.
     drop((qmp, qga));
     let f = start_with(&format!(

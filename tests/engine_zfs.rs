@@ -1,4 +1,4 @@
-//! The snapshot engine end to end on real parts (ZFS lane, see `vmsnap::rig::lane`): inside the
+//! The snapshot engine end to end on real parts (ZFS lane, see `vmsnap_testkit::rig::lane`): inside the
 //! OpenZFS VM a nested tiny guest runs on two disks that live on ZFS (a qcow2 file on a filesystem
 //! and a raw zvol), and the real `vmsnap` binary snapshots it while the guest writes.
 //!
@@ -12,9 +12,10 @@ use std::process::Output;
 use std::sync::Mutex;
 use std::time::Duration;
 use vmsnap::qemu::qga::{FreezeStatus, Qga, Timeouts};
-use vmsnap::rig::lane::{sh, vmsnap_bin};
-use vmsnap::rig::resume_kit;
-use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
+use vmsnap_testkit::rig::lane::{sh, vmsnap_bin};
+use vmsnap_testkit::rig::resume_kit;
+use vmsnap_testkit::rig::{Rig, TinyVm, TinyVmOptions};
+use vmsnap_testkit::support::{check, rt};
 
 #[path = "engine_zfs/daemon.rs"]
 mod daemon;
@@ -25,7 +26,7 @@ const FS: &str = "tank/vms/demo";
 const ZVOL: &str = "tank/vms/demo-data";
 
 fn main() {
-    vmsnap::rig::lane::dispatch(inside);
+    vmsnap_testkit::rig::lane::dispatch(inside);
 }
 
 struct Guest {
@@ -43,10 +44,6 @@ type Case = fn() -> Result<(), Failed>;
 /// catches up after a freeze.
 fn patient() -> Timeouts {
     Timeouts { sync: Duration::from_secs(60), other: Duration::from_secs(180), ..Timeouts::default() }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 fn inside() {
@@ -192,15 +189,7 @@ fn snapshot_json(args: &[&str]) -> Result<Value, Failed> {
     Ok(serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON ({e}): {}", text(&out)))?)
 }
 
-fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.to_string().into())
-    }
-}
-
-/// QEMU's side ([`vmsnap::rig::Machine::vmsnap_leftovers`]) and the host's files: no overlay or
+/// QEMU's side ([`vmsnap_testkit::rig::Machine::vmsnap_leftovers`]) and the host's files: no overlay or
 /// journal.
 fn assert_clean_qemu() -> Result<(), Failed> {
     {

@@ -18,7 +18,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmsnap::qemu::qga::{FreezeStatus, Qga, Timeouts};
 use vmsnap::qemu::qmp::Qmp;
-use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
+use vmsnap_testkit::rig::{Rig, TinyVm, TinyVmOptions};
+use vmsnap_testkit::support::{check, rt};
 
 const DOMAIN: &str = "vm";
 const MEMORY_MIB: u32 = 160;
@@ -120,18 +121,6 @@ fn boot_vm(disk_images: Option<Vec<PathBuf>>) -> TinyVm {
     let (vm, _qmp, _qga, boot) = rt().block_on(TinyVm::boot(&rig, &opts)).expect("booting the tiny guest");
     eprintln!("METRIC faults_boot_ms={}", boot.as_millis());
     vm
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.to_string().into())
-    }
 }
 
 fn text(o: &Output) -> String {

@@ -1,7 +1,7 @@
 //! vmsnap's three ways in on real libvirtd (the libvirt lane: the ZFS lane plus libvirt and a
 //! system bus inside the OpenZFS VM). `vmsnap setup` installs the hook and the bus policy; the
 //! daemon serves `io.github.vmsnap.Agent1` on a real system bus; libvirtd restores the enrolled
-//! guest saved in the libvirt kit (see `vmsnap::rig::libvirt`) onto two ZFS datasets, and:
+//! guest saved in the libvirt kit (see `vmsnap_testkit::rig::libvirt`) onto two ZFS datasets, and:
 //! the hook registers it → a `Snapshot` over D-Bus gives one consistent zfs snapshot of both
 //! datasets while libvirt keeps its own monitor → `virsh destroy` unregisters it → it starts fine
 //! with the daemon down → a libvirtd restart (`reconnect`) registers it again → a daemon restart
@@ -14,9 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmsnap::qemu::qmp::Qmp;
-use vmsnap::rig::lane::{sh, vmsnap_bin};
-use vmsnap::rig::libvirt::{self, virsh, LibvirtKit, Libvirtd, DOMAIN, IMAGES};
-use vmsnap::rig::Rig;
+use vmsnap_testkit::rig::lane::{sh, vmsnap_bin};
+use vmsnap_testkit::rig::libvirt::{self, virsh, LibvirtKit, Libvirtd, DOMAIN, IMAGES};
+use vmsnap_testkit::rig::Rig;
+use vmsnap_testkit::support::{self, check, rt, COUNTER_WRITER};
 
 const CONFIG: &str = "/etc/vmsnap/vmsnap.toml";
 const STATE: &str = "/var/lib/vmsnap";
@@ -27,7 +28,7 @@ const AGENT: &str = "io.github.vmsnap.Agent1";
 const PATH: &str = "/io/github/vmsnap/Agent1";
 
 fn main() {
-    vmsnap::rig::lane::dispatch_libvirt(inside);
+    vmsnap_testkit::rig::lane::dispatch_libvirt(inside);
 }
 
 struct Lane {
@@ -38,18 +39,6 @@ struct Lane {
 static LANE: Mutex<Lane> = Mutex::new(Lane { libvirtd: None, daemon: None });
 
 type Case = fn() -> Result<(), Failed>;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.to_string().into())
-    }
-}
 
 fn inside() {
     let mut args = Arguments::from_args();
@@ -140,16 +129,8 @@ fn stop_daemon() -> Result<(), Failed> {
     Ok(())
 }
 
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Result<(), Failed> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if cond() {
-            eprintln!("METRIC {what} after {:.1} s", t.elapsed().as_secs_f64());
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    Err(format!("{what}: not within {limit:?}\n{}", std::fs::read_to_string(LOG).unwrap_or_default()).into())
+fn wait_for(what: &str, limit: Duration, cond: impl FnMut() -> bool) -> Result<(), Failed> {
+    support::wait_for(what, limit, Duration::from_millis(500), cond, || std::fs::read_to_string(LOG).unwrap_or_default())
 }
 
 /// `busctl --system call` of an Agent1 method, as root or as nobody: (succeeded, output).
@@ -196,16 +177,12 @@ fn started_registers() -> Result<(), Failed> {
     Ok(())
 }
 
-/// A counter on both disks, rewritten every 50 ms (write + rename), until the guest stops.
-const WRITER: &str =
-    "i=0; while :; do i=$((i+1)); for d in vda vdb; do echo $i > /mnt/$d/c.tmp && mv /mnt/$d/c.tmp /mnt/$d/counter; done; sleep 0.05; done";
-
 fn snapshot_over_dbus() -> Result<(), Failed> {
     check(registered(), "the guest is not registered")?;
     let (_, qga_path) = vmsnap::enroll::sockets(DOMAIN);
     rt().block_on(async {
         let mut qga = libvirt::wait_agent(&qga_path, Duration::from_secs(60)).await?;
-        qga.exec_start("/bin/sh", &["-c", WRITER], &[]).await.map_err(|e| e.to_string())?;
+        qga.exec_start("/bin/sh", &["-c", COUNTER_WRITER], &[]).await.map_err(|e| e.to_string())?;
         for _ in 0..300 {
             let c = qga.sh("cat /mnt/vdb/counter 2>/dev/null", Duration::from_secs(120)).await.map_err(|e| e.to_string())?.stdout_text();
             if c.trim().parse::<i64>().is_ok_and(|n| n >= 5) {

@@ -1,4 +1,4 @@
-//! The zfs adapter against real OpenZFS (ZFS lane, see `vmsnap::rig::lane`): inside the OpenZFS
+//! The zfs adapter against real OpenZFS (ZFS lane, see `vmsnap_testkit::rig::lane`): inside the OpenZFS
 //! VM it creates two pools on the VM's spare disks and runs the cases below against the real `zfs`.
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -8,13 +8,14 @@ use std::path::Path;
 use vmsnap::zargs;
 use vmsnap::zfs::{Dataset, PropName, SnapshotName, Zfs, ZfsError};
 
-use vmsnap::rig::lane::sh;
+use vmsnap_testkit::rig::lane::sh;
+use vmsnap_testkit::support::check;
 
 const POOL: &str = "vmsnaptest";
 const POOL2: &str = "vmsnaptest2";
 
 fn main() {
-    vmsnap::rig::lane::dispatch(inside);
+    vmsnap_testkit::rig::lane::dispatch(inside);
 }
 
 fn inside() {
@@ -89,14 +90,6 @@ impl Ctx {
 
 fn fail(e: impl std::fmt::Display) -> Failed {
     Failed::from(format!("{e:#}"))
-}
-
-fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Failed::from(what.to_string()))
-    }
 }
 
 fn props(pairs: &[(&str, &str)]) -> BTreeMap<PropName, String> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vmsnap::qemu::block::{file_node, qcow2_overlay_node};
 use vmsnap::qemu::blockjob::BlockJob;
 use vmsnap::qemu::qmp::QmpError;
-use vmsnap::rig::{Rig, TinyVm, TinyVmOptions};
+use vmsnap_testkit::rig::{Rig, TinyVm, TinyVmOptions};
 
 fn rig() -> Rig {
     Rig::locate().expect("the test rig is required")

@@ -6,13 +6,13 @@ use serde_json::json;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use vmsnap::fixtures::replay::ReplayServer;
-use vmsnap::fixtures::transcript::Transcript;
 use vmsnap::qemu::block::{file_node, qcow2_overlay_node};
 use vmsnap::qemu::blockjob::{BlockJob, JobError};
 use vmsnap::qemu::qga::{FreezeStatus, Qga, QgaError, Timeouts};
 use vmsnap::qemu::qmp::{Qmp, QmpError};
 use vmsnap::qemu::ErrorClass;
+use vmsnap_testkit::fixtures::replay::ReplayServer;
+use vmsnap_testkit::fixtures::transcript::Transcript;
 
 struct Replay {
     server: Option<ReplayServer>,

@@ -1,6 +1,6 @@
 //! vmsnap's retention planner against Debian's real sanoid, side by side: the same snapshot
 //! listings and policies, the same keep/destroy decisions. sanoid runs `--prune-snapshots
-//! --readonly` on a `zfs` stand-in that prints the listing (see `vmsnap::rig::sanoid`).
+//! --readonly` on a `zfs` stand-in that prints the listing (see `vmsnap_testkit::rig::sanoid`).
 //!
 //! The one intended difference: vmsnap never destroys a domain's newest snapshot; sanoid
 //! does when its period's count is 0. The comparison says so explicitly.
@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use vmsnap::policy::{PerPeriod, Period, Policy};
 use vmsnap::retention::{self, periods_of, Snap};
-use vmsnap::rig::sanoid::{Sanoid, SanoidSection};
-use vmsnap::rig::Rig;
+use vmsnap_testkit::rig::sanoid::{Sanoid, SanoidSection};
+use vmsnap_testkit::rig::Rig;
 
 const DATASET: &str = "tank/vms/web";
 

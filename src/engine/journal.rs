@@ -259,10 +259,13 @@ pub struct Journal {
 }
 
 /// Environment variable naming a record before or after whose append the process aborts, as
-/// `before:NAME` or `after:NAME` (fault-injection tests: a kill -9 at that instant).
+/// `before:NAME` or `after:NAME` (fault-injection tests: a kill -9 at that instant). Only builds
+/// with the `fault-injection` feature (the tests') read it.
+#[cfg(feature = "fault-injection")]
 pub const ABORT_AT_ENV: &str = "VMSNAP_ABORT_AT";
 
 /// Aborts the process when [`ABORT_AT_ENV`] names this moment.
+#[cfg(feature = "fault-injection")]
 pub fn fault_point(when: &str, name: &str) {
     if let Ok(v) = std::env::var(ABORT_AT_ENV) {
         if v.split_once(':') == Some((when, name)) {
@@ -271,6 +274,11 @@ pub fn fault_point(when: &str, name: &str) {
         }
     }
 }
+
+/// Release builds: no fault injection.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fault_point(_when: &str, _name: &str) {}
 
 impl Journal {
     pub fn dir(state_dir: &Path) -> PathBuf {

@@ -20,7 +20,7 @@ pub(crate) async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: Borrowed
 }
 
 /// Writes `bytes` on `stream` with all of `fds` attached to the first byte.
-pub(crate) async fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[std::os::fd::RawFd]) -> io::Result<()> {
+pub async fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[std::os::fd::RawFd]) -> io::Result<()> {
     let sent = loop {
         stream.writable().await?;
         let attempt = stream.try_io(Interest::WRITABLE, || {

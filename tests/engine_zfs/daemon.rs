@@ -8,7 +8,7 @@ use super::{check, sh, Guest, GUEST, STATE};
 use libtest_mimic::Failed;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use vmsnap::rig::lane::vmsnap_bin;
+use vmsnap_testkit::rig::lane::vmsnap_bin;
 
 const SCHED_CONFIG: &str = "/etc/vmsnap/sched.toml";
 const LOG: &str = "/var/log/vmsnap-daemon.log";
@@ -57,16 +57,9 @@ fn sched_snapshots() -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Result<(), Failed> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if cond() {
-            eprintln!("METRIC daemon: {what} after {:.0} s", t.elapsed().as_secs_f64());
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
-    Err(format!("{what}: not within {limit:?}\n{}", std::fs::read_to_string(LOG).unwrap_or_default()).into())
+fn wait_for(what: &str, limit: Duration, cond: impl FnMut() -> bool) -> Result<(), Failed> {
+    let what = format!("daemon: {what}");
+    vmsnap_testkit::support::wait_for(&what, limit, Duration::from_secs(3), cond, || std::fs::read_to_string(LOG).unwrap_or_default())
 }
 
 fn vmsnap_check() -> (i32, String) {

@@ -11,10 +11,10 @@
 //! the OpenZFS VM too; only the disk paths change at restore (`virsh restore --xml`).
 
 use super::{host_cmd, Rig, RigError};
-use crate::qemu::qga::{Qga, Timeouts};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vmsnap::qemu::qga::{Qga, Timeouts};
 
 /// Where the kit domain's kernel, initramfs, console log and (on the host) disks are.
 pub const IMAGES: &str = "/var/lib/libvirt/images/vmsnap-rig";
@@ -232,7 +232,7 @@ async fn build(rig: &Rig, vmsnap: &Path, dir: &Path, stamp: &str) -> Result<(), 
         return Err(fail("vmsnap enroll", String::from_utf8_lossy(&out.stderr).into_owned()));
     }
     virsh(&["start", DOMAIN])?;
-    let (_, qga_path) = crate::enroll::sockets(DOMAIN);
+    let (_, qga_path) = vmsnap::enroll::sockets(DOMAIN);
     let mut qga = wait_agent(&qga_path, Duration::from_secs(120)).await.map_err(|e| fail("the agent on vmsnap's socket", e))?;
     qga.sh("sync", Duration::from_secs(30)).await.map_err(|e| fail("sync", e.to_string()))?;
     drop(qga);
@@ -264,7 +264,7 @@ pub async fn restore(kit: &LibvirtKit, disk0: &Path, disk1: &Path) -> Result<(),
     let xml_path = edited.path().join("domain.xml");
     std::fs::write(&xml_path, xml).map_err(|source| RigError::Io { what: "restore xml".into(), source })?;
     virsh(&["restore", &saved, "--xml", &s(&xml_path)])?;
-    let (_, qga) = crate::enroll::sockets(DOMAIN);
+    let (_, qga) = vmsnap::enroll::sockets(DOMAIN);
     wait_agent(&qga, Duration::from_secs(300)).await.map_err(RigError::Failed)?;
     Ok(())
 }
@@ -277,7 +277,7 @@ pub async fn wait_agent(path: &Path, timeout: Duration) -> Result<Qga, String> {
         let attempt = async {
             let mut qga = Qga::connect(path, probe).await?;
             qga.ping().await?;
-            Ok::<Qga, crate::qemu::qga::QgaError>(qga)
+            Ok::<Qga, vmsnap::qemu::qga::QgaError>(qga)
         }
         .await;
         match attempt {
@@ -295,6 +295,6 @@ fn stamp(rig: &Rig) -> Result<String, RigError> {
         .arg("--version")
         .output()
         .map_err(|source| RigError::Io { what: "libvirtd --version (is libvirt-daemon-system installed?)".into(), source })?;
-    let enrolled = crate::enroll::enroll_xml(&domain_xml()).map_err(RigError::Failed)?;
+    let enrolled = vmsnap::enroll::enroll_xml(&domain_xml()).map_err(RigError::Failed)?;
     Ok(format!("{}\n{}\n{}", super::resume_kit::stamp(rig)?, String::from_utf8_lossy(&libvirt.stdout).trim(), enrolled.xml))
 }

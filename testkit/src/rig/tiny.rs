@@ -4,10 +4,10 @@
 
 use super::machine::{Machine, ScratchDir};
 use super::{host_cmd, Rig, RigError};
-use crate::qemu::qga::Qga;
-use crate::qemu::qmp::Qmp;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vmsnap::qemu::qga::Qga;
+use vmsnap::qemu::qmp::Qmp;
 
 #[derive(Debug, Clone)]
 pub struct TinyVmOptions {

@@ -6,9 +6,9 @@
 
 use super::machine::{Machine, ScratchDir};
 use super::{host_cmd, Rig, RigError};
-use crate::qemu::qga::{ExecOutput, Qga};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use vmsnap::qemu::qga::{ExecOutput, Qga};
 
 #[derive(Debug)]
 pub struct ZfsVm {

@@ -10,10 +10,10 @@
 use super::machine::ScratchDir;
 use super::tiny::{TinyVm, TinyVmOptions};
 use super::{host_cmd, Rig, RigError};
-use crate::qemu::qga::Qga;
-use crate::qemu::qmp::Qmp;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmsnap::qemu::qga::Qga;
+use vmsnap::qemu::qmp::Qmp;
 
 pub const KIT_MEMORY_MIB: u32 = 384;
 const KIT_DIR: &str = "resume-kit";
@@ -80,12 +80,12 @@ impl ResumeKit {
 async fn save_state(qmp: &Qmp, path: &Path) -> Result<(), RigError> {
     let fail = |e: String| RigError::Failed(format!("saving the kit guest: {e}"));
     qmp.execute(&qapi::qmp::stop {}).await.map_err(|e| fail(e.to_string()))?;
-    crate::engine::ram::set_capabilities(qmp, false).await.map_err(|e| fail(e.to_string()))?;
+    vmsnap::engine::ram::set_capabilities(qmp, false).await.map_err(|e| fail(e.to_string()))?;
     let mut events = qmp.subscribe().map_err(|e| fail(e.to_string()))?;
     qmp.execute_raw("migrate", Some(serde_json::json!({"uri": format!("file:{}", path.display())})), Duration::from_secs(10))
         .await
         .map_err(|e| fail(e.to_string()))?;
-    crate::engine::ram::wait_completed(qmp, &mut events, Duration::from_secs(300)).await.map_err(|e| fail(e.to_string()))
+    vmsnap::engine::ram::wait_completed(qmp, &mut events, Duration::from_secs(300)).await.map_err(|e| fail(e.to_string()))
 }
 
 /// What the kit was made from: the rig's guest files and the QEMU that saved it.
@@ -136,12 +136,12 @@ pub async fn restore_state(rig: &Rig, opts: &TinyVmOptions, state: &Path) -> Res
     let fail = |e: String| RigError::Failed(format!("restoring {}: {e}", state.display()));
     let mut vm = TinyVm::start(rig, opts)?;
     let qmp = vm.machine.qmp().await?;
-    crate::engine::ram::set_capabilities(&qmp, false).await.map_err(|e| fail(e.to_string()))?;
+    vmsnap::engine::ram::set_capabilities(&qmp, false).await.map_err(|e| fail(e.to_string()))?;
     let mut events = qmp.subscribe().map_err(|e| fail(e.to_string()))?;
     qmp.execute_raw("migrate-incoming", Some(serde_json::json!({"uri": format!("file:{}", state.display())})), Duration::from_secs(30))
         .await
         .map_err(|e| fail(e.to_string()))?;
-    crate::engine::ram::wait_completed(&qmp, &mut events, Duration::from_secs(900)).await.map_err(|e| fail(e.to_string()))?;
+    vmsnap::engine::ram::wait_completed(&qmp, &mut events, Duration::from_secs(900)).await.map_err(|e| fail(e.to_string()))?;
     let status = qmp.execute(&qapi::qmp::query_status {}).await.map_err(|e| fail(e.to_string()))?;
     if !status.running {
         qmp.execute(&qapi::qmp::cont {}).await.map_err(|e| fail(e.to_string()))?;

@@ -1,12 +1,12 @@
 //! A QEMU process in a scratch directory, with its QMP and guest-agent sockets and serial log.
 
 use super::RigError;
-use crate::qemu::qga::{Qga, QgaError, Timeouts};
-use crate::qemu::qmp::Qmp;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+use vmsnap::qemu::qga::{Qga, QgaError, Timeouts};
+use vmsnap::qemu::qmp::Qmp;
 
 /// A directory removed when dropped.
 #[derive(Debug)]
@@ -204,7 +204,7 @@ impl Machine {
         }
         let m = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
         let st = m["status"].as_str().unwrap_or("none");
-        if crate::engine::ram::is_running(st) {
+        if vmsnap::engine::ram::is_running(st) {
             return fail(format!("a migration is left {st}"));
         }
         let now = qmp.execute_raw("query-migrate-capabilities", None, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
