@@ -4,7 +4,7 @@
 
 use crate::config::DomainConfig;
 use crate::engine::disks::datasets_by_pool;
-use crate::engine::naming;
+use crate::model::prop;
 use crate::retention::{periods_of, Snap};
 use crate::zfs::{Dataset, PropName, Zfs, ZfsError};
 use std::collections::BTreeMap;
@@ -33,24 +33,21 @@ impl Catalog {
     }
 }
 
-fn props() -> Vec<PropName> {
-    [naming::DOMAIN, naming::PERIODS, naming::RAM_DUMP, naming::CONSISTENCY].iter().map(|p| PropName::new(p).expect("valid")).collect()
-}
+const PROPS: [PropName; 4] = [prop::DOMAIN, prop::PERIODS, prop::RAM_DUMP, prop::CONSISTENCY];
 
 /// The snapshots vmsnap took of `dom` (those whose `vmsnap:domain` names it).
 pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
     let by_pool = datasets_by_pool(zfs, &dom.disks).await?;
     let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
-    let props = props();
     let mut groups: BTreeMap<String, Entry> = BTreeMap::new();
     for ds in &datasets {
         // Only properties set on the snapshot itself count: a `vmsnap:domain` inherited from the
         // dataset would make sanoid's or a person's snapshots look like vmsnap's.
-        let local = zfs.local_snapshot_properties(ds, &props).await?;
+        let local = zfs.local_snapshot_properties(ds, &PROPS).await?;
         for s in zfs.list_snapshots(ds, &[]).await? {
             let own = local.get(&s.name.to_string());
-            let get = |k: &str| own.and_then(|p| p.iter().find(|(p, _)| p.as_str() == k)).map(|(_, v)| v.clone()).filter(|v| v != "-");
-            if get(naming::DOMAIN).as_deref() != Some(dom.name.as_str()) {
+            let get = |k: PropName| own.and_then(|p| p.iter().find(|(p, _)| **p == k)).map(|(_, v)| v.clone()).filter(|v| v != "-");
+            if get(prop::DOMAIN).as_deref() != Some(dom.name.as_str()) {
                 continue;
             }
             let holds = if s.userrefs > 0 { zfs.holds(&s.name).await?.into_iter().map(|h| h.tag).collect() } else { Vec::new() };
@@ -61,17 +58,17 @@ pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
                     created: s.creation,
                     // Scheduled snapshots say which periods they serve; one taken by hand serves
                     // none, whatever its label (`--label daily` is not a daily).
-                    periods: get(naming::PERIODS).map(|p| periods_of(&short, Some(&p))).unwrap_or_default(),
+                    periods: get(prop::PERIODS).map(|p| periods_of(&short, Some(&p))).unwrap_or_default(),
                     holds: Vec::new(),
                     ram_dump: None,
                 },
                 datasets: Vec::new(),
-                consistency: get(naming::CONSISTENCY),
+                consistency: get(prop::CONSISTENCY),
             });
             e.snap.created = e.snap.created.min(s.creation);
             e.snap.holds.extend(holds);
             if e.snap.ram_dump.is_none() {
-                e.snap.ram_dump = get(naming::RAM_DUMP);
+                e.snap.ram_dump = get(prop::RAM_DUMP);
             }
             e.datasets.push(ds.clone());
         }

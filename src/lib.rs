@@ -1,6 +1,7 @@
 //! vmsnap: consistent, live snapshots of QEMU/libvirt virtual machines whose disks live on ZFS.
 //!
 //! # Layout
+//! - [`model`]: the vocabulary (strategy, RAM mode, consistency, period, `vmsnap:*` properties), defined once.
 //! - [`config`]: the TOML file: directories, policy, the domains.
 //! - [`engine`]: the consistent snapshot flow, its journal, crash recovery, the per-domain lock.
 //! - [`policy`]: sanoid-style retention counts, preferred times, RAM cadence, scripts.
@@ -30,6 +31,7 @@ pub mod enroll;
 pub mod fsutil;
 pub mod hook;
 pub mod metrics;
+pub mod model;
 pub mod policy;
 pub mod prune;
 pub mod qemu;

@@ -8,6 +8,7 @@ use vmsnap::config::{self, Config};
 
 mod cmd;
 use vmsnap::engine;
+use vmsnap::model::{RamMode, Strategy};
 use vmsnap::zfs::Zfs;
 
 /// Consistent, live snapshots of QEMU/libvirt virtual machines on ZFS.
@@ -28,9 +29,9 @@ enum Command {
         domain: String,
         /// Save the RAM too (resumable snapshot).
         #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "background")]
-        memory: Option<MemoryArg>,
+        memory: Option<RamMode>,
         #[arg(long, value_enum, default_value = "overlay")]
-        strategy: StrategyArg,
+        strategy: Strategy,
         /// Do not freeze the guest's filesystems (crash-consistent).
         #[arg(long)]
         no_quiesce: bool,
@@ -117,18 +118,6 @@ enum BusArg {
     Session,
     /// No D-Bus service.
     None,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum StrategyArg {
-    Overlay,
-    Direct,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum MemoryArg {
-    Precopy,
-    Background,
 }
 
 fn parse_label(s: &str) -> Result<String, String> {

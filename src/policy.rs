@@ -6,40 +6,17 @@
 //! templates and domains write; [`crate::config`] resolves inheritance (built-in defaults →
 //! `[template.default]` → `use_template` → the domain's own keys).
 
-use crate::engine::{RamMode, Strategy};
+use crate::model::{RamMode, Strategy};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A retention period, as sanoid names them (the suffix of `autosnap_…_hourly`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Period {
-    Frequently,
-    Hourly,
-    Daily,
-    Weekly,
-    Monthly,
-    Yearly,
-}
+pub use crate::model::Period;
 
 impl Period {
-    pub const ALL: [Period; 6] = [Period::Frequently, Period::Hourly, Period::Daily, Period::Weekly, Period::Monthly, Period::Yearly];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Period::Frequently => "frequently",
-            Period::Hourly => "hourly",
-            Period::Daily => "daily",
-            Period::Weekly => "weekly",
-            Period::Monthly => "monthly",
-            Period::Yearly => "yearly",
-        }
-    }
-
     pub fn parse(s: &str) -> Option<Period> {
-        Period::ALL.into_iter().find(|p| p.as_str() == s)
+        s.parse().ok()
     }
 
     /// The period's length in seconds as sanoid prunes by it (a month is 31 days, a year 365.25).
@@ -292,18 +269,10 @@ impl RawPolicy {
             base.ram_keep = Some(n);
         }
         if let Some(m) = &self.ram_mode {
-            base.ram_mode = match m.as_str() {
-                "background" => RamMode::Background,
-                "precopy" => RamMode::Precopy,
-                _ => return Err(bad("ram_mode", format!("{m:?}: use \"background\" or \"precopy\""))),
-            };
+            base.ram_mode = m.parse::<RamMode>().map_err(|e| bad("ram_mode", e.to_string()))?;
         }
         if let Some(s) = &self.strategy {
-            base.strategy = match s.as_str() {
-                "overlay" => Strategy::Overlay,
-                "direct" => Strategy::Direct,
-                _ => return Err(bad("strategy", format!("{s:?}: use \"overlay\" or \"direct\""))),
-            };
+            base.strategy = s.parse::<Strategy>().map_err(|e| bad("strategy", e.to_string()))?;
         }
         let scripts = [
             ("pre_snapshot_script", &self.pre_snapshot_script, &mut base.scripts.pre_snapshot),

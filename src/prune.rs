@@ -4,10 +4,10 @@
 
 use crate::catalog::{self, Catalog};
 use crate::config::{Config, DomainConfig};
-use crate::engine::naming;
+use crate::model::prop;
 use crate::retention::{self, Decision};
 use crate::scripts::{self, ScriptEnv};
-use crate::zfs::{PropName, Zfs, ZfsError};
+use crate::zfs::{Zfs, ZfsError};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -109,8 +109,8 @@ pub async fn prune(cfg: &Config, dom: &DomainConfig, zfs: &Zfs, now: i64, dry_ru
         })?;
     }
     report.destroyed = doomed.iter().map(|s| s.to_string()).collect();
-    let ram_dump = PropName::new(naming::RAM_DUMP).expect("valid");
-    let ram_pruned = PropName::new(naming::RAM_PRUNED).expect("valid");
+    let ram_dump = prop::RAM_DUMP;
+    let ram_pruned = prop::RAM_PRUNED;
     for e in cat.entries.iter().filter(|e| dropping.contains(&e.snap.name.as_str())) {
         for ds in &e.datasets {
             let full = format!("{ds}@{}", e.snap.name);

@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result};
 use vmsnap::config::Config;
-use vmsnap::engine::{self, naming};
+use vmsnap::engine;
+use vmsnap::model::prop;
+use vmsnap::zfs::PropName;
 use vmsnap::zfs::Zfs;
 
 /// A snapshot as `vmsnap list` shows it.
@@ -20,25 +22,25 @@ struct Listed {
 }
 
 pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result<()> {
-    let props = naming::listed_properties();
+    let props = prop::LISTED;
     let mut rows = Vec::new();
     let domains = vmsnap::registry::select(cfg, only)?;
     for dom in &domains {
         let by_pool = engine::disks::datasets_by_pool(zfs, &dom.disks).await.with_context(|| format!("domain {}", dom.name))?;
         for ds in by_pool.values().flatten() {
             for s in zfs.list_snapshots(ds, &props).await? {
-                let get = |k: &str| s.props.iter().find(|(p, _)| p.as_str() == k).map(|(_, v)| v.clone());
-                if get(naming::DOMAIN).as_deref() != Some(dom.name.as_str()) {
+                let get = |k: PropName| s.props.iter().find(|(p, _)| **p == k).map(|(_, v)| v.clone());
+                if get(prop::DOMAIN).as_deref() != Some(dom.name.as_str()) {
                     continue;
                 }
                 rows.push(Listed {
                     domain: dom.name.clone(),
                     snapshot: s.name.to_string(),
                     creation: s.creation,
-                    consistency: get(naming::CONSISTENCY),
-                    periods: get(naming::PERIODS),
-                    ram_dump: get(naming::RAM_DUMP),
-                    ram_pruned: get(naming::RAM_PRUNED),
+                    consistency: get(prop::CONSISTENCY),
+                    periods: get(prop::PERIODS),
+                    ram_dump: get(prop::RAM_DUMP),
+                    ram_pruned: get(prop::RAM_PRUNED),
                 });
             }
         }

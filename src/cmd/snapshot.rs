@@ -4,7 +4,6 @@
 //! [`SnapshotReport`], printed by [`print_report`].
 
 use super::progress::Steps;
-use crate::{MemoryArg, StrategyArg};
 use anyhow::{bail, Result};
 use futures_util::StreamExt;
 use std::sync::Arc;
@@ -16,8 +15,8 @@ use vmsnap::zfs::Zfs;
 
 pub struct Args {
     pub domain: String,
-    pub memory: Option<MemoryArg>,
-    pub strategy: StrategyArg,
+    pub memory: Option<RamMode>,
+    pub strategy: Strategy,
     pub no_quiesce: bool,
     pub label: String,
     pub json: bool,
@@ -37,9 +36,9 @@ async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport>
     use zbus::zvariant::Value;
     let mut options: HashMap<&str, Value<'_>> = HashMap::new();
     if let Some(m) = a.memory {
-        options.insert("memory", Value::from(if matches!(m, MemoryArg::Precopy) { "precopy" } else { "background" }));
+        options.insert("memory", Value::from(m.as_str()));
     }
-    options.insert("strategy", Value::from(if matches!(a.strategy, StrategyArg::Direct) { "direct" } else { "overlay" }));
+    options.insert("strategy", Value::from(a.strategy.as_str()));
     options.insert("quiesce", Value::from(!a.no_quiesce));
     options.insert("label", Value::from(a.label.as_str()));
     let agent = Agent1Proxy::new(conn).await?;
@@ -85,14 +84,8 @@ async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport>
 async fn in_process(cfg: Config, zfs: &Zfs, a: &Args) -> Result<SnapshotReport> {
     let dom = vmsnap::registry::select(&cfg, Some(&a.domain))?.remove(0);
     let opts = SnapshotOptions {
-        strategy: match a.strategy {
-            StrategyArg::Overlay => Strategy::Overlay,
-            StrategyArg::Direct => Strategy::Direct,
-        },
-        memory: a.memory.map(|m| match m {
-            MemoryArg::Precopy => RamMode::Precopy,
-            MemoryArg::Background => RamMode::Background,
-        }),
+        strategy: a.strategy,
+        memory: a.memory,
         quiesce: !a.no_quiesce,
         label: a.label.clone(),
         ..SnapshotOptions::default()

@@ -8,7 +8,8 @@ use crate::catalog;
 use crate::config::{Config, DomainConfig};
 use crate::daemon::error_chain;
 use crate::daemon::jobs::{JobEvent, Jobs, Origin, Outcome, Output, Request, StartError};
-use crate::engine::{RamMode, SnapshotOptions, Strategy};
+use crate::engine::SnapshotOptions;
+use crate::model::{RamMode, Strategy};
 use crate::registry::{all_domains, Registration, Registry};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -106,18 +107,10 @@ fn parse_options(options: &HashMap<String, OwnedValue>, defaults: &DomainConfig)
             "memory" => {
                 o.memory = match string(k, v)?.as_str() {
                     "" => None,
-                    "background" => Some(RamMode::Background),
-                    "precopy" => Some(RamMode::Precopy),
-                    other => return Err(bad(format!("option memory = {other:?}: use \"\", \"background\" or \"precopy\""))),
+                    m => Some(m.parse::<RamMode>().map_err(|e| bad(format!("option memory: {e}, or \"\" for none")))?),
                 }
             }
-            "strategy" => {
-                o.strategy = match string(k, v)?.as_str() {
-                    "overlay" => Strategy::Overlay,
-                    "direct" => Strategy::Direct,
-                    other => return Err(bad(format!("option strategy = {other:?}: use \"overlay\" or \"direct\""))),
-                }
-            }
+            "strategy" => o.strategy = string(k, v)?.parse::<Strategy>().map_err(|e| bad(format!("option strategy: {e}")))?,
             "quiesce" => o.quiesce = bool::try_from(v).map_err(|_| bad("option \"quiesce\" must be a boolean".into()))?,
             "label" => {
                 let l = string(k, v)?;

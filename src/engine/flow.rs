@@ -23,6 +23,7 @@ use super::naming;
 use super::recover::{self, fdset_tag};
 use super::{ram, Consistency, EngineError, RamMode, SnapshotOptions, SnapshotReport, StepError, Strategy};
 use crate::config::{Config, DomainConfig, QuiescePolicy};
+use crate::model::prop;
 use crate::qemu::block::{file_node, qcow2_overlay_node};
 use crate::qemu::process::{holders_of, ProcessId};
 use crate::qemu::qga::{Qga, Timeouts};
@@ -89,11 +90,7 @@ pub async fn snapshot(
             name: String::new(),
             snapshots: Vec::new(),
             consistency: Consistency::Crash,
-            strategy: match opts.strategy {
-                Strategy::Overlay => "overlay",
-                Strategy::Direct => "direct",
-            }
-            .into(),
+            strategy: opts.strategy.to_string(),
             freeze_ms: None,
             pause_ms: None,
             ram_dump: None,
@@ -240,10 +237,10 @@ impl Run<'_> {
             // The snapshot was taken inside the window, before its length was known.
             let mut props = BTreeMap::new();
             if let Some(f) = self.report.freeze_ms {
-                props.insert(PropName::new(naming::FREEZE_MS).expect("valid"), format!("{f:.1}"));
+                props.insert(prop::FREEZE_MS, format!("{f:.1}"));
             }
             if let Some(p) = self.report.pause_ms {
-                props.insert(PropName::new(naming::PAUSE_MS).expect("valid"), format!("{p:.1}"));
+                props.insert(prop::PAUSE_MS, format!("{p:.1}"));
             }
             if !props.is_empty() {
                 self.label_snapshots(&props).await.at("record the window")?;
@@ -340,7 +337,7 @@ impl Run<'_> {
             // The snapshots were taken (labelled crash-consistent) before the dump was complete:
             // one `zfs set` per snapshot makes each a `ram` snapshot with its dump, all at once.
             let mut props = self.ram_properties();
-            props.insert(PropName::new(naming::CONSISTENCY).expect("valid"), Consistency::Ram.as_str().into());
+            props.insert(prop::CONSISTENCY, Consistency::Ram.as_str().into());
             self.label_snapshots(&props).await.at("record RAM dump")?;
             self.record(Record::RamLabelled).await?;
             self.report.consistency = Consistency::Ram;
@@ -515,18 +512,18 @@ impl Run<'_> {
 
     fn properties(&self, consistency: Consistency) -> BTreeMap<PropName, String> {
         let mut p = BTreeMap::new();
-        let mut set = |k: &str, v: String| {
-            p.insert(PropName::new(k).expect("valid property name"), v);
+        let mut set = |k: PropName, v: String| {
+            p.insert(k, v);
         };
-        set(naming::CONSISTENCY, consistency.as_str().into());
-        set(naming::VERSION, env!("CARGO_PKG_VERSION").into());
-        set(naming::DOMAIN, self.dom.name.clone());
-        set(naming::QEMU_VERSION, self.qmp.version().to_string());
+        set(prop::CONSISTENCY, consistency.as_str().into());
+        set(prop::VERSION, env!("CARGO_PKG_VERSION").into());
+        set(prop::DOMAIN, self.dom.name.clone());
+        set(prop::QEMU_VERSION, self.qmp.version().to_string());
         if !self.opts.periods.is_empty() {
-            set(naming::PERIODS, periods_value(&self.opts.periods));
+            set(prop::PERIODS, periods_value(&self.opts.periods));
         }
         if let Some(f) = self.report.freeze_ms {
-            set(naming::FREEZE_MS, format!("{f:.1}"));
+            set(prop::FREEZE_MS, format!("{f:.1}"));
         }
         p.extend(self.ram_properties());
         p
@@ -535,18 +532,18 @@ impl Run<'_> {
     /// What a resume needs to know, once the dump exists.
     fn ram_properties(&self) -> BTreeMap<PropName, String> {
         let mut p = BTreeMap::new();
-        let mut set = |k: &str, v: String| {
-            p.insert(PropName::new(k).expect("valid property name"), v);
+        let mut set = |k: PropName, v: String| {
+            p.insert(k, v);
         };
         if let (Some(path), Some(sum)) = (&self.report.ram_dump, &self.report.ram_sha256) {
-            set(naming::RAM_DUMP, path.display().to_string());
-            set(naming::RAM_SHA256, sum.clone());
+            set(prop::RAM_DUMP, path.display().to_string());
+            set(prop::RAM_SHA256, sum.clone());
         }
         if let Some(m) = &self.machine {
-            set(naming::MACHINE, m.clone());
+            set(prop::MACHINE, m.clone());
         }
         if let Some(ms) = self.report.pause_ms {
-            set(naming::PAUSE_MS, format!("{ms:.1}"));
+            set(prop::PAUSE_MS, format!("{ms:.1}"));
         }
         p
     }
@@ -685,11 +682,11 @@ async fn offline(
         warnings.push(format!("{} is a stale socket (QEMU did not shut down cleanly): the disks are crash-consistent", dom.qmp.display()));
     }
     let mut props = BTreeMap::new();
-    props.insert(PropName::new(naming::CONSISTENCY).expect("valid"), consistency.as_str().to_owned());
-    props.insert(PropName::new(naming::VERSION).expect("valid"), env!("CARGO_PKG_VERSION").to_owned());
-    props.insert(PropName::new(naming::DOMAIN).expect("valid"), dom.name.clone());
+    props.insert(prop::CONSISTENCY, consistency.as_str().to_owned());
+    props.insert(prop::VERSION, env!("CARGO_PKG_VERSION").to_owned());
+    props.insert(prop::DOMAIN, dom.name.clone());
     if !opts.periods.is_empty() {
-        props.insert(PropName::new(naming::PERIODS).expect("valid"), periods_value(&opts.periods));
+        props.insert(prop::PERIODS, periods_value(&opts.periods));
     }
     let mut names = Vec::new();
     for datasets in by_pool.values() {
@@ -719,7 +716,7 @@ enum Down {
     Crashed,
 }
 
-fn periods_value(periods: &[crate::policy::Period]) -> String {
+fn periods_value(periods: &[crate::model::Period]) -> String {
     periods.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(",")
 }
 

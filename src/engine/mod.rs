@@ -22,54 +22,7 @@ use std::path::PathBuf;
 
 pub use flow::snapshot;
 
-/// How disks are captured while the VM runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    /// Switch every disk to an overlay, snapshot ZFS, merge the overlays back.
-    Overlay,
-    /// Take the ZFS snapshot while the guest is frozen (or paused), no overlay.
-    Direct,
-}
-
-/// How RAM is saved with `--memory`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RamMode {
-    /// Live migration into a file; the VM pauses at the end of it.
-    Precopy,
-    /// QEMU's background-snapshot: the RAM as it was at a short pause, written while the guest runs.
-    Background,
-}
-
-/// How consistent a snapshot is; recorded in `vmsnap:consistency`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Consistency {
-    /// The guest's filesystems were frozen by its agent.
-    App,
-    /// Like pulling the power cord (the agent was missing or the freeze failed).
-    Crash,
-    /// Disks and RAM from the same instant: resumable.
-    Ram,
-    /// The VM was not running.
-    Offline,
-}
-
-impl Consistency {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::App => "app",
-            Self::Crash => "crash",
-            Self::Ram => "ram",
-            Self::Offline => "offline",
-        }
-    }
-}
-
-impl std::fmt::Display for Consistency {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::model::{Consistency, RamMode, Strategy};
 
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
@@ -80,7 +33,7 @@ pub struct SnapshotOptions {
     /// The label after the timestamp in the name (`manual` from the CLI).
     pub label: String,
     /// The retention periods a scheduled snapshot serves (recorded in `vmsnap:periods`).
-    pub periods: Vec<crate::policy::Period>,
+    pub periods: Vec<crate::model::Period>,
     /// The time in the snapshot's name (default: when the snapshot starts); the daemon fixes it
     /// beforehand so the name its pre-snapshot script is told is the one taken.
     pub name_at: Option<std::time::SystemTime>,

@@ -1,32 +1,9 @@
-//! Snapshot names and the ZFS user properties each snapshot carries.
+//! Snapshot names and labels (the `vmsnap:*` properties are [`crate::model::prop`]).
 //!
 //! Names are sanoid's: `autosnap_YYYY-MM-DD_HH:MM:SS_<label>` in UTC, so sanoid-style tools and
 //! vmsnap's own retention read them alike.
 
-use crate::zfs::PropName;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-pub const CONSISTENCY: &str = "vmsnap:consistency";
-pub const VERSION: &str = "vmsnap:version";
-pub const DOMAIN: &str = "vmsnap:domain";
-pub const FREEZE_MS: &str = "vmsnap:freeze-ms";
-pub const PAUSE_MS: &str = "vmsnap:pause-ms";
-pub const RAM_DUMP: &str = "vmsnap:ram-dump";
-pub const RAM_SHA256: &str = "vmsnap:ram-sha256";
-pub const QEMU_VERSION: &str = "vmsnap:qemu-version";
-pub const MACHINE: &str = "vmsnap:machine";
-/// The retention periods a scheduled snapshot serves (`hourly,daily`).
-pub const PERIODS: &str = "vmsnap:periods";
-/// When retention dropped the snapshot's RAM dump (unix seconds); `vmsnap:ram-dump` is then gone.
-pub const RAM_PRUNED: &str = "vmsnap:ram-pruned";
-
-/// Every property `vmsnap list` shows.
-pub fn listed_properties() -> Vec<PropName> {
-    [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, PERIODS, RAM_PRUNED]
-        .iter()
-        .map(|p| PropName::new(p).expect("valid"))
-        .collect()
-}
 
 /// Checks a label before anything is touched: 1 to 64 letters, digits, '-', '_' or '.' (the
 /// snapshot name, the overlay and dump file names all carry it).
@@ -74,8 +51,5 @@ mod tests {
         assert_eq!(snapshot_name(UNIX_EPOCH, "hourly"), "autosnap_1970-01-01_00:00:00_hourly");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29T00:00:00Z
         assert_eq!(snapshot_name(leap, "daily"), "autosnap_2000-02-29_00:00:00_daily");
-        for p in listed_properties() {
-            assert!(p.as_str().starts_with("vmsnap:"));
-        }
     }
 }

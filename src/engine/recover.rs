@@ -17,8 +17,9 @@
 
 use super::journal::{obligations, Journal, Obligations, OverlayRecord, RamObligation, Record};
 use super::lock::DomainLock;
-use super::{naming, ram};
+use super::ram;
 use crate::config::Config;
+use crate::model::prop;
 use crate::qemu::blockjob::BlockJob;
 use crate::qemu::process::{holders_of, ProcessId};
 use crate::qemu::qga::{FreezeStatus, Qga, Timeouts};
@@ -387,7 +388,7 @@ async fn snapshot_props(zfs: &Zfs, name: &str) -> Result<Option<std::collections
 /// Keeps the dump when it is complete and a snapshot that exists names it; otherwise deletes it
 /// (and takes the RAM properties off a snapshot that would point at it).
 async fn settle_ram(zfs: &Zfs, ram: &RamObligation, actions: &mut Vec<String>) -> Result<(), String> {
-    let dump_prop = PropName::new(naming::RAM_DUMP).expect("valid");
+    let dump_prop = prop::RAM_DUMP;
     let path = ram.path.display().to_string();
     let mut referencing = Vec::new();
     for name in &ram.snapshots {
@@ -402,10 +403,10 @@ async fn settle_ram(zfs: &Zfs, ram: &RamObligation, actions: &mut Vec<String>) -
         return Ok(());
     }
     for name in &referencing {
-        for key in [naming::RAM_DUMP, naming::RAM_SHA256] {
-            zfs.inherit(name, &PropName::new(key).expect("valid")).await.map_err(|e| format!("unlabelling {name}: {e}"))?;
+        for key in [prop::RAM_DUMP, prop::RAM_SHA256] {
+            zfs.inherit(name, &key).await.map_err(|e| format!("unlabelling {name}: {e}"))?;
         }
-        let consistency = PropName::new(naming::CONSISTENCY).expect("valid");
+        let consistency = prop::CONSISTENCY;
         zfs.set_property(name, &consistency, "crash").await.map_err(|e| format!("unlabelling {name}: {e}"))?;
         actions.push(format!("{name}: its RAM dump was incomplete, so it is labelled crash-consistent"));
     }

@@ -135,9 +135,15 @@ impl FromStr for SnapshotName {
 
 /// A user property name: `module:property`, lower case, as `zfs` requires.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PropName(String);
+pub struct PropName(std::borrow::Cow<'static, str>);
 
 impl PropName {
+    /// One of vmsnap's own names, as a constant ([`crate::model::prop`]; a test checks each
+    /// against [`PropName::new`]'s rules).
+    pub const fn known(name: &'static str) -> Self {
+        Self(std::borrow::Cow::Borrowed(name))
+    }
+
     /// # Errors
     /// [`NameError`] unless the name has a `:` and only lower-case letters, digits, `:-_.`.
     pub fn new(name: &str) -> Result<Self, NameError> {
@@ -148,7 +154,7 @@ impl PropName {
         if name.len() > 255 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, ':' | '-' | '_' | '.')) {
             return Err(err("lower-case letters, digits, ':', '-', '_' and '.' only, at most 255 bytes"));
         }
-        Ok(Self(name.to_owned()))
+        Ok(Self(std::borrow::Cow::Owned(name.to_owned())))
     }
 
     pub fn as_str(&self) -> &str {
