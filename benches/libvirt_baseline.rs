@@ -64,13 +64,13 @@ fn inside() {
     let (disk0, disk1) = (format!("/{FS}/disk0.qcow2"), format!("/{DATA}/disk1.raw"));
     rt.block_on(async {
         libvirt::restore(&kit, disk0.as_ref(), disk1.as_ref()).await.expect("restoring the domain");
-        let (_, qga) = vmsnap::enroll::sockets(DOMAIN);
+        let (_, qga) = vmsnap::libvirt::enroll::sockets(DOMAIN);
         let mut qga = libvirt::wait_agent(&qga, Duration::from_secs(60)).await.expect("agent");
         // Write load for the whole run: 1 MiB rewritten and synced in a loop on each disk.
         let load = "while :; do for d in vda vdb; do dd if=/dev/urandom of=/mnt/$d/load bs=64k count=16 conv=fsync 2>/dev/null; done; done";
         qga.exec_start("/bin/sh", &["-c", load], &[]).await.expect("load");
     });
-    let (qmp, qga) = vmsnap::enroll::sockets(DOMAIN);
+    let (qmp, qga) = vmsnap::libvirt::enroll::sockets(DOMAIN);
     std::fs::create_dir_all("/etc/vmsnap").unwrap();
     std::fs::write(
         CONFIG,

@@ -6,7 +6,7 @@
 //! is part of what a sanoid run costs. Both figures come from this run.
 
 use std::time::Instant;
-use vmsnap::policy::{PerPeriod, Period, Policy};
+use vmsnap::config::policy::{PerPeriod, Period, Policy};
 use vmsnap::retention::{self, periods_of, Snap};
 use vmsnap_testkit::rig::sanoid::{Sanoid, SanoidSection};
 use vmsnap_testkit::rig::Rig;

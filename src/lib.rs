@@ -1,47 +1,36 @@
 //! vmsnap: consistent, live snapshots of QEMU/libvirt virtual machines whose disks live on ZFS.
 //!
 //! # Layout
-//! - [`model`]: the vocabulary (strategy, RAM mode, consistency, period, `vmsnap:*` properties), defined once.
-//! - [`config`]: the TOML file: directories, policy, the domains.
-//! - [`engine`]: the consistent snapshot flow, its journal, crash recovery, the per-domain lock.
-//! - [`policy`]: sanoid-style retention counts, preferred times, RAM cadence, scripts.
-//! - [`catalog`]: a domain's snapshots read back from ZFS, one entry per name across datasets.
-//! - [`retention`]: the pure keep/destroy plan; [`prune`] carries it out.
-//! - [`setup`]: installing the hook, unit, D-Bus files, config, completions and man page.
-//! - [`sanoid_import`]: an existing sanoid.conf as a vmsnap config.
-//! - [`schedule`]: which periods are due (pure); [`scripts`]: the user's pre/post/pruning scripts.
-//! - [`hook`]: libvirt's qemu hook; [`registry`]: domains registered by it or over [`dbus`].
-//! - [`daemon`]: the scheduler and the D-Bus service; [`status`] and [`metrics`] are what it leaves for [`check`]
-//!   (the Nagios plugin) and Prometheus.
-//! - [`qemu`]: the two protocol clients vmsnap speaks directly over unix sockets: QMP to QEMU
-//!   ([`qemu::qmp`], with block-job and fd-passing helpers) and the guest agent ([`qemu::qga`]).
-//! - [`zfs`]: the only place that runs `zfs`/`zpool`: validated names, pure parsers, operations.
-//! - [`fsutil`]: files root writes where others may reach: no symlink followed, whole files only.
+//! ```text
+//! src/
+//! ├── main.rs, cmd/        the CLI: one file per subcommand, the job's progress on a terminal
+//! ├── model.rs             the vocabulary: strategy, RAM mode, consistency, period, vmsnap:* properties
+//! ├── config/              the TOML file (mod.rs), sanoid-style policy (policy.rs), sanoid.conf import
+//! ├── engine/              one consistent snapshot: flow.rs top to bottom, journal, recover, lock, ram
+//! ├── retention/           the pure keep/destroy plan (mod.rs), what is due (schedule), the
+//! │                        snapshots read back from ZFS (catalog), carrying the plan out (prune)
+//! ├── daemon/              the scheduler (mod.rs), the job layer every entrance uses (jobs.rs),
+//! │                        the registry, status.json, metrics, the Nagios check, the user's
+//! │                        scripts, and the D-Bus service (dbus/)
+//! ├── libvirt/             the qemu hook and enrolment of libvirt domains
+//! ├── qemu/                QMP and guest-agent clients over unix sockets, block jobs, fd passing
+//! ├── zfs/                 the only place that runs zfs/zpool: validated names, parsers, operations
+//! ├── fsutil.rs            files root writes where others may reach: no symlink followed
+//! └── setup.rs             installing the hook, unit, D-Bus files, config, completions, man page
+//! ```
 //!
 //! The test rig, the protocol fixtures and shared test helpers live in the workspace's
 //! `vmsnap-testkit` crate (`testkit/`), a dev-dependency: none of it is in the product.
 
-pub mod catalog;
-pub mod check;
 pub mod config;
 pub mod daemon;
-pub mod dbus;
 pub mod engine;
-pub mod enroll;
 pub mod fsutil;
-pub mod hook;
-pub mod metrics;
+pub mod libvirt;
 pub mod model;
-pub mod policy;
-pub mod prune;
 pub mod qemu;
-pub mod registry;
 pub mod retention;
-pub mod sanoid_import;
-pub mod schedule;
-pub mod scripts;
 pub mod setup;
-pub mod status;
 pub mod zfs;
 
 #[cfg(test)]

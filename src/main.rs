@@ -179,7 +179,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Prune { domain, dry_run, now, json } => cmd::prune::run(&load()?, &zfs, domain, dry_run, now, json).await,
         Command::Recover { json } => cmd::recover::run(&load()?, json).await,
         Command::Daemon { bus, bus_address } => {
-            use vmsnap::dbus::Bus;
+            use vmsnap::daemon::dbus::Bus;
             let bus = match (bus_address, bus) {
                 (Some(a), _) => Some(Bus::Address(a)),
                 (None, BusArg::System) => Some(Bus::System),
@@ -208,7 +208,7 @@ async fn run(cli: Cli) -> Result<()> {
             let xml = read.as_deref().unwrap_or("");
             let bus = std::env::var("VMSNAP_BUS_ADDRESS").ok();
             let said = match read {
-                Ok(_) => vmsnap::hook::run(&args, xml, bus.as_deref()).await,
+                Ok(_) => vmsnap::libvirt::hook::run(&args, xml, bus.as_deref()).await,
                 Err(e) => format!("vmsnap hook: reading the domain XML from stdin: {e}"),
             };
             if !said.is_empty() {

@@ -71,7 +71,7 @@ proptest! {
 
     #[test]
     fn hook_domain_xml(xml in input(&[DOMAIN_XML])) {
-        if let Err(e) = crate::hook::parse_domain_xml(&xml) { prop_assert!(!e.is_empty()); }
+        if let Err(e) = crate::libvirt::hook::parse_domain_xml(&xml) { prop_assert!(!e.is_empty()); }
     }
 
     #[test]
@@ -95,7 +95,7 @@ proptest! {
     #[test]
     fn registry_files(text in input(&[REGISTRATION])) {
         let dir = tempfile::tempdir().unwrap();
-        let reg = crate::registry::Registry::new(dir.path());
+        let reg = crate::daemon::registry::Registry::new(dir.path());
         std::fs::create_dir_all(dir.path().join("registry")).unwrap();
         std::fs::write(dir.path().join("registry/web.json"), &text).unwrap();
         let (ok, bad) = reg.load_all();

@@ -170,7 +170,7 @@ fn started_registers() -> Result<(), Failed> {
     restore_guest()?;
     wait_for("registered by the started hook", Duration::from_secs(30), registered)?;
     let saved = std::fs::read_to_string(format!("{STATE}/registry/{DOMAIN}.json"))?;
-    let (qmp, qga) = vmsnap::enroll::sockets(DOMAIN);
+    let (qmp, qga) = vmsnap::libvirt::enroll::sockets(DOMAIN);
     for want in [qmp.display().to_string(), qga.display().to_string(), format!("/{FS}/disk0.qcow2"), format!("/{DATA}/disk1.raw")] {
         check(saved.contains(&want), format!("the registration lacks {want}: {saved}"))?;
     }
@@ -179,7 +179,7 @@ fn started_registers() -> Result<(), Failed> {
 
 fn snapshot_over_dbus() -> Result<(), Failed> {
     check(registered(), "the guest is not registered")?;
-    let (_, qga_path) = vmsnap::enroll::sockets(DOMAIN);
+    let (_, qga_path) = vmsnap::libvirt::enroll::sockets(DOMAIN);
     rt().block_on(async {
         let mut qga = libvirt::wait_agent(&qga_path, Duration::from_secs(60)).await?;
         qga.exec_start("/bin/sh", &["-c", COUNTER_WRITER], &[]).await.map_err(|e| e.to_string())?;
@@ -212,7 +212,7 @@ fn snapshot_over_dbus() -> Result<(), Failed> {
     check(virsh(&["domstate", DOMAIN])?.trim() == "running", "the domain is not running")?;
     let blk = virsh(&["domblklist", DOMAIN])?;
     check(blk.contains(&format!("/{FS}/disk0.qcow2")) && blk.contains(&format!("/{DATA}/disk1.raw")), blk)?;
-    let (qmp_path, _) = vmsnap::enroll::sockets(DOMAIN);
+    let (qmp_path, _) = vmsnap::libvirt::enroll::sockets(DOMAIN);
     rt().block_on(async {
         let qmp = Qmp::connect(&qmp_path, Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
         let nodes = qmp.node_names().await.map_err(|e| e.to_string())?;

@@ -288,7 +288,9 @@ async fn prune_inherited(c: Ctx) -> Result<(), Failed> {
     let cfg = vmsnap::config::Config::parse(&text, Path::new("test.toml")).map_err(fail)?;
     let created: i64 =
         sh(&format!("zfs get -H -p -o value creation {fs}@autosnap_2026-01-01_05:00:00_daily")).trim().parse().map_err(fail)?;
-    let report = vmsnap::prune::prune(&cfg, cfg.domain("demo").map_err(fail)?, &c.zfs, created + 10 * 86400, false).await.map_err(fail)?;
+    let report = vmsnap::retention::prune::prune(&cfg, cfg.domain("demo").map_err(fail)?, &c.zfs, created + 10 * 86400, false)
+        .await
+        .map_err(fail)?;
     let left = sh(&format!("zfs list -H -o name -t snapshot {fs}"));
     eprintln!("destroyed {:?}; left:\n{left}", report.destroyed);
     for n in theirs {

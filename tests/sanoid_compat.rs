@@ -6,7 +6,7 @@
 //! does when its period's count is 0. The comparison says so explicitly.
 
 use std::collections::{BTreeMap, BTreeSet};
-use vmsnap::policy::{PerPeriod, Period, Policy};
+use vmsnap::config::policy::{PerPeriod, Period, Policy};
 use vmsnap::retention::{self, periods_of, Snap};
 use vmsnap_testkit::rig::sanoid::{Sanoid, SanoidSection};
 use vmsnap_testkit::rig::Rig;

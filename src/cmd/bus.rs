@@ -2,7 +2,7 @@
 //! when `io.github.vmsnap.Agent1` has an owner; otherwise the CLI works in-process.
 
 use std::time::Duration;
-use vmsnap::dbus::BUS_NAME;
+use vmsnap::daemon::dbus::BUS_NAME;
 
 /// A connection to the bus where the daemon answers, if it does (within a second).
 pub async fn daemon() -> Option<zbus::Connection> {

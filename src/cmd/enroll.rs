@@ -1,12 +1,12 @@
 //! `vmsnap enroll` / `unenroll`: fetch the persistent definition with `virsh dumpxml --inactive`,
-//! edit it ([`vmsnap::enroll`]), `virsh define` it; the original is kept in
+//! edit it ([`vmsnap::libvirt::enroll`]), `virsh define` it; the original is kept in
 //! `<state_dir>/enroll/<domain>.xml` (0600) and put back by `unenroll`. Both are idempotent and
 //! take effect at the domain's next start. Never behind libvirt's back: only through virsh.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use vmsnap::config::{valid_domain_name, Config};
-use vmsnap::enroll::{enroll_xml, is_enrolled};
+use vmsnap::libvirt::enroll::{enroll_xml, is_enrolled};
 
 fn virsh(args: &[&str]) -> Result<String> {
     let out = std::process::Command::new("virsh").args(args).output().context("running virsh (is libvirt-clients installed?)")?;

@@ -1,4 +1,4 @@
-//! `vmsnap import-sanoid`: the edge of `vmsnap::sanoid_import` (reads files, asks ZFS where the
+//! `vmsnap import-sanoid`: the edge of `vmsnap::config::sanoid_import` (reads files, asks ZFS where the
 //! domains' disks are).
 
 use anyhow::{Context, Result};
@@ -21,7 +21,7 @@ pub async fn run(config: &std::path::Path, sanoid_conf: &std::path::Path, zfs: &
             .collect();
         domains.push((dom, on));
     }
-    let (out, notes) = vmsnap::sanoid_import::translate(&text, &sanoid_conf.display().to_string(), cfg.as_ref(), &domains)?;
+    let (out, notes) = vmsnap::config::sanoid_import::translate(&text, &sanoid_conf.display().to_string(), cfg.as_ref(), &domains)?;
     print!("{out}");
     for n in notes {
         eprintln!("note: {n}");

@@ -24,7 +24,7 @@ struct Listed {
 pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result<()> {
     let props = prop::LISTED;
     let mut rows = Vec::new();
-    let domains = vmsnap::registry::select(cfg, only)?;
+    let domains = vmsnap::daemon::registry::select(cfg, only)?;
     for dom in &domains {
         let by_pool = engine::disks::datasets_by_pool(zfs, &dom.disks).await.with_context(|| format!("domain {}", dom.name))?;
         for ds in by_pool.values().flatten() {

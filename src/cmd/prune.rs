@@ -6,10 +6,10 @@ use vmsnap::zfs::Zfs;
 
 pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<String>, dry_run: bool, now: Option<i64>, json: bool) -> Result<()> {
     let now = now.unwrap_or_else(|| chrono::Utc::now().timestamp());
-    let domains = vmsnap::registry::select(cfg, domain.as_deref())?;
+    let domains = vmsnap::daemon::registry::select(cfg, domain.as_deref())?;
     let mut reports = Vec::new();
     for dom in &domains {
-        reports.push(vmsnap::prune::prune(cfg, dom, zfs, now, dry_run).await?);
+        reports.push(vmsnap::retention::prune::prune(cfg, dom, zfs, now, dry_run).await?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -25,7 +25,7 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp()).map_err(|e| format!("{s:?} is not an RFC 3339 time ({e})"))
 }
 
-fn print_prune(r: &vmsnap::prune::PruneReport) {
+fn print_prune(r: &vmsnap::retention::prune::PruneReport) {
     let verb = if r.dry_run { "would destroy" } else { "destroyed" };
     println!("{}: {verb} {} of {} snapshots", r.domain, r.destroyed.len(), r.decisions.len());
     for d in &r.decisions {

@@ -8,8 +8,8 @@ use anyhow::{bail, Result};
 use futures_util::StreamExt;
 use std::sync::Arc;
 use vmsnap::config::Config;
+use vmsnap::daemon::dbus::client::{Agent1Proxy, Job1Proxy};
 use vmsnap::daemon::jobs::{Jobs, Origin, Outcome, Output, Request};
-use vmsnap::dbus::client::{Agent1Proxy, Job1Proxy};
 use vmsnap::engine::{RamMode, SnapshotOptions, SnapshotReport, Strategy};
 use vmsnap::zfs::Zfs;
 
@@ -46,7 +46,7 @@ async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport>
     // Uncached: State and Result are read fresh once the job says it has finished.
     let job = Job1Proxy::builder(conn).path(path.clone())?.cache_properties(zbus::proxy::CacheProperties::No).build().await?;
     let props = zbus::fdo::PropertiesProxy::builder(conn)
-        .destination(vmsnap::dbus::BUS_NAME)?
+        .destination(vmsnap::daemon::dbus::BUS_NAME)?
         .path(path.clone())?
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
@@ -82,7 +82,7 @@ async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport>
 }
 
 async fn in_process(cfg: Config, zfs: &Zfs, a: &Args) -> Result<SnapshotReport> {
-    let dom = vmsnap::registry::select(&cfg, Some(&a.domain))?.remove(0);
+    let dom = vmsnap::daemon::registry::select(&cfg, Some(&a.domain))?.remove(0);
     let opts = SnapshotOptions {
         strategy: a.strategy,
         memory: a.memory,

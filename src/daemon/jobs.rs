@@ -11,12 +11,12 @@
 //! after a crash. [`Jobs::shutdown`] refuses new jobs, then cancels or awaits every running one.
 
 use crate::config::{Config, DomainConfig};
+use crate::daemon::metrics::Metrics;
+use crate::daemon::scripts::{self, ScriptEnv};
+use crate::daemon::status::{Attempt, Status};
 use crate::engine::lock::DomainLock;
 use crate::engine::{self, SnapshotOptions, SnapshotReport};
-use crate::metrics::Metrics;
-use crate::prune::{self, PruneReport};
-use crate::scripts::{self, ScriptEnv};
-use crate::status::{Attempt, Status};
+use crate::retention::prune::{self, PruneReport};
 use crate::zfs::Zfs;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

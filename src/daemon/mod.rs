@@ -1,25 +1,31 @@
 //! `vmsnap daemon`: takes each enrolled domain's due snapshots and prunes after them.
 //!
 //! Each tick (at the next preferred time of any policy, and at least once a minute) it reads
-//! every domain's snapshots back from ZFS and asks [`crate::schedule::due`] what is due; a due
+//! every domain's snapshots back from ZFS and asks [`crate::retention::schedule::due`] what is due; a due
 //! domain gets a snapshot job from [`jobs`], the layer D-Bus and the CLI use too (one job per
 //! domain, `max_parallel`, scripts, pruning after, status and metrics). SIGHUP reloads the config
 //! (a bad one is refused and the old one keeps running); SIGTERM/SIGINT stop scheduling and wait
 //! for every running job, whoever started it, which ends with its guest thawed and resumed.
 //! Journals left by a crash are recovered at start-up. The domains are the config's plus those
-//! registered by the libvirt hook or over D-Bus ([`crate::registry`]), which it also serves.
+//! registered by the libvirt hook or over D-Bus ([`crate::daemon::registry`]), which it also serves.
 
+pub mod check;
+pub mod dbus;
 pub mod jobs;
+pub(crate) mod metrics;
+pub mod registry;
+pub(crate) mod scripts;
+pub mod status;
 
-use crate::catalog;
+use crate::config::policy::{PerPeriod, Period};
 use crate::config::{Config, ConfigError, DomainConfig};
-use crate::dbus::{self, Bus};
+use crate::daemon::registry::{all_domains, Registry};
 use crate::engine::{self, SnapshotOptions};
-use crate::policy::{PerPeriod, Period};
-use crate::registry::{all_domains, Registry};
-use crate::schedule;
+use crate::retention::catalog;
+use crate::retention::schedule;
 use crate::zfs::Zfs;
 use chrono::Local;
+use dbus::Bus;
 pub use jobs::error_chain;
 use jobs::{Jobs, Origin, Request};
 use std::collections::{BTreeSet, HashMap};
@@ -34,7 +40,7 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
-    #[error("serving {name} on D-Bus (is another vmsnap daemon running? see `--bus`)", name = crate::dbus::BUS_NAME)]
+    #[error("serving {name} on D-Bus (is another vmsnap daemon running? see `--bus`)", name = crate::daemon::dbus::BUS_NAME)]
     DBus(#[source] zbus::Error),
 }
 

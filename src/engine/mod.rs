@@ -7,7 +7,7 @@
 //! holds the snapshot names and the ZFS properties every snapshot carries.
 
 pub mod disks;
-pub mod flow;
+pub(crate) mod flow;
 pub mod journal;
 pub mod lock;
 pub mod naming;

@@ -7,7 +7,7 @@
 pub mod block;
 pub mod blockjob;
 pub mod fdpass;
-pub mod process;
+pub(crate) mod process;
 pub mod qga;
 pub mod qmp;
 

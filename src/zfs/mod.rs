@@ -4,10 +4,10 @@
 //! binaries; this module puts them together into the operations vmsnap needs. Every listing asks
 //! for explicit columns with `-H -p`.
 
-pub mod command;
-pub mod error;
-pub mod names;
-pub mod parse;
+pub(crate) mod command;
+pub(crate) mod error;
+pub(crate) mod names;
+pub(crate) mod parse;
 
 pub use command::ZfsCli;
 pub use error::ZfsError;

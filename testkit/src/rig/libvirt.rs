@@ -232,7 +232,7 @@ async fn build(rig: &Rig, vmsnap: &Path, dir: &Path, stamp: &str) -> Result<(), 
         return Err(fail("vmsnap enroll", String::from_utf8_lossy(&out.stderr).into_owned()));
     }
     virsh(&["start", DOMAIN])?;
-    let (_, qga_path) = vmsnap::enroll::sockets(DOMAIN);
+    let (_, qga_path) = vmsnap::libvirt::enroll::sockets(DOMAIN);
     let mut qga = wait_agent(&qga_path, Duration::from_secs(120)).await.map_err(|e| fail("the agent on vmsnap's socket", e))?;
     qga.sh("sync", Duration::from_secs(30)).await.map_err(|e| fail("sync", e.to_string()))?;
     drop(qga);
@@ -264,7 +264,7 @@ pub async fn restore(kit: &LibvirtKit, disk0: &Path, disk1: &Path) -> Result<(),
     let xml_path = edited.path().join("domain.xml");
     std::fs::write(&xml_path, xml).map_err(|source| RigError::Io { what: "restore xml".into(), source })?;
     virsh(&["restore", &saved, "--xml", &s(&xml_path)])?;
-    let (_, qga) = vmsnap::enroll::sockets(DOMAIN);
+    let (_, qga) = vmsnap::libvirt::enroll::sockets(DOMAIN);
     wait_agent(&qga, Duration::from_secs(300)).await.map_err(RigError::Failed)?;
     Ok(())
 }
@@ -295,6 +295,6 @@ fn stamp(rig: &Rig) -> Result<String, RigError> {
         .arg("--version")
         .output()
         .map_err(|source| RigError::Io { what: "libvirtd --version (is libvirt-daemon-system installed?)".into(), source })?;
-    let enrolled = vmsnap::enroll::enroll_xml(&domain_xml()).map_err(RigError::Failed)?;
+    let enrolled = vmsnap::libvirt::enroll::enroll_xml(&domain_xml()).map_err(RigError::Failed)?;
     Ok(format!("{}\n{}\n{}", super::resume_kit::stamp(rig)?, String::from_utf8_lossy(&libvirt.stdout).trim(), enrolled.xml))
 }

@@ -144,7 +144,7 @@ impl Default for Policy {
 macro_rules! policy_section {
     ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $fty:ty,)* }) => {
         policy_section! { @emit $(#[$m])* $name { $($(#[$fm])* $field : $fty,)* };
-            use_template: Option<$crate::policy::OneOrMany>,
+            use_template: Option<$crate::config::policy::OneOrMany>,
             frequently: Option<u32>, hourly: Option<u32>, daily: Option<u32>,
             weekly: Option<u32>, monthly: Option<u32>, yearly: Option<u32>,
             frequent_period: Option<u32>, autosnap: Option<bool>, autoprune: Option<bool>,

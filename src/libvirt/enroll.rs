@@ -122,7 +122,7 @@ fn line_range(xml: &str, range: std::ops::Range<usize>) -> std::ops::Range<usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hook::parse_domain_xml;
+    use crate::libvirt::hook::parse_domain_xml;
 
     const INACTIVE: &str = "<domain type='qemu'>
   <name>web</name>
@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn the_recorded_libvirt_xml_enrolls() {
-        let recorded = include_str!("../protocol-fixtures/libvirt/hook-stdin-started-begin.xml");
+        let recorded = include_str!("../../protocol-fixtures/libvirt/hook-stdin-started-begin.xml");
         let e = enroll_xml(recorded).unwrap();
         let d = parse_domain_xml(&e.xml).unwrap();
         // Its existing extra -qmp comes first and stays; the agent chardev is vmsnap's.

@@ -2,11 +2,11 @@
 //! when no remaining snapshot references them, RAM dumps of old kept snapshots dropped (the
 //! snapshot's properties then say so), and the user's pruning scripts around it.
 
-use crate::catalog::{self, Catalog};
 use crate::config::{Config, DomainConfig};
+use crate::daemon::scripts::{self, ScriptEnv};
 use crate::model::prop;
+use crate::retention::catalog::{self, Catalog};
 use crate::retention::{self, Decision};
-use crate::scripts::{self, ScriptEnv};
 use crate::zfs::{Zfs, ZfsError};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};

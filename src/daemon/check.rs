@@ -7,10 +7,10 @@
 //! `*_warn` age. The findings are a pure function ([`evaluate`]) of the snapshots, the status
 //! file and the time.
 
-use crate::catalog::Entry;
+use crate::config::policy::Period;
 use crate::config::DomainConfig;
-use crate::policy::Period;
-use crate::status::Attempt;
+use crate::daemon::status::Attempt;
+use crate::retention::catalog::Entry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum State {
@@ -100,8 +100,8 @@ fn human(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::policy::{PerPeriod, Policy};
     use crate::config::QuiescePolicy;
-    use crate::policy::{PerPeriod, Policy};
     use crate::retention::Snap;
     use std::path::PathBuf;
 

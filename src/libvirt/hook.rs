@@ -8,7 +8,7 @@
 //! did nothing goes to its stderr; where libvirt puts that was not checked (on the rig libvirtd
 //! runs detached).
 
-use crate::dbus::client::Agent1Proxy;
+use crate::daemon::dbus::client::Agent1Proxy;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -164,7 +164,7 @@ mod tests {
     use super::*;
 
     /// A real `started begin` stdin recorded from libvirt 9 (protocol-fixtures/libvirt/).
-    const RECORDED: &str = include_str!("../protocol-fixtures/libvirt/hook-stdin-started-begin.xml");
+    const RECORDED: &str = include_str!("../../protocol-fixtures/libvirt/hook-stdin-started-begin.xml");
 
     #[test]
     fn reads_the_recorded_domain_xml() {

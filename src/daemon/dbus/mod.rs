@@ -12,7 +12,7 @@ mod authz;
 pub mod client;
 mod error;
 mod job;
-pub mod polkit;
+pub(crate) mod polkit;
 mod service;
 
 pub use error::VmsnapError;

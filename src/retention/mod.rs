@@ -8,7 +8,11 @@
 //! when every one of its periods lets it go. A domain's snapshot is one group across all of its
 //! datasets: one decision for the name.
 
-use crate::policy::{Period, Policy};
+pub mod catalog;
+pub mod prune;
+pub(crate) mod schedule;
+
+use crate::config::policy::{Period, Policy};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -129,7 +133,7 @@ pub fn periods_of(name: &str, property: Option<&str>) -> BTreeSet<Period> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PerPeriod;
+    use crate::config::policy::PerPeriod;
     use proptest::prelude::*;
 
     const H: i64 = 3600;

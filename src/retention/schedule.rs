@@ -6,7 +6,7 @@
 //! snapshot per period, not one per missed slot; when the clock jumps back, a snapshot "from
 //! the future" is newer than any preferred time, so nothing is taken twice.
 
-use crate::policy::{PerPeriod, Period, Policy};
+use crate::config::policy::{PerPeriod, Period, Policy};
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Timelike};
 use std::collections::BTreeSet;
 

@@ -27,7 +27,10 @@
 //! xml = "/etc/libvirt/qemu/web.xml"
 //! ```
 
-use crate::policy::{policy_section, Policy, RawPolicy};
+pub mod policy;
+pub mod sanoid_import;
+
+use crate::config::policy::{policy_section, Policy, RawPolicy};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -303,7 +306,7 @@ fn locate(text: &str, table: &str, name: &str, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Period;
+    use crate::config::policy::Period;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/vmsnap/vmsnap.toml"))

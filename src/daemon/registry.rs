@@ -260,7 +260,7 @@ mod tests {
         let all = all_domains(&cfg, &r);
         assert_eq!(all.len(), 2);
         assert_eq!(all.iter().find(|d| d.name == "db").unwrap().qmp, PathBuf::from("/run/db-from-config.qmp"));
-        assert_eq!(all.iter().find(|d| d.name == "web").unwrap().policy.keep.get(crate::policy::Period::Hourly), 5);
+        assert_eq!(all.iter().find(|d| d.name == "web").unwrap().policy.keep.get(crate::config::policy::Period::Hourly), 5);
         assert!(r.remove("web").unwrap());
         assert!(!r.remove("web").unwrap());
     }

@@ -4,13 +4,13 @@
 use super::authz::{require_root, require_uid0};
 use super::job::Job;
 use super::{VmsnapError, BUS_NAME, JOBS, PATH};
-use crate::catalog;
 use crate::config::{Config, DomainConfig};
 use crate::daemon::error_chain;
 use crate::daemon::jobs::{JobEvent, Jobs, Origin, Outcome, Output, Request, StartError};
+use crate::daemon::registry::{all_domains, Registration, Registry};
 use crate::engine::SnapshotOptions;
 use crate::model::{RamMode, Strategy};
-use crate::registry::{all_domains, Registration, Registry};
+use crate::retention::catalog;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -187,7 +187,7 @@ impl Agent {
         let report = if dry_run {
             let _permit = self.read_permit("Prune").await?;
             let now = chrono::Utc::now().timestamp();
-            crate::prune::prune(&self.config(), &dom, &self.jobs.zfs(), now, true)
+            crate::retention::prune::prune(&self.config(), &dom, &self.jobs.zfs(), now, true)
                 .await
                 .map_err(|e| VmsnapError::Failed(error_chain(&e)))?
         } else {
@@ -283,7 +283,7 @@ impl Agent {
     /// The daemon's last attempt per domain (JSON, as `<state_dir>/status.json`).
     async fn status(&self) -> Result<String, VmsnapError> {
         let _permit = self.read_permit("Status").await?;
-        let st = crate::status::Status::load(&self.config().state_dir).map_err(|e| VmsnapError::Failed(e.to_string()))?;
+        let st = crate::daemon::status::Status::load(&self.config().state_dir).map_err(|e| VmsnapError::Failed(e.to_string()))?;
         serde_json::to_string(&st).map_err(|e| VmsnapError::Failed(e.to_string()))
     }
 

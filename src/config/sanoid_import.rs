@@ -245,8 +245,8 @@ pub fn known_keys() -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::policy::{Period, RawPolicy};
     use crate::config::Config;
-    use crate::policy::{Period, RawPolicy};
     use std::path::Path;
 
     const SANOID: &str = "
