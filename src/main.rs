@@ -161,7 +161,11 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("vmsnap: error: {e:#}");
-        if let Some(hint) = e.downcast_ref::<engine::EngineError>().and_then(engine::EngineError::hint) {
+        let hint = e
+            .downcast_ref::<engine::EngineError>()
+            .and_then(engine::EngineError::hint)
+            .or_else(|| e.downcast_ref::<engine::recover::RecoverError>().and_then(engine::recover::RecoverError::hint));
+        if let Some(hint) = hint {
             eprintln!("hint: {hint}");
         }
         std::process::exit(1);

@@ -5,10 +5,8 @@ use vmsnap::config::Config;
 use vmsnap::engine;
 
 pub async fn run(cfg: &Config, json: bool) -> Result<()> {
-    let reports = engine::recover::recover_all(cfg, &vmsnap::zfs::Zfs::default())
-        .await
-        .map_err(anyhow::Error::msg)
-        .context("recovery incomplete; the journals stay")?;
+    let reports =
+        engine::recover::recover_all(cfg, &vmsnap::zfs::Zfs::default()).await.context("recovery incomplete; the journals stay")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else if reports.is_empty() {

@@ -60,7 +60,9 @@ pub async fn snapshot(
     let leftover = Journal::path_of(&cfg.state_dir, &dom.name);
     if leftover.exists() {
         progress("recovering an interrupted earlier operation");
-        recover::recover_journal(&leftover, recover::Places::of(cfg), zfs).await.map_err(|e| fail("recover", StepError::Refused(e)))?;
+        recover::recover_journal(&leftover, recover::Places::of(cfg), zfs)
+            .await
+            .map_err(|e| fail("recover", StepError::Recover(Box::new(e))))?;
     }
     let name = naming::snapshot_name(opts.name_at.unwrap_or_else(SystemTime::now), &opts.label);
     let qmp = match Qmp::connect(&dom.qmp, Duration::from_secs(5)).await {

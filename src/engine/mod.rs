@@ -87,6 +87,9 @@ pub enum StepError {
     },
     #[error("{0}")]
     Refused(String),
+    /// An earlier operation's journal could not be settled first.
+    #[error(transparent)]
+    Recover(Box<recover::RecoverError>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +127,7 @@ impl EngineError {
             }
             StepError::Qmp(QmpError::Connect { .. }) => Some("is the VM running, and is `qmp` in the config its QMP socket?"),
             StepError::Zfs(ZfsError::NoDatasetFor { .. }) => Some("vmsnap snapshots disks that live on ZFS datasets or zvols"),
+            StepError::Recover(e) => e.hint(),
             _ => None,
         }
     }

@@ -15,7 +15,7 @@
 //! recovery that is itself killed is finished by the next one. The engine runs this on its own
 //! errors; `vmsnap recover` and the daemon's start-up run it on journals left by a crash.
 
-use super::journal::{obligations, Journal, Obligations, OverlayRecord, RamObligation, Record};
+use super::journal::{obligations, Journal, JournalError, Obligations, OverlayRecord, RamObligation, Record};
 use super::lock::DomainLock;
 use super::ram;
 use crate::config::Config;
@@ -458,14 +458,49 @@ pub async fn settle(
     apply(&qemu, places, qga_path.as_deref(), &o, zfs, journal, actions).await
 }
 
+/// Why a journal could not be settled; the journal stays for the next try.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Another operation holds the domain (its lock).
+    #[error(transparent)]
+    Busy(Box<super::EngineError>),
+    #[error("{domain}: cannot reach QEMU on {qmp}", qmp = qmp.display())]
+    Qemu {
+        domain: String,
+        qmp: PathBuf,
+        #[source]
+        source: QmpError,
+    },
+    /// A step of the undo failed; `why` names it.
+    #[error("{domain}: {why}")]
+    Incomplete { domain: String, why: String },
+    /// Several journals, each with its own error.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<RecoverError>),
+}
+
+impl RecoverError {
+    /// What the operator can do about it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Journal(e) => e.hint(),
+            Self::Busy(e) => e.hint(),
+            Self::Qemu { .. } => {
+                Some("QEMU's socket answers but not as QMP: check the `qmp` path in the config, then run `vmsnap recover` again")
+            }
+            Self::Incomplete { .. } => Some("the journal stays: fix what the message names, then run `vmsnap recover` again"),
+            Self::Several(all) => all.iter().find_map(RecoverError::hint),
+        }
+    }
+}
+
 /// Recovers one journal file: connects to the QEMU it names and [`settle`]s it.
-pub async fn recover_journal(path: &Path, places: Places<'_>, zfs: &Zfs) -> Result<RecoveryReport, String> {
-    let mut journal = Journal::load(path).map_err(|e| match e.hint() {
-        Some(h) => format!("{e} ({h})"),
-        None => e.to_string(),
-    })?;
+pub async fn recover_journal(path: &Path, places: Places<'_>, zfs: &Zfs) -> Result<RecoveryReport, RecoverError> {
+    let mut journal = Journal::load(path)?;
     let Some(Record::Begin { domain, qmp: qmp_path, qemu: recorded, .. }) = journal.records().first().cloned() else {
-        return Err(format!("journal {} does not start with a begin record", path.display()));
+        return Err(JournalError::Damaged { path: path.to_owned(), why: "it does not start with a begin record".into() }.into());
     };
     let mut actions = Vec::new();
     let connection = if obligations(journal.records()).is_empty() {
@@ -478,20 +513,21 @@ pub async fn recover_journal(path: &Path, places: Places<'_>, zfs: &Zfs) -> Resu
                 tracing::debug!("QMP {}: {e}; the journal's QEMU is gone", qmp_path.display());
                 None
             }
-            Err(e) => return Err(format!("{domain}: {e}")),
+            Err(source) => return Err(RecoverError::Qemu { domain, qmp: qmp_path, source }),
         }
     };
-    settle(&mut journal, connection.as_ref(), places, zfs, &mut actions).await.map_err(|e| format!("{domain}: {e}"))?;
-    journal.remove().map_err(|e| e.to_string())?;
+    let incomplete = |why: String| RecoverError::Incomplete { domain: domain.clone(), why };
+    settle(&mut journal, connection.as_ref(), places, zfs, &mut actions).await.map_err(incomplete)?;
+    journal.remove()?;
     Ok(RecoveryReport { journal: path.to_owned(), domain, actions })
 }
 
 /// Recovers `domain`'s journal, if it has one, under its lock (a locked domain has an operation
-/// still running: [`super::EngineError::Busy`] as a sentence).
-pub async fn recover_domain(cfg: &Config, domain: &str, zfs: &Zfs) -> Result<Option<RecoveryReport>, String> {
-    let _lock = DomainLock::acquire(&cfg.state_dir, domain).map_err(|e| e.to_string())?;
+/// still running: [`RecoverError::Busy`]).
+pub async fn recover_domain(cfg: &Config, domain: &str, zfs: &Zfs) -> Result<Option<RecoveryReport>, RecoverError> {
+    let _lock = DomainLock::acquire(&cfg.state_dir, domain).map_err(|e| RecoverError::Busy(Box::new(e)))?;
     // A journal write killed half-way left its temporary file; the journal keeps the last whole state.
-    Journal::sweep_temporaries(&cfg.state_dir, domain).map_err(|e| e.to_string())?;
+    Journal::sweep_temporaries(&cfg.state_dir, domain)?;
     let path = Journal::path_of(&cfg.state_dir, domain);
     if !path.exists() {
         return Ok(None);
@@ -499,20 +535,21 @@ pub async fn recover_domain(cfg: &Config, domain: &str, zfs: &Zfs) -> Result<Opt
     recover_journal(&path, Places::of(cfg), zfs).await.map(Some)
 }
 
-/// Recovers every journal under the config's state directory.
-pub async fn recover_all(cfg: &Config, zfs: &Zfs) -> Result<Vec<RecoveryReport>, String> {
+/// Recovers every journal under the config's state directory; one that fails does not stop
+/// the others.
+pub async fn recover_all(cfg: &Config, zfs: &Zfs) -> Result<Vec<RecoveryReport>, RecoverError> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    for domain in Journal::pending(&cfg.state_dir).map_err(|e| e.to_string())? {
+    for domain in Journal::pending(&cfg.state_dir)? {
         match recover_domain(cfg, &domain, zfs).await {
             Ok(r) => out.extend(r),
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors.join("\n"))
+    match errors.len() {
+        0 => Ok(out),
+        1 => Err(errors.remove(0)),
+        _ => Err(RecoverError::Several(errors)),
     }
 }
 
