@@ -96,6 +96,10 @@ enum Command {
         /// Install under this root instead of / (packaging, tests).
         #[arg(long, default_value = "/")]
         root: PathBuf,
+        /// Where the binary will run from, for the unit and the hook (packaging: /usr/bin/vmsnap);
+        /// default: this binary.
+        #[arg(long)]
+        exe: Option<PathBuf>,
     },
     /// Give a libvirt domain vmsnap's own QMP socket and agent channel (persistent definition, via virsh).
     Enroll { domain: String },
@@ -223,7 +227,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::ImportSanoid { sanoid_conf } => cmd::import_sanoid::run(&cli.config, &sanoid_conf, &zfs).await,
         Command::Enroll { domain } => cmd::enroll::enroll(&load()?, &domain),
         Command::Unenroll { domain } => cmd::enroll::unenroll(&load()?, &domain),
-        Command::Setup { dry_run, root } => cmd::setup::run(&cli.config, &root, dry_run),
+        Command::Setup { dry_run, root, exe } => cmd::setup::run(&cli.config, &root, exe, dry_run),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics when its writer fails (a closed pipe).
             let mut buf = Vec::new();

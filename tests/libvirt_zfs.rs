@@ -1,5 +1,5 @@
 //! vmsnap's three ways in on real libvirtd (the libvirt lane: the ZFS lane plus libvirt and a
-//! system bus inside the OpenZFS VM). `vmsnap setup` installs the hook and the bus policy; the
+//! system bus inside the OpenZFS VM). The Debian package installs vmsnap, the hook and the bus policy; the
 //! daemon serves `io.github.vmsnap.Agent1` on a real system bus; libvirtd restores the enrolled
 //! guest saved in the libvirt kit (see `vmsnap_testkit::rig::libvirt`) onto two ZFS datasets, and:
 //! the hook registers it → a `Snapshot` over D-Bus gives one consistent zfs snapshot of both
@@ -14,12 +14,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmsnap::qemu::qmp::Qmp;
-use vmsnap_testkit::rig::lane::{sh, vmsnap_bin};
+use vmsnap_testkit::rig::lane::sh;
 use vmsnap_testkit::rig::libvirt::{self, virsh, LibvirtKit, Libvirtd, DOMAIN, IMAGES};
 use vmsnap_testkit::rig::Rig;
 use vmsnap_testkit::support::{self, check, rt, COUNTER_WRITER};
 
 const CONFIG: &str = "/etc/vmsnap/vmsnap.toml";
+/// The vmsnap this lane runs: the one the package installed.
+const VMSNAP: &str = "/usr/bin/vmsnap";
 const STATE: &str = "/var/lib/vmsnap";
 const LOG: &str = "/var/log/vmsnap-daemon.log";
 const FS: &str = "tank/vms/lv";
@@ -55,7 +57,7 @@ fn inside() {
     std::fs::write(CONFIG, format!("state_dir = \"{STATE}\"\n[template.default]\nautosnap = false\n")).unwrap();
 
     let cases: &[(&str, Case)] = &[
-        ("setup_installs_hook_and_bus_policy", setup_installs),
+        ("the_package_installs_hook_unit_and_bus_policy", package_installs),
         ("a_started_domain_registers_through_the_hook", started_registers),
         ("snapshot_over_dbus_is_consistent_under_libvirt", snapshot_over_dbus),
         ("ram_snapshot_over_dbus_under_libvirt", ram_snapshot_over_dbus),
@@ -81,18 +83,28 @@ fn inside() {
     conclusion.exit();
 }
 
-/// `vmsnap setup`, a system bus with the policy it installed, the daemon on it, then libvirtd
-/// (which reads its hooks when it starts).
-fn setup_installs() -> Result<(), Failed> {
-    let out = Command::new(vmsnap_bin()).args(["--config", CONFIG, "setup"]).output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    check(out.status.success(), format!("vmsnap setup: {text}"))?;
+/// The Debian package of the build under test (made on the host by the lane, from the same
+/// binary), installed with dpkg; then a system bus with the policy it installed, the daemon on it,
+/// then libvirtd (which reads its hooks when it starts). The lane runs the installed files.
+fn package_installs() -> Result<(), Failed> {
+    // The config the lane wrote is the admin's: dpkg keeps it (--force-confold, as a person
+    // answering "keep" would).
+    let out = sh("dpkg -i --force-confold /mnt/share/debian/vmsnap_*.deb 2>&1 && dpkg -s vmsnap | grep -E '^(Status|Version)'");
+    eprintln!("dpkg: {}", out.trim());
+    check(out.contains("install ok installed"), format!("dpkg -i: {out}"))?;
     let hook = std::fs::read_to_string("/etc/libvirt/hooks/qemu.d/vmsnap")?;
-    check(hook.contains(&format!("VMSNAP=${{VMSNAP:-{}}}", vmsnap_bin())), format!("the hook runs this vmsnap: {hook}"))?;
-    check(std::fs::read_to_string(CONFIG)?.contains("autosnap = false"), "setup left the existing config alone")?;
-    check(text.contains("libvirtd"), format!("setup says libvirtd must be restarted: {text}"))?;
-    // Idempotent: a second run changes nothing.
-    let again = Command::new(vmsnap_bin()).args(["--config", CONFIG, "setup", "--dry-run"]).output()?;
+    check(hook.contains(&format!("VMSNAP=${{VMSNAP:-{VMSNAP}}}")), format!("the hook runs the installed vmsnap: {hook}"))?;
+    check(
+        std::fs::read_to_string("/lib/systemd/system/vmsnap.service")?.contains(&format!("ExecStart={VMSNAP} ")),
+        "the unit runs /usr/bin/vmsnap",
+    )?;
+    check(std::fs::read_to_string(CONFIG)?.contains("autosnap = false"), "dpkg left the existing config alone")?;
+    // `vmsnap setup`, the way without the package, is idempotent under another root.
+    let root = "/tmp/setup-root";
+    let out = Command::new(VMSNAP).args(["--config", CONFIG, "setup", "--root", root]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    check(out.status.success() && text.contains("libvirtd"), format!("vmsnap setup: {text}"))?;
+    let again = Command::new(VMSNAP).args(["--config", CONFIG, "setup", "--root", root, "--dry-run"]).output()?;
     let again = String::from_utf8_lossy(&again.stdout);
     check(!again.contains("install") && !again.contains("update"), format!("a second setup would change things: {again}"))?;
 
@@ -109,7 +121,7 @@ fn setup_installs() -> Result<(), Failed> {
 
 fn start_daemon() -> Result<(), Failed> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(LOG)?;
-    let child = Command::new(vmsnap_bin())
+    let child = Command::new(VMSNAP)
         .args(["--config", CONFIG, "daemon", "--bus", "system"])
         .env("VMSNAP_LOG", "info")
         .stdout(Stdio::null())
@@ -398,7 +410,7 @@ fn enroll_and_unenroll() -> Result<(), Failed> {
     std::fs::write("/tmp/lvguest.xml", libvirt::domain_xml())?;
     virsh(&["define", "/tmp/lvguest.xml"])?;
     let vmsnap = |args: &[&str]| -> Result<String, Failed> {
-        let out = Command::new(vmsnap_bin()).args(["--config", CONFIG]).args(args).env("LIBVIRT_DEFAULT_URI", "qemu:///system").output()?;
+        let out = Command::new(VMSNAP).args(["--config", CONFIG]).args(args).env("LIBVIRT_DEFAULT_URI", "qemu:///system").output()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         check(out.status.success(), format!("vmsnap {args:?}: {text}"))?;
         Ok(text)

@@ -4,9 +4,13 @@ use crate::Cli;
 use anyhow::{Context, Result};
 use clap::CommandFactory;
 
-pub fn run(config: &std::path::Path, root: &std::path::Path, dry_run: bool) -> Result<()> {
+pub fn run(config: &std::path::Path, root: &std::path::Path, exe: Option<std::path::PathBuf>, dry_run: bool) -> Result<()> {
     use vmsnap::setup::{self, Item};
-    let exe = std::env::current_exe().context("finding this binary")?;
+    let exe = match exe {
+        Some(e) if e.is_absolute() => e,
+        Some(e) => anyhow::bail!("--exe {}: give the absolute path the binary is installed at", e.display()),
+        None => std::env::current_exe().context("finding this binary")?,
+    };
     let mut extra = Vec::new();
     for (shell, path) in [
         (clap_complete::Shell::Bash, "usr/share/bash-completion/completions/vmsnap"),

@@ -48,6 +48,9 @@ fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
         if libvirt_kit {
             let kit = super::libvirt::LibvirtKit::ensure(&rig, &share.join("vmsnap")).await.expect("building the libvirt kit");
             eprintln!("libvirt kit: {}", kit.dir.display());
+            // The lane installs this build the way users install vmsnap: as its Debian package.
+            let deb = package(&share.join("vmsnap"), &share.join("debian"));
+            eprintln!("package: {}", deb.display());
         }
         let mut vm = ZfsVm::boot(&rig, share).await.expect("booting the OpenZFS VM");
         eprintln!("METRIC zfsvm_boot_to_agent_s={:.1}", vm.boot_time.as_secs_f64());
@@ -76,6 +79,18 @@ fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
         out.exit_code.unwrap_or(1) as i32
     });
     std::process::exit(code);
+}
+
+/// `scripts/package-deb` of `binary` into `out`: the package's path.
+fn package(binary: &std::path::Path, out: &std::path::Path) -> std::path::PathBuf {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-deb");
+    let run = std::process::Command::new(&script)
+        .env("VMSNAP_PACKAGE_BINARY", binary)
+        .env("VMSNAP_PACKAGE_OUT", out)
+        .output()
+        .expect("running scripts/package-deb");
+    assert!(run.status.success(), "scripts/package-deb: {}", String::from_utf8_lossy(&run.stderr));
+    std::path::PathBuf::from(String::from_utf8_lossy(&run.stdout).trim())
 }
 
 fn name(p: &std::path::Path) -> &str {
