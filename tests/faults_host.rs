@@ -1043,6 +1043,85 @@ fn scheduled_snapshot_is_announced() -> Result<(), Failed> {
     Ok(())
 }
 
+/// D-Bus `Cancel` of domain A's job (a RAM dump, slowed) while domain B's job has B frozen (a
+/// `zfs snapshot` that takes 12 s): A's undo runs for A alone; B's job goes on and succeeds, B
+/// thawed, and A is thawed and running with nothing of vmsnap left in it.
+fn cancel_of_one_domain_leaves_the_other_alone() -> Result<(), Failed> {
+    let guard = lab_lock();
+    let lab = guard.as_ref().unwrap();
+    // Domain B: a second tiny guest whose disk is in the stand-in's dataset too.
+    let disk = lab.path("disks/other0.qcow2");
+    std::fs::copy(Rig::locate().expect("the rig").dir().join("data-template.qcow2"), &disk)?;
+    let rig = Rig::locate().expect("the rig");
+    let opts = TinyVmOptions { disks: 1, memory_mib: MEMORY_MIB, disk_images: Some(vec![disk.clone()]), ..Default::default() };
+    let (other, _q, _g, _) = rt().block_on(TinyVm::boot(&rig, &opts)).map_err(|e| e.to_string())?;
+    drop((_q, _g));
+    let cfg = std::fs::read_to_string(lab.config())?;
+    let section =
+        format!("\n[domain.other]\nqmp = \"{}\"\nqga = \"{}\"\n", other.machine.qmp_path.display(), other.machine.qga_path.display());
+    std::fs::write(lab.config(), format!("max_parallel = 2\n{cfg}{section}"))?;
+    let (address, _bus, _daemon) = start_daemon_with(lab, &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "12")])?;
+    let busctl = |args: &[&str]| busctl(&address, args);
+    let observer = lab.vm.machine.observer_path.clone();
+    let set_bandwidth = |bytes: u64| {
+        rt().block_on(async {
+            let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.unwrap();
+            let args = serde_json::json!({ "max-bandwidth": bytes });
+            qmp.execute_raw("migrate-set-parameters", Some(args), Duration::from_secs(10)).await.unwrap();
+        })
+    };
+    set_bandwidth(2 << 20);
+    let job_of = |reply: &str| reply.split('"').nth(1).map(str::to_owned).ok_or(format!("no job path in {reply:?}"));
+    let property = |job: &str, name: &str| busctl(&["get-property", "io.github.vmsnap.Agent1", job, "io.github.vmsnap.Job1", name]).1;
+    let res = (|| {
+        let (ok, reply) = busctl(&[&AGENT1[..], &["Snapshot", "sa{sv}", "other", "1", "strategy", "s", "direct"]].concat());
+        check(ok, format!("Snapshot of other: {reply}"))?;
+        let b_job = job_of(&reply)?;
+        // B is frozen once its zfs snapshot has begun.
+        let b_journal = lab.path("state/journal/other.json");
+        let t = Instant::now();
+        while !std::fs::read_to_string(&b_journal).unwrap_or_default().contains("zfs_snapshot_started") {
+            check(t.elapsed() < Duration::from_secs(30), "B never reached its window")?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (ok, reply) = busctl(&[&AGENT1[..], &["Snapshot", "sa{sv}", DOMAIN, "1", "memory", "s", "precopy"]].concat());
+        check(ok, format!("Snapshot of {DOMAIN}: {reply}"))?;
+        let a_job = job_of(&reply)?;
+        let a_journal = lab.path(&format!("state/journal/{DOMAIN}.json"));
+        while !std::fs::read_to_string(&a_journal).unwrap_or_default().contains("migration_started") {
+            check(t.elapsed() < Duration::from_secs(60), "A's dump never started")?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (ok, reply) = busctl(&["call", "io.github.vmsnap.Agent1", &a_job, "io.github.vmsnap.Job1", "Cancel"]);
+        check(ok, format!("Cancel: {reply}"))?;
+        while !property(&a_job, "State").contains("cancelled") {
+            check(t.elapsed() < Duration::from_secs(120), format!("A did not end cancelled: {}", property(&a_job, "State")))?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // (The stand-in holds its lock while it sleeps, so A's undo may wait for B's zfs call.)
+        eprintln!("A cancelled after {:.1} s; B still in its window then: {}", t.elapsed().as_secs_f64(), b_journal.exists());
+        while property(&b_job, "State").contains("running") {
+            check(t.elapsed() < Duration::from_secs(120), "B's job did not finish")?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let state = property(&b_job, "State");
+        check(state.contains("succeeded"), format!("B: {state} {}", property(&b_job, "Result")))?;
+        rt().block_on(other.machine.vmsnap_leftovers(true, &[]))?;
+        rt().block_on(async {
+            let mut q = Qga::connect(&other.machine.qga_path, agent(&other.machine.qga_path)).await.map_err(|e| e.to_string())?;
+            check(q.freeze_status().await.map_err(|e| e.to_string())? == FreezeStatus::Thawed, "B left frozen")
+        })?;
+        eprintln!("cancel of A while B snapshots: A {}; B {}", property(&a_job, "State").trim(), state.trim());
+        assert_invariants(lab, true)
+    })();
+    set_bandwidth(128 << 20);
+    drop(other);
+    let _ = std::fs::remove_file(&disk);
+    lab.write_config("");
+    lab.reset_snapshots();
+    res
+}
+
 type Case = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -1059,6 +1138,7 @@ fn main() {
         ("cli_through_the_daemon_returns_the_jobs_result", cli_through_the_daemon_returns),
         ("daemon_sigterm_mid_freeze_waits_for_the_thaw", daemon_sigterm_mid_freeze),
         ("scheduled_snapshot_is_announced", scheduled_snapshot_is_announced),
+        ("cancel_of_one_domain_leaves_the_other_alone", cancel_of_one_domain_leaves_the_other_alone),
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
         ("stopped_only_when_known_down", stopped_only_when_known_down),
         ("planted_files_are_refused", planted_files_are_refused),
