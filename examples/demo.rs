@@ -85,6 +85,10 @@ fn inside() {
         let t = std::time::Instant::now();
         let mut resumed = resume_kit::restore_state(&rig, &opts, std::path::Path::new(&dump)).await.expect("resuming");
         resumed.machine.wait_agent(Duration::from_secs(300)).await.expect("resumed agent");
+        // The snapshot froze the guest around its pause (ram_quiesce): it wakes frozen.
+        if resume_kit::thaw_if_frozen(&resumed.machine.qga_path).await.expect("thawing") {
+            println!("the resumed guest woke frozen, as the snapshot left it (ram_quiesce); thawed it");
+        }
         let after = uptime(&resumed.machine.qga_path).await;
         println!(
             "resumed in {:.1} s; guest uptime {after:.1} s (the original read {before:.1} s before it was stopped): it did not reboot",

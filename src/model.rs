@@ -118,20 +118,43 @@ pub mod prop {
     /// The RAM dump's path.
     pub const RAM_DUMP: PropName = PropName::known("vmsnap:ram-dump");
     pub const RAM_SHA256: PropName = PropName::known("vmsnap:ram-sha256");
+    /// `libvirt-save` (a `virsh restore`-able save image) or `qemu-stream` (a bare migration stream).
+    pub const RAM_FORMAT: PropName = PropName::known("vmsnap:ram-format");
     pub const QEMU_VERSION: PropName = PropName::known("vmsnap:qemu-version");
     /// The machine type the RAM dump needs.
     pub const MACHINE: PropName = PropName::known("vmsnap:machine");
+    /// `yes` when a RAM snapshot's disks were captured with the guest frozen (ram_quiesce):
+    /// app-consistent on their own; a guest resumed from its dump wakes frozen.
+    pub const RAM_QUIESCED: PropName = PropName::known("vmsnap:ram-quiesced");
+    /// The first vCPU's QOM type when the RAM was saved (`qemu64-x86_64-cpu`).
+    pub const CPU: PropName = PropName::known("vmsnap:cpu");
+    /// The guest's RAM size in bytes when the RAM was saved.
+    pub const RAM_BYTES: PropName = PropName::known("vmsnap:ram-bytes");
     /// The retention periods a scheduled snapshot serves (`hourly,daily`).
     pub const PERIODS: PropName = PropName::known("vmsnap:periods");
     /// When retention dropped the snapshot's RAM dump (unix seconds); `vmsnap:ram-dump` is then gone.
     pub const RAM_PRUNED: PropName = PropName::known("vmsnap:ram-pruned");
 
     /// Every property `vmsnap list` shows.
-    pub const LISTED: [PropName; 8] = [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, PERIODS, RAM_PRUNED];
+    pub const LISTED: [PropName; 9] = [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, RAM_FORMAT, PERIODS, RAM_PRUNED];
 
     /// Every one, for the test that checks them all.
-    pub const ALL: [PropName; 11] =
-        [CONSISTENCY, VERSION, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, QEMU_VERSION, MACHINE, PERIODS, RAM_PRUNED];
+    pub const ALL: [PropName; 14] = [
+        CONSISTENCY,
+        VERSION,
+        DOMAIN,
+        FREEZE_MS,
+        PAUSE_MS,
+        RAM_DUMP,
+        RAM_SHA256,
+        RAM_FORMAT,
+        QEMU_VERSION,
+        MACHINE,
+        CPU,
+        RAM_BYTES,
+        PERIODS,
+        RAM_PRUNED,
+    ];
 }
 
 #[cfg(test)]

@@ -405,13 +405,20 @@ fn check_dump(r: &Value) -> Result<String, Failed> {
     let sum = sh(&format!("sha256sum {dump}"));
     check(Some(sum.split_whitespace().next().unwrap_or("")) == r["ram_sha256"].as_str(), "checksum matches")?;
     let name = r["name"].as_str().unwrap();
-    let props = sh(&format!("zfs get -H -o value vmsnap:consistency,vmsnap:ram-dump,vmsnap:ram-sha256,vmsnap:machine {FS}@{name}"));
+    let props = sh(&format!(
+        "zfs get -H -o value vmsnap:consistency,vmsnap:ram-dump,vmsnap:ram-sha256,vmsnap:machine,vmsnap:ram-format,vmsnap:ram-quiesced,vmsnap:ram-bytes {FS}@{name}"
+    ));
     let props: Vec<&str> = props.lines().collect();
     check(
         props[0] == "ram" && props[1] == dump && Some(props[2]) == r["ram_sha256"].as_str() && props[3].starts_with("pc"),
         format!("properties {props:?}"),
     )?;
-    check(r["pause_ms"].as_f64().is_some(), "pause recorded")?;
+    // The config domain has an XML: the dump is a libvirt save image; it was quiesced; the RAM
+    // size a resume must match is recorded.
+    check(props[4] == "libvirt-save" && props[5] == "yes" && props[6].parse::<u64>().is_ok(), format!("properties {props:?}"))?;
+    let image = vmsnap::engine::saveimage::read(Path::new(&dump)).map_err(|e| e.to_string())?.ok_or("not a save image")?;
+    check(image.xml.contains("<name>demo</name>") && image.was_running, format!("save image header: {image:?}"))?;
+    check(r["pause_ms"].as_f64().is_some() && r["freeze_ms"].as_f64().is_some(), "pause and freeze recorded")?;
     Ok(dump)
 }
 
@@ -438,6 +445,9 @@ fn ram_background_resumes() -> Result<(), Failed> {
     let dump = check_dump(&r)?;
     assert_clean()?;
     let name = r["name"].as_str().unwrap().to_owned();
+    // Frozen around the pause (ram_quiesce): the disks alone are app-consistent, for when the
+    // dump is pruned.
+    verify_snapshot(&name)?;
     // This is the last case that needs the running guest: stop it, so the restored one has the
     // VM's CPUs to itself (both are nested TCG).
     if let Some(mut g) = GUEST.lock().unwrap().take() {
@@ -456,8 +466,13 @@ fn ram_background_resumes() -> Result<(), Failed> {
         let t = std::time::Instant::now();
         // Restored exactly as a user would resume the snapshot: -incoming defer + migrate-incoming.
         let mut vm = resume_kit::restore_state(&rig, &opts, Path::new(&dump)).await.map_err(|e| e.to_string())?;
-        let mut qga = vm.machine.wait_agent(Duration::from_secs(120)).await.map_err(|e| e.to_string())?;
+        let qga = vm.machine.wait_agent(Duration::from_secs(120)).await.map_err(|e| e.to_string())?;
         eprintln!("METRIC restore_to_agent_s={:.1}", t.elapsed().as_secs_f64());
+        // Taken with ram_quiesce: the guest wakes frozen, and is thawed the way vmsnap does.
+        drop(qga);
+        let was_frozen = resume_kit::thaw_if_frozen(&vm.machine.qga_path).await.map_err(|e| e.to_string())?;
+        check(was_frozen, "the resumed guest was not frozen: the RAM snapshot did not quiesce it")?;
+        let mut qga = vm.machine.wait_agent(Duration::from_secs(120)).await.map_err(|e| e.to_string())?;
         let out = qga.sh("cut -d' ' -f1 /proc/uptime; cat /mnt/vda/counter", Duration::from_secs(600)).await.map_err(|e| e.to_string())?;
         let text = out.stdout_text();
         let uptime: f64 = text.lines().next().unwrap_or("").parse().map_err(|e| format!("uptime {text:?}: {e}"))?;

@@ -252,8 +252,8 @@ const VARIANTS: &[Variant] = &[
         args: &["--memory", "precopy"],
         paused: false,
         records: &[
-            "begin", "overlays_created", "capabilities_set", "ram_dump_started", "pause_started", "migration_started", "migration_done",
-            "switch_started", "switched", "resumed", "capabilities_reset", "ram_dump_done", "zfs_snapshot_started", "zfs_snapshot_done",
+            "begin", "overlays_created", "capabilities_set", "ram_dump_started", "freeze_started", "pause_started", "migration_started", "migration_done",
+            "switch_started", "switched", "resumed", "thawed", "capabilities_reset", "ram_dump_done", "zfs_snapshot_started", "zfs_snapshot_done",
             "merged", "committed", "end",
         ],
     },
@@ -262,8 +262,8 @@ const VARIANTS: &[Variant] = &[
         args: &["--memory", "background"],
         paused: false,
         records: &[
-            "begin", "overlays_created", "capabilities_set", "ram_dump_started", "pause_started", "switch_started", "switched",
-            "migration_started", "resumed", "migration_done", "capabilities_reset", "ram_dump_done", "zfs_snapshot_started",
+            "begin", "overlays_created", "capabilities_set", "ram_dump_started", "freeze_started", "pause_started", "switch_started", "switched",
+            "migration_started", "resumed", "thawed", "migration_done", "capabilities_reset", "ram_dump_done", "zfs_snapshot_started",
             "zfs_snapshot_done", "merged", "committed", "end",
         ],
     },
@@ -272,8 +272,8 @@ const VARIANTS: &[Variant] = &[
         args: &["--strategy", "direct", "--memory", "precopy"],
         paused: false,
         records: &[
-            "begin", "capabilities_set", "ram_dump_started", "pause_started", "migration_started", "migration_done", "zfs_snapshot_started",
-            "zfs_snapshot_done", "resumed", "capabilities_reset", "ram_dump_done", "ram_labelled", "end",
+            "begin", "capabilities_set", "ram_dump_started", "freeze_started", "pause_started", "migration_started", "migration_done", "zfs_snapshot_started",
+            "zfs_snapshot_done", "resumed", "thawed", "capabilities_reset", "ram_dump_done", "ram_labelled", "end",
         ],
     },
     Variant {
@@ -281,8 +281,8 @@ const VARIANTS: &[Variant] = &[
         args: &["--strategy", "direct", "--memory", "background"],
         paused: false,
         records: &[
-            "begin", "capabilities_set", "ram_dump_started", "pause_started", "zfs_snapshot_started", "zfs_snapshot_done",
-            "migration_started", "resumed", "migration_done", "capabilities_reset", "ram_dump_done", "ram_labelled", "end",
+            "begin", "capabilities_set", "ram_dump_started", "freeze_started", "pause_started", "zfs_snapshot_started", "zfs_snapshot_done",
+            "migration_started", "resumed", "thawed", "migration_done", "capabilities_reset", "ram_dump_done", "ram_labelled", "end",
         ],
     },
     Variant {
@@ -1122,6 +1122,25 @@ fn cancel_of_one_domain_leaves_the_other_alone() -> Result<(), Failed> {
     res
 }
 
+/// A guest frozen while no vmsnap operation runs (as one resumed from a quiesced RAM snapshot
+/// wakes) is thawed by `vmsnap recover`, which says so; a second run has nothing to do.
+fn recover_thaws_a_guest_frozen_with_nothing_running() -> Result<(), Failed> {
+    let guard = lab_lock();
+    let lab = guard.as_ref().unwrap();
+    let qga = lab.vm.machine.qga_path.clone();
+    rt().block_on(async {
+        let mut q = Qga::connect(&qga, agent(&qga)).await.map_err(|e| e.to_string())?;
+        q.freeze().await.map_err(|e| e.to_string())?;
+        check(q.freeze_status().await.map_err(|e| e.to_string())? == FreezeStatus::Frozen, "the guest did not freeze")
+    })?;
+    let out = lab.vmsnap(&["recover"], &[]);
+    eprintln!("recover of a frozen guest: {}", text(&out).trim());
+    check(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("thawed the guest"), text(&out))?;
+    let again = lab.vmsnap(&["recover"], &[]);
+    check(String::from_utf8_lossy(&again.stdout).contains("nothing to recover"), text(&again))?;
+    assert_invariants(lab, true)
+}
+
 type Case = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -1139,6 +1158,7 @@ fn main() {
         ("daemon_sigterm_mid_freeze_waits_for_the_thaw", daemon_sigterm_mid_freeze),
         ("scheduled_snapshot_is_announced", scheduled_snapshot_is_announced),
         ("cancel_of_one_domain_leaves_the_other_alone", cancel_of_one_domain_leaves_the_other_alone),
+        ("recover_thaws_a_guest_frozen_with_nothing_running", recover_thaws_a_guest_frozen_with_nothing_running),
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),
         ("stopped_only_when_known_down", stopped_only_when_known_down),
         ("planted_files_are_refused", planted_files_are_refused),

@@ -135,3 +135,31 @@ async fn ram_state_to_a_file_through_getfd_then_cont() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     eprintln!("METRIC ram_dump_ms={migrate_ms} ram_dump_bytes={} cont_ms={cont_ms:.1}", meta.len());
 }
+
+/// What vmsnap records of a QEMU and what it checks before a resume, read from real QEMU: the
+/// same QEMU loads its own dumps; one with another RAM size, an unknown machine type or an older
+/// version is refused with the reason.
+#[tokio::test]
+async fn a_resume_is_checked_against_what_the_dump_needs() {
+    use vmsnap::engine::resumable::{check, Recorded, Target};
+    let rig = rig();
+    let (_vm, qmp, _qga, _) = TinyVm::boot(&rig, &TinyVmOptions { memory_mib: 160, ..Default::default() }).await.unwrap();
+    let target = Target::probe(&qmp).await.unwrap();
+    let machine = vmsnap::engine::ram::machine_type(&qmp).await.unwrap();
+    eprintln!(
+        "METRIC resume target: QEMU {:?}, machine {machine}, cpu {:?}, {} machine types",
+        target.qemu_version,
+        target.cpu,
+        target.machines.len()
+    );
+    assert_eq!(target.ram_bytes, Some(160 << 20));
+    assert!(target.cpu.as_deref().is_some_and(|c| c.ends_with("-cpu")), "{:?}", target.cpu);
+    assert!(target.machines.contains(&machine), "{machine} not in {:?}", target.machines);
+    let recorded =
+        Recorded { qemu_version: target.qemu_version, machine: machine.clone(), cpu: target.cpu.clone(), ram_bytes: target.ram_bytes };
+    assert!(check(&recorded, &target).is_empty());
+    let (a, b, c) = target.qemu_version;
+    let why =
+        check(&Recorded { qemu_version: (a, b, c + 1), machine: "pc-i440fx-99.0".into(), ram_bytes: Some(512 << 20), ..recorded }, &target);
+    assert_eq!(why.len(), 3, "{why:?}");
+}

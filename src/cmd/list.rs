@@ -1,4 +1,5 @@
-//! `vmsnap list`: a domain's snapshots with consistency, periods and RAM dump.
+//! `vmsnap list`: a domain's snapshots with consistency, periods and RAM dump (format, size,
+//! checksum).
 
 use anyhow::{Context, Result};
 use vmsnap::config::Config;
@@ -17,6 +18,11 @@ struct Listed {
     /// The retention periods it serves (scheduled snapshots).
     periods: Option<String>,
     ram_dump: Option<String>,
+    /// `libvirt-save` (`virsh restore` opens it) or `qemu-stream`; none on dumps older than the property.
+    ram_format: Option<String>,
+    ram_sha256: Option<String>,
+    /// The dump's size in bytes, when it is there.
+    ram_bytes: Option<u64>,
     /// When retention dropped its RAM dump (unix seconds).
     ram_pruned: Option<String>,
 }
@@ -39,7 +45,10 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
                     creation: s.creation,
                     consistency: get(prop::CONSISTENCY),
                     periods: get(prop::PERIODS),
+                    ram_bytes: get(prop::RAM_DUMP).and_then(|d| std::fs::metadata(d).ok()).map(|m| m.len()),
                     ram_dump: get(prop::RAM_DUMP),
+                    ram_format: get(prop::RAM_FORMAT),
+                    ram_sha256: get(prop::RAM_SHA256),
                     ram_pruned: get(prop::RAM_PRUNED),
                 });
             }
@@ -50,7 +59,12 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
     } else {
         for r in rows {
             let ram = match (&r.ram_dump, &r.ram_pruned) {
-                (Some(d), _) => d.clone(),
+                (Some(d), _) => match (&r.ram_format, r.ram_bytes) {
+                    (Some(f), Some(n)) => format!("{d} ({f}, {} MiB)", n >> 20),
+                    (None, Some(n)) => format!("{d} ({} MiB)", n >> 20),
+                    (_, None) if std::path::Path::new(d).try_exists().is_ok_and(|e| !e) => format!("{d} (missing)"),
+                    (_, None) => d.clone(),
+                },
                 (None, Some(_)) => "(RAM dump pruned)".into(),
                 (None, None) => String::new(),
             };

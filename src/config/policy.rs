@@ -97,6 +97,10 @@ pub struct Policy {
     /// Keep RAM dumps only for the newest N snapshots that have one (the disk snapshots stay).
     pub ram_keep: Option<u32>,
     pub ram_mode: RamMode,
+    /// Freeze the guest (when it has an agent) around the pause of a RAM snapshot, so its disks
+    /// stay app-consistent once the dump is gone; a guest resumed from such a dump wakes frozen
+    /// and is thawed by whoever resumes it (or `vmsnap recover`).
+    pub ram_quiesce: bool,
     pub strategy: Strategy,
     pub scripts: Scripts,
     /// `vmsnap check`: age of the newest snapshot of a period that warns / goes critical (0 = never).
@@ -131,6 +135,7 @@ impl Default for Policy {
             ram_with: BTreeSet::new(),
             ram_keep: None,
             ram_mode: RamMode::Background,
+            ram_quiesce: true,
             strategy: Strategy::Overlay,
             scripts: Scripts { timeout: Duration::from_secs(5), ..Scripts::default() },
             warn_after: PerPeriod([0, 90 * 60, 28 * h, 0, 32 * 24 * h, 0]),
@@ -152,7 +157,7 @@ macro_rules! policy_section {
             weekly_wday: Option<u32>, weekly_hour: Option<u32>, weekly_min: Option<u32>,
             monthly_mday: Option<u32>, monthly_hour: Option<u32>, monthly_min: Option<u32>,
             yearly_mon: Option<u32>, yearly_mday: Option<u32>, yearly_hour: Option<u32>, yearly_min: Option<u32>,
-            ram: Option<Vec<String>>, ram_keep: Option<u32>, ram_mode: Option<String>, strategy: Option<String>,
+            ram: Option<Vec<String>>, ram_keep: Option<u32>, ram_mode: Option<String>, ram_quiesce: Option<bool>, strategy: Option<String>,
             pre_snapshot_script: Option<PathBuf>, post_snapshot_script: Option<PathBuf>,
             pre_pruning_script: Option<PathBuf>, pruning_script: Option<PathBuf>,
             script_timeout: Option<u64>, force_post_snapshot_script: Option<bool>, no_inconsistent_snapshot: Option<bool>,
@@ -270,6 +275,9 @@ impl RawPolicy {
         }
         if let Some(m) = &self.ram_mode {
             base.ram_mode = m.parse::<RamMode>().map_err(|e| bad("ram_mode", e.to_string()))?;
+        }
+        if let Some(q) = self.ram_quiesce {
+            base.ram_quiesce = q;
         }
         if let Some(s) = &self.strategy {
             base.strategy = s.parse::<Strategy>().map_err(|e| bad("strategy", e.to_string()))?;

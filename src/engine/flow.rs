@@ -21,7 +21,7 @@ use super::journal::{self, create_private_dir, Journal, OverlayRecord, Record};
 use super::lock::DomainLock;
 use super::naming;
 use super::recover::{self, fdset_tag};
-use super::{ram, Consistency, EngineError, RamMode, SnapshotOptions, SnapshotReport, StepError, Strategy};
+use super::{ram, saveimage, Consistency, EngineError, RamMode, SnapshotOptions, SnapshotReport, StepError, Strategy};
 use crate::config::{Config, DomainConfig, QuiescePolicy};
 use crate::model::prop;
 use crate::qemu::block::{file_node, qcow2_overlay_node};
@@ -86,6 +86,10 @@ pub async fn snapshot(
         name,
         journal: None,
         machine: None,
+        ram_quiesced: false,
+        cpu: None,
+        ram_bytes: None,
+        ram_format: saveimage::FORMAT_STREAM,
         was_running: false,
         report: SnapshotReport {
             domain: dom.name.clone(),
@@ -138,6 +142,12 @@ struct Run<'a> {
     journal: Option<Journal>,
     /// QEMU's machine type, recorded with a RAM dump.
     machine: Option<String>,
+    /// The RAM snapshot's disks were captured with the guest frozen.
+    ram_quiesced: bool,
+    cpu: Option<String>,
+    ram_bytes: Option<u64>,
+    /// How the RAM dump is stored ([`saveimage::FORMAT_LIBVIRT`] or a bare stream).
+    ram_format: &'static str,
     /// The VM ran when the snapshot began (a VM paused by an I/O error later is resumed).
     was_running: bool,
     report: SnapshotReport,
@@ -181,10 +191,12 @@ impl Run<'_> {
         if self.opts.memory.is_some() && !running {
             return Err(("save RAM", StepError::Refused("the VM is paused; vmsnap saves the RAM of running VMs".into())));
         }
-        // With RAM the snapshot is resumable as it stands: no freeze needed (nor wanted: a
-        // resumed guest would wake up frozen).
         if self.opts.quiesce && running && self.opts.memory.is_none() {
             self.connect_agent().await?;
+        } else if self.opts.quiesce && running && self.dom.policy.ram_quiesce && self.dom.qga.is_some() {
+            // With RAM the snapshot is resumable as it stands; the freeze (ram_quiesce) keeps its
+            // disks app-consistent for when the dump is gone. Without an answer it goes on.
+            self.connect_agent_for_ram().await;
         } else if self.opts.quiesce && !running {
             self.report.warnings.push("the VM is paused: no freeze, crash-consistent".into());
         }
@@ -283,15 +295,39 @@ impl Run<'_> {
             self.report.warnings.push(why);
         }
         self.machine = Some(ram::machine_type(&self.qmp).await.at("prepare RAM dump")?);
+        // What a resume must match (engine::resumable checks it before one starts).
+        self.cpu = super::resumable::cpu_type(&self.qmp).await.at("prepare RAM dump")?;
+        self.ram_bytes = super::resumable::ram_bytes(&self.qmp).await.at("prepare RAM dump")?;
         let path = ram::dump_path(&self.cfg.ram_dir, &self.dom.name, &self.name);
         // Journaled before the file exists, so a crash in between deletes what was made.
         self.record(Record::RamDumpStarted { path: path.clone() }).await?;
-        let file = ram::create_dump(&path).at("create RAM dump")?;
+        let mut file = ram::create_dump(&path).at("create RAM dump")?;
+        // A domain with an XML gets a libvirt save image (`virsh restore` opens it); the header
+        // goes first and QEMU's stream follows it at the file's offset.
+        self.ram_format = match &self.dom.xml {
+            Some(xml_path) => {
+                let xml = crate::fsutil::read_limited(xml_path, 16 << 20)
+                    .map_err(|e| StepError::Refused(format!("reading the domain XML for the save image: {e}")))
+                    .at("create RAM dump")?;
+                let xml = String::from_utf8(xml)
+                    .map_err(|_| StepError::Refused(format!("{} is not UTF-8", xml_path.display())))
+                    .at("create RAM dump")?;
+                saveimage::write_start(&mut file, &xml, true)
+                    .map_err(|source| StepError::Io { what: format!("writing the save image header of {}", path.display()), source })
+                    .at("create RAM dump")?;
+                saveimage::FORMAT_LIBVIRT
+            }
+            None => saveimage::FORMAT_STREAM,
+        };
         let mut events = self.qmp.subscribe().at("save RAM")?;
         let mut pauses = self.qmp.subscribe().at("save RAM")?;
         let t = Instant::now();
+        let window = Instant::now();
+        let frozen;
         match mode {
             RamMode::Precopy => {
+                // Frozen for the whole dump: precopy pauses the VM only at its own end.
+                frozen = self.freeze_for_ram().await?;
                 (self.progress)("saving RAM (precopy; the VM pauses at the end)");
                 self.record(Record::PauseStarted).await?;
                 self.record(Record::MigrationStarted).await?;
@@ -302,8 +338,10 @@ impl Run<'_> {
                 self.capture_disks(overlays, by_pool, Consistency::Ram).await?;
                 self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
                 self.record(Record::Resumed).await?;
+                self.thaw_after_ram(frozen, window).await?;
             }
             RamMode::Background => {
+                frozen = self.freeze_for_ram().await?;
                 self.record(Record::PauseStarted).await?;
                 self.qmp.execute(&qapi::qmp::stop {}).await.at("pause")?;
                 self.capture_disks(overlays, by_pool, Consistency::Ram).await?;
@@ -312,6 +350,7 @@ impl Run<'_> {
                 ram::wait_saving_started(&self.qmp, Duration::from_secs(60)).await.at("save RAM")?;
                 self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
                 self.record(Record::Resumed).await?;
+                self.thaw_after_ram(frozen, window).await?;
                 (self.progress)("saving RAM (background; the VM runs)");
                 ram::wait_completed(&self.qmp, &mut events, RAM_TIMEOUT).await.at("save RAM")?;
                 self.record(Record::MigrationDone).await?;
@@ -319,6 +358,16 @@ impl Run<'_> {
         }
         ram::restore_capabilities(&self.qmp, &previous).await.at("save RAM")?;
         self.record(Record::CapabilitiesReset).await?;
+        if self.ram_format == saveimage::FORMAT_LIBVIRT {
+            // The stream is whole: only now does the image say so.
+            let complete = match file.try_clone() {
+                Ok(f) => tokio::task::spawn_blocking(move || saveimage::finish(&f)).await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+                Err(e) => Err(e),
+            };
+            complete
+                .map_err(|source| StepError::Io { what: format!("completing the save image {}", path.display()), source })
+                .at("save RAM")?;
+        }
         drop(file);
         self.timed("save RAM", t);
         self.report.pause_ms = ram::paused_ms(&mut pauses).await;
@@ -389,6 +438,20 @@ impl Run<'_> {
             (Err(why), QuiescePolicy::BestEffort) => self.report.warnings.push(format!("no freeze, crash-consistent: {why}")),
         }
         Ok(())
+    }
+
+    /// The agent for a RAM snapshot's freeze: when it does not answer, the snapshot goes on
+    /// (its RAM is what makes it resumable) and says its disks alone are crash-consistent.
+    async fn connect_agent_for_ram(&mut self) {
+        let Some(path) = &self.dom.qga else { return };
+        let attempt = match Qga::connect(path, Timeouts::default()).await {
+            Ok(mut qga) => qga.ping().await.map(|()| qga).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match attempt {
+            Ok(qga) => self.qga = Some(qga),
+            Err(why) => self.report.warnings.push(format!("no freeze with the RAM: the disks alone are crash-consistent ({why})")),
+        }
     }
 
     /// Creates, opens and adds one overlay per disk (before the freeze, to keep it short).
@@ -469,6 +532,23 @@ impl Run<'_> {
         }
     }
 
+    /// The freeze of a RAM snapshot (ram_quiesce), when the agent is there.
+    async fn freeze_for_ram(&mut self) -> StepResult<bool> {
+        let frozen = self.freeze().await?;
+        self.ram_quiesced = frozen;
+        Ok(frozen)
+    }
+
+    async fn thaw_after_ram(&mut self, frozen: bool, window: Instant) -> StepResult {
+        if frozen {
+            let t = Instant::now();
+            self.thaw().await?;
+            self.timed("thaw", t);
+            self.report.freeze_ms = Some(ms(window.elapsed()));
+        }
+        Ok(())
+    }
+
     async fn thaw(&mut self) -> StepResult {
         let qga = self.qga.as_mut().expect("frozen through this agent");
         qga.thaw().await.at("thaw")?;
@@ -541,8 +621,19 @@ impl Run<'_> {
             set(prop::RAM_DUMP, path.display().to_string());
             set(prop::RAM_SHA256, sum.clone());
         }
+        if self.report.ram_dump.is_some() {
+            set(prop::RAM_FORMAT, self.ram_format.into());
+            // Disks alone: app-consistent when the guest was frozen around the pause.
+            set(prop::RAM_QUIESCED, if self.ram_quiesced { "yes" } else { "no" }.into());
+        }
         if let Some(m) = &self.machine {
             set(prop::MACHINE, m.clone());
+        }
+        if let Some(c) = &self.cpu {
+            set(prop::CPU, c.clone());
+        }
+        if let Some(n) = self.ram_bytes {
+            set(prop::RAM_BYTES, n.to_string());
         }
         if let Some(ms) = self.report.pause_ms {
             set(prop::PAUSE_MS, format!("{ms:.1}"));

@@ -13,6 +13,8 @@ pub mod lock;
 pub mod naming;
 pub mod ram;
 pub mod recover;
+pub mod resumable;
+pub mod saveimage;
 
 use crate::qemu::blockjob::JobError;
 use crate::qemu::qga::QgaError;

@@ -535,6 +535,31 @@ pub async fn recover_domain(cfg: &Config, domain: &str, zfs: &Zfs) -> Result<Opt
     recover_journal(&path, Places::of(cfg), zfs).await.map(Some)
 }
 
+/// A guest that is frozen while no vmsnap operation holds its domain — one resumed from a RAM
+/// snapshot taken with `ram_quiesce` wakes frozen — is thawed. `Ok(None)`: the guest is not
+/// frozen, or its agent does not answer within a few seconds (nothing to say it is frozen).
+pub async fn thaw_woken_frozen(cfg: &Config, domain: &str, qga: &Path) -> Result<Option<String>, RecoverError> {
+    let _lock = DomainLock::acquire(&cfg.state_dir, domain).map_err(|e| RecoverError::Busy(Box::new(e)))?;
+    // Patient enough for a guest that has just been resumed; a VM that is not running fails at connect.
+    let quick = Timeouts { sync: Duration::from_secs(10), other: Duration::from_secs(20), ..Timeouts::default() };
+    let status = match Qga::connect(qga, quick).await {
+        Ok(mut q) => q.freeze_status().await.map_err(|e| tracing::debug!(domain, "freeze status: {e}")).ok(),
+        Err(e) => {
+            tracing::debug!(domain, "no guest agent to ask: {e}");
+            None
+        }
+    };
+    if status != Some(FreezeStatus::Frozen) {
+        return Ok(None);
+    }
+    let n = thaw(qga)
+        .await
+        .map_err(|why| RecoverError::Incomplete { domain: domain.to_owned(), why: format!("thawing a frozen guest: {why}") })?;
+    Ok(Some(format!(
+        "thawed the guest ({n} filesystems): it was frozen with no vmsnap operation running (resumed from a quiesced RAM snapshot?)"
+    )))
+}
+
 /// Recovers every journal under the config's state directory; one that fails does not stop
 /// the others.
 pub async fn recover_all(cfg: &Config, zfs: &Zfs) -> Result<Vec<RecoveryReport>, RecoverError> {

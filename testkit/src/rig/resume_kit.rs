@@ -131,14 +131,17 @@ pub async fn restore_on_zfs(rig: &Rig, fs: &str, zvol: &str) -> Result<(TinyVm, 
     Ok((vm, qga))
 }
 
-/// Starts QEMU with `-incoming defer` and feeds it `state`; resumes it; waits for its agent.
+/// Starts QEMU with `-incoming defer` and feeds it `state` (a bare stream or a raw libvirt save
+/// image); resumes it; waits for its agent.
 pub async fn restore_state(rig: &Rig, opts: &TinyVmOptions, state: &Path) -> Result<TinyVm, RigError> {
     let fail = |e: String| RigError::Failed(format!("restoring {}: {e}", state.display()));
     let mut vm = TinyVm::start(rig, opts)?;
     let qmp = vm.machine.qmp().await?;
     vmsnap::engine::ram::set_capabilities(&qmp, false).await.map_err(|e| fail(e.to_string()))?;
     let mut events = qmp.subscribe().map_err(|e| fail(e.to_string()))?;
-    qmp.execute_raw("migrate-incoming", Some(serde_json::json!({"uri": format!("file:{}", state.display())})), Duration::from_secs(30))
+    // A vmsnap dump may be a libvirt save image: the product says where QEMU's stream starts.
+    let uri = vmsnap::engine::saveimage::incoming_uri(state).map_err(|e| fail(e.to_string()))?;
+    qmp.execute_raw("migrate-incoming", Some(serde_json::json!({ "uri": uri })), Duration::from_secs(30))
         .await
         .map_err(|e| fail(e.to_string()))?;
     vmsnap::engine::ram::wait_completed(&qmp, &mut events, Duration::from_secs(900)).await.map_err(|e| fail(e.to_string()))?;
@@ -148,4 +151,19 @@ pub async fn restore_state(rig: &Rig, opts: &TinyVmOptions, state: &Path) -> Res
     }
     drop(qmp);
     Ok(vm)
+}
+
+/// A guest resumed from a RAM snapshot taken with `ram_quiesce` wakes frozen: thaws it the way
+/// vmsnap does (fresh connections, retries, checked). True when it was frozen.
+pub async fn thaw_if_frozen(qga_path: &Path) -> Result<bool, RigError> {
+    use vmsnap::qemu::qga::{FreezeStatus, Qga, Timeouts};
+    let fail = |e: String| RigError::Failed(format!("thawing the resumed guest: {e}"));
+    let patient = Timeouts { sync: Duration::from_secs(60), other: Duration::from_secs(120), ..Timeouts::default() };
+    let mut q = Qga::connect(qga_path, patient).await.map_err(|e| fail(e.to_string()))?;
+    if q.freeze_status().await.map_err(|e| fail(e.to_string()))? != FreezeStatus::Frozen {
+        return Ok(false);
+    }
+    drop(q);
+    vmsnap::engine::recover::thaw(qga_path).await.map_err(fail)?;
+    Ok(true)
 }
