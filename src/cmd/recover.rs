@@ -12,7 +12,7 @@ pub async fn run(cfg: &Config, json: bool) -> Result<()> {
     let registry = vmsnap::daemon::registry::Registry::new(&cfg.state_dir);
     for dom in vmsnap::daemon::registry::all_domains(cfg, &registry) {
         let Some(qga) = &dom.qga else { continue };
-        match engine::recover::thaw_woken_frozen(cfg, &dom.name, qga).await {
+        match engine::recover::thaw_woken_frozen(cfg, &dom.name, &dom.qmp, qga).await {
             Ok(Some(action)) => reports.push(engine::recover::RecoveryReport {
                 journal: Default::default(),
                 domain: dom.name.clone(),

@@ -536,10 +536,19 @@ pub async fn recover_domain(cfg: &Config, domain: &str, zfs: &Zfs) -> Result<Opt
 }
 
 /// A guest that is frozen while no vmsnap operation holds its domain — one resumed from a RAM
-/// snapshot taken with `ram_quiesce` wakes frozen — is thawed. `Ok(None)`: the guest is not
-/// frozen, or its agent does not answer within a few seconds (nothing to say it is frozen).
-pub async fn thaw_woken_frozen(cfg: &Config, domain: &str, qga: &Path) -> Result<Option<String>, RecoverError> {
+/// snapshot taken with `ram_quiesce` wakes frozen — is thawed. `Ok(None)`: the VM does not run,
+/// the guest is not frozen, or its agent does not answer (nothing to say it is frozen).
+pub async fn thaw_woken_frozen(cfg: &Config, domain: &str, qmp: &Path, qga: &Path) -> Result<Option<String>, RecoverError> {
     let _lock = DomainLock::acquire(&cfg.state_dir, domain).map_err(|e| RecoverError::Busy(Box::new(e)))?;
+    // Only a running VM's agent can answer (a paused guest would keep us waiting for nothing),
+    // and QEMU says at once whether it runs.
+    let running = match Qmp::connect(qmp, Duration::from_secs(5)).await {
+        Ok(q) => q.execute(&qapi::qmp::query_status {}).await.map(|s| s.running).unwrap_or(false),
+        Err(_) => false,
+    };
+    if !running {
+        return Ok(None);
+    }
     // Patient enough for a guest that has just been resumed; a VM that is not running fails at connect.
     let quick = Timeouts { sync: Duration::from_secs(10), other: Duration::from_secs(20), ..Timeouts::default() };
     let status = match Qga::connect(qga, quick).await {
