@@ -638,6 +638,15 @@ fn daemon_sigterm_mid_freeze() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Caps how fast the lab guest's RAM dumps run (slowed, a dump lasts long enough to interrupt).
+fn set_migration_bandwidth(lab: &Lab, bytes: u64) {
+    rt().block_on(async {
+        let qmp = Qmp::connect(&lab.vm.machine.observer_path, Duration::from_secs(10)).await.unwrap();
+        let args = serde_json::json!({ "max-bandwidth": bytes });
+        qmp.execute_raw("migrate-set-parameters", Some(args), Duration::from_secs(10)).await.unwrap();
+    })
+}
+
 /// D-Bus `Cancel` of a `Snapshot` job while QEMU streams the RAM (precopy, slowed to 2 MB/s so
 /// the dump lasts): the migration is cancelled, the VM runs, no dump is kept.
 fn dbus_cancel_during_a_dump() -> Result<(), Failed> {
@@ -646,21 +655,14 @@ fn dbus_cancel_during_a_dump() -> Result<(), Failed> {
     let (address, _bus, _daemon) = start_daemon(lab)?;
     let busctl = |args: &[&str]| busctl(&address, args);
     let agent1 = AGENT1;
-    let observer = lab.vm.machine.observer_path.clone();
-    let set_bandwidth = |bytes: u64| {
-        rt().block_on(async {
-            let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.unwrap();
-            let args = serde_json::json!({ "max-bandwidth": bytes });
-            qmp.execute_raw("migrate-set-parameters", Some(args), Duration::from_secs(10)).await.unwrap();
-        })
-    };
+    let set_bandwidth = |bytes: u64| set_migration_bandwidth(lab, bytes);
     set_bandwidth(2 << 20);
     let res = (|| {
         let (ok, reply) = busctl(&[&agent1[..], &["Snapshot", "sa{sv}", DOMAIN, "1", "memory", "s", "precopy"]].concat());
         check(ok, format!("Snapshot: {reply}"))?;
         let job = reply.split('"').nth(1).ok_or(format!("no job path in {reply:?}"))?.to_owned();
         let active = rt().block_on(async {
-            let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.unwrap();
+            let qmp = Qmp::connect(&lab.vm.machine.observer_path, Duration::from_secs(10)).await.unwrap();
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
                 let m = qmp.execute_raw("query-migrate", None, Duration::from_secs(10)).await.unwrap();
@@ -1051,8 +1053,8 @@ fn cancel_of_one_domain_leaves_the_other_alone() -> Result<(), Failed> {
     let lab = guard.as_ref().unwrap();
     // Domain B: a second tiny guest whose disk is in the stand-in's dataset too.
     let disk = lab.path("disks/other0.qcow2");
-    std::fs::copy(Rig::locate().expect("the rig").dir().join("data-template.qcow2"), &disk)?;
     let rig = Rig::locate().expect("the rig");
+    std::fs::copy(rig.dir().join("data-template.qcow2"), &disk)?;
     let opts = TinyVmOptions { disks: 1, memory_mib: MEMORY_MIB, disk_images: Some(vec![disk.clone()]), ..Default::default() };
     let (other, _q, _g, _) = rt().block_on(TinyVm::boot(&rig, &opts)).map_err(|e| e.to_string())?;
     drop((_q, _g));
@@ -1062,14 +1064,7 @@ fn cancel_of_one_domain_leaves_the_other_alone() -> Result<(), Failed> {
     std::fs::write(lab.config(), format!("max_parallel = 2\n{cfg}{section}"))?;
     let (address, _bus, _daemon) = start_daemon_with(lab, &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "12")])?;
     let busctl = |args: &[&str]| busctl(&address, args);
-    let observer = lab.vm.machine.observer_path.clone();
-    let set_bandwidth = |bytes: u64| {
-        rt().block_on(async {
-            let qmp = Qmp::connect(&observer, Duration::from_secs(10)).await.unwrap();
-            let args = serde_json::json!({ "max-bandwidth": bytes });
-            qmp.execute_raw("migrate-set-parameters", Some(args), Duration::from_secs(10)).await.unwrap();
-        })
-    };
+    let set_bandwidth = |bytes: u64| set_migration_bandwidth(lab, bytes);
     set_bandwidth(2 << 20);
     let job_of = |reply: &str| reply.split('"').nth(1).map(str::to_owned).ok_or(format!("no job path in {reply:?}"));
     let property = |job: &str, name: &str| busctl(&["get-property", "io.github.vmsnap.Agent1", job, "io.github.vmsnap.Job1", name]).1;
