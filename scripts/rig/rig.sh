@@ -3,7 +3,7 @@
 # Debian VM with real OpenZFS built by DKMS (ZFS lane). Debian 12 host, root, TCG only (KVM does not
 # work on this machine: see README "Test rig").
 #
-# Usage: scripts/rig/rig.sh [all|packages|tiny|zfsvm|sanoid|env]
+# Usage: scripts/rig/rig.sh [all|packages|tiny|zfsvm|zfsvm_extra|sanoid|env]
 #   all      build every missing or outdated step (idempotent, cached in $VMSNAP_RIG)
 #   env      print the variables the tests read (VMSNAP_RIG=...)
 #
@@ -119,6 +119,28 @@ EOF
   rm -rf "$R"
 }
 
+# Packages added to the OpenZFS VM after its image was built, so a new one does not cost a DKMS
+# rebuild: zstd (libvirt decompresses zstd save images with it), OpenSSH and iproute2 (the
+# replication target: an sshd in its own network namespace). Installed by chroot into the image.
+step_zfsvm_extra() {
+  local M=$RIG/zfsroot.mnt
+  cleanup_extra() {
+    for m in dev/pts dev sys proc; do mountpoint -q "$M/$m" && umount "$M/$m" || true; done
+    mountpoint -q "$M" && umount "$M" || true
+  }
+  cleanup_extra; mkdir -p "$M"
+  trap cleanup_extra EXIT
+  mount -o loop "$RIG/zfsroot.img" "$M"
+  mount -t proc proc "$M/proc"; mount -t sysfs sys "$M/sys"; mount --bind /dev "$M/dev"; mount --bind /dev/pts "$M/dev/pts"
+  chroot "$M" apt-get -q update
+  chroot "$M" apt-get -q install -y --no-install-recommends zstd openssh-server openssh-client iproute2
+  # no host keys baked into the image: the tests make their own per run
+  rm -f "$M"/etc/ssh/ssh_host_*
+  chroot "$M" apt-get clean
+  cleanup_extra; trap - EXIT
+  rmdir "$M"
+}
+
 # Debian's sanoid (for the retention side-by-side test and the planning benchmark), unpacked rather
 # than installed: the package depends on zfsutils-linux, which the host cannot use. Its two Perl
 # libraries come along; tests run it with PERL5LIB and a `zfs` stand-in on PATH.
@@ -165,7 +187,11 @@ case "${1:-all}" in
     [ -s "$RIG/vmlinux" ] || rm -f "$RIG/stamps/tiny"
     run_step tiny build-initramfs.sh
     [ -s "$RIG/zfsroot.img" ] || rm -f "$RIG/stamps/zfsvm"
+    zfsvm_was=$(cat "$RIG/stamps/zfsvm" 2>/dev/null || true)
     run_step zfsvm zfsvm-init
+    # a new image has none of the extras
+    [ "$zfsvm_was" = "$(cat "$RIG/stamps/zfsvm")" ] || rm -f "$RIG/stamps/zfsvm_extra"
+    run_step zfsvm_extra
     [ -x "$RIG/sanoid/usr/sbin/sanoid" ] || rm -f "$RIG/stamps/sanoid"
     run_step sanoid
     log "rig ready in $((SECONDS - t0)) s: $RIG"
@@ -173,7 +199,8 @@ case "${1:-all}" in
   packages) step_packages ;;
   tiny) run_step tiny build-initramfs.sh ;;
   zfsvm) run_step zfsvm zfsvm-init ;;
+  zfsvm_extra) run_step zfsvm_extra ;;
   sanoid) run_step sanoid ;;
   env) echo "VMSNAP_RIG=$RIG" ;;
-  *) echo "usage: $0 [all|packages|tiny|zfsvm|sanoid|env]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|packages|tiny|zfsvm|zfsvm_extra|sanoid|env]" >&2; exit 2 ;;
 esac
