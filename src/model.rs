@@ -78,6 +78,16 @@ words! {
 }
 
 words! {
+    /// How a RAM dump's stream is compressed; recorded in `vmsnap:ram-compress`.
+    pub enum RamCompress("RAM compression") {
+        /// QEMU's stream as it comes.
+        None = "none",
+        /// zstd, as libvirt's save-image format 5 (`virsh restore` runs `zstd -dc`).
+        Zstd = "zstd",
+    }
+}
+
+words! {
     /// How consistent a snapshot is; recorded in `vmsnap:consistency`.
     pub enum Consistency("consistency") {
         /// The guest's filesystems were frozen by its agent.
@@ -120,6 +130,10 @@ pub mod prop {
     pub const RAM_SHA256: PropName = PropName::known("vmsnap:ram-sha256");
     /// `libvirt-save` (a `virsh restore`-able save image) or `qemu-stream` (a bare migration stream).
     pub const RAM_FORMAT: PropName = PropName::known("vmsnap:ram-format");
+    /// [`super::RamCompress`] of the dump's stream (absent on dumps from before compression: none).
+    pub const RAM_COMPRESS: PropName = PropName::known("vmsnap:ram-compress");
+    /// The dump file's size in bytes.
+    pub const RAM_SIZE: PropName = PropName::known("vmsnap:ram-size");
     pub const QEMU_VERSION: PropName = PropName::known("vmsnap:qemu-version");
     /// The machine type the RAM dump needs.
     pub const MACHINE: PropName = PropName::known("vmsnap:machine");
@@ -136,10 +150,11 @@ pub mod prop {
     pub const RAM_PRUNED: PropName = PropName::known("vmsnap:ram-pruned");
 
     /// Every property `vmsnap list` shows.
-    pub const LISTED: [PropName; 9] = [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, RAM_FORMAT, PERIODS, RAM_PRUNED];
+    pub const LISTED: [PropName; 11] =
+        [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, RAM_FORMAT, RAM_COMPRESS, RAM_SIZE, PERIODS, RAM_PRUNED];
 
     /// Every one, for the test that checks them all.
-    pub const ALL: [PropName; 14] = [
+    pub const ALL: [PropName; 16] = [
         CONSISTENCY,
         VERSION,
         DOMAIN,
@@ -148,6 +163,8 @@ pub mod prop {
         RAM_DUMP,
         RAM_SHA256,
         RAM_FORMAT,
+        RAM_COMPRESS,
+        RAM_SIZE,
         QEMU_VERSION,
         MACHINE,
         CPU,

@@ -406,7 +406,7 @@ fn check_dump(r: &Value) -> Result<String, Failed> {
     check(Some(sum.split_whitespace().next().unwrap_or("")) == r["ram_sha256"].as_str(), "checksum matches")?;
     let name = r["name"].as_str().unwrap();
     let props = sh(&format!(
-        "zfs get -H -o value vmsnap:consistency,vmsnap:ram-dump,vmsnap:ram-sha256,vmsnap:machine,vmsnap:ram-format,vmsnap:ram-quiesced,vmsnap:ram-bytes {FS}@{name}"
+        "zfs get -H -o value vmsnap:consistency,vmsnap:ram-dump,vmsnap:ram-sha256,vmsnap:machine,vmsnap:ram-format,vmsnap:ram-quiesced,vmsnap:ram-bytes,vmsnap:ram-compress,vmsnap:ram-size {FS}@{name}"
     ));
     let props: Vec<&str> = props.lines().collect();
     check(
@@ -416,6 +416,10 @@ fn check_dump(r: &Value) -> Result<String, Failed> {
     // The config domain has an XML: the dump is a libvirt save image; it was quiesced; the RAM
     // size a resume must match is recorded.
     check(props[4] == "libvirt-save" && props[5] == "yes" && props[6].parse::<u64>().is_ok(), format!("properties {props:?}"))?;
+    // Streamed through vmsnap: uncompressed by default, its size recorded (the checksum above was
+    // taken in flight and matches the file).
+    check(props[7] == "none" && props[8] == meta.len().to_string(), format!("properties {props:?}, file {} bytes", meta.len()))?;
+    check(r["pause_phases"].as_array().is_some_and(|p| !p.is_empty()), format!("pause phases: {}", r["pause_phases"]))?;
     let image = vmsnap::engine::saveimage::read(Path::new(&dump)).map_err(|e| e.to_string())?.ok_or("not a save image")?;
     check(image.xml.contains("<name>demo</name>") && image.was_running, format!("save image header: {image:?}"))?;
     check(r["pause_ms"].as_f64().is_some() && r["freeze_ms"].as_f64().is_some(), "pause and freeze recorded")?;

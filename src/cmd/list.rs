@@ -1,5 +1,5 @@
-//! `vmsnap list`: a domain's snapshots with consistency, periods and RAM dump (format, size,
-//! checksum).
+//! `vmsnap list`: a domain's snapshots with consistency, periods and RAM dump (format,
+//! compression, size, checksum).
 
 use anyhow::{Context, Result};
 use vmsnap::config::Config;
@@ -20,6 +20,8 @@ struct Listed {
     ram_dump: Option<String>,
     /// `libvirt-save` (`virsh restore` opens it) or `qemu-stream`; none on dumps older than the property.
     ram_format: Option<String>,
+    /// `none` or `zstd`; none on dumps older than the property (which are not compressed).
+    ram_compress: Option<String>,
     ram_sha256: Option<String>,
     /// The dump's size in bytes, when it is there.
     ram_bytes: Option<u64>,
@@ -48,6 +50,7 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
                     ram_bytes: get(prop::RAM_DUMP).and_then(|d| std::fs::metadata(d).ok()).map(|m| m.len()),
                     ram_dump: get(prop::RAM_DUMP),
                     ram_format: get(prop::RAM_FORMAT),
+                    ram_compress: get(prop::RAM_COMPRESS),
                     ram_sha256: get(prop::RAM_SHA256),
                     ram_pruned: get(prop::RAM_PRUNED),
                 });
@@ -60,7 +63,10 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
         for r in rows {
             let ram = match (&r.ram_dump, &r.ram_pruned) {
                 (Some(d), _) => match (&r.ram_format, r.ram_bytes) {
-                    (Some(f), Some(n)) => format!("{d} ({f}, {} MiB)", n >> 20),
+                    (Some(f), Some(n)) => match r.ram_compress.as_deref().filter(|c| *c != "none") {
+                        Some(c) => format!("{d} ({f}, {c}, {} MiB)", n >> 20),
+                        None => format!("{d} ({f}, {} MiB)", n >> 20),
+                    },
                     (None, Some(n)) => format!("{d} ({} MiB)", n >> 20),
                     (_, None) if std::path::Path::new(d).try_exists().is_ok_and(|e| !e) => format!("{d} (missing)"),
                     (_, None) => d.clone(),

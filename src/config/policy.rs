@@ -6,7 +6,7 @@
 //! templates and domains write; [`crate::config`] resolves inheritance (built-in defaults →
 //! `[template.default]` → `use_template` → the domain's own keys).
 
-use crate::model::{RamMode, Strategy};
+use crate::model::{RamCompress, RamMode, Strategy};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -101,6 +101,10 @@ pub struct Policy {
     /// stay app-consistent once the dump is gone; a guest resumed from such a dump wakes frozen
     /// and is thawed by whoever resumes it (or `vmsnap recover`).
     pub ram_quiesce: bool,
+    /// How the RAM dump's stream is compressed as vmsnap writes it (`zstd`: libvirt's format 5).
+    pub ram_compress: RamCompress,
+    /// zstd's level (1..=19; 3 is zstd's default).
+    pub ram_compress_level: i32,
     pub strategy: Strategy,
     pub scripts: Scripts,
     /// `vmsnap check`: age of the newest snapshot of a period that warns / goes critical (0 = never).
@@ -136,6 +140,8 @@ impl Default for Policy {
             ram_keep: None,
             ram_mode: RamMode::Background,
             ram_quiesce: true,
+            ram_compress: RamCompress::None,
+            ram_compress_level: 3,
             strategy: Strategy::Overlay,
             scripts: Scripts { timeout: Duration::from_secs(5), ..Scripts::default() },
             warn_after: PerPeriod([0, 90 * 60, 28 * h, 0, 32 * 24 * h, 0]),
@@ -158,6 +164,7 @@ macro_rules! policy_section {
             monthly_mday: Option<u32>, monthly_hour: Option<u32>, monthly_min: Option<u32>,
             yearly_mon: Option<u32>, yearly_mday: Option<u32>, yearly_hour: Option<u32>, yearly_min: Option<u32>,
             ram: Option<Vec<String>>, ram_keep: Option<u32>, ram_mode: Option<String>, ram_quiesce: Option<bool>, strategy: Option<String>,
+            ram_compress: Option<String>, ram_compress_level: Option<i32>,
             pre_snapshot_script: Option<PathBuf>, post_snapshot_script: Option<PathBuf>,
             pre_pruning_script: Option<PathBuf>, pruning_script: Option<PathBuf>,
             script_timeout: Option<u64>, force_post_snapshot_script: Option<bool>, no_inconsistent_snapshot: Option<bool>,
@@ -278,6 +285,15 @@ impl RawPolicy {
         }
         if let Some(q) = self.ram_quiesce {
             base.ram_quiesce = q;
+        }
+        if let Some(c) = &self.ram_compress {
+            base.ram_compress = c.parse::<RamCompress>().map_err(|e| bad("ram_compress", e.to_string()))?;
+        }
+        if let Some(l) = self.ram_compress_level {
+            if !(1..=19).contains(&l) {
+                return Err(bad("ram_compress_level", format!("{l} is out of range 1..=19")));
+            }
+            base.ram_compress_level = l;
         }
         if let Some(s) = &self.strategy {
             base.strategy = s.parse::<Strategy>().map_err(|e| bad("strategy", e.to_string()))?;

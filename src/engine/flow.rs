@@ -20,8 +20,9 @@ use super::disks::{datasets_by_pool, live_disks, LiveDisk};
 use super::journal::{self, create_private_dir, Journal, OverlayRecord, Record};
 use super::lock::DomainLock;
 use super::naming;
+use super::ram::PauseMarks;
 use super::recover::{self, fdset_tag};
-use super::{ram, saveimage, Consistency, EngineError, RamMode, SnapshotOptions, SnapshotReport, StepError, Strategy};
+use super::{ram, ramstream, saveimage, Consistency, EngineError, RamMode, SnapshotOptions, SnapshotReport, StepError, Strategy};
 use crate::config::{Config, DomainConfig, QuiescePolicy};
 use crate::model::prop;
 use crate::qemu::block::{file_node, qcow2_overlay_node};
@@ -101,6 +102,9 @@ pub async fn snapshot(
             pause_ms: None,
             ram_dump: None,
             ram_sha256: None,
+            ram_file_bytes: None,
+            ram_compress: None,
+            pause_phases: Vec::new(),
             warnings: Vec::new(),
             steps: Vec::new(),
         },
@@ -301,26 +305,10 @@ impl Run<'_> {
         let path = ram::dump_path(&self.cfg.ram_dir, &self.dom.name, &self.name);
         // Journaled before the file exists, so a crash in between deletes what was made.
         self.record(Record::RamDumpStarted { path: path.clone() }).await?;
-        let mut file = ram::create_dump(&path).at("create RAM dump")?;
-        // A domain with an XML gets a libvirt save image (`virsh restore` opens it); the header
-        // goes first and QEMU's stream follows it at the file's offset.
-        self.ram_format = match &self.dom.xml {
-            Some(xml_path) => {
-                let xml = crate::fsutil::read_limited(xml_path, 16 << 20)
-                    .map_err(|e| StepError::Refused(format!("reading the domain XML for the save image: {e}")))
-                    .at("create RAM dump")?;
-                let xml = String::from_utf8(xml)
-                    .map_err(|_| StepError::Refused(format!("{} is not UTF-8", xml_path.display())))
-                    .at("create RAM dump")?;
-                saveimage::write_start(&mut file, &xml, true)
-                    .map_err(|source| StepError::Io { what: format!("writing the save image header of {}", path.display()), source })
-                    .at("create RAM dump")?;
-                saveimage::FORMAT_LIBVIRT
-            }
-            None => saveimage::FORMAT_STREAM,
-        };
+        let drain = self.start_drain(&path).await?;
         let mut events = self.qmp.subscribe().at("save RAM")?;
         let mut pauses = self.qmp.subscribe().at("save RAM")?;
+        let mut marks = PauseMarks::default();
         let t = Instant::now();
         let window = Instant::now();
         let frozen;
@@ -331,59 +319,76 @@ impl Run<'_> {
                 (self.progress)("saving RAM (precopy; the VM pauses at the end)");
                 self.record(Record::PauseStarted).await?;
                 self.record(Record::MigrationStarted).await?;
-                ram::start(&self.qmp, &file).await.at("save RAM")?;
-                ram::wait_completed(&self.qmp, &mut events, RAM_TIMEOUT).await.at("save RAM")?;
-                self.record(Record::MigrationDone).await?;
+                ram::migrate(&self.qmp).await.at("save RAM")?;
+                self.wait_dump(&mut events, &drain).await?;
                 ram::wait_postmigrate(&self.qmp, Duration::from_secs(30)).await.at("save RAM")?;
-                self.capture_disks(overlays, by_pool, Consistency::Ram).await?;
+                marks.mark("paused (postmigrate)");
+                self.capture_disks_paused(overlays, by_pool, &mut marks).await?;
+                marks.mark("cont sent");
                 self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
                 self.record(Record::Resumed).await?;
+                if self.opts.strategy == Strategy::Overlay {
+                    self.record(Record::Switched).await?;
+                }
+                self.record(Record::MigrationDone).await?;
                 self.thaw_after_ram(frozen, window).await?;
             }
             RamMode::Background => {
                 frozen = self.freeze_for_ram().await?;
+                // Intents, journaled before the pause so no fsync is inside it: recovery checks
+                // each in QEMU (is it paused, is the overlay in the chain, does a migration run).
                 self.record(Record::PauseStarted).await?;
-                self.qmp.execute(&qapi::qmp::stop {}).await.at("pause")?;
-                self.capture_disks(overlays, by_pool, Consistency::Ram).await?;
+                if self.opts.strategy == Strategy::Overlay {
+                    self.record(Record::SwitchStarted).await?;
+                }
                 self.record(Record::MigrationStarted).await?;
-                ram::start(&self.qmp, &file).await.at("save RAM")?;
+                marks.mark("stop sent");
+                self.qmp.execute(&qapi::qmp::stop {}).await.at("pause")?;
+                self.capture_disks_paused(overlays, by_pool, &mut marks).await?;
+                ram::migrate(&self.qmp).await.at("save RAM")?;
+                marks.mark("migrate accepted");
                 ram::wait_saving_started(&self.qmp, Duration::from_secs(60)).await.at("save RAM")?;
+                marks.mark("device state saved");
                 self.qmp.execute(&qapi::qmp::cont {}).await.at("resume")?;
+                marks.mark("cont answered");
                 self.record(Record::Resumed).await?;
+                if self.opts.strategy == Strategy::Overlay {
+                    self.record(Record::Switched).await?;
+                }
                 self.thaw_after_ram(frozen, window).await?;
                 (self.progress)("saving RAM (background; the VM runs)");
-                ram::wait_completed(&self.qmp, &mut events, RAM_TIMEOUT).await.at("save RAM")?;
+                self.wait_dump(&mut events, &drain).await?;
                 self.record(Record::MigrationDone).await?;
             }
         }
         ram::restore_capabilities(&self.qmp, &previous).await.at("save RAM")?;
         self.record(Record::CapabilitiesReset).await?;
+        // QEMU closed its end when the migration ended: the drain has everything.
+        let drained = tokio::time::timeout(Duration::from_secs(120), drain.finish())
+            .await
+            .map_err(|_| StepError::Refused("QEMU did not close the RAM dump's pipe within 120 s of the migration's end".into()))
+            .at("save RAM")?
+            .map_err(|source| StepError::Io { what: format!("writing the RAM dump {}", path.display()), source })
+            .at("save RAM")?;
         if self.ram_format == saveimage::FORMAT_LIBVIRT {
-            // The stream is whole: only now does the image say so.
-            let complete = match file.try_clone() {
-                Ok(f) => tokio::task::spawn_blocking(move || saveimage::finish(&f)).await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-                Err(e) => Err(e),
-            };
-            complete
+            // The stream is whole and synced: only now does the image say so.
+            let file = drained.file;
+            tokio::task::spawn_blocking(move || saveimage::finish(&file))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
                 .map_err(|source| StepError::Io { what: format!("completing the save image {}", path.display()), source })
                 .at("save RAM")?;
         }
-        drop(file);
         self.timed("save RAM", t);
-        self.report.pause_ms = ram::paused_ms(&mut pauses).await;
-        let t = Instant::now();
-        // Hashing gigabytes is blocking work: off the async threads (other domains' windows,
-        // D-Bus and the hook go on meanwhile).
-        let to_hash = path.clone();
-        let sha256 = tokio::task::spawn_blocking(move || ram::sha256_file(&to_hash))
-            .await
-            .map_err(|e| StepError::Refused(format!("checksum task: {e}")))
-            .at("checksum RAM dump")?
-            .at("checksum RAM dump")?;
-        self.timed("checksum RAM dump", t);
-        self.record(Record::RamDumpDone { path: path.clone(), sha256: sha256.clone() }).await?;
+        let paused = ram::pauses(&mut pauses).await;
+        self.report.pause_ms = paused.ms();
+        self.report.pause_phases = marks.phases(&paused);
+        // The checksum was taken as the bytes went by: no second read of the dump.
+        self.record(Record::RamDumpDone { path: path.clone(), sha256: drained.sha256.clone() }).await?;
         self.report.ram_dump = Some(path);
-        self.report.ram_sha256 = Some(sha256);
+        self.report.ram_sha256 = Some(drained.sha256);
+        self.report.ram_file_bytes = Some(drained.file_bytes);
+        self.report.ram_compress = Some(self.dom.policy.ram_compress);
         if self.opts.strategy == Strategy::Direct {
             // The snapshots were taken (labelled crash-consistent) before the dump was complete:
             // one `zfs set` per snapshot makes each a `ram` snapshot with its dump, all at once.
@@ -394,6 +399,87 @@ impl Run<'_> {
             self.report.consistency = Consistency::Ram;
         }
         Ok(Consistency::Ram)
+    }
+
+    /// Creates the dump file (a save image's header first, for a domain with an XML), starts the
+    /// drain that writes QEMU's stream into it, and hands QEMU the pipe (before any pause).
+    async fn start_drain(&mut self, path: &Path) -> StepResult<ramstream::Drain> {
+        let mut file = ram::create_dump(path).at("create RAM dump")?;
+        let compress = self.dom.policy.ram_compress;
+        // A domain with an XML gets a libvirt save image (`virsh restore` opens it); the header
+        // goes first and QEMU's stream follows it.
+        let prefix = match &self.dom.xml {
+            Some(xml_path) => {
+                let xml = crate::fsutil::read_limited(xml_path, 16 << 20)
+                    .map_err(|e| StepError::Refused(format!("reading the domain XML for the save image: {e}")))
+                    .at("create RAM dump")?;
+                let xml = String::from_utf8(xml)
+                    .map_err(|_| StepError::Refused(format!("{} is not UTF-8", xml_path.display())))
+                    .at("create RAM dump")?;
+                self.ram_format = saveimage::FORMAT_LIBVIRT;
+                saveimage::write_start(&mut file, &xml, true, compress)
+                    .map_err(|source| StepError::Io { what: format!("writing the save image header of {}", path.display()), source })
+                    .at("create RAM dump")?
+            }
+            None => Vec::new(),
+        };
+        let (qemu_end, drain) = ramstream::drain_into(file, prefix, compress, self.dom.policy.ram_compress_level)
+            .map_err(|source| StepError::Io { what: format!("starting the RAM dump's writer for {}", path.display()), source })
+            .at("create RAM dump")?;
+        // QEMU keeps its own copy; ours goes, so the drain ends when QEMU closes its end.
+        ram::pass_fd(&self.qmp, qemu_end.as_fd()).await.at("prepare RAM dump")?;
+        drop(qemu_end);
+        Ok(drain)
+    }
+
+    /// Waits for the migration to complete, showing how much of the RAM the drain has written.
+    async fn wait_dump(&mut self, events: &mut crate::qemu::qmp::EventStream, drain: &ramstream::Drain) -> StepResult {
+        let t = Instant::now();
+        let done = ram::wait_completed(&self.qmp, events, RAM_TIMEOUT);
+        tokio::pin!(done);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut done => return r.at("save RAM"),
+                _ = tick.tick() => {
+                    let n = drain.received();
+                    let rate = n as f64 / t.elapsed().as_secs_f64().max(1e-3) / 1048576.0;
+                    (self.progress)(&format!("saving RAM: {} MiB at {rate:.0} MiB/s", n >> 20));
+                }
+            }
+        }
+    }
+
+    /// The disks captured while the VM is paused: the overlay switch alone (its records are
+    /// written around the pause), or (direct) the zfs snapshot with its own records.
+    async fn capture_disks_paused(
+        &mut self,
+        overlays: &[OverlayRecord],
+        by_pool: &BTreeMap<String, Vec<Dataset>>,
+        marks: &mut PauseMarks,
+    ) -> StepResult {
+        let t = Instant::now();
+        match self.opts.strategy {
+            Strategy::Overlay => {
+                if !self.journal_has_switch_intent() {
+                    self.record(Record::SwitchStarted).await?;
+                }
+                let pairs: Vec<(String, String)> = overlays.iter().map(|o| (o.disk_node.clone(), o.overlay_node.clone())).collect();
+                self.qmp.snapshot_transaction(&pairs).await.at("switch to overlays")?;
+                marks.mark("disks switched");
+            }
+            Strategy::Direct => {
+                self.zfs_snapshot(by_pool, Consistency::Ram).await?;
+                marks.mark("zfs snapshot taken");
+            }
+        }
+        self.timed(if self.opts.strategy == Strategy::Overlay { "switch" } else { "zfs snapshot (in window)" }, t);
+        Ok(())
+    }
+
+    fn journal_has_switch_intent(&self) -> bool {
+        self.journal.as_ref().is_some_and(|j| j.records().iter().any(|r| matches!(r, Record::SwitchStarted)))
     }
 
     /// Sets `props` on each snapshot taken, in one `zfs set` each (direct strategy: the
@@ -623,6 +709,10 @@ impl Run<'_> {
         }
         if self.report.ram_dump.is_some() {
             set(prop::RAM_FORMAT, self.ram_format.into());
+            set(prop::RAM_COMPRESS, self.dom.policy.ram_compress.as_str().into());
+            if let Some(n) = self.report.ram_file_bytes {
+                set(prop::RAM_SIZE, n.to_string());
+            }
             // Disks alone: app-consistent when the guest was frozen around the pause.
             set(prop::RAM_QUIESCED, if self.ram_quiesced { "yes" } else { "no" }.into());
         }
@@ -795,6 +885,9 @@ async fn offline(
         pause_ms: None,
         ram_dump: None,
         ram_sha256: None,
+        ram_file_bytes: None,
+        ram_compress: None,
+        pause_phases: Vec::new(),
         warnings,
         steps: vec![("zfs snapshot".into(), ms(t.elapsed()))],
     })

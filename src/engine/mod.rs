@@ -12,6 +12,7 @@ pub mod journal;
 pub mod lock;
 pub mod naming;
 pub mod ram;
+pub mod ramstream;
 pub mod recover;
 pub mod resumable;
 pub mod saveimage;
@@ -63,6 +64,16 @@ pub struct SnapshotReport {
     pub pause_ms: Option<f64>,
     pub ram_dump: Option<PathBuf>,
     pub ram_sha256: Option<String>,
+    /// The dump file's size in bytes.
+    #[serde(default)]
+    pub ram_file_bytes: Option<u64>,
+    /// How the dump's stream is compressed.
+    #[serde(default)]
+    pub ram_compress: Option<crate::model::RamCompress>,
+    /// The guest pause of a RAM snapshot, phase by phase (each ends with the event named, µs
+    /// since the previous one), from QEMU's STOP/RESUME timestamps and vmsnap's own clock.
+    #[serde(default)]
+    pub pause_phases: Vec<(String, u64)>,
     /// Why the snapshot is less consistent than asked, if it is.
     pub warnings: Vec<String>,
     /// Each step and how long it took, in order.

@@ -1,5 +1,6 @@
-//! Saving the VM's RAM into a file vmsnap opened (QEMU gets the descriptor with `getfd` and
-//! migrates to `fd:`; no shell, no path QEMU must be allowed to open).
+//! Saving the VM's RAM through a descriptor vmsnap opened (QEMU gets it with `getfd` and
+//! migrates to `fd:`; no shell, no path QEMU must be allowed to open): the write end of the pipe
+//! [`super::ramstream`] drains into the dump file, or (benchmarks) the file itself.
 //!
 //! Two modes: precopy (a live migration that pauses the VM at its end) and background-snapshot
 //! (the VM pauses only for the disk switch; QEMU then writes the RAM as it was at that pause while
@@ -12,7 +13,7 @@ use qapi::qmp::{self, MigrationCapability, MigrationCapabilityStatus};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -119,7 +120,7 @@ pub async fn cancel(qmp: &Qmp) -> Result<Option<String>, StepError> {
         None
     };
     // Harmless when `migrate` consumed it or it was never passed.
-    let _ = qmp.execute_raw("closefd", Some(serde_json::json!({ "fdname": FD_NAME })), Duration::from_secs(10)).await;
+    close_fd(qmp).await;
     Ok(result)
 }
 
@@ -153,11 +154,29 @@ pub fn dump_path(ram_dir: &Path, domain: &str, name: &str) -> PathBuf {
     ram_dir.join(domain).join(format!("{name}.ram"))
 }
 
-/// Hands QEMU the dump's descriptor and starts the migration into it.
-pub async fn start(qmp: &Qmp, file: &std::fs::File) -> Result<(), StepError> {
-    qmp.getfd(FD_NAME, file.as_fd()).await?;
+/// Hands QEMU the descriptor the RAM goes to (before the pause: it is not part of it).
+pub async fn pass_fd(qmp: &Qmp, fd: BorrowedFd<'_>) -> Result<(), StepError> {
+    qmp.getfd(FD_NAME, fd).await?;
+    Ok(())
+}
+
+/// Drops the descriptor [`pass_fd`] gave, if QEMU still holds it unused (a step failed before
+/// the migration took it; a drain waits for its end to close).
+pub async fn close_fd(qmp: &Qmp) {
+    let _ = qmp.execute_raw("closefd", Some(serde_json::json!({ "fdname": FD_NAME })), Duration::from_secs(10)).await;
+}
+
+/// Starts the migration into the descriptor [`pass_fd`] gave.
+pub async fn migrate(qmp: &Qmp) -> Result<(), StepError> {
     qmp.execute(&qmp::migrate { uri: Some(format!("fd:{FD_NAME}")), channels: None, detach: None, resume: None }).await?;
     Ok(())
+}
+
+/// Hands QEMU `file` and starts the migration into it (QEMU writing the file directly: the
+/// benchmarks' baseline).
+pub async fn start(qmp: &Qmp, file: &std::fs::File) -> Result<(), StepError> {
+    pass_fd(qmp, file.as_fd()).await?;
+    migrate(qmp).await
 }
 
 /// Waits for the migration to finish.
@@ -191,7 +210,7 @@ pub async fn wait_postmigrate(qmp: &Qmp, timeout: Duration) -> Result<(), StepEr
         if Instant::now() > deadline {
             return Err(StepError::Refused(format!("the VM did not pause after the RAM dump (state {:?})", st.status)));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -214,7 +233,7 @@ pub async fn wait_saving_started(qmp: &Qmp, timeout: Duration) -> Result<(), Ste
         if Instant::now() > deadline {
             return Err(StepError::Refused(format!("the RAM dump did not start within {timeout:?} (status {status})")));
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -241,21 +260,92 @@ pub async fn machine_type(qmp: &Qmp) -> Result<String, StepError> {
     Ok(v.as_str().unwrap_or_default().trim_end_matches("-machine").to_owned())
 }
 
-/// The time the VM spent paused, from QEMU's own STOP/RESUME event timestamps seen on `events`.
-pub async fn paused_ms(events: &mut EventStream) -> Option<f64> {
-    let mut total_us = 0u64;
+/// The VM's pauses as QEMU's own STOP/RESUME event timestamps say (wall clock, µs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pauses {
+    pub total_us: u64,
+    /// The first STOP and the last RESUME.
+    pub first_stop_us: Option<u64>,
+    pub last_resume_us: Option<u64>,
+}
+
+impl Pauses {
+    pub fn ms(&self) -> Option<f64> {
+        (self.total_us > 0).then(|| self.total_us as f64 / 1e3)
+    }
+}
+
+/// The pauses seen on `events` (subscribed before the pause).
+pub async fn pauses(events: &mut EventStream) -> Pauses {
+    let mut p = Pauses::default();
     let mut stopped_at = None;
     loop {
         let soon = tokio::time::Instant::now() + Duration::from_millis(100);
         let Ok(ev) = events.wait_for("STOP/RESUME", soon, |e| e.name == "STOP" || e.name == "RESUME").await else { break };
         match (ev.name.as_str(), stopped_at) {
-            ("STOP", None) => stopped_at = Some(ev.timestamp_us),
+            ("STOP", None) => {
+                stopped_at = Some(ev.timestamp_us);
+                p.first_stop_us.get_or_insert(ev.timestamp_us);
+            }
             ("RESUME", Some(t0)) => {
-                total_us += ev.timestamp_us.saturating_sub(t0);
+                p.total_us += ev.timestamp_us.saturating_sub(t0);
+                p.last_resume_us = Some(ev.timestamp_us);
                 stopped_at = None;
             }
             _ => {}
         }
     }
-    (total_us > 0).then(|| total_us as f64 / 1e3)
+    p
+}
+
+/// The time the VM spent paused, from QEMU's own STOP/RESUME event timestamps seen on `events`.
+pub async fn paused_ms(events: &mut EventStream) -> Option<f64> {
+    pauses(events).await.ms()
+}
+
+/// vmsnap's own clock at the steps of a pause (wall clock µs, the clock of QEMU's event
+/// timestamps), to break the pause into phases.
+#[derive(Debug, Default)]
+pub struct PauseMarks(Vec<(&'static str, u64)>);
+
+fn wall_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+impl PauseMarks {
+    pub fn mark(&mut self, step: &'static str) {
+        self.0.push((step, wall_us()));
+    }
+
+    /// Each step from QEMU's STOP to its RESUME with vmsnap's marks in between, as `"A → B"` and
+    /// the µs from A to B, in time order.
+    pub fn phases(&self, pauses: &Pauses) -> Vec<(String, u64)> {
+        let mut points: Vec<(&str, u64)> = self.0.clone();
+        points.extend(pauses.first_stop_us.map(|t| ("STOP event", t)));
+        points.extend(pauses.last_resume_us.map(|t| ("RESUME event", t)));
+        points.sort_by_key(|&(_, t)| t);
+        points.windows(2).map(|w| (format!("{} → {}", w[0].0, w[1].0), w[1].1.saturating_sub(w[0].1))).collect()
+    }
+}
+
+/// Starts loading the dump at `path` into a QEMU started with `-incoming defer` (wait for the
+/// `MIGRATION completed` event afterwards): QEMU reads an uncompressed stream from the file
+/// itself; a compressed one is decompressed into a pipe by vmsnap ([`super::ramstream::feed`]),
+/// whose [`super::ramstream::Feed`] is returned.
+pub async fn load(qmp: &Qmp, path: &Path) -> Result<Option<super::ramstream::Feed>, StepError> {
+    use super::saveimage;
+    let refused = |e: saveimage::SaveImageError| StepError::Refused(e.to_string());
+    let at = saveimage::locate(path).map_err(refused)?;
+    if at.compress == crate::model::RamCompress::None {
+        let uri = saveimage::incoming_uri(path).map_err(refused)?;
+        qmp.execute_raw("migrate-incoming", Some(serde_json::json!({ "uri": uri })), Duration::from_secs(30)).await?;
+        return Ok(None);
+    }
+    let file = crate::fsutil::open_regular(path).map_err(|e| StepError::Refused(format!("opening {}: {e}", path.display())))?;
+    let (qemu_end, feed) = super::ramstream::feed(file, at.offset, at.compress)
+        .map_err(|source| StepError::Io { what: format!("reading {}", path.display()), source })?;
+    qmp.getfd(FD_NAME, qemu_end.as_fd()).await?;
+    drop(qemu_end);
+    qmp.execute_raw("migrate-incoming", Some(serde_json::json!({ "uri": format!("fd:{FD_NAME}") })), Duration::from_secs(30)).await?;
+    Ok(Some(feed))
 }

@@ -144,6 +144,10 @@ pub async fn apply(
                 Ok(None) => {}
                 Err(e) => failures.push(format!("cancel migration: {e}")),
             }
+        } else if o.ram.is_some() {
+            // The dump's pipe was handed over but no migration took it: QEMU's copy goes, so
+            // the writer sees the end of it.
+            ram::close_fd(qmp).await;
         }
         if let Some(previous) = &o.reset_capabilities {
             match ram::restore_capabilities(qmp, previous).await {

@@ -8,11 +8,13 @@
 //! the cookie offset is not 0) padded with zeros (libvirt leaves 64 KiB so the XML can be edited
 //! in place), then QEMU's migration stream. The magic reads `LibvirtQemudPart` while the stream is
 //! written and becomes `LibvirtQemudSave` only once it is complete and synced: libvirt refuses an
-//! incomplete image by itself. vmsnap writes format 0 (raw).
+//! incomplete image by itself. vmsnap writes format 0 (raw) or 5 (zstd: libvirt pipes the
+//! stream through `zstd -dc` on restore).
 //!
-//! A domain without XML keeps a bare migration stream (`vmsnap:ram-format=qemu-stream`), which
-//! [`incoming_uri`] resumes as well.
+//! A domain without XML keeps a bare migration stream (`vmsnap:ram-format=qemu-stream`), zstd
+//! frames when compressed; [`locate`] finds where any dump's stream starts and how it is packed.
 
+use crate::model::RamCompress;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -59,18 +61,27 @@ pub struct SaveImage {
     pub was_running: bool,
 }
 
-fn header(magic: &[u8; 16], data_len: u32, was_running: bool) -> [u8; HEADER_LEN] {
+/// libvirt's format number for a compression.
+fn format_number(compress: RamCompress) -> u32 {
+    match compress {
+        RamCompress::None => 0,
+        RamCompress::Zstd => 5,
+    }
+}
+
+fn header(magic: &[u8; 16], data_len: u32, was_running: bool, compress: RamCompress) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..16].copy_from_slice(magic);
-    for (i, v) in [VERSION, data_len, u32::from(was_running), 0, 0].into_iter().enumerate() {
+    for (i, v) in [VERSION, data_len, u32::from(was_running), format_number(compress), 0].into_iter().enumerate() {
         h[16 + 4 * i..20 + 4 * i].copy_from_slice(&v.to_ne_bytes());
     }
     h
 }
 
 /// Writes the incomplete header, `xml` and the padding at the start of the new, empty `file`,
-/// leaving its offset where QEMU's stream goes. Returns that offset.
-pub fn write_start(file: &mut std::fs::File, xml: &str, was_running: bool) -> std::io::Result<u64> {
+/// leaving its offset where QEMU's stream goes. Returns the bytes as they will read once the
+/// image is complete (to hash them without reading the file back); their length is the offset.
+pub fn write_start(file: &mut std::fs::File, xml: &str, was_running: bool, compress: RamCompress) -> std::io::Result<Vec<u8>> {
     if xml.contains('\0') {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the domain XML contains a NUL byte"));
     }
@@ -78,13 +89,13 @@ pub fn write_start(file: &mut std::fs::File, xml: &str, was_running: bool) -> st
     let data_len32 = u32::try_from(data_len).ok().filter(|&n| n <= MAX_DATA).ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("the domain XML is too large ({} bytes)", xml.len()))
     })?;
-    let mut out = std::io::BufWriter::new(&mut *file);
-    out.write_all(&header(PARTIAL, data_len32, was_running))?;
-    out.write_all(xml.as_bytes())?;
-    out.write_all(&vec![0u8; data_len - xml.len()])?;
-    out.flush()?;
-    drop(out);
-    file.stream_position()
+    let mut bytes = Vec::with_capacity(HEADER_LEN + data_len);
+    bytes.extend_from_slice(&header(PARTIAL, data_len32, was_running, compress));
+    bytes.extend_from_slice(xml.as_bytes());
+    bytes.resize(HEADER_LEN + data_len, 0);
+    file.write_all(&bytes)?;
+    bytes[..16].copy_from_slice(MAGIC);
+    Ok(bytes)
 }
 
 /// Marks the image complete once QEMU's stream is in it: the data is synced first, then the
@@ -138,19 +149,56 @@ pub fn read(path: &Path) -> Result<Option<SaveImage>, SaveImageError> {
     Ok(Some(SaveImage { xml, data_offset, format, was_running: was_running != 0 }))
 }
 
-/// The `migrate-incoming` URI that feeds QEMU (started with `-incoming defer`) the RAM in the
-/// dump at `path`, whichever format it has (a compressed save image needs libvirt).
+/// Where a dump's migration stream starts and how it is packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamAt {
+    pub offset: u64,
+    pub compress: RamCompress,
+}
+
+/// zstd's frame magic (little endian 0xFD2FB528).
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Finds the stream in the dump at `path`: after a save image's header, or at 0 in a bare
+/// stream (zstd frames are recognised by their magic).
+pub fn locate(path: &Path) -> Result<StreamAt, SaveImageError> {
+    match read(path)? {
+        Some(img) => {
+            let compress = match img.format {
+                "raw" => RamCompress::None,
+                "zstd" => RamCompress::Zstd,
+                other => {
+                    return Err(SaveImageError::Unsupported {
+                        path: path.to_owned(),
+                        why: format!("{other} compression: restore it with `virsh restore`"),
+                    })
+                }
+            };
+            Ok(StreamAt { offset: img.data_offset, compress })
+        }
+        None => {
+            let mut magic = [0u8; 4];
+            let f = crate::fsutil::open_regular(path)
+                .map_err(|e| SaveImageError::Io { path: path.to_owned(), source: std::io::Error::other(e) })?;
+            let zstd = f.read_exact_at(&mut magic, 0).is_ok() && magic == ZSTD_MAGIC;
+            Ok(StreamAt { offset: 0, compress: if zstd { RamCompress::Zstd } else { RamCompress::None } })
+        }
+    }
+}
+
+/// The `migrate-incoming` URI that feeds QEMU (started with `-incoming defer`) the RAM in an
+/// uncompressed dump at `path` (a compressed one goes through a pipe: `ramstream::feed`).
 pub fn incoming_uri(path: &Path) -> Result<String, SaveImageError> {
     let shown = path.to_str().filter(|p| !p.contains(',')).ok_or_else(|| SaveImageError::Unsupported {
         path: path.to_owned(),
         why: "QEMU's file: URI cannot name a path with a comma or non-UTF-8 bytes".into(),
     })?;
-    match read(path)? {
-        None => Ok(format!("file:{shown}")),
-        Some(img) if img.format == "raw" => Ok(format!("file:{shown},offset={}", img.data_offset)),
-        Some(img) => Err(SaveImageError::Unsupported {
+    match locate(path)? {
+        StreamAt { offset: 0, compress: RamCompress::None } => Ok(format!("file:{shown}")),
+        StreamAt { offset, compress: RamCompress::None } => Ok(format!("file:{shown},offset={offset}")),
+        StreamAt { compress, .. } => Err(SaveImageError::Unsupported {
             path: path.to_owned(),
-            why: format!("{} compression: restore it with `virsh restore`", img.format),
+            why: format!("{compress} compression: QEMU cannot read it from a file by itself"),
         }),
     }
 }
@@ -164,8 +212,9 @@ mod tests {
     fn image(dir: &Path, stream: &[u8], complete: bool) -> std::path::PathBuf {
         let path = dir.join("dump.ram");
         let mut f = std::fs::File::create(&path).unwrap();
-        let offset = write_start(&mut f, XML, true).unwrap();
-        assert_eq!(offset as usize, HEADER_LEN + XML.len() + 1 + PAD);
+        let prefix = write_start(&mut f, XML, true, RamCompress::None).unwrap();
+        assert_eq!(prefix.len(), HEADER_LEN + XML.len() + 1 + PAD);
+        assert_eq!(&prefix[..16], MAGIC);
         f.write_all(stream).unwrap();
         if complete {
             finish(&f).unwrap();
@@ -175,7 +224,7 @@ mod tests {
 
     #[test]
     fn header_bytes_are_libvirts_layout() {
-        let h = header(MAGIC, 0x0001_0203, true);
+        let h = header(MAGIC, 0x0001_0203, true, RamCompress::None);
         assert_eq!(HEADER_LEN, 92);
         assert_eq!(&h[..16], b"LibvirtQemudSave");
         // version, data_len, was_running, format, cookieOffset, then 14 zero words (x86: little endian).
@@ -223,9 +272,10 @@ mod tests {
         zstd[28..32].copy_from_slice(&5u32.to_ne_bytes());
         std::fs::write(&path, &zstd).unwrap();
         assert!(incoming_uri(&path).unwrap_err().to_string().contains("zstd compression"));
+        assert_eq!(locate(&path).unwrap().compress, RamCompress::Zstd);
         // Cut right after the header: no stream.
         std::fs::write(&path, &bytes[..HEADER_LEN + XML.len() + 1 + PAD]).unwrap();
         assert!(read(&path).unwrap_err().to_string().contains("no migration stream"));
-        assert!(write_start(&mut std::fs::File::create(dir.path().join("x")).unwrap(), "a\0b", true).is_err());
+        assert!(write_start(&mut std::fs::File::create(dir.path().join("x")).unwrap(), "a\0b", true, RamCompress::None).is_err());
     }
 }

@@ -131,20 +131,20 @@ pub async fn restore_on_zfs(rig: &Rig, fs: &str, zvol: &str) -> Result<(TinyVm, 
     Ok((vm, qga))
 }
 
-/// Starts QEMU with `-incoming defer` and feeds it `state` (a bare stream or a raw libvirt save
-/// image); resumes it; waits for its agent.
+/// Starts QEMU with `-incoming defer` and feeds it `state` (a bare stream or a libvirt save
+/// image, either compressed or not); resumes it.
 pub async fn restore_state(rig: &Rig, opts: &TinyVmOptions, state: &Path) -> Result<TinyVm, RigError> {
     let fail = |e: String| RigError::Failed(format!("restoring {}: {e}", state.display()));
     let mut vm = TinyVm::start(rig, opts)?;
     let qmp = vm.machine.qmp().await?;
     vmsnap::engine::ram::set_capabilities(&qmp, false).await.map_err(|e| fail(e.to_string()))?;
     let mut events = qmp.subscribe().map_err(|e| fail(e.to_string()))?;
-    // A vmsnap dump may be a libvirt save image: the product says where QEMU's stream starts.
-    let uri = vmsnap::engine::saveimage::incoming_uri(state).map_err(|e| fail(e.to_string()))?;
-    qmp.execute_raw("migrate-incoming", Some(serde_json::json!({ "uri": uri })), Duration::from_secs(30))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    // A vmsnap dump may be a libvirt save image, compressed or not: the product loads it.
+    let feed = vmsnap::engine::ram::load(&qmp, state).await.map_err(|e| fail(e.to_string()))?;
     vmsnap::engine::ram::wait_completed(&qmp, &mut events, Duration::from_secs(900)).await.map_err(|e| fail(e.to_string()))?;
+    if let Some(feed) = feed {
+        feed.finish().await.map_err(|e| fail(format!("decompressing: {e}")))?;
+    }
     let status = qmp.execute(&qapi::qmp::query_status {}).await.map_err(|e| fail(e.to_string()))?;
     if !status.running {
         qmp.execute(&qapi::qmp::cont {}).await.map_err(|e| fail(e.to_string()))?;

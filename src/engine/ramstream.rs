@@ -1,0 +1,252 @@
+//! RAM dumps streamed through vmsnap. QEMU migrates into a pipe whose write end it gets with
+//! `getfd`; a thread drains the read end into the dump file, hashing (sha256) and, when asked,
+//! compressing (zstd) as the bytes go by. So the dump is never read back to checksum it, never
+//! held in memory (fixed 1 MiB buffers), and its progress is a counter anyone can read.
+//!
+//! The reverse, [`feed`], decompresses a dump into a pipe that a QEMU started with `-incoming`
+//! reads: vmsnap's own resume path for dumps QEMU cannot read from a file by itself.
+//!
+//! The thread ends when QEMU closes its end (the migration completed, failed or was cancelled, or
+//! QEMU died), or at the first write error (a full disk): then the read end closes, QEMU's next
+//! write fails with EPIPE and the migration fails instead of waiting.
+
+use crate::model::RamCompress;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Bytes moved per read and write.
+const CHUNK: usize = 1 << 20;
+
+/// What the drain wrote.
+#[derive(Debug)]
+pub struct Drained {
+    /// The dump file, written and synced (a save image still says it is incomplete).
+    pub file: File,
+    /// Bytes QEMU sent.
+    pub stream_bytes: u64,
+    /// Bytes in the file, header included.
+    pub file_bytes: u64,
+    /// sha256 of the file as it reads once complete.
+    pub sha256: String,
+}
+
+/// The running drain of one dump.
+pub struct Drain {
+    received: Arc<AtomicU64>,
+    done: tokio::sync::oneshot::Receiver<io::Result<Drained>>,
+}
+
+impl Drain {
+    /// Bytes received from QEMU so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Waits until QEMU closed its end and everything is in the file.
+    pub async fn finish(self) -> io::Result<Drained> {
+        self.done.await.unwrap_or_else(|_| Err(io::Error::other("the RAM dump's writer thread died")))
+    }
+}
+
+/// A pipe with both ends close-on-exec, as large as the system lets root make it (fewer wake-ups).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    let _ = nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&w), nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
+    Ok((r, w))
+}
+
+/// Starts draining a new pipe into `file`, whose first bytes (the save image header, if any)
+/// are already written: `hashed_prefix` is what those bytes read once the image is complete.
+/// Returns the end to give QEMU (hand it over, then drop it: the drain ends when the last
+/// writer closes).
+pub fn drain_into(file: File, hashed_prefix: Vec<u8>, compress: RamCompress, level: i32) -> io::Result<(OwnedFd, Drain)> {
+    let (read_end, write_end) = pipe()?;
+    let received = Arc::new(AtomicU64::new(0));
+    let (tx, done) = tokio::sync::oneshot::channel();
+    let counter = received.clone();
+    std::thread::Builder::new().name("vmsnap-ram-drain".into()).spawn(move || {
+        let _ = tx.send(drain(File::from(read_end), file, &hashed_prefix, compress, level, &counter));
+    })?;
+    Ok((write_end, Drain { received, done }))
+}
+
+/// Writes what it is given to the file and to the hash.
+struct Hashing {
+    out: io::BufWriter<File>,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// zstd's worker threads: half the cores (QEMU and the guest need the rest), at most 4.
+fn zstd_workers() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    (cores / 2).clamp(1, 4)
+}
+
+fn drain(mut input: File, file: File, prefix: &[u8], compress: RamCompress, level: i32, received: &AtomicU64) -> io::Result<Drained> {
+    let mut hasher = Sha256::new();
+    hasher.update(prefix);
+    let mut out = Hashing { out: io::BufWriter::with_capacity(CHUNK, file), hasher, bytes: prefix.len() as u64 };
+    let mut buf = vec![0u8; CHUNK];
+    let mut copy = |to: &mut dyn Write| -> io::Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            to.write_all(&buf[..n])?;
+            total += n as u64;
+            received.store(total, Ordering::Relaxed);
+        }
+    };
+    let stream_bytes = match compress {
+        RamCompress::None => copy(&mut out)?,
+        RamCompress::Zstd => {
+            let mut enc = zstd::stream::write::Encoder::new(out, level)?;
+            let workers = zstd_workers();
+            if workers > 1 {
+                enc.multithread(workers)?;
+            }
+            let n = copy(&mut enc)?;
+            out = enc.finish()?;
+            n
+        }
+    };
+    out.flush()?;
+    let Hashing { out, hasher, bytes } = out;
+    let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
+    file.sync_data()?;
+    Ok(Drained { file, stream_bytes, file_bytes: bytes, sha256: hex(&hasher.finalize()) })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A running [`feed`]: its result once QEMU has read everything (or closed its end).
+pub struct Feed(tokio::sync::oneshot::Receiver<io::Result<u64>>);
+
+impl Feed {
+    /// Bytes of stream written into the pipe.
+    pub async fn finish(self) -> io::Result<u64> {
+        self.0.await.unwrap_or_else(|_| Err(io::Error::other("the RAM dump's reader thread died")))
+    }
+}
+
+/// Starts feeding the stream of the dump `file` (at `offset`, packed as `compress`) into a new
+/// pipe; returns the end QEMU reads (hand it over with `getfd`, then drop it).
+pub fn feed(mut file: File, offset: u64, compress: RamCompress) -> io::Result<(OwnedFd, Feed)> {
+    use std::io::Seek;
+    file.seek(io::SeekFrom::Start(offset))?;
+    let (read_end, write_end) = pipe()?;
+    let (tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("vmsnap-ram-feed".into()).spawn(move || {
+        let mut out = File::from(write_end);
+        let input = io::BufReader::with_capacity(CHUNK, file);
+        let copied = match compress {
+            RamCompress::None => io::copy(&mut { input }, &mut out),
+            RamCompress::Zstd => zstd::stream::read::Decoder::with_buffer(input).and_then(|mut d| io::copy(&mut d, &mut out)),
+        };
+        let _ = tx.send(copied);
+    })?;
+    Ok((read_end, Feed(done)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha256(bytes: &[u8]) -> String {
+        hex(&Sha256::digest(bytes))
+    }
+
+    /// A stream that compresses but is not trivial.
+    fn stream() -> Vec<u8> {
+        (0..3_000_000u32).map(|i| ((i / 7) ^ (i % 251)) as u8).collect()
+    }
+
+    async fn through(compress: RamCompress, prefix: &[u8]) -> (Vec<u8>, Drained, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dump");
+        let mut file = File::create(&path).unwrap();
+        file.write_all(prefix).unwrap();
+        let (w, drain) = drain_into(file, prefix.to_vec(), compress, 3).unwrap();
+        let data = stream();
+        let writer = {
+            let data = data.clone();
+            std::thread::spawn(move || File::from(w).write_all(&data).unwrap())
+        };
+        let drained = drain.finish().await.unwrap();
+        writer.join().unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        (data, drained, on_disk)
+    }
+
+    #[tokio::test]
+    async fn raw_streams_land_whole_and_hashed_in_flight() {
+        let (data, drained, on_disk) = through(RamCompress::None, b"HEADER").await;
+        assert_eq!(&on_disk[..6], b"HEADER");
+        assert_eq!(&on_disk[6..], &data[..]);
+        assert_eq!(drained.stream_bytes, data.len() as u64);
+        assert_eq!(drained.file_bytes, on_disk.len() as u64);
+        assert_eq!(drained.sha256, sha256(&on_disk));
+    }
+
+    #[tokio::test]
+    async fn the_hash_covers_the_prefix_as_it_will_read() {
+        // The save image's magic is flipped after the stream: the hash must be of the final bytes.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dump");
+        let mut file = File::create(&path).unwrap();
+        let prefix = super::super::saveimage::write_start(&mut file, "<domain/>", true, RamCompress::None).unwrap();
+        let (w, drain) = drain_into(file, prefix, RamCompress::None, 3).unwrap();
+        File::from(w).write_all(b"QEVM stream").unwrap();
+        let drained = drain.finish().await.unwrap();
+        super::super::saveimage::finish(&drained.file).unwrap();
+        assert_eq!(drained.sha256, sha256(&std::fs::read(&path).unwrap()));
+    }
+
+    #[tokio::test]
+    async fn zstd_streams_decompress_to_the_stream_and_feed_it_back() {
+        let (data, drained, on_disk) = through(RamCompress::Zstd, b"HDR").await;
+        assert!(on_disk.len() < data.len() / 2, "{} bytes for {}", on_disk.len(), data.len());
+        assert_eq!(drained.sha256, sha256(&on_disk));
+        assert_eq!(zstd::decode_all(&on_disk[3..]).unwrap(), data);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dump");
+        std::fs::write(&path, &on_disk).unwrap();
+        let (r, feed) = feed(File::open(&path).unwrap(), 3, RamCompress::Zstd).unwrap();
+        let mut back = Vec::new();
+        File::from(r).read_to_end(&mut back).unwrap();
+        assert_eq!(feed.finish().await.unwrap(), data.len() as u64);
+        assert_eq!(back, data);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_goes_away_fails_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("dump"), stream()).unwrap();
+        let (r, feed) = feed(File::open(dir.path().join("dump")).unwrap(), 0, RamCompress::None).unwrap();
+        drop(r);
+        assert!(feed.finish().await.is_err());
+    }
+}
