@@ -1,5 +1,5 @@
 //! Every parser that reads bytes from outside vmsnap — QMP and guest-agent lines, `zfs -H -p`
-//! output, the hook's domain XML, the config, the journal, the registry — over arbitrary input
+//! output, the hook's domain XML, the config, the journal, the registry, RAM dump headers — over arbitrary input
 //! and over real samples with bytes flipped, cut and inserted: no panic, a clear error.
 
 use proptest::prelude::*;
@@ -100,5 +100,27 @@ proptest! {
         std::fs::write(dir.path().join("registry/web.json"), &text).unwrap();
         let (ok, bad) = reg.load_all();
         prop_assert_eq!(ok.len() + bad.len(), 1);
+    }
+
+    /// RAM dump headers (a restore reads dumps from the replica or a user's disk): any bytes at
+    /// the start of a real save image's header, or none, give an answer and never a panic.
+    #[test]
+    fn save_image_headers(edits in prop::collection::vec((0usize..200, any::<u8>()), 0..12), cut in 0usize..70_000) {
+        use crate::engine::saveimage;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dump.ram");
+        let mut f = std::fs::File::create(&path).unwrap();
+        saveimage::write_start(&mut f, "<domain><name>web</name></domain>", true, crate::model::RamCompress::Zstd).unwrap();
+        std::io::Write::write_all(&mut f, b"QEVM stream").unwrap();
+        saveimage::finish(&f).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        for (at, b) in edits {
+            bytes[at] = b;
+        }
+        bytes.truncate(cut.min(bytes.len()));
+        std::fs::write(&path, &bytes).unwrap();
+        let _ = saveimage::read(&path);
+        let _ = saveimage::locate(&path);
+        let _ = saveimage::incoming_uri(&path);
     }
 }

@@ -1191,6 +1191,10 @@ fn compressed_dump_streams_and_resumes() -> Result<(), Failed> {
         }
         check(running, "the VM resumed from the zstd dump does not run")
     })();
+    // What the snapshot saved next to the disks (the XML), and the XML itself: the other cases
+    // plant their own files there.
+    let _ = std::fs::remove_dir_all(lab.path("disks/.vmsnap"));
+    let _ = std::fs::remove_file(&xml);
     lab.write_config("");
     lab.reset_snapshots();
     res

@@ -38,9 +38,11 @@ struct Lane {
     daemon: Option<Child>,
     /// The last RAM snapshot's report, and the guest's uptime (s) just before it.
     ram: Option<(serde_json::Value, f64)>,
+    /// A zstd-compressed dump (libvirt's format 5).
+    zstd_dump: Option<String>,
 }
 
-static LANE: Mutex<Lane> = Mutex::new(Lane { libvirtd: None, daemon: None, ram: None });
+static LANE: Mutex<Lane> = Mutex::new(Lane { libvirtd: None, daemon: None, ram: None, zstd_dump: None });
 
 type Case = fn() -> Result<(), Failed>;
 
@@ -267,19 +269,36 @@ fn dbus_snapshot(options: &[&str]) -> Result<serde_json::Value, Failed> {
 fn ram_snapshot_over_dbus() -> Result<(), Failed> {
     check(registered(), "the guest is not registered")?;
     sh("echo 0 > /proc/sys/vm/unprivileged_userfaultfd");
+    // This one compressed (`ram_compress = "zstd"`: libvirt's save-image format 5).
+    std::fs::write(CONFIG, format!("state_dir = \"{STATE}\"\n[template.default]\nautosnap = false\nram_compress = \"zstd\"\n"))?;
+    reload_daemon()?;
     let report = dbus_snapshot(&["2", "label", "s", "ram", "memory", "s", "background"])?;
     let warnings = report["warnings"].to_string();
     check(warnings.contains("refused background-snapshot") && warnings.contains("precopy"), format!("no fallback warning: {report}"))?;
     check_ram_snapshot(&report)?;
+    check(report["ram_compress"] == "zstd", format!("not compressed: {report}"))?;
+    LANE.lock().unwrap().zstd_dump = report["ram_dump"].as_str().map(str::to_owned);
     sh("echo 1 > /proc/sys/vm/unprivileged_userfaultfd");
+    std::fs::write(CONFIG, format!("state_dir = \"{STATE}\"\n[template.default]\nautosnap = false\n"))?;
+    reload_daemon()?;
     let uptime = guest_uptime()?;
     let report = dbus_snapshot(&["2", "label", "s", "ram-bg", "memory", "s", "background"]);
     sh("echo 0 > /proc/sys/vm/unprivileged_userfaultfd");
     let report = report?;
     check(report["warnings"].as_array().is_some_and(Vec::is_empty), format!("background under libvirt: {report}"))?;
     check_ram_snapshot(&report)?;
+    check(report["ram_compress"] == "none", format!("compressed: {report}"))?;
     LANE.lock().unwrap().ram = Some((report, uptime));
     Ok(())
+}
+
+/// SIGHUP to the daemon, and its word that the configuration was reloaded.
+fn reload_daemon() -> Result<(), Failed> {
+    let count = || std::fs::read_to_string(LOG).unwrap_or_default().matches("configuration reloaded").count();
+    let before = count();
+    let pid = LANE.lock().unwrap().daemon.as_ref().ok_or("the daemon is not running")?.id();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP)?;
+    wait_for("the daemon reloads its configuration", Duration::from_secs(30), || count() > before)
 }
 
 /// The guest's uptime in seconds, through its agent.
@@ -302,8 +321,15 @@ fn virsh_restores_a_vmsnap_dump() -> Result<(), Failed> {
     let (name, dump) = (report["name"].as_str().unwrap_or_default().to_owned(), report["ram_dump"].as_str().unwrap_or_default().to_owned());
     // The kit's domain is transient: once destroyed, libvirt has no definition of it at all.
     check(!virsh(&["list", "--name"])?.lines().any(|l| l.trim() == DOMAIN), "the domain must be stopped first")?;
-    let props = sh(&format!("zfs get -H -o value vmsnap:ram-format {FS}@{name}"));
-    check(props.trim() == "libvirt-save", format!("vmsnap:ram-format: {props}"))?;
+    let props = sh(&format!("zfs get -H -o value vmsnap:ram-format,vmsnap:ram-compress {FS}@{name}"));
+    check(props.split_whitespace().collect::<Vec<_>>() == ["libvirt-save", "none"], format!("vmsnap:ram-format, -compress: {props}"))?;
+    // libvirt 9.0 (Debian 12, the rig's) cannot decompress a zstd save image (the format number
+    // came later); the README says so and vmsnap's own resume path decompresses it (host lane).
+    let zstd_dump = LANE.lock().unwrap().zstd_dump.clone().ok_or("no zstd RAM snapshot was taken")?;
+    let refused = Command::new("virsh").args(["-c", "qemu:///system", "restore", &zstd_dump]).output()?;
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    eprintln!("METRIC virsh restore of a zstd save image: {}", said.trim());
+    check(!refused.status.success() && said.contains("compressed save format 5"), format!("virsh restore of a zstd image: {said}"))?;
     let xml = virsh(&["save-image-dumpxml", &dump])?;
     check(xml.contains(&format!("<name>{DOMAIN}</name>")), format!("save-image-dumpxml: {xml}"))?;
     // A copy whose magic still says "partial", as after a crash mid-stream.

@@ -1,0 +1,135 @@
+//! Benchmark: a RAM dump streamed through vmsnap (pipe → file, sha256 in flight, optionally
+//! zstd) against QEMU writing the file directly, and against the flow before streaming (QEMU
+//! writes the file, then vmsnap reads it back for the checksum).
+//!
+//! `cargo bench --bench ramdump` (host lane: a tiny guest under TCG whose RAM holds
+//! `VMSNAP_BENCH_FILL_MIB` (default 600) MiB, half random bytes, half repeated text, so neither
+//! QEMU nor zstd can skip it). The guest is paused for every sample so each dump is the same
+//! one-pass copy; migration bandwidth is unlimited for all variants. N samples per variant
+//! (`VMSNAP_BENCH_N`, default 3), round-robin after a warm-up round. Each sample ends when the
+//! dump is synced to disk and its checksum is known. Prints medians and ratios from this run.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vmsnap::engine::{ram, ramstream};
+use vmsnap::model::RamCompress;
+use vmsnap::qemu::qga::{Qga, Timeouts};
+use vmsnap::qemu::qmp::Qmp;
+use vmsnap_testkit::rig::{Rig, TinyVm, TinyVmOptions};
+use vmsnap_testkit::support::{median, rt};
+
+#[derive(Clone, Copy)]
+enum Variant {
+    /// QEMU writes the file (fd passed with getfd); synced; no checksum.
+    Direct,
+    /// The flow before streaming: QEMU writes the file, vmsnap reads it back to hash it.
+    DirectReadBack,
+    /// Through vmsnap's pipe, hashed in flight.
+    Stream,
+    /// Through vmsnap's pipe, zstd level 3, hashed in flight.
+    StreamZstd,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "QEMU → file (no checksum)",
+            Variant::DirectReadBack => "QEMU → file, then read back for sha256",
+            Variant::Stream => "QEMU → vmsnap pipe → file, sha256 in flight",
+            Variant::StreamZstd => "QEMU → vmsnap pipe → zstd → file, sha256 in flight",
+        }
+    }
+}
+
+struct Sample {
+    secs: f64,
+    file_bytes: u64,
+}
+
+async fn dump(qmp: &Qmp, variant: Variant, path: &Path) -> Sample {
+    let _ = std::fs::remove_file(path);
+    let mut events = qmp.subscribe().unwrap();
+    let t = Instant::now();
+    let file = ram::create_dump(path).unwrap();
+    let file_bytes = match variant {
+        Variant::Direct | Variant::DirectReadBack => {
+            ram::start(qmp, &file).await.unwrap();
+            ram::wait_completed(qmp, &mut events, Duration::from_secs(1800)).await.unwrap();
+            file.sync_data().unwrap();
+            if let Variant::DirectReadBack = variant {
+                let p = path.to_owned();
+                tokio::task::spawn_blocking(move || ram::sha256_file(&p).unwrap()).await.unwrap();
+            }
+            file.metadata().unwrap().len()
+        }
+        Variant::Stream | Variant::StreamZstd => {
+            let compress = if let Variant::StreamZstd = variant { RamCompress::Zstd } else { RamCompress::None };
+            let (qemu_end, drain) = ramstream::drain_into(file, Vec::new(), compress, 3).unwrap();
+            ram::pass_fd(qmp, std::os::fd::AsFd::as_fd(&qemu_end)).await.unwrap();
+            drop(qemu_end);
+            ram::migrate(qmp).await.unwrap();
+            ram::wait_completed(qmp, &mut events, Duration::from_secs(1800)).await.unwrap();
+            drain.finish().await.unwrap().file_bytes
+        }
+    };
+    Sample { secs: t.elapsed().as_secs_f64(), file_bytes }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: usize = std::env::var("VMSNAP_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let fill_mib: u32 = std::env::var("VMSNAP_BENCH_FILL_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
+    let rig = Rig::locate().expect("the test rig is required (scripts/rig/rig.sh)");
+    let dir = tempfile::Builder::new().prefix("vmsnap-ramdump").tempdir_in("/var/tmp").unwrap();
+    let opts = TinyVmOptions { disks: 1, memory_mib: fill_mib + 400, ..Default::default() };
+    let (vm, qmp, _qga, _) = rt().block_on(TinyVm::boot(&rig, &opts)).expect("booting the tiny guest");
+    drop(_qga);
+    let vm: TinyVm = vm;
+    rt().block_on(async {
+        let mut q = Qga::connect(&vm.machine.qga_path, Timeouts::default()).await.unwrap();
+        let half = fill_mib / 2;
+        let script = format!(
+            "mkdir -p /fill && mount -t tmpfs -o size={}m tmpfs /fill && dd if=/dev/urandom of=/fill/random bs=1M count={half} 2>&1 \
+             && yes 'Nov 29 10:00:00 web nginx: 10.0.0.7 GET /index.html 200 (a log line a guest keeps in its page cache)' \
+             | head -c {}M > /fill/text",
+            fill_mib + 50,
+            fill_mib - half
+        );
+        let out = q.sh(&script, Duration::from_secs(900)).await.unwrap();
+        assert!(out.success(), "filling the guest's RAM: {}", out.stdout_text());
+        ram::set_capabilities(&qmp, false).await.unwrap();
+        qmp.execute_raw("migrate-set-parameters", Some(serde_json::json!({ "max-bandwidth": 100u64 << 30 })), Duration::from_secs(10))
+            .await
+            .unwrap();
+    });
+    let variants = [Variant::Direct, Variant::DirectReadBack, Variant::Stream, Variant::StreamZstd];
+    let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
+    for round in 0..=n {
+        for (i, &v) in variants.iter().enumerate() {
+            let s = rt().block_on(async {
+                qmp.execute(&qapi::qmp::stop {}).await.unwrap();
+                let s = dump(&qmp, v, &dir.path().join("dump.ram")).await;
+                qmp.execute(&qapi::qmp::cont {}).await.unwrap();
+                s
+            });
+            eprintln!("round {round} {}: {:.2} s, {} MiB", v.name(), s.secs, s.file_bytes >> 20);
+            if round > 0 {
+                samples[i].push(s);
+            }
+        }
+    }
+    drop(vm);
+    let secs: Vec<f64> = samples.iter().map(|s| median(s.iter().map(|x| x.secs).collect())).collect();
+    let size: Vec<u64> = samples.iter().map(|s| s[0].file_bytes).collect();
+    let stream_mib = size[0] as f64 / 1048576.0;
+    println!("RAM dump of a paused guest ({} MiB of RAM, {fill_mib} MiB filled: half random, half text), median of {n}:", fill_mib + 400);
+    for (i, v) in variants.iter().enumerate() {
+        println!("  {:<52} {:>7.2} s  {:>7.0} MiB/s of stream  file {:>5} MiB", v.name(), secs[i], stream_mib / secs[i], size[i] >> 20);
+    }
+    println!("ratios (throughput, higher is better for vmsnap):");
+    println!("  streamed vs QEMU → file, both synced: {:.2} (goal >= 0.95)", secs[0] / secs[2]);
+    println!("  streamed vs the old flow (file, then read back for the checksum): {:.2}", secs[1] / secs[2]);
+    println!("  zstd vs raw stream: time {:.2}x, size {:.2}", secs[3] / secs[2], size[3] as f64 / size[2] as f64);
+}
