@@ -113,6 +113,31 @@ impl Dir {
         self.replace(name, mode, |f| std::io::copy(&mut input, f).map(drop))
     }
 
+    /// Opens `name` to write a resumable upload into: created 0600 if missing, kept otherwise,
+    /// never through a symlink and only if it is a regular file.
+    pub fn open_resumable(&self, name: &str) -> Result<std::fs::File, FsError> {
+        let path = self.path.join(name);
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(FsError::Refused { path, why: "not a plain name".into() });
+        }
+        let flags = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = openat(Some(self.fd.as_raw_fd()), name, flags, Mode::from_bits_truncate(0o600)).map_err(FsError::io("opening", &path))?;
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let st = fstat(file.as_raw_fd()).map_err(FsError::io("checking", &path))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(FsError::Refused { path, why: "is not a regular file".into() });
+        }
+        Ok(file)
+    }
+
+    /// Renames `from` to `to` in this directory, then syncs the directory.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), FsError> {
+        let path = self.path.join(to);
+        renameat(Some(self.fd.as_raw_fd()), from, Some(self.fd.as_raw_fd()), to).map_err(FsError::io("renaming into", &path))?;
+        nix::unistd::fsync(self.fd.as_raw_fd()).map_err(FsError::io("syncing the directory of", &path))
+    }
+
     fn replace(&self, name: &str, mode: u32, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<(), FsError> {
         let target = self.path.join(name);
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {

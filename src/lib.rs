@@ -14,6 +14,7 @@
 //! │                        scripts, and the D-Bus service (dbus/)
 //! ├── libvirt/             the qemu hook and enrolment of libvirt domains
 //! ├── qemu/                QMP and guest-agent clients over unix sockets, block jobs, fd passing
+//! ├── replicate/           off-site copies: the plan, `vmsnap serve` (the target), ssh transport
 //! ├── zfs/                 the only place that runs zfs/zpool: validated names, parsers, operations
 //! ├── fsutil.rs            files root writes where others may reach: no symlink followed
 //! └── setup.rs             installing the hook, unit, D-Bus files, config, completions, man page
@@ -29,6 +30,7 @@ pub mod fsutil;
 pub mod libvirt;
 pub mod model;
 pub mod qemu;
+pub mod replicate;
 pub mod retention;
 pub mod setup;
 pub mod zfs;

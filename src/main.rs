@@ -72,6 +72,30 @@ enum Command {
         #[arg(long)]
         bus_address: Option<String>,
     },
+    /// Send each domain's snapshots, RAM dumps and properties to its replication targets
+    /// (`replicate_to`). Exit 3 when a target diverged (nothing is sent or destroyed then).
+    Replicate {
+        /// One domain (default: every domain with `replicate_to`).
+        domain: Option<String>,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Show the plan and its sizes (`zfs send -nP`), send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The target side of replication, one request on stdin: run by sshd as the forced command of
+    /// the source's key (`command="vmsnap serve --root pool/backup --ram-dir /srv/ram"`).
+    Serve {
+        /// Every received dataset goes under this one.
+        #[arg(long)]
+        root: String,
+        /// Where received RAM dumps go (root only, files 0600).
+        #[arg(long)]
+        ram_dir: PathBuf,
+    },
     /// Nagios/Icinga plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN, one line with perfdata.
     Check {
         /// One domain (default: every configured domain).
@@ -185,6 +209,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::List { domain, json } => cmd::list::run(&load()?, &zfs, domain.as_deref(), json).await,
         Command::Prune { domain, dry_run, now, json } => cmd::prune::run(&load()?, &zfs, domain, dry_run, now, json).await,
+        Command::Replicate { domain, target, dry_run, json } => {
+            cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), dry_run, json).await
+        }
+        Command::Serve { root, ram_dir } => cmd::replicate::serve(&root, ram_dir, zfs).await,
         Command::Recover { json } => cmd::recover::run(&load()?, json).await,
         Command::Daemon { bus, bus_address } => {
             use vmsnap::daemon::dbus::Bus;

@@ -9,5 +9,6 @@ pub mod list;
 pub mod progress;
 pub mod prune;
 pub mod recover;
+pub mod replicate;
 pub mod setup;
 pub mod snapshot;

@@ -102,6 +102,8 @@ pub struct Config {
     /// How long a `zfs snapshot` inside the frozen or paused window may take before vmsnap
     /// thaws/resumes the guest and fails (`window_timeout`, seconds, default 60).
     pub window_timeout: std::time::Duration,
+    /// Replication targets by name.
+    pub targets: BTreeMap<String, TargetConfig>,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +121,46 @@ struct RawConfig {
     template: BTreeMap<String, RawPolicy>,
     #[serde(default)]
     domain: BTreeMap<String, RawDomain>,
+    #[serde(default)]
+    target: BTreeMap<String, RawTarget>,
+}
+
+/// A `[target.NAME]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    host: Option<String>,
+    user: Option<String>,
+    port: Option<u16>,
+    identity: Option<PathBuf>,
+    #[serde(default)]
+    ssh_options: Vec<String>,
+    #[serde(default)]
+    compress: bool,
+    rate_limit: Option<u64>,
+    dataset: Option<String>,
+    ram_dir: Option<PathBuf>,
+}
+
+/// A replication target: another host reached with ssh (its `vmsnap serve`, pinned by the
+/// forced command of the source's key, decides where things go there), or a local pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetConfig {
+    pub name: String,
+    /// `None`: a local target.
+    pub host: Option<String>,
+    pub user: Option<String>,
+    pub port: Option<u16>,
+    pub identity: Option<PathBuf>,
+    /// Appended to ssh's options (each one argument).
+    pub ssh_options: Vec<String>,
+    /// ssh's `-C`.
+    pub compress: bool,
+    /// Bytes per second, 0 for none.
+    pub rate_limit: u64,
+    /// Local targets: the dataset received datasets go under, and the RAM dump directory.
+    pub dataset: Option<String>,
+    pub ram_dir: Option<PathBuf>,
 }
 
 policy_section! {
@@ -201,6 +243,15 @@ impl Config {
         }
         let registered_policy = resolve(&raw.template, &RawPolicy::default(), "(registered)")
             .map_err(|(table, tname, key, why)| at(table, &tname, key, why))?;
+        let mut targets = BTreeMap::new();
+        for (name, t) in raw.target {
+            targets.insert(name.clone(), target(&name, t).map_err(|(key, why)| at("target", &name, key, why))?);
+        }
+        for (dname, d) in domains.iter().map(|(n, d)| (n.as_str(), &d.policy)).chain([("(registered)", &registered_policy)]) {
+            if let Some(t) = d.replicate_to.iter().find(|t| !targets.contains_key(*t)) {
+                return Err(invalid(format!("domain {dname}: replicate_to names {t:?}, which no [target.{t}] defines")));
+            }
+        }
         Ok(Self {
             path: path.to_owned(),
             state_dir,
@@ -213,6 +264,7 @@ impl Config {
             require_quiesce: default_quiesce,
             freeze_timeout,
             window_timeout,
+            targets,
         })
     }
 
@@ -227,6 +279,56 @@ impl Config {
             known: if self.domains.is_empty() { "none".into() } else { self.domains.keys().cloned().collect::<Vec<_>>().join(", ") },
         })
     }
+}
+
+/// Checks a `[target.NAME]` table: (key, why) on error.
+fn target(name: &str, t: RawTarget) -> Result<TargetConfig, (&'static str, String)> {
+    if !valid_domain_name(name) {
+        return Err(("name", "use letters, digits, '-', '_' and '.'".into()));
+    }
+    // Words that go on ssh's command line must not read as options or carry spaces.
+    let plain = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('-')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'))
+    };
+    if let Some(h) = t.host.as_deref().filter(|h| !plain(h)) {
+        return Err(("host", format!("{h:?} is not a host name or address")));
+    }
+    if let Some(u) = t.user.as_deref().filter(|u| !plain(u) || u.contains(':')) {
+        return Err(("user", format!("{u:?} is not a user name")));
+    }
+    if let Some(i) = t.identity.as_ref().filter(|i| !i.is_absolute()) {
+        return Err(("identity", format!("{} is not an absolute path", i.display())));
+    }
+    match (&t.host, &t.dataset, &t.ram_dir) {
+        (Some(_), None, None) => {}
+        (Some(_), _, _) => {
+            return Err((
+                "dataset",
+                "a remote target's dataset and ram_dir are set on the target host (vmsnap serve --root, --ram-dir)".into(),
+            ))
+        }
+        (None, Some(ds), Some(dir)) => {
+            crate::zfs::Dataset::new(ds).map_err(|e| ("dataset", e.to_string()))?;
+            if !dir.is_absolute() {
+                return Err(("ram_dir", format!("{} is not an absolute path", dir.display())));
+            }
+        }
+        (None, _, _) => return Err(("host", "a target has a host (ssh), or dataset and ram_dir (a local pool)".into())),
+    }
+    Ok(TargetConfig {
+        name: name.to_owned(),
+        host: t.host,
+        user: t.user,
+        port: t.port,
+        identity: t.identity,
+        ssh_options: t.ssh_options,
+        compress: t.compress,
+        rate_limit: t.rate_limit.unwrap_or(0),
+        dataset: t.dataset,
+        ram_dir: t.ram_dir,
+    })
 }
 
 /// A domain name vmsnap accepts (it names files and locks): letters, digits, '-', '_', '.',

@@ -106,6 +106,8 @@ pub struct Policy {
     /// zstd's level (1..=19; 3 is zstd's default).
     pub ram_compress_level: i32,
     pub strategy: Strategy,
+    /// Replication targets (`[target.NAME]`) the domain's snapshots go to.
+    pub replicate_to: Vec<String>,
     pub scripts: Scripts,
     /// `vmsnap check`: age of the newest snapshot of a period that warns / goes critical (0 = never).
     pub warn_after: PerPeriod<u64>,
@@ -143,6 +145,7 @@ impl Default for Policy {
             ram_compress: RamCompress::None,
             ram_compress_level: 3,
             strategy: Strategy::Overlay,
+            replicate_to: Vec::new(),
             scripts: Scripts { timeout: Duration::from_secs(5), ..Scripts::default() },
             warn_after: PerPeriod([0, 90 * 60, 28 * h, 0, 32 * 24 * h, 0]),
             crit_after: PerPeriod([0, 360 * 60, 32 * h, 0, 40 * 24 * h, 0]),
@@ -164,7 +167,7 @@ macro_rules! policy_section {
             monthly_mday: Option<u32>, monthly_hour: Option<u32>, monthly_min: Option<u32>,
             yearly_mon: Option<u32>, yearly_mday: Option<u32>, yearly_hour: Option<u32>, yearly_min: Option<u32>,
             ram: Option<Vec<String>>, ram_keep: Option<u32>, ram_mode: Option<String>, ram_quiesce: Option<bool>, strategy: Option<String>,
-            ram_compress: Option<String>, ram_compress_level: Option<i32>,
+            ram_compress: Option<String>, ram_compress_level: Option<i32>, replicate_to: Option<Vec<String>>,
             pre_snapshot_script: Option<PathBuf>, post_snapshot_script: Option<PathBuf>,
             pre_pruning_script: Option<PathBuf>, pruning_script: Option<PathBuf>,
             script_timeout: Option<u64>, force_post_snapshot_script: Option<bool>, no_inconsistent_snapshot: Option<bool>,
@@ -294,6 +297,9 @@ impl RawPolicy {
                 return Err(bad("ram_compress_level", format!("{l} is out of range 1..=19")));
             }
             base.ram_compress_level = l;
+        }
+        if let Some(t) = &self.replicate_to {
+            base.replicate_to = t.clone();
         }
         if let Some(s) = &self.strategy {
             base.strategy = s.parse::<Strategy>().map_err(|e| bad("strategy", e.to_string()))?;

@@ -39,6 +39,12 @@ impl ZfsCli {
         run(&self.zfs, args).await
     }
 
+    /// The `zfs` program, for the streaming commands (`send`, `receive`) whose stdin or stdout is
+    /// a pipe rather than captured text.
+    pub fn zfs_program(&self) -> &std::path::Path {
+        &self.zfs
+    }
+
     /// Runs `zpool ARGS`; its stdout.
     pub async fn zpool(&self, args: Vec<OsString>) -> Result<String, ZfsError> {
         run(&self.zpool, args).await

@@ -34,6 +34,8 @@ pub enum ZfsError {
     Parse(#[from] ParseError),
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error("zfs printed {what} vmsnap cannot read")]
+    Unexpected { what: String },
     #[error("{path} is not on a ZFS filesystem or volume vmsnap can see")]
     NoDatasetFor { path: String },
 }

@@ -168,6 +168,44 @@ impl Zfs {
         Ok(parse::user_properties(&self.cli.zfs(args).await?)?)
     }
 
+    /// A native property's parsable value (`-p`); `None` when ZFS says `-` or the dataset does
+    /// not exist.
+    pub async fn get_native(&self, name: &str, prop: &str) -> Result<Option<String>, ZfsError> {
+        match self.cli.zfs(zargs!["get", "-H", "-p", "-o", "value", prop, name]).await {
+            Ok(v) => Ok(Some(v.trim_end_matches('\n').to_owned()).filter(|v| v != "-" && !v.is_empty())),
+            Err(ZfsError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `zfs bookmark SNAP DATASET#NAME` (`name` is vmsnap's own, checked by the caller).
+    pub async fn bookmark(&self, snap: &SnapshotName, name: &str) -> Result<(), ZfsError> {
+        self.cli.zfs(zargs!["bookmark", snap.to_string(), format!("{}#{name}", snap.dataset())]).await?;
+        Ok(())
+    }
+
+    /// The bookmarks of `dataset`: (name after `#`, guid, createtxg), oldest first.
+    pub async fn bookmarks(&self, dataset: &Dataset) -> Result<Vec<(String, u64, u64)>, ZfsError> {
+        let text = self
+            .cli
+            .zfs(zargs!["list", "-H", "-p", "-t", "bookmark", "-d", "1", "-s", "createtxg", "-o", "name,guid,createtxg", dataset.as_str()])
+            .await?;
+        let mut out = Vec::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let f: Vec<&str> = line.split('\t').collect();
+            let parsed =
+                (f.len() == 3).then(|| Some((f[0].split_once('#')?.1.to_owned(), f[1].parse().ok()?, f[2].parse().ok()?))).flatten();
+            out.push(parsed.ok_or_else(|| ZfsError::Unexpected { what: format!("a bookmark line {line:?}") })?);
+        }
+        Ok(out)
+    }
+
+    /// Destroys the bookmark `dataset#name`.
+    pub async fn destroy_bookmark(&self, dataset: &Dataset, name: &str) -> Result<(), ZfsError> {
+        self.cli.zfs(zargs!["destroy", format!("{dataset}#{name}")]).await?;
+        Ok(())
+    }
+
     /// Sets a user property on a dataset or snapshot.
     pub async fn set_property(&self, name: &str, prop: &PropName, value: &str) -> Result<(), ZfsError> {
         self.cli.zfs(zargs!["set", format!("{prop}={value}"), name]).await?;

@@ -1,0 +1,81 @@
+//! `vmsnap replicate` (source side) and `vmsnap serve` (the target side, an ssh forced command).
+
+use anyhow::Result;
+use std::path::PathBuf;
+use vmsnap::config::Config;
+use vmsnap::replicate::{replicate, ReplicateError, ReplicationReport};
+use vmsnap::zfs::{Dataset, Zfs};
+
+/// The exit status when a target diverged (nothing was sent or destroyed).
+pub const EXIT_DIVERGED: i32 = 3;
+
+/// Every domain (or one) to each of its targets (or only `only_target`). A target that fails
+/// does not stop the others; the exit status says the worst: 0, 1 (a failure), 3 (diverged).
+pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<&str>, only_target: Option<&str>, dry_run: bool, json: bool) -> Result<()> {
+    if let Some(t) = only_target.filter(|t| !cfg.targets.contains_key(*t)) {
+        anyhow::bail!("no [target.{t}] in {} (known: {})", cfg.path.display(), cfg.targets.keys().cloned().collect::<Vec<_>>().join(", "));
+    }
+    let domains = vmsnap::daemon::registry::select(cfg, domain)?;
+    let steps = std::sync::Mutex::new(super::progress::Steps::new(json, "replicating", ""));
+    let mut reports: Vec<ReplicationReport> = Vec::new();
+    let mut worst = 0;
+    let mut pairs = 0;
+    for dom in &domains {
+        for tname in dom.policy.replicate_to.iter().filter(|t| only_target.is_none_or(|o| o == t.as_str())) {
+            pairs += 1;
+            let target = &cfg.targets[tname];
+            let show = |s: &str| steps.lock().expect("not poisoned").step(&format!("{} → {tname}: {s}", dom.name));
+            match replicate(zfs, &cfg.state_dir, dom, target, dry_run, &show).await {
+                Ok(r) => reports.push(r),
+                Err(e) => {
+                    eprintln!("vmsnap: error: {} → {tname}: {e}", dom.name);
+                    if let Some(h) = e.hint() {
+                        eprintln!("hint: {h}");
+                    }
+                    worst = worst.max(if matches!(e, ReplicateError::Diverged { .. }) { EXIT_DIVERGED } else { 1 });
+                }
+            }
+        }
+    }
+    steps.lock().expect("not poisoned").done();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else if pairs == 0 {
+        println!("nothing to replicate: no domain has replicate_to{}", only_target.map(|t| format!(" naming {t}")).unwrap_or_default());
+    } else {
+        for r in &reports {
+            print(r);
+        }
+    }
+    if worst != 0 {
+        std::process::exit(worst);
+    }
+    Ok(())
+}
+
+fn print(r: &ReplicationReport) {
+    let verb = if r.dry_run { "would send" } else { "sent" };
+    println!("{} → {}: {:.1} s", r.domain, r.target, r.seconds);
+    for d in &r.datasets {
+        if d.steps.is_empty() {
+            println!("  {}: up to date", d.dataset);
+        } else {
+            println!("  {}: {verb} {} MiB: {}", d.dataset, d.bytes >> 20, d.steps.join("; "));
+        }
+    }
+    if !r.ram_dumps.is_empty() {
+        println!("  RAM dumps copied and checked: {} ({} MiB)", r.ram_dumps.join(", "), r.ram_bytes >> 20);
+    }
+    if !r.completed.is_empty() {
+        println!("  complete on the target: {}", r.completed.join(", "));
+    }
+}
+
+/// `vmsnap serve`: one request on stdin, its answer on stdout.
+pub async fn serve(root: &str, ram_dir: PathBuf, zfs: Zfs) -> Result<()> {
+    let root = Dataset::new(root)?;
+    anyhow::ensure!(ram_dir.is_absolute(), "--ram-dir must be an absolute path");
+    let server = vmsnap::replicate::server::Server { root, ram_dir, zfs };
+    server.serve_stdio().await?;
+    Ok(())
+}

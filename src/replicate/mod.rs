@@ -1,0 +1,16 @@
+//! Replication off the host: every snapshot of a domain, its RAM dump and its `vmsnap:*`
+//! properties, to a target that keeps them by its own rules.
+//!
+//! - [`protocol`]: what a source may ask a target and what it answers;
+//! - [`server`]: `vmsnap serve`, the target side (an ssh forced command, or a local child);
+//! - [`transport`]: reaching it (OpenSSH, or the local child);
+//! - [`plan`]: what to send, pure;
+//! - [`run`]: one domain to one target, top to bottom.
+
+pub mod plan;
+pub mod protocol;
+pub mod run;
+pub mod server;
+pub mod transport;
+
+pub use run::{replicate, ReplicateError, ReplicationReport};

@@ -1,0 +1,197 @@
+//! What to send to bring one target dataset up to date: pure, from the source's snapshots (and
+//! its cursor bookmark) and the target's [`Listing`]. Never a forced receive: a target that
+//! changed, or holds snapshots the source does not have after the common one, is *diverged* and
+//! nothing is sent.
+
+use super::protocol::Listing;
+
+/// A source snapshot (any, not only vmsnap's: `-I` carries them all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSnap {
+    pub name: String,
+    pub guid: u64,
+    pub createtxg: u64,
+}
+
+/// The bookmark the source keeps per target at the newest snapshot that target has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub bookmark: String,
+    pub guid: u64,
+    pub createtxg: u64,
+}
+
+/// Where an incremental starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base {
+    /// `-I ds@name`: every snapshot in between travels too.
+    Snapshot(String),
+    /// `-i ds#name`: the snapshot itself was pruned on the source.
+    Bookmark(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// `zfs send -t TOKEN`: the rest of an interrupted receive.
+    Resume {
+        token: String,
+    },
+    /// The first time: `zfs send ds@to`.
+    Full {
+        to: String,
+    },
+    Incremental {
+        from: Base,
+        to: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    UpToDate,
+    Send(Vec<Step>),
+    /// Why nothing may be sent; the snapshots named with their GUIDs.
+    Diverged(String),
+}
+
+/// `source`: every snapshot of the dataset, oldest first; `newest`: the one to bring the target
+/// to (the newest vmsnap snapshot of the domain).
+pub fn plan(source: &[SourceSnap], newest: Option<&str>, cursor: Option<&Cursor>, target: &Listing) -> Plan {
+    if let Some(token) = &target.resume_token {
+        return Plan::Send(vec![Step::Resume { token: token.clone() }]);
+    }
+    let Some(newest) = newest.and_then(|n| source.iter().position(|s| s.name == n)) else { return Plan::UpToDate };
+    if !target.exists {
+        let first = &source[0].name;
+        let mut steps = vec![Step::Full { to: first.clone() }];
+        if newest > 0 {
+            steps.push(Step::Incremental { from: Base::Snapshot(first.clone()), to: source[newest].name.clone() });
+        }
+        return Plan::Send(steps);
+    }
+    let known = |guid: u64| source.iter().position(|s| s.guid == guid);
+    let common = target.snapshots.iter().rposition(|t| known(t.guid).is_some() || cursor.is_some_and(|c| c.guid == t.guid));
+    let Some(common) = common else {
+        let theirs: Vec<String> = target.snapshots.iter().map(|t| format!("{} (guid {})", t.name, t.guid)).collect();
+        return Plan::Diverged(format!(
+            "the target has no snapshot in common with the source (it has: {})",
+            if theirs.is_empty() { "none".into() } else { theirs.join(", ") }
+        ));
+    };
+    let newer: Vec<String> = target.snapshots[common + 1..].iter().map(|t| format!("{} (guid {})", t.name, t.guid)).collect();
+    let base = &target.snapshots[common];
+    if !newer.is_empty() {
+        return Plan::Diverged(format!(
+            "the target has snapshots after the common one {} (guid {}) that the source does not: {}",
+            base.name,
+            base.guid,
+            newer.join(", ")
+        ));
+    }
+    if target.written > 0 {
+        return Plan::Diverged(format!(
+            "the target dataset was changed ({} bytes written) since its newest snapshot {} (guid {})",
+            target.written, base.name, base.guid
+        ));
+    }
+    match known(base.guid) {
+        Some(i) if i >= newest => Plan::UpToDate,
+        Some(i) => Plan::Send(vec![Step::Incremental { from: Base::Snapshot(source[i].name.clone()), to: source[newest].name.clone() }]),
+        None => {
+            let c = cursor.expect("the common snapshot matched the cursor");
+            let Some(first) = source.iter().position(|s| s.createtxg > c.createtxg) else { return Plan::UpToDate };
+            if first > newest {
+                return Plan::UpToDate;
+            }
+            let mut steps = vec![Step::Incremental { from: Base::Bookmark(c.bookmark.clone()), to: source[first].name.clone() }];
+            if newest > first {
+                steps.push(Step::Incremental { from: Base::Snapshot(source[first].name.clone()), to: source[newest].name.clone() });
+            }
+            Plan::Send(steps)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::protocol::TargetSnapshot;
+    use super::*;
+
+    fn src(n: &[(&str, u64)]) -> Vec<SourceSnap> {
+        n.iter()
+            .enumerate()
+            .map(|(i, (name, guid))| SourceSnap { name: (*name).into(), guid: *guid, createtxg: 10 * (i as u64 + 1) })
+            .collect()
+    }
+
+    fn tgt(n: &[(&str, u64)]) -> Listing {
+        Listing {
+            exists: true,
+            snapshots: n
+                .iter()
+                .map(|(name, guid)| TargetSnapshot { name: (*name).into(), guid: *guid, createtxg: 0, props: Default::default() })
+                .collect(),
+            resume_token: None,
+            written: 0,
+        }
+    }
+
+    #[test]
+    fn first_time_full_then_every_snapshot_after() {
+        let s = src(&[("a", 1), ("b", 2), ("c", 3)]);
+        assert_eq!(
+            plan(&s, Some("c"), None, &Listing::default()),
+            Plan::Send(vec![Step::Full { to: "a".into() }, Step::Incremental { from: Base::Snapshot("a".into()), to: "c".into() }])
+        );
+        assert_eq!(plan(&s, Some("a"), None, &Listing::default()), Plan::Send(vec![Step::Full { to: "a".into() }]));
+        assert_eq!(plan(&s, None, None, &Listing::default()), Plan::UpToDate);
+    }
+
+    #[test]
+    fn incrementals_from_the_newest_common_snapshot() {
+        let s = src(&[("a", 1), ("b", 2), ("c", 3)]);
+        assert_eq!(
+            plan(&s, Some("c"), None, &tgt(&[("a", 1)])),
+            Plan::Send(vec![Step::Incremental { from: Base::Snapshot("a".into()), to: "c".into() }])
+        );
+        assert_eq!(plan(&s, Some("c"), None, &tgt(&[("a", 1), ("c", 3)])), Plan::UpToDate);
+        // The target pruned its older ones: still fine.
+        assert_eq!(
+            plan(&s, Some("c"), None, &tgt(&[("b", 2)])),
+            Plan::Send(vec![Step::Incremental { from: Base::Snapshot("b".into()), to: "c".into() }])
+        );
+    }
+
+    #[test]
+    fn a_pruned_base_goes_through_the_cursor_bookmark() {
+        // The source pruned `a`; its bookmark has a's guid.
+        let s: Vec<SourceSnap> = src(&[("x", 9), ("b", 2), ("c", 3)]).into_iter().skip(1).collect();
+        let cursor = Cursor { bookmark: "vmsnap-off-10".into(), guid: 1, createtxg: 10 };
+        assert_eq!(
+            plan(&s, Some("c"), Some(&cursor), &tgt(&[("a", 1)])),
+            Plan::Send(vec![
+                Step::Incremental { from: Base::Bookmark("vmsnap-off-10".into()), to: "b".into() },
+                Step::Incremental { from: Base::Snapshot("b".into()), to: "c".into() },
+            ])
+        );
+    }
+
+    #[test]
+    fn diverged_targets_are_never_sent_to() {
+        let s = src(&[("a", 1), ("b", 2)]);
+        let Plan::Diverged(why) = plan(&s, Some("b"), None, &tgt(&[("a", 1), ("mine", 77)])) else { panic!() };
+        assert!(why.contains("mine (guid 77)") && why.contains("a (guid 1)"), "{why}");
+        let mut changed = tgt(&[("a", 1)]);
+        changed.written = 4096;
+        assert!(matches!(plan(&s, Some("b"), None, &changed), Plan::Diverged(w) if w.contains("4096 bytes")));
+        assert!(matches!(plan(&s, Some("b"), None, &tgt(&[("z", 5)])), Plan::Diverged(w) if w.contains("no snapshot in common")));
+        assert!(matches!(plan(&s, Some("b"), None, &tgt(&[])), Plan::Diverged(_)));
+    }
+
+    #[test]
+    fn an_interrupted_receive_resumes_first() {
+        let mut t = tgt(&[("a", 1)]);
+        t.resume_token = Some("1-abc".into());
+        assert_eq!(plan(&src(&[("a", 1), ("b", 2)]), Some("b"), None, &t), Plan::Send(vec![Step::Resume { token: "1-abc".into() }]));
+    }
+}

@@ -1,0 +1,122 @@
+//! What a source may ask a replication target (`vmsnap serve`), and what it answers.
+//!
+//! One request per connection: the first line of the connection's input is the request as JSON
+//! (at most [`MAX_REQUEST`] bytes); a `recv` or `ram-put` request is followed by its bytes (a
+//! `zfs send` stream, a RAM dump from an offset). The answer is one JSON line on the output. No
+//! part of a request ever reaches a shell or a command line unchecked: datasets are validated
+//! ZFS names *relative to the server's root*, properties only `vmsnap:*`, domains and snapshot
+//! names vmsnap's own alphabet. There is no verb that destroys anything.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The longest request line the server reads.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// The target's view of one replicated dataset.
+    List { dataset: String },
+    /// `zfs receive -s -u` of the stream that follows into the dataset.
+    Recv { dataset: String },
+    /// `zfs receive -A`: drops a partial receive whose resume token is of no use.
+    Abort { dataset: String },
+    /// Sets `vmsnap:*` properties on a received snapshot (`dataset@snapshot`) and reads them back.
+    Props { dataset: String, snapshot: String, props: BTreeMap<String, String> },
+    /// How much of a RAM dump the target has.
+    RamStat { domain: String, snapshot: String },
+    /// The dump's bytes from `offset` follow; the target checks the whole file against `sha256`.
+    RamPut { domain: String, snapshot: String, sha256: String, offset: u64 },
+}
+
+/// A snapshot the target holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetSnapshot {
+    /// The part after `@`.
+    pub name: String,
+    pub guid: u64,
+    pub createtxg: u64,
+    /// Its `vmsnap:*` properties.
+    pub props: BTreeMap<String, String>,
+}
+
+/// The target's answer to [`Request::List`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    pub exists: bool,
+    /// Oldest first.
+    pub snapshots: Vec<TargetSnapshot>,
+    /// `receive_resume_token` of an interrupted receive.
+    pub resume_token: Option<String>,
+    /// Bytes written to the dataset since its newest snapshot (a changed target).
+    pub written: u64,
+}
+
+/// The target's answer to [`Request::RamStat`] and [`Request::RamPut`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamState {
+    /// Bytes of an unfinished upload.
+    pub partial: u64,
+    /// The dump is there, whole and checked.
+    pub complete: bool,
+    /// Where the target keeps it (recorded in the target snapshot's `vmsnap:ram-dump`).
+    pub path: Option<String>,
+}
+
+/// Every answer: `ok` and the verb's value, or the error in words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub value: serde_json::Value,
+}
+
+impl Reply {
+    pub fn ok(value: impl Serialize) -> Self {
+        Self { ok: true, error: None, value: serde_json::to_value(value).unwrap_or_default() }
+    }
+    pub fn err(why: impl Into<String>) -> Self {
+        Self { ok: false, error: Some(why.into()), value: serde_json::Value::Null }
+    }
+}
+
+/// A snapshot name as vmsnap makes them and a target accepts: letters, digits, `_-.:`.
+pub fn valid_snapshot_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+        && !s.starts_with('-')
+}
+
+/// A sha256 in hex.
+pub fn valid_sha256(s: &str) -> bool {
+    s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_read_back_and_unknown_fields_are_refused() {
+        let r = Request::RamPut { domain: "web".into(), snapshot: "autosnap_x".into(), sha256: "ab".into(), offset: 7 };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line, r#"{"verb":"ram-put","domain":"web","snapshot":"autosnap_x","sha256":"ab","offset":7}"#);
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"verb":"destroy","dataset":"x"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"verb":"list","dataset":"x","force":true}"#).is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_snapshot_name("autosnap_2026-11-29_10:00:00_hourly"));
+        for bad in ["", "-x", "a b", "a/b", "a@b", "a#b", "a\nb"] {
+            assert!(!valid_snapshot_name(bad), "{bad:?}");
+        }
+        assert!(valid_sha256(&"a".repeat(64)));
+        assert!(!valid_sha256(&"A".repeat(64)) && !valid_sha256("abc"));
+    }
+}

@@ -1,0 +1,354 @@
+//! Replicating one domain to one target, top to bottom:
+//! 1. for each of the domain's datasets: list the target, [`plan`], send (resuming an interrupted
+//!    receive first, aborting and replanning once when its token is of no use), until the
+//!    target has the domain's newest snapshot; move the source's cursor bookmark;
+//! 2. for each snapshot the target now has: its RAM dump (resumable, checked by sha256 on the
+//!    target), then every `vmsnap:*` property set there and read back, with
+//!    `vmsnap:replica=complete` last.
+
+use super::plan::{plan, Base, Cursor, Plan, SourceSnap, Step};
+use super::protocol::{Listing, RamState, Request};
+use super::transport::{Payload, Transport};
+use crate::config::{DomainConfig, TargetConfig};
+use crate::model::prop;
+use crate::zfs::{Dataset, PropName, Zfs, ZfsError};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Set on a target snapshot once it, its properties and its RAM dump (if any) are all there.
+pub const REPLICA: PropName = PropName::known("vmsnap:replica");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    #[error("{dataset} on target {target} has diverged: {why}; nothing was sent or destroyed")]
+    Diverged { target: String, dataset: String, why: String },
+    #[error("target {target}: {why}")]
+    Target { target: String, why: String },
+    #[error(transparent)]
+    Zfs(#[from] ZfsError),
+}
+
+impl ReplicateError {
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            ReplicateError::Diverged { .. } => Some(
+                "look at the target's snapshots: vmsnap never forces a receive; remove what diverged there by hand if it is not wanted",
+            ),
+            ReplicateError::Target { .. } => {
+                Some("can this host reach the target (`ssh` with the configured key), and does its forced command run `vmsnap serve`?")
+            }
+            ReplicateError::Zfs(_) => None,
+        }
+    }
+}
+
+/// What one dataset's replication did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DatasetReport {
+    pub dataset: String,
+    /// The steps sent (or, dry run, planned), in words.
+    pub steps: Vec<String>,
+    /// Stream bytes sent (dry run: `zfs send -nP`'s estimate).
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReplicationReport {
+    pub domain: String,
+    pub target: String,
+    pub dry_run: bool,
+    pub datasets: Vec<DatasetReport>,
+    /// RAM dumps copied and checked on the target (snapshot names).
+    pub ram_dumps: Vec<String>,
+    /// Snapshots marked `vmsnap:replica=complete` on the target in this run.
+    pub completed: Vec<String>,
+    pub ram_bytes: u64,
+    pub seconds: f64,
+}
+
+pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+
+struct Run<'a> {
+    zfs: &'a Zfs,
+    dom: &'a DomainConfig,
+    target: &'a TargetConfig,
+    transport: Transport,
+    progress: Progress<'a>,
+    dry_run: bool,
+}
+
+/// Replicates `dom`'s snapshots to `target`.
+/// `state_dir` holds ssh's shared connections (`<state_dir>/ssh`, root only).
+pub async fn replicate(
+    zfs: &Zfs,
+    state_dir: &std::path::Path,
+    dom: &DomainConfig,
+    target: &TargetConfig,
+    dry_run: bool,
+    progress: Progress<'_>,
+) -> Result<ReplicationReport, ReplicateError> {
+    let t = Instant::now();
+    let control = crate::fsutil::Dir::private(state_dir, &["ssh"]).map_err(|e| ReplicateError::Target {
+        target: target.name.clone(),
+        why: format!("the directory for ssh's shared connections: {e}"),
+    })?;
+    let transport = Transport::for_target(target, Some(control.path()));
+    let run = Run { zfs, dom, target, transport, progress, dry_run };
+    let mut report = ReplicationReport { domain: dom.name.clone(), target: target.name.clone(), dry_run, ..Default::default() };
+    let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
+    let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
+    for ds in &datasets {
+        report.datasets.push(run.dataset(ds).await?);
+    }
+    if !dry_run {
+        run.complete(&datasets, &mut report).await?;
+    }
+    report.seconds = t.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+impl Run<'_> {
+    fn err(&self, why: impl Into<String>) -> ReplicateError {
+        ReplicateError::Target { target: self.target.name.clone(), why: why.into() }
+    }
+
+    /// One request, off the async threads, reporting bytes moved every second.
+    async fn call(&self, req: Request, payload: Payload) -> Result<(serde_json::Value, u64), ReplicateError> {
+        let moved = Arc::new(AtomicU64::new(0));
+        let (transport, counter) = (self.transport.clone(), moved.clone());
+        let what = match &req {
+            Request::Recv { dataset } => format!("sending {dataset}"),
+            Request::RamPut { snapshot, .. } => format!("sending the RAM dump of {snapshot}"),
+            _ => String::new(),
+        };
+        let mut task = tokio::task::spawn_blocking(move || transport.call(&req, payload, &counter));
+        let t = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let result = loop {
+            tokio::select! {
+                r = &mut task => break r.map_err(|e| self.err(e.to_string()))?,
+                _ = tick.tick() => if !what.is_empty() {
+                    let n = moved.load(Ordering::Relaxed);
+                    (self.progress)(&format!("{what}: {} MiB at {:.0} MiB/s", n >> 20, n as f64 / 1048576.0 / t.elapsed().as_secs_f64()));
+                }
+            }
+        };
+        Ok((result.map_err(|why| self.err(why))?, moved.load(Ordering::Relaxed)))
+    }
+
+    async fn list(&self, ds: &Dataset) -> Result<Listing, ReplicateError> {
+        let (v, _) = self.call(Request::List { dataset: ds.to_string() }, Payload::None).await?;
+        serde_json::from_value(v).map_err(|e| self.err(format!("a listing vmsnap cannot read: {e}")))
+    }
+
+    fn bookmark_prefix(&self) -> String {
+        format!("vmsnap-{}-", self.target.name)
+    }
+
+    /// Brings the target's copy of `ds` up to the domain's newest snapshot.
+    async fn dataset(&self, ds: &Dataset) -> Result<DatasetReport, ReplicateError> {
+        let mut report = DatasetReport { dataset: ds.to_string(), ..Default::default() };
+        let mut aborted = false;
+        for _ in 0..6 {
+            let snaps = self.zfs.list_snapshots(ds, &[]).await?;
+            let local = self.zfs.local_snapshot_properties(ds, &[prop::DOMAIN]).await?;
+            let source: Vec<SourceSnap> =
+                snaps.iter().map(|s| SourceSnap { name: s.name.snap().to_owned(), guid: s.guid, createtxg: s.createtxg }).collect();
+            let newest = snaps
+                .iter()
+                .rev()
+                .find(|s| local.get(&s.name.to_string()).and_then(|p| p.get(&prop::DOMAIN)) == Some(&self.dom.name))
+                .map(|s| s.name.snap().to_owned());
+            let cursor = self.cursor(ds).await?;
+            let listing = self.list(ds).await?;
+            let steps = match plan(&source, newest.as_deref(), cursor.as_ref(), &listing) {
+                Plan::UpToDate => break,
+                Plan::Diverged(why) => {
+                    return Err(ReplicateError::Diverged { target: self.target.name.clone(), dataset: ds.to_string(), why })
+                }
+                Plan::Send(steps) => steps,
+            };
+            let raw = self.zfs.get_native(ds.as_str(), "encryption").await?.is_some_and(|e| e != "off");
+            for step in steps {
+                let argv = send_argv(ds, &step, raw);
+                if self.dry_run {
+                    report.steps.push(describe(&step));
+                    report.bytes += self.estimate(&argv).await.unwrap_or(0);
+                    continue;
+                }
+                (self.progress)(&format!("{ds}: {}", describe(&step)));
+                let mut cmd = std::process::Command::new(self.zfs.cli().zfs_program());
+                cmd.args(&argv);
+                match self.call(Request::Recv { dataset: ds.to_string() }, Payload::Command(cmd)).await {
+                    Ok((_, n)) => {
+                        report.bytes += n;
+                        report.steps.push(describe(&step));
+                    }
+                    // A token whose snapshot is gone on the source: drop the partial receive and
+                    // plan again, once.
+                    Err(e) if matches!(step, Step::Resume { .. }) && !aborted => {
+                        tracing::warn!(dataset = %ds, "resuming failed ({e}); aborting the partial receive and planning again");
+                        self.call(Request::Abort { dataset: ds.to_string() }, Payload::None).await?;
+                        report.steps.push(format!("aborted an interrupted receive that could not resume ({e})"));
+                        aborted = true;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.dry_run {
+                break;
+            }
+        }
+        if !self.dry_run {
+            self.move_cursor(ds).await?;
+        }
+        Ok(report)
+    }
+
+    /// The newest of this target's cursor bookmarks on `ds`.
+    async fn cursor(&self, ds: &Dataset) -> Result<Option<Cursor>, ReplicateError> {
+        let prefix = self.bookmark_prefix();
+        Ok(self
+            .zfs
+            .bookmarks(ds)
+            .await?
+            .into_iter()
+            .filter(|(n, _, _)| n.starts_with(&prefix))
+            .map(|(bookmark, guid, createtxg)| Cursor { bookmark, guid, createtxg })
+            .max_by_key(|c| c.createtxg))
+    }
+
+    /// One bookmark per target, at the newest snapshot the target has; the older ones go.
+    async fn move_cursor(&self, ds: &Dataset) -> Result<(), ReplicateError> {
+        let listing = self.list(ds).await?;
+        let snaps = self.zfs.list_snapshots(ds, &[]).await?;
+        let Some(newest) = snaps.iter().rev().find(|s| listing.snapshots.iter().any(|t| t.guid == s.guid)) else { return Ok(()) };
+        let name = format!("{}{}", self.bookmark_prefix(), newest.createtxg);
+        let existing = self.zfs.bookmarks(ds).await?;
+        if !existing.iter().any(|(n, _, _)| *n == name) {
+            self.zfs.bookmark(&newest.name, &name).await?;
+        }
+        for (old, _, _) in existing.iter().filter(|(n, _, _)| n.starts_with(&self.bookmark_prefix()) && *n != name) {
+            self.zfs.destroy_bookmark(ds, old).await?;
+        }
+        Ok(())
+    }
+
+    /// `zfs send -nP`'s size estimate.
+    async fn estimate(&self, argv: &[String]) -> Option<u64> {
+        let mut args: Vec<std::ffi::OsString> = vec!["send".into(), "-n".into(), "-P".into()];
+        args.extend(argv.iter().skip(1).map(Into::into));
+        let out = self.zfs.cli().zfs(args).await.ok()?;
+        out.lines().find_map(|l| l.strip_prefix("size\t")).and_then(|n| n.trim().parse().ok())
+    }
+
+    /// RAM dumps and properties for every snapshot of the domain the target has that is not
+    /// complete there yet.
+    async fn complete(&self, datasets: &[Dataset], report: &mut ReplicationReport) -> Result<(), ReplicateError> {
+        // snapshot name → (its vmsnap properties, datasets whose target copy is incomplete)
+        let mut todo: BTreeMap<String, (BTreeMap<PropName, String>, Vec<Dataset>)> = BTreeMap::new();
+        for ds in datasets {
+            let listing = self.list(ds).await?;
+            let local = self.zfs.local_snapshot_properties(ds, &prop::ALL).await?;
+            for t in listing.snapshots.iter().filter(|t| t.props.get(REPLICA.as_str()).map(String::as_str) != Some("complete")) {
+                let Some(props) = local.get(&format!("{ds}@{}", t.name)) else { continue };
+                if props.get(&prop::DOMAIN) != Some(&self.dom.name) {
+                    continue;
+                }
+                todo.entry(t.name.clone()).or_insert_with(|| (props.clone(), Vec::new())).1.push(ds.clone());
+            }
+        }
+        for (snap, (mut props, on)) in todo {
+            if let (Some(path), Some(sum)) = (props.get(&prop::RAM_DUMP).cloned(), props.get(&prop::RAM_SHA256).cloned()) {
+                match crate::fsutil::open_regular(std::path::Path::new(&path)) {
+                    Ok(file) => {
+                        report.ram_bytes += self.send_ram(&snap, file, &sum).await?;
+                        report.ram_dumps.push(snap.clone());
+                    }
+                    Err(e) => {
+                        // Pruned since (or lost): the snapshot travels without it, and says so.
+                        tracing::warn!(snapshot = %snap, "its RAM dump is not here ({e}); replicated without it");
+                        props.remove(&prop::RAM_DUMP);
+                        props.remove(&prop::RAM_SHA256);
+                        props.entry(prop::RAM_PRUNED).or_insert_with(|| "not replicated: missing on the source".into());
+                    }
+                }
+            }
+            props.insert(REPLICA, "complete".into());
+            for ds in on {
+                self.push_props(&ds, &snap, &props).await?;
+            }
+            report.completed.push(snap);
+        }
+        Ok(())
+    }
+
+    async fn send_ram(&self, snap: &str, file: std::fs::File, sha256: &str) -> Result<u64, ReplicateError> {
+        let domain = self.dom.name.clone();
+        let (v, _) = self.call(Request::RamStat { domain: domain.clone(), snapshot: snap.into() }, Payload::None).await?;
+        let state: RamState = serde_json::from_value(v).map_err(|e| self.err(e.to_string()))?;
+        if state.complete {
+            return Ok(0);
+        }
+        let size = file.metadata().map_err(|e| self.err(e.to_string()))?.len();
+        if state.partial > size {
+            return Err(self.err(format!("the target has {} bytes of the {size}-byte RAM dump of {snap}", state.partial)));
+        }
+        (self.progress)(&format!("RAM dump of {snap}: {} MiB to send", (size - state.partial) >> 20));
+        let req = Request::RamPut { domain, snapshot: snap.into(), sha256: sha256.into(), offset: state.partial };
+        let (_, n) = self.call(req, Payload::File(file, state.partial)).await?;
+        Ok(n)
+    }
+
+    /// Sets the properties on the target's snapshot and checks what it reads back.
+    async fn push_props(&self, ds: &Dataset, snap: &str, props: &BTreeMap<PropName, String>) -> Result<(), ReplicateError> {
+        let wanted: BTreeMap<String, String> = props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let req = Request::Props { dataset: ds.to_string(), snapshot: snap.into(), props: wanted.clone() };
+        let (v, _) = self.call(req, Payload::None).await?;
+        let back: BTreeMap<String, String> = serde_json::from_value(v).map_err(|e| self.err(e.to_string()))?;
+        for (k, v) in &wanted {
+            // The dump's path is the target's own.
+            if k != prop::RAM_DUMP.as_str() && back.get(k) != Some(v) {
+                return Err(self.err(format!("{ds}@{snap}: {k} reads back as {:?}, not {v:?}", back.get(k))));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `zfs` arguments of a step (`-w`: encrypted datasets go raw, the target needs no key).
+fn send_argv(ds: &Dataset, step: &Step, raw: bool) -> Vec<String> {
+    let mut a = vec!["send".to_owned()];
+    match step {
+        Step::Resume { token } => a.extend(["-t".to_owned(), token.clone()]),
+        Step::Full { to } => {
+            if raw {
+                a.push("-w".into());
+            }
+            a.push(format!("{ds}@{to}"));
+        }
+        Step::Incremental { from, to } => {
+            if raw {
+                a.push("-w".into());
+            }
+            match from {
+                Base::Snapshot(s) => a.extend(["-I".to_owned(), format!("{ds}@{s}")]),
+                Base::Bookmark(b) => a.extend(["-i".to_owned(), format!("{ds}#{b}")]),
+            }
+            a.push(format!("{ds}@{to}"));
+        }
+    }
+    a
+}
+
+fn describe(step: &Step) -> String {
+    match step {
+        Step::Resume { .. } => "resume an interrupted receive".into(),
+        Step::Full { to } => format!("full send of {to}"),
+        Step::Incremental { from: Base::Snapshot(f), to } => format!("incremental {f} → {to} (with every snapshot between)"),
+        Step::Incremental { from: Base::Bookmark(b), to } => format!("incremental from bookmark {b} → {to}"),
+    }
+}

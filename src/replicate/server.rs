@@ -1,0 +1,259 @@
+//! `vmsnap serve`: the target side of replication, run by sshd as the forced command of the
+//! source's key (`command="vmsnap serve --root backup/vmsnap --ram-dir /srv/vmsnap-ram"`), or as
+//! a child process for a local target. It answers one [`Request`] per run, on stdin/stdout.
+//!
+//! The target is in charge of itself: datasets are only ever under `--root`, RAM dumps only under
+//! `--ram-dir`, receives are resumable and never forced (`-F`), nothing is destroyed on a
+//! source's word, and the newest received snapshot of each dataset carries the hold
+//! [`HOLD`] so the target's own pruning cannot take the common base away.
+
+use super::protocol::{valid_sha256, valid_snapshot_name, Listing, RamState, Reply, Request, TargetSnapshot, MAX_REQUEST};
+use crate::fsutil::Dir;
+use crate::zfs::{Dataset, PropName, SnapshotName, Zfs};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// The hold on each replicated dataset's newest received snapshot.
+pub const HOLD: &str = "vmsnap-replica";
+
+/// Where this target keeps what it receives.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub root: Dataset,
+    pub ram_dir: PathBuf,
+    pub zfs: Zfs,
+}
+
+/// Reads the request line from fd 0 a byte at a time (what follows it belongs to `zfs receive`
+/// or the RAM upload, so nothing may be read ahead).
+fn read_request() -> Result<Request, String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(0, &mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(format!("reading the request: {e}")),
+        }
+        if line.len() > MAX_REQUEST {
+            return Err(format!("the request is longer than {MAX_REQUEST} bytes"));
+        }
+    }
+    serde_json::from_slice(&line).map_err(|e| format!("not a request vmsnap serves: {e}"))
+}
+
+impl Server {
+    /// Serves one request from stdin; the reply goes to stdout. The exit status is 0 whenever a
+    /// reply was written (the reply says whether it went well).
+    pub async fn serve_stdio(&self) -> std::io::Result<()> {
+        let reply = match read_request() {
+            Ok(req) => {
+                tracing::info!(?req, "request");
+                self.handle(req).await.unwrap_or_else(Reply::err)
+            }
+            Err(e) => Reply::err(e),
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", serde_json::to_string(&reply).unwrap_or_default())?;
+        out.flush()
+    }
+
+    /// A dataset named relative to the root.
+    fn dataset(&self, rel: &str) -> Result<Dataset, String> {
+        if rel.starts_with('/') || rel.split('/').any(|c| c == "." || c == "..") {
+            return Err(format!("{rel:?} is not a relative dataset name"));
+        }
+        Dataset::new(&format!("{}/{rel}", self.root)).map_err(|e| e.to_string())
+    }
+
+    async fn handle(&self, req: Request) -> Result<Reply, String> {
+        match req {
+            Request::List { dataset } => Ok(Reply::ok(self.list(&self.dataset(&dataset)?).await?)),
+            Request::Recv { dataset } => self.recv(&self.dataset(&dataset)?).await.map(Reply::ok),
+            Request::Abort { dataset } => {
+                let ds = self.dataset(&dataset)?;
+                self.zfs.cli().zfs(crate::zargs!["receive", "-A", ds.as_str()]).await.map_err(|e| e.to_string())?;
+                Ok(Reply::ok("aborted"))
+            }
+            Request::Props { dataset, snapshot, props } => {
+                let snap = self.snapshot(&dataset, &snapshot)?;
+                Ok(Reply::ok(self.props(&snap, props).await?))
+            }
+            Request::RamStat { domain, snapshot } => Ok(Reply::ok(self.ram_stat(&domain, &snapshot)?)),
+            Request::RamPut { domain, snapshot, sha256, offset } => {
+                if !valid_sha256(&sha256) {
+                    return Err("sha256: not 64 lower-case hex digits".into());
+                }
+                let (domain, snapshot, dir) = (domain.clone(), snapshot.clone(), self.ram_dir.clone());
+                let state = tokio::task::spawn_blocking(move || ram_put(&dir, &domain, &snapshot, &sha256, offset))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                Ok(Reply::ok(state))
+            }
+        }
+    }
+
+    fn snapshot(&self, dataset: &str, snapshot: &str) -> Result<SnapshotName, String> {
+        if !valid_snapshot_name(snapshot) {
+            return Err(format!("{snapshot:?} is not a snapshot name vmsnap makes"));
+        }
+        self.dataset(dataset)?.snapshot(snapshot).map_err(|e| e.to_string())
+    }
+
+    async fn list(&self, ds: &Dataset) -> Result<Listing, String> {
+        let Some(_) = self.zfs.get_native(ds.as_str(), "guid").await.map_err(|e| e.to_string())? else {
+            return Ok(Listing::default());
+        };
+        let props = crate::model::prop::ALL.to_vec();
+        let snaps = self.zfs.list_snapshots(ds, &props).await.map_err(|e| e.to_string())?;
+        let token = self.zfs.get_native(ds.as_str(), "receive_resume_token").await.map_err(|e| e.to_string())?;
+        let written =
+            self.zfs.get_native(ds.as_str(), "written").await.map_err(|e| e.to_string())?.and_then(|w| w.parse().ok()).unwrap_or(0);
+        Ok(Listing {
+            exists: true,
+            snapshots: snaps
+                .into_iter()
+                .map(|s| TargetSnapshot {
+                    name: s.name.snap().to_owned(),
+                    guid: s.guid,
+                    createtxg: s.createtxg,
+                    props: s.props.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                })
+                .collect(),
+            resume_token: token,
+            written,
+        })
+    }
+
+    /// `zfs receive -s -u` from this process's stdin, then the hold moves to the newest snapshot.
+    async fn recv(&self, ds: &Dataset) -> Result<Listing, String> {
+        // `zfs receive` makes the dataset but not its parents: they are unmounted containers.
+        if let Some((parent, _)) = ds.as_str().rsplit_once('/') {
+            if self.zfs.get_native(parent, "guid").await.map_err(|e| e.to_string())?.is_none() {
+                self.zfs.cli().zfs(crate::zargs!["create", "-p", "-o", "canmount=off", parent]).await.map_err(|e| e.to_string())?;
+            }
+        }
+        let out = tokio::process::Command::new(self.zfs.cli().zfs_program())
+            .args(["receive", "-s", "-u", ds.as_str()])
+            .stdin(std::process::Stdio::inherit())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .await
+            .map_err(|e| format!("running zfs receive: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("zfs receive into {ds}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        let listing = self.list(ds).await?;
+        if let Some(newest) = listing.snapshots.last() {
+            self.move_hold(ds, &listing.snapshots, &newest.name).await?;
+        }
+        Ok(listing)
+    }
+
+    async fn move_hold(&self, ds: &Dataset, snaps: &[TargetSnapshot], newest: &str) -> Result<(), String> {
+        let newest = ds.snapshot(newest).map_err(|e| e.to_string())?;
+        match self.zfs.hold(HOLD, std::slice::from_ref(&newest)).await {
+            Ok(()) | Err(crate::zfs::ZfsError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(format!("hold {newest}: {e}")),
+        }
+        for s in snaps.iter().filter(|s| s.name != newest.snap()) {
+            let snap = ds.snapshot(&s.name).map_err(|e| e.to_string())?;
+            if self.zfs.holds(&snap).await.map_err(|e| e.to_string())?.iter().any(|h| h.tag == HOLD) {
+                self.zfs.release(HOLD, &[snap]).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets `vmsnap:*` properties; `vmsnap:ram-dump` names this target's copy, and
+    /// `vmsnap:replica=complete` is accepted only once that copy is whole and checked.
+    async fn props(&self, snap: &SnapshotName, props: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, String> {
+        let mut set = BTreeMap::new();
+        for (k, v) in &props {
+            let name = PropName::new(k).map_err(|e| e.to_string())?;
+            if !k.starts_with("vmsnap:") {
+                return Err(format!("{k}: only vmsnap:* properties are set on a target"));
+            }
+            if v.len() > 4096 || v.chars().any(char::is_control) {
+                return Err(format!("{k}: the value is too long or has control characters"));
+            }
+            set.insert(name, v.clone());
+        }
+        let ram = crate::model::prop::RAM_DUMP;
+        if set.contains_key(&ram) {
+            let domain = set.get(&crate::model::prop::DOMAIN).ok_or("vmsnap:ram-dump without vmsnap:domain")?.clone();
+            let state = self.ram_stat(&domain, snap.snap())?;
+            set.insert(ram.clone(), state.path.clone().unwrap_or_default());
+            let complete = PropName::known("vmsnap:replica");
+            if set.get(&complete).map(String::as_str) == Some("complete") && !state.complete {
+                return Err(format!("{snap}: its RAM dump is not here whole; it cannot be marked complete"));
+            }
+        }
+        self.zfs.set_properties(&snap.to_string(), &set).await.map_err(|e| e.to_string())?;
+        let back = self.zfs.user_properties(&snap.to_string()).await.map_err(|e| e.to_string())?;
+        Ok(back.into_iter().filter(|(k, _)| k.as_str().starts_with("vmsnap:")).map(|(k, v)| (k.to_string(), v)).collect())
+    }
+
+    fn ram_stat(&self, domain: &str, snapshot: &str) -> Result<RamState, String> {
+        let (dir, name) = ram_place(&self.ram_dir, domain, snapshot)?;
+        let complete = dir.join(&name);
+        let partial = dir.join(format!("{name}.part"));
+        Ok(RamState {
+            partial: std::fs::symlink_metadata(&partial).map(|m| m.len()).unwrap_or(0),
+            complete: std::fs::symlink_metadata(&complete).is_ok_and(|m| m.is_file()),
+            path: Some(complete.display().to_string()),
+        })
+    }
+}
+
+/// `<ram_dir>/<domain>` and `<snapshot>.ram`, both names checked.
+fn ram_place(ram_dir: &Path, domain: &str, snapshot: &str) -> Result<(PathBuf, String), String> {
+    if !crate::config::valid_domain_name(domain) {
+        return Err(format!("{domain:?} is not a domain name"));
+    }
+    if !valid_snapshot_name(snapshot) {
+        return Err(format!("{snapshot:?} is not a snapshot name vmsnap makes"));
+    }
+    Ok((ram_dir.join(domain), format!("{snapshot}.ram")))
+}
+
+/// Appends stdin to `<snapshot>.ram.part` at `offset` (which must be the partial file's length),
+/// then checks the whole file against `sha256` and only then names it `<snapshot>.ram`.
+fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str, offset: u64) -> Result<RamState, String> {
+    let (_, name) = ram_place(ram_dir, domain, snapshot)?;
+    let dir = Dir::private(ram_dir, &[domain]).map_err(|e| e.to_string())?;
+    let part = format!("{name}.part");
+    let mut file = dir.open_resumable(&part).map_err(|e| e.to_string())?;
+    let have = file.metadata().map_err(|e| e.to_string())?.len();
+    if have != offset {
+        return Err(format!("{part}: the target has {have} bytes, the source sends from {offset}"));
+    }
+    file.seek(std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+    let mut input = std::io::stdin().lock();
+    std::io::copy(&mut input, &mut file).map_err(|e| format!("receiving {part}: {e}"))?;
+    file.sync_all().map_err(|e| e.to_string())?;
+    // Checked here, on the target's own copy.
+    file.rewind().map_err(|e| e.to_string())?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let got: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.path().join(&name).display().to_string();
+    if got != sha256 {
+        let _ = std::fs::remove_file(dir.path().join(&part));
+        return Err(format!("{path}: the copy's sha256 is {got}, the source's {sha256}; the partial copy was deleted"));
+    }
+    dir.rename(&part, &name).map_err(|e| e.to_string())?;
+    Ok(RamState { partial: 0, complete: true, path: Some(path) })
+}

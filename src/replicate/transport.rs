@@ -1,0 +1,173 @@
+//! Reaching a target: `ssh` (the system's OpenSSH client, `BatchMode`, the target's forced
+//! command answers) or, for a local target, `vmsnap serve` as a child. One process per request;
+//! the request line, then the payload (a `zfs send` stream, a RAM dump) on its stdin, and one
+//! reply line back. The remote command line is a fixed string: nothing from a request is in it.
+
+use super::protocol::{Reply, Request};
+use crate::config::TargetConfig;
+use std::ffi::OsString;
+use std::io::{Read, Seek, Write};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What follows the request line.
+pub enum Payload {
+    None,
+    /// The stdout of this command (`zfs send …`).
+    Command(Command),
+    /// A file from an offset.
+    File(std::fs::File, u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct Transport {
+    argv: Vec<OsString>,
+    /// Bytes per second, 0 for no limit.
+    rate_limit: u64,
+}
+
+impl Transport {
+    /// `control_dir`: a private directory for ssh's connection sharing (one TCP connection and
+    /// key exchange per target for a whole run, not one per request); `None` for none.
+    pub fn for_target(t: &TargetConfig, control_dir: Option<&std::path::Path>) -> Self {
+        let argv = match &t.host {
+            Some(host) => {
+                let mut a: Vec<OsString> = ["ssh", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=30"].map(OsString::from).to_vec();
+                if let Some(dir) = control_dir {
+                    a.extend(["-o".into(), "ControlMaster=auto".into(), "-o".into(), "ControlPersist=60".into(), "-o".into()]);
+                    a.push(OsString::from(format!("ControlPath={}/%C", dir.display())));
+                }
+                if let Some(p) = t.port {
+                    a.extend(["-p".into(), p.to_string().into()]);
+                }
+                if let Some(i) = &t.identity {
+                    a.extend(["-i".into(), i.clone().into_os_string()]);
+                }
+                if t.compress {
+                    a.push("-C".into());
+                }
+                a.extend(t.ssh_options.iter().map(OsString::from));
+                let dest = match &t.user {
+                    Some(u) => format!("{u}@{host}"),
+                    None => host.clone(),
+                };
+                a.extend(["--".into(), dest.into(), "vmsnap serve".into()]);
+                a
+            }
+            None => {
+                let exe = std::env::current_exe().map(OsString::from).unwrap_or_else(|_| "vmsnap".into());
+                let mut a = vec![exe, "serve".into(), "--root".into()];
+                a.push(t.dataset.clone().unwrap_or_default().into());
+                a.push("--ram-dir".into());
+                a.push(t.ram_dir.clone().unwrap_or_default().into_os_string());
+                a
+            }
+        };
+        Self { argv, rate_limit: t.rate_limit }
+    }
+
+    /// Sends `req` and its payload; the target's answer. `moved` counts payload bytes as they go.
+    pub fn call(&self, req: &Request, payload: Payload, moved: &AtomicU64) -> Result<serde_json::Value, String> {
+        let mut child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.argv[0].to_string_lossy()))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        // Read both outputs while the payload goes, so neither side blocks on a full pipe.
+        let out = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = (&mut stdout).take(1 << 20).read_to_end(&mut b);
+            b
+        });
+        let err = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = (&mut stderr).take(64 << 10).read_to_end(&mut b);
+            b
+        });
+        let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
+        let mut sender = None;
+        let sent = stdin.write_all(line.as_bytes()).map_err(|e| e.to_string()).and_then(|()| match payload {
+            Payload::None => Ok(()),
+            Payload::File(mut f, offset) => {
+                f.seek(std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+                self.copy(&mut f, &mut stdin, moved)
+            }
+            Payload::Command(mut cmd) => {
+                let mut send = cmd
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .map_err(|e| format!("cannot run zfs send: {e}"))?;
+                let mut from = send.stdout.take().expect("piped");
+                let copied = self.copy(&mut from, &mut stdin, moved);
+                sender = Some(send);
+                copied
+            }
+        });
+        drop(stdin);
+        let send_status = sender.map(|s| s.wait_with_output());
+        let status = child.wait().map_err(|e| e.to_string())?;
+        let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+        if let Some(Ok(o)) = &send_status {
+            if !o.status.success() {
+                return Err(format!("zfs send: {}", String::from_utf8_lossy(&o.stderr).trim()));
+            }
+        }
+        let reply = String::from_utf8_lossy(&out).lines().last().and_then(|l| serde_json::from_str::<Reply>(l).ok());
+        match reply {
+            Some(Reply { ok: true, value, .. }) => Ok(value),
+            Some(Reply { error, .. }) => Err(format!("the target says: {}", error.unwrap_or_default())),
+            None => Err(format!(
+                "no answer from the target ({}{}{}): {}",
+                status,
+                if sent.is_err() { "; sending failed: " } else { "" },
+                sent.err().unwrap_or_default(),
+                abridge(&String::from_utf8_lossy(&err))
+            )),
+        }
+    }
+
+    /// Copies in 1 MiB pieces, counting, and sleeping to keep under the rate limit.
+    fn copy(&self, from: &mut dyn Read, to: &mut dyn Write, moved: &AtomicU64) -> Result<(), String> {
+        let mut buf = vec![0u8; 1 << 20];
+        let t = Instant::now();
+        let mut total = 0u64;
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("reading the payload: {e}")),
+            };
+            to.write_all(&buf[..n]).map_err(|e| format!("sending to the target: {e}"))?;
+            total += n as u64;
+            moved.fetch_add(n as u64, Ordering::Relaxed);
+            if self.rate_limit > 0 {
+                let due = Duration::from_secs_f64(total as f64 / self.rate_limit as f64);
+                if let Some(wait) = due.checked_sub(t.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+}
+
+/// At most 500 characters of what a remote side said.
+fn abridge(s: &str) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(500) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// A shared byte counter for progress.
+pub type Counter = Arc<AtomicU64>;

@@ -1,0 +1,337 @@
+//! Replication on real OpenZFS over real OpenSSH (ZFS lane, inside the OpenZFS VM): pool `tank`
+//! is the source host's, pool `backup` the target host's, reached through an `sshd` in its own
+//! network namespace (a veth pair, addresses inside the VM only) whose `authorized_keys` pins the
+//! source's key to `vmsnap serve --root backup/replica --ram-dir /backup/ram`.
+//!
+//! The domain `web` is a stopped VM (a disk image on a filesystem and a zvol): its snapshots are
+//! vmsnap's offline snapshots. Its RAM "dump" is made by the test (random bytes with a checksum,
+//! recorded on a snapshot the way the engine records one): replication moves and checks bytes,
+//! it does not read them; the RAM path itself is proven on the engine lanes.
+//! The cases run in order and build on each other.
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::Value;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use vmsnap_testkit::rig::lane::{sh, vmsnap_bin};
+use vmsnap_testkit::support::check;
+
+const SRC: &str = "tank/vms/web";
+const ZVOL: &str = "tank/vms/web-data";
+const DST: &str = "backup/replica/tank/vms/web";
+const DST_ZVOL: &str = "backup/replica/tank/vms/web-data";
+const CONFIG: &str = "/root/rt/vmsnap.toml";
+const RT: &str = "/root/rt";
+
+type Case = fn() -> Result<(), Failed>;
+
+fn main() {
+    vmsnap_testkit::rig::lane::dispatch(inside);
+}
+
+fn inside() {
+    let mut args = Arguments::from_args();
+    // The cases build on each other.
+    args.test_threads = Some(1);
+    setup();
+    let cases: &[(&str, Case)] = &[
+        ("first_full_send_with_a_ram_dump", first_full_send),
+        ("incrementals_carry_every_snapshot", incrementals),
+        ("kill_mid_stream_then_resume_sends_only_the_rest", kill_and_resume),
+        ("resume_token_of_a_destroyed_snapshot_repairs_itself", token_snapshot_gone),
+        ("a_changed_target_is_reported_not_overwritten", changed_target),
+        ("a_hand_made_target_snapshot_is_kept", hand_made_target_snapshot),
+        ("encrypted_datasets_go_raw_and_need_no_key_there", encrypted),
+        ("an_unreachable_target_does_not_stop_the_others", unreachable_target),
+    ];
+    let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let _ = Command::new("/bin/sh")
+        .arg("-c")
+        .arg("kill $(cat /run/sshd-remote.pid) 2>/dev/null; zpool destroy backup; zpool destroy tank")
+        .status();
+    conclusion.exit();
+}
+
+/// Pools, the domain's disks, the ssh "remote host", the config.
+fn setup() {
+    sh("zpool create -f -O mountpoint=/tank tank /dev/disk/by-id/virtio-pool1");
+    sh("zpool create -f -O mountpoint=/backup backup /dev/disk/by-id/virtio-pool2 && zfs create backup/replica && mkdir -p /backup/ram");
+    sh(&format!(
+        "zfs create -p {SRC} && zfs create -V 64M {ZVOL} && udevadm settle && dd if=/dev/urandom of=/{SRC}/disk0.img bs=1M count=16 status=none \
+         && dd if=/dev/urandom of=/dev/zvol/{ZVOL} bs=1M count=8 status=none conv=fsync"
+    ));
+    sh(&format!("mkdir -p {RT}/ram && chmod 700 {RT} && echo \"<domain><name>web</name></domain>\" > {RT}/web.xml"));
+    // The remote host: sshd in network namespace `remote`, reachable at 10.77.0.2 only.
+    sh("ip netns add remote && ip link add veth-src type veth peer name veth-dst && ip link set veth-dst netns remote \
+        && ip addr add 10.77.0.1/24 dev veth-src && ip link set veth-src up \
+        && ip netns exec remote ip addr add 10.77.0.2/24 dev veth-dst && ip netns exec remote ip link set veth-dst up \
+        && ip netns exec remote ip link set lo up");
+    sh(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f {RT}/host_key && ssh-keygen -q -t ed25519 -N '' -f {RT}/id && mkdir -p /run/sshd \
+         && printf 'command=\"{} serve --root backup/replica --ram-dir /backup/ram\",restrict %s\\n' \"$(cat {RT}/id.pub)\" > {RT}/authorized_keys \
+         && printf 'ListenAddress 10.77.0.2\\nHostKey {RT}/host_key\\nPermitRootLogin prohibit-password\\nAuthorizedKeysFile {RT}/authorized_keys\\nStrictModes no\\nUsePAM no\\nPidFile /run/sshd-remote.pid\\n' > {RT}/sshd_config \
+         && ip netns exec remote /usr/sbin/sshd -f {RT}/sshd_config -E {RT}/sshd.log",
+        vmsnap_bin()
+    ));
+    write_config(&["offsite"], "");
+}
+
+fn write_config(targets: &[&str], extra_domains: &str) {
+    let list = targets.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
+    let text = format!(
+        "state_dir = \"{RT}/state\"\nram_dir = \"{RT}/ram\"\n\n\
+         [domain.web]\nqmp = \"{RT}/web.qmp\"\nxml = \"{RT}/web.xml\"\ndisks = [\"/{SRC}/disk0.img\", \"/dev/zvol/{ZVOL}\"]\nreplicate_to = [{list}]\n{extra_domains}\n\
+         [target.offsite]\nhost = \"10.77.0.2\"\nidentity = \"{RT}/id\"\nssh_options = [\"-o\", \"StrictHostKeyChecking=accept-new\", \"-o\", \"UserKnownHostsFile={RT}/known_hosts\", \"-o\", \"ConnectTimeout=5\"]\n\n\
+         [target.down]\nhost = \"10.77.0.9\"\nidentity = \"{RT}/id\"\nssh_options = [\"-o\", \"StrictHostKeyChecking=accept-new\", \"-o\", \"UserKnownHostsFile={RT}/known_hosts\", \"-o\", \"ConnectTimeout=3\"]\n"
+    );
+    std::fs::write(CONFIG, text).unwrap();
+}
+
+fn vmsnap(args: &[&str]) -> Output {
+    Command::new(vmsnap_bin()).arg("--config").arg(CONFIG).args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// An offline snapshot of `web`; its name.
+fn snapshot(label: &str) -> Result<String, Failed> {
+    let out = vmsnap(&["snapshot", "web", "--json", "--label", label]);
+    check(out.status.success(), text(&out))?;
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(r["name"].as_str().ok_or("no name")?.to_owned())
+}
+
+/// Records a RAM dump on snapshot `name` as the engine does (random bytes standing in for QEMU's stream).
+fn add_ram(name: &str, mib: u32) -> Result<String, Failed> {
+    let dump = format!("{RT}/ram/web/{name}.ram");
+    sh(&format!("mkdir -p {RT}/ram/web && dd if=/dev/urandom of={dump} bs=1M count={mib} status=none && chmod 600 {dump}"));
+    let sum = sh(&format!("sha256sum {dump} | cut -d' ' -f1")).trim().to_owned();
+    for ds in [SRC, ZVOL] {
+        sh(&format!(
+            "zfs set vmsnap:consistency=ram vmsnap:ram-dump={dump} vmsnap:ram-sha256={sum} vmsnap:ram-format=qemu-stream {ds}@{name}"
+        ));
+    }
+    Ok(sum)
+}
+
+fn replicate(args: &[&str]) -> Result<Value, Failed> {
+    let out = vmsnap(&[&["replicate", "web", "--json"][..], args].concat());
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    check(out.status.success(), text(&out))?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v[0].clone())
+}
+
+fn snaps(ds: &str) -> Vec<String> {
+    sh(&format!("zfs list -H -t snapshot -o name -s createtxg -d 1 {ds} 2>/dev/null || true"))
+        .lines()
+        .map(|l| l.split('@').nth(1).unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn vmsnap_props(snap: &str) -> Vec<String> {
+    sh(&format!("zfs get -H -s local,received -o property,value all {snap} | grep '^vmsnap:' | grep -v -e '^vmsnap:ram-dump' -e '^vmsnap:replica' | sort"))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What every case leaves: the target holds exactly what the source has (by name), each with the
+/// same vmsnap properties and `vmsnap:replica=complete`; one hold, on the target's newest; one
+/// cursor bookmark per source dataset.
+fn assert_replicated() -> Result<(), Failed> {
+    for (src, dst) in [(SRC, DST), (ZVOL, DST_ZVOL)] {
+        let (s, d) = (snaps(src), snaps(dst));
+        check(s == d, format!("{src} has {s:?}, {dst} has {d:?}"))?;
+        for name in s.iter().filter(|n| !n.starts_with("by-hand")) {
+            check(
+                vmsnap_props(&format!("{src}@{name}")) == vmsnap_props(&format!("{dst}@{name}")),
+                format!("properties of {name} differ"),
+            )?;
+            let replica = sh(&format!("zfs get -H -o value vmsnap:replica {dst}@{name}"));
+            check(replica.trim() == "complete", format!("{dst}@{name}: vmsnap:replica={replica}"))?;
+        }
+        let holds = sh(&format!("zfs list -H -t snapshot -o name -d 1 {dst} | xargs -r zfs holds -H | awk '{{print $1, $2}}'"));
+        let want = format!("{dst}@{} vmsnap-replica", d.last().unwrap());
+        check(holds.trim() == want, format!("holds on {dst}: {holds:?}, want {want:?}"))?;
+        let marks = sh(&format!("zfs list -H -t bookmark -o name -d 1 {src}"));
+        check(marks.lines().count() == 1 && marks.contains("#vmsnap-offsite-"), format!("bookmarks of {src}: {marks}"))?;
+    }
+    Ok(())
+}
+
+fn first_full_send() -> Result<(), Failed> {
+    let s1 = snapshot("one")?;
+    let s2 = snapshot("two")?;
+    let sum = add_ram(&s2, 24)?;
+    let dry = replicate(&["--dry-run"])?;
+    check(dry["datasets"][0]["steps"].to_string().contains("full send"), format!("dry run: {dry}"))?;
+    check(snaps(DST).is_empty(), "the dry run sent something")?;
+    let r = replicate(&[])?;
+    eprintln!("METRIC replication first run: {r}");
+    check(r["ram_dumps"] == serde_json::json!([s2]), format!("RAM dumps: {}", r["ram_dumps"]))?;
+    check(snaps(DST) == vec![s1.clone(), s2.clone()], format!("target: {:?}", snaps(DST)))?;
+    // The dump on the target: checked, private, and named by the target snapshot.
+    let there = format!("/backup/ram/web/{s2}.ram");
+    check(sh(&format!("sha256sum {there} | cut -d' ' -f1")).trim() == sum, "the target's dump differs")?;
+    check(sh(&format!("stat -c %a {there}")).trim() == "600", "the target's dump is not 0600")?;
+    check(sh(&format!("zfs get -H -o value vmsnap:ram-dump {DST}@{s2}")).trim() == there, "vmsnap:ram-dump on the target")?;
+    // The domain XML travelled inside the dataset.
+    sh(&format!("zfs clone -o mountpoint=/backup/chk {DST}@{s2} backup/chk"));
+    let xml = std::fs::read_to_string("/backup/chk/.vmsnap/web/domain.xml");
+    sh("zfs destroy backup/chk");
+    check(xml?.contains("<name>web</name>"), "domain.xml in the replica")?;
+    // Nothing left to do.
+    let again = replicate(&[])?;
+    check(
+        again["datasets"].as_array().is_some_and(|d| d.iter().all(|d| d["steps"] == serde_json::json!([]))),
+        format!("second run: {again}"),
+    )?;
+    assert_replicated()
+}
+
+fn incrementals() -> Result<(), Failed> {
+    sh(&format!("dd if=/dev/urandom of=/{SRC}/disk0.img bs=1M count=2 seek=3 conv=notrunc status=none"));
+    snapshot("three")?;
+    sh(&format!("zfs snapshot {SRC}@by-hand-1 {ZVOL}@by-hand-1"));
+    let s4 = snapshot("four")?;
+    let r = replicate(&[])?;
+    let steps = r["datasets"][0]["steps"].to_string();
+    check(steps.contains("incremental") && !steps.contains("full"), format!("steps: {steps}"))?;
+    check(snaps(DST).contains(&"by-hand-1".to_owned()) && snaps(DST).last() == Some(&s4), format!("target: {:?}", snaps(DST)))?;
+    assert_replicated()
+}
+
+/// Runs `vmsnap replicate web` and kills it (-9) once its progress says `mib` MiB of the
+/// filesystem's stream went.
+fn kill_once_sent(mib: u64) -> Result<(), Failed> {
+    use std::io::BufRead;
+    let mut child =
+        Command::new(vmsnap_bin()).args(["--config", CONFIG, "replicate", "web"]).stderr(std::process::Stdio::piped()).spawn()?;
+    let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.map_while(Result::ok) {
+        let sent = line.split_once(&format!("sending {SRC}: ")).and_then(|(_, r)| r.split(' ').next()?.parse::<u64>().ok());
+        seen = line;
+        if sent.is_some_and(|n| n >= mib) {
+            break;
+        }
+    }
+    child.kill()?;
+    let status = child.wait()?;
+    check(status.code().is_none(), format!("replicate ended before it was killed; last line: {seen}"))
+}
+
+fn kill_and_resume() -> Result<(), Failed> {
+    sh(&format!("dd if=/dev/urandom of=/{SRC}/disk0.img bs=1M count=96 seek=16 status=none"));
+    snapshot("big")?;
+    // Slowed down so the kill lands mid-stream.
+    let cfg = std::fs::read_to_string(CONFIG)?.replacen("[target.offsite]\n", "[target.offsite]\nrate_limit = 16777216\n", 1);
+    std::fs::write(CONFIG, &cfg)?;
+    // At 16 MiB/s the 96 MiB increment takes about 6 s: killed (-9) once 16 MiB went.
+    kill_once_sent(16)?;
+    let t = Instant::now();
+    let mut token = String::new();
+    // The receive on the target fails (and keeps its token) once ssh sees the end of its input.
+    while t.elapsed() < Duration::from_secs(30) && token.len() < 10 {
+        std::thread::sleep(Duration::from_millis(500));
+        token = sh(&format!("zfs get -H -o value receive_resume_token {DST}")).trim().to_owned();
+    }
+    check(token.len() > 10, format!("no resume token after the kill: {token:?}"))?;
+    std::fs::write(CONFIG, cfg.replacen("rate_limit = 16777216\n", "", 1))?;
+    let full = sh(&format!("zfs send -nP -I {SRC}@$(zfs list -H -o name -t snapshot -d 1 -s createtxg {DST} | tail -1 | cut -d@ -f2) {SRC}@$(zfs list -H -o name -t snapshot -d 1 -s createtxg {SRC} | tail -1 | cut -d@ -f2) | awk '/^size/ {{print $2}}'"));
+    let r = replicate(&[])?;
+    let sent = r["datasets"][0]["bytes"].as_u64().unwrap_or(0);
+    let full: u64 = full.trim().parse().unwrap_or(0);
+    eprintln!("METRIC resume after kill: {sent} bytes sent after the kill, the whole increment is {full}");
+    check(r["datasets"][0]["steps"].to_string().contains("resume"), format!("steps: {}", r["datasets"][0]["steps"]))?;
+    check(sent < full, format!("the rerun sent {sent} bytes of a {full}-byte increment"))?;
+    assert_replicated()
+}
+
+fn token_snapshot_gone() -> Result<(), Failed> {
+    sh(&format!("dd if=/dev/urandom of=/{SRC}/disk0.img bs=1M count=64 seek=16 conv=notrunc status=none"));
+    let doomed = snapshot("doomed")?;
+    let cfg = std::fs::read_to_string(CONFIG)?.replacen("[target.offsite]\n", "[target.offsite]\nrate_limit = 8388608\n", 1);
+    std::fs::write(CONFIG, &cfg)?;
+    kill_once_sent(8)?;
+    std::fs::write(CONFIG, cfg.replacen("rate_limit = 8388608\n", "", 1))?;
+    let t = Instant::now();
+    let mut token = String::new();
+    while t.elapsed() < Duration::from_secs(30) && token.len() < 10 {
+        std::thread::sleep(Duration::from_millis(500));
+        token = sh(&format!("zfs get -H -o value receive_resume_token {DST}")).trim().to_owned();
+    }
+    check(token.len() > 10, "no partial receive to repair")?;
+    // The snapshot under the token goes; a newer one comes.
+    sh(&format!("zfs destroy {SRC}@{doomed} && zfs destroy {ZVOL}@{doomed}"));
+    snapshot("after")?;
+    let r = replicate(&[])?;
+    let steps = r["datasets"][0]["steps"].to_string();
+    check(steps.contains("aborted"), format!("steps: {steps}"))?;
+    assert_replicated()
+}
+
+fn changed_target() -> Result<(), Failed> {
+    snapshot("five")?;
+    let before = snaps(DST);
+    sh(&format!("zfs set mountpoint=/backup/web-mnt {DST} && (zfs mount {DST} 2>/dev/null; mountpoint -q /backup/web-mnt) && dd if=/dev/urandom of=/backup/web-mnt/intruder bs=1M count=1 status=none && sync"));
+    let out = vmsnap(&["replicate", "web"]);
+    let said = text(&out);
+    eprintln!("METRIC diverged target: {}", String::from_utf8_lossy(&out.stderr).trim());
+    sh(&format!("zfs unmount {DST}; zfs inherit mountpoint {DST}; zfs rollback {DST}@{}", before.last().unwrap()));
+    check(out.status.code() == Some(3) && said.contains("diverged") && said.contains("guid"), said)?;
+    check(snaps(DST) == before, "the target's snapshots changed")?;
+    // Once the target is put back, replication goes on.
+    replicate(&[])?;
+    assert_replicated()
+}
+
+fn hand_made_target_snapshot() -> Result<(), Failed> {
+    snapshot("six")?;
+    sh(&format!("zfs snapshot {DST}@mine"));
+    let out = vmsnap(&["replicate", "web"]);
+    let said = text(&out);
+    check(out.status.code() == Some(3) && said.contains("mine (guid"), said)?;
+    check(snaps(DST).contains(&"mine".to_owned()), "the hand-made snapshot is gone")?;
+    sh(&format!("zfs destroy {DST}@mine"));
+    replicate(&[])?;
+    assert_replicated()
+}
+
+fn encrypted() -> Result<(), Failed> {
+    sh(&format!(
+        "echo 'correct horse battery' > {RT}/pass && zfs create -o encryption=on -o keyformat=passphrase -o keylocation=file://{RT}/pass tank/vms/sec \
+         && dd if=/dev/urandom of=/tank/vms/sec/disk.img bs=1M count=8 status=none"
+    ));
+    let extra = format!("\n[domain.sec]\nqmp = \"{RT}/sec.qmp\"\ndisks = [\"/tank/vms/sec/disk.img\"]\nreplicate_to = [\"offsite\"]\n");
+    write_config(&["offsite"], &extra);
+    let out = vmsnap(&["snapshot", "sec", "--label", "enc"]);
+    check(out.status.success(), text(&out))?;
+    let out = vmsnap(&["replicate", "sec"]);
+    check(out.status.success(), text(&out))?;
+    let dst = "backup/replica/tank/vms/sec";
+    let ks = sh(&format!("zfs get -H -o value encryption,keystatus {dst}"));
+    check(ks.lines().next().is_some_and(|e| e != "off") && ks.contains("unavailable"), format!("target: {ks}"))?;
+    sh(&format!("zfs load-key -L file://{RT}/pass {dst} && zfs set mountpoint=/backup/sec-mnt {dst} && (zfs mount {dst} 2>/dev/null; mountpoint -q /backup/sec-mnt)"));
+    let same = sh("cmp /tank/vms/sec/disk.img /backup/sec-mnt/disk.img && echo same");
+    sh(&format!("zfs unmount {dst}; zfs unload-key {dst}"));
+    check(same.contains("same"), "the decrypted copy differs")?;
+    write_config(&["offsite"], "");
+    Ok(())
+}
+
+fn unreachable_target() -> Result<(), Failed> {
+    write_config(&["down", "offsite"], "");
+    snapshot("seven")?;
+    let t = Instant::now();
+    let out = vmsnap(&["replicate", "web"]);
+    let said = text(&out);
+    eprintln!("METRIC unreachable target: exit {:?} after {:.1} s", out.status.code(), t.elapsed().as_secs_f64());
+    write_config(&["offsite"], "");
+    check(out.status.code() == Some(1) && said.contains("web → down"), said)?;
+    assert_replicated()
+}
