@@ -84,18 +84,20 @@ fn main() {
     let rig = Rig::locate().expect("the test rig is required (scripts/rig/rig.sh)");
     let dir = tempfile::Builder::new().prefix("vmsnap-ramdump").tempdir_in("/var/tmp").unwrap();
     let opts = TinyVmOptions { disks: 1, memory_mib: fill_mib + 400, ..Default::default() };
-    let (vm, qmp, _qga, _) = rt().block_on(TinyVm::boot(&rig, &opts)).expect("booting the tiny guest");
+    // One runtime for the whole run: the QMP connection's reader lives on it.
+    let rt = rt();
+    let (vm, qmp, _qga, _) = rt.block_on(TinyVm::boot(&rig, &opts)).expect("booting the tiny guest");
     drop(_qga);
     let vm: TinyVm = vm;
-    rt().block_on(async {
+    rt.block_on(async {
         let mut q = Qga::connect(&vm.machine.qga_path, Timeouts::default()).await.unwrap();
         let half = fill_mib / 2;
         let script = format!(
             "mkdir -p /fill && mount -t tmpfs -o size={}m tmpfs /fill && dd if=/dev/urandom of=/fill/random bs=1M count={half} 2>&1 \
              && yes 'Nov 29 10:00:00 web nginx: 10.0.0.7 GET /index.html 200 (a log line a guest keeps in its page cache)' \
-             | head -c {}M > /fill/text",
+             | head -c {} > /fill/text",
             fill_mib + 50,
-            fill_mib - half
+            u64::from(fill_mib - half) << 20
         );
         let out = q.sh(&script, Duration::from_secs(900)).await.unwrap();
         assert!(out.success(), "filling the guest's RAM: {}", out.stdout_text());
@@ -108,7 +110,7 @@ fn main() {
     let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
     for round in 0..=n {
         for (i, &v) in variants.iter().enumerate() {
-            let s = rt().block_on(async {
+            let s = rt.block_on(async {
                 qmp.execute(&qapi::qmp::stop {}).await.unwrap();
                 let s = dump(&qmp, v, &dir.path().join("dump.ram")).await;
                 qmp.execute(&qapi::qmp::cont {}).await.unwrap();

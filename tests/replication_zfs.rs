@@ -42,6 +42,7 @@ fn inside() {
         ("a_changed_target_is_reported_not_overwritten", changed_target),
         ("a_hand_made_target_snapshot_is_kept", hand_made_target_snapshot),
         ("encrypted_datasets_go_raw_and_need_no_key_there", encrypted),
+        ("the_daemon_replicates_after_each_scheduled_snapshot", daemon_replicates),
         ("an_unreachable_target_does_not_stop_the_others", unreachable_target),
     ];
     let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
@@ -333,5 +334,28 @@ fn unreachable_target() -> Result<(), Failed> {
     eprintln!("METRIC unreachable target: exit {:?} after {:.1} s", out.status.code(), t.elapsed().as_secs_f64());
     write_config(&["offsite"], "");
     check(out.status.code() == Some(1) && said.contains("web → down"), said)?;
+    assert_replicated()
+}
+
+/// The daemon, on a one-minute policy, takes the due snapshot of the (stopped) domain and sends
+/// it to the target on its own.
+fn daemon_replicates() -> Result<(), Failed> {
+    let cfg = std::fs::read_to_string(CONFIG)?;
+    std::fs::write(CONFIG, cfg.replacen("[domain.web]\n", "[domain.web]\nfrequently = 2\nfrequent_period = 1\n", 1))?;
+    let log = std::fs::File::create(format!("{RT}/daemon.log"))?;
+    let mut daemon = Command::new(vmsnap_bin()).args(["--config", CONFIG, "daemon", "--bus", "none"]).stderr(log).spawn()?;
+    let t = Instant::now();
+    let mut done = false;
+    while t.elapsed() < Duration::from_secs(240) && !done {
+        std::thread::sleep(Duration::from_secs(2));
+        done = snaps(DST).iter().any(|n| n.contains("frequently"))
+            && std::fs::read_to_string(format!("{RT}/daemon.log")).unwrap_or_default().contains("replicated");
+    }
+    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+    let _ = daemon.wait();
+    std::fs::write(CONFIG, cfg)?;
+    let said = std::fs::read_to_string(format!("{RT}/daemon.log"))?;
+    eprintln!("METRIC daemon replication after {:.0} s", t.elapsed().as_secs_f64());
+    check(done, format!("the daemon did not replicate a scheduled snapshot: {said}"))?;
     assert_replicated()
 }

@@ -25,6 +25,16 @@
 //! disks = ["/tank/vms/web/root.qcow2", "/dev/zvol/tank/vms/web-data"]
 //! nvram = "/var/lib/libvirt/qemu/nvram/web_VARS.fd"
 //! xml = "/etc/libvirt/qemu/web.xml"
+//! replicate_to = ["offsite"]             # a policy key: templates may set it too
+//!
+//! [target.offsite]                       # replication over ssh (the target runs `vmsnap serve`)
+//! host = "backup.example.org"
+//! identity = "/root/.ssh/vmsnap_offsite"
+//! rate_limit = 52428800                  # bytes/s
+//!
+//! [target.usb]                           # or a local pool
+//! dataset = "usb/vmsnap"
+//! ram_dir = "/usb/vmsnap-ram"
 //! ```
 
 pub mod policy;
@@ -412,6 +422,29 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/vmsnap/vmsnap.toml"))
+    }
+
+    #[test]
+    fn replication_targets_are_checked() {
+        let ok = parse(
+            "[target.off]\nhost = \"backup.example.org\"\nport = 2222\nrate_limit = 1000\n[target.usb]\ndataset = \"usb/v\"\nram_dir = \"/usb/ram\"\n\
+             [template.default]\nreplicate_to = [\"off\"]\n[domain.web]\nqmp = \"/q\"\nreplicate_to = [\"off\", \"usb\"]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.targets["off"].port, Some(2222));
+        assert_eq!(ok.domains["web"].policy.replicate_to, ["off", "usb"]);
+        assert_eq!(ok.registered_policy.replicate_to, ["off"]);
+        for (text, says) in [
+            ("[target.x]\nhost = \"-oProxyCommand=sh\"\n", "host"),
+            ("[target.x]\nhost = \"a b\"\n", "host"),
+            ("[target.x]\nhost = \"h\"\ndataset = \"tank/x\"\n", "vmsnap serve"),
+            ("[target.x]\ndataset = \"tank/x\"\n", "dataset and ram_dir"),
+            ("[target.x]\nhost = \"h\"\nidentity = \"id\"\n", "identity"),
+            ("[domain.web]\nqmp = \"/q\"\nreplicate_to = [\"nowhere\"]\n", "nowhere"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -465,6 +465,22 @@ impl Jobs {
                 Err(e) => tracing::error!(domain = %dom.name, "prune failed: {}", error_chain(&e)),
             }
         }
+        // Off the host after each scheduled snapshot; a target that fails is logged and the
+        // next snapshot tries again (resuming where this one stopped).
+        if result.is_ok() && !opts.periods.is_empty() {
+            for tname in &policy.replicate_to {
+                let Some(target) = cfg.targets.get(tname) else { continue };
+                step(&format!("replicating to {tname}"));
+                let show = |s: &str| step(&format!("replicating to {tname}: {s}"));
+                match crate::replicate::replicate(zfs, &cfg.state_dir, dom, target, false, &show).await {
+                    Ok(r) => {
+                        let bytes: u64 = r.datasets.iter().map(|d| d.bytes).sum::<u64>() + r.ram_bytes;
+                        tracing::info!(domain = %dom.name, target = %tname, completed = ?r.completed, bytes, "replicated");
+                    }
+                    Err(e) => tracing::error!(domain = %dom.name, target = %tname, "replication failed: {}", error_chain(&e)),
+                }
+            }
+        }
         self.record(cfg, dom, &result, destroyed);
         result
     }
