@@ -102,115 +102,40 @@ fn zstd_workers() -> u32 {
 fn drain(mut input: File, file: File, prefix: &[u8], compress: RamCompress, level: i32, received: &AtomicU64) -> io::Result<Drained> {
     let mut hasher = Sha256::new();
     hasher.update(prefix);
-    if compress == RamCompress::None {
-        // The stream goes pipe → file inside the kernel (splice); a copy of it (tee) goes to a
-        // hashing thread. Nothing passes through vmsnap's memory on the file's way.
-        let (stream_bytes, hasher) = splice_hashed(&input, &file, hasher, received)?;
-        file.sync_data()?;
-        return Ok(Drained { file, stream_bytes, file_bytes: prefix.len() as u64 + stream_bytes, sha256: hex(&hasher.finalize()) });
-    }
     let mut out = Hashing { out: io::BufWriter::with_capacity(CHUNK, file), hasher, bytes: prefix.len() as u64 };
     let mut buf = vec![0u8; CHUNK];
-    let mut enc = zstd::stream::write::Encoder::new(out, level)?;
-    let workers = zstd_workers();
-    if workers > 1 {
-        enc.multithread(workers)?;
-    }
-    let mut stream_bytes = 0u64;
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        enc.write_all(&buf[..n])?;
-        stream_bytes += n as u64;
-        received.store(stream_bytes, Ordering::Relaxed);
-    }
-    out = enc.finish()?;
+    let mut copy = |to: &mut dyn Write| -> io::Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            to.write_all(&buf[..n])?;
+            total += n as u64;
+            received.store(total, Ordering::Relaxed);
+        }
+    };
+    let stream_bytes = match compress {
+        RamCompress::None => copy(&mut out)?,
+        RamCompress::Zstd => {
+            let mut enc = zstd::stream::write::Encoder::new(out, level)?;
+            let workers = zstd_workers();
+            if workers > 1 {
+                enc.multithread(workers)?;
+            }
+            let n = copy(&mut enc)?;
+            out = enc.finish()?;
+            n
+        }
+    };
     out.flush()?;
     let Hashing { out, hasher, bytes } = out;
     let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
     file.sync_data()?;
     Ok(Drained { file, stream_bytes, file_bytes: bytes, sha256: hex(&hasher.finalize()) })
-}
-
-/// Moves everything from the pipe `input` to the end of `file`, hashing it on another thread
-/// (fed through a second pipe by `tee`). Where the file's filesystem cannot take a splice, the
-/// bytes go through a buffer instead (the hash is fed the same way).
-fn splice_hashed(input: &File, file: &File, mut hasher: Sha256, received: &AtomicU64) -> io::Result<(u64, Sha256)> {
-    use nix::fcntl::{splice, tee, SpliceFFlags};
-    let (hash_read, hash_write) = pipe()?;
-    let hashing = std::thread::Builder::new().name("vmsnap-ram-hash".into()).spawn(move || {
-        let mut from = File::from(hash_read);
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => return Ok(hasher),
-                Ok(n) => hasher.update(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    })?;
-    let mut hash_pipe = File::from(hash_write);
-    let mut total = 0u64;
-    let mut spliced = true;
-    let mut buf = Vec::new();
-    let moved: io::Result<()> = (|| loop {
-        let n = match tee(input, &hash_pipe, CHUNK, SpliceFFlags::empty()) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(nix::Error::EINTR) => continue,
-            // tee needs a pipe on both sides; anything else: the buffered way from here on.
-            Err(nix::Error::EINVAL) if total == 0 => {
-                spliced = false;
-                0
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if !spliced {
-            // Buffered: read, then write to the file and to the hashing thread.
-            buf.resize(CHUNK, 0);
-            let mut inp = input;
-            let n = match inp.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            (&*file).write_all(&buf[..n])?;
-            hash_pipe.write_all(&buf[..n])?;
-            total += n as u64;
-            received.store(total, Ordering::Relaxed);
-            continue;
-        }
-        let mut left = n;
-        while left > 0 {
-            match splice(input, None, file, None, left, SpliceFFlags::SPLICE_F_MOVE) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe ended inside what tee saw")),
-                Ok(m) => left -= m,
-                Err(nix::Error::EINTR) => {}
-                Err(nix::Error::EINVAL) if total == 0 && left == n => {
-                    // The file cannot take a splice: copy these bytes (already hashed) by hand.
-                    spliced = false;
-                    buf.resize(n, 0);
-                    let mut inp = input;
-                    inp.read_exact(&mut buf[..n])?;
-                    (&*file).write_all(&buf[..n])?;
-                    left = 0;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        total += n as u64;
-        received.store(total, Ordering::Relaxed);
-    })();
-    drop(hash_pipe);
-    let hasher = hashing.join().map_err(|_| io::Error::other("the hashing thread panicked"))?;
-    moved?;
-    Ok((total, hasher?))
 }
 
 fn hex(b: &[u8]) -> String {

@@ -9,7 +9,6 @@ use std::ffi::OsString;
 use std::io::{Read, Seek, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What follows the request line.
@@ -168,6 +167,3 @@ fn abridge(s: &str) -> String {
         None => s.to_owned(),
     }
 }
-
-/// A shared byte counter for progress.
-pub type Counter = Arc<AtomicU64>;
