@@ -152,6 +152,8 @@ impl Run<'_> {
     async fn dataset(&self, ds: &Dataset) -> Result<DatasetReport, ReplicateError> {
         let mut report = DatasetReport { dataset: ds.to_string(), ..Default::default() };
         let mut aborted = false;
+        // The target's listing once it is up to date, for the cursor.
+        let mut up_to_date = None;
         for _ in 0..6 {
             let snaps = self.zfs.list_snapshots(ds, &[]).await?;
             let local = self.zfs.local_snapshot_properties(ds, &[prop::DOMAIN]).await?;
@@ -165,7 +167,10 @@ impl Run<'_> {
             let cursor = self.cursor(ds).await?;
             let listing = self.list(ds).await?;
             let steps = match plan(&source, newest.as_deref(), cursor.as_ref(), &listing) {
-                Plan::UpToDate => break,
+                Plan::UpToDate => {
+                    up_to_date = Some(listing);
+                    break;
+                }
                 Plan::Diverged(why) => {
                     return Err(ReplicateError::Diverged { target: self.target.name.clone(), dataset: ds.to_string(), why })
                 }
@@ -203,7 +208,11 @@ impl Run<'_> {
             }
         }
         if !self.dry_run {
-            self.move_cursor(ds).await?;
+            let listing = match up_to_date {
+                Some(l) => l,
+                None => self.list(ds).await?,
+            };
+            self.move_cursor(ds, &listing).await?;
         }
         Ok(report)
     }
@@ -222,8 +231,7 @@ impl Run<'_> {
     }
 
     /// One bookmark per target, at the newest snapshot the target has; the older ones go.
-    async fn move_cursor(&self, ds: &Dataset) -> Result<(), ReplicateError> {
-        let listing = self.list(ds).await?;
+    async fn move_cursor(&self, ds: &Dataset, listing: &Listing) -> Result<(), ReplicateError> {
         let snaps = self.zfs.list_snapshots(ds, &[]).await?;
         let Some(newest) = snaps.iter().rev().find(|s| listing.snapshots.iter().any(|t| t.guid == s.guid)) else { return Ok(()) };
         let name = format!("{}{}", self.bookmark_prefix(), newest.createtxg);
