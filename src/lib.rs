@@ -31,6 +31,7 @@ pub mod libvirt;
 pub mod model;
 pub mod qemu;
 pub mod replicate;
+pub mod restore;
 pub mod retention;
 pub mod setup;
 pub mod zfs;

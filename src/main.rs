@@ -86,6 +86,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring a stopped domain back to one of its snapshots, in place: every dataset rolled back
+    /// as one unit, XML and nvram from the snapshot; with --resume the guest continues from its RAM.
+    Restore {
+        domain: String,
+        /// The snapshot's name (after the `@`), as `vmsnap list` shows it.
+        snapshot: String,
+        /// Destroy the snapshots and bookmarks newer than it (a rollback needs that; they are listed first).
+        #[arg(long)]
+        destroy_newer: bool,
+        /// Start the domain from the snapshot's RAM dump (checked against its sha256 first).
+        #[arg(long)]
+        resume: bool,
+        /// Show the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prove what can be proven without starting anything: each snapshot's RAM dump read whole and
+    /// checked against its sha256, header and size; the outcome recorded on the snapshot
+    /// (`vmsnap:verified`). Exit 1 when one failed.
+    Verify {
+        /// One domain (default: every domain with vmsnap snapshots on this host).
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The target side of replication, one request on stdin: run by sshd as the forced command of
     /// the source's key (`command="vmsnap serve --root pool/backup --ram-dir /srv/ram"`).
     Serve {
@@ -212,6 +239,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Replicate { domain, target, dry_run, json } => {
             cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), dry_run, json).await
         }
+        Command::Restore { domain, snapshot, destroy_newer, resume, dry_run, json } => {
+            let req = vmsnap::restore::Request { domain, snapshot, destroy_newer, resume };
+            cmd::restore::run(&load()?, &zfs, req, dry_run, json).await
+        }
+        Command::Verify { domain, json } => cmd::verify::run(&zfs, domain.as_deref(), json).await,
         Command::Serve { root, ram_dir } => cmd::replicate::serve(&root, ram_dir, zfs).await,
         Command::Recover { json } => cmd::recover::run(&load()?, json).await,
         Command::Daemon { bus, bus_address } => {

@@ -149,12 +149,16 @@ pub mod prop {
     /// When retention dropped the snapshot's RAM dump (unix seconds); `vmsnap:ram-dump` is then gone.
     pub const RAM_PRUNED: PropName = PropName::known("vmsnap:ram-pruned");
 
-    /// Every property `vmsnap list` shows.
-    pub const LISTED: [PropName; 11] =
-        [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, RAM_FORMAT, RAM_COMPRESS, RAM_SIZE, PERIODS, RAM_PRUNED];
+    /// `vmsnap verify`'s last word on the snapshot: `<unix seconds> ok: <what was checked>` or
+    /// `<unix seconds> failed: <why>`. Never replicated: each side verifies its own copy.
+    pub const VERIFIED: PropName = PropName::known("vmsnap:verified");
 
-    /// Every one, for the test that checks them all.
-    pub const ALL: [PropName; 16] = [
+    /// Every property `vmsnap list` shows.
+    pub const LISTED: [PropName; 12] =
+        [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, RAM_FORMAT, RAM_COMPRESS, RAM_SIZE, PERIODS, RAM_PRUNED, VERIFIED];
+
+    /// Every one a snapshot carries from when it is taken (replication sends these).
+    pub const ALL: [PropName; 17] = [
         CONSISTENCY,
         VERSION,
         DOMAIN,
@@ -171,6 +175,7 @@ pub mod prop {
         RAM_BYTES,
         PERIODS,
         RAM_PRUNED,
+        RAM_QUIESCED,
     ];
 }
 

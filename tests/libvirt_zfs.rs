@@ -40,9 +40,13 @@ struct Lane {
     ram: Option<(serde_json::Value, f64)>,
     /// A zstd-compressed dump (libvirt's format 5).
     zstd_dump: Option<String>,
+    /// The zstd RAM snapshot's report.
+    zstd: Option<serde_json::Value>,
+    /// The disk-only (app-consistent) snapshot's name.
+    disk_snap: Option<String>,
 }
 
-static LANE: Mutex<Lane> = Mutex::new(Lane { libvirtd: None, daemon: None, ram: None, zstd_dump: None });
+static LANE: Mutex<Lane> = Mutex::new(Lane { libvirtd: None, daemon: None, ram: None, zstd_dump: None, zstd: None, disk_snap: None });
 
 type Case = fn() -> Result<(), Failed>;
 
@@ -69,6 +73,9 @@ fn inside() {
         ("polkit_grants_a_non_root_caller", polkit_grants_a_non_root_caller),
         ("destroy_unregisters", destroy_unregisters),
         ("virsh_restores_a_vmsnap_dump", virsh_restores_a_vmsnap_dump),
+        ("vmsnap_restore_resumes_a_zstd_dump", vmsnap_restore_resumes_a_zstd_dump),
+        ("verify_and_a_damaged_dump", verify_and_a_damaged_dump),
+        ("disk_only_restore_in_place", disk_only_restore_in_place),
         ("a_domain_starts_with_the_daemon_down", starts_with_daemon_down),
         ("a_libvirtd_restart_registers_again", reconnect_registers),
         ("the_daemon_keeps_live_registrations_and_drops_stale_ones", daemon_restarts),
@@ -223,6 +230,7 @@ fn snapshot_over_dbus() -> Result<(), Failed> {
     let props = sh(&format!("zfs get -H -o value vmsnap:consistency,vmsnap:domain {FS}@{name}"));
     check(props.lines().collect::<Vec<_>>() == ["app", DOMAIN], format!("properties: {props}"))?;
     verify_clone(&name)?;
+    LANE.lock().unwrap().disk_snap = Some(name.clone());
 
     // libvirt still owns the domain, running, on its original disks; vmsnap left no node, job or
     // fdset behind in QEMU.
@@ -278,6 +286,7 @@ fn ram_snapshot_over_dbus() -> Result<(), Failed> {
     check_ram_snapshot(&report)?;
     check(report["ram_compress"] == "zstd", format!("not compressed: {report}"))?;
     LANE.lock().unwrap().zstd_dump = report["ram_dump"].as_str().map(str::to_owned);
+    LANE.lock().unwrap().zstd = Some(report.clone());
     sh("echo 1 > /proc/sys/vm/unprivileged_userfaultfd");
     std::fs::write(CONFIG, format!("state_dir = \"{STATE}\"\n[template.default]\nautosnap = false\n"))?;
     reload_daemon()?;
@@ -340,34 +349,154 @@ fn virsh_restores_a_vmsnap_dump() -> Result<(), Failed> {
     check(!refused.status.success() && said.contains("incomplete"), format!("virsh restore of a partial image: {said}"))?;
     sh(&format!("rm -f {partial}"));
 
-    sh(&format!("zfs rollback -r {FS}@{name} && zfs rollback -r {DATA}@{name}"));
+    // Then the way a user brings it back: `vmsnap restore --resume` rolls both datasets back,
+    // checks the dump, `virsh restore`s it, thaws the guest (saved frozen) and sets its clock.
     let t = Instant::now();
-    virsh(&["restore", &dump])?;
+    let report = vmsnap_json(&["restore", DOMAIN, &name, "--resume", "--json"])?;
     let res = (|| {
         check(virsh(&["domstate", DOMAIN])?.trim() == "running", "the restored domain is not running")?;
-        // The snapshot froze the guest around its pause (ram_quiesce), so it wakes frozen; once
-        // the hook has registered it, `vmsnap recover` thaws it (the README's recipe). A guest
-        // just restored under nested TCG may take a while to answer its agent.
-        wait_for("the restored domain registered by the hook", Duration::from_secs(60), registered)?;
-        let mut said = String::new();
-        let thawed = wait_for("vmsnap recover thaws the restored guest", Duration::from_secs(120), || {
-            let out = Command::new(VMSNAP).args(["--config", CONFIG, "recover"]).output().expect("vmsnap recover runs");
-            said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-            out.status.success() && said.contains("thawed the guest")
-        });
-        eprintln!("vmsnap recover after virsh restore: {}", said.trim());
-        thawed?;
-        let uptime_after = guest_uptime()?;
-        let since = t.elapsed().as_secs_f64();
-        eprintln!(
-            "METRIC virsh restore of a vmsnap dump: guest uptime {uptime_before:.1} s before the snapshot, {uptime_after:.1} s after the restore ({since:.1} s after it started)"
-        );
-        check(uptime_after >= uptime_before, format!("the guest rebooted: uptime {uptime_after} < {uptime_before}"))
+        check(report["resumed_from"]["sha256"] == report_sha(&dump)?, format!("resumed from the checked dump: {report}"))?;
+        check(report["thawed"].as_i64().is_some_and(|n| n >= 1), format!("the guest saved frozen was thawed: {report}"))?;
+        check(report["clock_set"] == true, format!("the guest clock was set: {report}"))?;
+        check(report["rolled_back"].as_array().is_some_and(|r| r.len() == 2), format!("both datasets rolled back: {report}"))?;
+        guest_resumed_where_it_was(uptime_before, t)
     })();
     // Stopped whatever happened: the next cases start their own guest.
     let _ = virsh(&["destroy", DOMAIN]);
     res?;
     wait_for("unregistered after the restored guest stopped", Duration::from_secs(30), || !registered())
+}
+
+/// The installed vmsnap with `args`; its stdout parsed as JSON (it must succeed).
+fn vmsnap_json(args: &[&str]) -> Result<serde_json::Value, Failed> {
+    let (ok, out, err) = vmsnap_cli(args);
+    eprintln!("vmsnap {}: {}", args.join(" "), err.trim());
+    check(ok, format!("vmsnap {args:?} failed: {err}{out}"))?;
+    Ok(serde_json::from_str(&out).map_err(|e| format!("vmsnap {args:?} printed no JSON ({e}): {out}"))?)
+}
+
+/// The installed vmsnap with `args`: (succeeded, stdout, stderr).
+fn vmsnap_cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(VMSNAP).args(["--config", CONFIG]).args(args).output().expect("vmsnap runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn report_sha(path: &str) -> Result<serde_json::Value, Failed> {
+    Ok(sh(&format!("sha256sum {path}")).split_whitespace().next().ok_or("sha256sum printed nothing")?.into())
+}
+
+/// A guest resumed from RAM: its uptime goes on from before the snapshot (no reboot) and its
+/// clock is the host's (within 2 s), not the moment it was saved.
+fn guest_resumed_where_it_was(uptime_before: f64, since: Instant) -> Result<(), Failed> {
+    let uptime_after = guest_uptime()?;
+    eprintln!(
+        "METRIC vmsnap restore --resume: guest uptime {uptime_before:.1} s before the snapshot, {uptime_after:.1} s after ({:.1} s after the restore started)",
+        since.elapsed().as_secs_f64()
+    );
+    check(uptime_after >= uptime_before, format!("the guest rebooted: uptime {uptime_after} < {uptime_before}"))?;
+    let (_, qga_path) = vmsnap::libvirt::enroll::sockets(DOMAIN);
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let (before, guest, after) = rt().block_on(async {
+        let mut qga = libvirt::wait_agent(&qga_path, Duration::from_secs(120)).await?;
+        let before = now();
+        let out = qga.sh("date +%s.%N", Duration::from_secs(60)).await.map_err(|e| e.to_string())?.stdout_text();
+        let after = now();
+        let guest: f64 = out.trim().parse().map_err(|_| format!("guest date: {out:?}"))?;
+        Ok::<_, Failed>((before, guest, after))
+    })?;
+    eprintln!("METRIC guest clock after the resume: {:+.2} s from the host's", guest - (before + after) / 2.0);
+    check(guest >= before - 2.0 && guest <= after + 2.0, format!("the guest clock {guest} is not the host's ({before}..{after})"))
+}
+
+/// The zstd snapshot (older than the raw one): libvirt 9.0 cannot read it, so `vmsnap restore`
+/// rewrites it raw into the RAM directory, restores that and removes it. The raw snapshot is
+/// newer, so the restore is refused until `--destroy-newer`, which also deletes its dump.
+fn vmsnap_restore_resumes_a_zstd_dump() -> Result<(), Failed> {
+    let (raw, _) = LANE.lock().unwrap().ram.clone().ok_or("no RAM snapshot was taken")?;
+    let zstd = LANE.lock().unwrap().zstd.clone().ok_or("no zstd RAM snapshot was taken")?;
+    let (zname, zdump) = (zstd["name"].as_str().unwrap_or_default().to_owned(), zstd["ram_dump"].as_str().unwrap_or_default().to_owned());
+    let (rname, rdump) = (raw["name"].as_str().unwrap_or_default().to_owned(), raw["ram_dump"].as_str().unwrap_or_default().to_owned());
+    let (ok, out, err) = vmsnap_cli(&["restore", DOMAIN, &zname, "--resume"]);
+    check(
+        !ok && err.contains("--destroy-newer") && err.contains(&format!("{FS}@{rname}")),
+        format!("newer snapshots not named: {err}{out}"),
+    )?;
+    check(std::path::Path::new(&rdump).exists(), "a refused restore deleted a dump")?;
+    let plan = vmsnap_json(&["restore", DOMAIN, &zname, "--resume", "--destroy-newer", "--dry-run", "--json"])?;
+    check(plan["newer_dumps"].as_array().is_some_and(|d| d.iter().any(|d| d == rdump.as_str())), format!("dry run: {plan}"))?;
+    check(std::path::Path::new(&rdump).exists(), "a dry run deleted a dump")?;
+    let t = Instant::now();
+    let report = vmsnap_json(&["restore", DOMAIN, &zname, "--resume", "--destroy-newer", "--json"]);
+    let res = (|| {
+        let report = report?;
+        check(virsh(&["domstate", DOMAIN])?.trim() == "running", "the restored domain is not running")?;
+        check(report["resumed_from"]["compress"] == "zstd" && report["clock_set"] == true, format!("report: {report}"))?;
+        check(!std::path::Path::new(&rdump).exists(), "the destroyed snapshot's dump is left")?;
+        let left = sh(&format!("zfs list -H -t snapshot -o name {FS} {DATA}"));
+        check(!left.contains(&rname) && left.contains(&zname), format!("snapshots after --destroy-newer: {left}"))?;
+        let temporaries = sh(&format!("ls {STATE}/ram 2>/dev/null | grep -c '^restore-' || true"));
+        check(temporaries.trim() == "0", "the decompressed image is left")?;
+        eprintln!("METRIC vmsnap restore --resume of a zstd dump (decompressed for libvirt 9.0): {:.1} s", t.elapsed().as_secs_f64());
+        guest_resumed_where_it_was(0.0, t)
+    })();
+    let _ = virsh(&["destroy", DOMAIN]);
+    res?;
+    wait_for("unregistered after the restored guest stopped", Duration::from_secs(30), || !registered())?;
+    LANE.lock().unwrap().zstd_dump = Some(zdump);
+    Ok(())
+}
+
+/// `vmsnap verify` reads every dump against its sha256 and records the outcome on the snapshot;
+/// a dump changed by one byte fails it, and `restore --resume` refuses it before anything changes.
+fn verify_and_a_damaged_dump() -> Result<(), Failed> {
+    let zstd = LANE.lock().unwrap().zstd.clone().ok_or("no zstd RAM snapshot was taken")?;
+    let (zname, zdump) = (zstd["name"].as_str().unwrap_or_default().to_owned(), zstd["ram_dump"].as_str().unwrap_or_default().to_owned());
+    let good = vmsnap_json(&["verify", DOMAIN, "--json"])?;
+    check(good.as_array().is_some_and(|r| !r.is_empty() && r.iter().all(|r| r["ok"] == true)), format!("verify: {good}"))?;
+    let said = sh(&format!("zfs get -H -o value vmsnap:verified {FS}@{zname} {DATA}@{zname}"));
+    check(said.lines().count() == 2 && said.lines().all(|l| l.contains(" ok: RAM dump sha256")), format!("vmsnap:verified: {said}"))?;
+    // One byte of the stream changed, as bit rot on cheap storage would.
+    sh(&format!(
+        r#"perl -e 'open F, "+<", $ARGV[0] or die; seek F, -100, 2; read F, $b, 1; seek F, -100, 2; print F chr(ord($b) ^ 1); close F or die' {zdump}"#
+    ));
+    let (ok, out, err) = vmsnap_cli(&["verify", DOMAIN]);
+    check(!ok && out.contains("FAILED") && out.contains("sha256"), format!("verify of a damaged dump: {out}{err}"))?;
+    let said = sh(&format!("zfs get -H -o value vmsnap:verified {FS}@{zname}"));
+    check(said.contains(" failed: ") && said.contains("sha256"), format!("vmsnap:verified: {said}"))?;
+    let before = sh(&format!("zfs list -H -t snapshot -o name,guid {FS} {DATA}"));
+    let (ok, out, err) = vmsnap_cli(&["restore", DOMAIN, &zname, "--resume"]);
+    check(
+        !ok && err.contains("refused before anything changed") && err.contains("sha256"),
+        format!("restore of a damaged dump: {err}{out}"),
+    )?;
+    check(sh(&format!("zfs list -H -t snapshot -o name,guid {FS} {DATA}")) == before, "a refused restore changed the snapshots")?;
+    check(!std::path::Path::new(&format!("{STATE}/restore/{DOMAIN}.json")).exists(), "a refused restore left a journal")
+}
+
+/// In place, disks only: refused while the domain runs and while newer snapshots exist (named);
+/// with `--destroy-newer` both datasets are at the snapshot: the writer's counter on the disk is
+/// the snapshot's.
+fn disk_only_restore_in_place() -> Result<(), Failed> {
+    let name = LANE.lock().unwrap().disk_snap.clone().ok_or("no disk-only snapshot was taken")?;
+    let counter = |img: &str| -> Result<i64, Failed> {
+        Ok(sh(&format!("debugfs -R 'cat /counter' {img} 2>/dev/null")).trim().parse().map_err(|e| format!("counter in {img}: {e}"))?)
+    };
+    let in_snapshot = counter(&format!("/{DATA}/.zfs/snapshot/{name}/disk1.raw"))?;
+    restore_guest()?;
+    let (ok, _, err) = vmsnap_cli(&["restore", DOMAIN, &name, "--destroy-newer"]);
+    check(!ok && err.contains("is running") && err.contains("virsh shutdown"), format!("restore of a running domain: {err}"))?;
+    virsh(&["destroy", DOMAIN])?;
+    wait_for("unregistered after the guest stopped", Duration::from_secs(30), || !registered())?;
+    let now = counter(&format!("/{DATA}/disk1.raw"));
+    let (ok, _, err) = vmsnap_cli(&["restore", DOMAIN, &name]);
+    check(!ok && err.contains("--destroy-newer"), format!("newer snapshots not named: {err}"))?;
+    let report = vmsnap_json(&["restore", DOMAIN, &name, "--destroy-newer", "--json"])?;
+    let after = counter(&format!("/{DATA}/disk1.raw"))?;
+    eprintln!("METRIC disk-only restore: counter {now:?} before, {after} after, {in_snapshot} in the snapshot; {}", report["seconds"]);
+    check(after == in_snapshot, format!("the disk holds counter {after}, the snapshot {in_snapshot}"))?;
+    check(report["resumed_from"].is_null() && report["rolled_back"].as_array().is_some_and(|r| r.len() == 2), format!("report: {report}"))?;
+    let left = sh(&format!("zfs list -H -t snapshot -o name {FS} {DATA}"));
+    check(left.lines().count() == 2 && left.lines().all(|l| l.ends_with(&name)), format!("snapshots left: {left}"))
 }
 
 fn check_ram_snapshot(report: &serde_json::Value) -> Result<(), Failed> {

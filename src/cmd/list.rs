@@ -27,6 +27,8 @@ struct Listed {
     ram_bytes: Option<u64>,
     /// When retention dropped its RAM dump (unix seconds).
     ram_pruned: Option<String>,
+    /// `vmsnap verify`'s last outcome: `<unix seconds> ok: …` or `<unix seconds> failed: …`.
+    verified: Option<String>,
 }
 
 pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result<()> {
@@ -53,6 +55,7 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
                     ram_compress: get(prop::RAM_COMPRESS),
                     ram_sha256: get(prop::RAM_SHA256),
                     ram_pruned: get(prop::RAM_PRUNED),
+                    verified: get(prop::VERIFIED),
                 });
             }
         }

@@ -10,5 +10,7 @@ pub mod progress;
 pub mod prune;
 pub mod recover;
 pub mod replicate;
+pub mod restore;
 pub mod setup;
 pub mod snapshot;
+pub mod verify;

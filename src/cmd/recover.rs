@@ -8,6 +8,10 @@ use vmsnap::engine;
 pub async fn run(cfg: &Config, json: bool) -> Result<()> {
     let mut reports =
         engine::recover::recover_all(cfg, &vmsnap::zfs::Zfs::default()).await.context("recovery incomplete; the journals stay")?;
+    // Restores a crash interrupted: finished once their domain is stopped.
+    for (domain, actions) in vmsnap::restore::recover_pending(cfg, &vmsnap::zfs::Zfs::default()).await.context("an interrupted restore")? {
+        reports.push(engine::recover::RecoveryReport { journal: Default::default(), domain, actions });
+    }
     // Then guests that woke frozen (resumed from a quiesced RAM snapshot) and nothing runs on.
     let registry = vmsnap::daemon::registry::Registry::new(&cfg.state_dir);
     for dom in vmsnap::daemon::registry::all_domains(cfg, &registry) {

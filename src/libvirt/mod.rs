@@ -4,3 +4,4 @@
 
 pub mod enroll;
 pub mod hook;
+pub mod virsh;

@@ -168,6 +168,14 @@ impl Zfs {
         Ok(parse::user_properties(&self.cli.zfs(args).await?)?)
     }
 
+    /// The given user properties of every snapshot on the system, where set on the snapshot
+    /// itself or received with it (never inherited): snapshot name → properties.
+    pub async fn all_snapshot_properties(&self, props: &[PropName]) -> Result<BTreeMap<String, BTreeMap<PropName, String>>, ZfsError> {
+        let names: Vec<&str> = props.iter().map(PropName::as_str).collect();
+        let args = zargs!["get", "-H", "-p", "-t", "snapshot", "-s", "local,received", "-o", "name,property,value,source", names.join(",")];
+        Ok(parse::user_properties(&self.cli.zfs(args).await?)?)
+    }
+
     /// A native property's parsable value (`-p`); `None` when ZFS says `-` or the dataset does
     /// not exist.
     pub async fn get_native(&self, name: &str, prop: &str) -> Result<Option<String>, ZfsError> {

@@ -1,0 +1,94 @@
+//! `vmsnap restore DOM SNAPSHOT`: the plan first (what is rolled back, what a rollback would
+//! destroy, what the restored disks are), then the steps with a line each, then the report.
+
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use vmsnap::config::Config;
+use vmsnap::restore::{self, Plan, Request};
+use vmsnap::zfs::Zfs;
+
+pub async fn run(cfg: &Config, zfs: &Zfs, req: Request, dry_run: bool, json: bool) -> Result<()> {
+    let what = format!("restore of {} to {}", req.domain, req.snapshot);
+    let plan = restore::plan(cfg, zfs, &req).await.with_context(|| what.clone())?;
+    if dry_run {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            show(&plan);
+        }
+        return Ok(());
+    }
+    // Said before it starts, not after.
+    for w in &plan.warnings {
+        eprintln!("vmsnap: warning: {w}");
+    }
+    let progress: restore::Progress = if json { Arc::new(|_: &str| {}) } else { Arc::new(|s: &str| eprintln!("vmsnap: {s}")) };
+    let report = restore::apply(cfg, zfs, plan, progress).await.with_context(|| what.clone())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("restored {} to {} in {:.1} s", report.domain, report.snapshot, report.seconds);
+    for s in &report.rolled_back {
+        println!("  rolled back {s}");
+    }
+    for s in &report.destroyed {
+        println!("  destroyed   {s}");
+    }
+    for d in &report.deleted_dumps {
+        println!("  deleted     {} (its RAM dump)", d.display());
+    }
+    if let Some(n) = &report.nvram {
+        println!("  nvram       {}", n.display());
+    }
+    if report.redefined {
+        println!("  redefined   from the snapshot's XML");
+    }
+    if let Some(d) = &report.resumed_from {
+        println!("  resumed     from {} ({} MiB, sha256 {} checked)", d.path.display(), d.bytes >> 20, &d.sha256[..16]);
+        match report.thawed {
+            Some(n) if n >= 0 => println!("  thawed      {n} filesystems (saved frozen)"),
+            Some(_) => println!("  thawed      (through libvirt)"),
+            None => {}
+        }
+        if report.clock_set {
+            println!("  clock       set from the host");
+        }
+    }
+    for w in &report.warnings {
+        println!("  warning: {w}");
+    }
+    Ok(())
+}
+
+fn show(p: &Plan) {
+    println!("restore {} ({:?} domain) to {}:", p.domain, p.manager, p.snapshot);
+    println!("  consistency {}", p.consistency.as_deref().unwrap_or("unknown"));
+    for s in &p.snapshots {
+        println!("  roll back   {s}");
+    }
+    for s in &p.newer {
+        println!("  destroy     {s} (newer)");
+    }
+    for d in &p.newer_dumps {
+        println!("  delete      {} (a destroyed snapshot's RAM dump)", d.display());
+    }
+    if let Some((_, home)) = &p.nvram {
+        println!("  nvram       {} from the snapshot", home.display());
+    }
+    match (&p.xml, p.redefine) {
+        (Some(x), true) => println!("  virsh define {}", x.display()),
+        (Some(x), false) => println!("  domain XML  {} (not defined in libvirt: start it with `virsh create` of it)", x.display()),
+        (None, _) => {}
+    }
+    if let Some(r) = &p.resume {
+        println!("  resume      from {} ({}), checked against its sha256 first", r.dump.display(), r.compress);
+        if r.quiesced {
+            println!("  thaw        the guest after the resume (saved frozen)");
+        }
+        println!("  clock       set from the host's after the resume");
+    }
+    for w in &p.warnings {
+        println!("  warning: {w}");
+    }
+}

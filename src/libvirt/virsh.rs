@@ -1,0 +1,63 @@
+//! The few `virsh` calls restore makes (state, define, restore, the agent through libvirt): each
+//! an argument vector against `LIBVIRT_DEFAULT_URI` or `qemu:///system`, stderr kept for the error.
+
+use std::path::Path;
+use std::process::Command;
+
+/// What went wrong running virsh.
+#[derive(Debug, thiserror::Error)]
+pub enum VirshError {
+    #[error("running virsh (is libvirt-clients installed?): {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("virsh {args}: {stderr}")]
+    Failed { args: String, stderr: String },
+}
+
+/// The connection URI: the environment's, or the system instance (where vmsnap's domains run).
+fn uri() -> String {
+    std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "qemu:///system".into())
+}
+
+/// Runs `virsh -c URI ARGS`; its stdout.
+pub fn run(args: &[&str]) -> Result<String, VirshError> {
+    let out = Command::new("virsh").arg("-c").arg(uri()).args(args).output().map_err(VirshError::Spawn)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().chars().take(2000).collect();
+        return Err(VirshError::Failed { args: args.join(" "), stderr });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The domain's state as virsh words it (`running`, `paused`, `shut off`, …); `None` when libvirt
+/// has no domain of that name (or virsh is not installed: then libvirt runs nothing).
+pub fn domstate(domain: &str) -> Result<Option<String>, VirshError> {
+    match run(&["domstate", "--", domain]) {
+        Ok(s) => Ok(Some(s.trim().to_owned())),
+        Err(VirshError::Failed { stderr, .. }) if stderr.contains("ailed to get domain") || stderr.contains("no domain with") => Ok(None),
+        Err(VirshError::Spawn(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether libvirt has a persistent definition of the domain.
+pub fn is_persistent(domain: &str) -> Result<bool, VirshError> {
+    match run(&["dominfo", "--", domain]) {
+        Ok(info) => Ok(info.lines().any(|l| l.starts_with("Persistent:") && l.trim_end().ends_with("yes"))),
+        Err(VirshError::Failed { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn define(xml: &Path) -> Result<(), VirshError> {
+    run(&["define", &xml.to_string_lossy()]).map(drop)
+}
+
+/// `virsh restore` of a save image; the domain runs (or stays paused, `paused`) afterwards.
+pub fn restore(image: &Path, paused: bool) -> Result<(), VirshError> {
+    let image = image.to_string_lossy();
+    let mut args = vec!["restore", image.as_ref()];
+    if paused {
+        args.push("--paused");
+    }
+    run(&args).map(drop)
+}

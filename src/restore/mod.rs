@@ -1,0 +1,300 @@
+//! Restore: a stopped domain brought back to one of its snapshots, in place. Every dataset that
+//! holds the snapshot is rolled back as one unit; snapshots (and bookmarks) newer than it are
+//! never destroyed unless the user names them (`--destroy-newer`, which lists them first); the
+//! domain's XML and nvram come from the snapshot, not from today's definition; with `--resume`
+//! the guest continues from its RAM dump, checked against its sha256 before anything changes.
+//!
+//! [`plan`] only reads (ZFS, libvirt, the dump); [`apply`] journals every step in
+//! `<state_dir>/restore/<domain>.json` before it is done, so `vmsnap recover` finishes a restore
+//! a crash interrupted ([`recover_pending`]) — and never rolls back under a running VM.
+
+pub mod dump;
+mod journal;
+mod steps;
+pub mod verify;
+
+pub use journal::recover_pending;
+pub use steps::{apply, Progress, RestoreReport};
+
+use crate::config::{Config, DomainConfig};
+use crate::libvirt::virsh;
+use crate::model::{prop, RamCompress};
+use crate::qemu::qmp::Qmp;
+use crate::zfs::{PropName, SnapshotName, Zfs, ZfsError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why a restore is refused or failed, in words that say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{0}")]
+    BadName(String),
+    #[error("domain {domain} has no snapshot {snapshot} (its newest: {known})")]
+    NoSuchSnapshot { domain: String, snapshot: String, known: String },
+    #[error("domain {domain} is {state}: a restore rolls its disks back, so stop it first ({how})")]
+    Running { domain: String, state: String, how: String },
+    #[error("a rollback to {snapshot} would destroy newer snapshots and bookmarks: {} (pass --destroy-newer to destroy them, or take a clone of the snapshot)", .newer.join(", "))]
+    NewerSnapshots { snapshot: String, newer: Vec<String> },
+    #[error("--resume: snapshot {snapshot} has no RAM dump ({why})")]
+    NoDump { snapshot: String, why: String },
+    #[error("--resume refused before anything changed: {0}")]
+    BadDump(#[from] dump::BadDump),
+    #[error("--resume of {domain}: {why}")]
+    CannotResume { domain: String, why: String },
+    #[error("zfs: {0}")]
+    Zfs(#[from] ZfsError),
+    #[error("libvirt: {0}")]
+    Virsh(#[from] virsh::VirshError),
+    #[error("{domain}: {source}")]
+    Busy {
+        domain: String,
+        #[source]
+        source: Box<crate::engine::EngineError>,
+    },
+    #[error("restore journal {path}: {why}")]
+    Journal { path: PathBuf, why: String },
+    #[error("restore of {domain} to {snapshot} stopped at {step}: {why} (`vmsnap recover` finishes it once the domain is stopped)")]
+    Step { domain: String, snapshot: String, step: &'static str, why: String },
+}
+
+/// Who runs the domain's QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Manager {
+    /// A `[domain.NAME]` of the config: its own QEMU, started by the user.
+    Config,
+    Libvirt,
+}
+
+/// The RAM half of a restore.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumePlan {
+    pub dump: PathBuf,
+    pub sha256: Option<String>,
+    pub compress: RamCompress,
+    /// Taken frozen (`ram_quiesce`): the guest wakes frozen and is thawed right after.
+    pub quiesced: bool,
+}
+
+/// What a restore will do, all of it known before anything changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub domain: String,
+    pub snapshot: String,
+    pub manager: Manager,
+    /// One snapshot per dataset, rolled back together.
+    pub snapshots: Vec<String>,
+    pub consistency: Option<String>,
+    /// Newer snapshots and bookmarks of those datasets: a rollback destroys them.
+    pub newer: Vec<String>,
+    /// The RAM dumps of those newer snapshots, deleted with them.
+    pub newer_dumps: Vec<PathBuf>,
+    pub destroy_newer: bool,
+    /// The snapshot's domain XML (its path once rolled back), if it saved one.
+    pub xml: Option<PathBuf>,
+    /// `virsh define` the snapshot's XML (a persistent libvirt domain).
+    pub redefine: bool,
+    /// The snapshot's nvram copy (once rolled back) and where the domain keeps its nvram.
+    pub nvram: Option<(PathBuf, PathBuf)>,
+    pub resume: Option<ResumePlan>,
+    /// Said before it starts: what the restored disks are and are not.
+    pub warnings: Vec<String>,
+}
+
+/// What the caller asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub domain: String,
+    pub snapshot: String,
+    pub destroy_newer: bool,
+    pub resume: bool,
+}
+
+type Mine = BTreeMap<String, BTreeMap<PropName, String>>;
+
+/// The snapshots named `snapshot` that vmsnap took of `domain` (by their own `vmsnap:domain`,
+/// never an inherited one), with the properties of the first.
+/// Also every snapshot of the domain's (full name → properties), to find the RAM dumps of newer
+/// ones a rollback destroys.
+async fn find_unit(zfs: &Zfs, domain: &str, snapshot: &str) -> Result<(Vec<SnapshotName>, BTreeMap<PropName, String>, Mine), RestoreError> {
+    let all = zfs.all_snapshot_properties(&prop::ALL).await?;
+    let mut found = Vec::new();
+    let mut props = BTreeMap::new();
+    let mut known = std::collections::BTreeSet::new();
+    let mut mine = Mine::new();
+    for (name, p) in all {
+        if p.get(&prop::DOMAIN).map(String::as_str) != Some(domain) {
+            continue;
+        }
+        let Ok(snap) = SnapshotName::new(&name) else { continue };
+        mine.insert(name.clone(), p.clone());
+        if snap.snap() == snapshot {
+            if props.is_empty() {
+                props = p;
+            }
+            found.push(snap);
+        } else {
+            known.insert(snap.snap().to_owned());
+        }
+    }
+    if found.is_empty() {
+        // vmsnap's names start with the time: the last by name are the newest.
+        let newest: Vec<String> = known.iter().rev().take(5).cloned().collect();
+        return Err(RestoreError::NoSuchSnapshot {
+            domain: domain.to_owned(),
+            snapshot: snapshot.to_owned(),
+            known: if newest.is_empty() { "none".into() } else { newest.join(", ") },
+        });
+    }
+    found.sort_by_key(ToString::to_string);
+    Ok((found, props, mine))
+}
+
+/// Refuses a domain whose QEMU runs (or may run): a rollback under it would lose the guest's
+/// writes and corrupt its filesystems.
+async fn ensure_stopped(domain: &str, manager: Manager, dom: Option<&DomainConfig>) -> Result<(), RestoreError> {
+    let running =
+        |state: &str, how: &str| RestoreError::Running { domain: domain.to_owned(), state: state.to_owned(), how: how.to_owned() };
+    match manager {
+        Manager::Libvirt => match virsh::domstate(domain)? {
+            Some(s) if s == "shut off" => Ok(()),
+            Some(s) => Err(running(&s, &format!("`virsh shutdown {domain}`, or `virsh destroy {domain}`"))),
+            None => Ok(()),
+        },
+        Manager::Config => {
+            let qmp = dom.map(|d| d.qmp.clone()).unwrap_or_default();
+            match Qmp::connect(&qmp, Duration::from_secs(3)).await {
+                Ok(q) => {
+                    let status = q.execute(&qapi::qmp::query_status {}).await.map(|s| format!("{:?}", s.status).to_lowercase());
+                    Err(running(
+                        &status.unwrap_or_else(|_| "running".into()),
+                        &format!("its QEMU answers on {}: shut the guest down", qmp.display()),
+                    ))
+                }
+                Err(_) => Ok(()),
+            }
+        }
+    }
+}
+
+/// Where a file the snapshot saved under `.vmsnap/<domain>/` is: in the snapshot (`.zfs/snapshot`)
+/// and in the dataset once rolled back. The first filesystem of the unit that has it.
+async fn saved_file(zfs: &Zfs, unit: &[SnapshotName], domain: &str, file: &str) -> Result<Option<(PathBuf, PathBuf)>, RestoreError> {
+    for s in unit {
+        let Some(mp) = zfs.get_native(s.dataset().as_str(), "mountpoint").await? else { continue };
+        if !mp.starts_with('/') {
+            continue;
+        }
+        let live = PathBuf::from(&mp).join(".vmsnap").join(domain).join(file);
+        let frozen = PathBuf::from(&mp).join(".zfs/snapshot").join(s.snap()).join(".vmsnap").join(domain).join(file);
+        if frozen.is_file() {
+            return Ok(Some((frozen, live)));
+        }
+    }
+    Ok(None)
+}
+
+/// Everything a restore will do, read from ZFS, libvirt and the dump; changes nothing.
+pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, RestoreError> {
+    if !crate::config::valid_domain_name(&req.domain) {
+        return Err(RestoreError::BadName(format!("{:?} is not a domain name", req.domain.chars().take(80).collect::<String>())));
+    }
+    if req.snapshot.is_empty()
+        || req.snapshot.len() > 200
+        || req.snapshot.contains(['@', '/', '#'])
+        || req.snapshot.contains(char::is_whitespace)
+    {
+        return Err(RestoreError::BadName(format!(
+            "{:?} is not a snapshot name (the part after the @, as `vmsnap list` shows it)",
+            req.snapshot.chars().take(80).collect::<String>()
+        )));
+    }
+    let dom = cfg.domains.get(&req.domain);
+    let manager = if dom.is_some() { Manager::Config } else { Manager::Libvirt };
+    let (unit, props, mine) = find_unit(zfs, &req.domain, &req.snapshot).await?;
+    ensure_stopped(&req.domain, manager, dom).await?;
+
+    let mut newer = Vec::new();
+    for s in &unit {
+        let listed = zfs.list_snapshots(s.dataset(), &[]).await?;
+        let txg = listed.iter().find(|l| l.name == *s).map(|l| l.createtxg).unwrap_or(u64::MAX);
+        newer.extend(listed.iter().filter(|l| l.createtxg > txg).map(|l| l.name.to_string()));
+        newer.extend(zfs.bookmarks(s.dataset()).await?.into_iter().filter(|b| b.2 > txg).map(|b| format!("{}#{}", s.dataset(), b.0)));
+    }
+    // The RAM dumps of the newer vmsnap snapshots go with them (as pruning does), only from
+    // vmsnap's RAM directory.
+    let mut newer_dumps: Vec<PathBuf> = newer
+        .iter()
+        .filter_map(|n| mine.get(n)?.get(&prop::RAM_DUMP).map(PathBuf::from))
+        .filter(|d| d.starts_with(&cfg.ram_dir) && d.parent() == Some(cfg.ram_dir.as_path()))
+        .collect();
+    newer_dumps.sort();
+    newer_dumps.dedup();
+    if !newer.is_empty() && !req.destroy_newer {
+        return Err(RestoreError::NewerSnapshots { snapshot: req.snapshot.clone(), newer });
+    }
+
+    let xml = saved_file(zfs, &unit, &req.domain, "domain.xml").await?;
+    let nvram_copy = saved_file(zfs, &unit, &req.domain, "nvram.fd").await?;
+    let nvram_home = match (manager, &xml) {
+        (Manager::Config, _) => dom.and_then(|d| d.nvram.clone()),
+        (Manager::Libvirt, Some((frozen, _))) => {
+            let text = crate::fsutil::read_limited(frozen, 4 << 20).map_err(|e| RestoreError::Step {
+                domain: req.domain.clone(),
+                snapshot: req.snapshot.clone(),
+                step: "read the snapshot's XML",
+                why: e.to_string(),
+            })?;
+            crate::libvirt::hook::parse_domain_xml(&String::from_utf8_lossy(&text)).ok().and_then(|d| d.nvram)
+        }
+        (Manager::Libvirt, None) => None,
+    };
+    let nvram = nvram_copy.zip(nvram_home).map(|((_, live), home)| (live, home));
+    let redefine = manager == Manager::Libvirt && xml.is_some() && virsh::is_persistent(&req.domain)?;
+
+    let get = |p: &PropName| props.get(p).cloned();
+    let consistency = get(&prop::CONSISTENCY);
+    let quiesced = get(&prop::RAM_QUIESCED).as_deref() == Some("yes");
+    let mut warnings = Vec::new();
+    let resume = if req.resume {
+        let dump = get(&prop::RAM_DUMP).map(PathBuf::from).ok_or_else(|| RestoreError::NoDump {
+            snapshot: req.snapshot.clone(),
+            why: match get(&prop::RAM_PRUNED) {
+                Some(_) => "retention pruned it (ram_keep)".into(),
+                None => "it was taken without --memory".into(),
+            },
+        })?;
+        let compress = get(&prop::RAM_COMPRESS).and_then(|c| c.parse().ok()).unwrap_or(RamCompress::None);
+        Some(ResumePlan { dump, sha256: get(&prop::RAM_SHA256), compress, quiesced })
+    } else {
+        match consistency.as_deref() {
+            Some("crash") => warnings.push("this snapshot is crash-consistent: the guest boots as after a power cut (its journal replays)".into()),
+            Some("ram") if !quiesced => warnings.push(
+                "the disks of this RAM snapshot alone are crash-consistent (the guest was not frozen): restore them with --resume to continue from the RAM instead"
+                    .into(),
+            ),
+            _ => {}
+        }
+        None
+    };
+    if xml.is_none() {
+        warnings.push("the snapshot holds no domain XML (zvols only, or none configured): the domain's definition stays as it is".into());
+    }
+    Ok(Plan {
+        domain: req.domain.clone(),
+        snapshot: req.snapshot.clone(),
+        manager,
+        snapshots: unit.iter().map(ToString::to_string).collect(),
+        consistency,
+        newer,
+        newer_dumps,
+        destroy_newer: req.destroy_newer,
+        xml: xml.map(|(_, live)| live),
+        redefine,
+        nvram,
+        resume,
+        warnings,
+    })
+}

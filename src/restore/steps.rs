@@ -1,0 +1,282 @@
+//! The restore's steps, top to bottom: take the domain's lock; check the domain is stopped and
+//! (with `--resume`) that the dump is the one written; journal the plan; roll back each dataset;
+//! put the nvram back; redefine the domain from the snapshot's XML; start it from its RAM dump;
+//! thaw a guest that was saved frozen; set its clock from the host's.
+
+use super::journal::Journal;
+use super::{dump, ensure_stopped, Manager, Plan, RestoreError};
+use crate::config::Config;
+use crate::engine::lock::DomainLock;
+use crate::libvirt::virsh;
+use crate::model::RamCompress;
+use crate::qemu::qga::{Qga, Timeouts};
+use crate::zfs::{SnapshotName, Zfs};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where the steps say what they do (a terminal line, a job's progress).
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub domain: String,
+    pub snapshot: String,
+    pub rolled_back: Vec<String>,
+    /// Newer snapshots and bookmarks the rollback destroyed (`--destroy-newer`).
+    pub destroyed: Vec<String>,
+    /// Their RAM dumps, deleted with them.
+    pub deleted_dumps: Vec<PathBuf>,
+    pub nvram: Option<PathBuf>,
+    pub redefined: bool,
+    /// The dump it resumed from, checked (sha256, header) first.
+    pub resumed_from: Option<dump::DumpCheck>,
+    /// Filesystems thawed after the resume (a guest saved frozen).
+    pub thawed: Option<i64>,
+    /// The guest clock was set from the host's after the resume.
+    pub clock_set: bool,
+    pub warnings: Vec<String>,
+    pub seconds: f64,
+}
+
+/// How long a resumed guest may take to answer its agent (nested TCG is slow to wake).
+const AGENT_WAIT: Duration = Duration::from_secs(180);
+
+/// Runs the plan. Refuses, changing nothing, when the domain runs, another operation holds it, an
+/// earlier restore did not finish, or (`--resume`) the dump is not the one the snapshot recorded.
+pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> Result<RestoreReport, RestoreError> {
+    let t = Instant::now();
+    let domain = plan.domain.clone();
+    let _lock =
+        DomainLock::acquire(&cfg.state_dir, &domain).map_err(|e| RestoreError::Busy { domain: domain.clone(), source: Box::new(e) })?;
+    ensure_stopped(&domain, plan.manager, cfg.domains.get(&domain)).await?;
+    let checked = match &plan.resume {
+        None => None,
+        Some(_) if plan.manager == Manager::Config => {
+            return Err(RestoreError::CannotResume {
+                domain,
+                why: "vmsnap does not start a config domain's QEMU (not done yet): restore without --resume, or resume through libvirt"
+                    .into(),
+            })
+        }
+        Some(r) => {
+            progress(&format!("checking RAM dump {} (sha256)", r.dump.display()));
+            let (path, want, p) = (r.dump.clone(), r.sha256.clone(), progress.clone());
+            let mut last = Instant::now();
+            let check = tokio::task::spawn_blocking(move || {
+                dump::check(&path, want.as_deref(), |n| {
+                    if last.elapsed() >= Duration::from_secs(1) {
+                        last = Instant::now();
+                        p(&format!("  {} MiB checked", n >> 20));
+                    }
+                })
+            });
+            Some(check.await.expect("the dump check does not panic")?)
+        }
+    };
+    let mut journal = Journal::create(&cfg.state_dir, plan)?;
+    let mut report = RestoreReport {
+        domain: domain.clone(),
+        snapshot: journal.state.plan.snapshot.clone(),
+        rolled_back: Vec::new(),
+        destroyed: if journal.state.plan.destroy_newer { journal.state.plan.newer.clone() } else { Vec::new() },
+        deleted_dumps: Vec::new(),
+        nvram: None,
+        redefined: false,
+        resumed_from: None,
+        thawed: None,
+        clock_set: false,
+        warnings: journal.state.plan.warnings.clone(),
+        seconds: 0.0,
+    };
+    let actions = complete(zfs, &mut journal, &progress).await?;
+    report.rolled_back = journal.state.rolled_back.clone();
+    report.nvram = journal.state.nvram_written.then(|| journal.state.plan.nvram.as_ref().map(|n| n.1.clone())).flatten();
+    report.redefined = journal.state.redefined;
+    if journal.state.dumps_removed {
+        report.deleted_dumps = journal.state.plan.newer_dumps.clone();
+    }
+    tracing::debug!(?actions, "restored disks");
+    if let (Some(r), Some(checked)) = (journal.state.plan.resume.clone(), checked) {
+        journal.state.resume_started = true;
+        journal.write()?;
+        progress("starting the domain from its RAM dump (virsh restore)");
+        resume_libvirt(cfg, &domain, &r.dump, r.compress, &progress).await.map_err(|why| step(&journal, "virsh restore", why))?;
+        report.resumed_from = Some(checked);
+        journal.finish()?;
+        let (thawed, clock_set, warnings) = after_resume(&domain, r.quiesced, &progress).await;
+        report.thawed = thawed;
+        report.clock_set = clock_set;
+        report.warnings.extend(warnings);
+    } else {
+        journal.finish()?;
+    }
+    report.seconds = t.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn step(journal: &Journal, step: &'static str, why: String) -> RestoreError {
+    RestoreError::Step { domain: journal.state.plan.domain.clone(), snapshot: journal.state.plan.snapshot.clone(), step, why }
+}
+
+/// The disk half, from wherever the journal says it stopped: each rollback not yet recorded,
+/// the nvram, the definition. Each fact is journaled right after its step.
+async fn complete(zfs: &Zfs, journal: &mut Journal, progress: &Progress) -> Result<Vec<String>, RestoreError> {
+    let mut actions = Vec::new();
+    let plan = journal.state.plan.clone();
+    for s in &plan.snapshots {
+        if journal.state.rolled_back.contains(s) {
+            continue;
+        }
+        progress(&format!("rolling back {s}"));
+        let snap = SnapshotName::new(s).map_err(|e| step(journal, "rollback", e.to_string()))?;
+        zfs.rollback(&snap, plan.destroy_newer).await.map_err(|e| step(journal, "rollback", e.to_string()))?;
+        journal.state.rolled_back.push(s.clone());
+        journal.write()?;
+        actions.push(format!("rolled back {s}"));
+    }
+    if !journal.state.dumps_removed && !plan.newer_dumps.is_empty() {
+        for d in &plan.newer_dumps {
+            match std::fs::remove_file(d) {
+                Ok(()) => actions.push(format!("deleted {} (the RAM dump of a destroyed snapshot)", d.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(step(journal, "delete newer RAM dumps", format!("{}: {e}", d.display()))),
+            }
+        }
+        journal.state.dumps_removed = true;
+        journal.write()?;
+    }
+    if let (Some((copy, home)), false) = (&plan.nvram, journal.state.nvram_written) {
+        progress(&format!("nvram {} from the snapshot", home.display()));
+        put_nvram(copy, home).map_err(|why| step(journal, "nvram", why))?;
+        journal.state.nvram_written = true;
+        journal.write()?;
+        actions.push(format!("nvram {} from the snapshot", home.display()));
+    }
+    if let (true, Some(xml), false) = (plan.redefine, &plan.xml, journal.state.redefined) {
+        progress(&format!("virsh define {}", xml.display()));
+        virsh::define(xml).map_err(|e| step(journal, "virsh define", e.to_string()))?;
+        journal.state.redefined = true;
+        journal.write()?;
+        actions.push(format!("redefined {} from the snapshot's XML", plan.domain));
+    }
+    Ok(actions)
+}
+
+/// Writes the snapshot's nvram over the domain's, keeping the owner and mode the domain's file
+/// had (QEMU may run as another user).
+fn put_nvram(copy: &Path, home: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let data = crate::fsutil::read_limited(copy, 64 << 20).map_err(|e| e.to_string())?;
+    let old = std::fs::symlink_metadata(home).ok().filter(|m| m.is_file());
+    let mode = old.as_ref().map_or(0o600, |m| m.mode() & 0o777);
+    crate::fsutil::write_atomic(home, &data, mode).map_err(|e| e.to_string())?;
+    if let Some(m) = old {
+        nix::unistd::chown(home, Some(m.uid().into()), Some(m.gid().into())).map_err(|e| format!("chown {}: {e}", home.display()))?;
+    }
+    Ok(())
+}
+
+/// `virsh restore` of the dump; a zstd image this libvirt cannot read (9.0 cannot) is rewritten
+/// raw into the RAM directory first, and removed after.
+async fn resume_libvirt(cfg: &Config, domain: &str, dump: &Path, compress: RamCompress, progress: &Progress) -> Result<(), String> {
+    let path = dump.to_owned();
+    let first = tokio::task::spawn_blocking(move || virsh::restore(&path, false)).await.expect("virsh runs");
+    match first {
+        Ok(()) => Ok(()),
+        Err(virsh::VirshError::Failed { stderr, .. }) if compress == RamCompress::Zstd && stderr.contains("save format") => {
+            progress(&format!("this libvirt cannot read zstd save images ({stderr}): decompressing into {}", cfg.ram_dir.display()));
+            let (src, dir, name) = (dump.to_owned(), cfg.ram_dir.clone(), format!("restore-{domain}.save"));
+            let raw = tokio::task::spawn_blocking(move || dump::raw_save_image(&src, &dir, &name)).await.expect("decompression runs");
+            let raw = raw.map_err(|e| e.to_string())?;
+            let again = raw.clone();
+            let res = tokio::task::spawn_blocking(move || virsh::restore(&again, false)).await.expect("virsh runs");
+            let _ = std::fs::remove_file(&raw);
+            res.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A resumed guest: thawed if it was saved frozen, its clock set from the host's (it has no idea
+/// how long it slept). Through vmsnap's agent socket when the domain is enrolled, else through
+/// libvirt's. Failures are warnings: the guest runs either way.
+async fn after_resume(domain: &str, quiesced: bool, progress: &Progress) -> (Option<i64>, bool, Vec<String>) {
+    let (_, qga) = crate::libvirt::enroll::sockets(domain);
+    let mut warnings = Vec::new();
+    let mut thawed = None;
+    if !qga.exists() {
+        if quiesced {
+            match virsh::run(&["domfsthaw", "--", domain]) {
+                Ok(_) => thawed = Some(-1),
+                Err(e) => {
+                    warnings.push(format!("the guest was saved frozen and could not be thawed: {e} (run `virsh domfsthaw {domain}`)"))
+                }
+            }
+        }
+        let clock = virsh::run(&["domtime", "--now", "--", domain]);
+        if let Err(e) = &clock {
+            warnings.push(format!("the guest clock was not set: {e}"));
+        }
+        return (thawed, clock.is_ok(), warnings);
+    }
+    progress("waiting for the guest agent");
+    let deadline = Instant::now() + AGENT_WAIT;
+    let patient = Timeouts { sync: Duration::from_secs(10), ..Timeouts::default() };
+    let mut agent = loop {
+        match Qga::connect(&qga, patient).await {
+            Ok(a) => break Some(a),
+            Err(e) if Instant::now() >= deadline => {
+                warnings.push(format!("the guest agent did not answer within {} s: {e}", AGENT_WAIT.as_secs()));
+                break None;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    };
+    if quiesced {
+        drop(agent.take());
+        progress("thawing the guest (it was saved frozen)");
+        match crate::engine::recover::thaw(&qga).await {
+            Ok(n) => thawed = Some(n),
+            Err(e) => warnings.push(format!("the guest was saved frozen and could not be thawed: {e} (`vmsnap recover` thaws it)")),
+        }
+        agent = Qga::connect(&qga, patient).await.ok();
+    }
+    let mut clock_set = false;
+    if let Some(mut a) = agent {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let ns = i64::try_from(now).unwrap_or(i64::MAX);
+        match a.execute(&qapi::qga::guest_set_time { time: Some(ns) }, Duration::from_secs(30)).await {
+            Ok(_) => clock_set = true,
+            Err(e) => warnings.push(format!("the guest clock was not set: {e}")),
+        }
+    }
+    (thawed, clock_set, warnings)
+}
+
+/// The rest of a restore a crash interrupted (see [`super::journal`]).
+pub(super) async fn finish_interrupted(cfg: &Config, zfs: &Zfs, mut journal: Journal) -> Result<Vec<String>, RestoreError> {
+    let domain = journal.state.plan.domain.clone();
+    let _lock =
+        DomainLock::acquire(&cfg.state_dir, &domain).map_err(|e| RestoreError::Busy { domain: domain.clone(), source: Box::new(e) })?;
+    let stopped = ensure_stopped(&domain, journal.state.plan.manager, cfg.domains.get(&domain)).await;
+    if let Err(e) = stopped {
+        if journal.state.resume_started {
+            journal.finish()?;
+            return Ok(vec![format!("the restore had started {domain} from its RAM dump and it runs: nothing left to do")]);
+        }
+        return Err(step(&journal, "recover", format!("{e}; the restore journal stays")));
+    }
+    let progress: Progress = Arc::new(|_: &str| {});
+    let mut actions = complete(zfs, &mut journal, &progress).await?;
+    if journal.state.resume_started {
+        actions.push(format!(
+            "{domain} was being started from its RAM dump and does not run: its disks are at {} (run `vmsnap restore {domain} {} --resume` again)",
+            journal.state.plan.snapshot, journal.state.plan.snapshot
+        ));
+    }
+    actions.push(format!("finished the restore of {domain} to {}", journal.state.plan.snapshot));
+    journal.finish()?;
+    Ok(actions)
+}
