@@ -370,7 +370,7 @@ fn virsh_restores_a_vmsnap_dump() -> Result<(), Failed> {
 /// The installed vmsnap with `args`; its stdout parsed as JSON (it must succeed).
 fn vmsnap_json(args: &[&str]) -> Result<serde_json::Value, Failed> {
     let (ok, out, err) = vmsnap_cli(args);
-    eprintln!("vmsnap {}: {}", args.join(" "), err.trim());
+    eprintln!("vmsnap {}: {}\n{}", args.join(" "), err.trim(), out.trim());
     check(ok, format!("vmsnap {args:?} failed: {err}{out}"))?;
     Ok(serde_json::from_str(&out).map_err(|e| format!("vmsnap {args:?} printed no JSON ({e}): {out}"))?)
 }
@@ -399,10 +399,9 @@ fn guest_resumed_where_it_was(uptime_before: f64, since: Instant) -> Result<(), 
     let (before, guest, after) = rt().block_on(async {
         let mut qga = libvirt::wait_agent(&qga_path, Duration::from_secs(120)).await?;
         let before = now();
-        let out = qga.sh("date +%s.%N", Duration::from_secs(60)).await.map_err(|e| e.to_string())?.stdout_text();
+        let ns = qga.execute(&qapi::qga::guest_get_time {}, Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
         let after = now();
-        let guest: f64 = out.trim().parse().map_err(|_| format!("guest date: {out:?}"))?;
-        Ok::<_, Failed>((before, guest, after))
+        Ok::<_, Failed>((before, ns as f64 / 1e9, after))
     })?;
     eprintln!("METRIC guest clock after the resume: {:+.2} s from the host's", guest - (before + after) / 2.0);
     check(guest >= before - 2.0 && guest <= after + 2.0, format!("the guest clock {guest} is not the host's ({before}..{after})"))
