@@ -84,6 +84,7 @@ fn inside() {
         ("a_locked_domain_is_busy", busy),
         ("stopped_vm_gets_a_plain_snapshot", stopped_vm),
         ("crash_at_every_step_then_recover", crash_and_recover),
+        ("restore_killed_midway_is_finished_by_recover", restore_killed_midway),
         ("ram_precopy_snapshot", ram_precopy),
         ("ram_background_snapshot_resumes_from_a_clone", ram_background_resumes),
         ("list_shows_consistency", list_json),
@@ -146,6 +147,11 @@ qmp = "{qmp}"
 qga = "/run/no-such-agent.sock"
 disks = ["/{FS}/disk0.qcow2", "/dev/zvol/{ZVOL}"]
 require_quiesce = true
+
+[domain.offline2]
+qmp = "/run/no-such-qemu-2.sock"
+disks = ["/tank/vms/off-a/a.img", "/tank/vms/off-b/b.img"]
+nvram = "/etc/vmsnap/offline2_VARS.fd"
 
 [domain.stopped]
 qmp = "/run/no-such-qemu.sock"
@@ -322,6 +328,44 @@ fn stopped_vm() -> Result<(), Failed> {
     let saved = format!("/tank/vms/stopped/.zfs/snapshot/{}/.vmsnap/stopped", r["name"].as_str().unwrap());
     sh(&format!("cmp {saved}/domain.xml /etc/vmsnap/demo.xml && cmp {saved}/nvram.fd /etc/vmsnap/demo_VARS.fd"));
     Ok(())
+}
+
+/// A stopped two-dataset domain restored in place: refused while a newer snapshot exists (named),
+/// then killed (-9) right after the first dataset's rollback with `--destroy-newer`; `vmsnap
+/// recover` finishes the unit: both datasets and the nvram are the snapshot's, the newer
+/// snapshot is gone, and no journal is left.
+fn restore_killed_midway() -> Result<(), Failed> {
+    sh("zfs create tank/vms/off-a && zfs create tank/vms/off-b");
+    let put = |word: &str| sh(&format!("echo {word} > /tank/vms/off-a/a.img && echo {word} > /tank/vms/off-b/b.img && echo {word}-nvram > /etc/vmsnap/offline2_VARS.fd"));
+    let take = |label: &str| -> Result<String, Failed> {
+        let out = vmsnap(&["snapshot", "offline2", "--label", label, "--json"], &[]);
+        check(out.status.success(), text(&out))?;
+        let r: Value = serde_json::from_slice(&out.stdout)?;
+        check(r["consistency"] == "offline" && r["snapshots"].as_array().is_some_and(|s| s.len() == 2), format!("{r}"))?;
+        Ok(r["name"].as_str().unwrap_or_default().to_owned())
+    };
+    put("one");
+    let first = take("r1")?;
+    put("two");
+    let second = take("r2")?;
+    put("three");
+    let out = vmsnap(&["restore", "offline2", &first], &[]);
+    check(!out.status.success() && text(&out).contains(&format!("tank/vms/off-a@{second}")), format!("newer snapshot not named: {}", text(&out)))?;
+    let out = vmsnap(&["restore", "offline2", &first, "--destroy-newer"], &[("VMSNAP_ABORT_AT", "after:restore_rolled_back")]);
+    check(!out.status.success(), format!("vmsnap should have aborted: {}", text(&out)))?;
+    let journal = format!("{STATE}/restore/offline2.json");
+    check(Path::new(&journal).exists(), format!("no restore journal left behind: {}", text(&out)))?;
+    let halfway = sh("cat /tank/vms/off-a/a.img /tank/vms/off-b/b.img");
+    check(halfway.split_whitespace().collect::<Vec<_>>() == ["one", "three"], format!("killed after one rollback: {halfway}"))?;
+    let rec = vmsnap(&["recover"], &[]);
+    check(rec.status.success() && text(&rec).contains("finished the restore of offline2"), format!("recover: {}", text(&rec)))?;
+    let after = sh("cat /tank/vms/off-a/a.img /tank/vms/off-b/b.img /etc/vmsnap/offline2_VARS.fd");
+    check(after.split_whitespace().collect::<Vec<_>>() == ["one", "one", "one-nvram"], format!("after recover: {after}"))?;
+    check(!Path::new(&journal).exists(), "the restore journal is left")?;
+    let left = sh("zfs list -H -t snapshot -o name tank/vms/off-a tank/vms/off-b");
+    check(!left.contains(&second) && left.lines().count() == 2, format!("snapshots after the restore: {left}"))?;
+    let rec = vmsnap(&["recover"], &[]);
+    check(rec.status.success() && String::from_utf8_lossy(&rec.stdout).contains("nothing to recover"), format!("second recover: {}", text(&rec)))
 }
 
 /// One real kill per phase on real OpenZFS (the host lane's `faults_host` kills every record of

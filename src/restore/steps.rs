@@ -141,6 +141,7 @@ async fn complete(zfs: &Zfs, journal: &mut Journal, progress: &Progress) -> Resu
         zfs.rollback(&snap, plan.destroy_newer).await.map_err(|e| step(journal, "rollback", e.to_string()))?;
         journal.state.rolled_back.push(s.clone());
         journal.write()?;
+        crate::engine::journal::fault_point("after", "restore_rolled_back");
         actions.push(format!("rolled back {s}"));
     }
     if !journal.state.dumps_removed && !plan.newer_dumps.is_empty() {
