@@ -336,7 +336,9 @@ fn stopped_vm() -> Result<(), Failed> {
 /// snapshot is gone, and no journal is left.
 fn restore_killed_midway() -> Result<(), Failed> {
     sh("zfs create tank/vms/off-a && zfs create tank/vms/off-b");
-    let put = |word: &str| sh(&format!("echo {word} > /tank/vms/off-a/a.img && echo {word} > /tank/vms/off-b/b.img && echo {word}-nvram > /etc/vmsnap/offline2_VARS.fd"));
+    let put = |word: &str| {
+        sh(&format!("echo {word} > /tank/vms/off-a/a.img && echo {word} > /tank/vms/off-b/b.img && echo {word}-nvram > /etc/vmsnap/offline2_VARS.fd"))
+    };
     let take = |label: &str| -> Result<String, Failed> {
         let out = vmsnap(&["snapshot", "offline2", "--label", label, "--json"], &[]);
         check(out.status.success(), text(&out))?;
@@ -350,7 +352,10 @@ fn restore_killed_midway() -> Result<(), Failed> {
     let second = take("r2")?;
     put("three");
     let out = vmsnap(&["restore", "offline2", &first], &[]);
-    check(!out.status.success() && text(&out).contains(&format!("tank/vms/off-a@{second}")), format!("newer snapshot not named: {}", text(&out)))?;
+    check(
+        !out.status.success() && text(&out).contains(&format!("tank/vms/off-a@{second}")),
+        format!("newer snapshot not named: {}", text(&out)),
+    )?;
     let out = vmsnap(&["restore", "offline2", &first, "--destroy-newer"], &[("VMSNAP_ABORT_AT", "after:restore_rolled_back")]);
     check(!out.status.success(), format!("vmsnap should have aborted: {}", text(&out)))?;
     let journal = format!("{STATE}/restore/offline2.json");
@@ -365,7 +370,10 @@ fn restore_killed_midway() -> Result<(), Failed> {
     let left = sh("zfs list -H -t snapshot -o name tank/vms/off-a tank/vms/off-b");
     check(!left.contains(&second) && left.lines().count() == 2, format!("snapshots after the restore: {left}"))?;
     let rec = vmsnap(&["recover"], &[]);
-    check(rec.status.success() && String::from_utf8_lossy(&rec.stdout).contains("nothing to recover"), format!("second recover: {}", text(&rec)))
+    check(
+        rec.status.success() && String::from_utf8_lossy(&rec.stdout).contains("nothing to recover"),
+        format!("second recover: {}", text(&rec)),
+    )
 }
 
 /// One real kill per phase on real OpenZFS (the host lane's `faults_host` kills every record of

@@ -14,7 +14,18 @@ pub struct DomainLock {
 impl DomainLock {
     /// Takes the lock or fails at once with [`EngineError::Busy`].
     pub fn acquire(state_dir: &Path, domain: &str) -> Result<Self, EngineError> {
-        let dir = state_dir.join("locks");
+        Self::acquire_in(&state_dir.join("locks"), domain)
+    }
+
+    /// The domain's replication lock (`<state_dir>/locks/replicate/<domain>.lock`): replication
+    /// takes it instead of the domain's lock, so hours of sending never block its snapshots;
+    /// a restore takes both.
+    pub fn replication(state_dir: &Path, domain: &str) -> Result<Self, EngineError> {
+        Self::acquire_in(&state_dir.join("locks").join("replicate"), domain)
+    }
+
+    fn acquire_in(dir: &Path, domain: &str) -> Result<Self, EngineError> {
+        let dir = dir.to_owned();
         let path = dir.join(format!("{domain}.lock"));
         let io = |source| EngineError::Step {
             domain: domain.to_owned(),
@@ -42,5 +53,16 @@ mod tests {
         assert!(DomainLock::acquire(dir.path(), "other").is_ok());
         drop(first);
         assert!(DomainLock::acquire(dir.path(), "vm").is_ok());
+    }
+
+    #[test]
+    fn replication_has_its_own_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotting = DomainLock::acquire(dir.path(), "vm").unwrap();
+        let sending = DomainLock::replication(dir.path(), "vm").unwrap();
+        assert!(matches!(DomainLock::replication(dir.path(), "vm"), Err(EngineError::Busy { .. })));
+        drop(snapshotting);
+        assert!(DomainLock::acquire(dir.path(), "vm").is_ok(), "a send does not block a snapshot");
+        drop(sending);
     }
 }

@@ -90,6 +90,15 @@ pub async fn replicate(
     progress: Progress<'_>,
 ) -> Result<ReplicationReport, ReplicateError> {
     let t = Instant::now();
+    // Not while a restore rolls the same datasets back (snapshots and pruning go on meanwhile).
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(crate::engine::lock::DomainLock::replication(state_dir, &dom.name).map_err(|e| ReplicateError::Target {
+            target: target.name.clone(),
+            why: format!("{e} (a restore or another replication of {} runs)", dom.name),
+        })?)
+    };
     let control = crate::fsutil::Dir::private(state_dir, &["ssh"]).map_err(|e| ReplicateError::Target {
         target: target.name.clone(),
         why: format!("the directory for ssh's shared connections: {e}"),

@@ -228,7 +228,10 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
     let mut newer_dumps: Vec<PathBuf> = newer
         .iter()
         .filter_map(|n| mine.get(n)?.get(&prop::RAM_DUMP).map(PathBuf::from))
-        .filter(|d| d.starts_with(&cfg.ram_dir) && d.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_))))
+        .filter(|d| {
+            d.starts_with(&cfg.ram_dir)
+                && d.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
+        })
         .collect();
     newer_dumps.sort();
     newer_dumps.dedup();

@@ -50,8 +50,7 @@ const AGENT_WAIT: Duration = Duration::from_secs(180);
 pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> Result<RestoreReport, RestoreError> {
     let t = Instant::now();
     let domain = plan.domain.clone();
-    let _lock =
-        DomainLock::acquire(&cfg.state_dir, &domain).map_err(|e| RestoreError::Busy { domain: domain.clone(), source: Box::new(e) })?;
+    let _locks = locks(cfg, &domain)?;
     ensure_stopped(&domain, plan.manager, cfg.domains.get(&domain)).await?;
     let checked = match &plan.resume {
         None => None,
@@ -121,6 +120,12 @@ pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> R
     }
     report.seconds = t.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The domain's lock (no snapshot or prune meanwhile) and its replication lock (no send).
+fn locks(cfg: &Config, domain: &str) -> Result<(DomainLock, DomainLock), RestoreError> {
+    let busy = |e| RestoreError::Busy { domain: domain.to_owned(), source: Box::new(e) };
+    Ok((DomainLock::acquire(&cfg.state_dir, domain).map_err(busy)?, DomainLock::replication(&cfg.state_dir, domain).map_err(busy)?))
 }
 
 fn step(journal: &Journal, step: &'static str, why: String) -> RestoreError {
@@ -308,8 +313,7 @@ async fn guest_offset(qga: &Path, timeouts: Timeouts) -> Option<f64> {
 /// The rest of a restore a crash interrupted (see [`super::journal`]).
 pub(super) async fn finish_interrupted(cfg: &Config, zfs: &Zfs, mut journal: Journal) -> Result<Vec<String>, RestoreError> {
     let domain = journal.state.plan.domain.clone();
-    let _lock =
-        DomainLock::acquire(&cfg.state_dir, &domain).map_err(|e| RestoreError::Busy { domain: domain.clone(), source: Box::new(e) })?;
+    let _locks = locks(cfg, &domain)?;
     let stopped = ensure_stopped(&domain, journal.state.plan.manager, cfg.domains.get(&domain)).await;
     if let Err(e) = stopped {
         if journal.state.resume_started {
