@@ -98,6 +98,13 @@ enum Command {
         /// Start the domain from the snapshot's RAM dump (checked against its sha256 first).
         #[arg(long)]
         resume: bool,
+        /// A new libvirt domain from the snapshot, beside the original: clones of its datasets,
+        /// its XML with a new name, UUID, MACs, disk and nvram paths; the original is untouched.
+        #[arg(long = "as", value_name = "NEW", conflicts_with_all = ["destroy_newer", "resume"])]
+        as_name: Option<String>,
+        /// With --as: `zfs promote` the clones (they no longer depend on the snapshot).
+        #[arg(long, requires = "as_name")]
+        promote: bool,
         /// Show the plan, change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -239,7 +246,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Replicate { domain, target, dry_run, json } => {
             cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), dry_run, json).await
         }
-        Command::Restore { domain, snapshot, destroy_newer, resume, dry_run, json } => {
+        Command::Restore { domain, snapshot, as_name: Some(new), promote, dry_run, json, .. } => {
+            cmd::restore::run_as(&load()?, &zfs, &domain, &snapshot, &new, promote, dry_run, json).await
+        }
+        Command::Restore { domain, snapshot, destroy_newer, resume, as_name: None, dry_run, json, .. } => {
             let req = vmsnap::restore::Request { domain, snapshot, destroy_newer, resume };
             cmd::restore::run(&load()?, &zfs, req, dry_run, json).await
         }

@@ -472,6 +472,45 @@ fn verify_and_a_damaged_dump() -> Result<(), Failed> {
     check(!std::path::Path::new(&format!("{STATE}/restore/{DOMAIN}.json")).exists(), "a refused restore left a journal")
 }
 
+/// `--as lvcopy` while the original runs: clones of both datasets, a definition with its own
+/// name, UUID, disks and vmsnap sockets; started beside the original (the hook registers it under
+/// its own name); the original's snapshots unchanged. Then removed again.
+fn restore_as_beside_the_original(name: &str) -> Result<(), Failed> {
+    const COPY: &str = "lvcopy";
+    let before = sh(&format!("zfs list -H -t snapshot -o name,guid {FS} {DATA}"));
+    let (ok, _, err) = vmsnap_cli(&["restore", DOMAIN, name, "--as", DOMAIN]);
+    check(!ok && err.contains("new domain name"), format!("--as its own name: {err}"))?;
+    let report = vmsnap_json(&["restore", DOMAIN, name, "--as", COPY, "--json"]);
+    let res = (|| {
+        let report = report?;
+        let clones = report["clones"].to_string();
+        check(clones.contains("tank/vms/lv-lvcopy") && clones.contains("tank/vms/lv-data-lvcopy"), format!("clones: {report}"))?;
+        let (ok, _, err) = vmsnap_cli(&["restore", DOMAIN, name, "--as", COPY]);
+        check(!ok && err.contains("exists already"), format!("--as twice: {err}"))?;
+        let (a, b) = (virsh(&["domuuid", DOMAIN])?, virsh(&["domuuid", COPY])?);
+        check(a.trim() != b.trim() && b.trim() == report["uuid"], format!("UUIDs {a} / {b}"))?;
+        let blk = virsh(&["domblklist", COPY])?;
+        check(blk.contains("/tank/vms/lv-lvcopy/disk0.qcow2") && blk.contains("/tank/vms/lv-data-lvcopy/disk1.raw"), blk)?;
+        virsh(&["start", COPY])?;
+        check(virsh(&["domstate", COPY])?.trim() == "running" && virsh(&["domstate", DOMAIN])?.trim() == "running", "both run")?;
+        wait_for("the copy registered under its own name", Duration::from_secs(60), || {
+            let (ok, out) = call(false, "Domains", &[]);
+            ok && out.contains(&format!("\"{COPY}\"")) && out.contains(&format!("\"{DOMAIN}\""))
+        })?;
+        check(sh(&format!("zfs list -H -t snapshot -o name,guid {FS} {DATA}")) == before, "the original's snapshots changed")
+    })();
+    let _ = virsh(&["destroy", COPY]);
+    let _ = virsh(&["undefine", COPY]);
+    destroy_retrying(&["tank/vms/lv-lvcopy", "tank/vms/lv-data-lvcopy"]);
+    res
+}
+
+fn destroy_retrying(datasets: &[&str]) {
+    for ds in datasets {
+        sh(&format!("for i in $(seq 1 20); do zfs destroy {ds} 2>/dev/null && exit 0; zfs list {ds} >/dev/null 2>&1 || exit 0; sleep 0.5; done; zfs destroy {ds}"));
+    }
+}
+
 /// In place, disks only: refused while the domain runs and while newer snapshots exist (named);
 /// with `--destroy-newer` both datasets are at the snapshot: the writer's counter on the disk is
 /// the snapshot's.
@@ -484,6 +523,7 @@ fn disk_only_restore_in_place() -> Result<(), Failed> {
     restore_guest()?;
     let (ok, _, err) = vmsnap_cli(&["restore", DOMAIN, &name, "--destroy-newer"]);
     check(!ok && err.contains("is running") && err.contains("virsh shutdown"), format!("restore of a running domain: {err}"))?;
+    restore_as_beside_the_original(&name)?;
     virsh(&["destroy", DOMAIN])?;
     wait_for("unregistered after the guest stopped", Duration::from_secs(30), || !registered())?;
     let now = counter(&format!("/{DATA}/disk1.raw"));

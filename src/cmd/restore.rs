@@ -92,3 +92,55 @@ fn show(p: &Plan) {
         println!("  warning: {w}");
     }
 }
+
+/// `--as NEW`: the clone plan, then the clones, nvram and definition.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_as(
+    cfg: &Config,
+    zfs: &Zfs,
+    domain: &str,
+    snapshot: &str,
+    new: &str,
+    promote: bool,
+    dry_run: bool,
+    json: bool,
+) -> Result<()> {
+    let what = format!("restore of {domain} {snapshot} as {new}");
+    let plan = restore::clone::plan(cfg, zfs, domain, snapshot, new, promote).await.with_context(|| what.clone())?;
+    if dry_run {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            println!("restore {domain} {snapshot} as a new domain {new}:");
+            for (s, c) in &plan.clones {
+                println!("  zfs clone   {s} {c}");
+            }
+            if let Some((_, home)) = &plan.nvram {
+                println!("  nvram       {} (a copy of the snapshot's)", home.display());
+            }
+            println!("  virsh define the snapshot's XML with a new name, UUID, MACs, disk and nvram paths");
+            if promote {
+                println!("  zfs promote each clone");
+            }
+        }
+        return Ok(());
+    }
+    let progress: restore::Progress = if json { Arc::new(|_: &str| {}) } else { Arc::new(|s: &str| eprintln!("vmsnap: {s}")) };
+    let report = restore::clone::apply(cfg, zfs, plan, progress).await.with_context(|| what.clone())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("defined {} (uuid {}) from {} {} in {:.1} s", report.new_name, report.uuid, report.domain, report.snapshot, report.seconds);
+    for c in &report.clones {
+        println!("  clone       {c}{}", if report.promoted { " (promoted)" } else { "" });
+    }
+    if let Some(n) = &report.nvram {
+        println!("  nvram       {}", n.display());
+    }
+    println!("  start it:   virsh start {}", report.new_name);
+    for w in &report.warnings {
+        println!("  warning: {w}");
+    }
+    Ok(())
+}

@@ -8,8 +8,10 @@
 //! `<state_dir>/restore/<domain>.json` before it is done, so `vmsnap recover` finishes a restore
 //! a crash interrupted ([`recover_pending`]) — and never rolls back under a running VM.
 
+pub mod clone;
 pub mod dump;
 mod journal;
+pub mod rename;
 mod steps;
 pub mod verify;
 

@@ -241,6 +241,18 @@ impl Zfs {
         Ok(())
     }
 
+    /// `zfs promote`: the clone `dataset` no longer depends on its origin snapshot.
+    pub async fn promote(&self, dataset: &Dataset) -> Result<(), ZfsError> {
+        self.cli.zfs(zargs!["promote", dataset.as_str()]).await?;
+        Ok(())
+    }
+
+    /// Destroys the dataset `dataset` (no `-r`: one that has snapshots or children stays).
+    pub async fn destroy_dataset(&self, dataset: &Dataset) -> Result<(), ZfsError> {
+        self.cli.zfs(zargs!["destroy", dataset.as_str()]).await?;
+        Ok(())
+    }
+
     /// Clones `snap` into a new dataset `target`.
     pub async fn clone_snapshot(&self, snap: &SnapshotName, target: &Dataset, props: &BTreeMap<PropName, String>) -> Result<(), ZfsError> {
         let mut args = zargs!["clone"];
