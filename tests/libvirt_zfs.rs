@@ -523,8 +523,9 @@ fn disk_only_restore_in_place() -> Result<(), Failed> {
     restore_guest()?;
     let (ok, _, err) = vmsnap_cli(&["restore", DOMAIN, &name, "--destroy-newer"]);
     check(!ok && err.contains("is running") && err.contains("virsh shutdown"), format!("restore of a running domain: {err}"))?;
-    restore_as_beside_the_original(&name)?;
+    let beside = restore_as_beside_the_original(&name);
     virsh(&["destroy", DOMAIN])?;
+    beside?;
     wait_for("unregistered after the guest stopped", Duration::from_secs(30), || !registered())?;
     let now = counter(&format!("/{DATA}/disk1.raw"));
     let (ok, _, err) = vmsnap_cli(&["restore", DOMAIN, &name]);

@@ -112,6 +112,8 @@ pub struct Policy {
     /// `vmsnap check`: age of the newest snapshot of a period that warns / goes critical (0 = never).
     pub warn_after: PerPeriod<u64>,
     pub crit_after: PerPeriod<u64>,
+    /// `vmsnap check` warns when no `vmsnap verify` succeeded within this age (seconds; 0 = never).
+    pub verify_warn: u64,
 }
 
 impl Default for Policy {
@@ -149,6 +151,7 @@ impl Default for Policy {
             scripts: Scripts { timeout: Duration::from_secs(5), ..Scripts::default() },
             warn_after: PerPeriod([0, 90 * 60, 28 * h, 0, 32 * 24 * h, 0]),
             crit_after: PerPeriod([0, 360 * 60, 32 * h, 0, 40 * 24 * h, 0]),
+            verify_warn: 0,
         }
     }
 }
@@ -177,6 +180,7 @@ macro_rules! policy_section {
             weekly_warn: Option<String>, weekly_crit: Option<String>,
             monthly_warn: Option<String>, monthly_crit: Option<String>,
             yearly_warn: Option<String>, yearly_crit: Option<String>,
+            verify_warn: Option<String>,
         }
     };
     (@emit $(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $fty:ty,)* }; $($key:ident : $kty:ty,)*) => {
@@ -331,6 +335,9 @@ impl RawPolicy {
             (Period::Monthly, "monthly_warn", &self.monthly_warn, "monthly_crit", &self.monthly_crit),
             (Period::Yearly, "yearly_warn", &self.yearly_warn, "yearly_crit", &self.yearly_crit),
         ];
+        if let Some(v) = &self.verify_warn {
+            base.verify_warn = parse_age(v).ok_or_else(|| bad("verify_warn", format!("{v:?}: use a number with s, m, h, d or w")))?;
+        }
         for (p, wk, w, ck, c) in limits {
             if let Some(w) = w {
                 base.warn_after.set(p, parse_age(w).ok_or_else(|| bad(wk, format!("{w:?}: use a number with s, m, h, d or w")))?);

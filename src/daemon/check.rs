@@ -66,6 +66,32 @@ pub fn evaluate(dom: &DomainConfig, entries: &[Entry], last: Option<&Attempt>, n
             add(State::Critical, format!("newest snapshot {} fell back to crash-consistent (is the guest agent running?)", e.snap.name));
         }
     }
+    // Backups proven by `vmsnap verify`: a failed verification is critical; with `verify_warn`,
+    // no successful one within that age warns.
+    let verified: Vec<(&Entry, i64, bool)> = entries
+        .iter()
+        .filter_map(|e| {
+            let v = e.verified.as_deref()?;
+            let (t, rest) = v.split_once(' ')?;
+            Some((e, t.parse().ok()?, rest.starts_with("ok")))
+        })
+        .collect();
+    for (e, _, _) in verified.iter().filter(|(_, _, ok)| !ok) {
+        let why: String = e.verified.as_deref().unwrap_or_default().chars().take(200).collect();
+        add(State::Critical, format!("verification of {} failed ({why})", e.snap.name));
+    }
+    if p.verify_warn > 0 {
+        match verified.iter().filter(|(_, _, ok)| *ok).map(|(_, t, _)| *t).max() {
+            Some(t) => {
+                let age = (now - t).max(0) as u64;
+                perf.push(format!("{}_verified_age={age}s;{}", dom.name, p.verify_warn));
+                if age > p.verify_warn {
+                    add(State::Warning, format!("last successful verification is {} old", human(age)));
+                }
+            }
+            None => add(State::Warning, "no snapshot was verified yet (`vmsnap verify`)".into()),
+        }
+    }
     if let Some(a) = last.filter(|a| !a.ok) {
         if newest.is_none_or(|e| e.snap.created <= a.at) {
             add(State::Critical, format!("last snapshot attempt failed: {}", a.error.as_deref().unwrap_or("unknown error")));
@@ -124,6 +150,7 @@ mod tests {
             snap: Snap { name: name.into(), created, periods: [Period::Hourly].into(), holds: vec![], ram_dump: None },
             datasets: vec![],
             consistency: Some(consistency.into()),
+            verified: None,
         }
     }
 
@@ -157,5 +184,24 @@ mod tests {
         assert_eq!(state, State::Critical);
         assert!(text.starts_with("VMSNAP CRITICAL - web: last snapshot attempt failed") && text.ends_with(" | x=1s;2;3"), "{text}");
         assert_eq!(line(&[], &[], 2), (State::Ok, "VMSNAP OK - 2 domain(s) have fresh snapshots".into()));
+    }
+
+    #[test]
+    fn verification_failed_is_critical_and_stale_warns() {
+        let now = 100_000;
+        let verified = |v: &str| Entry { verified: Some(v.into()), ..entry("a", now - 60, "ram") };
+        let mut d = dom(true);
+        // verify_warn unset: no verification is fine, a failed one is not.
+        assert!(evaluate(&d, &[entry("a", now - 60, "ram")], None, now).0.is_empty());
+        let (f, _) = evaluate(&d, &[verified(&format!("{} failed: RAM dump x: its sha256 is 00", now - 5))], None, now);
+        assert!(f[0].state == State::Critical && f[0].text.contains("verification of a failed") && f[0].text.contains("sha256"), "{f:?}");
+        d.policy.verify_warn = 86_400;
+        let (f, _) = evaluate(&d, &[entry("a", now - 60, "ram")], None, now);
+        assert!(f[0].state == State::Warning && f[0].text.contains("no snapshot was verified"), "{f:?}");
+        let (f, perf) = evaluate(&d, &[verified(&format!("{} ok: RAM dump sha256", now - 3600))], None, now);
+        assert!(f.is_empty(), "{f:?}");
+        assert!(perf.contains(&"web_verified_age=3600s;86400".to_owned()), "{perf:?}");
+        let (f, _) = evaluate(&d, &[verified(&format!("{} ok: RAM dump sha256", now - 90_000))], None, now);
+        assert!(f[0].state == State::Warning && f[0].text.contains("last successful verification is 1.0d old"), "{f:?}");
     }
 }

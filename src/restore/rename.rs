@@ -45,6 +45,16 @@ fn line_of(xml: &str, r: Range<usize>) -> Range<usize> {
     }
 }
 
+/// The new VM's copy of a per-VM file: on the clones if it was on the datasets, else beside
+/// the original with the new name in front (`console.log` → `web2-console.log`).
+fn own_file(p: &Path, r: &Renames) -> PathBuf {
+    if let Some(m) = moved(p, &r.paths) {
+        return m;
+    }
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    p.with_file_name(format!("{}-{name}", r.name))
+}
+
 /// Rewrites `xml` (a libvirt domain definition). A disk (`device='disk'`) whose source is not on
 /// the cloned datasets is refused: the two VMs would write one image.
 pub fn rewrite(xml: &str, r: &Renames) -> Result<String, String> {
@@ -80,6 +90,16 @@ pub fn rewrite(xml: &str, r: &Renames) -> Result<String, String> {
                 "interface" => {
                     if let Some(mac) = child(dev, "mac") {
                         edits.push((line_of(xml, mac.range()), String::new()));
+                    }
+                }
+                // A file-backed console or serial log is the VM's own: two VMs cannot share it
+                // (virtlogd locks it). Renamed beside the original.
+                "serial" | "console" | "parallel" | "channel" if dev.attribute("type") == Some("file") => {
+                    let logs = dev.children().filter(|c| c.is_element() && c.tag_name().name() == "log");
+                    for (node, attr) in child(dev, "source").map(|s| (s, "path")).into_iter().chain(logs.map(|l| (l, "file"))) {
+                        if let Some(a) = node.attribute_node(attr) {
+                            edits.push((a.range_value(), escape(&own_file(Path::new(a.value()), r).to_string_lossy())));
+                        }
                     }
                 }
                 "disk" => {
@@ -155,6 +175,11 @@ mod tests {
     <disk type='file' device='cdrom'>
       <source file='/srv/iso/debian.iso'/>
     </disk>
+    <serial type='file'>
+      <source path='/var/log/vm/web-console.log'/>
+      <log file='/var/log/vm/web-serial.log' append='on'/>
+      <target port='0'/>
+    </serial>
     <interface type='network'>
       <mac address='52:54:00:12:34:56'/>
       <source network='default'/>
@@ -197,6 +222,8 @@ mod tests {
             "unix:/run/vmsnap/web2.qmp,server=on",
             "path=/run/vmsnap/web2.qga,server=on",
             "<source network='default'/>",
+            "<source path='/var/log/vm/web2-web-console.log'/>",
+            "<log file='/var/log/vm/web2-web-serial.log' append='on'/>",
         ] {
             assert!(out.contains(want), "{want} missing in\n{out}");
         }
@@ -205,6 +232,7 @@ mod tests {
         }
         let doc = roxmltree::Document::parse(&out).unwrap();
         assert_eq!(doc.root_element().children().filter(|c| c.is_element()).count(), 5);
+        assert!(out.contains("<source path='/var/log/vm/web2-web-console.log'/>"));
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct Entry {
     /// The datasets that have a snapshot of this name.
     pub datasets: Vec<Dataset>,
     pub consistency: Option<String>,
+    /// `vmsnap verify`'s last word on it ([`prop::VERIFIED`]).
+    pub verified: Option<String>,
 }
 
 /// Everything [`load`] found.
@@ -33,7 +35,7 @@ impl Catalog {
     }
 }
 
-const PROPS: [PropName; 4] = [prop::DOMAIN, prop::PERIODS, prop::RAM_DUMP, prop::CONSISTENCY];
+const PROPS: [PropName; 5] = [prop::DOMAIN, prop::PERIODS, prop::RAM_DUMP, prop::CONSISTENCY, prop::VERIFIED];
 
 /// The snapshots vmsnap took of `dom` (those whose `vmsnap:domain` names it).
 pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
@@ -64,6 +66,7 @@ pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
                 },
                 datasets: Vec::new(),
                 consistency: get(prop::CONSISTENCY),
+                verified: get(prop::VERIFIED),
             });
             e.snap.created = e.snap.created.min(s.creation);
             e.snap.holds.extend(holds);
