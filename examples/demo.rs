@@ -66,6 +66,7 @@ fn inside() {
     step("list", &[&bin, "list", "demo"]);
     step("zfs list", &["zfs", "list", "-t", "snapshot", "-o", "name,vmsnap:consistency,vmsnap:freeze-ms,vmsnap:pause-ms", "-r", "tank"]);
     step("RAM dumps", &["ls", "-l", "/cheap/vmsnap-ram/demo"]);
+    step("verify", &[&bin, "verify", "demo"]);
 
     // Resume from the RAM snapshot: clones of its datasets, a fresh QEMU fed the dump.
     let snap = sh("zfs list -H -t snapshot -o name -s createtxg tank/vms/demo | grep _demo3$").trim().to_owned();
@@ -96,5 +97,14 @@ fn inside() {
         );
         resumed.machine.kill();
     });
-    println!("\n== demo done: three consistent snapshots of a running VM, nothing left behind, and a resume from RAM");
+    sh("zfs destroy tank/resumed && zfs destroy tank/resumed-data");
+
+    // Back in place: the stopped domain's datasets rolled back to the first snapshot as one unit.
+    let first = sh("zfs list -H -t snapshot -o name -s createtxg tank/vms/demo | grep _demo1$").trim().to_owned();
+    let first = first.split('@').nth(1).expect("snapshot name").to_owned();
+    println!("\n== restoring the stopped demo domain to {first}, in place");
+    step("restore plan", &[&bin, "restore", "demo", &first, "--destroy-newer", "--dry-run"]);
+    step("restore", &[&bin, "restore", "demo", &first, "--destroy-newer"]);
+    step("list", &[&bin, "list", "demo"]);
+    println!("\n== demo done: three consistent snapshots of a running VM, verified, a resume from RAM, and a restore in place");
 }

@@ -32,7 +32,8 @@ pub struct RestoreReport {
     pub redefined: bool,
     /// The dump it resumed from, checked (sha256, header) first.
     pub resumed_from: Option<dump::DumpCheck>,
-    /// Filesystems thawed after the resume (a guest saved frozen).
+    /// A guest saved frozen was thawed after the resume: the filesystems the agent's thaw
+    /// counted (0 when an earlier attempt thawed it but answered too late; -1: through libvirt).
     pub thawed: Option<i64>,
     /// The guest clock was set from the host's after the resume.
     pub clock_set: bool,
