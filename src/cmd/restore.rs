@@ -62,7 +62,11 @@ pub async fn run(cfg: &Config, zfs: &Zfs, req: Request, dry_run: bool, json: boo
 }
 
 fn show(p: &Plan) {
-    println!("restore {} ({:?} domain) to {}:", p.domain, p.manager, p.snapshot);
+    let manager = match p.manager {
+        restore::Manager::Config => "config",
+        restore::Manager::Libvirt => "libvirt",
+    };
+    println!("restore {} ({manager} domain) to {}:", p.domain, p.snapshot);
     println!("  consistency {}", p.consistency.as_deref().unwrap_or("unknown"));
     for s in &p.snapshots {
         println!("  roll back   {s}");
@@ -76,10 +80,13 @@ fn show(p: &Plan) {
     if let Some((_, home)) = &p.nvram {
         println!("  nvram       {} from the snapshot", home.display());
     }
-    match (&p.xml, p.redefine) {
-        (Some(x), true) => println!("  virsh define {}", x.display()),
-        (Some(x), false) => println!("  domain XML  {} (not defined in libvirt: start it with `virsh create` of it)", x.display()),
-        (None, _) => {}
+    match (&p.xml, p.redefine, p.manager) {
+        (Some(x), true, _) => println!("  virsh define {}", x.display()),
+        (Some(x), false, restore::Manager::Libvirt) if p.resume.is_none() => {
+            println!("  domain XML  {} (libvirt has no definition of it: start it with `virsh create` of that file)", x.display())
+        }
+        (Some(x), false, _) => println!("  domain XML  {} (the snapshot's)", x.display()),
+        (None, _, _) => {}
     }
     if let Some(r) = &p.resume {
         println!("  resume      from {} ({}), checked against its sha256 first", r.dump.display(), r.compress);
