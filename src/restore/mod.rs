@@ -55,6 +55,8 @@ pub enum RestoreError {
         #[source]
         source: Box<crate::engine::EngineError>,
     },
+    #[error("restore of {domain}: {why}; nothing was changed, run it again")]
+    Changed { domain: String, why: String },
     #[error("restore journal {path}: {why}")]
     Journal { path: PathBuf, why: String },
     #[error("restore of {domain} to {snapshot} stopped at {step}: {why} (`vmsnap recover` finishes it once the domain is stopped)")]
@@ -198,6 +200,18 @@ async fn saved_file(zfs: &Zfs, unit: &[SnapshotName], domain: &str, file: &str) 
     Ok(None)
 }
 
+/// The snapshots and bookmarks a rollback to `unit` destroys, by full name.
+async fn newer_than(zfs: &Zfs, unit: &[SnapshotName]) -> Result<Vec<String>, RestoreError> {
+    let mut newer = Vec::new();
+    for s in unit {
+        let listed = zfs.list_snapshots(s.dataset(), &[]).await?;
+        let txg = listed.iter().find(|l| l.name == *s).map(|l| l.createtxg).unwrap_or(u64::MAX);
+        newer.extend(listed.iter().filter(|l| l.createtxg > txg).map(|l| l.name.to_string()));
+        newer.extend(zfs.bookmarks(s.dataset()).await?.into_iter().filter(|b| b.2 > txg).map(|b| format!("{}#{}", s.dataset(), b.0)));
+    }
+    Ok(newer)
+}
+
 /// Everything a restore will do, read from ZFS, libvirt and the dump; changes nothing.
 pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, RestoreError> {
     if !crate::config::valid_domain_name(&req.domain) {
@@ -218,13 +232,7 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
     let (unit, props, mine) = find_unit(zfs, &req.domain, &req.snapshot).await?;
     ensure_stopped(&req.domain, manager, dom).await?;
 
-    let mut newer = Vec::new();
-    for s in &unit {
-        let listed = zfs.list_snapshots(s.dataset(), &[]).await?;
-        let txg = listed.iter().find(|l| l.name == *s).map(|l| l.createtxg).unwrap_or(u64::MAX);
-        newer.extend(listed.iter().filter(|l| l.createtxg > txg).map(|l| l.name.to_string()));
-        newer.extend(zfs.bookmarks(s.dataset()).await?.into_iter().filter(|b| b.2 > txg).map(|b| format!("{}#{}", s.dataset(), b.0)));
-    }
+    let newer = newer_than(zfs, &unit).await?;
     // The RAM dumps of the newer vmsnap snapshots go with them (as pruning does), only from
     // vmsnap's RAM directory.
     let mut newer_dumps: Vec<PathBuf> = newer
@@ -264,6 +272,13 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
     let quiesced = get(&prop::RAM_QUIESCED).as_deref() == Some("yes");
     let mut warnings = Vec::new();
     let resume = if req.resume {
+        if manager == Manager::Config {
+            return Err(RestoreError::CannotResume {
+                domain: req.domain.clone(),
+                why: "vmsnap does not start a config domain's QEMU (not done yet): restore without --resume, or resume through libvirt"
+                    .into(),
+            });
+        }
         let dump = get(&prop::RAM_DUMP).map(PathBuf::from).ok_or_else(|| RestoreError::NoDump {
             snapshot: req.snapshot.clone(),
             why: match get(&prop::RAM_PRUNED) {

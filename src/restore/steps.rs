@@ -4,7 +4,7 @@
 //! thaw a guest that was saved frozen; set its clock from the host's.
 
 use super::journal::Journal;
-use super::{dump, ensure_stopped, Manager, Plan, RestoreError};
+use super::{dump, ensure_stopped, Plan, RestoreError};
 use crate::config::Config;
 use crate::engine::lock::DomainLock;
 use crate::libvirt::virsh;
@@ -53,15 +53,17 @@ pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> R
     let domain = plan.domain.clone();
     let _locks = locks(cfg, &domain)?;
     ensure_stopped(&domain, plan.manager, cfg.domains.get(&domain)).await?;
+    // The plan was read before the locks: what a rollback destroys must still be what it said.
+    let unit: Vec<SnapshotName> = plan.snapshots.iter().filter_map(|s| SnapshotName::new(s).ok()).collect();
+    let newer = super::newer_than(zfs, &unit).await?;
+    if newer != plan.newer {
+        return Err(RestoreError::Changed {
+            domain,
+            why: format!("snapshots newer than {} changed since the plan: {}", plan.snapshot, newer.join(", ")),
+        });
+    }
     let checked = match &plan.resume {
         None => None,
-        Some(_) if plan.manager == Manager::Config => {
-            return Err(RestoreError::CannotResume {
-                domain,
-                why: "vmsnap does not start a config domain's QEMU (not done yet): restore without --resume, or resume through libvirt"
-                    .into(),
-            })
-        }
         Some(r) => {
             progress(&format!("checking RAM dump {} (sha256)", r.dump.display()));
             let (path, want, p) = (r.dump.clone(), r.sha256.clone(), progress.clone());
@@ -330,6 +332,27 @@ pub(super) async fn finish_interrupted(cfg: &Config, zfs: &Zfs, mut journal: Jou
         return Err(step(&journal, "recover", format!("{e}; the restore journal stays")));
     }
     let progress: Progress = Arc::new(|_: &str| {});
+    // Someone took a snapshot since the crash (by hand: vmsnap's take the domain's lock): the
+    // rollback would destroy it, which the user did not ask for. Say where things stand instead.
+    let unit: Vec<SnapshotName> = journal
+        .state
+        .plan
+        .snapshots
+        .iter()
+        .filter(|s| !journal.state.rolled_back.contains(s))
+        .filter_map(|s| SnapshotName::new(s).ok())
+        .collect();
+    let newer = super::newer_than(zfs, &unit).await?;
+    if let Some(extra) = newer.iter().find(|n| !journal.state.plan.newer.contains(n)) {
+        let (done, plan) = (journal.state.rolled_back.join(", "), journal.state.plan.clone());
+        journal.finish()?;
+        return Ok(vec![format!(
+            "the restore of {domain} to {} was interrupted and {extra} was taken since: not finished (rolled back: {}); run `vmsnap restore {domain} {}` again",
+            plan.snapshot,
+            if done.is_empty() { "none".into() } else { done },
+            plan.snapshot
+        )]);
+    }
     let mut actions = complete(zfs, &mut journal, &progress).await?;
     if journal.state.resume_started {
         actions.push(format!(
