@@ -373,7 +373,23 @@ fn restore_killed_midway() -> Result<(), Failed> {
     check(
         rec.status.success() && String::from_utf8_lossy(&rec.stdout).contains("nothing to recover"),
         format!("second recover: {}", text(&rec)),
-    )
+    )?;
+
+    // Killed again, and this time someone snapshots by hand before the recovery: recovery does
+    // not destroy that snapshot to finish the rollback; it says where the unit stands.
+    let third = take("r3")?;
+    put("four");
+    let out = vmsnap(&["restore", "offline2", &first, "--destroy-newer"], &[("VMSNAP_ABORT_AT", "after:restore_rolled_back")]);
+    check(!out.status.success() && Path::new(&journal).exists(), format!("second abort: {}", text(&out)))?;
+    sh("zfs snapshot tank/vms/off-b@byhand");
+    let rec = vmsnap(&["recover"], &[]);
+    check(
+        rec.status.success() && text(&rec).contains("byhand was taken since: not finished"),
+        format!("recover with a snapshot taken since: {}", text(&rec)),
+    )?;
+    check(!Path::new(&journal).exists(), "the abandoned restore's journal is left")?;
+    let left = sh("zfs list -H -t snapshot -o name tank/vms/off-b");
+    check(left.contains("@byhand") && left.contains(&third), format!("recovery destroyed snapshots: {left}"))
 }
 
 /// One real kill per phase on real OpenZFS (the host lane's `faults_host` kills every record of
