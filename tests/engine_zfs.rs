@@ -375,6 +375,27 @@ fn restore_killed_midway() -> Result<(), Failed> {
         format!("second recover: {}", text(&rec)),
     )?;
 
+    // Killed right after each of the other records this domain's restore writes (the plan, the
+    // nvram): the recovery finishes the unit every time.
+    for (i, point) in ["after:restore_planned", "after:restore_nvram_written"].into_iter().enumerate() {
+        put("two");
+        let newer = take(&format!("k{i}"))?;
+        put("three");
+        let out = vmsnap(&["restore", "offline2", &first, "--destroy-newer"], &[("VMSNAP_ABORT_AT", point)]);
+        check(!out.status.success() && Path::new(&journal).exists(), format!("{point}: no abort or no journal: {}", text(&out)))?;
+        let rec = vmsnap(&["recover"], &[]);
+        check(
+            rec.status.success() && text(&rec).contains("finished the restore of offline2"),
+            format!("{point}: recover: {}", text(&rec)),
+        )?;
+        let after = sh("cat /tank/vms/off-a/a.img /tank/vms/off-b/b.img /etc/vmsnap/offline2_VARS.fd");
+        check(after.split_whitespace().collect::<Vec<_>>() == ["one", "one", "one-nvram"], format!("{point}: after recover: {after}"))?;
+        check(
+            !Path::new(&journal).exists() && !sh("zfs list -H -t snapshot -o name tank/vms/off-a").contains(&newer),
+            format!("{point}: left behind"),
+        )?;
+    }
+
     // Killed again, and this time someone snapshots by hand before the recovery: recovery does
     // not destroy that snapshot to finish the rollback; it says where the unit stands.
     let third = take("r3")?;

@@ -56,7 +56,7 @@ impl Journal {
                 why: "an earlier restore of this domain did not finish: run `vmsnap recover` first".into(),
             });
         }
-        j.write()?;
+        j.record("restore_planned")?;
         Ok(j)
     }
 
@@ -64,10 +64,13 @@ impl Journal {
         self.dir.path().join(&self.name)
     }
 
-    /// Records the state as it is now.
-    pub fn write(&self) -> Result<(), RestoreError> {
+    /// Records the state as it is now, after the step `step` (fault-injection builds may stop
+    /// the process right after each record: `VMSNAP_ABORT_AT=after:<step>`).
+    pub fn record(&self, step: &'static str) -> Result<(), RestoreError> {
         let text = serde_json::to_vec_pretty(&self.state).expect("a restore state serializes");
-        self.dir.write_atomic(&self.name, &text, 0o600).map_err(|e| RestoreError::Journal { path: self.path(), why: e.to_string() })
+        self.dir.write_atomic(&self.name, &text, 0o600).map_err(|e| RestoreError::Journal { path: self.path(), why: e.to_string() })?;
+        crate::engine::journal::fault_point("after", step);
+        Ok(())
     }
 
     /// The restore is over: the journal goes.

@@ -105,7 +105,7 @@ pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> R
     tracing::debug!(?actions, "restored disks");
     if let (Some(r), Some(checked)) = (journal.state.plan.resume.clone(), checked) {
         journal.state.resume_started = true;
-        journal.write()?;
+        journal.record("restore_resume_started")?;
         progress("starting the domain from its RAM dump (virsh restore)");
         resume_libvirt(cfg, &domain, &r.dump, r.compress, &progress).await.map_err(|why| step(&journal, "virsh restore", why))?;
         report.resumed_from = Some(checked);
@@ -148,8 +148,7 @@ async fn complete(zfs: &Zfs, journal: &mut Journal, progress: &Progress) -> Resu
         let snap = SnapshotName::new(s).map_err(|e| step(journal, "rollback", e.to_string()))?;
         zfs.rollback(&snap, plan.destroy_newer).await.map_err(|e| step(journal, "rollback", e.to_string()))?;
         journal.state.rolled_back.push(s.clone());
-        journal.write()?;
-        crate::engine::journal::fault_point("after", "restore_rolled_back");
+        journal.record("restore_rolled_back")?;
         actions.push(format!("rolled back {s}"));
     }
     if !journal.state.dumps_removed && !plan.newer_dumps.is_empty() {
@@ -161,20 +160,20 @@ async fn complete(zfs: &Zfs, journal: &mut Journal, progress: &Progress) -> Resu
             }
         }
         journal.state.dumps_removed = true;
-        journal.write()?;
+        journal.record("restore_dumps_removed")?;
     }
     if let (Some((copy, home)), false) = (&plan.nvram, journal.state.nvram_written) {
         progress(&format!("nvram {} from the snapshot", home.display()));
         put_nvram(copy, home).map_err(|why| step(journal, "nvram", why))?;
         journal.state.nvram_written = true;
-        journal.write()?;
+        journal.record("restore_nvram_written")?;
         actions.push(format!("nvram {} from the snapshot", home.display()));
     }
     if let (true, Some(xml), false) = (plan.redefine, &plan.xml, journal.state.redefined) {
         progress(&format!("virsh define {}", xml.display()));
         virsh::define(xml).map_err(|e| step(journal, "virsh define", e.to_string()))?;
         journal.state.redefined = true;
-        journal.write()?;
+        journal.record("restore_redefined")?;
         actions.push(format!("redefined {} from the snapshot's XML", plan.domain));
     }
     Ok(actions)
