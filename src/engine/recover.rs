@@ -72,7 +72,8 @@ impl<'a> Places<'a> {
         Self::check(path, self.overlay_dir, "overlay_dir")
     }
 
-    fn ram(&self, path: &Path) -> Result<(), String> {
+    /// `Ok` when `path` is a plain path inside `ram_dir` (the only place vmsnap deletes dumps).
+    pub fn ram(&self, path: &Path) -> Result<(), String> {
         Self::check(path, self.ram_dir, "ram_dir")
     }
 }

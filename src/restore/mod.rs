@@ -116,44 +116,38 @@ pub struct Request {
     pub resume: bool,
 }
 
-type Mine = BTreeMap<String, BTreeMap<PropName, String>>;
+/// vmsnap's snapshots on this host (`vmsnap:domain` set on the snapshot itself, never
+/// inherited), by domain, then snapshot name: one snapshot per dataset (sorted), and the first's
+/// properties.
+pub(crate) type Units = BTreeMap<String, BTreeMap<String, (Vec<SnapshotName>, BTreeMap<PropName, String>)>>;
 
-/// The snapshots named `snapshot` that vmsnap took of `domain` (by their own `vmsnap:domain`,
-/// never an inherited one), with the properties of the first.
-/// Also every snapshot of the domain's (full name → properties), to find the RAM dumps of newer
-/// ones a rollback destroys.
-async fn find_unit(zfs: &Zfs, domain: &str, snapshot: &str) -> Result<(Vec<SnapshotName>, BTreeMap<PropName, String>, Mine), RestoreError> {
-    let all = zfs.all_snapshot_properties(&prop::ALL).await?;
-    let mut found = Vec::new();
-    let mut props = BTreeMap::new();
-    let mut known = std::collections::BTreeSet::new();
-    let mut mine = Mine::new();
-    for (name, p) in all {
-        if p.get(&prop::DOMAIN).map(String::as_str) != Some(domain) {
-            continue;
-        }
-        let Ok(snap) = SnapshotName::new(&name) else { continue };
-        mine.insert(name.clone(), p.clone());
-        if snap.snap() == snapshot {
-            if props.is_empty() {
-                props = p;
-            }
-            found.push(snap);
-        } else {
-            known.insert(snap.snap().to_owned());
-        }
+pub(crate) async fn units(zfs: &Zfs) -> Result<Units, ZfsError> {
+    let mut out: Units = BTreeMap::new();
+    for (name, props) in zfs.all_snapshot_properties(&prop::ALL).await? {
+        let (Some(domain), Ok(snap)) = (props.get(&prop::DOMAIN).cloned(), SnapshotName::new(&name)) else { continue };
+        let unit = out.entry(domain).or_default().entry(snap.snap().to_owned()).or_insert_with(|| (Vec::new(), props.clone()));
+        unit.0.push(snap);
     }
-    if found.is_empty() {
+    Ok(out)
+}
+
+type Mine = BTreeMap<String, (Vec<SnapshotName>, BTreeMap<PropName, String>)>;
+
+/// The snapshots named `snapshot` that vmsnap took of `domain`, with the properties of the
+/// first; also all of the domain's ([`Units`]), to find the RAM dumps of newer ones a rollback
+/// destroys.
+async fn find_unit(zfs: &Zfs, domain: &str, snapshot: &str) -> Result<(Vec<SnapshotName>, BTreeMap<PropName, String>, Mine), RestoreError> {
+    let mine = units(zfs).await?.remove(domain).unwrap_or_default();
+    let Some((unit, props)) = mine.get(snapshot).cloned() else {
         // vmsnap's names start with the time: the last by name are the newest.
-        let newest: Vec<String> = known.iter().rev().take(5).cloned().collect();
+        let newest: Vec<&str> = mine.keys().rev().take(5).map(String::as_str).collect();
         return Err(RestoreError::NoSuchSnapshot {
             domain: domain.to_owned(),
             snapshot: snapshot.to_owned(),
             known: if newest.is_empty() { "none".into() } else { newest.join(", ") },
         });
-    }
-    found.sort_by_key(ToString::to_string);
-    Ok((found, props, mine))
+    };
+    Ok((unit, props, mine))
 }
 
 /// Refuses a domain whose QEMU runs (or may run): a rollback under it would lose the guest's
@@ -217,11 +211,7 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
     if !crate::config::valid_domain_name(&req.domain) {
         return Err(RestoreError::BadName(format!("{:?} is not a domain name", req.domain.chars().take(80).collect::<String>())));
     }
-    if req.snapshot.is_empty()
-        || req.snapshot.len() > 200
-        || req.snapshot.contains(['@', '/', '#'])
-        || req.snapshot.contains(char::is_whitespace)
-    {
+    if !crate::zfs::names::valid_component(&req.snapshot) {
         return Err(RestoreError::BadName(format!(
             "{:?} is not a snapshot name (the part after the @, as `vmsnap list` shows it)",
             req.snapshot.chars().take(80).collect::<String>()
@@ -234,14 +224,12 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
 
     let newer = newer_than(zfs, &unit).await?;
     // The RAM dumps of the newer vmsnap snapshots go with them (as pruning does), only from
-    // vmsnap's RAM directory.
+    // vmsnap's RAM directory (recovery's rule for what it may delete).
+    let places = crate::engine::recover::Places::of(cfg);
     let mut newer_dumps: Vec<PathBuf> = newer
         .iter()
-        .filter_map(|n| mine.get(n)?.get(&prop::RAM_DUMP).map(PathBuf::from))
-        .filter(|d| {
-            d.starts_with(&cfg.ram_dir)
-                && d.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
-        })
+        .filter_map(|n| mine.get(SnapshotName::new(n).ok()?.snap())?.1.get(&prop::RAM_DUMP).map(PathBuf::from))
+        .filter(|d| places.ram(d).is_ok())
         .collect();
     newer_dumps.sort();
     newer_dumps.dedup();

@@ -9,9 +9,8 @@
 
 use super::dump;
 use crate::model::prop;
-use crate::zfs::{PropName, SnapshotName, Zfs, ZfsError};
+use crate::zfs::{PropName, Zfs, ZfsError};
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 /// One snapshot's verification.
 #[derive(Debug, Clone, Serialize)]
@@ -24,25 +23,11 @@ pub struct Verified {
     pub detail: String,
 }
 
-/// The vmsnap snapshots on this host (`vmsnap:domain` set on the snapshot itself), grouped by
-/// domain then snapshot name: (datasets' snapshots, the first's properties).
-type Units = BTreeMap<String, BTreeMap<String, (Vec<SnapshotName>, BTreeMap<PropName, String>)>>;
-
-async fn units(zfs: &Zfs) -> Result<Units, ZfsError> {
-    let mut out: Units = BTreeMap::new();
-    for (name, props) in zfs.all_snapshot_properties(&prop::ALL).await? {
-        let (Some(domain), Ok(snap)) = (props.get(&prop::DOMAIN).cloned(), SnapshotName::new(&name)) else { continue };
-        let unit = out.entry(domain).or_default().entry(snap.snap().to_owned()).or_insert_with(|| (Vec::new(), props.clone()));
-        unit.0.push(snap);
-    }
-    Ok(out)
-}
-
 /// Verifies every snapshot of `only` (or of every domain), oldest name first; `progress` hears
 /// which one is being read. Records the outcome on each snapshot.
 pub async fn verify(zfs: &Zfs, only: Option<&str>, progress: impl Fn(&str)) -> Result<Vec<Verified>, ZfsError> {
     let mut out = Vec::new();
-    for (domain, snaps) in units(zfs).await? {
+    for (domain, snaps) in super::units(zfs).await? {
         if only.is_some_and(|o| o != domain) {
             continue;
         }

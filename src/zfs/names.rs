@@ -15,7 +15,7 @@ pub struct NameError {
 /// ZFS's own limit on a full name (ZFS_MAX_DATASET_NAME_LEN - 1).
 const MAX_NAME: usize = 255;
 
-fn valid_component(c: &str) -> bool {
+pub(crate) fn valid_component(c: &str) -> bool {
     !c.is_empty() && c.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.' | ':' | ' '))
 }
 
