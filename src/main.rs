@@ -83,6 +83,11 @@ enum Command {
         /// Show the plan and its sizes (`zfs send -nP`), send nothing.
         #[arg(long)]
         dry_run: bool,
+        /// A target that diverged (after a restore to an older snapshot, say) is rolled back to
+        /// the snapshot in common, destroying its newer vmsnap-made snapshots, if its `vmsnap
+        /// serve` has --allow-rollback. A snapshot made there by hand refuses it.
+        #[arg(long)]
+        rollback_target: bool,
         #[arg(long)]
         json: bool,
     },
@@ -129,6 +134,18 @@ enum Command {
         /// Where received RAM dumps go (root only, files 0600).
         #[arg(long)]
         ram_dir: PathBuf,
+        /// This target's own retention, applied when a source has sent a domain:
+        /// `hourly=48,daily=30,…` over sanoid's defaults (frequently, hourly, daily, weekly,
+        /// monthly, yearly, frequent_period, ram_keep). Without it the target keeps everything.
+        #[arg(long)]
+        keep: Option<String>,
+        /// Let sources ask (`vmsnap replicate --rollback-target`) to destroy vmsnap-made
+        /// snapshots newer than the one in common and roll back to it.
+        #[arg(long)]
+        allow_rollback: bool,
+        /// The time retention decides by (unix seconds; for tests).
+        #[arg(long, hide = true)]
+        now: Option<i64>,
     },
     /// Nagios/Icinga plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN, one line with perfdata.
     Check {
@@ -243,8 +260,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::List { domain, json } => cmd::list::run(&load()?, &zfs, domain.as_deref(), json).await,
         Command::Prune { domain, dry_run, now, json } => cmd::prune::run(&load()?, &zfs, domain, dry_run, now, json).await,
-        Command::Replicate { domain, target, dry_run, json } => {
-            cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), dry_run, json).await
+        Command::Replicate { domain, target, dry_run, rollback_target, json } => {
+            let opts = vmsnap::replicate::Options { dry_run, rollback_target };
+            cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), opts, json).await
         }
         Command::Restore { domain, snapshot, as_name: Some(new), promote, dry_run, json, .. } => {
             cmd::restore::run_as(&load()?, &zfs, &domain, &snapshot, &new, promote, dry_run, json).await
@@ -254,7 +272,9 @@ async fn run(cli: Cli) -> Result<()> {
             cmd::restore::run(&load()?, &zfs, req, dry_run, json).await
         }
         Command::Verify { domain, json } => cmd::verify::run(&zfs, domain.as_deref(), json).await,
-        Command::Serve { root, ram_dir } => cmd::replicate::serve(&root, ram_dir, zfs).await,
+        Command::Serve { root, ram_dir, keep, allow_rollback, now } => {
+            cmd::replicate::serve(&root, ram_dir, keep.as_deref(), allow_rollback, now, zfs).await
+        }
         Command::Recover { json } => cmd::recover::run(&load()?, json).await,
         Command::Daemon { bus, bus_address } => {
             use vmsnap::daemon::dbus::Bus;

@@ -153,6 +153,11 @@ pub mod prop {
     /// `<unix seconds> failed: <why>`. Never replicated: each side verifies its own copy.
     pub const VERIFIED: PropName = PropName::known("vmsnap:verified");
 
+    /// Set by a replication target on the copies it received (`complete` once the copy, its
+    /// properties and its RAM dump are all there). A snapshot carrying it is a replica: restore,
+    /// verify and the source's own pruning never take it for the domain's own.
+    pub const REPLICA: PropName = PropName::known("vmsnap:replica");
+
     /// Every property `vmsnap list` shows.
     pub const LISTED: [PropName; 12] =
         [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, RAM_FORMAT, RAM_COMPRESS, RAM_SIZE, PERIODS, RAM_PRUNED, VERIFIED];

@@ -44,6 +44,9 @@ fn inside() {
         ("encrypted_datasets_go_raw_and_need_no_key_there", encrypted),
         ("the_daemon_replicates_after_each_scheduled_snapshot", daemon_replicates),
         ("an_unreachable_target_does_not_stop_the_others", unreachable_target),
+        // These two change what the target holds on the target's own terms.
+        ("rollback_target_after_a_restore_only_with_the_targets_leave", rollback_target_after_a_restore),
+        ("the_target_prunes_by_its_own_policy", target_prunes_by_its_own_policy),
     ];
     let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
     let conclusion = libtest_mimic::run(&args, trials);
@@ -70,12 +73,21 @@ fn setup() {
         && ip netns exec remote ip link set lo up");
     sh(&format!(
         "ssh-keygen -q -t ed25519 -N '' -f {RT}/host_key && ssh-keygen -q -t ed25519 -N '' -f {RT}/id && mkdir -p /run/sshd \
-         && printf 'command=\"{} serve --root backup/replica --ram-dir /backup/ram\",restrict %s\\n' \"$(cat {RT}/id.pub)\" > {RT}/authorized_keys \
          && printf 'ListenAddress 10.77.0.2\\nHostKey {RT}/host_key\\nPermitRootLogin prohibit-password\\nAuthorizedKeysFile {RT}/authorized_keys\\nStrictModes no\\nUsePAM no\\nPidFile /run/sshd-remote.pid\\n' > {RT}/sshd_config \
-         && ip netns exec remote /usr/sbin/sshd -f {RT}/sshd_config -E {RT}/sshd.log",
-        vmsnap_bin()
+         && ip netns exec remote /usr/sbin/sshd -f {RT}/sshd_config -E {RT}/sshd.log"
     ));
+    forced_command("");
     write_config(&["offsite"], "");
+}
+
+/// Pins the source's key on the "remote host" to `vmsnap serve` with the target's own options
+/// (`extra`); sshd reads the file at each connection.
+fn forced_command(extra: &str) {
+    let key = std::fs::read_to_string(format!("{RT}/id.pub")).unwrap();
+    let line = format!("command=\"{} serve --root backup/replica --ram-dir /backup/ram {extra}\",restrict {}\n", vmsnap_bin(), key.trim());
+    std::fs::write(format!("{RT}/authorized_keys"), line).unwrap();
+    // A shared connection keeps the forced command it authenticated with: start afresh.
+    let _ = Command::new("/bin/sh").arg("-c").arg(format!("rm -f {RT}/state/ssh/*")).status();
 }
 
 fn write_config(targets: &[&str], extra_domains: &str) {
@@ -358,4 +370,92 @@ fn daemon_replicates() -> Result<(), Failed> {
     eprintln!("METRIC daemon replication after {:.0} s", t.elapsed().as_secs_f64());
     check(done, format!("the daemon did not replicate a scheduled snapshot: {said}"))?;
     assert_replicated()
+}
+
+/// After a restore to an older snapshot the target holds newer ones: a plain run stops (exit 3);
+/// `--rollback-target` is refused until the target's forced command allows it, and then still
+/// refused while a hand-made snapshot is among them; allowed, it destroys only those newer
+/// vmsnap snapshots (and their dumps there), then sends.
+fn rollback_target_after_a_restore() -> Result<(), Failed> {
+    let back_to = snapshot("r1")?;
+    let newer = snapshot("r2")?;
+    add_ram(&newer, 4)?;
+    replicate(&[])?;
+    let dump_there = format!("/backup/ram/web/{newer}.ram");
+    check(std::path::Path::new(&dump_there).exists(), "r2's dump did not reach the target")?;
+    let out = vmsnap(&["restore", "web", &back_to, "--destroy-newer"]);
+    check(out.status.success(), text(&out))?;
+    // The replica on this host's other pool carries the domain's name too: it is not the domain's.
+    check(snaps(DST).contains(&newer) && snaps(SRC).last() == Some(&back_to), format!("source {:?}, target {:?}", snaps(SRC), snaps(DST)))?;
+    let after = snapshot("r3")?;
+    let out = vmsnap(&["replicate", "web"]);
+    check(out.status.code() == Some(3) && text(&out).contains(&newer), text(&out))?;
+    let out = vmsnap(&["replicate", "web", "--rollback-target"]);
+    eprintln!("METRIC rollback refused by the target: {}", String::from_utf8_lossy(&out.stderr).trim());
+    check(out.status.code() == Some(1) && text(&out).contains("--allow-rollback"), text(&out))?;
+    check(snaps(DST).contains(&newer), "the target lost r2 without allowing it")?;
+    forced_command("--allow-rollback");
+    sh(&format!("zfs snapshot {DST}@mine-after"));
+    let out = vmsnap(&["replicate", "web", "--rollback-target"]);
+    let said = text(&out);
+    check(out.status.code() == Some(1) && said.contains("mine-after") && said.contains("not made by vmsnap"), said)?;
+    check(snaps(DST).contains(&newer) && snaps(DST).contains(&"mine-after".to_owned()), "a refused rollback destroyed something")?;
+    sh(&format!("zfs destroy {DST}@mine-after"));
+    let r = replicate(&["--rollback-target"]);
+    forced_command("");
+    let r = r?;
+    eprintln!("METRIC rollback-target: {}", r["datasets"]);
+    for d in r["datasets"].as_array().ok_or("no datasets")? {
+        check(d["rolled_back"]["to"] == back_to.as_str() && d["rolled_back"]["destroyed"] == serde_json::json!([newer]), format!("{d}"))?;
+    }
+    check(!std::path::Path::new(&dump_there).exists(), "r2's dump is still on the target")?;
+    check(snaps(DST).last() == Some(&after), format!("target: {:?}", snaps(DST)))?;
+    assert_replicated()
+}
+
+/// The target's `--keep` (and its clock, `--now`) decide; the source's policy and clock do not.
+/// Hourly snapshots beyond the target's count go there with their dumps; vmsnap's unscheduled
+/// ones, and a hand-made one, stay; the source keeps everything; the next run sends nothing.
+fn target_prunes_by_its_own_policy() -> Result<(), Failed> {
+    let mut hourly = Vec::new();
+    for i in 1..=3 {
+        let name = snapshot(&format!("h{i}"))?;
+        // What the scheduler records on the snapshots it takes for a period.
+        sh(&format!("zfs set vmsnap:periods=hourly {SRC}@{name} {ZVOL}@{name}"));
+        hourly.push(name);
+    }
+    add_ram(&hourly[0], 4)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 3 * 3600;
+    forced_command(&format!("--keep hourly=1,frequently=0 --now {now}"));
+    let r = replicate(&[]);
+    forced_command("");
+    let r = r?;
+    eprintln!("METRIC target retention: {}", r["target_pruned"]);
+    let destroyed: Vec<String> = serde_json::from_value(r["target_pruned"]["destroyed"].clone())?;
+    check(
+        destroyed.contains(&hourly[0]) && destroyed.contains(&hourly[1]) && !destroyed.contains(&hourly[2]),
+        format!("destroyed: {destroyed:?}"),
+    )?;
+    check(
+        destroyed.iter().all(|d| d.contains("hourly") || d.contains("frequently") || hourly.contains(d)),
+        format!("destroyed: {destroyed:?}"),
+    )?;
+    let (src, dst) = (snaps(SRC), snaps(DST));
+    for s in &src {
+        let should = !destroyed.contains(s);
+        check(dst.contains(s) == should, format!("{s}: on the target {}, expected {should}; target: {dst:?}", dst.contains(s)))?;
+    }
+    check(hourly.iter().all(|h| src.contains(h)), "the source lost a snapshot")?;
+    check(dst.contains(&"by-hand-1".to_owned()), "a snapshot vmsnap did not make was pruned on the target")?;
+    check(
+        !std::path::Path::new(&format!("/backup/ram/web/{}.ram", hourly[0])).exists(),
+        "the pruned snapshot's dump is still on the target",
+    )?;
+    check(std::path::Path::new(&format!("{RT}/ram/web/{}.ram", hourly[0])).exists(), "the source's dump went")?;
+    let again = replicate(&[])?;
+    check(
+        again["datasets"].as_array().is_some_and(|d| d.iter().all(|d| d["steps"] == serde_json::json!([]))),
+        format!("after pruning: {again}"),
+    )?;
+    check(again["target_pruned"]["policy"].is_null(), format!("the default forced command has no policy: {}", again["target_pruned"]))
 }

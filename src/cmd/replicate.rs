@@ -3,7 +3,7 @@
 use anyhow::Result;
 use std::path::PathBuf;
 use vmsnap::config::Config;
-use vmsnap::replicate::{replicate, ReplicateError, ReplicationReport};
+use vmsnap::replicate::{replicate, Options, ReplicateError, ReplicationReport};
 use vmsnap::zfs::{Dataset, Zfs};
 
 /// The exit status when a target diverged (nothing was sent or destroyed).
@@ -11,7 +11,7 @@ pub const EXIT_DIVERGED: i32 = 3;
 
 /// Every domain (or one) to each of its targets (or only `only_target`). A target that fails
 /// does not stop the others; the exit status says the worst: 0, 1 (a failure), 3 (diverged).
-pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<&str>, only_target: Option<&str>, dry_run: bool, json: bool) -> Result<()> {
+pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<&str>, only_target: Option<&str>, opts: Options, json: bool) -> Result<()> {
     if let Some(t) = only_target.filter(|t| !cfg.targets.contains_key(*t)) {
         anyhow::bail!("no [target.{t}] in {} (known: {})", cfg.path.display(), cfg.targets.keys().cloned().collect::<Vec<_>>().join(", "));
     }
@@ -25,7 +25,7 @@ pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<&str>, only_target: Opt
             pairs += 1;
             let target = &cfg.targets[tname];
             let show = |s: &str| steps.lock().expect("not poisoned").step(&format!("{} → {tname}: {s}", dom.name));
-            match replicate(zfs, &cfg.state_dir, dom, target, dry_run, &show).await {
+            match replicate(zfs, &cfg.state_dir, dom, target, opts, &show).await {
                 Ok(r) => reports.push(r),
                 Err(e) => {
                     eprintln!("vmsnap: error: {} → {tname}: {e}", dom.name);
@@ -69,13 +69,35 @@ fn print(r: &ReplicationReport) {
     if !r.completed.is_empty() {
         println!("  complete on the target: {}", r.completed.join(", "));
     }
+    match &r.target_pruned {
+        Some(p) if p.policy.is_none() => println!("  the target has no retention of its own (vmsnap serve --keep): it keeps everything"),
+        Some(p) => {
+            if !p.destroyed.is_empty() {
+                println!("  the target's retention ({}) destroyed: {}", p.policy.as_deref().unwrap_or_default(), p.destroyed.join(", "));
+            }
+            if !p.ram_dropped.is_empty() {
+                println!("  the target's retention dropped the RAM dumps of: {}", p.ram_dropped.join(", "));
+            }
+        }
+        None => {}
+    }
+    if let Some(e) = &r.target_prune_error {
+        println!("  warning: the target's retention did not run: {e}");
+    }
 }
 
 /// `vmsnap serve`: one request on stdin, its answer on stdout.
-pub async fn serve(root: &str, ram_dir: PathBuf, zfs: Zfs) -> Result<()> {
+pub async fn serve(root: &str, ram_dir: PathBuf, keep: Option<&str>, allow_rollback: bool, now: Option<i64>, zfs: Zfs) -> Result<()> {
     let root = Dataset::new(root)?;
     anyhow::ensure!(ram_dir.is_absolute(), "--ram-dir must be an absolute path");
-    let server = vmsnap::replicate::server::Server { root, ram_dir, zfs };
+    let keep = match keep {
+        Some(spec) => {
+            let policy = vmsnap::config::policy::parse_keep(spec).map_err(|b| anyhow::anyhow!("--keep {spec:?}: {}", b.why))?;
+            Some(vmsnap::replicate::target_retention::TargetPolicy { spec: spec.to_owned(), policy })
+        }
+        None => None,
+    };
+    let server = vmsnap::replicate::server::Server { root, ram_dir, zfs, keep, allow_rollback, now };
     server.serve_stdio().await?;
     Ok(())
 }

@@ -150,6 +150,8 @@ struct RawTarget {
     rate_limit: Option<u64>,
     dataset: Option<String>,
     ram_dir: Option<PathBuf>,
+    /// A local target's retention (`[target.NAME.policy]`, the period counts and `use_template`).
+    policy: Option<RawPolicy>,
 }
 
 /// A replication target: another host reached with ssh (its `vmsnap serve`, pinned by the
@@ -171,6 +173,9 @@ pub struct TargetConfig {
     /// Local targets: the dataset received datasets go under, and the RAM dump directory.
     pub dataset: Option<String>,
     pub ram_dir: Option<PathBuf>,
+    /// A local target's retention as `vmsnap serve --keep` spells it; `None`: it keeps
+    /// everything. A remote target's retention is on its own forced command line.
+    pub keep: Option<String>,
 }
 
 policy_section! {
@@ -255,7 +260,30 @@ impl Config {
             .map_err(|(table, tname, key, why)| at(table, &tname, key, why))?;
         let mut targets = BTreeMap::new();
         for (name, t) in raw.target {
-            targets.insert(name.clone(), target(&name, t).map_err(|(key, why)| at("target", &name, key, why))?);
+            let keep = match (&t.host, &t.policy) {
+                (None, Some(own)) => {
+                    let policy = resolve(&raw.template, own, &name).map_err(|(table, tname, key, why)| {
+                        if table == "domain" {
+                            at("target", &name, key, why)
+                        } else {
+                            at(table, &tname, key, why)
+                        }
+                    })?;
+                    Some(policy::keep_spec(&policy))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(at(
+                        "target",
+                        &name,
+                        "policy",
+                        "a remote target prunes by its own policy only: put it on the target host's forced command (vmsnap serve --keep hourly=48,daily=30,…)".into(),
+                    ))
+                }
+                _ => None,
+            };
+            let mut t = target(&name, t).map_err(|(key, why)| at("target", &name, key, why))?;
+            t.keep = keep;
+            targets.insert(name.clone(), t);
         }
         for (dname, d) in domains.iter().map(|(n, d)| (n.as_str(), &d.policy)).chain([("(registered)", &registered_policy)]) {
             if let Some(t) = d.replicate_to.iter().find(|t| !targets.contains_key(*t)) {
@@ -338,6 +366,7 @@ fn target(name: &str, t: RawTarget) -> Result<TargetConfig, (&'static str, Strin
         rate_limit: t.rate_limit.unwrap_or(0),
         dataset: t.dataset,
         ram_dir: t.ram_dir,
+        keep: None,
     })
 }
 
@@ -422,6 +451,24 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/vmsnap/vmsnap.toml"))
+    }
+
+    #[test]
+    fn a_local_target_has_its_own_retention_a_remote_one_on_its_host() {
+        let ok = parse(
+            "[template.backup]\nhourly = 3\n[target.usb]\ndataset = \"usb/v\"\nram_dir = \"/usb/ram\"\n\
+             [target.usb.policy]\nuse_template = \"backup\"\ndaily = 7\n[target.off]\nhost = \"b\"\n",
+        )
+        .unwrap();
+        let keep = ok.targets["usb"].keep.as_deref().unwrap();
+        assert!(keep.contains("hourly=3") && keep.contains("daily=7"), "{keep}");
+        assert_eq!(ok.targets["off"].keep, None);
+        let e = parse("[target.off]\nhost = \"b\"\n[target.off.policy]\nhourly = 3\n").unwrap_err().to_string();
+        assert!(e.contains("vmsnap serve --keep"), "{e}");
+        let e = parse("[target.usb]\ndataset = \"usb/v\"\nram_dir = \"/r\"\n[target.usb.policy]\nuse_template = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
     }
 
     #[test]

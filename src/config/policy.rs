@@ -350,6 +350,51 @@ impl RawPolicy {
     }
 }
 
+/// A replication target's retention, as its `vmsnap serve --keep` (or a local target's `keep`)
+/// spells it: `hourly=48,daily=30,…` over sanoid's defaults; keys are the period counts,
+/// `frequent_period` and `ram_keep`. A target only prunes, so nothing else belongs here.
+pub fn parse_keep(spec: &str) -> Result<Policy, BadKey> {
+    let mut raw = RawPolicy::default();
+    for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(bad("keep", format!("{item:?}: use key=value, e.g. hourly=48,daily=30")));
+        };
+        let n: u32 = value.trim().parse().map_err(|_| bad("keep", format!("{item:?}: {value:?} is not a count")))?;
+        let slot = match key.trim() {
+            "frequently" => &mut raw.frequently,
+            "hourly" => &mut raw.hourly,
+            "daily" => &mut raw.daily,
+            "weekly" => &mut raw.weekly,
+            "monthly" => &mut raw.monthly,
+            "yearly" => &mut raw.yearly,
+            "frequent_period" => &mut raw.frequent_period,
+            "ram_keep" => &mut raw.ram_keep,
+            other => {
+                return Err(bad(
+                    "keep",
+                    format!(
+                        "{other:?} is not a retention key (frequently, hourly, daily, weekly, monthly, yearly, frequent_period, ram_keep)"
+                    ),
+                ))
+            }
+        };
+        *slot = Some(n);
+    }
+    let mut policy = Policy::default();
+    raw.apply(&mut policy)?;
+    Ok(policy)
+}
+
+/// The `--keep` spelling of a policy's retention (what a local target's `vmsnap serve` is given).
+pub fn keep_spec(p: &Policy) -> String {
+    let mut parts: Vec<String> = Period::ALL.iter().map(|&per| format!("{}={}", per.as_str(), p.keep.get(per))).collect();
+    parts.push(format!("frequent_period={}", p.frequent_period));
+    if let Some(n) = p.ram_keep {
+        parts.push(format!("ram_keep={n}"));
+    }
+    parts.join(",")
+}
+
 fn set<T: Copy>(slot: &mut T, v: Option<T>) {
     if let Some(v) = v {
         *slot = v;
@@ -379,6 +424,22 @@ pub fn parse_age(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_targets_keep_reads_over_sanoids_defaults_and_round_trips() {
+        let p = parse_keep("hourly=4, daily=2,ram_keep=1").unwrap();
+        assert_eq!((p.keep.get(Period::Hourly), p.keep.get(Period::Daily), p.keep.get(Period::Monthly)), (4, 2, 6));
+        assert_eq!(p.ram_keep, Some(1));
+        let spec = keep_spec(&p);
+        assert_eq!(spec, "frequently=0,hourly=4,daily=2,weekly=0,monthly=6,yearly=0,frequent_period=15,ram_keep=1");
+        assert_eq!(parse_keep(&spec).unwrap(), p);
+        for (bad, says) in
+            [("hourly", "key=value"), ("hourly=-1", "not a count"), ("ram=1", "not a retention key"), ("frequent_period=0", "1..=1440")]
+        {
+            let e = parse_keep(bad).unwrap_err();
+            assert!(e.why.contains(says), "{bad}: {}", e.why);
+        }
+    }
 
     fn raw(text: &str) -> RawPolicy {
         toml::from_str(text).unwrap()

@@ -472,7 +472,7 @@ impl Jobs {
                 let Some(target) = cfg.targets.get(tname) else { continue };
                 step(&format!("replicating to {tname}"));
                 let show = |s: &str| step(&format!("replicating to {tname}: {s}"));
-                match crate::replicate::replicate(zfs, &cfg.state_dir, dom, target, false, &show).await {
+                match crate::replicate::replicate(zfs, &cfg.state_dir, dom, target, crate::replicate::Options::default(), &show).await {
                     Ok(r) => {
                         let bytes: u64 = r.datasets.iter().map(|d| d.bytes).sum::<u64>() + r.ram_bytes;
                         tracing::info!(domain = %dom.name, target = %tname, completed = ?r.completed, bytes, "replicated");

@@ -3,6 +3,7 @@
 //!
 //! - [`protocol`]: what a source may ask a target and what it answers;
 //! - [`server`]: `vmsnap serve`, the target side (an ssh forced command, or a local child);
+//! - [`target_retention`]: the target's own pruning, and the rollback it may allow;
 //! - [`transport`]: reaching it (OpenSSH, or the local child);
 //! - [`plan`]: what to send, pure;
 //! - [`run`]: one domain to one target, top to bottom.
@@ -11,6 +12,7 @@ pub mod plan;
 pub mod protocol;
 pub mod run;
 pub mod server;
+pub mod target_retention;
 pub mod transport;
 
-pub use run::{replicate, ReplicateError, ReplicationReport};
+pub use run::{replicate, Options, ReplicateError, ReplicationReport};

@@ -21,6 +21,13 @@ pub struct Cursor {
     pub createtxg: u64,
 }
 
+/// The newest snapshot the source and a diverged target both have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Common {
+    pub name: String,
+    pub guid: u64,
+}
+
 /// Where an incremental starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Base {
@@ -50,8 +57,9 @@ pub enum Step {
 pub enum Plan {
     UpToDate,
     Send(Vec<Step>),
-    /// Why nothing may be sent; the snapshots named with their GUIDs.
-    Diverged(String),
+    /// Why nothing may be sent (the snapshots named with their GUIDs), and the newest snapshot
+    /// both sides have, when there is one (what `--rollback-target` goes back to).
+    Diverged(String, Option<Common>),
 }
 
 /// `source`: every snapshot of the dataset, oldest first; `newest`: the one to bring the target
@@ -73,26 +81,36 @@ pub fn plan(source: &[SourceSnap], newest: Option<&str>, cursor: Option<&Cursor>
     let common = target.snapshots.iter().rposition(|t| known(t.guid).is_some() || cursor.is_some_and(|c| c.guid == t.guid));
     let Some(common) = common else {
         let theirs: Vec<String> = target.snapshots.iter().map(|t| format!("{} (guid {})", t.name, t.guid)).collect();
-        return Plan::Diverged(format!(
-            "the target has no snapshot in common with the source (it has: {})",
-            if theirs.is_empty() { "none".into() } else { theirs.join(", ") }
-        ));
+        return Plan::Diverged(
+            format!(
+                "the target has no snapshot in common with the source (it has: {})",
+                if theirs.is_empty() { "none".into() } else { theirs.join(", ") }
+            ),
+            None,
+        );
     };
     let newer: Vec<String> = target.snapshots[common + 1..].iter().map(|t| format!("{} (guid {})", t.name, t.guid)).collect();
     let base = &target.snapshots[common];
+    let back_to = || Some(Common { name: base.name.clone(), guid: base.guid });
     if !newer.is_empty() {
-        return Plan::Diverged(format!(
-            "the target has snapshots after the common one {} (guid {}) that the source does not: {}",
-            base.name,
-            base.guid,
-            newer.join(", ")
-        ));
+        return Plan::Diverged(
+            format!(
+                "the target has snapshots after the common one {} (guid {}) that the source does not: {}",
+                base.name,
+                base.guid,
+                newer.join(", ")
+            ),
+            back_to(),
+        );
     }
     if target.written > 0 {
-        return Plan::Diverged(format!(
-            "the target dataset was changed ({} bytes written) since its newest snapshot {} (guid {})",
-            target.written, base.name, base.guid
-        ));
+        return Plan::Diverged(
+            format!(
+                "the target dataset was changed ({} bytes written) since its newest snapshot {} (guid {})",
+                target.written, base.name, base.guid
+            ),
+            back_to(),
+        );
     }
     match known(base.guid) {
         Some(i) if i >= newest => Plan::UpToDate,
@@ -179,13 +197,14 @@ mod tests {
     #[test]
     fn diverged_targets_are_never_sent_to() {
         let s = src(&[("a", 1), ("b", 2)]);
-        let Plan::Diverged(why) = plan(&s, Some("b"), None, &tgt(&[("a", 1), ("mine", 77)])) else { panic!() };
+        let Plan::Diverged(why, common) = plan(&s, Some("b"), None, &tgt(&[("a", 1), ("mine", 77)])) else { panic!() };
+        assert_eq!(common, Some(Common { name: "a".into(), guid: 1 }));
         assert!(why.contains("mine (guid 77)") && why.contains("a (guid 1)"), "{why}");
         let mut changed = tgt(&[("a", 1)]);
         changed.written = 4096;
-        assert!(matches!(plan(&s, Some("b"), None, &changed), Plan::Diverged(w) if w.contains("4096 bytes")));
-        assert!(matches!(plan(&s, Some("b"), None, &tgt(&[("z", 5)])), Plan::Diverged(w) if w.contains("no snapshot in common")));
-        assert!(matches!(plan(&s, Some("b"), None, &tgt(&[])), Plan::Diverged(_)));
+        assert!(matches!(plan(&s, Some("b"), None, &changed), Plan::Diverged(w, Some(_)) if w.contains("4096 bytes")));
+        assert!(matches!(plan(&s, Some("b"), None, &tgt(&[("z", 5)])), Plan::Diverged(w, None) if w.contains("no snapshot in common")));
+        assert!(matches!(plan(&s, Some("b"), None, &tgt(&[])), Plan::Diverged(_, None)));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! `zfs send` stream, a RAM dump from an offset). The answer is one JSON line on the output. No
 //! part of a request ever reaches a shell or a command line unchecked: datasets are validated
 //! ZFS names *relative to the server's root*, properties only `vmsnap:*`, domains and snapshot
-//! names vmsnap's own alphabet. There is no verb that destroys anything.
+//! names vmsnap's own alphabet. No verb names what to destroy: [`Request::Prune`] asks the
+//! target to apply *its own* retention now, and [`Request::Rollback`] is refused unless the
+//! target's own command line allows it (and then only vmsnap's snapshots go).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -28,6 +30,37 @@ pub enum Request {
     RamStat { domain: String, snapshot: String },
     /// The dump's bytes from `offset` follow; the target checks the whole file against `sha256`.
     RamPut { domain: String, snapshot: String, sha256: String, offset: u64 },
+    /// Applies the target's own retention to the domain's replicas (its policy, its clock).
+    Prune { domain: String },
+    /// Rolls the dataset back to its snapshot `to_guid` (the one in common with the source),
+    /// destroying newer vmsnap-made snapshots, if the target allows sources to ask.
+    Rollback { dataset: String, to_guid: u64 },
+}
+
+/// The target's answer to [`Request::Prune`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneOutcome {
+    /// The target's `--keep`; `None`: it has no policy and keeps everything.
+    pub policy: Option<String>,
+    /// The target's clock (unix seconds) the decisions were made at.
+    pub now: i64,
+    /// Snapshot names destroyed on every dataset of the domain.
+    pub destroyed: Vec<String>,
+    /// Kept snapshots whose RAM dump went (`ram_keep`).
+    pub ram_dropped: Vec<String>,
+    /// The target's dump files deleted.
+    pub ram_deleted: Vec<String>,
+    /// Snapshots of the domain kept.
+    pub kept: usize,
+}
+
+/// The target's answer to [`Request::Rollback`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackOutcome {
+    /// The snapshot the dataset is at now.
+    pub to: String,
+    pub destroyed: Vec<String>,
+    pub ram_deleted: Vec<String>,
 }
 
 /// A snapshot the target holds.

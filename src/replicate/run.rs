@@ -4,10 +4,14 @@
 //!    target has the domain's newest snapshot; move the source's cursor bookmark;
 //! 2. for each snapshot the target now has: its RAM dump (resumable, checked by sha256 on the
 //!    target), then every `vmsnap:*` property set there and read back, with
-//!    `vmsnap:replica=complete` last.
+//!    `vmsnap:replica=complete` last;
+//! 3. the target applies its own retention to the domain ([`Request::Prune`]).
+//!
+//! A diverged dataset stops the domain, unless `--rollback-target` asks the target (which must
+//! allow it) to go back to the snapshot in common; then the plan is made again, once.
 
 use super::plan::{plan, Base, Cursor, Plan, SourceSnap, Step};
-use super::protocol::{Listing, RamState, Request};
+use super::protocol::{Listing, PruneOutcome, RamState, Request, RollbackOutcome};
 use super::transport::{Payload, Transport};
 use crate::config::{DomainConfig, TargetConfig};
 use crate::model::prop;
@@ -18,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Set on a target snapshot once it, its properties and its RAM dump (if any) are all there.
-pub const REPLICA: PropName = PropName::known("vmsnap:replica");
+pub const REPLICA: PropName = prop::REPLICA;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicateError {
@@ -34,7 +38,7 @@ impl ReplicateError {
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             ReplicateError::Diverged { .. } => Some(
-                "look at the target's snapshots: vmsnap never forces a receive; remove what diverged there by hand if it is not wanted",
+                "look at the target's snapshots: vmsnap never forces a receive; `--rollback-target` destroys the target's newer vmsnap snapshots (if its `vmsnap serve` has --allow-rollback), or remove what diverged there by hand",
             ),
             ReplicateError::Target { .. } => {
                 Some("can this host reach the target (`ssh` with the configured key), and does its forced command run `vmsnap serve`?")
@@ -52,6 +56,9 @@ pub struct DatasetReport {
     pub steps: Vec<String>,
     /// Stream bytes sent (dry run: `zfs send -nP`'s estimate).
     pub bytes: u64,
+    /// What `--rollback-target` destroyed on the target before sending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RollbackOutcome>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -65,6 +72,12 @@ pub struct ReplicationReport {
     /// Snapshots marked `vmsnap:replica=complete` on the target in this run.
     pub completed: Vec<String>,
     pub ram_bytes: u64,
+    /// What the target's own retention did afterwards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_pruned: Option<PruneOutcome>,
+    /// Why the target's retention did not run (the replication itself succeeded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_prune_error: Option<String>,
     pub seconds: f64,
 }
 
@@ -77,6 +90,17 @@ struct Run<'a> {
     transport: Transport,
     progress: Progress<'a>,
     dry_run: bool,
+    rollback_target: bool,
+}
+
+/// How a replication run may act.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Plan and estimate only.
+    pub dry_run: bool,
+    /// A diverged target dataset is rolled back to the snapshot in common (if the target allows
+    /// it), destroying its newer vmsnap-made snapshots, instead of stopping the domain.
+    pub rollback_target: bool,
 }
 
 /// Replicates `dom`'s snapshots to `target`.
@@ -86,10 +110,11 @@ pub async fn replicate(
     state_dir: &std::path::Path,
     dom: &DomainConfig,
     target: &TargetConfig,
-    dry_run: bool,
+    opts: Options,
     progress: Progress<'_>,
 ) -> Result<ReplicationReport, ReplicateError> {
     let t = Instant::now();
+    let dry_run = opts.dry_run;
     // Not while a restore rolls the same datasets back (snapshots and pruning go on meanwhile).
     let _lock = if dry_run {
         None
@@ -104,7 +129,7 @@ pub async fn replicate(
         why: format!("the directory for ssh's shared connections: {e}"),
     })?;
     let transport = Transport::for_target(target, Some(control.path()));
-    let run = Run { zfs, dom, target, transport, progress, dry_run };
+    let run = Run { zfs, dom, target, transport, progress, dry_run, rollback_target: opts.rollback_target };
     let mut report = ReplicationReport { domain: dom.name.clone(), target: target.name.clone(), dry_run, ..Default::default() };
     let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
     let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
@@ -113,6 +138,24 @@ pub async fn replicate(
     }
     if !dry_run {
         run.complete(&datasets, &mut report).await?;
+        // Everything is on the target by now: a retention that fails there (or an older
+        // `vmsnap serve` without it) is reported, not a failed replication.
+        let pruned = match run.call(Request::Prune { domain: dom.name.clone() }, Payload::None).await {
+            Ok((v, _)) => serde_json::from_value::<PruneOutcome>(v).map_err(|e| format!("a prune report vmsnap cannot read: {e}")),
+            Err(e) => Err(e.to_string()),
+        };
+        match pruned {
+            Ok(p) => {
+                if !p.destroyed.is_empty() || !p.ram_dropped.is_empty() {
+                    tracing::info!(target = %target.name, domain = %dom.name, destroyed = ?p.destroyed, ram_dropped = ?p.ram_dropped, "target retention");
+                }
+                report.target_pruned = Some(p);
+            }
+            Err(e) => {
+                tracing::warn!(target = %target.name, domain = %dom.name, "the target's retention: {e}");
+                report.target_prune_error = Some(e);
+            }
+        }
     }
     report.seconds = t.elapsed().as_secs_f64();
     Ok(report)
@@ -180,7 +223,23 @@ impl Run<'_> {
                     up_to_date = Some(listing);
                     break;
                 }
-                Plan::Diverged(why) => {
+                Plan::Diverged(why, Some(common)) if self.rollback_target && report.rolled_back.is_none() => {
+                    if self.dry_run {
+                        report.steps.push(format!(
+                            "roll the target back to {} (guid {}), destroying its newer vmsnap snapshots ({why}), then send",
+                            common.name, common.guid
+                        ));
+                        break;
+                    }
+                    (self.progress)(&format!("{ds}: rolling the target back to {}", common.name));
+                    let (v, _) = self.call(Request::Rollback { dataset: ds.to_string(), to_guid: common.guid }, Payload::None).await?;
+                    let done: RollbackOutcome = serde_json::from_value(v).map_err(|e| self.err(e.to_string()))?;
+                    tracing::warn!(dataset = %ds, target = %self.target.name, destroyed = ?done.destroyed, "target rolled back to {}", done.to);
+                    report.steps.push(format!("target rolled back to {}, destroying {}", done.to, done.destroyed.join(", ")));
+                    report.rolled_back = Some(done);
+                    continue;
+                }
+                Plan::Diverged(why, _) => {
                     return Err(ReplicateError::Diverged { target: self.target.name.clone(), dataset: ds.to_string(), why })
                 }
                 Plan::Send(steps) => steps,

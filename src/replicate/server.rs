@@ -5,7 +5,8 @@
 //! The target is in charge of itself: datasets are only ever under `--root`, RAM dumps only under
 //! `--ram-dir`, receives are resumable and never forced (`-F`), nothing is destroyed on a
 //! source's word, and the newest received snapshot of each dataset carries the hold
-//! [`HOLD`] so the target's own pruning cannot take the common base away.
+//! [`HOLD`] so the target's own pruning cannot take the common base away. What it destroys, by
+//! its own rules only, is in [`super::target_retention`].
 
 use super::protocol::{valid_sha256, valid_snapshot_name, Listing, RamState, Reply, Request, TargetSnapshot, MAX_REQUEST};
 use crate::fsutil::Dir;
@@ -18,12 +19,18 @@ use std::path::{Path, PathBuf};
 /// The hold on each replicated dataset's newest received snapshot.
 pub const HOLD: &str = "vmsnap-replica";
 
-/// Where this target keeps what it receives.
+/// Where this target keeps what it receives, and what it lets sources ask.
 #[derive(Debug, Clone)]
 pub struct Server {
     pub root: Dataset,
     pub ram_dir: PathBuf,
     pub zfs: Zfs,
+    /// Its own retention (`--keep`); `None`: it keeps everything.
+    pub keep: Option<super::target_retention::TargetPolicy>,
+    /// `--allow-rollback`: a source may ask to roll a dataset back to the common snapshot.
+    pub allow_rollback: bool,
+    /// `--now`: the clock retention decides by (tests); `None`: the system's.
+    pub now: Option<i64>,
 }
 
 /// Reads the request line from fd 0 a byte at a time (what follows it belongs to `zfs receive`
@@ -83,6 +90,8 @@ impl Server {
                 let snap = self.snapshot(&dataset, &snapshot)?;
                 Ok(Reply::ok(self.props(&snap, props).await?))
             }
+            Request::Prune { domain } => Ok(Reply::ok(self.prune(&domain).await?)),
+            Request::Rollback { dataset, to_guid } => Ok(Reply::ok(self.rollback(&self.dataset(&dataset)?, to_guid).await?)),
             Request::RamStat { domain, snapshot } => Ok(Reply::ok(self.ram_stat(&domain, &snapshot)?)),
             Request::RamPut { domain, snapshot, sha256, offset } => {
                 if !valid_sha256(&sha256) {
@@ -212,7 +221,7 @@ impl Server {
 }
 
 /// `<ram_dir>/<domain>` and `<snapshot>.ram`, both names checked.
-fn ram_place(ram_dir: &Path, domain: &str, snapshot: &str) -> Result<(PathBuf, String), String> {
+pub(super) fn ram_place(ram_dir: &Path, domain: &str, snapshot: &str) -> Result<(PathBuf, String), String> {
     if !crate::config::valid_domain_name(domain) {
         return Err(format!("{domain:?} is not a domain name"));
     }

@@ -61,6 +61,9 @@ impl Transport {
                 a.push(t.dataset.clone().unwrap_or_default().into());
                 a.push("--ram-dir".into());
                 a.push(t.ram_dir.clone().unwrap_or_default().into_os_string());
+                if let Some(keep) = &t.keep {
+                    a.extend(["--keep".into(), keep.into()]);
+                }
                 a
             }
         };

@@ -118,12 +118,17 @@ pub struct Request {
 
 /// vmsnap's snapshots on this host (`vmsnap:domain` set on the snapshot itself, never
 /// inherited), by domain, then snapshot name: one snapshot per dataset (sorted), and the first's
-/// properties.
+/// properties. Replicas (a local replication target's copies, [`prop::REPLICA`]) are not the
+/// domain's: a restore must never roll them back with it.
 pub(crate) type Units = BTreeMap<String, BTreeMap<String, (Vec<SnapshotName>, BTreeMap<PropName, String>)>>;
 
 pub(crate) async fn units(zfs: &Zfs) -> Result<Units, ZfsError> {
     let mut out: Units = BTreeMap::new();
-    for (name, props) in zfs.all_snapshot_properties(&prop::ALL).await? {
+    let wanted: Vec<PropName> = prop::ALL.iter().cloned().chain([prop::REPLICA]).collect();
+    for (name, mut props) in zfs.all_snapshot_properties(&wanted).await? {
+        if props.remove(&prop::REPLICA).is_some() {
+            continue;
+        }
         let (Some(domain), Ok(snap)) = (props.get(&prop::DOMAIN).cloned(), SnapshotName::new(&name)) else { continue };
         let unit = out.entry(domain).or_default().entry(snap.snap().to_owned()).or_insert_with(|| (Vec::new(), props.clone()));
         unit.0.push(snap);

@@ -41,6 +41,12 @@ const PROPS: [PropName; 5] = [prop::DOMAIN, prop::PERIODS, prop::RAM_DUMP, prop:
 pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
     let by_pool = datasets_by_pool(zfs, &dom.disks).await?;
     let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
+    load_from(zfs, datasets, &dom.name).await
+}
+
+/// The snapshots of `domain` on `datasets` (a replication target passes every dataset it holds;
+/// the catalog's datasets are then those that have one).
+pub async fn load_from(zfs: &Zfs, datasets: Vec<Dataset>, domain: &str) -> Result<Catalog, ZfsError> {
     let mut groups: BTreeMap<String, Entry> = BTreeMap::new();
     for ds in &datasets {
         // Only properties set on the snapshot itself count: a `vmsnap:domain` inherited from the
@@ -49,7 +55,7 @@ pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
         for s in zfs.list_snapshots(ds, &[]).await? {
             let own = local.get(&s.name.to_string());
             let get = |k: PropName| own.and_then(|p| p.iter().find(|(p, _)| **p == k)).map(|(_, v)| v.clone()).filter(|v| v != "-");
-            if get(prop::DOMAIN).as_deref() != Some(dom.name.as_str()) {
+            if get(prop::DOMAIN).as_deref() != Some(domain) {
                 continue;
             }
             let holds = if s.userrefs > 0 { zfs.holds(&s.name).await?.into_iter().map(|h| h.tag).collect() } else { Vec::new() };
