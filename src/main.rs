@@ -47,6 +47,9 @@ enum Command {
     /// List a domain's snapshots (or every configured domain's).
     List {
         domain: Option<String>,
+        /// What this replication target holds of the domain(s) instead (asked over its ssh link).
+        #[arg(long)]
+        target: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -258,7 +261,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Snapshot { domain, memory, strategy, no_quiesce, local, label, json } => {
             cmd::snapshot::run(&cli.config, &zfs, cmd::snapshot::Args { domain, memory, strategy, no_quiesce, label, json }, local).await
         }
-        Command::List { domain, json } => cmd::list::run(&load()?, &zfs, domain.as_deref(), json).await,
+        Command::List { domain, target: None, json } => cmd::list::run(&load()?, &zfs, domain.as_deref(), json).await,
+        Command::List { domain, target: Some(t), json } => cmd::list::target(&load()?, &zfs, domain.as_deref(), &t, json).await,
         Command::Prune { domain, dry_run, now, json } => cmd::prune::run(&load()?, &zfs, domain, dry_run, now, json).await,
         Command::Replicate { domain, target, dry_run, rollback_target, json } => {
             let opts = vmsnap::replicate::Options { dry_run, rollback_target };

@@ -203,6 +203,8 @@ fn first_full_send() -> Result<(), Failed> {
         again["datasets"].as_array().is_some_and(|d| d.iter().all(|d| d["steps"] == serde_json::json!([]))),
         format!("second run: {again}"),
     )?;
+    // Complete copies are left be: nothing is set again, no dump asked for.
+    check(again["completed"] == serde_json::json!([]) && again["ram_dumps"] == serde_json::json!([]), format!("second run: {again}"))?;
     assert_replicated()
 }
 
@@ -344,8 +346,32 @@ fn unreachable_target() -> Result<(), Failed> {
     let out = vmsnap(&["replicate", "web"]);
     let said = text(&out);
     eprintln!("METRIC unreachable target: exit {:?} after {:.1} s", out.status.code(), t.elapsed().as_secs_f64());
+    // `vmsnap check` reads the lag from the source's cursor bookmarks (no connection needed);
+    // `vmsnap list --target` asks the target.
+    let checked = vmsnap(&["check", "web"]);
+    let listed = vmsnap(&["list", "web", "--target", "offsite", "--json"]);
+    let down = vmsnap(&["list", "web", "--target", "down"]);
     write_config(&["offsite"], "");
     check(out.status.code() == Some(1) && said.contains("web → down"), said)?;
+    let line = String::from_utf8_lossy(&checked.stdout).into_owned();
+    eprintln!("METRIC check with two targets: {line}");
+    check(
+        checked.status.code() == Some(2)
+            && line.contains("nothing replicated to target down yet")
+            && line.contains("web_offsite_replication_lag="),
+        text(&checked),
+    )?;
+    check(listed.status.success(), text(&listed))?;
+    let rows: Vec<Value> = serde_json::from_slice(&listed.stdout)?;
+    for (src, dst) in [(SRC, DST), (ZVOL, DST_ZVOL)] {
+        let on: Vec<&str> = rows.iter().filter(|r| r["dataset"] == src).filter_map(|r| r["snapshot"].as_str()).collect();
+        check(on == snaps(dst), format!("list --target of {src}: {on:?}, the target has {:?}", snaps(dst)))?;
+    }
+    check(
+        rows.iter().filter(|r| r["props"]["vmsnap:domain"] == "web").all(|r| r["props"]["vmsnap:replica"] == "complete"),
+        format!("{rows:?}"),
+    )?;
+    check(!down.status.success() && text(&down).contains("down"), text(&down))?;
     assert_replicated()
 }
 

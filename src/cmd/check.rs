@@ -20,9 +20,14 @@ pub async fn run(path: &std::path::Path, zfs: &Zfs, only: Option<&str>) -> (vmsn
     let now = chrono::Utc::now().timestamp();
     let (mut findings, mut perf) = (Vec::new(), Vec::new());
     for dom in &domains {
-        match vmsnap::retention::catalog::load(zfs, dom).await {
-            Ok(cat) => {
-                let (f, p) = check::evaluate(dom, &cat.entries, status.domains.get(&dom.name), now);
+        let cat = vmsnap::retention::catalog::load(zfs, dom).await;
+        let replicas = match &cat {
+            Ok(cat) => replicas(zfs, dom, &cat.datasets).await,
+            Err(_) => Ok(Vec::new()),
+        };
+        match cat.and_then(|cat| Ok((cat, replicas?))) {
+            Ok((cat, replicas)) => {
+                let (f, p) = check::evaluate(dom, &cat.entries, &replicas, status.domains.get(&dom.name), now);
                 findings.extend(f);
                 perf.extend(p);
             }
@@ -32,4 +37,19 @@ pub async fn run(path: &std::path::Path, zfs: &Zfs, only: Option<&str>) -> (vmsn
         }
     }
     check::line(&findings, &perf, domains.len())
+}
+
+/// Each of the domain's replication targets, and how far it has the domain (from the source's
+/// cursor bookmarks: no connection to the target).
+async fn replicas(
+    zfs: &Zfs,
+    dom: &config::DomainConfig,
+    datasets: &[vmsnap::zfs::Dataset],
+) -> Result<Vec<vmsnap::daemon::check::Replica>, vmsnap::zfs::ZfsError> {
+    let mut out = Vec::new();
+    for target in &dom.policy.replicate_to {
+        let newest = vmsnap::replicate::replicated_up_to(zfs, datasets, target).await?;
+        out.push(vmsnap::daemon::check::Replica { target: target.clone(), newest });
+    }
+    Ok(out)
 }

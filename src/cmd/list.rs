@@ -1,5 +1,5 @@
 //! `vmsnap list`: a domain's snapshots with consistency, periods and RAM dump (format,
-//! compression, size, checksum).
+//! compression, size, checksum); with `--target`, what a replication target holds of it.
 
 use anyhow::{Context, Result};
 use vmsnap::config::Config;
@@ -85,6 +85,91 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
                 r.periods.as_deref().unwrap_or("-")
             );
         }
+    }
+    Ok(())
+}
+
+/// A snapshot a replication target holds.
+#[derive(serde::Serialize)]
+struct OnTarget {
+    domain: String,
+    target: String,
+    /// The source's dataset it is a copy of.
+    dataset: String,
+    snapshot: String,
+    guid: u64,
+    /// Its `vmsnap:*` properties there (`vmsnap:replica` = `complete` once its dump and
+    /// properties are all there; `vmsnap:ram-dump` is the target's copy).
+    props: std::collections::BTreeMap<String, String>,
+}
+
+/// `vmsnap list --target T`: each domain that replicates to `T` (or the one named), as `T` has it.
+pub async fn target(cfg: &Config, zfs: &Zfs, only: Option<&str>, tname: &str, json: bool) -> Result<()> {
+    let Some(t) = cfg.targets.get(tname) else {
+        anyhow::bail!(
+            "no [target.{tname}] in {} (known: {})",
+            cfg.path.display(),
+            cfg.targets.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    };
+    let domains: Vec<_> = vmsnap::daemon::registry::select(cfg, only)?
+        .into_iter()
+        .filter(|d| only.is_some() || d.policy.replicate_to.iter().any(|r| r == tname))
+        .collect();
+    let mut rows = Vec::new();
+    let mut in_progress = Vec::new();
+    for dom in &domains {
+        let listed = vmsnap::replicate::list_target(zfs, &cfg.state_dir, dom, t)
+            .await
+            .with_context(|| format!("domain {} on target {tname}", dom.name))?;
+        for (ds, l) in listed {
+            if l.resume_token.is_some() {
+                in_progress.push(ds.to_string());
+            }
+            for s in l.snapshots {
+                rows.push(OnTarget {
+                    domain: dom.name.clone(),
+                    target: tname.to_owned(),
+                    dataset: ds.to_string(),
+                    snapshot: s.name,
+                    guid: s.guid,
+                    props: s.props,
+                });
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!(
+            "target {tname} holds nothing of {}",
+            if domains.is_empty() {
+                "any domain (no domain replicates to it)".into()
+            } else {
+                domains.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+            }
+        );
+    }
+    for r in rows {
+        let get = |k: PropName| r.props.get(k.as_str()).cloned();
+        let state = match get(prop::REPLICA).as_deref() {
+            Some("complete") => "complete",
+            _ if get(prop::DOMAIN).is_none() => "not vmsnap's",
+            _ => "incomplete",
+        };
+        let ram = get(prop::RAM_DUMP).unwrap_or_default();
+        println!(
+            "{:<12} {:<70} {:<12} {:<8} {ram}",
+            r.domain,
+            format!("{}@{}", r.dataset, r.snapshot),
+            state,
+            get(prop::CONSISTENCY).as_deref().unwrap_or("-")
+        );
+    }
+    for ds in in_progress {
+        println!("{ds}: an interrupted receive waits on the target (the next `vmsnap replicate` resumes it)");
     }
     Ok(())
 }

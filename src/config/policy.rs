@@ -114,6 +114,10 @@ pub struct Policy {
     pub crit_after: PerPeriod<u64>,
     /// `vmsnap check` warns when no `vmsnap verify` succeeded within this age (seconds; 0 = never).
     pub verify_warn: u64,
+    /// `vmsnap check`: age of the newest snapshot a replication target has that warns / goes
+    /// critical (seconds; 0 = never). `None`: those of the most frequent counted period.
+    pub replicate_warn: Option<u64>,
+    pub replicate_crit: Option<u64>,
 }
 
 impl Default for Policy {
@@ -152,6 +156,8 @@ impl Default for Policy {
             warn_after: PerPeriod([0, 90 * 60, 28 * h, 0, 32 * 24 * h, 0]),
             crit_after: PerPeriod([0, 360 * 60, 32 * h, 0, 40 * 24 * h, 0]),
             verify_warn: 0,
+            replicate_warn: None,
+            replicate_crit: None,
         }
     }
 }
@@ -180,7 +186,7 @@ macro_rules! policy_section {
             weekly_warn: Option<String>, weekly_crit: Option<String>,
             monthly_warn: Option<String>, monthly_crit: Option<String>,
             yearly_warn: Option<String>, yearly_crit: Option<String>,
-            verify_warn: Option<String>,
+            verify_warn: Option<String>, replicate_warn: Option<String>, replicate_crit: Option<String>,
         }
     };
     (@emit $(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $fty:ty,)* }; $($key:ident : $kty:ty,)*) => {
@@ -335,6 +341,14 @@ impl RawPolicy {
             (Period::Monthly, "monthly_warn", &self.monthly_warn, "monthly_crit", &self.monthly_crit),
             (Period::Yearly, "yearly_warn", &self.yearly_warn, "yearly_crit", &self.yearly_crit),
         ];
+        for (key, v, slot) in [
+            ("replicate_warn", &self.replicate_warn, &mut base.replicate_warn),
+            ("replicate_crit", &self.replicate_crit, &mut base.replicate_crit),
+        ] {
+            if let Some(v) = v {
+                *slot = Some(parse_age(v).ok_or_else(|| bad(key, format!("{v:?}: use a number with s, m, h, d or w")))?);
+            }
+        }
         if let Some(v) = &self.verify_warn {
             base.verify_warn = parse_age(v).ok_or_else(|| bad("verify_warn", format!("{v:?}: use a number with s, m, h, d or w")))?;
         }
@@ -398,6 +412,16 @@ pub fn keep_spec(p: &Policy) -> String {
 fn set<T: Copy>(slot: &mut T, v: Option<T>) {
     if let Some(v) = v {
         *slot = v;
+    }
+}
+
+impl Policy {
+    /// `vmsnap check`'s replication ages (warn, crit): the configured ones, else those of the
+    /// most frequent period the policy counts (a replica should be as fresh as the snapshots).
+    pub fn replication_limits(&self) -> (u64, u64) {
+        let most_frequent = Period::ALL.into_iter().find(|&p| self.keep.get(p) > 0);
+        let (w, c) = most_frequent.map_or((0, 0), |p| (self.warn_after.get(p), self.crit_after.get(p)));
+        (self.replicate_warn.unwrap_or(w), self.replicate_crit.unwrap_or(c))
     }
 }
 

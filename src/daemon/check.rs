@@ -4,8 +4,10 @@
 //! A domain is critical when the newest snapshot of a counted period is older than its
 //! `*_crit` age (or there is none), when its newest snapshot fell back to crash-consistent
 //! although it has a guest agent, or when the daemon's last attempt failed; warning past the
-//! `*_warn` age. The findings are a pure function ([`evaluate`]) of the snapshots, the status
-//! file and the time.
+//! `*_warn` age. Replication: the newest snapshot each target has (the source's cursor bookmark
+//! for it) older than `replicate_warn` / `replicate_crit` (by default the most frequent counted
+//! period's ages), or none at all while the domain has snapshots. The findings are a pure
+//! function ([`evaluate`]) of the snapshots, the replicas, the status file and the time.
 
 use crate::config::policy::Period;
 use crate::config::DomainConfig;
@@ -37,8 +39,22 @@ pub struct Finding {
     pub text: String,
 }
 
+/// What one replication target has of a domain: the creation time of the newest snapshot it
+/// received on every dataset (`None`: nothing yet, or a dataset it has nothing of).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub target: String,
+    pub newest: Option<i64>,
+}
+
 /// One domain's findings and perfdata.
-pub fn evaluate(dom: &DomainConfig, entries: &[Entry], last: Option<&Attempt>, now: i64) -> (Vec<Finding>, Vec<String>) {
+pub fn evaluate(
+    dom: &DomainConfig,
+    entries: &[Entry],
+    replicas: &[Replica],
+    last: Option<&Attempt>,
+    now: i64,
+) -> (Vec<Finding>, Vec<String>) {
     let p = &dom.policy;
     let mut findings = Vec::new();
     let mut perf = Vec::new();
@@ -90,6 +106,24 @@ pub fn evaluate(dom: &DomainConfig, entries: &[Entry], last: Option<&Attempt>, n
                 }
             }
             None => add(State::Warning, "no snapshot was verified yet (`vmsnap verify`)".into()),
+        }
+    }
+    let (rwarn, rcrit) = p.replication_limits();
+    for r in replicas {
+        match r.newest {
+            Some(t) => {
+                let lag = (now - t).max(0) as u64;
+                perf.push(format!("{}_{}_replication_lag={lag}s;{rwarn};{rcrit}", dom.name, r.target));
+                if rcrit > 0 && lag > rcrit {
+                    add(State::Critical, format!("newest snapshot on target {} is {} old", r.target, human(lag)));
+                } else if rwarn > 0 && lag > rwarn {
+                    add(State::Warning, format!("newest snapshot on target {} is {} old", r.target, human(lag)));
+                }
+            }
+            None if newest.is_some() && rcrit > 0 => {
+                add(State::Critical, format!("nothing replicated to target {} yet (`vmsnap replicate`)", r.target));
+            }
+            None => {}
         }
     }
     if let Some(a) = last.filter(|a| !a.ok) {
@@ -157,33 +191,57 @@ mod tests {
     #[test]
     fn ages_against_warn_and_crit() {
         let now = 100_000;
-        let (f, perf) = evaluate(&dom(true), &[entry("a", now - 600, "app")], None, now);
+        let (f, perf) = evaluate(&dom(true), &[entry("a", now - 600, "app")], &[], None, now);
         assert!(f.is_empty());
         assert_eq!(perf, ["web_hourly_age=600s;5400;21600"]);
-        let (f, _) = evaluate(&dom(true), &[entry("a", now - 6000, "app")], None, now);
+        let (f, _) = evaluate(&dom(true), &[entry("a", now - 6000, "app")], &[], None, now);
         assert_eq!(f[0].state, State::Warning);
-        let (f, _) = evaluate(&dom(true), &[entry("a", now - 30_000, "app")], None, now);
+        let (f, _) = evaluate(&dom(true), &[entry("a", now - 30_000, "app")], &[], None, now);
         assert_eq!(f[0].state, State::Critical);
-        let (f, _) = evaluate(&dom(true), &[], None, now);
+        let (f, _) = evaluate(&dom(true), &[], &[], None, now);
         assert_eq!((f[0].state, f[0].text.as_str()), (State::Critical, "web: no hourly snapshot"));
     }
 
     #[test]
     fn crash_fallback_and_failed_attempt_are_critical() {
         let now = 100_000;
-        let (f, _) = evaluate(&dom(true), &[entry("a", now - 60, "crash")], None, now);
+        let (f, _) = evaluate(&dom(true), &[entry("a", now - 60, "crash")], &[], None, now);
         assert!(f[0].state == State::Critical && f[0].text.contains("crash-consistent"), "{f:?}");
         // Without an agent configured, crash-consistent is all there can be.
-        assert!(evaluate(&dom(false), &[entry("a", now - 60, "crash")], None, now).0.is_empty());
+        assert!(evaluate(&dom(false), &[entry("a", now - 60, "crash")], &[], None, now).0.is_empty());
         let failed = Attempt { at: now - 30, ok: false, snapshot: None, consistency: None, error: Some("agent gone".into()) };
-        let (f, _) = evaluate(&dom(true), &[entry("a", now - 60, "app")], Some(&failed), now);
+        let (f, _) = evaluate(&dom(true), &[entry("a", now - 60, "app")], &[], Some(&failed), now);
         assert!(f[0].text.contains("agent gone"));
         // A success after the failure clears it.
-        assert!(evaluate(&dom(true), &[entry("a", now - 10, "app")], Some(&failed), now).0.is_empty());
+        assert!(evaluate(&dom(true), &[entry("a", now - 10, "app")], &[], Some(&failed), now).0.is_empty());
         let (state, text) = line(&f, &["x=1s;2;3".into()], 1);
         assert_eq!(state, State::Critical);
         assert!(text.starts_with("VMSNAP CRITICAL - web: last snapshot attempt failed") && text.ends_with(" | x=1s;2;3"), "{text}");
         assert_eq!(line(&[], &[], 2), (State::Ok, "VMSNAP OK - 2 domain(s) have fresh snapshots".into()));
+    }
+
+    #[test]
+    fn replication_lag_by_target() {
+        let now = 100_000;
+        let d = dom(true);
+        let snaps = [entry("a", now - 60, "app")];
+        let r = |target: &str, newest: Option<i64>| Replica { target: target.into(), newest };
+        // Defaults: the hourly ages (90 min, 6 h).
+        let (f, perf) = evaluate(&d, &snaps, &[r("off", Some(now - 600))], None, now);
+        assert!(f.is_empty(), "{f:?}");
+        assert!(perf.contains(&"web_off_replication_lag=600s;5400;21600".to_owned()), "{perf:?}");
+        let (f, _) = evaluate(&d, &snaps, &[r("off", Some(now - 7200)), r("usb", Some(now - 30_000))], None, now);
+        assert_eq!((f[0].state, f[0].text.as_str()), (State::Warning, "web: newest snapshot on target off is 2.0h old"));
+        assert_eq!((f[1].state, f[1].text.as_str()), (State::Critical, "web: newest snapshot on target usb is 8.3h old"));
+        let (f, _) = evaluate(&d, &snaps, &[r("off", None)], None, now);
+        assert!(f[0].state == State::Critical && f[0].text.contains("nothing replicated to target off"), "{f:?}");
+        // Nothing to replicate yet: the snapshot finding says it.
+        let (f, _) = evaluate(&d, &[], &[r("off", None)], None, now);
+        assert_eq!(f.len(), 1, "{f:?}");
+        let mut quiet = dom(true);
+        quiet.policy.replicate_warn = Some(0);
+        quiet.policy.replicate_crit = Some(86_400);
+        assert!(evaluate(&quiet, &snaps, &[r("off", Some(now - 30_000))], None, now).0.is_empty());
     }
 
     #[test]
@@ -192,16 +250,16 @@ mod tests {
         let verified = |v: &str| Entry { verified: Some(v.into()), ..entry("a", now - 60, "ram") };
         let mut d = dom(true);
         // verify_warn unset: no verification is fine, a failed one is not.
-        assert!(evaluate(&d, &[entry("a", now - 60, "ram")], None, now).0.is_empty());
-        let (f, _) = evaluate(&d, &[verified(&format!("{} failed: RAM dump x: its sha256 is 00", now - 5))], None, now);
+        assert!(evaluate(&d, &[entry("a", now - 60, "ram")], &[], None, now).0.is_empty());
+        let (f, _) = evaluate(&d, &[verified(&format!("{} failed: RAM dump x: its sha256 is 00", now - 5))], &[], None, now);
         assert!(f[0].state == State::Critical && f[0].text.contains("verification of a failed") && f[0].text.contains("sha256"), "{f:?}");
         d.policy.verify_warn = 86_400;
-        let (f, _) = evaluate(&d, &[entry("a", now - 60, "ram")], None, now);
+        let (f, _) = evaluate(&d, &[entry("a", now - 60, "ram")], &[], None, now);
         assert!(f[0].state == State::Warning && f[0].text.contains("no snapshot was verified"), "{f:?}");
-        let (f, perf) = evaluate(&d, &[verified(&format!("{} ok: RAM dump sha256", now - 3600))], None, now);
+        let (f, perf) = evaluate(&d, &[verified(&format!("{} ok: RAM dump sha256", now - 3600))], &[], None, now);
         assert!(f.is_empty(), "{f:?}");
         assert!(perf.contains(&"web_verified_age=3600s;86400".to_owned()), "{perf:?}");
-        let (f, _) = evaluate(&d, &[verified(&format!("{} ok: RAM dump sha256", now - 90_000))], None, now);
+        let (f, _) = evaluate(&d, &[verified(&format!("{} ok: RAM dump sha256", now - 90_000))], &[], None, now);
         assert!(f[0].state == State::Warning && f[0].text.contains("last successful verification is 1.0d old"), "{f:?}");
     }
 }

@@ -367,7 +367,7 @@ impl Jobs {
                     Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
                 };
                 if matches!(request, Request::Snapshot(_)) {
-                    self.record(cfg, dom, &Err(msg.clone()), 0);
+                    self.record(cfg, dom, &Err(msg.clone()), 0, &[]);
                 }
                 Outcome::Cancelled(msg)
             }
@@ -467,6 +467,7 @@ impl Jobs {
         }
         // Off the host after each scheduled snapshot; a target that fails is logged and the
         // next snapshot tries again (resuming where this one stopped).
+        let mut replicated = Vec::new();
         if result.is_ok() && !opts.periods.is_empty() {
             for tname in &policy.replicate_to {
                 let Some(target) = cfg.targets.get(tname) else { continue };
@@ -476,18 +477,30 @@ impl Jobs {
                     Ok(r) => {
                         let bytes: u64 = r.datasets.iter().map(|d| d.bytes).sum::<u64>() + r.ram_bytes;
                         tracing::info!(domain = %dom.name, target = %tname, completed = ?r.completed, bytes, "replicated");
+                        replicated.push((tname.clone(), Some(bytes)));
                     }
-                    Err(e) => tracing::error!(domain = %dom.name, target = %tname, "replication failed: {}", error_chain(&e)),
+                    Err(e) => {
+                        tracing::error!(domain = %dom.name, target = %tname, "replication failed: {}", error_chain(&e));
+                        replicated.push((tname.clone(), None));
+                    }
                 }
             }
         }
-        self.record(cfg, dom, &result, destroyed);
+        self.record(cfg, dom, &result, destroyed, &replicated);
         result
     }
 
     /// The attempt into `status.json` (read back first: another vmsnap process may have written
     /// other domains) and, in the daemon, into the metrics file.
-    fn record(&self, cfg: &Config, dom: &DomainConfig, result: &Result<SnapshotReport, String>, destroyed: u64) {
+    /// `replicated`: each target the job sent to, with the bytes sent (`None`: it failed).
+    fn record(
+        &self,
+        cfg: &Config,
+        dom: &DomainConfig,
+        result: &Result<SnapshotReport, String>,
+        destroyed: u64,
+        replicated: &[(String, Option<u64>)],
+    ) {
         let at = chrono::Utc::now().timestamp();
         let attempt = match result {
             Ok(r) => Attempt { at, ok: true, snapshot: Some(r.name.clone()), consistency: Some(r.consistency.to_string()), error: None },
@@ -507,6 +520,16 @@ impl Jobs {
         }
         let m = rec.metrics.domain(&dom.name);
         m.pruned += destroyed;
+        for (target, outcome) in replicated {
+            let r = m.replication.entry(target.clone()).or_default();
+            match outcome {
+                Some(bytes) => {
+                    r.bytes += bytes;
+                    r.last_success = Some(at);
+                }
+                None => r.failed += 1,
+            }
+        }
         match result {
             Ok(r) => {
                 *m.taken.entry(r.consistency.to_string()).or_default() += 1;

@@ -38,6 +38,17 @@ pub struct DomainMetrics {
     pub last_failure: Option<i64>,
     pub freeze_ms: Histogram,
     pub pause_ms: Histogram,
+    /// By replication target.
+    pub replication: BTreeMap<String, ReplicationMetrics>,
+}
+
+/// One domain's replication to one target, as the daemon's jobs did it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplicationMetrics {
+    /// Stream and RAM dump bytes sent.
+    pub bytes: u64,
+    pub failed: u64,
+    pub last_success: Option<i64>,
 }
 
 /// Every domain's counters since the daemon started.
@@ -101,6 +112,33 @@ impl Metrics {
                 .filter_map(|(n, m)| m.last_failure.map(|t| format!("vmsnap_last_failure_timestamp_seconds{{domain=\"{}\"}} {t}", esc(n))))
                 .collect(),
         );
+        let per_target = |f: &dyn Fn(&ReplicationMetrics) -> Option<String>, name: &str| -> Vec<String> {
+            d.iter()
+                .flat_map(|(n, m)| {
+                    m.replication
+                        .iter()
+                        .filter_map(move |(t, r)| f(r).map(|v| format!("{name}{{domain=\"{}\",target=\"{}\"}} {v}", esc(n), esc(t))))
+                })
+                .collect()
+        };
+        family(
+            "vmsnap_replication_bytes_total",
+            "counter",
+            "Bytes sent to a replication target (streams and RAM dumps).",
+            per_target(&|r| Some(r.bytes.to_string()), "vmsnap_replication_bytes_total"),
+        );
+        family(
+            "vmsnap_replication_failed_total",
+            "counter",
+            "Replications to a target that failed.",
+            per_target(&|r| Some(r.failed.to_string()), "vmsnap_replication_failed_total"),
+        );
+        family(
+            "vmsnap_replication_last_success_timestamp_seconds",
+            "gauge",
+            "When the last replication to a target succeeded (time() minus this is the lag).",
+            per_target(&|r| r.last_success.map(|t| t.to_string()), "vmsnap_replication_last_success_timestamp_seconds"),
+        );
         for (name, help, pick) in [
             (
                 "vmsnap_freeze_milliseconds",
@@ -147,7 +185,15 @@ mod tests {
         d.last_success = Some(1_795_710_600);
         d.freeze_ms.observe(40.0);
         d.freeze_ms.observe(700.0);
+        let off = d.replication.entry("off\"site".into()).or_default();
+        off.bytes = 4096;
+        off.last_success = Some(1_795_710_700);
+        d.replication.entry("usb".into()).or_default().failed = 2;
         let text = m.render();
+        assert!(text.contains("vmsnap_replication_bytes_total{domain=\"web\",target=\"off\\\"site\"} 4096\n"), "{text}");
+        assert!(text.contains("vmsnap_replication_failed_total{domain=\"web\",target=\"usb\"} 2\n"), "{text}");
+        assert!(text.contains("vmsnap_replication_last_success_timestamp_seconds{domain=\"web\",target=\"off\\\"site\"} 1795710700\n"));
+        assert!(!text.contains("vmsnap_replication_last_success_timestamp_seconds{domain=\"web\",target=\"usb\"}"), "{text}");
         assert!(text.contains("vmsnap_snapshots_taken_total{domain=\"web\",consistency=\"app\"} 2\n"), "{text}");
         assert!(text.contains("vmsnap_snapshots_failed_total{domain=\"web\"} 1\n"));
         assert!(text.contains("vmsnap_last_success_timestamp_seconds{domain=\"web\"} 1795710600\n"));

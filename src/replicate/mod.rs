@@ -15,4 +15,4 @@ pub mod server;
 pub mod target_retention;
 pub mod transport;
 
-pub use run::{replicate, Options, ReplicateError, ReplicationReport};
+pub use run::{list_target, replicate, replicated_up_to, Options, ReplicateError, ReplicationReport};

@@ -428,3 +428,51 @@ fn describe(step: &Step) -> String {
         Step::Incremental { from: Base::Bookmark(b), to } => format!("incremental from bookmark {b} → {to}"),
     }
 }
+
+/// How far `target` has `datasets`: the creation time of the snapshot under the source's cursor
+/// bookmark for it, the oldest across the datasets (`None` when one has no cursor yet). Read on
+/// this host only, so `vmsnap check` needs no connection to the target.
+pub async fn replicated_up_to(zfs: &Zfs, datasets: &[Dataset], target: &str) -> Result<Option<i64>, ZfsError> {
+    let prefix = format!("vmsnap-{target}-");
+    let mut oldest: Option<i64> = None;
+    for ds in datasets {
+        let newest = zfs.bookmarks(ds).await?.into_iter().filter(|(n, _, _)| n.starts_with(&prefix)).max_by_key(|(_, _, txg)| *txg);
+        let Some((bookmark, _, _)) = newest else { return Ok(None) };
+        let Some(created) = zfs.get_native(&format!("{ds}#{bookmark}"), "creation").await?.and_then(|c| c.parse::<i64>().ok()) else {
+            return Ok(None);
+        };
+        oldest = Some(oldest.map_or(created, |o| o.min(created)));
+    }
+    Ok(oldest)
+}
+
+/// What `target` holds of `dom`: its listing of each of the domain's datasets (`vmsnap list
+/// --target`).
+pub async fn list_target(
+    zfs: &Zfs,
+    state_dir: &std::path::Path,
+    dom: &DomainConfig,
+    target: &TargetConfig,
+) -> Result<Vec<(Dataset, Listing)>, ReplicateError> {
+    let control = crate::fsutil::Dir::private(state_dir, &["ssh"]).map_err(|e| ReplicateError::Target {
+        target: target.name.clone(),
+        why: format!("the directory for ssh's shared connections: {e}"),
+    })?;
+    let noop = |_: &str| {};
+    let run = Run {
+        zfs,
+        dom,
+        target,
+        transport: Transport::for_target(target, Some(control.path())),
+        progress: &noop,
+        dry_run: true,
+        rollback_target: false,
+    };
+    let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
+    let mut out = Vec::new();
+    for ds in by_pool.into_values().flatten() {
+        let listing = run.list(&ds).await?;
+        out.push((ds, listing));
+    }
+    Ok(out)
+}

@@ -117,7 +117,8 @@ impl Server {
         let Some(_) = self.zfs.get_native(ds.as_str(), "guid").await.map_err(|e| e.to_string())? else {
             return Ok(Listing::default());
         };
-        let props = crate::model::prop::ALL.to_vec();
+        // With `vmsnap:replica`, so a source sees which copies are complete and leaves them be.
+        let props: Vec<PropName> = crate::model::prop::ALL.iter().cloned().chain([crate::model::prop::REPLICA]).collect();
         let snaps = self.zfs.list_snapshots(ds, &props).await.map_err(|e| e.to_string())?;
         let token = self.zfs.get_native(ds.as_str(), "receive_resume_token").await.map_err(|e| e.to_string())?;
         let written =
