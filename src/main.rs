@@ -150,6 +150,24 @@ enum Command {
         #[arg(long, hide = true)]
         now: Option<i64>,
     },
+    /// Single files out of a snapshot: every disk opened read-only (images through qemu-nbd, zvols
+    /// as read-only clones), each file system mounted read-only below PATH, the snapshot held.
+    Mount {
+        domain: String,
+        /// The snapshot's name (after the `@`), as `vmsnap list` shows it.
+        snapshot: String,
+        /// An empty or new directory (default: /mnt/vmsnap/DOMAIN/SNAPSHOT).
+        path: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo `vmsnap mount`: unmount, disconnect, destroy the clones, release the hold.
+    Umount {
+        domain: String,
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Nagios/Icinga plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN, one line with perfdata.
     Check {
         /// One domain (default: every configured domain).
@@ -279,6 +297,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve { root, ram_dir, keep, allow_rollback, now } => {
             cmd::replicate::serve(&root, ram_dir, keep.as_deref(), allow_rollback, now, zfs).await
         }
+        Command::Mount { domain, snapshot, path, json } => cmd::restore::mount(&load()?, &zfs, &domain, &snapshot, path, json).await,
+        Command::Umount { domain, snapshot, json } => cmd::restore::umount(&load()?, &zfs, &domain, &snapshot, json).await,
         Command::Recover { json } => cmd::recover::run(&load()?, json).await,
         Command::Daemon { bus, bus_address } => {
             use vmsnap::daemon::dbus::Bus;

@@ -47,6 +47,8 @@ fn inside() {
         // These two change what the target holds on the target's own terms.
         ("rollback_target_after_a_restore_only_with_the_targets_leave", rollback_target_after_a_restore),
         ("the_target_prunes_by_its_own_policy", target_prunes_by_its_own_policy),
+        // File-level restore (pools are here; it sends nothing).
+        ("mount_reads_files_out_of_a_snapshot_and_umount_releases_it", mount_and_umount),
     ];
     let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
     let conclusion = libtest_mimic::run(&args, trials);
@@ -484,4 +486,81 @@ fn target_prunes_by_its_own_policy() -> Result<(), Failed> {
         format!("after pruning: {again}"),
     )?;
     check(again["target_pruned"]["policy"].is_null(), format!("the default forced command has no policy: {}", again["target_pruned"]))
+}
+
+/// `vmsnap mount`: a qcow2 image holding an MBR-partitioned ext4 and a zvol that is one ext4 file
+/// system, read-only from a snapshot taken before the files changed; the snapshot held (pruning
+/// keeps it); `umount` releases everything. Then a mount killed (-9) half-way is undone by
+/// `vmsnap recover`.
+fn mount_and_umount() -> Result<(), Failed> {
+    let (img, vol) = ("/tank/vms/files/disk0.qcow2", "tank/vms/files-vol");
+    sh(&format!(
+        "set -e; zfs create tank/vms/files; zfs create -V 64M {vol}; udevadm settle
+         modprobe loop; truncate -s 64M {RT}/raw.img
+         printf '\\x00\\xfe\\xff\\xff\\x83\\xfe\\xff\\xff\\x00\\x08\\x00\\x00\\x00\\xf8\\x01\\x00' | dd of={RT}/raw.img bs=1 seek=446 conv=notrunc status=none
+         printf '\\x55\\xaa' | dd of={RT}/raw.img bs=1 seek=510 conv=notrunc status=none
+         mkfs.ext4 -q -F -E offset=1048576 {RT}/raw.img 63M
+         mkdir -p {RT}/m; mount -o loop,offset=1048576 {RT}/raw.img {RT}/m
+         head -c 300000 /dev/urandom > {RT}/known.bin; cp {RT}/known.bin {RT}/m/known.bin; umount {RT}/m
+         qemu-img convert -O qcow2 {RT}/raw.img {img}
+         mkfs.ext4 -q /dev/zvol/{vol}; mount /dev/zvol/{vol} {RT}/m; echo 'on the zvol' > {RT}/m/note.txt; umount {RT}/m"
+    ));
+    let sum = |p: &str| sh(&format!("sha256sum {p} | cut -d' ' -f1")).trim().to_owned();
+    let extra = format!("\n[domain.files]\nqmp = \"{RT}/files.qmp\"\ndisks = [\"{img}\", \"/dev/zvol/{vol}\"]\nreplicate_to = []\n");
+    write_config(&["offsite"], &extra);
+    let out = vmsnap(&["snapshot", "files", "--json", "--label", "m"]);
+    check(out.status.success(), text(&out))?;
+    let snap = serde_json::from_slice::<Value>(&out.stdout)?["name"].as_str().ok_or("no name")?.to_owned();
+    sh(&format!("zfs set vmsnap:periods=hourly tank/vms/files@{snap} {vol}@{snap}"));
+    // The live disks change after the snapshot.
+    sh(&format!("mount /dev/zvol/{vol} {RT}/m && echo changed > {RT}/m/note.txt && umount {RT}/m"));
+    let at = format!("{RT}/mnt");
+    let out = vmsnap(&["mount", "files", &snap, &at, "--json"]);
+    eprintln!("METRIC mount: {}", String::from_utf8_lossy(&out.stdout));
+    check(out.status.success(), text(&out))?;
+    let known = sum(&format!("{at}/disk0-p1/known.bin"));
+    let note = std::fs::read_to_string(format!("{at}/disk1/note.txt"))?;
+    let expected = sum(&format!("{RT}/known.bin"));
+    check(known == expected, format!("known.bin read {known}, written {expected}"))?;
+    check(note == "on the zvol\n", format!("the zvol's note reads {note:?}"))?;
+    let ro = sh(&format!("touch {at}/disk1/x 2>&1 || echo refused"));
+    check(ro.contains("refused"), format!("the mount is writable: {ro}"))?;
+    let holds = sh(&format!("zfs holds -H tank/vms/files@{snap} {vol}@{snap}"));
+    check(holds.matches("vmsnap-mount").count() == 2, format!("holds: {holds}"))?;
+    // Retention far in the future would destroy it, but not while it is held.
+    let future = sh("date -u -d '+400 days' +%Y-%m-%dT%H:%M:%SZ").trim().to_owned();
+    let pruned = vmsnap(&["prune", "files", "--now", &future, "--json"]);
+    check(pruned.status.success() && String::from_utf8_lossy(&pruned.stdout).contains("held"), text(&pruned))?;
+    check(snaps("tank/vms/files").contains(&snap), "a held snapshot was pruned")?;
+    let again = vmsnap(&["mount", "files", &snap, &format!("{RT}/mnt2")]);
+    check(!again.status.success() && text(&again).contains("already mounted"), text(&again))?;
+    let restore = vmsnap(&["restore", "files", &snap]);
+    check(!restore.status.success() && text(&restore).contains("vmsnap umount files"), text(&restore))?;
+    let out = vmsnap(&["umount", "files", &snap]);
+    check(out.status.success(), text(&out))?;
+    let left = sh(&format!(
+        "grep -c ' {at}' /proc/mounts || true; zfs holds -H tank/vms/files@{snap} {vol}@{snap}; zfs list -H -o name | grep -c -- '-mnt-' || true; ls /sys/block/nbd0/pid 2>&1 || true"
+    ));
+    check(
+        left.lines().next() == Some("0") && !left.contains("vmsnap-mount") && left.contains("No such file"),
+        format!("left after umount: {left}"),
+    )?;
+    // Killed right after the first file system's directory was recorded: recover undoes it all.
+    let out = Command::new(vmsnap_bin())
+        .args(["--config", CONFIG, "mount", "files", &snap, &at])
+        .env("VMSNAP_ABORT_AT", "after:mount_mount_planned")
+        .output()?;
+    check(!out.status.success(), text(&out))?;
+    let out = vmsnap(&["recover"]);
+    eprintln!("METRIC recover after a killed mount: {}", String::from_utf8_lossy(&out.stdout).trim());
+    check(out.status.success() && text(&out).contains("undid the interrupted mount"), text(&out))?;
+    let left = sh(&format!(
+        "grep -c ' {at}' /proc/mounts || true; zfs holds -H tank/vms/files@{snap} {vol}@{snap}; zfs list -H -o name | grep -c -- '-mnt-' || true; ls /sys/block/nbd0/pid 2>&1 || true; ls {RT}/state/mounts"
+    ));
+    check(
+        left.lines().next() == Some("0") && !left.contains("vmsnap-mount") && left.contains("No such file") && !left.contains(".json"),
+        format!("left after recover: {left}"),
+    )?;
+    write_config(&["offsite"], "");
+    Ok(())
 }

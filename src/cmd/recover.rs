@@ -12,6 +12,12 @@ pub async fn run(cfg: &Config, json: bool) -> Result<()> {
     for (domain, actions) in vmsnap::restore::recover_pending(cfg, &vmsnap::zfs::Zfs::default()).await.context("an interrupted restore")? {
         reports.push(engine::recover::RecoveryReport { journal: Default::default(), domain, actions });
     }
+    // Mounts a crash interrupted half-way: undone (complete ones stay until `vmsnap umount`).
+    for (domain, actions) in
+        vmsnap::restore::mount::recover_interrupted(cfg, &vmsnap::zfs::Zfs::default()).await.context("an interrupted mount")?
+    {
+        reports.push(engine::recover::RecoveryReport { journal: Default::default(), domain, actions });
+    }
     // Then guests that woke frozen (resumed from a quiesced RAM snapshot) and nothing runs on.
     let registry = vmsnap::daemon::registry::Registry::new(&cfg.state_dir);
     for dom in vmsnap::daemon::registry::all_domains(cfg, &registry) {

@@ -151,3 +151,36 @@ pub async fn run_as(
     }
     Ok(())
 }
+
+/// `vmsnap mount`: prints where each file system of the snapshot is (read-only).
+pub async fn mount(cfg: &Config, zfs: &Zfs, domain: &str, snapshot: &str, path: Option<std::path::PathBuf>, json: bool) -> Result<()> {
+    let path = path.unwrap_or_else(|| std::path::Path::new("/mnt/vmsnap").join(domain).join(snapshot));
+    let st = restore::mount::mount(cfg, zfs, domain, snapshot, &path).await.with_context(|| format!("mounting {domain}@{snapshot}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!(
+        "{domain}@{snapshot} mounted read-only at {} (the snapshot is held until `vmsnap umount {domain} {snapshot}`):",
+        st.path.display()
+    );
+    for v in &st.volumes {
+        match (&v.mountpoint, &v.skipped) {
+            (Some(m), _) => println!("  {} ({}) → {}", v.device, v.fstype.as_deref().unwrap_or("?"), m.display()),
+            (None, Some(why)) => println!("  {}: not mounted: {why}", v.device),
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// `vmsnap umount`.
+pub async fn umount(cfg: &Config, zfs: &Zfs, domain: &str, snapshot: &str, json: bool) -> Result<()> {
+    let st = restore::mount::umount(cfg, zfs, domain, snapshot).await.with_context(|| format!("unmounting {domain}@{snapshot}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        println!("{domain}@{snapshot}: unmounted from {}, hold released", st.path.display());
+    }
+    Ok(())
+}

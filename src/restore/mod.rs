@@ -11,6 +11,7 @@
 pub mod clone;
 pub mod dump;
 mod journal;
+pub mod mount;
 pub mod rename;
 mod steps;
 pub mod verify;
@@ -226,6 +227,22 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
     let manager = if dom.is_some() { Manager::Config } else { Manager::Libvirt };
     let (unit, props, mine) = find_unit(zfs, &req.domain, &req.snapshot).await?;
     ensure_stopped(&req.domain, manager, dom).await?;
+    // A mounted snapshot is held and a zvol's read-only clone hangs on it: a rollback past it
+    // would stop half-way.
+    let mounted: Vec<String> = mount::states(&cfg.state_dir)
+        .into_iter()
+        .filter_map(|(_, s)| s.ok())
+        .filter(|s| s.domain == req.domain)
+        .map(|s| format!("{} (at {})", s.snapshot, s.path.display()))
+        .collect();
+    if !mounted.is_empty() {
+        return Err(RestoreError::BadName(format!(
+            "{} has mounted snapshots: {}; `vmsnap umount {} SNAPSHOT` first",
+            req.domain,
+            mounted.join(", "),
+            req.domain
+        )));
+    }
 
     let newer = newer_than(zfs, &unit).await?;
     // The RAM dumps of the newer vmsnap snapshots go with them (as pruning does), only from
