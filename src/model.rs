@@ -182,6 +182,29 @@ pub mod prop {
         RAM_PRUNED,
         RAM_QUIESCED,
     ];
+
+    /// [`ALL`] and [`REPLICA`]: what a target lists of its copies, and what tells a domain's own
+    /// snapshot from a local replica of it.
+    pub const ALL_AND_REPLICA: [PropName; 18] = [
+        CONSISTENCY,
+        VERSION,
+        DOMAIN,
+        FREEZE_MS,
+        PAUSE_MS,
+        RAM_DUMP,
+        RAM_SHA256,
+        RAM_FORMAT,
+        RAM_COMPRESS,
+        RAM_SIZE,
+        QEMU_VERSION,
+        MACHINE,
+        CPU,
+        RAM_BYTES,
+        PERIODS,
+        RAM_PRUNED,
+        RAM_QUIESCED,
+        REPLICA,
+    ];
 }
 
 #[cfg(test)]

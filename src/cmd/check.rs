@@ -20,12 +20,12 @@ pub async fn run(path: &std::path::Path, zfs: &Zfs, only: Option<&str>) -> (vmsn
     let now = chrono::Utc::now().timestamp();
     let (mut findings, mut perf) = (Vec::new(), Vec::new());
     for dom in &domains {
-        let cat = vmsnap::retention::catalog::load(zfs, dom).await;
-        let replicas = match &cat {
-            Ok(cat) => replicas(zfs, dom, &cat.datasets).await,
-            Err(_) => Ok(Vec::new()),
+        let read = async {
+            let cat = vmsnap::retention::catalog::load(zfs, dom).await?;
+            let replicas = replicas(zfs, dom, &cat.datasets).await?;
+            Ok::<_, vmsnap::zfs::ZfsError>((cat, replicas))
         };
-        match cat.and_then(|cat| Ok((cat, replicas?))) {
+        match read.await {
             Ok((cat, replicas)) => {
                 let (f, p) = check::evaluate(dom, &cat.entries, &replicas, status.domains.get(&dom.name), now);
                 findings.extend(f);

@@ -124,12 +124,7 @@ pub async fn replicate(
             why: format!("{e} (a restore or another replication of {} runs)", dom.name),
         })?)
     };
-    let control = crate::fsutil::Dir::private(state_dir, &["ssh"]).map_err(|e| ReplicateError::Target {
-        target: target.name.clone(),
-        why: format!("the directory for ssh's shared connections: {e}"),
-    })?;
-    let transport = Transport::for_target(target, Some(control.path()));
-    let run = Run { zfs, dom, target, transport, progress, dry_run, rollback_target: opts.rollback_target };
+    let run = Run::open(zfs, state_dir, dom, target, opts, progress)?;
     let mut report = ReplicationReport { domain: dom.name.clone(), target: target.name.clone(), dry_run, ..Default::default() };
     let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
     let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
@@ -161,7 +156,24 @@ pub async fn replicate(
     Ok(report)
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    /// A run's way to the target: one shared ssh connection (`<state_dir>/ssh`, root only).
+    fn open(
+        zfs: &'a Zfs,
+        state_dir: &std::path::Path,
+        dom: &'a DomainConfig,
+        target: &'a TargetConfig,
+        opts: Options,
+        progress: Progress<'a>,
+    ) -> Result<Self, ReplicateError> {
+        let control = crate::fsutil::Dir::private(state_dir, &["ssh"]).map_err(|e| ReplicateError::Target {
+            target: target.name.clone(),
+            why: format!("the directory for ssh's shared connections: {e}"),
+        })?;
+        let transport = Transport::for_target(target, Some(control.path()));
+        Ok(Run { zfs, dom, target, transport, progress, dry_run: opts.dry_run, rollback_target: opts.rollback_target })
+    }
+
     fn err(&self, why: impl Into<String>) -> ReplicateError {
         ReplicateError::Target { target: self.target.name.clone(), why: why.into() }
     }
@@ -454,20 +466,8 @@ pub async fn list_target(
     dom: &DomainConfig,
     target: &TargetConfig,
 ) -> Result<Vec<(Dataset, Listing)>, ReplicateError> {
-    let control = crate::fsutil::Dir::private(state_dir, &["ssh"]).map_err(|e| ReplicateError::Target {
-        target: target.name.clone(),
-        why: format!("the directory for ssh's shared connections: {e}"),
-    })?;
     let noop = |_: &str| {};
-    let run = Run {
-        zfs,
-        dom,
-        target,
-        transport: Transport::for_target(target, Some(control.path())),
-        progress: &noop,
-        dry_run: true,
-        rollback_target: false,
-    };
+    let run = Run::open(zfs, state_dir, dom, target, Options { dry_run: true, rollback_target: false }, &noop)?;
     let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
     let mut out = Vec::new();
     for ds in by_pool.into_values().flatten() {

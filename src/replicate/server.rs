@@ -118,8 +118,7 @@ impl Server {
             return Ok(Listing::default());
         };
         // With `vmsnap:replica`, so a source sees which copies are complete and leaves them be.
-        let props: Vec<PropName> = crate::model::prop::ALL.iter().cloned().chain([crate::model::prop::REPLICA]).collect();
-        let snaps = self.zfs.list_snapshots(ds, &props).await.map_err(|e| e.to_string())?;
+        let snaps = self.zfs.list_snapshots(ds, &crate::model::prop::ALL_AND_REPLICA).await.map_err(|e| e.to_string())?;
         let token = self.zfs.get_native(ds.as_str(), "receive_resume_token").await.map_err(|e| e.to_string())?;
         let written =
             self.zfs.get_native(ds.as_str(), "written").await.map_err(|e| e.to_string())?.and_then(|w| w.parse().ok()).unwrap_or(0);

@@ -126,12 +126,21 @@ impl Server {
         }
         // `zfs rollback -r` destroys the newer snapshots and the changes since the base.
         self.zfs.rollback(base, true).await.map_err(|e| format!("rollback to {base}: {e}"))?;
+        // A dump goes once no other dataset of its domain still has the snapshot: one catalog
+        // per domain, read after the rollback.
+        let mut by_domain: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
         for s in newer {
             out.destroyed.push(s.name.snap().to_owned());
             if let Some(domain) = own.get(&s.name.to_string()).and_then(|p| p.get(&prop::DOMAIN)) {
-                // The dump goes once no other dataset of the domain still has the snapshot.
-                if !self.still_referenced(domain, s.name.snap()).await? {
-                    out.ram_deleted.extend(self.delete_dump(domain, s.name.snap())?);
+                by_domain.entry(domain.as_str()).or_default().push(s.name.snap());
+            }
+        }
+        if !by_domain.is_empty() {
+            let datasets = self.received_datasets().await?;
+            for (domain, gone) in by_domain {
+                let left = catalog::load_from(&self.zfs, datasets.clone(), domain).await.map_err(|e| e.to_string())?;
+                for snap in gone.into_iter().filter(|g| !left.entries.iter().any(|e| e.snap.name == *g)) {
+                    out.ram_deleted.extend(self.delete_dump(domain, snap)?);
                 }
             }
         }
@@ -140,10 +149,5 @@ impl Server {
             Err(e) => return Err(format!("hold {base}: {e}")),
         }
         Ok(out)
-    }
-
-    async fn still_referenced(&self, domain: &str, snapshot: &str) -> Result<bool, String> {
-        let cat = catalog::load_from(&self.zfs, self.received_datasets().await?, domain).await.map_err(|e| e.to_string())?;
-        Ok(cat.entries.iter().any(|e| e.snap.name == snapshot))
     }
 }

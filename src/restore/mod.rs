@@ -125,8 +125,7 @@ pub(crate) type Units = BTreeMap<String, BTreeMap<String, (Vec<SnapshotName>, BT
 
 pub(crate) async fn units(zfs: &Zfs) -> Result<Units, ZfsError> {
     let mut out: Units = BTreeMap::new();
-    let wanted: Vec<PropName> = prop::ALL.iter().cloned().chain([prop::REPLICA]).collect();
-    for (name, mut props) in zfs.all_snapshot_properties(&wanted).await? {
+    for (name, mut props) in zfs.all_snapshot_properties(&prop::ALL_AND_REPLICA).await? {
         if props.remove(&prop::REPLICA).is_some() {
             continue;
         }

@@ -193,7 +193,7 @@ async fn set_up(cfg: &Config, zfs: &Zfs, unit: &[SnapshotName], disks: &[PathBuf
         } else {
             open_image(cfg, zfs, snap, disk, st).await?
         };
-        let parts = partitions(&device).await;
+        let parts = partitions(&device);
         let whole = parts.is_empty();
         for (m, dev) in if whole { vec![(0, device.clone())] } else { parts } {
             let name = if whole { format!("disk{i}") } else { format!("disk{i}-p{m}") };
@@ -262,7 +262,7 @@ fn free_nbd() -> Option<PathBuf> {
 }
 
 /// The partitions of a block device (numbered), from sysfs.
-async fn partitions(device: &Path) -> Vec<(u32, PathBuf)> {
+fn partitions(device: &Path) -> Vec<(u32, PathBuf)> {
     let Ok(real) = std::fs::canonicalize(device) else { return Vec::new() };
     let name = real.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let mut out = Vec::new();
