@@ -283,7 +283,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::List { domain, target: Some(t), json } => cmd::list::target(&load()?, &zfs, domain.as_deref(), &t, json).await,
         Command::Prune { domain, dry_run, now, json } => cmd::prune::run(&load()?, &zfs, domain, dry_run, now, json).await,
         Command::Replicate { domain, target, dry_run, rollback_target, json } => {
-            let opts = vmsnap::replicate::Options { dry_run, rollback_target };
+            let opts = vmsnap::replicate::Options { dry_run, rollback_target, ..Default::default() };
             cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), opts, json).await
         }
         Command::Restore { domain, snapshot, as_name: Some(new), promote, dry_run, json, .. } => {

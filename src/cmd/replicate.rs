@@ -3,7 +3,7 @@
 use anyhow::Result;
 use std::path::PathBuf;
 use vmsnap::config::Config;
-use vmsnap::replicate::{replicate, Options, ReplicateError, ReplicationReport};
+use vmsnap::replicate::{replicate, Observer, Options, ReplicateError, ReplicationReport, Transfer};
 use vmsnap::zfs::{Dataset, Zfs};
 
 /// The exit status when a target diverged (nothing was sent or destroyed).
@@ -11,7 +11,22 @@ pub const EXIT_DIVERGED: i32 = 3;
 
 /// Every domain (or one) to each of its targets (or only `only_target`). A target that fails
 /// does not stop the others; the exit status says the worst: 0, 1 (a failure), 3 (diverged).
-pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<&str>, only_target: Option<&str>, opts: Options, json: bool) -> Result<()> {
+/// Ctrl-C (or SIGTERM) stops the stream in flight between two pieces: the target keeps a
+/// resumable receive and the next run goes on from there.
+pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<&str>, only_target: Option<&str>, mut opts: Options, json: bool) -> Result<()> {
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    opts.cancel = Some(cancel.clone());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("vmsnap: stopping after the piece in flight (again to quit at once)");
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
     if let Some(t) = only_target.filter(|t| !cfg.targets.contains_key(*t)) {
         anyhow::bail!("no [target.{t}] in {} (known: {})", cfg.path.display(), cfg.targets.keys().cloned().collect::<Vec<_>>().join(", "));
     }
@@ -24,8 +39,8 @@ pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<&str>, only_target: Opt
         for tname in dom.policy.replicate_to.iter().filter(|t| only_target.is_none_or(|o| o == t.as_str())) {
             pairs += 1;
             let target = &cfg.targets[tname];
-            let show = |s: &str| steps.lock().expect("not poisoned").step(&format!("{} → {tname}: {s}", dom.name));
-            match replicate(zfs, &cfg.state_dir, dom, target, opts, &show).await {
+            let show = Shown { steps: &steps, prefix: format!("{} → {tname}", dom.name) };
+            match replicate(zfs, &cfg.state_dir, dom, target, opts.clone(), &show).await {
                 Ok(r) => reports.push(r),
                 Err(e) => {
                     eprintln!("vmsnap: error: {} → {tname}: {e}", dom.name);
@@ -51,6 +66,22 @@ pub async fn run(cfg: &Config, zfs: &Zfs, domain: Option<&str>, only_target: Opt
         std::process::exit(worst);
     }
     Ok(())
+}
+
+/// A run's steps and transfers on the CLI's spinner, each prefixed with its domain and target.
+struct Shown<'a> {
+    steps: &'a std::sync::Mutex<super::progress::Steps>,
+    prefix: String,
+}
+
+impl Observer for Shown<'_> {
+    fn step(&self, s: &str) {
+        self.steps.lock().expect("not poisoned").step(&format!("{}: {s}", self.prefix));
+    }
+    fn transfer(&self, t: &Transfer) {
+        let t = Transfer { what: format!("{}: {}", self.prefix, t.what), ..t.clone() };
+        self.steps.lock().expect("not poisoned").transfer(&t);
+    }
 }
 
 fn print(r: &ReplicationReport) {

@@ -6,13 +6,16 @@
 //! - [`target_retention`]: the target's own pruning, and the rollback it may allow;
 //! - [`transport`]: reaching it (OpenSSH, or the local child);
 //! - [`plan`]: what to send, pure;
+//! - [`progress`]: what a run tells whoever watches it (steps, and each stream's bytes, size, rate);
 //! - [`run`]: one domain to one target, top to bottom.
 
 pub mod plan;
+pub mod progress;
 pub mod protocol;
 pub mod run;
 pub mod server;
 pub mod target_retention;
 pub mod transport;
 
+pub use progress::{Observer, Transfer};
 pub use run::{list_target, replicate, replicated_up_to, Options, ReplicateError, ReplicationReport};

@@ -11,13 +11,14 @@
 //! allow it) to go back to the snapshot in common; then the plan is made again, once.
 
 use super::plan::{plan, Base, Cursor, Plan, SourceSnap, Step};
+use super::progress::Transfer;
 use super::protocol::{Listing, PruneOutcome, RamState, Request, RollbackOutcome};
 use super::transport::{Payload, Transport};
 use crate::config::{DomainConfig, TargetConfig};
 use crate::model::prop;
 use crate::zfs::{Dataset, PropName, Zfs, ZfsError};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,8 @@ pub enum ReplicateError {
     Diverged { target: String, dataset: String, why: String },
     #[error("target {target}: {why}")]
     Target { target: String, why: String },
+    #[error("target {target}: cancelled; the next run resumes where this one stopped")]
+    Cancelled { target: String },
     #[error(transparent)]
     Zfs(#[from] ZfsError),
 }
@@ -43,7 +46,7 @@ impl ReplicateError {
             ReplicateError::Target { .. } => {
                 Some("can this host reach the target (`ssh` with the configured key), and does its forced command run `vmsnap serve`?")
             }
-            ReplicateError::Zfs(_) => None,
+            ReplicateError::Zfs(_) | ReplicateError::Cancelled { .. } => None,
         }
     }
 }
@@ -81,7 +84,7 @@ pub struct ReplicationReport {
     pub seconds: f64,
 }
 
-pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+pub type Progress<'a> = &'a dyn super::progress::Observer;
 
 struct Run<'a> {
     zfs: &'a Zfs,
@@ -91,16 +94,20 @@ struct Run<'a> {
     progress: Progress<'a>,
     dry_run: bool,
     rollback_target: bool,
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 /// How a replication run may act.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Plan and estimate only.
     pub dry_run: bool,
     /// A diverged target dataset is rolled back to the snapshot in common (if the target allows
     /// it), destroying its newer vmsnap-made snapshots, instead of stopping the domain.
     pub rollback_target: bool,
+    /// Set to stop the run: the stream in flight stops between two pieces (the target's
+    /// receive stays resumable), and no further step starts.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Replicates `dom`'s snapshots to `target`.
@@ -170,16 +177,32 @@ impl<'a> Run<'a> {
             target: target.name.clone(),
             why: format!("the directory for ssh's shared connections: {e}"),
         })?;
-        let transport = Transport::for_target(target, Some(control.path()));
-        Ok(Run { zfs, dom, target, transport, progress, dry_run: opts.dry_run, rollback_target: opts.rollback_target })
+        let mut transport = Transport::for_target(target, Some(control.path()));
+        if let Some(flag) = &opts.cancel {
+            transport = transport.cancelled_by(flag.clone());
+        }
+        Ok(Run { zfs, dom, target, transport, progress, dry_run: opts.dry_run, rollback_target: opts.rollback_target, cancel: opts.cancel })
+    }
+
+    /// Stops the run here if it was cancelled.
+    fn go_on(&self) -> Result<(), ReplicateError> {
+        match &self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(ReplicateError::Cancelled { target: self.target.name.clone() }),
+            _ => Ok(()),
+        }
     }
 
     fn err(&self, why: impl Into<String>) -> ReplicateError {
         ReplicateError::Target { target: self.target.name.clone(), why: why.into() }
     }
 
-    /// One request, off the async threads, reporting bytes moved every second.
+    /// One request, off the async threads; a stream's [`Transfer`] is reported at its start,
+    /// every second and at its end (`estimate`: its size, if known).
     async fn call(&self, req: Request, payload: Payload) -> Result<(serde_json::Value, u64), ReplicateError> {
+        self.call_sized(req, payload, None).await
+    }
+
+    async fn call_sized(&self, req: Request, payload: Payload, estimate: Option<u64>) -> Result<(serde_json::Value, u64), ReplicateError> {
         let moved = Arc::new(AtomicU64::new(0));
         let (transport, counter) = (self.transport.clone(), moved.clone());
         let what = match &req {
@@ -187,20 +210,28 @@ impl<'a> Run<'a> {
             Request::RamPut { snapshot, .. } => format!("sending the RAM dump of {snapshot}"),
             _ => String::new(),
         };
-        let mut task = tokio::task::spawn_blocking(move || transport.call(&req, payload, &counter));
         let t = Instant::now();
+        let report = |n: u64| {
+            if !what.is_empty() {
+                self.progress.transfer(&Transfer::measure(&what, n, estimate, t.elapsed()));
+            }
+        };
+        report(0);
+        let mut task = tokio::task::spawn_blocking(move || transport.call(&req, payload, &counter));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         let result = loop {
             tokio::select! {
                 r = &mut task => break r.map_err(|e| self.err(e.to_string()))?,
-                _ = tick.tick() => if !what.is_empty() {
-                    let n = moved.load(Ordering::Relaxed);
-                    (self.progress)(&format!("{what}: {} MiB at {:.0} MiB/s", n >> 20, n as f64 / 1048576.0 / t.elapsed().as_secs_f64()));
-                }
+                _ = tick.tick() => report(moved.load(Ordering::Relaxed)),
             }
         };
-        Ok((result.map_err(|why| self.err(why))?, moved.load(Ordering::Relaxed)))
+        let n = moved.load(Ordering::Relaxed);
+        if result.is_ok() {
+            report(n);
+        }
+        self.go_on()?;
+        Ok((result.map_err(|why| self.err(why))?, n))
     }
 
     async fn list(&self, ds: &Dataset) -> Result<Listing, ReplicateError> {
@@ -219,6 +250,7 @@ impl<'a> Run<'a> {
         // The target's listing once it is up to date, for the cursor.
         let mut up_to_date = None;
         for _ in 0..6 {
+            self.go_on()?;
             let snaps = self.zfs.list_snapshots(ds, &[]).await?;
             let local = self.zfs.local_snapshot_properties(ds, &[prop::DOMAIN]).await?;
             let source: Vec<SourceSnap> =
@@ -243,7 +275,7 @@ impl<'a> Run<'a> {
                         ));
                         break;
                     }
-                    (self.progress)(&format!("{ds}: rolling the target back to {}", common.name));
+                    self.progress.step(&format!("{ds}: rolling the target back to {}", common.name));
                     let (v, _) = self.call(Request::Rollback { dataset: ds.to_string(), to_guid: common.guid }, Payload::None).await?;
                     let done: RollbackOutcome = serde_json::from_value(v).map_err(|e| self.err(e.to_string()))?;
                     tracing::warn!(dataset = %ds, target = %self.target.name, destroyed = ?done.destroyed, "target rolled back to {}", done.to);
@@ -264,10 +296,11 @@ impl<'a> Run<'a> {
                     report.bytes += self.estimate(&argv).await.unwrap_or(0);
                     continue;
                 }
-                (self.progress)(&format!("{ds}: {}", describe(&step)));
+                self.progress.step(&format!("{ds}: {}", describe(&step)));
+                let estimate = self.estimate(&argv).await;
                 let mut cmd = std::process::Command::new(self.zfs.cli().zfs_program());
                 cmd.args(&argv);
-                match self.call(Request::Recv { dataset: ds.to_string() }, Payload::Command(cmd)).await {
+                match self.call_sized(Request::Recv { dataset: ds.to_string() }, Payload::Command(cmd), estimate).await {
                     Ok((_, n)) => {
                         report.bytes += n;
                         report.steps.push(describe(&step));
@@ -350,6 +383,7 @@ impl<'a> Run<'a> {
             }
         }
         for (snap, (mut props, on)) in todo {
+            self.go_on()?;
             if let (Some(path), Some(sum)) = (props.get(&prop::RAM_DUMP).cloned(), props.get(&prop::RAM_SHA256).cloned()) {
                 match crate::fsutil::open_regular(std::path::Path::new(&path)) {
                     Ok(file) => {
@@ -385,9 +419,9 @@ impl<'a> Run<'a> {
         if state.partial > size {
             return Err(self.err(format!("the target has {} bytes of the {size}-byte RAM dump of {snap}", state.partial)));
         }
-        (self.progress)(&format!("RAM dump of {snap}: {} MiB to send", (size - state.partial) >> 20));
+        self.progress.step(&format!("RAM dump of {snap}: {} MiB to send", (size - state.partial) >> 20));
         let req = Request::RamPut { domain, snapshot: snap.into(), sha256: sha256.into(), offset: state.partial };
-        let (_, n) = self.call(req, Payload::File(file, state.partial)).await?;
+        let (_, n) = self.call_sized(req, Payload::File(file, state.partial), Some(size - state.partial)).await?;
         Ok(n)
     }
 
@@ -467,7 +501,7 @@ pub async fn list_target(
     target: &TargetConfig,
 ) -> Result<Vec<(Dataset, Listing)>, ReplicateError> {
     let noop = |_: &str| {};
-    let run = Run::open(zfs, state_dir, dom, target, Options { dry_run: true, rollback_target: false }, &noop)?;
+    let run = Run::open(zfs, state_dir, dom, target, Options { dry_run: true, ..Options::default() }, &noop)?;
     let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
     let mut out = Vec::new();
     for ds in by_pool.into_values().flatten() {

@@ -8,7 +8,8 @@ use crate::config::TargetConfig;
 use std::ffi::OsString;
 use std::io::{Read, Seek, Write};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What follows the request line.
@@ -25,6 +26,8 @@ pub struct Transport {
     argv: Vec<OsString>,
     /// Bytes per second, 0 for no limit.
     rate_limit: u64,
+    /// Set to stop a payload between two pieces (the target's receive stays resumable).
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Transport {
@@ -67,7 +70,13 @@ impl Transport {
                 a
             }
         };
-        Self { argv, rate_limit: t.rate_limit }
+        Self { argv, rate_limit: t.rate_limit, cancel: None }
+    }
+
+    /// Payloads stop (the request fails) once `flag` is set.
+    pub fn cancelled_by(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
     }
 
     /// Sends `req` and its payload; the target's answer. `moved` counts payload bytes as they go.
@@ -149,6 +158,9 @@ impl Transport {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("reading the payload: {e}")),
             };
+            if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err("cancelled".into());
+            }
             to.write_all(&buf[..n]).map_err(|e| format!("sending to the target: {e}"))?;
             total += n as u64;
             moved.fetch_add(n as u64, Ordering::Relaxed);
