@@ -191,6 +191,7 @@ fn authorization_arguments_registry_and_introspection() {
     // Every mutating method, as nobody: NotAuthorized, and nothing changes.
     for (method, args) in [
         ("Snapshot", vec!["sa{sv}", "web", "0"]),
+        ("Replicate", vec!["ssa{sv}", "web", "", "0"]),
         ("Prune", vec!["sb", "web", "false"]),
         ("RegisterDomain", REG.to_vec()),
         ("UnregisterDomain", vec!["s", "web"]),
@@ -216,6 +217,14 @@ fn authorization_arguments_registry_and_introspection() {
     assert!(!ok && out.contains("sideways"), "{out}");
     let (ok, out) = f.call(false, "Snapshot", &["sa{sv}", "web", "1", "quiesce", "s", "yes"]);
     assert!(!ok && out.contains("\"quiesce\" must be a boolean"), "{out}");
+    // Replicate: the domain's own targets only, known options only (the sending itself is on
+    // the replication lane, which has a target host).
+    let (ok, out) = f.call(false, "Replicate", &["ssa{sv}", "web", "", "0"]);
+    assert!(!ok && out.contains("nothing to replicate to (no replicate_to)"), "{out}");
+    let (ok, out) = f.call(false, "Replicate", &["ssa{sv}", "web", "", "1", "dry_run", "s", "yes"]);
+    assert!(!ok && out.contains("\"dry_run\" must be a boolean"), "{out}");
+    let (ok, out) = f.call(false, "Replicate", &["ssa{sv}", "web", "", "1", "force", "b", "true"]);
+    assert!(!ok && out.contains("unknown option \"force\""), "{out}");
     let mut bad = REG;
     bad[3] = "relative/lab.qmp";
     let (ok, out) = f.call(false, "RegisterDomain", &bad);

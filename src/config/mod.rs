@@ -150,6 +150,8 @@ struct RawTarget {
     rate_limit: Option<u64>,
     dataset: Option<String>,
     ram_dir: Option<PathBuf>,
+    /// The daemon replicates on this schedule instead of after each scheduled snapshot.
+    every_minutes: Option<u32>,
     /// A local target's retention (`[target.NAME.policy]`, the period counts and `use_template`).
     policy: Option<RawPolicy>,
 }
@@ -176,6 +178,9 @@ pub struct TargetConfig {
     /// A local target's retention as `vmsnap serve --keep` spells it; `None`: it keeps
     /// everything. A remote target's retention is on its own forced command line.
     pub keep: Option<String>,
+    /// The daemon replicates to it this often (`every_minutes`); `None`: after each scheduled
+    /// snapshot.
+    pub every: Option<std::time::Duration>,
 }
 
 policy_section! {
@@ -355,6 +360,9 @@ fn target(name: &str, t: RawTarget) -> Result<TargetConfig, (&'static str, Strin
         }
         (None, _, _) => return Err(("host", "a target has a host (ssh), or dataset and ram_dir (a local pool)".into())),
     }
+    if t.every_minutes == Some(0) {
+        return Err(("every_minutes", "0: leave it out to replicate after each scheduled snapshot".into()));
+    }
     Ok(TargetConfig {
         name: name.to_owned(),
         host: t.host,
@@ -367,6 +375,7 @@ fn target(name: &str, t: RawTarget) -> Result<TargetConfig, (&'static str, Strin
         dataset: t.dataset,
         ram_dir: t.ram_dir,
         keep: None,
+        every: t.every_minutes.map(|m| std::time::Duration::from_secs(u64::from(m) * 60)),
     })
 }
 

@@ -16,6 +16,7 @@ use crate::daemon::scripts::{self, ScriptEnv};
 use crate::daemon::status::{Attempt, Status};
 use crate::engine::lock::DomainLock;
 use crate::engine::{self, SnapshotOptions, SnapshotReport};
+use crate::replicate::{self, ReplicateError, ReplicationReport, Transfer};
 use crate::retention::prune::{self, PruneReport};
 use crate::zfs::Zfs;
 use std::collections::HashMap;
@@ -32,6 +33,9 @@ pub enum Request {
     Snapshot(SnapshotOptions),
     /// Retention carried out now (or only planned, with `dry_run`).
     Prune { dry_run: bool },
+    /// The domain's snapshots to each of its `replicate_to` targets (or to `targets` only).
+    /// Runs in its own lane: a domain's snapshots and other domains' jobs go on meanwhile.
+    Replicate { targets: Vec<String>, opts: replicate::Options },
 }
 
 impl Request {
@@ -39,8 +43,24 @@ impl Request {
         match self {
             Self::Snapshot(_) => "snapshot",
             Self::Prune { .. } => "prune",
+            Self::Replicate { .. } => "replicate",
         }
     }
+
+    fn lane(&self) -> Lane {
+        match self {
+            Self::Snapshot(_) | Self::Prune { .. } => Lane::Local,
+            Self::Replicate { .. } => Lane::Replication,
+        }
+    }
+}
+
+/// A domain has one job at a time in each lane: snapshots and pruning change its datasets here;
+/// replication only reads them (under holds) and may take hours, so it does not hold them up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    Local,
+    Replication,
 }
 
 /// Who started a job (logged, and kept on the job for whoever lists it).
@@ -66,6 +86,8 @@ impl Origin {
 pub enum Output {
     Snapshot(Box<SnapshotReport>),
     Prune(Box<PruneReport>),
+    /// One report per target.
+    Replicate(Vec<ReplicationReport>),
 }
 
 impl Output {
@@ -74,6 +96,7 @@ impl Output {
         match self {
             Self::Snapshot(r) => serde_json::to_string(r),
             Self::Prune(r) => serde_json::to_string(r),
+            Self::Replicate(r) => serde_json::to_string(r),
         }
         .expect("reports serialise")
     }
@@ -138,6 +161,8 @@ pub enum StartError {
     Locked(String),
     #[error("vmsnap is shutting down and starts no new job")]
     ShuttingDown,
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A started job: its id, and its outcome once it is over.
@@ -147,6 +172,7 @@ pub struct JobHandle {
     pub domain: String,
     done: watch::Receiver<Option<Outcome>>,
     progress: watch::Receiver<String>,
+    transfer: watch::Receiver<Option<Transfer>>,
 }
 
 impl JobHandle {
@@ -168,6 +194,16 @@ impl JobHandle {
         self.progress.changed().await.ok().map(|()| self.progress.borrow_and_update().clone())
     }
 
+    /// The stream a replication job is sending (or sent last).
+    pub fn transfer(&self) -> Option<Transfer> {
+        self.transfer.borrow().clone()
+    }
+
+    /// Resolves when the transfer figures change (or the job is gone).
+    pub async fn transfer_changed(&mut self) -> Option<()> {
+        self.transfer.changed().await.ok()
+    }
+
     /// Its outcome, if it is over.
     pub fn finished(&self) -> Option<Outcome> {
         self.done.borrow().clone()
@@ -183,9 +219,10 @@ struct Running {
 struct Inner {
     cfg: RwLock<Arc<Config>>,
     zfs: Arc<Zfs>,
-    /// At most `max_parallel` jobs work at once (replaced on a reload that changes it).
-    slots: RwLock<(usize, Arc<Semaphore>)>,
-    running: Mutex<HashMap<String, (u64, Running)>>,
+    /// At most `max_parallel` jobs work at once in each lane (replaced on a reload that
+    /// changes it): local, replication.
+    slots: RwLock<(usize, Arc<Semaphore>, Arc<Semaphore>)>,
+    running: Mutex<HashMap<(String, Lane), (u64, Running)>>,
     record: Mutex<Records>,
     events: broadcast::Sender<JobEvent>,
     next_id: AtomicU64,
@@ -211,7 +248,7 @@ impl Jobs {
         Self(Arc::new(Inner {
             cfg: RwLock::new(cfg),
             zfs,
-            slots: RwLock::new((n, Arc::new(Semaphore::new(n)))),
+            slots: RwLock::new((n, Arc::new(Semaphore::new(n)), Arc::new(Semaphore::new(n)))),
             running: Mutex::new(HashMap::new()),
             record: Mutex::new(Records { metrics: Metrics::default(), write_metrics }),
             events: broadcast::channel(1024).0,
@@ -233,7 +270,7 @@ impl Jobs {
         let n = cfg.max_parallel.max(1);
         let mut slots = self.0.slots.write().expect("slots lock");
         if slots.0 != n {
-            *slots = (n, Arc::new(Semaphore::new(n)));
+            *slots = (n, Arc::new(Semaphore::new(n)), Arc::new(Semaphore::new(n)));
         }
         *self.0.cfg.write().expect("config lock") = cfg;
     }
@@ -242,9 +279,14 @@ impl Jobs {
         self.0.events.subscribe()
     }
 
-    /// Is a job of `domain` running (its id)?
+    /// Is a snapshot or prune job of `domain` running (its id)?
     pub fn running_for(&self, domain: &str) -> Option<u64> {
-        self.0.running.lock().expect("jobs lock").get(domain).map(|(id, _)| *id)
+        self.0.running.lock().expect("jobs lock").get(&(domain.to_owned(), Lane::Local)).map(|(id, _)| *id)
+    }
+
+    /// Is a replication job of `domain` running (its id)?
+    pub fn replicating(&self, domain: &str) -> Option<u64> {
+        self.0.running.lock().expect("jobs lock").get(&(domain.to_owned(), Lane::Replication)).map(|(id, _)| *id)
     }
 
     /// Starts `request` on `dom`. Refused when the domain already has a job (here, or in another
@@ -254,36 +296,56 @@ impl Jobs {
             return Err(StartError::ShuttingDown);
         }
         let cfg = self.config();
+        let lane = request.lane();
+        let key = (dom.name.clone(), lane);
         let mut running = self.0.running.lock().expect("jobs lock");
-        if let Some((id, r)) = running.get(&dom.name) {
+        if let Some((id, r)) = running.get(&key) {
             return Err(StartError::Busy { domain: dom.name.clone(), id: *id, kind: r.kind });
         }
-        // Another process (a `vmsnap snapshot --local`, a `vmsnap prune`) may hold the domain.
-        if !matches!(request, Request::Prune { dry_run: true }) {
-            drop(DomainLock::acquire(&cfg.state_dir, &dom.name).map_err(|e| StartError::Locked(e.to_string()))?);
+        // Another process (a `vmsnap snapshot --local`, a `vmsnap prune`, a `vmsnap replicate`,
+        // a restore) may hold the domain.
+        match &request {
+            Request::Prune { dry_run: true } => {}
+            Request::Replicate { targets, opts } => {
+                if dom.policy.replicate_to.is_empty() {
+                    return Err(StartError::Refused(format!("{}: nothing to replicate to (no replicate_to)", dom.name)));
+                }
+                if let Some(t) = targets.iter().find(|t| !dom.policy.replicate_to.contains(t)) {
+                    return Err(StartError::Refused(format!(
+                        "{}: {t:?} is not one of its targets (replicate_to: {})",
+                        dom.name,
+                        dom.policy.replicate_to.join(", ")
+                    )));
+                }
+                if !opts.dry_run {
+                    drop(DomainLock::replication(&cfg.state_dir, &dom.name).map_err(|e| StartError::Locked(e.to_string()))?);
+                }
+            }
+            _ => drop(DomainLock::acquire(&cfg.state_dir, &dom.name).map_err(|e| StartError::Locked(e.to_string()))?),
         }
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let (cancel, cancelled) = watch::channel(false);
         let (done_tx, done) = watch::channel(None);
         let (progress_tx, progress) = watch::channel("waiting to start".to_owned());
+        let (transfer_tx, transfer) = watch::channel(None);
         let kind = request.kind();
         tracing::info!(job = id, domain = %dom.name, origin = origin.as_str(), kind, "job started");
         let this = self.clone();
         let domain = dom.name.clone();
         let task = tokio::spawn(async move {
-            let outcome = this.run(id, &cfg, &dom, request, cancelled, progress_tx).await;
+            let outcome = this.run(id, &cfg, &dom, request, cancelled, progress_tx, transfer_tx).await;
             let state = outcome.state();
             match &outcome {
                 Outcome::Failed(e) => tracing::error!(job = id, domain = %dom.name, kind, "job failed: {e}"),
                 Outcome::Cancelled(m) => tracing::warn!(job = id, domain = %dom.name, kind, "job cancelled: {m}"),
                 Outcome::Succeeded(_) => tracing::info!(job = id, domain = %dom.name, kind, "job succeeded"),
             }
-            this.0.running.lock().expect("jobs lock").remove(&dom.name);
+            this.0.running.lock().expect("jobs lock").remove(&(dom.name.clone(), lane));
             let _ = done_tx.send(Some(outcome));
             let _ = this.0.events.send(JobEvent::Finished { id, domain: dom.name.clone(), state });
         });
-        running.insert(domain.clone(), (id, Running { kind, cancel, task: Some(task) }));
-        Ok(JobHandle { id, domain, done, progress })
+        running.insert(key, (id, Running { kind, cancel, task: Some(task) }));
+        Ok(JobHandle { id, domain, done, progress, transfer })
     }
 
     /// Cancels job `id`; false when no such job runs.
@@ -318,6 +380,7 @@ impl Jobs {
     }
 
     /// The job itself: waits for a slot, then does the work unless cancelled first.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         id: u64,
@@ -326,12 +389,23 @@ impl Jobs {
         request: Request,
         mut cancelled: watch::Receiver<bool>,
         progress: watch::Sender<String>,
+        transfer: watch::Sender<Option<Transfer>>,
     ) -> Outcome {
         let step = |s: &str| {
             progress.send_replace(s.to_owned());
             let _ = self.0.events.send(JobEvent::Progress { id, domain: dom.name.clone(), step: s.to_owned() });
         };
-        let slots = self.0.slots.read().expect("slots lock").1.clone();
+        let lane = request.lane();
+        let slots = {
+            let s = self.0.slots.read().expect("slots lock");
+            match lane {
+                Lane::Local => s.1.clone(),
+                Lane::Replication => s.2.clone(),
+            }
+        };
+        // Replication stops between two pieces of a stream when this is set (nothing to undo:
+        // the target keeps a resumable receive).
+        let stop_sending = Arc::new(AtomicBool::new(false));
         let work = async {
             if slots.available_permits() == 0 {
                 step("waiting for a free slot (max_parallel)");
@@ -347,17 +421,29 @@ impl Jobs {
                         .map(|r| Output::Prune(Box::new(r)))
                         .map_err(|e| error_chain(&e))
                 }
+                Request::Replicate { targets, opts } => {
+                    let opts = replicate::Options { cancel: Some(stop_sending.clone()), ..opts.clone() };
+                    let watcher = Watcher { step: &step, transfer: &transfer, target: Mutex::new(String::new()) };
+                    self.replicate(cfg, dom, targets, opts, &watcher).await.map(Output::Replicate)
+                }
             }
         };
+        tokio::pin!(work);
         let stop = async move {
             let _ = cancelled.wait_for(|c| *c).await;
         };
         tokio::select! {
-            r = work => match r {
+            r = &mut work => match r {
                 Ok(out) => Outcome::Succeeded(out),
                 Err(e) => Outcome::Failed(e),
             },
             () = stop => {
+                if lane == Lane::Replication {
+                    step("cancelling: stopping the stream in flight");
+                    stop_sending.store(true, Ordering::Relaxed);
+                    let _ = work.await;
+                    return Outcome::Cancelled("cancelled; the target keeps what it received and the next run resumes from there".into());
+                }
                 // The work's future is gone mid-step: replay this domain's journal (and only
                 // its own: other domains may be mid-snapshot), as after a crash.
                 step("cancelled: undoing");
@@ -367,10 +453,55 @@ impl Jobs {
                     Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
                 };
                 if matches!(request, Request::Snapshot(_)) {
-                    self.record(cfg, dom, &Err(msg.clone()), 0, &[]);
+                    self.record(cfg, dom, &Err(msg.clone()), 0);
                 }
                 Outcome::Cancelled(msg)
             }
+        }
+    }
+
+    /// To each target in turn (all of `replicate_to` when `only` is empty); a target that fails
+    /// does not stop the others, and the job fails naming each one that did.
+    async fn replicate(
+        &self,
+        cfg: &Config,
+        dom: &DomainConfig,
+        only: &[String],
+        opts: replicate::Options,
+        watcher: &Watcher<'_>,
+    ) -> Result<Vec<ReplicationReport>, String> {
+        let mut reports = Vec::new();
+        let mut failed = Vec::new();
+        for tname in dom.policy.replicate_to.iter().filter(|t| only.is_empty() || only.contains(t)) {
+            let Some(target) = cfg.targets.get(tname) else {
+                failed.push(format!("{tname}: no [target.{tname}] in the configuration"));
+                continue;
+            };
+            *watcher.target.lock().expect("not poisoned") = tname.clone();
+            replicate::Observer::step(watcher, "starting");
+            match replicate::replicate(&self.0.zfs, &cfg.state_dir, dom, target, opts.clone(), watcher).await {
+                Ok(r) => {
+                    let bytes: u64 = r.datasets.iter().map(|d| d.bytes).sum::<u64>() + r.ram_bytes;
+                    tracing::info!(domain = %dom.name, target = %tname, completed = ?r.completed, bytes, dry_run = opts.dry_run, "replicated");
+                    if !opts.dry_run {
+                        self.record_replication(cfg, dom, tname, Some(bytes));
+                    }
+                    reports.push(r);
+                }
+                Err(e @ ReplicateError::Cancelled { .. }) => return Err(e.to_string()),
+                Err(e) => {
+                    tracing::error!(domain = %dom.name, target = %tname, "replication failed: {}", error_chain(&e));
+                    if !opts.dry_run {
+                        self.record_replication(cfg, dom, tname, None);
+                    }
+                    failed.push(format!("{tname}: {}", error_chain(&e)));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(reports)
+        } else {
+            Err(failed.join("; "))
         }
     }
 
@@ -465,42 +596,27 @@ impl Jobs {
                 Err(e) => tracing::error!(domain = %dom.name, "prune failed: {}", error_chain(&e)),
             }
         }
-        // Off the host after each scheduled snapshot; a target that fails is logged and the
-        // next snapshot tries again (resuming where this one stopped).
-        let mut replicated = Vec::new();
+        self.record(cfg, dom, &result, destroyed);
+        // Off the host after each scheduled snapshot, in the replication lane: the next
+        // snapshots do not wait for it. Targets with their own schedule (`every_minutes`) are
+        // the daemon's to start.
         if result.is_ok() && !opts.periods.is_empty() {
-            for tname in &policy.replicate_to {
-                let Some(target) = cfg.targets.get(tname) else { continue };
-                step(&format!("replicating to {tname}"));
-                let show = |s: &str| step(&format!("replicating to {tname}: {s}"));
-                match crate::replicate::replicate(zfs, &cfg.state_dir, dom, target, crate::replicate::Options::default(), &show).await {
-                    Ok(r) => {
-                        let bytes: u64 = r.datasets.iter().map(|d| d.bytes).sum::<u64>() + r.ram_bytes;
-                        tracing::info!(domain = %dom.name, target = %tname, completed = ?r.completed, bytes, "replicated");
-                        replicated.push((tname.clone(), Some(bytes)));
-                    }
-                    Err(e) => {
-                        tracing::error!(domain = %dom.name, target = %tname, "replication failed: {}", error_chain(&e));
-                        replicated.push((tname.clone(), None));
-                    }
+            let after: Vec<String> =
+                policy.replicate_to.iter().filter(|t| cfg.targets.get(*t).is_some_and(|t| t.every.is_none())).cloned().collect();
+            if !after.is_empty() {
+                match self.start(dom.clone(), Request::Replicate { targets: after, opts: replicate::Options::default() }, Origin::Schedule) {
+                    Ok(job) => tracing::info!(domain = %dom.name, job = job.id, "replication started"),
+                    // Still sending an earlier one: it, or the next, carries this snapshot too.
+                    Err(e) => tracing::info!(domain = %dom.name, "replication not started now: {e}"),
                 }
             }
         }
-        self.record(cfg, dom, &result, destroyed, &replicated);
         result
     }
 
     /// The attempt into `status.json` (read back first: another vmsnap process may have written
     /// other domains) and, in the daemon, into the metrics file.
-    /// `replicated`: each target the job sent to, with the bytes sent (`None`: it failed).
-    fn record(
-        &self,
-        cfg: &Config,
-        dom: &DomainConfig,
-        result: &Result<SnapshotReport, String>,
-        destroyed: u64,
-        replicated: &[(String, Option<u64>)],
-    ) {
+    fn record(&self, cfg: &Config, dom: &DomainConfig, result: &Result<SnapshotReport, String>, destroyed: u64) {
         let at = chrono::Utc::now().timestamp();
         let attempt = match result {
             Ok(r) => Attempt { at, ok: true, snapshot: Some(r.name.clone()), consistency: Some(r.consistency.to_string()), error: None },
@@ -520,16 +636,6 @@ impl Jobs {
         }
         let m = rec.metrics.domain(&dom.name);
         m.pruned += destroyed;
-        for (target, outcome) in replicated {
-            let r = m.replication.entry(target.clone()).or_default();
-            match outcome {
-                Some(bytes) => {
-                    r.bytes += bytes;
-                    r.last_success = Some(at);
-                }
-                None => r.failed += 1,
-            }
-        }
         match result {
             Ok(r) => {
                 *m.taken.entry(r.consistency.to_string()).or_default() += 1;
@@ -546,11 +652,54 @@ impl Jobs {
                 m.last_failure = Some(at);
             }
         }
+        rec.write(cfg);
+    }
+
+    /// One target's replication into the daemon's metrics: the bytes sent, or a failure.
+    fn record_replication(&self, cfg: &Config, dom: &DomainConfig, target: &str, sent: Option<u64>) {
+        let mut rec = self.0.record.lock().expect("no job panics while holding the records");
+        if !rec.write_metrics {
+            return;
+        }
+        let r = rec.metrics.domain(&dom.name).replication.entry(target.to_owned()).or_default();
+        match sent {
+            Some(bytes) => {
+                r.bytes += bytes;
+                r.last_success = Some(chrono::Utc::now().timestamp());
+            }
+            None => r.failed += 1,
+        }
+        rec.write(cfg);
+    }
+}
+
+impl Records {
+    fn write(&self, cfg: &Config) {
         if let Some(path) = &cfg.metrics_file {
-            if let Err(e) = rec.metrics.write(path) {
+            if let Err(e) = self.metrics.write(path) {
                 tracing::error!("writing metrics to {}: {e}", path.display());
             }
         }
+    }
+}
+
+/// A replication job's observer: each step, prefixed with its target, is the job's progress;
+/// each transfer is its `Transfer` (and, in words, its progress).
+struct Watcher<'a> {
+    step: &'a (dyn Fn(&str) + Sync),
+    transfer: &'a watch::Sender<Option<Transfer>>,
+    target: Mutex<String>,
+}
+
+impl replicate::Observer for Watcher<'_> {
+    fn step(&self, s: &str) {
+        let target = self.target.lock().expect("not poisoned").clone();
+        (self.step)(&format!("replicating to {target}: {s}"));
+    }
+
+    fn transfer(&self, t: &Transfer) {
+        self.transfer.send_replace(Some(t.clone()));
+        self.step(&t.to_string());
     }
 }
 

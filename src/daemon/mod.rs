@@ -1,4 +1,5 @@
-//! `vmsnap daemon`: takes each enrolled domain's due snapshots and prunes after them.
+//! `vmsnap daemon`: takes each enrolled domain's due snapshots and prunes after them, and
+//! replicates them: after each scheduled snapshot, or on a target's own `every_minutes`.
 //!
 //! Each tick (at the next preferred time of any policy, and at least once a minute) it reads
 //! every domain's snapshots back from ZFS and asks [`crate::retention::schedule::due`] what is due; a due
@@ -71,8 +72,11 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
         tracing::warn!(domain = %name, "unregistered: {why}");
     }
     let mut not_before: HashMap<String, Instant> = HashMap::new();
+    // When each (domain, target) with its own schedule was last started.
+    let mut sent_at: HashMap<(String, String), Instant> = HashMap::new();
     loop {
         for dom in &all_domains(&cfg, &Registry::new(&cfg.state_dir)) {
+            start_due_replication(&jobs, &cfg, dom, &mut sent_at);
             if jobs.running_for(&dom.name).is_some() || not_before.get(&dom.name).is_some_and(|t| Instant::now() < *t) {
                 continue;
             }
@@ -113,6 +117,38 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
     jobs.shutdown(false).await;
     tracing::info!("vmsnap daemon stopped");
     Ok(())
+}
+
+/// Replication to the targets of `dom` that have their own schedule (`every_minutes`), when
+/// one was not started for that long (at start-up: at once, to catch up) and no replication of
+/// the domain runs.
+fn start_due_replication(jobs: &Jobs, cfg: &Config, dom: &DomainConfig, sent_at: &mut HashMap<(String, String), Instant>) {
+    if jobs.replicating(&dom.name).is_some() {
+        return;
+    }
+    let due: Vec<String> = dom
+        .policy
+        .replicate_to
+        .iter()
+        .filter(|t| match cfg.targets.get(*t).and_then(|t| t.every) {
+            Some(every) => sent_at.get(&(dom.name.clone(), (*t).clone())).is_none_or(|at| at.elapsed() >= every),
+            None => false,
+        })
+        .cloned()
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+    let request = Request::Replicate { targets: due.clone(), opts: crate::replicate::Options::default() };
+    match jobs.start(dom.clone(), request, Origin::Schedule) {
+        Ok(job) => {
+            tracing::info!(domain = %dom.name, job = job.id, targets = ?due, "scheduled replication started");
+            for t in due {
+                sent_at.insert((dom.name.clone(), t), Instant::now());
+            }
+        }
+        Err(e) => tracing::info!(domain = %dom.name, "scheduled replication not started now: {e}"),
+    }
 }
 
 /// The periods due for `dom` now, from its snapshots in ZFS.

@@ -15,6 +15,7 @@ pub trait Agent1 {
     fn list(&self, domain: &str) -> zbus::Result<Vec<(String, i64, String, String)>>;
     fn prune(&self, domain: &str, dry_run: bool) -> zbus::Result<String>;
     fn snapshot(&self, domain: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
+    fn replicate(&self, domain: &str, target: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
     #[allow(clippy::too_many_arguments)]
     fn register_domain(&self, name: &str, uuid: &str, qmp: &str, qga: &str, disks: &[&str], nvram: &str, xml: &str) -> zbus::Result<()>;
     fn unregister_domain(&self, name: &str) -> zbus::Result<bool>;
@@ -33,6 +34,8 @@ pub trait Job1 {
     fn state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn progress(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn transfer(&self) -> zbus::Result<HashMap<String, zbus::zvariant::OwnedValue>>;
     #[zbus(property)]
     fn result(&self) -> zbus::Result<String>;
     fn cancel(&self) -> zbus::Result<()>;

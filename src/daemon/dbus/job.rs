@@ -1,5 +1,6 @@
 //! One job started over D-Bus, exported at `…/Jobs/<n>`: its `State` (`running`, `succeeded`,
-//! `failed`, `cancelled`), the step in `Progress`, the report or error in `Result` (JSON),
+//! `failed`, `cancelled`), the step in `Progress`, a replication's stream in `Transfer`, the
+//! report or error in `Result` (JSON),
 //! `Cancel()`, and a `Finished(success, result)` signal. Every property change is announced
 //! with `PropertiesChanged`, so followers never poll. The job itself lives in
 //! [`crate::daemon::jobs`]; this object only shows it.
@@ -8,7 +9,8 @@ use super::VmsnapError;
 use crate::daemon::jobs::{JobHandle, Jobs, Outcome};
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::OwnedObjectPath;
+use std::collections::HashMap;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
 /// How long a finished job object stays on the bus.
 const JOB_LINGER: std::time::Duration = std::time::Duration::from_secs(600);
@@ -45,6 +47,24 @@ impl Job {
         }
     }
 
+    /// A replication job's stream in flight (or its last): `what` (s), `bytes` (t), `total` (t:
+    /// the size as far as known, never below `bytes`, 0 unknown), `rate` (t: bytes/s), and
+    /// `eta` (t: seconds left) once known. Empty for other jobs and before the first stream.
+    #[zbus(property)]
+    fn transfer(&self) -> HashMap<String, OwnedValue> {
+        let mut m = HashMap::new();
+        if let Some(t) = self.handle.transfer() {
+            m.insert("what".to_owned(), OwnedValue::try_from(Value::from(t.what)).expect("a string has no fd"));
+            m.insert("bytes".to_owned(), OwnedValue::from(t.bytes));
+            m.insert("total".to_owned(), OwnedValue::from(t.total));
+            m.insert("rate".to_owned(), OwnedValue::from(t.rate));
+            if let Some(eta) = t.eta_seconds {
+                m.insert("eta".to_owned(), OwnedValue::from(eta));
+            }
+        }
+        m
+    }
+
     #[zbus(property)]
     fn result(&self) -> String {
         self.handle.finished().map(|o| o.result_text()).unwrap_or_default()
@@ -73,6 +93,7 @@ impl Job {
 pub async fn follow(conn: zbus::Connection, path: OwnedObjectPath, mut handle: JobHandle) {
     let Ok(iface) = conn.object_server().interface::<_, Job>(&path).await else { return };
     let mut end = handle.clone();
+    let mut moving = handle.clone();
     while handle.finished().is_none() {
         tokio::select! {
             changed = handle.progress_changed() => {
@@ -80,6 +101,12 @@ pub async fn follow(conn: zbus::Connection, path: OwnedObjectPath, mut handle: J
                     break;
                 }
                 let _ = iface.get().await.progress_changed(iface.signal_emitter()).await;
+            }
+            changed = moving.transfer_changed() => {
+                if changed.is_none() {
+                    break;
+                }
+                let _ = iface.get().await.transfer_changed(iface.signal_emitter()).await;
             }
             _ = end.outcome() => break,
         }
@@ -91,6 +118,7 @@ pub async fn follow(conn: zbus::Connection, path: OwnedObjectPath, mut handle: J
         let _ = job.state_changed(emitter).await;
         let _ = job.progress_changed(emitter).await;
         let _ = job.result_changed(emitter).await;
+        let _ = job.transfer_changed(emitter).await;
         let _ = Job::finished(emitter, matches!(outcome, Outcome::Succeeded(_)), &outcome.result_text()).await;
     }
     tokio::time::sleep(JOB_LINGER).await;

@@ -6,7 +6,7 @@ use super::job::Job;
 use super::{VmsnapError, BUS_NAME, JOBS, PATH};
 use crate::config::{Config, DomainConfig};
 use crate::daemon::error_chain;
-use crate::daemon::jobs::{JobEvent, Jobs, Origin, Outcome, Output, Request, StartError};
+use crate::daemon::jobs::{JobEvent, JobHandle, Jobs, Origin, Outcome, Output, Request, StartError};
 use crate::daemon::registry::{all_domains, Registration, Registry};
 use crate::engine::SnapshotOptions;
 use crate::model::{RamMode, Strategy};
@@ -54,6 +54,14 @@ impl Agent {
             Ok(Ok(p)) => Ok(p),
             _ => Err(VmsnapError::Busy(format!("{method}: {MAX_READS} reads are already running; try again later"))),
         }
+    }
+
+    /// Puts a started job on the bus at `…/Jobs/<id>` and follows it there.
+    async fn export(&self, handle: JobHandle, conn: &zbus::Connection, server: &zbus::ObjectServer) -> Result<OwnedObjectPath, VmsnapError> {
+        let path = OwnedObjectPath::try_from(format!("{JOBS}/{}", handle.id)).map_err(|e| VmsnapError::Failed(e.to_string()))?;
+        server.at(&path, Job::new(handle.clone(), self.jobs.clone())).await?;
+        tokio::spawn(super::job::follow(conn.clone(), path.clone(), handle));
+        Ok(path)
     }
 
     fn registry(&self) -> Registry {
@@ -219,10 +227,36 @@ impl Agent {
             agent_answers(&dom).await?;
         }
         let handle = self.jobs.start(dom, Request::Snapshot(opts), Origin::DBus).map_err(start_error)?;
-        let path = OwnedObjectPath::try_from(format!("{JOBS}/{}", handle.id)).map_err(|e| VmsnapError::Failed(e.to_string()))?;
-        server.at(&path, Job::new(handle.clone(), self.jobs.clone())).await?;
-        tokio::spawn(super::job::follow(conn.clone(), path.clone(), handle));
-        Ok(path)
+        self.export(handle, conn, server).await
+    }
+
+    /// Starts replicating `domain` to `target` ("" for each of its `replicate_to` targets);
+    /// returns the job object's path, whose `Transfer` shows the stream in flight. Options:
+    /// `dry_run` (b: plan and estimate), `rollback_target` (b: roll a diverged target back to
+    /// the snapshot in common, if the target allows it). Root only: it connects with root's key.
+    async fn replicate(
+        &self,
+        domain: &str,
+        target: &str,
+        options: HashMap<String, OwnedValue>,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, VmsnapError> {
+        require_root(conn, &hdr, "Replicate").await?;
+        let dom = self.domain(domain)?;
+        let mut opts = crate::replicate::Options::default();
+        for (k, v) in &options {
+            let flag = || bool::try_from(v).map_err(|_| VmsnapError::InvalidArgument(format!("option {k:?} must be a boolean")));
+            match k.as_str() {
+                "dry_run" => opts.dry_run = flag()?,
+                "rollback_target" => opts.rollback_target = flag()?,
+                other => return Err(VmsnapError::InvalidArgument(format!("unknown option {other:?} (known: dry_run, rollback_target)"))),
+            }
+        }
+        let targets = if target.is_empty() { Vec::new() } else { vec![target.to_owned()] };
+        let handle = self.jobs.start(dom, Request::Replicate { targets, opts }, Origin::DBus).map_err(start_error)?;
+        self.export(handle, conn, server).await
     }
 
     /// Registers a domain (the libvirt hook calls this on `started`/`reconnect`). Empty
@@ -306,6 +340,7 @@ impl Agent {
 fn start_error(e: StartError) -> VmsnapError {
     match e {
         StartError::Busy { .. } | StartError::Locked(_) | StartError::ShuttingDown => VmsnapError::Busy(e.to_string()),
+        StartError::Refused(m) => VmsnapError::InvalidArgument(m),
     }
 }
 
