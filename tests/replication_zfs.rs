@@ -42,7 +42,7 @@ fn inside() {
         ("a_changed_target_is_reported_not_overwritten", changed_target),
         ("a_hand_made_target_snapshot_is_kept", hand_made_target_snapshot),
         ("encrypted_datasets_go_raw_and_need_no_key_there", encrypted),
-        ("the_daemon_replicates_after_each_scheduled_snapshot", daemon_replicates),
+        ("the_daemon_replicates_on_schedule_and_over_dbus", daemon_replicates),
         ("an_unreachable_target_does_not_stop_the_others", unreachable_target),
         // These two change what the target holds on the target's own terms.
         ("rollback_target_after_a_restore_only_with_the_targets_leave", rollback_target_after_a_restore),
@@ -231,7 +231,9 @@ fn kill_once_sent(mib: u64) -> Result<(), Failed> {
     let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = String::new();
     for line in lines.map_while(Result::ok) {
-        let sent = line.split_once(&format!("sending {SRC}: ")).and_then(|(_, r)| r.split(' ').next()?.parse::<u64>().ok());
+        // "web → offsite: sending tank/vms/web: 16.0 MiB of 96.0 MiB at 16.0 MiB/s, 5 s left"
+        let sent =
+            line.split_once(&format!("sending {SRC}: ")).and_then(|(_, r)| r.split(' ').next()?.parse::<f64>().ok()).map(|n| n as u64);
         seen = line;
         if sent.is_some_and(|n| n >= mib) {
             break;
@@ -377,27 +379,146 @@ fn unreachable_target() -> Result<(), Failed> {
     assert_replicated()
 }
 
-/// The daemon, on a one-minute policy, takes the due snapshot of the (stopped) domain and sends
-/// it to the target on its own.
+/// The daemon, on a one-minute policy with the target on its own one-minute schedule
+/// (`every_minutes`), takes the due snapshot and sends it by itself. Then over D-Bus (a private
+/// bus): a `Replicate` job shows its stream in `Transfer`; a slowed one cancelled mid-stream
+/// ends `cancelled`, the target keeping a resumable receive; the next job resumes it.
 fn daemon_replicates() -> Result<(), Failed> {
     let cfg = std::fs::read_to_string(CONFIG)?;
-    std::fs::write(CONFIG, cfg.replacen("[domain.web]\n", "[domain.web]\nfrequently = 2\nfrequent_period = 1\n", 1))?;
+    let scheduled = cfg.replacen("[domain.web]\n", "[domain.web]\nfrequently = 2\nfrequent_period = 1\n", 1).replacen(
+        "[target.offsite]\n",
+        "[target.offsite]\nevery_minutes = 1\n",
+        1,
+    );
+    std::fs::write(CONFIG, &scheduled)?;
+    let bus = format!("unix:path={RT}/bus");
+    let mut dbus = Command::new("dbus-daemon").args(["--session", "--nofork", "--nopidfile", &format!("--address={bus}")]).spawn()?;
     let log = std::fs::File::create(format!("{RT}/daemon.log"))?;
-    let mut daemon = Command::new(vmsnap_bin()).args(["--config", CONFIG, "daemon", "--bus", "none"]).stderr(log).spawn()?;
-    let t = Instant::now();
-    let mut done = false;
-    while t.elapsed() < Duration::from_secs(240) && !done {
-        std::thread::sleep(Duration::from_secs(2));
-        done = snaps(DST).iter().any(|n| n.contains("frequently"))
-            && std::fs::read_to_string(format!("{RT}/daemon.log")).unwrap_or_default().contains("replicated");
-    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut daemon = Command::new(vmsnap_bin()).args(["--config", CONFIG, "daemon", "--bus-address", &bus]).stderr(log).spawn()?;
+    let daemon_log = || std::fs::read_to_string(format!("{RT}/daemon.log")).unwrap_or_default();
+    let result = (|| -> Result<(), Failed> {
+        let t = Instant::now();
+        let mut done = false;
+        while t.elapsed() < Duration::from_secs(240) && !done {
+            std::thread::sleep(Duration::from_secs(2));
+            let said = daemon_log();
+            done = snaps(DST).iter().any(|n| n.contains("frequently"))
+                && said.contains("scheduled replication started")
+                && said.contains("replicated");
+        }
+        eprintln!("METRIC daemon replication on the target's schedule after {:.0} s", t.elapsed().as_secs_f64());
+        check(done, format!("the daemon did not replicate a scheduled snapshot; the target has {:?}", snaps(DST)))?;
+        check(
+            !daemon_log().lines().any(|l| l.contains("replication started") && !l.contains("scheduled replication started")),
+            "replicated after the snapshot, not on the target's own schedule",
+        )?;
+
+        // Quiet (nothing due for a while), and the target slowed down.
+        let slow = cfg.replacen("[target.offsite]\n", "[target.offsite]\nrate_limit = 8388608\n", 1);
+        reload(&daemon, &slow)?;
+        sh(&format!("dd if=/dev/urandom of=/{SRC}/disk0.img bs=1M count=48 seek=16 conv=notrunc status=none"));
+        let name = snapshot("bus")?;
+        let job = replicate_job(&bus)?;
+        let t = Instant::now();
+        let mut moving = Value::Null;
+        while t.elapsed() < Duration::from_secs(30) {
+            moving = busctl(&bus, &["get-property", "io.github.vmsnap.Agent1", &job, "io.github.vmsnap.Job1", "Transfer"])?;
+            if moving["data"]["bytes"]["data"].as_u64().unwrap_or(0) >= 8 << 20 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("METRIC D-Bus Transfer mid-stream: {moving}");
+        let (bytes, total) = (moving["data"]["bytes"]["data"].as_u64().unwrap_or(0), moving["data"]["total"]["data"].as_u64().unwrap_or(0));
+        check(bytes >= 8 << 20 && total >= 48 << 20 && bytes < total, format!("Transfer: {moving}"))?;
+        check(moving["data"]["eta"]["data"].as_u64().is_some_and(|e| e > 0), format!("no time left in {moving}"))?;
+        busctl(&bus, &["call", "io.github.vmsnap.Agent1", &job, "io.github.vmsnap.Job1", "Cancel"])?;
+        let (state, said) = job_end(&bus, &job, 30)?;
+        check(state == "cancelled" && said.contains("resumes"), format!("{state}: {said}"))?;
+        let token = sh(&format!("zfs get -H -o value receive_resume_token {DST}")).trim().to_owned();
+        check(token.len() > 10, format!("no resumable receive on the target after the cancel: {token:?}"))?;
+
+        reload(&daemon, &cfg)?;
+        let job = replicate_job(&bus)?;
+        let (state, said) = job_end(&bus, &job, 90)?;
+        check(state == "succeeded", format!("{state}: {said}"))?;
+        let reports: Value = serde_json::from_str(&said)?;
+        check(reports[0]["datasets"][0]["steps"].to_string().contains("resume"), format!("not resumed: {said}"))?;
+        check(reports[0]["completed"].to_string().contains(&name), format!("{name} not completed: {said}"))?;
+        let last = busctl(&bus, &["get-property", "io.github.vmsnap.Agent1", &job, "io.github.vmsnap.Job1", "Transfer"])?;
+        let (bytes, total) = (last["data"]["bytes"]["data"].as_u64().unwrap_or(0), last["data"]["total"]["data"].as_u64().unwrap_or(0));
+        check(bytes > 0 && bytes <= total, format!("the last Transfer: {last}"))?;
+        Ok(())
+    })();
     let _ = Command::new("kill").arg(daemon.id().to_string()).status();
     let _ = daemon.wait();
+    let _ = dbus.kill();
+    let _ = dbus.wait();
     std::fs::write(CONFIG, cfg)?;
-    let said = std::fs::read_to_string(format!("{RT}/daemon.log"))?;
-    eprintln!("METRIC daemon replication after {:.0} s", t.elapsed().as_secs_f64());
-    check(done, format!("the daemon did not replicate a scheduled snapshot: {said}"))?;
+    result.map_err(|e| Failed::from(format!("{}\ndaemon log:\n{}", e.message().unwrap_or_default(), tail(&daemon_log(), 40))))?;
     assert_replicated()
+}
+
+/// The last `n` lines of `s`.
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `busctl --json=short` on the private bus.
+fn busctl(bus: &str, args: &[&str]) -> Result<Value, Failed> {
+    let out = Command::new("busctl").arg(format!("--address={bus}")).arg("--json=short").args(args).output()?;
+    check(out.status.success(), format!("busctl {args:?}: {}", text(&out)))?;
+    Ok(if out.stdout.is_empty() { Value::Null } else { serde_json::from_slice(&out.stdout)? })
+}
+
+/// D-Bus `Replicate("web", "offsite", {})`: the job's path. A scheduled replication may still
+/// be running: tried again for up to a minute while the answer says so.
+fn replicate_job(bus: &str) -> Result<String, Failed> {
+    const AGENT: &str = "io.github.vmsnap.Agent1";
+    let args = ["call", AGENT, "/io/github/vmsnap/Agent1", AGENT, "Replicate", "ssa{sv}", "web", "offsite", "0"];
+    let t = Instant::now();
+    loop {
+        match busctl(bus, &args) {
+            Ok(v) => return Ok(v["data"][0].as_str().ok_or_else(|| format!("no job path in {v}"))?.to_owned()),
+            Err(e) if e.message().is_some_and(|m| m.contains("is still running")) && t.elapsed() < Duration::from_secs(60) => {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Waits up to `secs` for a job to end: its state and result.
+fn job_end(bus: &str, job: &str, secs: u64) -> Result<(String, String), Failed> {
+    let prop = |name: &str| -> Result<String, Failed> {
+        let v = busctl(bus, &["get-property", "io.github.vmsnap.Agent1", job, "io.github.vmsnap.Job1", name])?;
+        Ok(v["data"].as_str().unwrap_or_default().to_owned())
+    };
+    let t = Instant::now();
+    loop {
+        let state = prop("State")?;
+        if state != "running" {
+            return Ok((state, prop("Result")?));
+        }
+        check(t.elapsed() < Duration::from_secs(secs), format!("{job} still running after {secs} s: {}", prop("Progress")?))?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A new config for the running daemon (SIGHUP), once it says it took it.
+fn reload(daemon: &std::process::Child, text: &str) -> Result<(), Failed> {
+    let log = || std::fs::read_to_string(format!("{RT}/daemon.log")).unwrap_or_default();
+    let before = log().matches("configuration reloaded").count();
+    std::fs::write(CONFIG, text)?;
+    sh(&format!("kill -HUP {}", daemon.id()));
+    let t = Instant::now();
+    while log().matches("configuration reloaded").count() == before {
+        check(t.elapsed() < Duration::from_secs(10), "the daemon did not reload its configuration")?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// After a restore to an older snapshot the target holds newer ones: a plain run stops (exit 3);

@@ -9,8 +9,6 @@ pub struct Steps {
     bar: Option<ProgressBar>,
     quiet: bool,
     last: String,
-    /// When a transfer was last written as a plain line.
-    last_transfer_line: Option<std::time::Instant>,
     /// Said after each plain line (which daemon job it is).
     tag: String,
 }
@@ -26,7 +24,7 @@ impl Steps {
             bar
         });
         let tag = if tag.is_empty() { String::new() } else { format!(" ({tag})") };
-        Self { bar, quiet, last: String::new(), last_transfer_line: None, tag }
+        Self { bar, quiet, last: String::new(), tag }
     }
 
     /// A new step (repeats are shown once).
@@ -46,17 +44,11 @@ impl Steps {
     }
 
     /// A stream on its way: the spinner's message on a terminal (no new line each second); a
-    /// plain line at its start, its end and every ten seconds otherwise.
+    /// plain line each time otherwise (a log shows how the stream went).
     pub fn transfer(&mut self, t: &vmsnap::replicate::Transfer) {
         match &self.bar {
             Some(b) => b.set_message(t.to_string()),
-            None if !self.quiet => {
-                let due = self.last_transfer_line.is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
-                if t.bytes == 0 || (t.total > 0 && t.bytes >= t.total) || due {
-                    self.last_transfer_line = Some(std::time::Instant::now());
-                    eprintln!("  {t}{}", self.tag);
-                }
-            }
+            None if !self.quiet => eprintln!("  {t}{}", self.tag),
             None => {}
         }
     }

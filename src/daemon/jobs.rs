@@ -8,7 +8,8 @@
 //! after a scheduled snapshot, `status.json`, the metrics file, the events that become D-Bus
 //! signals ([`Jobs::subscribe`]), and cancellation: [`Jobs::cancel`] stops the job at the step it
 //! is in and replays *that domain's* journal (thaw, resume, cancel the dump, merge overlays), as
-//! after a crash. [`Jobs::shutdown`] refuses new jobs, then cancels or awaits every running one.
+//! after a crash (a replication stops between two pieces, resumable). [`Jobs::shutdown`] refuses
+//! new jobs, then cancels or awaits every running one.
 
 use crate::config::{Config, DomainConfig};
 use crate::daemon::metrics::Metrics;
@@ -357,16 +358,18 @@ impl Jobs {
         }
     }
 
-    /// Refuses new jobs, then cancels (`cancel`) or awaits every running job. Returns when each
-    /// has ended, its guest thawed and resumed.
+    /// Refuses new jobs, then cancels (`cancel`) or awaits every running job; replications are
+    /// always stopped (resumable). Returns when each has ended, its guest thawed and resumed.
     pub async fn shutdown(&self, cancel: bool) {
         self.0.closed.store(true, Ordering::SeqCst);
         let tasks: Vec<_> = {
             let mut running = self.0.running.lock().expect("jobs lock");
             running
-                .values_mut()
-                .filter_map(|(_, r)| {
-                    if cancel {
+                .iter_mut()
+                .filter_map(|((_, lane), (_, r))| {
+                    // A replication may have hours to go: it stops between two pieces and the
+                    // next run resumes it.
+                    if cancel || *lane == Lane::Replication {
                         let _ = r.cancel.send(true);
                     }
                     r.task.take()
@@ -604,7 +607,8 @@ impl Jobs {
             let after: Vec<String> =
                 policy.replicate_to.iter().filter(|t| cfg.targets.get(*t).is_some_and(|t| t.every.is_none())).cloned().collect();
             if !after.is_empty() {
-                match self.start(dom.clone(), Request::Replicate { targets: after, opts: replicate::Options::default() }, Origin::Schedule) {
+                match self.start(dom.clone(), Request::Replicate { targets: after, opts: replicate::Options::default() }, Origin::Schedule)
+                {
                     Ok(job) => tracing::info!(domain = %dom.name, job = job.id, "replication started"),
                     // Still sending an earlier one: it, or the next, carries this snapshot too.
                     Err(e) => tracing::info!(domain = %dom.name, "replication not started now: {e}"),

@@ -7,9 +7,9 @@
 
 use super::VmsnapError;
 use crate::daemon::jobs::{JobHandle, Jobs, Outcome};
+use std::collections::HashMap;
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
-use std::collections::HashMap;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
 /// How long a finished job object stays on the bus.

@@ -57,7 +57,12 @@ impl Agent {
     }
 
     /// Puts a started job on the bus at `…/Jobs/<id>` and follows it there.
-    async fn export(&self, handle: JobHandle, conn: &zbus::Connection, server: &zbus::ObjectServer) -> Result<OwnedObjectPath, VmsnapError> {
+    async fn export(
+        &self,
+        handle: JobHandle,
+        conn: &zbus::Connection,
+        server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, VmsnapError> {
         let path = OwnedObjectPath::try_from(format!("{JOBS}/{}", handle.id)).map_err(|e| VmsnapError::Failed(e.to_string()))?;
         server.at(&path, Job::new(handle.clone(), self.jobs.clone())).await?;
         tokio::spawn(super::job::follow(conn.clone(), path.clone(), handle));
