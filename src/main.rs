@@ -125,6 +125,10 @@ enum Command {
     Verify {
         /// One domain (default: every domain with vmsnap snapshots on this host).
         domain: Option<String>,
+        /// Verify what this replication target holds instead: each replica matched with the
+        /// source's snapshot by GUID, complete, and its RAM dump read again on the target.
+        #[arg(long, value_name = "TARGET")]
+        target: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -293,7 +297,8 @@ async fn run(cli: Cli) -> Result<()> {
             let req = vmsnap::restore::Request { domain, snapshot, destroy_newer, resume };
             cmd::restore::run(&load()?, &zfs, req, dry_run, json).await
         }
-        Command::Verify { domain, json } => cmd::verify::run(&zfs, domain.as_deref(), json).await,
+        Command::Verify { domain, target: None, json } => cmd::verify::run(&zfs, domain.as_deref(), json).await,
+        Command::Verify { domain, target: Some(t), json } => cmd::verify::target(&load()?, &zfs, domain.as_deref(), &t, json).await,
         Command::Serve { root, ram_dir, keep, allow_rollback, now } => {
             cmd::replicate::serve(&root, ram_dir, keep.as_deref(), allow_rollback, now, zfs).await
         }

@@ -14,6 +14,7 @@ use serde_json::Value;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use vmsnap_testkit::rig::lane::{sh, vmsnap_bin};
+use vmsnap_testkit::rig::remote;
 use vmsnap_testkit::support::check;
 
 const SRC: &str = "tank/vms/web";
@@ -44,6 +45,7 @@ fn inside() {
         ("encrypted_datasets_go_raw_and_need_no_key_there", encrypted),
         ("the_daemon_replicates_on_schedule_and_over_dbus", daemon_replicates),
         ("an_unreachable_target_does_not_stop_the_others", unreachable_target),
+        ("verify_target_matches_guids_and_rereads_the_dumps_there", verify_target),
         // These two change what the target holds on the target's own terms.
         ("rollback_target_after_a_restore_only_with_the_targets_leave", rollback_target_after_a_restore),
         ("the_target_prunes_by_its_own_policy", target_prunes_by_its_own_policy),
@@ -52,10 +54,8 @@ fn inside() {
     ];
     let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
     let conclusion = libtest_mimic::run(&args, trials);
-    let _ = Command::new("/bin/sh")
-        .arg("-c")
-        .arg("kill $(cat /run/sshd-remote.pid) 2>/dev/null; zpool destroy backup; zpool destroy tank")
-        .status();
+    remote::stop();
+    let _ = Command::new("/bin/sh").arg("-c").arg("zpool destroy backup; zpool destroy tank").status();
     conclusion.exit();
 }
 
@@ -69,15 +69,7 @@ fn setup() {
     ));
     sh(&format!("mkdir -p {RT}/ram && chmod 700 {RT} && echo \"<domain><name>web</name></domain>\" > {RT}/web.xml"));
     // The remote host: sshd in network namespace `remote`, reachable at 10.77.0.2 only.
-    sh("ip netns add remote && ip link add veth-src type veth peer name veth-dst && ip link set veth-dst netns remote \
-        && ip addr add 10.77.0.1/24 dev veth-src && ip link set veth-src up \
-        && ip netns exec remote ip addr add 10.77.0.2/24 dev veth-dst && ip netns exec remote ip link set veth-dst up \
-        && ip netns exec remote ip link set lo up");
-    sh(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -f {RT}/host_key && ssh-keygen -q -t ed25519 -N '' -f {RT}/id && mkdir -p /run/sshd \
-         && printf 'ListenAddress 10.77.0.2\\nHostKey {RT}/host_key\\nPermitRootLogin prohibit-password\\nAuthorizedKeysFile {RT}/authorized_keys\\nStrictModes no\\nUsePAM no\\nPidFile /run/sshd-remote.pid\\n' > {RT}/sshd_config \
-         && ip netns exec remote /usr/sbin/sshd -f {RT}/sshd_config -E {RT}/sshd.log"
-    ));
+    remote::start(RT);
     forced_command("");
     write_config(&["offsite"], "");
 }
@@ -521,6 +513,36 @@ fn reload(daemon: &std::process::Child, text: &str) -> Result<(), Failed> {
     Ok(())
 }
 
+/// `vmsnap verify --target`: every replica matches the source by GUID and is complete, each dump
+/// on the target is read again there; a dump altered on the target fails, naming it; an
+/// unreachable target is an error.
+fn verify_target() -> Result<(), Failed> {
+    let out = vmsnap(&["verify", "web", "--target", "offsite", "--json"]);
+    check(out.status.success(), text(&out))?;
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    let on_target = snaps(DST);
+    check(rows.len() == on_target.iter().filter(|n| !n.starts_with("by-hand")).count(), format!("{rows:?} for {on_target:?}"))?;
+    check(rows.iter().all(|r| r["ok"] == true && r["detail"].as_str().unwrap_or_default().contains("guid matches")), format!("{rows:?}"))?;
+    let dumped: Vec<&Value> = rows.iter().filter(|r| r["detail"].as_str().unwrap_or_default().contains("RAM dump sha256 ok")).collect();
+    check(!dumped.is_empty(), format!("no dump was read on the target: {rows:?}"))?;
+    let snap = dumped[0]["snapshot"].as_str().unwrap_or_default().to_owned();
+    let copy = format!("/backup/ram/web/{snap}.ram");
+    sh(&format!("cp -p {copy} {RT}/saved.ram && printf 'X' | dd of={copy} bs=1 seek=4096 conv=notrunc status=none"));
+    let bad = vmsnap(&["verify", "web", "--target", "offsite"]);
+    sh(&format!("mv {RT}/saved.ram {copy}"));
+    let said = String::from_utf8_lossy(&bad.stdout).into_owned();
+    eprintln!("METRIC verify --target with an altered dump: {}", said.lines().find(|l| l.contains("FAILED")).unwrap_or_default());
+    check(
+        bad.status.code() == Some(1) && said.lines().any(|l| l.contains(&snap) && l.contains("FAILED") && l.contains("does not match")),
+        text(&bad),
+    )?;
+    write_config(&["down", "offsite"], "");
+    let down = vmsnap(&["verify", "web", "--target", "down"]);
+    write_config(&["offsite"], "");
+    check(down.status.code() == Some(1) && text(&down).contains("down"), text(&down))?;
+    assert_replicated()
+}
+
 /// After a restore to an older snapshot the target holds newer ones: a plain run stops (exit 3);
 /// `--rollback-target` is refused until the target's forced command allows it, and then still
 /// refused while a hand-made snapshot is among them; allowed, it destroys only those newer
@@ -653,6 +675,13 @@ fn mount_and_umount() -> Result<(), Failed> {
     let pruned = vmsnap(&["prune", "files", "--now", &future, "--json"]);
     check(pruned.status.success() && String::from_utf8_lossy(&pruned.stdout).contains("held"), text(&pruned))?;
     check(snaps("tank/vms/files").contains(&snap), "a held snapshot was pruned")?;
+    // `vmsnap list` shows where it is mounted and the zvol's clone.
+    let listed = vmsnap(&["list", "files", "--json"]);
+    check(listed.status.success(), text(&listed))?;
+    let rows: Vec<Value> = serde_json::from_slice(&listed.stdout)?;
+    let row = |ds: &str| rows.iter().find(|r| r["snapshot"] == format!("{ds}@{snap}")).cloned().unwrap_or_default();
+    check(row("tank/vms/files")["mounted_at"] == at.as_str(), format!("{rows:?}"))?;
+    check(row(vol)["clones"] == serde_json::json!([format!("{vol}-mnt-{snap}")]), format!("{rows:?}"))?;
     let again = vmsnap(&["mount", "files", &snap, &format!("{RT}/mnt2")]);
     check(!again.status.success() && text(&again).contains("already mounted"), text(&again))?;
     let restore = vmsnap(&["restore", "files", &snap]);

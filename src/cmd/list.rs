@@ -1,5 +1,6 @@
 //! `vmsnap list`: a domain's snapshots with consistency, periods and RAM dump (format,
-//! compression, size, checksum); with `--target`, what a replication target holds of it.
+//! compression, size, checksum), their clones and where one is mounted; with `--target`, what a
+//! replication target holds of it.
 
 use anyhow::{Context, Result};
 use vmsnap::config::Config;
@@ -29,6 +30,10 @@ struct Listed {
     ram_pruned: Option<String>,
     /// `vmsnap verify`'s last outcome: `<unix seconds> ok: …` or `<unix seconds> failed: …`.
     verified: Option<String>,
+    /// Datasets cloned from it (`restore --as`, `mount`'s zvol clones, by hand).
+    clones: Vec<String>,
+    /// Where `vmsnap mount` has it, until `vmsnap umount`.
+    mounted_at: Option<String>,
 }
 
 pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Result<()> {
@@ -37,7 +42,9 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
     let domains = vmsnap::daemon::registry::select(cfg, only)?;
     for dom in &domains {
         let by_pool = engine::disks::datasets_by_pool(zfs, &dom.disks).await.with_context(|| format!("domain {}", dom.name))?;
+        let mounts = vmsnap::restore::mount::mounted(&cfg.state_dir, &dom.name);
         for ds in by_pool.values().flatten() {
+            let clones = zfs.clones(ds).await?;
             for s in zfs.list_snapshots(ds, &props).await? {
                 let get = |k: PropName| s.props.iter().find(|(p, _)| **p == k).map(|(_, v)| v.clone());
                 if get(prop::DOMAIN).as_deref() != Some(dom.name.as_str()) {
@@ -56,6 +63,15 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
                     ram_sha256: get(prop::RAM_SHA256),
                     ram_pruned: get(prop::RAM_PRUNED),
                     verified: get(prop::VERIFIED),
+                    clones: clones.get(s.name.snap()).cloned().unwrap_or_default(),
+                    mounted_at: mounts.get(s.name.snap()).map(|m| {
+                        let at = m.path.display().to_string();
+                        if m.complete {
+                            at
+                        } else {
+                            format!("{at} (interrupted: `vmsnap recover` undoes it)")
+                        }
+                    }),
                 });
             }
         }
@@ -77,8 +93,15 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
                 (None, Some(_)) => "(RAM dump pruned)".into(),
                 (None, None) => String::new(),
             };
+            let mut also = String::new();
+            if let Some(d) = &r.mounted_at {
+                also.push_str(&format!(" [mounted at {d}]"));
+            }
+            if !r.clones.is_empty() {
+                also.push_str(&format!(" [clones: {}]", r.clones.join(", ")));
+            }
             println!(
-                "{:<12} {:<70} {:<8} {:<18} {ram}",
+                "{:<12} {:<70} {:<8} {:<18} {ram}{also}",
                 r.domain,
                 r.snapshot,
                 r.consistency.as_deref().unwrap_or("-"),

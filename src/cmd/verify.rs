@@ -1,5 +1,6 @@
 //! `vmsnap verify [DOM]`: every snapshot's RAM dump read and checked (see
-//! [`vmsnap::restore::verify`]); exit 1 when one failed.
+//! [`vmsnap::restore::verify`]); `--target T`: what a replication target holds (see
+//! [`vmsnap::replicate::verify`]). Exit 1 when one failed.
 
 use anyhow::Result;
 use vmsnap::zfs::Zfs;
@@ -23,6 +24,48 @@ pub async fn run(zfs: &Zfs, domain: Option<&str>, json: bool) -> Result<()> {
     let failed = results.iter().filter(|r| !r.ok).count();
     if failed > 0 {
         anyhow::bail!("{failed} of {} snapshots failed verification", results.len());
+    }
+    Ok(())
+}
+
+/// `vmsnap verify [DOM] --target T`: each domain replicating to `T` (or `DOM`).
+pub async fn target(cfg: &vmsnap::config::Config, zfs: &Zfs, domain: Option<&str>, tname: &str, json: bool) -> Result<()> {
+    let Some(target) = cfg.targets.get(tname) else {
+        anyhow::bail!(
+            "no [target.{tname}] in {} (known: {})",
+            cfg.path.display(),
+            cfg.targets.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    };
+    let domains: Vec<_> =
+        vmsnap::daemon::registry::select(cfg, domain)?.into_iter().filter(|d| d.policy.replicate_to.iter().any(|t| t == tname)).collect();
+    if domains.is_empty() {
+        anyhow::bail!("no domain{} replicates to {tname} (replicate_to)", domain.map(|d| format!(" named {d}")).unwrap_or_default());
+    }
+    let show = |s: &str| {
+        if !json {
+            eprintln!("vmsnap: {s}")
+        }
+    };
+    let mut results = Vec::new();
+    for dom in &domains {
+        let r = vmsnap::replicate::verify::verify_target(zfs, &cfg.state_dir, dom, target, &show)
+            .await
+            .map_err(|e| anyhow::anyhow!("{} on {tname}: {e}", dom.name))?;
+        results.extend(r);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else if results.is_empty() {
+        println!("{tname} holds no snapshot of {}", domains.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "));
+    } else {
+        for r in &results {
+            println!("{:<12} {:<60} {:<6} {}", r.domain, r.snapshot, if r.ok { "ok" } else { "FAILED" }, r.detail);
+        }
+    }
+    let failed = results.iter().filter(|r| !r.ok).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} snapshots on {tname} failed verification", results.len());
     }
     Ok(())
 }

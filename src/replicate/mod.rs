@@ -7,7 +7,8 @@
 //! - [`transport`]: reaching it (OpenSSH, or the local child);
 //! - [`plan`]: what to send, pure;
 //! - [`progress`]: what a run tells whoever watches it (steps, and each stream's bytes, size, rate);
-//! - [`run`]: one domain to one target, top to bottom.
+//! - [`run`]: one domain to one target, top to bottom;
+//! - [`verify`]: what a target holds, proven against the source (GUIDs, completeness, dumps).
 
 pub mod plan;
 pub mod progress;
@@ -16,6 +17,7 @@ pub mod run;
 pub mod server;
 pub mod target_retention;
 pub mod transport;
+pub mod verify;
 
 pub use progress::{Observer, Transfer};
 pub use run::{list_target, replicate, replicated_up_to, Options, ReplicateError, ReplicationReport};

@@ -35,6 +35,18 @@ pub enum Request {
     /// Rolls the dataset back to its snapshot `to_guid` (the one in common with the source),
     /// destroying newer vmsnap-made snapshots, if the target allows sources to ask.
     Rollback { dataset: String, to_guid: u64 },
+    /// Reads the target's whole copy of a RAM dump again and compares its sha256 (`vmsnap
+    /// verify --target`: cheap storage rots).
+    RamCheck { domain: String, snapshot: String, sha256: String },
+}
+
+/// The target's answer to [`Request::RamCheck`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamCheck {
+    /// Bytes read.
+    pub bytes: u64,
+    /// The copy's sha256 equals the one asked about.
+    pub matches: bool,
 }
 
 /// The target's answer to [`Request::Prune`].

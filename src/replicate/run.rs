@@ -86,7 +86,7 @@ pub struct ReplicationReport {
 
 pub type Progress<'a> = &'a dyn super::progress::Observer;
 
-struct Run<'a> {
+pub(super) struct Run<'a> {
     zfs: &'a Zfs,
     dom: &'a DomainConfig,
     target: &'a TargetConfig,
@@ -165,7 +165,7 @@ pub async fn replicate(
 
 impl<'a> Run<'a> {
     /// A run's way to the target: one shared ssh connection (`<state_dir>/ssh`, root only).
-    fn open(
+    pub(super) fn open(
         zfs: &'a Zfs,
         state_dir: &std::path::Path,
         dom: &'a DomainConfig,
@@ -198,7 +198,7 @@ impl<'a> Run<'a> {
 
     /// One request, off the async threads; a stream's [`Transfer`] is reported at its start,
     /// every second and at its end (`estimate`: its size, if known).
-    async fn call(&self, req: Request, payload: Payload) -> Result<(serde_json::Value, u64), ReplicateError> {
+    pub(super) async fn call(&self, req: Request, payload: Payload) -> Result<(serde_json::Value, u64), ReplicateError> {
         self.call_sized(req, payload, None).await
     }
 
@@ -234,7 +234,7 @@ impl<'a> Run<'a> {
         Ok((result.map_err(|why| self.err(why))?, n))
     }
 
-    async fn list(&self, ds: &Dataset) -> Result<Listing, ReplicateError> {
+    pub(super) async fn list(&self, ds: &Dataset) -> Result<Listing, ReplicateError> {
         let (v, _) = self.call(Request::List { dataset: ds.to_string() }, Payload::None).await?;
         serde_json::from_value(v).map_err(|e| self.err(format!("a listing vmsnap cannot read: {e}")))
     }

@@ -8,7 +8,7 @@
 //! [`HOLD`] so the target's own pruning cannot take the common base away. What it destroys, by
 //! its own rules only, is in [`super::target_retention`].
 
-use super::protocol::{valid_sha256, valid_snapshot_name, Listing, RamState, Reply, Request, TargetSnapshot, MAX_REQUEST};
+use super::protocol::{valid_sha256, valid_snapshot_name, Listing, RamCheck, RamState, Reply, Request, TargetSnapshot, MAX_REQUEST};
 use crate::fsutil::Dir;
 use crate::zfs::{Dataset, PropName, SnapshotName, Zfs};
 use sha2::{Digest, Sha256};
@@ -93,6 +93,16 @@ impl Server {
             Request::Prune { domain } => Ok(Reply::ok(self.prune(&domain).await?)),
             Request::Rollback { dataset, to_guid } => Ok(Reply::ok(self.rollback(&self.dataset(&dataset)?, to_guid).await?)),
             Request::RamStat { domain, snapshot } => Ok(Reply::ok(self.ram_stat(&domain, &snapshot)?)),
+            Request::RamCheck { domain, snapshot, sha256 } => {
+                if !valid_sha256(&sha256) {
+                    return Err("sha256: not 64 lower-case hex digits".into());
+                }
+                let dir = self.ram_dir.clone();
+                let checked = tokio::task::spawn_blocking(move || ram_check(&dir, &domain, &snapshot, &sha256))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                Ok(Reply::ok(checked))
+            }
             Request::RamPut { domain, snapshot, sha256, offset } => {
                 if !valid_sha256(&sha256) {
                     return Err("sha256: not 64 lower-case hex digits".into());
@@ -231,6 +241,31 @@ pub(super) fn ram_place(ram_dir: &Path, domain: &str, snapshot: &str) -> Result<
     Ok((ram_dir.join(domain), format!("{snapshot}.ram")))
 }
 
+/// Reads the complete copy of a dump again and compares its sha256 with `sha256`.
+fn ram_check(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str) -> Result<RamCheck, String> {
+    let (dir, name) = ram_place(ram_dir, domain, snapshot)?;
+    let path = dir.join(&name);
+    let file = crate::fsutil::open_regular(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (bytes, got) = sha256_of(file).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    Ok(RamCheck { bytes, matches: got == sha256 })
+}
+
+/// The length and sha256 (lower-case hex) of what `r` reads, in 1 MiB pieces.
+fn sha256_of(mut r: impl Read) -> std::io::Result<(u64, String)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((bytes, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+}
+
 /// Appends stdin to `<snapshot>.ram.part` at `offset` (which must be the partial file's length),
 /// then checks the whole file against `sha256` and only then names it `<snapshot>.ram`.
 fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str, offset: u64) -> Result<RamState, String> {
@@ -248,16 +283,7 @@ fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str, offset: u
     file.sync_all().map_err(|e| e.to_string())?;
     // Checked here, on the target's own copy.
     file.rewind().map_err(|e| e.to_string())?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let got: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let (_, got) = sha256_of(&mut file).map_err(|e| e.to_string())?;
     let path = dir.path().join(&name).display().to_string();
     if got != sha256 {
         let _ = std::fs::remove_file(dir.path().join(&part));

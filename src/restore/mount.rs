@@ -105,6 +105,12 @@ pub fn states(state_dir: &Path) -> Vec<(PathBuf, Result<MountState, String>)> {
     out
 }
 
+/// The snapshots of `domain` that `vmsnap mount` set up (complete, or interrupted and waiting
+/// for `vmsnap recover`): snapshot name → its state.
+pub fn mounted(state_dir: &Path, domain: &str) -> std::collections::BTreeMap<String, MountState> {
+    states(state_dir).into_iter().filter_map(|(_, s)| s.ok()).filter(|s| s.domain == domain).map(|s| (s.snapshot.clone(), s)).collect()
+}
+
 async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String, String> {
     let out = tokio::process::Command::new(program)
         .args(args)

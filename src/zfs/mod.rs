@@ -186,6 +186,21 @@ impl Zfs {
         }
     }
 
+    /// The clones of each snapshot of `dataset` that has any (snapshot name after `@` → the
+    /// clones' dataset names).
+    pub async fn clones(&self, dataset: &Dataset) -> Result<BTreeMap<String, Vec<String>>, ZfsError> {
+        let out = self.cli.zfs(zargs!["list", "-H", "-p", "-t", "snapshot", "-d", "1", "-o", "name,clones", dataset.as_str()]).await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let (name, clones) = l.split_once('\t')?;
+                let clones: Vec<String> =
+                    clones.split(',').map(str::trim).filter(|c| !c.is_empty() && *c != "-").map(str::to_owned).collect();
+                Some((name.split_once('@')?.1.to_owned(), clones)).filter(|(_, c)| !c.is_empty())
+            })
+            .collect())
+    }
+
     /// `zfs bookmark SNAP DATASET#NAME` (`name` is vmsnap's own, checked by the caller).
     pub async fn bookmark(&self, snap: &SnapshotName, name: &str) -> Result<(), ZfsError> {
         self.cli.zfs(zargs!["bookmark", snap.to_string(), format!("{}#{name}", snap.dataset())]).await?;

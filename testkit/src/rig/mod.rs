@@ -9,6 +9,7 @@
 pub mod lane;
 pub mod libvirt;
 mod machine;
+pub mod remote;
 pub mod resume_kit;
 pub mod sanoid;
 mod tiny;

@@ -1,4 +1,4 @@
-//! The OpenZFS VM: a Debian 12 rootfs with zfs-dkms built for its kernel, two empty pool disks
+//! The OpenZFS VM: a Debian 12 rootfs with zfs-dkms built for its kernel, two empty 4 GiB pool disks
 //! (`/dev/vdb`, `/dev/vdc`, by-id `virtio-pool1`, `virtio-pool2`), a host directory shared over
 //! 9p on `/mnt/share`, through which tests hand it the binaries under test, and the rig directory
 //! itself read-only on `/mnt/rig` (the tiny guest's kernel and initramfs for nested guests). Driven through its
@@ -27,7 +27,7 @@ impl ZfsVm {
         let p = |n: &str| dir.path().join(n).display().to_string();
         host_cmd("qemu-img", &["create", "-q", "-f", "qcow2", "-b", root_img.to_str().expect("utf-8"), "-F", "raw", &p("root.qcow2")])?;
         for pool in ["pool1.qcow2", "pool2.qcow2"] {
-            host_cmd("qemu-img", &["create", "-q", "-f", "qcow2", &p(pool), "2G"])?;
+            host_cmd("qemu-img", &["create", "-q", "-f", "qcow2", &p(pool), "4G"])?;
         }
         let mut args: Vec<String> = vec![
             "-m".into(),

@@ -1,0 +1,160 @@
+//! Benchmark: `vmsnap replicate` against a bare `zfs send | ssh … zfs receive` pipe of the same
+//! snapshots, full and incremental, with ssh compression off and on.
+//!
+//! `cargo bench --bench replication` (ZFS lane: inside the rig's OpenZFS VM; the "remote host" is
+//! an `sshd` in its own network namespace, as on the replication lane). The data set is 1 GiB
+//! of base64 text (compressible, as disk images are) in one file of a dataset; its second
+//! snapshot rewrites all of it, so the increment is 1 GiB too. Each figure is the wall time of
+//! the whole command (connection set-up included) for the same stream; the target is emptied
+//! between runs, and the two ways alternate so neither always finds the source in the ARC.
+//! `VMSNAP_BENCH_N` rounds (default 1). Prints MiB/s and the ratio vmsnap/bare (goal ≥ 0.9).
+
+use std::process::Command;
+use std::time::Instant;
+use vmsnap_testkit::rig::lane::{sh, vmsnap_bin};
+use vmsnap_testkit::rig::remote;
+use vmsnap_testkit::support::median;
+
+const DIR: &str = "/root/rb";
+const SRC: &str = "tank/vms/bench";
+const DST: &str = "backup/replica/tank/vms/bench";
+const CONFIG: &str = "/root/rb/vmsnap.toml";
+
+fn main() {
+    vmsnap_testkit::rig::lane::dispatch(inside);
+}
+
+fn inside() {
+    let rounds: usize = std::env::var("VMSNAP_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    sh("zpool create -f -O mountpoint=/tank tank /dev/disk/by-id/virtio-pool1");
+    sh("zpool create -f -O mountpoint=/backup backup /dev/disk/by-id/virtio-pool2 && zfs create backup/replica && mkdir -p /backup/ram");
+    sh(&format!("mkdir -p {DIR}/ram && chmod 700 {DIR} && zfs create -p {SRC}"));
+    remote::start(DIR);
+    // Two keys: vmsnap's pinned to `vmsnap serve`, the bare pipe's free to run `zfs receive`.
+    sh(&format!("ssh-keygen -q -t ed25519 -N '' -f {DIR}/bare"));
+    let key = |f: &str| std::fs::read_to_string(format!("{DIR}/{f}.pub")).unwrap().trim().to_owned();
+    std::fs::write(
+        format!("{DIR}/authorized_keys"),
+        format!("command=\"{} serve --root backup/replica --ram-dir /backup/ram\",restrict {}\n{}\n", vmsnap_bin(), key("id"), key("bare")),
+    )
+    .unwrap();
+    let ssh_opts = remote::ssh_options(DIR);
+
+    let t = Instant::now();
+    fill();
+    let first = snapshot("first");
+    let full_bytes = estimate(&format!("zfs send -nP {SRC}@{first}"));
+    fill();
+    let second = snapshot("second");
+    let incr_bytes = estimate(&format!("zfs send -nP -i @{first} {SRC}@{second}"));
+    eprintln!("data: two snapshots of 1 GiB each, made in {:.0} s", t.elapsed().as_secs_f64());
+
+    let bare_ssh = |compress: bool| {
+        let mut a = vec!["ssh".to_owned(), "-i".into(), format!("{DIR}/bare")];
+        a.extend(ssh_opts.iter().cloned());
+        if compress {
+            a.push("-C".into());
+        }
+        a.push(format!("root@{}", remote::ADDRESS));
+        a.join(" ")
+    };
+    println!("replication of {} MiB (full) and {} MiB (incremental) over ssh, {rounds} round(s)", full_bytes >> 20, incr_bytes >> 20);
+    println!("{:<24} {:>12} {:>12} {:>8}", "", "vmsnap MiB/s", "bare MiB/s", "ratio");
+    for compress in [false, true] {
+        config(compress, &ssh_opts);
+        let (mut vf, mut bf, mut vi, mut bi) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let ssh = bare_ssh(compress);
+            let bare_full = || {
+                reset();
+                timed(&format!("zfs send {SRC}@{first} | {ssh} zfs receive -s -u {DST}"))
+            };
+            let bare_incr = || {
+                reset();
+                sh(&format!("zfs send {SRC}@{first} | {ssh} zfs receive -s -u {DST}"));
+                timed(&format!("zfs send -i @{first} {SRC}@{second} | {ssh} zfs receive -s -u {DST}"))
+            };
+            let vmsnap_full = || {
+                reset();
+                // Only the first snapshot is the domain's for this run.
+                sh(&format!("zfs inherit vmsnap:domain {SRC}@{second}"));
+                let s = timed(&format!("{} --config {CONFIG} replicate bench --json > /dev/null", vmsnap_bin()));
+                sh(&format!("zfs set vmsnap:domain=bench {SRC}@{second}"));
+                s
+            };
+            let vmsnap_incr = || {
+                reset();
+                sh(&format!("zfs send {SRC}@{first} | {ssh} zfs receive -s -u {DST}"));
+                timed(&format!("{} --config {CONFIG} replicate bench --json > /dev/null", vmsnap_bin()))
+            };
+            // Alternate which goes first.
+            if round % 2 == 0 {
+                vf.push(vmsnap_full());
+                bf.push(bare_full());
+                bi.push(bare_incr());
+                vi.push(vmsnap_incr());
+            } else {
+                bf.push(bare_full());
+                vf.push(vmsnap_full());
+                vi.push(vmsnap_incr());
+                bi.push(bare_incr());
+            }
+        }
+        let c = if compress { "ssh -C" } else { "no compression" };
+        for (what, bytes, v, b) in [("full", full_bytes, &vf, &bf), ("incremental", incr_bytes, &vi, &bi)] {
+            let (v, b) = (median(v.clone()), median(b.clone()));
+            let mibs = |s: f64| bytes as f64 / 1_048_576.0 / s;
+            println!("{:<24} {:>12.1} {:>12.1} {:>8.2}", format!("{what}, {c}"), mibs(v), mibs(b), b / v);
+        }
+    }
+    remote::stop();
+    let _ = Command::new("/bin/sh").arg("-c").arg("zpool destroy backup; zpool destroy tank").status();
+}
+
+/// Rewrites the data file with 1 GiB of fresh base64 text.
+fn fill() {
+    sh(&format!("head -c 805306368 /dev/urandom | base64 -w 0 > /{SRC}/disk0.img && sync"));
+}
+
+/// An offline vmsnap snapshot of the bench domain (so it carries vmsnap's properties); its name.
+fn snapshot(label: &str) -> String {
+    config(false, &remote::ssh_options(DIR));
+    let out = sh(&format!("{} --config {CONFIG} snapshot bench --label {label} --json 2>/dev/null", vmsnap_bin()));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("a snapshot report");
+    v["name"].as_str().expect("a name").to_owned()
+}
+
+fn config(compress: bool, ssh_opts: &[String]) {
+    let opts = ssh_opts.iter().map(|o| format!("\"{o}\"")).collect::<Vec<_>>().join(", ");
+    std::fs::write(
+        CONFIG,
+        format!(
+            "state_dir = \"{DIR}/state\"\nram_dir = \"{DIR}/ram\"\n\n\
+             [domain.bench]\nqmp = \"{DIR}/bench.qmp\"\ndisks = [\"/{SRC}/disk0.img\"]\nreplicate_to = [\"offsite\"]\n\n\
+             [target.offsite]\nhost = \"{}\"\nidentity = \"{DIR}/id\"\ncompress = {compress}\nssh_options = [{opts}]\n",
+            remote::ADDRESS
+        ),
+    )
+    .unwrap();
+}
+
+/// The target emptied, and the source's cursor bookmarks gone (each run starts alike).
+fn reset() {
+    sh(&format!(
+        "for s in $(zfs list -H -t snapshot -o name -r {DST} 2>/dev/null); do zfs release vmsnap-replica $s 2>/dev/null; done; \
+         zfs destroy -r {DST} 2>/dev/null; zfs list -H -t bookmark -o name -d 1 {SRC} | xargs -r -n1 zfs destroy; \
+         zfs create -p backup/replica/tank/vms; sync"
+    ));
+}
+
+/// `zfs send -nP`'s size.
+fn estimate(cmd: &str) -> u64 {
+    sh(cmd).lines().find_map(|l| l.strip_prefix("size\t")).and_then(|n| n.trim().parse().ok()).expect("a size")
+}
+
+/// Seconds a shell pipeline takes (it must succeed).
+fn timed(script: &str) -> f64 {
+    let t = Instant::now();
+    sh(&format!("set -o pipefail; {script}"));
+    t.elapsed().as_secs_f64()
+}
