@@ -113,6 +113,10 @@ enum Command {
         /// With --as: `zfs promote` the clones (they no longer depend on the snapshot).
         #[arg(long, requires = "as_name")]
         promote: bool,
+        /// Bring the snapshot and its RAM dump back from this replication target first (when it
+        /// is not here any more), then restore from it.
+        #[arg(long, value_name = "TARGET")]
+        from: Option<String>,
         /// Show the plan, change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -290,12 +294,20 @@ async fn run(cli: Cli) -> Result<()> {
             let opts = vmsnap::replicate::Options { dry_run, rollback_target, ..Default::default() };
             cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), opts, json).await
         }
-        Command::Restore { domain, snapshot, as_name: Some(new), promote, dry_run, json, .. } => {
-            cmd::restore::run_as(&load()?, &zfs, &domain, &snapshot, &new, promote, dry_run, json).await
-        }
-        Command::Restore { domain, snapshot, destroy_newer, resume, as_name: None, dry_run, json, .. } => {
-            let req = vmsnap::restore::Request { domain, snapshot, destroy_newer, resume };
-            cmd::restore::run(&load()?, &zfs, req, dry_run, json).await
+        Command::Restore { domain, snapshot, as_name, promote, destroy_newer, resume, from, dry_run, json } => {
+            let cfg = load()?;
+            if let Some(t) = &from {
+                if cmd::restore::pull(&cfg, &zfs, &domain, &snapshot, t, destroy_newer, dry_run, json).await? {
+                    return Ok(());
+                }
+            }
+            match as_name {
+                Some(new) => cmd::restore::run_as(&cfg, &zfs, &domain, &snapshot, &new, promote, dry_run, json).await,
+                None => {
+                    let req = vmsnap::restore::Request { domain, snapshot, destroy_newer, resume };
+                    cmd::restore::run(&cfg, &zfs, req, dry_run, json).await
+                }
+            }
         }
         Command::Verify { domain, target: None, json } => cmd::verify::run(&zfs, domain.as_deref(), json).await,
         Command::Verify { domain, target: Some(t), json } => cmd::verify::target(&load()?, &zfs, domain.as_deref(), &t, json).await,

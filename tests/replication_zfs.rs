@@ -48,6 +48,7 @@ fn inside() {
         ("verify_target_matches_guids_and_rereads_the_dumps_there", verify_target),
         // These two change what the target holds on the target's own terms.
         ("rollback_target_after_a_restore_only_with_the_targets_leave", rollback_target_after_a_restore),
+        ("restore_from_the_target_after_local_pruning", restore_from_target),
         ("the_target_prunes_by_its_own_policy", target_prunes_by_its_own_policy),
         // File-level restore (pools are here; it sends nothing).
         ("mount_reads_files_out_of_a_snapshot_and_umount_releases_it", mount_and_umount),
@@ -629,6 +630,46 @@ fn target_prunes_by_its_own_policy() -> Result<(), Failed> {
         format!("after pruning: {again}"),
     )?;
     check(again["target_pruned"]["policy"].is_null(), format!("the default forced command has no policy: {}", again["target_pruned"]))
+}
+
+/// `vmsnap restore --from offsite`: a snapshot pruned here (with its RAM dump) comes back from
+/// the target, incrementally onto the snapshot in common, its dump checked; the snapshots newer
+/// here are destroyed only with `--destroy-newer`; the disk then holds the snapshot's data. The
+/// target is then brought back in line with `--rollback-target`.
+fn restore_from_target() -> Result<(), Failed> {
+    let gone = snapshot("p1")?;
+    let sum = add_ram(&gone, 4)?;
+    let at_p1 = sh(&format!("sha256sum /{SRC}/disk0.img | cut -d' ' -f1")).trim().to_owned();
+    sh(&format!("dd if=/dev/urandom of=/{SRC}/disk0.img bs=1M count=2 conv=notrunc status=none"));
+    snapshot("p2")?;
+    replicate(&[])?;
+    let guid = |s: &str| sh(&format!("zfs get -H -o value guid {s}")).trim().to_owned();
+    let there = guid(&format!("{DST}@{gone}"));
+    // Pruned here, dump and all.
+    sh(&format!("zfs destroy {SRC}@{gone} && zfs destroy {ZVOL}@{gone} && rm {RT}/ram/web/{gone}.ram"));
+    let here = vmsnap(&["restore", "web", &gone]);
+    check(!here.status.success(), text(&here))?;
+    let refused = vmsnap(&["restore", "web", &gone, "--from", "offsite"]);
+    check(!refused.status.success() && text(&refused).contains("--destroy-newer"), text(&refused))?;
+    check(!snaps(SRC).contains(&gone), "a refused pull received something")?;
+    let t = Instant::now();
+    let out = vmsnap(&["restore", "web", &gone, "--from", "offsite", "--destroy-newer", "--json"]);
+    eprintln!("METRIC restore --from the target: {:.1} s; {}", t.elapsed().as_secs_f64(), String::from_utf8_lossy(&out.stderr).trim());
+    check(out.status.success(), text(&out))?;
+    check(guid(&format!("{SRC}@{gone}")) == there, "the snapshot here is not the target's")?;
+    check(snaps(SRC).last() == Some(&gone), format!("{gone} is not the newest here: {:?}", snaps(SRC)))?;
+    let now = sh(&format!("sha256sum /{SRC}/disk0.img | cut -d' ' -f1")).trim().to_owned();
+    check(now == at_p1, format!("the disk after the restore: {now}, at the snapshot: {at_p1}"))?;
+    let dump = format!("{RT}/ram/web/{gone}.ram");
+    check(sh(&format!("sha256sum {dump} | cut -d' ' -f1")).trim() == sum, "the dump back here is not the recorded one")?;
+    check(sh(&format!("stat -c %a {dump}")).trim() == "600", "the dump back here is not 0600")?;
+    check(sh(&format!("zfs get -H -o value vmsnap:ram-dump {SRC}@{gone}")).trim() == dump, "vmsnap:ram-dump does not name the copy here")?;
+    // The target still has p2: bring it in line.
+    forced_command("--allow-rollback");
+    let r = replicate(&["--rollback-target"]);
+    forced_command("");
+    r?;
+    assert_replicated()
 }
 
 /// `vmsnap mount`: a qcow2 image holding an MBR-partitioned ext4 and a zvol that is one ext4 file

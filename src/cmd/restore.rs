@@ -7,6 +7,54 @@ use vmsnap::config::Config;
 use vmsnap::restore::{self, Plan, Request};
 use vmsnap::zfs::Zfs;
 
+/// `--from TARGET`: the snapshot and its dump brought back first (see
+/// [`vmsnap::replicate::pull`]). With `--dry-run` it says what it would pull and returns true
+/// (the restore's own plan needs the snapshot here).
+#[allow(clippy::too_many_arguments)]
+pub async fn pull(
+    cfg: &Config,
+    zfs: &Zfs,
+    domain: &str,
+    snapshot: &str,
+    tname: &str,
+    destroy_newer: bool,
+    dry_run: bool,
+    json: bool,
+) -> Result<bool> {
+    let Some(target) = cfg.targets.get(tname) else {
+        anyhow::bail!(
+            "no [target.{tname}] in {} (known: {})",
+            cfg.path.display(),
+            cfg.targets.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    };
+    let dom = vmsnap::daemon::registry::select(cfg, Some(domain))?.into_iter().next().context("no such domain")?;
+    if dry_run {
+        println!("would bring {snapshot} of {domain} back from {tname} (and its RAM dump), then restore from it; `vmsnap list {domain} --target {tname}` shows what it holds");
+        return Ok(true);
+    }
+    let show = |s: &str| {
+        if !json {
+            eprintln!("vmsnap: {s}")
+        }
+    };
+    let r = vmsnap::replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, &dom, target, snapshot, destroy_newer, &show)
+        .await
+        .map_err(|e| anyhow::anyhow!("bringing {snapshot} back from {tname}: {e}"))?;
+    if !json {
+        for s in &r.steps {
+            eprintln!("vmsnap: {s}");
+        }
+        for d in &r.destroyed {
+            eprintln!("vmsnap: destroyed {d} (newer, to receive onto the common snapshot)");
+        }
+        if let Some(d) = &r.ram_dump {
+            eprintln!("vmsnap: RAM dump back at {d} ({} MiB, sha256 checked)", r.ram_bytes >> 20);
+        }
+    }
+    Ok(false)
+}
+
 pub async fn run(cfg: &Config, zfs: &Zfs, req: Request, dry_run: bool, json: bool) -> Result<()> {
     let what = format!("restore of {} to {}", req.domain, req.snapshot);
     let plan = restore::plan(cfg, zfs, &req).await.with_context(|| what.clone())?;

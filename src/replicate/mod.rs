@@ -8,11 +8,13 @@
 //! - [`plan`]: what to send, pure;
 //! - [`progress`]: what a run tells whoever watches it (steps, and each stream's bytes, size, rate);
 //! - [`run`]: one domain to one target, top to bottom;
+//! - [`pull`]: a snapshot and its dump brought back from a target (`restore --from`);
 //! - [`verify`]: what a target holds, proven against the source (GUIDs, completeness, dumps).
 
 pub mod plan;
 pub mod progress;
 pub mod protocol;
+pub mod pull;
 pub mod run;
 pub mod server;
 pub mod target_retention;

@@ -38,6 +38,19 @@ pub enum Request {
     /// Reads the target's whole copy of a RAM dump again and compares its sha256 (`vmsnap
     /// verify --target`: cheap storage rots).
     RamCheck { domain: String, snapshot: String, sha256: String },
+    /// Sends a snapshot back (`vmsnap restore --from`): the reply line, then `zfs send` of
+    /// `dataset@snapshot` (incremental from `@from` when given; raw when encrypted).
+    Send { dataset: String, snapshot: String, from: Option<String> },
+    /// Sends the target's copy of a RAM dump back from `offset`: the reply line ([`RamState`]
+    /// with the whole size in `partial`), then the bytes.
+    RamGet { domain: String, snapshot: String, offset: u64 },
+}
+
+impl Request {
+    /// Whether the target answers with a reply line followed by a stream.
+    pub fn streams_back(&self) -> bool {
+        matches!(self, Request::Send { .. } | Request::RamGet { .. })
+    }
 }
 
 /// The target's answer to [`Request::RamCheck`].

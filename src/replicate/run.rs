@@ -90,7 +90,7 @@ pub(super) struct Run<'a> {
     zfs: &'a Zfs,
     dom: &'a DomainConfig,
     target: &'a TargetConfig,
-    transport: Transport,
+    pub(super) transport: Transport,
     progress: Progress<'a>,
     dry_run: bool,
     rollback_target: bool,

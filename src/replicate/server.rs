@@ -56,8 +56,15 @@ fn read_request() -> Result<Request, String> {
 impl Server {
     /// Serves one request from stdin; the reply goes to stdout. The exit status is 0 whenever a
     /// reply was written (the reply says whether it went well).
+    /// A request that streams back ([`Request::streams_back`]) writes its reply line first and,
+    /// when that says ok, the stream after it; a stream that fails half-way makes the exit
+    /// status non-zero (the source's `zfs receive` or checksum sees the rest).
     pub async fn serve_stdio(&self) -> std::io::Result<()> {
         let reply = match read_request() {
+            Ok(req) if req.streams_back() => {
+                tracing::info!(?req, "request");
+                return self.stream_back(req).await;
+            }
             Ok(req) => {
                 tracing::info!(?req, "request");
                 self.handle(req).await.unwrap_or_else(Reply::err)
@@ -67,6 +74,75 @@ impl Server {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", serde_json::to_string(&reply).unwrap_or_default())?;
         out.flush()
+    }
+
+    /// [`Request::Send`] and [`Request::RamGet`]: checked, answered, then streamed to fd 1.
+    async fn stream_back(&self, req: Request) -> std::io::Result<()> {
+        let reply_line = |r: &Reply| -> std::io::Result<()> {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string(r).unwrap_or_default())?;
+            out.flush()
+        };
+        let failed = |why: String| std::io::Error::other(why);
+        match req {
+            Request::Send { dataset, snapshot, from } => {
+                let snap = match self.snapshot(&dataset, &snapshot) {
+                    Ok(s) => s,
+                    Err(e) => return reply_line(&Reply::err(e)),
+                };
+                if let Some(f) = from.as_deref().filter(|f| !valid_snapshot_name(f)) {
+                    return reply_line(&Reply::err(format!("{f:?} is not a snapshot name vmsnap makes")));
+                }
+                let encrypted = match self.zfs.get_native(snap.dataset().as_str(), "encryption").await {
+                    Ok(Some(e)) => e != "off",
+                    Ok(None) => return reply_line(&Reply::err(format!("{} does not exist here", snap.dataset()))),
+                    Err(e) => return reply_line(&Reply::err(e.to_string())),
+                };
+                let mut args: Vec<String> = vec!["send".into()];
+                if encrypted {
+                    args.push("-w".into());
+                }
+                if let Some(f) = from {
+                    args.extend(["-i".into(), format!("@{f}")]);
+                }
+                args.push(snap.to_string());
+                reply_line(&Reply::ok(serde_json::Value::Null))?;
+                let status = tokio::process::Command::new(self.zfs.cli().zfs_program())
+                    .args(&args)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::inherit())
+                    .status()
+                    .await?;
+                if !status.success() {
+                    return Err(failed(format!("zfs send of {snap}: {status}")));
+                }
+                Ok(())
+            }
+            Request::RamGet { domain, snapshot, offset } => {
+                let opened = ram_place(&self.ram_dir, &domain, &snapshot).and_then(|(dir, name)| {
+                    let path = dir.join(name);
+                    crate::fsutil::open_regular(&path).map_err(|e| format!("{}: {e}", path.display()))
+                });
+                let mut file = match opened {
+                    Ok(f) => f,
+                    Err(e) => return reply_line(&Reply::err(e)),
+                };
+                let size = file.metadata()?.len();
+                if offset > size {
+                    return reply_line(&Reply::err(format!("offset {offset} is past the dump's {size} bytes")));
+                }
+                reply_line(&Reply::ok(RamState { partial: size, complete: true, path: None }))?;
+                tokio::task::spawn_blocking(move || {
+                    file.seek(std::io::SeekFrom::Start(offset))?;
+                    let mut out = std::io::stdout().lock();
+                    std::io::copy(&mut file, &mut out)?;
+                    out.flush()
+                })
+                .await
+                .map_err(|e| failed(e.to_string()))?
+            }
+            other => reply_line(&Reply::err(format!("{other:?} does not stream back"))),
+        }
     }
 
     /// A dataset named relative to the root.
@@ -93,6 +169,7 @@ impl Server {
             Request::Prune { domain } => Ok(Reply::ok(self.prune(&domain).await?)),
             Request::Rollback { dataset, to_guid } => Ok(Reply::ok(self.rollback(&self.dataset(&dataset)?, to_guid).await?)),
             Request::RamStat { domain, snapshot } => Ok(Reply::ok(self.ram_stat(&domain, &snapshot)?)),
+            Request::Send { .. } | Request::RamGet { .. } => Err("this request streams back (served by stream_back)".into()),
             Request::RamCheck { domain, snapshot, sha256 } => {
                 if !valid_sha256(&sha256) {
                     return Err("sha256: not 64 lower-case hex digits".into());
@@ -251,7 +328,7 @@ fn ram_check(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str) -> Resu
 }
 
 /// The length and sha256 (lower-case hex) of what `r` reads, in 1 MiB pieces.
-fn sha256_of(mut r: impl Read) -> std::io::Result<(u64, String)> {
+pub(super) fn sha256_of(mut r: impl Read) -> std::io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;

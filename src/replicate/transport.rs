@@ -146,6 +146,65 @@ impl Transport {
         }
     }
 
+    /// Sends `req` (one that streams back) and copies what follows the target's reply line into
+    /// `sink`, counting in `moved`; the reply's value. Fails when the target refuses, or when
+    /// it (ssh) ends badly after streaming.
+    pub fn pull(&self, req: &Request, sink: &mut dyn Write, moved: &AtomicU64) -> Result<serde_json::Value, String> {
+        let mut child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.argv[0].to_string_lossy()))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let err = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = (&mut stderr).take(64 << 10).read_to_end(&mut b);
+            b
+        });
+        let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
+        let sent = stdin.write_all(line.as_bytes());
+        drop(stdin);
+        // The reply line, a byte at a time (the stream follows it).
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while head.len() < super::protocol::MAX_REQUEST {
+            match stdout.read(&mut byte) {
+                Ok(0) => break,
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => head.push(byte[0]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("reading the target's answer: {e}")),
+            }
+        }
+        let reply = serde_json::from_slice::<Reply>(&head).ok();
+        let copied = match &reply {
+            Some(Reply { ok: true, .. }) => self.copy(&mut stdout, sink, moved),
+            _ => Ok(()),
+        };
+        drop(stdout);
+        let status = child.wait().map_err(|e| e.to_string())?;
+        let err = err.join().unwrap_or_default();
+        match reply {
+            Some(Reply { ok: true, value, .. }) => {
+                copied?;
+                if !status.success() {
+                    return Err(format!("the target's stream ended badly ({status}): {}", abridge(&String::from_utf8_lossy(&err))));
+                }
+                Ok(value)
+            }
+            Some(Reply { error, .. }) => Err(format!("the target says: {}", error.unwrap_or_default())),
+            None => Err(format!(
+                "no answer from the target ({status}{}): {}",
+                sent.err().map(|e| format!("; sending failed: {e}")).unwrap_or_default(),
+                abridge(&String::from_utf8_lossy(&err))
+            )),
+        }
+    }
+
     /// Copies in 1 MiB pieces, counting, and sleeping to keep under the rate limit.
     fn copy(&self, from: &mut dyn Read, to: &mut dyn Write, moved: &AtomicU64) -> Result<(), String> {
         let mut buf = vec![0u8; 1 << 20];

@@ -1,0 +1,309 @@
+//! `vmsnap restore --from TARGET`: a snapshot and its RAM dump brought back from a replication
+//! target, so the restore then goes on as from a local snapshot.
+//!
+//! Every dataset is planned before anything changes: the target must hold the snapshot complete
+//! (`vmsnap:replica`); here it is received incrementally onto the newest snapshot both sides have
+//! (by GUID), or in full when the dataset is gone here. Snapshots newer than that base are in
+//! the way of a receive: like an in-place restore, they are destroyed only with
+//! `--destroy-newer` (a `zfs rollback -r` to the base), and listed otherwise. A dataset here with
+//! no snapshot in common is never overwritten. Then the snapshot's `vmsnap:*` properties are set
+//! here from the target's (they do not travel in the stream), and its RAM dump is copied back
+//! (resumable) and checked against the recorded sha256 before it is named.
+
+use super::protocol::{RamState, Request};
+use super::run::{Options, ReplicateError, Run};
+use super::server::sha256_of;
+use super::transport::Transport;
+use crate::config::{DomainConfig, TargetConfig};
+use crate::model::prop;
+use crate::zfs::{Dataset, PropName, SnapshotName, Zfs, ZfsError};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a pull did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PullReport {
+    pub target: String,
+    pub snapshot: String,
+    /// Per dataset, in words.
+    pub steps: Vec<String>,
+    /// Stream bytes received.
+    pub bytes: u64,
+    /// The RAM dump copied back and checked (its path here).
+    pub ram_dump: Option<String>,
+    pub ram_bytes: u64,
+    /// Snapshots (and bookmarks) destroyed here to make way (`--destroy-newer`).
+    pub destroyed: Vec<String>,
+}
+
+/// One dataset's part of the plan.
+struct Receive {
+    ds: Dataset,
+    /// Incremental from this snapshot (after the `@`); `None`: in full, the dataset is new.
+    from: Option<String>,
+    /// Rolled back to first (`-r`), destroying what is listed in the report.
+    rollback_to: Option<SnapshotName>,
+    /// The target snapshot's `vmsnap:*` properties.
+    props: BTreeMap<String, String>,
+}
+
+/// Brings `dom`'s `snapshot` back from `target` (see the module doc). `ram_dir` is where this
+/// host keeps RAM dumps.
+#[allow(clippy::too_many_arguments)]
+pub async fn pull(
+    zfs: &Zfs,
+    state_dir: &Path,
+    ram_dir: &Path,
+    dom: &DomainConfig,
+    target: &TargetConfig,
+    snapshot: &str,
+    destroy_newer: bool,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<PullReport, ReplicateError> {
+    let err = |why: String| ReplicateError::Target { target: target.name.clone(), why };
+    if !super::protocol::valid_snapshot_name(snapshot) {
+        return Err(err(format!("{snapshot:?} is not a snapshot name vmsnap makes")));
+    }
+    let _lock = crate::engine::lock::DomainLock::replication(state_dir, &dom.name)
+        .map_err(|e| err(format!("{e} (a replication of {} runs)", dom.name)))?;
+    let run = Run::open(zfs, state_dir, dom, target, Options::default(), &progress)?;
+    let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
+    let mut report = PullReport { target: target.name.clone(), snapshot: snapshot.to_owned(), ..Default::default() };
+    let mut todo = Vec::new();
+    let mut props = BTreeMap::new();
+    let mut stale_dumps = Vec::new();
+    for ds in by_pool.into_values().flatten() {
+        let listing = run.list(&ds).await?;
+        let Some(t) = listing.snapshots.iter().find(|t| t.name == snapshot) else {
+            return Err(err(format!(
+                "it holds no {ds}@{snapshot} (`vmsnap list {} --target {}` shows what it has)",
+                dom.name, target.name
+            )));
+        };
+        if t.props.get(prop::DOMAIN.as_str()) != Some(&dom.name) {
+            return Err(err(format!("its {ds}@{snapshot} is not a snapshot of {}", dom.name)));
+        }
+        if t.props.get(prop::REPLICA.as_str()).map(String::as_str) != Some("complete") {
+            return Err(err(format!("its {ds}@{snapshot} is not complete there (a replication has not finished it)")));
+        }
+        props = t.props.clone();
+        let local = match zfs.list_snapshots(&ds, &[]).await {
+            Ok(l) => l,
+            Err(ZfsError::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(l) = local.iter().find(|l| l.name.snap() == snapshot) {
+            if l.guid != t.guid {
+                return Err(err(format!("{ds}@{snapshot} here is other data than the target's (guid {} here, {} there)", l.guid, t.guid)));
+            }
+            report.steps.push(format!("{ds}: {snapshot} is here already"));
+            todo.push(Receive { ds, from: None, rollback_to: None, props: t.props.clone() }.already());
+            continue;
+        }
+        let older_there: BTreeMap<u64, u64> =
+            listing.snapshots.iter().filter(|s| s.createtxg < t.createtxg).map(|s| (s.guid, s.createtxg)).collect();
+        match local.iter().rev().find(|l| older_there.contains_key(&l.guid)) {
+            Some(base) => {
+                let newer: Vec<String> = local.iter().filter(|l| l.createtxg > base.createtxg).map(|l| l.name.to_string()).collect();
+                let marks: Vec<String> =
+                    zfs.bookmarks(&ds).await?.into_iter().filter(|b| b.2 > base.createtxg).map(|b| format!("{ds}#{}", b.0)).collect();
+                if !newer.is_empty() && !destroy_newer {
+                    return Err(ReplicateError::Diverged {
+                        target: target.name.clone(),
+                        dataset: ds.to_string(),
+                        why: format!(
+                            "receiving {snapshot} onto {} here needs the newer {} destroyed (`--destroy-newer`, as an in-place restore would)",
+                            base.name.snap(),
+                            newer.join(", ")
+                        ),
+                    });
+                }
+                let rollback_to = (!newer.is_empty()).then(|| base.name.clone());
+                if rollback_to.is_some() {
+                    // Their RAM dumps go with them (from this host's RAM directory only).
+                    let dumps = zfs.local_snapshot_properties(&ds, &[prop::RAM_DUMP]).await?;
+                    stale_dumps.extend(
+                        newer
+                            .iter()
+                            .filter_map(|n| dumps.get(n)?.get(&prop::RAM_DUMP).map(std::path::PathBuf::from))
+                            .filter(|d| d.starts_with(ram_dir)),
+                    );
+                    report.destroyed.extend(newer.into_iter().chain(marks));
+                }
+                todo.push(Receive { ds, from: Some(base.name.snap().to_owned()), rollback_to, props: t.props.clone() });
+            }
+            None if zfs.get_native(ds.as_str(), "guid").await?.is_none() => {
+                todo.push(Receive { ds, from: None, rollback_to: None, props: t.props.clone() });
+            }
+            None => return Err(err(format!(
+                "{ds} here has no snapshot in common with the target's copy; vmsnap does not overwrite it (rename or destroy it by hand)"
+            ))),
+        }
+    }
+    for r in todo {
+        if r.props.is_empty() {
+            continue; // here already
+        }
+        let ds = &r.ds;
+        if let Some(base) = &r.rollback_to {
+            progress(&format!("{ds}: rolling back to {} (destroying what is newer)", base.snap()));
+            zfs.rollback(base, true).await?;
+        }
+        let new = r.from.is_none();
+        if new {
+            if let Some((parent, _)) = ds.as_str().rsplit_once('/') {
+                zfs.cli().zfs(crate::zargs!["create", "-p", parent]).await?;
+            }
+        }
+        let how = match &r.from {
+            Some(f) => format!("incremental from {f}"),
+            None => "in full".to_owned(),
+        };
+        progress(&format!("{ds}: receiving {snapshot} from {} ({how})", target.name));
+        let req = Request::Send { dataset: ds.to_string(), snapshot: snapshot.to_owned(), from: r.from.clone() };
+        let (zfs_program, name) = (zfs.cli().zfs_program().to_owned(), ds.to_string());
+        let bytes = ticking(&format!("receiving {ds}"), progress, run.transport.clone(), move |t, moved| {
+            let mut recv = std::process::Command::new(&zfs_program)
+                .args(["receive", "-u", &name])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("running zfs receive: {e}"))?;
+            let mut sink = recv.stdin.take().expect("piped");
+            let pulled = t.pull(&req, &mut sink, moved);
+            drop(sink);
+            let out = recv.wait_with_output().map_err(|e| e.to_string())?;
+            pulled?;
+            if !out.status.success() {
+                return Err(format!("zfs receive into {name}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            }
+            Ok(())
+        })
+        .await
+        .map_err(err)?;
+        if new && zfs.get_native(ds.as_str(), "type").await?.as_deref() == Some("filesystem") {
+            // The restore reads the saved XML and nvram under `.zfs/snapshot`.
+            zfs.cli().zfs(crate::zargs!["mount", ds.as_str()]).await?;
+        }
+        report.bytes += bytes;
+        report.steps.push(format!("{ds}: received {snapshot} {how} ({} MiB)", bytes >> 20));
+    }
+    stale_dumps.sort();
+    stale_dumps.dedup();
+    for d in stale_dumps {
+        match std::fs::remove_file(&d) {
+            Ok(()) => report.destroyed.push(format!("{} (a destroyed snapshot's RAM dump)", d.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("{}: {e}", d.display()),
+        }
+    }
+    // The RAM dump, then the properties (the dump's path is this host's).
+    let mut local_props: BTreeMap<PropName, String> = props
+        .iter()
+        .filter(|(k, _)| k.as_str() != prop::REPLICA.as_str() && k.as_str() != prop::RAM_DUMP.as_str())
+        .filter_map(|(k, v)| Some((PropName::new(k).ok()?, v.clone())))
+        .collect();
+    let dumped = props.contains_key(prop::RAM_DUMP.as_str()) && !props.contains_key(prop::RAM_PRUNED.as_str());
+    if let (true, Some(sum)) = (dumped, props.get(prop::RAM_SHA256.as_str())) {
+        let path = pull_dump(&run, ram_dir, &dom.name, snapshot, sum, progress).await.map_err(err)?;
+        report.ram_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        local_props.insert(prop::RAM_DUMP, path.display().to_string());
+        report.ram_dump = Some(path.display().to_string());
+    }
+    for ds in crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?.into_values().flatten() {
+        zfs.set_properties(&format!("{ds}@{snapshot}"), &local_props).await?;
+    }
+    Ok(report)
+}
+
+impl Receive {
+    /// Marks a dataset that already has the snapshot (nothing to receive).
+    fn already(mut self) -> Self {
+        self.props.clear();
+        self
+    }
+}
+
+/// The dump copied back to `<ram_dir>/<domain>/<snapshot>.ram` (0600 in a 0700 directory),
+/// resuming a partial copy, named only once its sha256 is the recorded one.
+async fn pull_dump(
+    run: &Run<'_>,
+    ram_dir: &Path,
+    domain: &str,
+    snapshot: &str,
+    sha256: &str,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<std::path::PathBuf, String> {
+    let dir = crate::fsutil::Dir::private(ram_dir, &[domain]).map_err(|e| e.to_string())?;
+    let name = format!("{snapshot}.ram");
+    let path = dir.path().join(&name);
+    if let Ok(f) = crate::fsutil::open_regular(&path) {
+        if sha256_of(f).map_err(|e| e.to_string())?.1 == sha256 {
+            progress(&format!("the RAM dump of {snapshot} is here already"));
+            return Ok(path);
+        }
+        return Err(format!("{} is here with other contents; move it away first", path.display()));
+    }
+    let part = format!("{name}.part");
+    let file = dir.open_resumable(&part).map_err(|e| e.to_string())?;
+    let offset = file.metadata().map_err(|e| e.to_string())?.len();
+    progress(&format!(
+        "copying the RAM dump of {snapshot} back{}",
+        if offset > 0 { format!(" from byte {offset}") } else { String::new() }
+    ));
+    let req = Request::RamGet { domain: domain.to_owned(), snapshot: snapshot.to_owned(), offset };
+    ticking(&format!("copying the RAM dump of {snapshot}"), progress, run.transport.clone(), move |t, moved| {
+        let mut file = file;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0)).map_err(|e| e.to_string())?;
+        let v = t.pull(&req, &mut file, moved)?;
+        let state: RamState = serde_json::from_value(v).map_err(|e| format!("an answer vmsnap cannot read: {e}"))?;
+        file.sync_all().map_err(|e| e.to_string())?;
+        let have = file.metadata().map_err(|e| e.to_string())?.len();
+        if have != state.partial {
+            return Err(format!("got {have} of the dump's {} bytes; run it again to resume", state.partial));
+        }
+        Ok(())
+    })
+    .await?;
+    let (_, got) =
+        sha256_of(crate::fsutil::open_regular(&dir.path().join(&part)).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    if got != sha256 {
+        let _ = std::fs::remove_file(dir.path().join(&part));
+        return Err(format!("the copy's sha256 is {got}, the snapshot records {sha256}; the copy was deleted"));
+    }
+    dir.rename(&part, &name).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+/// Runs `work` (blocking: it moves a stream) off the async threads, telling `progress` the bytes
+/// moved each second; the bytes in all.
+async fn ticking(
+    what: &str,
+    progress: &(dyn Fn(&str) + Sync),
+    transport: Transport,
+    work: impl FnOnce(&Transport, &AtomicU64) -> Result<(), String> + Send + 'static,
+) -> Result<u64, String> {
+    let moved = Arc::new(AtomicU64::new(0));
+    let counter = moved.clone();
+    let mut task = tokio::task::spawn_blocking(move || work(&transport, &counter));
+    let t = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut task => {
+                r.map_err(|e| e.to_string())??;
+                return Ok(moved.load(Ordering::Relaxed));
+            }
+            _ = tick.tick() => {
+                let tr = super::Transfer::measure(what, moved.load(Ordering::Relaxed), None, t.elapsed());
+                progress(&tr.to_string());
+            }
+        }
+    }
+}
