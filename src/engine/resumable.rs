@@ -79,6 +79,50 @@ impl Target {
     }
 }
 
+impl Target {
+    /// What the QEMU binary `emulator` (a libvirt domain's `<emulator>`) can load, asked without
+    /// starting a VM: its version (`--version`) and machine types (`-machine help`). CPU and RAM
+    /// come from the saved XML libvirt restores with, so they are not compared.
+    pub async fn of_binary(emulator: &std::path::Path) -> Result<Self, String> {
+        let run = |args: &'static [&'static str]| async move {
+            let out = tokio::time::timeout(Duration::from_secs(20), tokio::process::Command::new(emulator).args(args).output())
+                .await
+                .map_err(|_| format!("{} {}: no answer in 20 s", emulator.display(), args.join(" ")))?
+                .map_err(|e| format!("{}: {e}", emulator.display()))?;
+            if !out.status.success() {
+                return Err(format!("{} {}: {}", emulator.display(), args.join(" "), out.status));
+            }
+            Ok::<_, String>(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let version = run(&["--version"]).await?;
+        let qemu_version = parse_version_banner(&version)
+            .ok_or_else(|| format!("{} --version: no version in {:?}", emulator.display(), version.lines().next().unwrap_or_default()))?;
+        let machines = parse_machine_help(&run(&["-machine", "help"]).await?);
+        Ok(Self { qemu_version, machines, cpu: None, ram_bytes: None })
+    }
+}
+
+/// `QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-1~bpo12+1)` → `(10, 0, 2)`.
+pub fn parse_version_banner(text: &str) -> Option<Version> {
+    let line = text.lines().next()?;
+    parse_version(line.split("version ").nth(1)?)
+}
+
+/// The machine types (and aliases) `-machine help` lists: the first word of each line after
+/// the heading.
+pub fn parse_machine_help(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in text.lines().skip_while(|l| !l.starts_with("Supported machines")).skip(1) {
+        if let Some(name) = line.split_whitespace().next() {
+            out.push(name.to_owned());
+        }
+        if let Some(alias) = line.split("(alias of ").nth(1).and_then(|r| r.split(')').next()) {
+            out.push(alias.to_owned());
+        }
+    }
+    out
+}
+
 /// The first vCPU's QOM type.
 pub async fn cpu_type(qmp: &Qmp) -> Result<Option<String>, QmpError> {
     let t = Duration::from_secs(10);
@@ -126,6 +170,19 @@ pub fn check(recorded: &Recorded, target: &Target) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_qemu_binary_says_of_itself() {
+        let banner = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-1~bpo12+1)\nCopyright (c) 2003-2025 Fabrice Bellard and the QEMU Project developers\n";
+        assert_eq!(parse_version_banner(banner), Some((10, 0, 2)));
+        assert_eq!(parse_version_banner("no banner"), None);
+        let help = "Supported machines are:\nmicrovm              microvm (i386)\npc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-10.0)\npc-i440fx-10.0       Standard PC (i440FX + PIIX, 1996) (default)\nq35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)\nnone                 empty machine\n";
+        let m = parse_machine_help(help);
+        for want in ["microvm", "pc", "pc-i440fx-10.0", "q35", "pc-q35-10.0", "none"] {
+            assert!(m.iter().any(|x| x == want), "{want} in {m:?}");
+        }
+        assert!(!m.iter().any(|x| x.starts_with("Supported")));
+    }
 
     fn recorded() -> Recorded {
         Recorded {

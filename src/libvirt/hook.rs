@@ -27,6 +27,8 @@ pub struct HookDomain {
     /// Disk images and block devices (`<disk device='disk'>` sources).
     pub disks: Vec<PathBuf>,
     pub nvram: Option<PathBuf>,
+    /// The QEMU binary (`<devices><emulator>`).
+    pub emulator: Option<PathBuf>,
 }
 
 /// The first child element called `name` (libvirt's own namespace, i.e. none).
@@ -87,7 +89,8 @@ pub fn parse_domain_xml(xml: &str) -> Result<HookDomain, String> {
             _ => {}
         }
     }
-    Ok(HookDomain { name, uuid, qmp, qga, disks, nvram })
+    let emulator = text(child(root, "devices").and_then(|d| child(d, "emulator"))).map(PathBuf::from);
+    Ok(HookDomain { name, uuid, qmp, qga, disks, nvram, emulator })
 }
 
 /// What the hook does for an operation.

@@ -138,9 +138,11 @@ pub async fn pull(
             None if zfs.get_native(ds.as_str(), "guid").await?.is_none() => {
                 todo.push(Receive { ds, from: None, rollback_to: None, props: t.props.clone() });
             }
-            None => return Err(err(format!(
+            None => {
+                return Err(err(format!(
                 "{ds} here has no snapshot in common with the target's copy; vmsnap does not overwrite it (rename or destroy it by hand)"
-            ))),
+            )))
+            }
         }
     }
     for r in todo {

@@ -260,8 +260,7 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
 
     let xml = saved_file(zfs, &unit, &req.domain, "domain.xml").await?;
     let nvram_copy = saved_file(zfs, &unit, &req.domain, "nvram.fd").await?;
-    let nvram_home = match (manager, &xml) {
-        (Manager::Config, _) => dom.and_then(|d| d.nvram.clone()),
+    let saved_domain = match (manager, &xml) {
         (Manager::Libvirt, Some((frozen, _))) => {
             let text = crate::fsutil::read_limited(frozen, 4 << 20).map_err(|e| RestoreError::Step {
                 domain: req.domain.clone(),
@@ -269,9 +268,13 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
                 step: "read the snapshot's XML",
                 why: e.to_string(),
             })?;
-            crate::libvirt::hook::parse_domain_xml(&String::from_utf8_lossy(&text)).ok().and_then(|d| d.nvram)
+            crate::libvirt::hook::parse_domain_xml(&String::from_utf8_lossy(&text)).ok()
         }
-        (Manager::Libvirt, None) => None,
+        _ => None,
+    };
+    let nvram_home = match manager {
+        Manager::Config => dom.and_then(|d| d.nvram.clone()),
+        Manager::Libvirt => saved_domain.as_ref().and_then(|d| d.nvram.clone()),
     };
     let nvram = nvram_copy.zip(nvram_home).map(|((_, live), home)| (live, home));
     let redefine = manager == Manager::Libvirt && xml.is_some() && virsh::is_persistent(&req.domain)?;
@@ -295,6 +298,23 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
                 None => "it was taken without --memory".into(),
             },
         })?;
+        // QEMU finds out what it cannot load half-way through the load: say it before anything
+        // changes.
+        use crate::engine::resumable;
+        let cannot = |why: String| RestoreError::CannotResume { domain: req.domain.clone(), why };
+        match (resumable::Recorded::from_properties(get), saved_domain.as_ref().and_then(|d| d.emulator.clone())) {
+            (Ok(recorded), Some(emulator)) => {
+                let here = resumable::Target::of_binary(&emulator).await.map_err(cannot)?;
+                let why = resumable::check(&recorded, &here);
+                if !why.is_empty() {
+                    return Err(cannot(format!("{} cannot load this dump: {}", emulator.display(), why.join("; "))));
+                }
+            }
+            (Err(e), _) => warnings.push(format!("not checked whether this QEMU can load the dump: {e}")),
+            (Ok(_), None) => {
+                warnings.push("not checked whether this QEMU can load the dump: the snapshot's XML names no <emulator>".into())
+            }
+        }
         let compress = get(&prop::RAM_COMPRESS).and_then(|c| c.parse().ok()).unwrap_or(RamCompress::None);
         Some(ResumePlan { dump, sha256: get(&prop::RAM_SHA256), compress, quiesced })
     } else {
