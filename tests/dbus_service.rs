@@ -192,6 +192,10 @@ fn authorization_arguments_registry_and_introspection() {
     for (method, args) in [
         ("Snapshot", vec!["sa{sv}", "web", "0"]),
         ("Replicate", vec!["ssa{sv}", "web", "", "0"]),
+        ("Restore", vec!["ssa{sv}", "web", "s1", "0"]),
+        ("Verify", vec!["s", "web"]),
+        ("Mount", vec!["ss", "web", "s1"]),
+        ("Umount", vec!["ss", "web", "s1"]),
         ("Prune", vec!["sb", "web", "false"]),
         ("RegisterDomain", REG.to_vec()),
         ("UnregisterDomain", vec!["s", "web"]),
@@ -225,6 +229,19 @@ fn authorization_arguments_registry_and_introspection() {
     assert!(!ok && out.contains("\"dry_run\" must be a boolean"), "{out}");
     let (ok, out) = f.call(false, "Replicate", &["ssa{sv}", "web", "", "1", "force", "b", "true"]);
     assert!(!ok && out.contains("unknown option \"force\""), "{out}");
+    // Restore, Mount: names and options checked before any job starts; never a caller's path.
+    for (method, args, said) in [
+        ("Restore", vec!["ssa{sv}", "web", "a/b", "0"], "is not a snapshot name"),
+        ("Restore", vec!["ssa{sv}", "../etc", "s1", "0"], "no domain named"),
+        ("Restore", vec!["ssa{sv}", "web", "s1", "1", "as", "s", "../x"], "is not a domain name"),
+        ("Restore", vec!["ssa{sv}", "web", "s1", "1", "from", "s", "nowhere"], "no target named \"nowhere\""),
+        ("Restore", vec!["ssa{sv}", "web", "s1", "1", "path", "s", "/tmp/x"], "unknown option \"path\""),
+        ("Restore", vec!["ssa{sv}", "web", "s1", "2", "as", "s", "copy", "resume", "b", "true"], "not with destroy_newer or resume"),
+        ("Mount", vec!["ss", "web", "../../etc"], "is not a snapshot name"),
+    ] {
+        let (ok, out) = f.call(false, method, &args);
+        assert!(!ok && out.contains(said), "{method} {args:?}: {out}");
+    }
     let mut bad = REG;
     bad[3] = "relative/lab.qmp";
     let (ok, out) = f.call(false, "RegisterDomain", &bad);

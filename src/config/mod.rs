@@ -90,6 +90,24 @@ pub struct DomainConfig {
     pub policy: Policy,
 }
 
+impl DomainConfig {
+    /// A libvirt domain known only by its name: one that is not running is in no registry, and
+    /// its snapshots are found by their `vmsnap:domain` (restore, verify, mount).
+    pub fn by_name(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            uuid: None,
+            qmp: PathBuf::new(),
+            qga: None,
+            disks: Vec::new(),
+            nvram: None,
+            xml: None,
+            quiesce: QuiescePolicy::BestEffort,
+            policy: Policy::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub path: PathBuf,

@@ -37,6 +37,28 @@ pub enum Request {
     /// The domain's snapshots to each of its `replicate_to` targets (or to `targets` only).
     /// Runs in its own lane: a domain's snapshots and other domains' jobs go on meanwhile.
     Replicate { targets: Vec<String>, opts: replicate::Options },
+    /// A restore of a stopped domain (in place, or beside it as a new one), from a target first
+    /// when asked. Not cancellable once started: it is journaled and `vmsnap recover` finishes it.
+    Restore(RestoreRequest),
+    /// Every RAM dump of the domain read against its sha256 (`vmsnap verify`).
+    Verify,
+    /// A snapshot's file systems mounted read-only at `/mnt/vmsnap/<domain>/<snapshot>`.
+    Mount { snapshot: String },
+    /// What [`Request::Mount`] set up, undone.
+    Umount { snapshot: String },
+}
+
+/// What a restore job is asked (the CLI's `vmsnap restore` options).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreRequest {
+    pub snapshot: String,
+    pub destroy_newer: bool,
+    pub resume: bool,
+    /// A new libvirt domain of this name beside the original (`--as`).
+    pub as_name: Option<String>,
+    pub promote: bool,
+    /// The replication target to bring the snapshot back from first (`--from`).
+    pub from: Option<String>,
 }
 
 impl Request {
@@ -45,13 +67,22 @@ impl Request {
             Self::Snapshot(_) => "snapshot",
             Self::Prune { .. } => "prune",
             Self::Replicate { .. } => "replicate",
+            Self::Restore(_) => "restore",
+            Self::Verify => "verify",
+            Self::Mount { .. } => "mount",
+            Self::Umount { .. } => "umount",
         }
+    }
+
+    /// Cancelling stops it part-way (the others, once started, end by themselves).
+    fn cancellable(&self) -> bool {
+        matches!(self, Self::Snapshot(_) | Self::Prune { .. } | Self::Replicate { .. })
     }
 
     fn lane(&self) -> Lane {
         match self {
-            Self::Snapshot(_) | Self::Prune { .. } => Lane::Local,
             Self::Replicate { .. } => Lane::Replication,
+            _ => Lane::Local,
         }
     }
 }
@@ -89,6 +120,8 @@ pub enum Output {
     Prune(Box<PruneReport>),
     /// One report per target.
     Replicate(Vec<ReplicationReport>),
+    /// A restore's, verify's or mount's report.
+    Report(serde_json::Value),
 }
 
 impl Output {
@@ -98,6 +131,7 @@ impl Output {
             Self::Snapshot(r) => serde_json::to_string(r),
             Self::Prune(r) => serde_json::to_string(r),
             Self::Replicate(r) => serde_json::to_string(r),
+            Self::Report(r) => serde_json::to_string(r),
         }
         .expect("reports serialise")
     }
@@ -213,6 +247,7 @@ impl JobHandle {
 
 struct Running {
     kind: &'static str,
+    cancellable: bool,
     cancel: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -306,7 +341,7 @@ impl Jobs {
         // Another process (a `vmsnap snapshot --local`, a `vmsnap prune`, a `vmsnap replicate`,
         // a restore) may hold the domain.
         match &request {
-            Request::Prune { dry_run: true } => {}
+            Request::Prune { dry_run: true } | Request::Verify | Request::Mount { .. } | Request::Umount { .. } => {}
             Request::Replicate { targets, opts } => {
                 if dom.policy.replicate_to.is_empty() {
                     return Err(StartError::Refused(format!("{}: nothing to replicate to (no replicate_to)", dom.name)));
@@ -330,6 +365,7 @@ impl Jobs {
         let (progress_tx, progress) = watch::channel("waiting to start".to_owned());
         let (transfer_tx, transfer) = watch::channel(None);
         let kind = request.kind();
+        let cancellable = request.cancellable();
         tracing::info!(job = id, domain = %dom.name, origin = origin.as_str(), kind, "job started");
         let this = self.clone();
         let domain = dom.name.clone();
@@ -345,16 +381,19 @@ impl Jobs {
             let _ = done_tx.send(Some(outcome));
             let _ = this.0.events.send(JobEvent::Finished { id, domain: dom.name.clone(), state });
         });
-        running.insert(key, (id, Running { kind, cancel, task: Some(task) }));
+        running.insert(key, (id, Running { kind, cancellable, cancel, task: Some(task) }));
         Ok(JobHandle { id, domain, done, progress, transfer })
     }
 
-    /// Cancels job `id`; false when no such job runs.
-    pub fn cancel(&self, id: u64) -> bool {
+    /// Cancels job `id`; why not, when it cannot be.
+    pub fn cancel(&self, id: u64) -> Result<(), String> {
         let running = self.0.running.lock().expect("jobs lock");
         match running.values().find(|(i, _)| *i == id) {
-            Some((_, r)) => r.cancel.send(true).is_ok(),
-            None => false,
+            Some((_, r)) if !r.cancellable => {
+                Err(format!("a {} job is not cancelled part-way: it is journaled and ends by itself (`vmsnap recover` finishes one a crash interrupted)", r.kind))
+            }
+            Some((_, r)) if r.cancel.send(true).is_ok() => Ok(()),
+            _ => Err("the job has already finished".into()),
         }
     }
 
@@ -369,7 +408,7 @@ impl Jobs {
                 .filter_map(|((_, lane), (_, r))| {
                     // A replication may have hours to go: it stops between two pieces and the
                     // next run resumes it.
-                    if cancel || *lane == Lane::Replication {
+                    if (cancel && r.cancellable) || *lane == Lane::Replication {
                         let _ = r.cancel.send(true);
                     }
                     r.task.take()
@@ -394,9 +433,12 @@ impl Jobs {
         progress: watch::Sender<String>,
         transfer: watch::Sender<Option<Transfer>>,
     ) -> Outcome {
-        let step = |s: &str| {
-            progress.send_replace(s.to_owned());
-            let _ = self.0.events.send(JobEvent::Progress { id, domain: dom.name.clone(), step: s.to_owned() });
+        let step: crate::restore::Progress = {
+            let (progress, events, domain) = (progress.clone(), self.0.events.clone(), dom.name.clone());
+            Arc::new(move |s: &str| {
+                progress.send_replace(s.to_owned());
+                let _ = events.send(JobEvent::Progress { id, domain: domain.clone(), step: s.to_owned() });
+            })
         };
         let lane = request.lane();
         let slots = {
@@ -415,7 +457,7 @@ impl Jobs {
             }
             let _slot = slots.acquire_owned().await.map_err(|_| "the job slots are gone".to_owned())?;
             match &request {
-                Request::Snapshot(opts) => self.snapshot(id, cfg, dom, opts, &step).await.map(|r| Output::Snapshot(Box::new(r))),
+                Request::Snapshot(opts) => self.snapshot(id, cfg, dom, opts, &*step).await.map(|r| Output::Snapshot(Box::new(r))),
                 Request::Prune { dry_run } => {
                     step(if *dry_run { "planning retention" } else { "pruning" });
                     let now = chrono::Utc::now().timestamp();
@@ -426,8 +468,26 @@ impl Jobs {
                 }
                 Request::Replicate { targets, opts } => {
                     let opts = replicate::Options { cancel: Some(stop_sending.clone()), ..opts.clone() };
-                    let watcher = Watcher { step: &step, transfer: &transfer, target: Mutex::new(String::new()) };
+                    let watcher = Watcher { step: &*step, transfer: &transfer, target: Mutex::new(String::new()) };
                     self.replicate(cfg, dom, targets, opts, &watcher).await.map(Output::Replicate)
+                }
+                Request::Restore(r) => self.restore(cfg, dom, r, step.clone()).await.map(Output::Report),
+                Request::Verify => {
+                    step("verifying every RAM dump");
+                    let zfs = &*self.0.zfs;
+                    let v = crate::restore::verify::verify(zfs, Some(&dom.name), |s| step(s)).await.map_err(|e| error_chain(&e))?;
+                    Ok(Output::Report(serde_json::to_value(v).expect("serialises")))
+                }
+                Request::Mount { snapshot } => {
+                    step("mounting");
+                    let at = std::path::Path::new("/mnt/vmsnap").join(&dom.name).join(snapshot);
+                    let st = crate::restore::mount::mount(cfg, &self.0.zfs, &dom.name, snapshot, &at).await.map_err(|e| error_chain(&e))?;
+                    Ok(Output::Report(serde_json::to_value(st).expect("serialises")))
+                }
+                Request::Umount { snapshot } => {
+                    step("unmounting");
+                    let st = crate::restore::mount::umount(cfg, &self.0.zfs, &dom.name, snapshot).await.map_err(|e| error_chain(&e))?;
+                    Ok(Output::Report(serde_json::to_value(st).expect("serialises")))
                 }
             }
         };
@@ -461,6 +521,51 @@ impl Jobs {
                 Outcome::Cancelled(msg)
             }
         }
+    }
+
+    /// A restore as `vmsnap restore` does it: from the target first when asked, then in place or
+    /// as a new domain; the report as JSON.
+    async fn restore(
+        &self,
+        cfg: &Config,
+        dom: &DomainConfig,
+        r: &RestoreRequest,
+        step: crate::restore::Progress,
+    ) -> Result<serde_json::Value, String> {
+        use crate::restore;
+        let zfs = &*self.0.zfs;
+        let mut pulled = None;
+        if let Some(tname) = &r.from {
+            let target = cfg.targets.get(tname).ok_or_else(|| format!("no [target.{tname}] in the configuration"))?;
+            let report = replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, dom, target, &r.snapshot, r.destroy_newer, &*step)
+                .await
+                .map_err(|e| format!("bringing {} back from {tname}: {}", r.snapshot, error_chain(&e)))?;
+            pulled = Some(report);
+        }
+        let mut out = match &r.as_name {
+            Some(new) => {
+                let plan = restore::clone::plan(cfg, zfs, &dom.name, &r.snapshot, new, r.promote).await.map_err(|e| error_chain(&e))?;
+                serde_json::to_value(restore::clone::apply(cfg, zfs, plan, step).await.map_err(|e| error_chain(&e))?)
+            }
+            None => {
+                let req = restore::Request {
+                    domain: dom.name.clone(),
+                    snapshot: r.snapshot.clone(),
+                    destroy_newer: r.destroy_newer,
+                    resume: r.resume,
+                };
+                let plan = restore::plan(cfg, zfs, &req).await.map_err(|e| error_chain(&e))?;
+                for w in &plan.warnings {
+                    tracing::warn!(domain = %dom.name, snapshot = %r.snapshot, "{w}");
+                }
+                serde_json::to_value(restore::apply(cfg, zfs, plan, step).await.map_err(|e| error_chain(&e))?)
+            }
+        }
+        .expect("reports serialise");
+        if let (Some(p), Some(o)) = (pulled, out.as_object_mut()) {
+            o.insert("pulled".into(), serde_json::to_value(p).expect("serialises"));
+        }
+        Ok(out)
     }
 
     /// To each target in turn (all of `replicate_to` when `only` is empty); a target that fails

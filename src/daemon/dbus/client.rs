@@ -16,6 +16,10 @@ pub trait Agent1 {
     fn prune(&self, domain: &str, dry_run: bool) -> zbus::Result<String>;
     fn snapshot(&self, domain: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
     fn replicate(&self, domain: &str, target: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
+    fn restore(&self, domain: &str, snapshot: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
+    fn verify(&self, domain: &str) -> zbus::Result<OwnedObjectPath>;
+    fn mount(&self, domain: &str, snapshot: &str) -> zbus::Result<OwnedObjectPath>;
+    fn umount(&self, domain: &str, snapshot: &str) -> zbus::Result<OwnedObjectPath>;
     #[allow(clippy::too_many_arguments)]
     fn register_domain(&self, name: &str, uuid: &str, qmp: &str, qga: &str, disks: &[&str], nvram: &str, xml: &str) -> zbus::Result<()>;
     fn unregister_domain(&self, name: &str) -> zbus::Result<bool>;

@@ -78,10 +78,10 @@ impl Job {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(), VmsnapError> {
         super::authz::require_root(conn, &hdr, "Cancel").await?;
-        if self.handle.finished().is_some() || !self.jobs.cancel(self.handle.id) {
+        if self.handle.finished().is_some() {
             return Err(VmsnapError::Failed("the job has already finished".into()));
         }
-        Ok(())
+        self.jobs.cancel(self.handle.id).map_err(VmsnapError::Failed)
     }
 
     #[zbus(signal)]

@@ -6,7 +6,7 @@ use super::job::Job;
 use super::{VmsnapError, BUS_NAME, JOBS, PATH};
 use crate::config::{Config, DomainConfig};
 use crate::daemon::error_chain;
-use crate::daemon::jobs::{JobEvent, JobHandle, Jobs, Origin, Outcome, Output, Request, StartError};
+use crate::daemon::jobs::{JobEvent, JobHandle, Jobs, Origin, Outcome, Output, Request, RestoreRequest, StartError};
 use crate::daemon::registry::{all_domains, Registration, Registry};
 use crate::engine::SnapshotOptions;
 use crate::model::{RamMode, Strategy};
@@ -67,6 +67,15 @@ impl Agent {
         server.at(&path, Job::new(handle.clone(), self.jobs.clone())).await?;
         tokio::spawn(super::job::follow(conn.clone(), path.clone(), handle));
         Ok(path)
+    }
+
+    /// A configured or registered domain, else (a stopped libvirt domain) one known by name.
+    fn known_or_named(&self, name: &str) -> Result<DomainConfig, VmsnapError> {
+        match self.domain(name) {
+            Ok(d) => Ok(d),
+            Err(_) if crate::config::valid_domain_name(name) => Ok(DomainConfig::by_name(name)),
+            Err(e) => Err(e),
+        }
     }
 
     fn registry(&self) -> Registry {
@@ -154,6 +163,15 @@ async fn agent_answers(dom: &DomainConfig) -> Result<(), VmsnapError> {
         },
     };
     Err(VmsnapError::AgentUnavailable(format!("{}: require_quiesce is set and the guest agent is unavailable: {why}", dom.name)))
+}
+
+/// A snapshot name argument (the part after the `@`).
+fn snapshot_arg(s: &str) -> Result<String, VmsnapError> {
+    if crate::zfs::names::valid_component(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(VmsnapError::InvalidArgument(format!("{:?} is not a snapshot name", s.chars().take(80).collect::<String>())))
+    }
 }
 
 fn optional_path(field: &str, s: &str) -> Result<Option<PathBuf>, VmsnapError> {
@@ -261,6 +279,109 @@ impl Agent {
         }
         let targets = if target.is_empty() { Vec::new() } else { vec![target.to_owned()] };
         let handle = self.jobs.start(dom, Request::Replicate { targets, opts }, Origin::DBus).map_err(start_error)?;
+        self.export(handle, conn, server).await
+    }
+
+    /// Starts a restore of a stopped domain to `snapshot` (as `vmsnap restore`); returns the
+    /// job's path. Options: `destroy_newer` (b), `resume` (b), `as` (s: a new libvirt domain
+    /// beside the original), `promote` (b, with `as`), `from` (s: a replication target to bring
+    /// the snapshot back from first). A domain vmsnap does not know (a stopped libvirt domain)
+    /// is found by its snapshots. Root only; not cancellable once started (it is journaled).
+    async fn restore(
+        &self,
+        domain: &str,
+        snapshot: &str,
+        options: HashMap<String, OwnedValue>,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, VmsnapError> {
+        require_root(conn, &hdr, "Restore").await?;
+        let dom = self.known_or_named(domain)?;
+        let mut r = RestoreRequest { snapshot: snapshot_arg(snapshot)?, ..RestoreRequest::default() };
+        let bad = VmsnapError::InvalidArgument;
+        for (k, v) in &options {
+            let flag = || bool::try_from(v).map_err(|_| bad(format!("option {k:?} must be a boolean")));
+            let text = || {
+                String::try_from(v.try_clone().map_err(|e| bad(e.to_string()))?).map_err(|_| bad(format!("option {k:?} must be a string")))
+            };
+            match k.as_str() {
+                "destroy_newer" => r.destroy_newer = flag()?,
+                "resume" => r.resume = flag()?,
+                "promote" => r.promote = flag()?,
+                "as" => {
+                    let new = text()?;
+                    if !crate::config::valid_domain_name(&new) {
+                        return Err(bad(format!("option as: {:?} is not a domain name", new.chars().take(80).collect::<String>())));
+                    }
+                    r.as_name = Some(new);
+                }
+                "from" => {
+                    let t = text()?;
+                    if !self.config().targets.contains_key(&t) {
+                        return Err(bad(format!("option from: no target named {:?}", t.chars().take(80).collect::<String>())));
+                    }
+                    r.from = Some(t);
+                }
+                other => {
+                    return Err(bad(format!("unknown option {other:?} (known: destroy_newer, resume, as, promote, from)")));
+                }
+            }
+        }
+        if r.as_name.is_some() && (r.destroy_newer || r.resume) {
+            return Err(bad("option as: not with destroy_newer or resume (the original is left as it is)".into()));
+        }
+        if r.promote && r.as_name.is_none() {
+            return Err(bad("option promote: only with as".into()));
+        }
+        let handle = self.jobs.start(dom, Request::Restore(r), Origin::DBus).map_err(start_error)?;
+        self.export(handle, conn, server).await
+    }
+
+    /// Starts `vmsnap verify` of one domain (every RAM dump read against its sha256, the
+    /// outcome recorded on each snapshot); returns the job's path. Root only.
+    async fn verify(
+        &self,
+        domain: &str,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, VmsnapError> {
+        require_root(conn, &hdr, "Verify").await?;
+        let dom = self.known_or_named(domain)?;
+        let handle = self.jobs.start(dom, Request::Verify, Origin::DBus).map_err(start_error)?;
+        self.export(handle, conn, server).await
+    }
+
+    /// Mounts a snapshot's file systems read-only at `/mnt/vmsnap/<domain>/<snapshot>` (never a
+    /// directory the caller names); returns the job's path (its `Result` lists what is where).
+    /// Root only.
+    async fn mount(
+        &self,
+        domain: &str,
+        snapshot: &str,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, VmsnapError> {
+        require_root(conn, &hdr, "Mount").await?;
+        let dom = self.known_or_named(domain)?;
+        let handle = self.jobs.start(dom, Request::Mount { snapshot: snapshot_arg(snapshot)? }, Origin::DBus).map_err(start_error)?;
+        self.export(handle, conn, server).await
+    }
+
+    /// Undoes a `Mount` (or `vmsnap mount`); returns the job's path. Root only.
+    async fn umount(
+        &self,
+        domain: &str,
+        snapshot: &str,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, VmsnapError> {
+        require_root(conn, &hdr, "Umount").await?;
+        let dom = self.known_or_named(domain)?;
+        let handle = self.jobs.start(dom, Request::Umount { snapshot: snapshot_arg(snapshot)? }, Origin::DBus).map_err(start_error)?;
         self.export(handle, conn, server).await
     }
 
