@@ -70,8 +70,7 @@ fn inside() {
                 timed(&format!("zfs send {SRC}@{first} | {ssh} zfs receive -s -u {DST}"))
             };
             let bare_incr = || {
-                reset();
-                sh(&format!("zfs send {SRC}@{first} | {ssh} zfs receive -s -u {DST}"));
+                back_to_first();
                 timed(&format!("zfs send -i @{first} {SRC}@{second} | {ssh} zfs receive -s -u {DST}"))
             };
             let vmsnap_full = || {
@@ -83,11 +82,11 @@ fn inside() {
                 s
             };
             let vmsnap_incr = || {
-                reset();
-                sh(&format!("zfs send {SRC}@{first} | {ssh} zfs receive -s -u {DST}"));
+                back_to_first();
                 timed(&format!("{} --config {CONFIG} replicate bench --json > /dev/null", vmsnap_bin()))
             };
-            // Alternate which goes first.
+            // Alternate which goes first; the incrementals start from the full the last full run
+            // left on the target (rolled back to the first snapshot each time).
             if round % 2 == 0 {
                 vf.push(vmsnap_full());
                 bf.push(bare_full());
@@ -144,6 +143,15 @@ fn reset() {
         "for s in $(zfs list -H -t snapshot -o name -r {DST} 2>/dev/null); do zfs release vmsnap-replica $s 2>/dev/null; done; \
          zfs destroy -r {DST} 2>/dev/null; zfs list -H -t bookmark -o name -d 1 {SRC} | xargs -r -n1 zfs destroy; \
          zfs create -p backup/replica/tank/vms; sync"
+    ));
+}
+
+/// The target back at the first snapshot (what a full run left there), for an incremental.
+fn back_to_first() {
+    sh(&format!(
+        "for s in $(zfs list -H -t snapshot -o name -r {DST}); do zfs release vmsnap-replica $s 2>/dev/null; done; \
+         zfs rollback -r $(zfs list -H -t snapshot -o name -s createtxg -d 1 {DST} | head -1); \
+         zfs list -H -t bookmark -o name -d 1 {SRC} | xargs -r -n1 zfs destroy; sync"
     ));
 }
 

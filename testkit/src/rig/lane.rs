@@ -65,7 +65,9 @@ fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
             "HOME=/root".into(),
         ];
         let env: Vec<&str> = env.iter().map(String::as_str).collect();
-        let out = vm.run(&argv, &env, Duration::from_secs(1500)).await.expect("running inside the VM");
+        // Benchmarks may ask for longer (`VMSNAP_LANE_TIMEOUT_S`).
+        let limit = std::env::var("VMSNAP_LANE_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+        let out = vm.run(&argv, &env, Duration::from_secs(limit)).await.expect("running inside the VM");
         print!("{}", out.stdout_text());
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         if !out.success() {
