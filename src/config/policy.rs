@@ -114,6 +114,9 @@ pub struct Policy {
     pub crit_after: PerPeriod<u64>,
     /// `vmsnap check` warns when no `vmsnap verify` succeeded within this age (seconds; 0 = never).
     pub verify_warn: u64,
+    /// The daemon runs `vmsnap verify` of the domain when none was run within this age
+    /// (seconds; 0 = never).
+    pub verify_every: u64,
     /// `vmsnap check`: age of the newest snapshot a replication target has that warns / goes
     /// critical (seconds; 0 = never). `None`: those of the most frequent counted period.
     pub replicate_warn: Option<u64>,
@@ -156,6 +159,7 @@ impl Default for Policy {
             warn_after: PerPeriod([0, 90 * 60, 28 * h, 0, 32 * 24 * h, 0]),
             crit_after: PerPeriod([0, 360 * 60, 32 * h, 0, 40 * 24 * h, 0]),
             verify_warn: 0,
+            verify_every: 0,
             replicate_warn: None,
             replicate_crit: None,
         }
@@ -186,7 +190,7 @@ macro_rules! policy_section {
             weekly_warn: Option<String>, weekly_crit: Option<String>,
             monthly_warn: Option<String>, monthly_crit: Option<String>,
             yearly_warn: Option<String>, yearly_crit: Option<String>,
-            verify_warn: Option<String>, replicate_warn: Option<String>, replicate_crit: Option<String>,
+            verify_warn: Option<String>, verify_every: Option<String>, replicate_warn: Option<String>, replicate_crit: Option<String>,
         }
     };
     (@emit $(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $fty:ty,)* }; $($key:ident : $kty:ty,)*) => {
@@ -351,6 +355,9 @@ impl RawPolicy {
         }
         if let Some(v) = &self.verify_warn {
             base.verify_warn = parse_age(v).ok_or_else(|| bad("verify_warn", format!("{v:?}: use a number with s, m, h, d or w")))?;
+        }
+        if let Some(v) = &self.verify_every {
+            base.verify_every = parse_age(v).ok_or_else(|| bad("verify_every", format!("{v:?}: use a number with s, m, h, d or w")))?;
         }
         for (p, wk, w, ck, c) in limits {
             if let Some(w) = w {

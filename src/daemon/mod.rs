@@ -1,5 +1,6 @@
-//! `vmsnap daemon`: takes each enrolled domain's due snapshots and prunes after them, and
-//! replicates them: after each scheduled snapshot, or on a target's own `every_minutes`.
+//! `vmsnap daemon`: takes each enrolled domain's due snapshots and prunes after them,
+//! replicates them (after each scheduled snapshot, or on a target's own `every_minutes`), and
+//! verifies them when the policy has `verify_every`.
 //!
 //! Each tick (at the next preferred time of any policy, and at least once a minute) it reads
 //! every domain's snapshots back from ZFS and asks [`crate::retention::schedule::due`] what is due; a due
@@ -74,9 +75,12 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
     let mut not_before: HashMap<String, Instant> = HashMap::new();
     // When each (domain, target) with its own schedule was last started.
     let mut sent_at: HashMap<(String, String), Instant> = HashMap::new();
+    // When a scheduled verification of each domain was last started.
+    let mut verify_tried: HashMap<String, Instant> = HashMap::new();
     loop {
         for dom in &all_domains(&cfg, &Registry::new(&cfg.state_dir)) {
             start_due_replication(&jobs, &cfg, dom, &mut sent_at);
+            start_due_verify(&jobs, dom, &mut verify_tried).await;
             if jobs.running_for(&dom.name).is_some() || not_before.get(&dom.name).is_some_and(|t| Instant::now() < *t) {
                 continue;
             }
@@ -151,6 +155,39 @@ fn start_due_replication(jobs: &Jobs, cfg: &Config, dom: &DomainConfig, sent_at:
     }
 }
 
+/// `vmsnap verify` of `dom` when its policy has `verify_every` and no verification (any
+/// outcome, read from its snapshots' `vmsnap:verified`) is that recent; tried at most once per
+/// `verify_every` by this daemon, and only while no snapshot or prune of the domain runs.
+async fn start_due_verify(jobs: &Jobs, dom: &DomainConfig, tried: &mut HashMap<String, Instant>) {
+    let every = dom.policy.verify_every;
+    if every == 0 || jobs.running_for(&dom.name).is_some() || tried.get(&dom.name).is_some_and(|t| t.elapsed().as_secs() < every) {
+        return;
+    }
+    let cat = match catalog::load(&jobs.zfs(), dom).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(domain = %dom.name, "reading snapshots for the verification schedule: {e}");
+            return;
+        }
+    };
+    let now = chrono::Utc::now().timestamp();
+    if !verify_due(cat.entries.iter().filter_map(|e| e.verified.as_deref()), every, now) {
+        return;
+    }
+    tried.insert(dom.name.clone(), Instant::now());
+    match jobs.start(dom.clone(), Request::Verify, Origin::Schedule) {
+        Ok(job) => tracing::info!(domain = %dom.name, job = job.id, "scheduled verification started"),
+        Err(e) => tracing::info!(domain = %dom.name, "scheduled verification not started now: {e}"),
+    }
+}
+
+/// Whether a verification is due: none of `verified` (`vmsnap:verified` values, `<unix time>
+/// ok|failed: …`) is newer than `every` seconds before `now`.
+fn verify_due<'a>(verified: impl Iterator<Item = &'a str>, every: u64, now: i64) -> bool {
+    let newest = verified.filter_map(|v| v.split_once(' ')?.0.parse::<i64>().ok()).max();
+    newest.is_none_or(|t| now.saturating_sub(t) >= every as i64)
+}
+
 /// The periods due for `dom` now, from its snapshots in ZFS.
 async fn due_now(zfs: &Zfs, dom: &DomainConfig) -> Result<BTreeSet<Period>, crate::zfs::ZfsError> {
     if !dom.policy.autosnap {
@@ -191,5 +228,20 @@ fn scheduled(dom: &DomainConfig, due: &BTreeSet<Period>) -> SnapshotOptions {
         periods: due.iter().copied().collect(),
         name_at: Some(SystemTime::now()),
         ..SnapshotOptions::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verify_due;
+
+    #[test]
+    fn a_verification_is_due_when_none_is_recent() {
+        let day = 86_400;
+        assert!(verify_due([].into_iter(), day, 10 * day as i64));
+        assert!(!verify_due(["863000 ok: RAM dump sha256", "12 failed: x"].into_iter(), day, 864_000));
+        // A failed one counts as tried: the next is a period later, not every minute.
+        assert!(!verify_due(["864000 failed: sha256"].into_iter(), day, 864_100));
+        assert!(verify_due(["777600 ok: x", "garbage", ""].into_iter(), day, 864_000));
     }
 }
