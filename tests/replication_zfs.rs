@@ -378,11 +378,9 @@ fn unreachable_target() -> Result<(), Failed> {
 /// ends `cancelled`, the target keeping a resumable receive; the next job resumes it.
 fn daemon_replicates() -> Result<(), Failed> {
     let cfg = std::fs::read_to_string(CONFIG)?;
-    let scheduled = cfg.replacen("[domain.web]\n", "[domain.web]\nfrequently = 2\nfrequent_period = 1\n", 1).replacen(
-        "[target.offsite]\n",
-        "[target.offsite]\nevery_minutes = 1\n",
-        1,
-    );
+    let scheduled = cfg
+        .replacen("[domain.web]\n", "[domain.web]\nfrequently = 2\nfrequent_period = 1\nverify_every = \"1h\"\n", 1)
+        .replacen("[target.offsite]\n", "[target.offsite]\nevery_minutes = 1\n", 1);
     std::fs::write(CONFIG, &scheduled)?;
     let bus = format!("unix:path={RT}/bus");
     let mut dbus = Command::new("dbus-daemon").args(["--session", "--nofork", "--nopidfile", &format!("--address={bus}")]).spawn()?;
@@ -406,6 +404,18 @@ fn daemon_replicates() -> Result<(), Failed> {
             !daemon_log().lines().any(|l| l.contains("replication started") && !l.contains("scheduled replication started")),
             "replicated after the snapshot, not on the target's own schedule",
         )?;
+        // `verify_every`: the daemon verified the domain by itself, once.
+        check(daemon_log().matches("scheduled verification started").count() == 1, format!("scheduled verifications: {}", daemon_log()))?;
+        let verified = sh(&format!("zfs get -H -o value vmsnap:verified {SRC}@{}", snaps(SRC)[0]));
+        check(verified.contains(" ok: "), format!("vmsnap:verified after the scheduled verification: {verified}"))?;
+        // And over D-Bus.
+        let v = busctl(
+            &bus,
+            &["call", "io.github.vmsnap.Agent1", "/io/github/vmsnap/Agent1", "io.github.vmsnap.Agent1", "Verify", "s", "web"],
+        )?;
+        let job = v["data"][0].as_str().ok_or("no job path")?.to_owned();
+        let (state, said) = job_end(&bus, &job, 60)?;
+        check(state == "succeeded" && said.contains("\"ok\":true"), format!("D-Bus Verify: {state}: {said}"))?;
 
         // Quiet (nothing due for a while), and the target slowed down.
         let slow = cfg.replacen("[target.offsite]\n", "[target.offsite]\nrate_limit = 8388608\n", 1);

@@ -82,17 +82,20 @@ impl Request {
     fn lane(&self) -> Lane {
         match self {
             Self::Replicate { .. } => Lane::Replication,
+            Self::Verify => Lane::Reading,
             _ => Lane::Local,
         }
     }
 }
 
-/// A domain has one job at a time in each lane: snapshots and pruning change its datasets here;
-/// replication only reads them (under holds) and may take hours, so it does not hold them up.
+/// A domain has one job at a time in each lane: snapshots, pruning, restores and mounts change
+/// its datasets here; replication only reads them (under holds) and may take hours, and a
+/// verification reads every RAM dump, so neither holds them up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Lane {
     Local,
     Replication,
+    Reading,
 }
 
 /// Who started a job (logged, and kept on the job for whoever lists it).
@@ -445,7 +448,8 @@ impl Jobs {
             let s = self.0.slots.read().expect("slots lock");
             match lane {
                 Lane::Local => s.1.clone(),
-                Lane::Replication => s.2.clone(),
+                // The background lanes share theirs.
+                Lane::Replication | Lane::Reading => s.2.clone(),
             }
         };
         // Replication stops between two pieces of a stream when this is set (nothing to undo:

@@ -157,10 +157,10 @@ fn start_due_replication(jobs: &Jobs, cfg: &Config, dom: &DomainConfig, sent_at:
 
 /// `vmsnap verify` of `dom` when its policy has `verify_every` and no verification (any
 /// outcome, read from its snapshots' `vmsnap:verified`) is that recent; tried at most once per
-/// `verify_every` by this daemon, and only while no snapshot or prune of the domain runs.
+/// `verify_every` by this daemon (in its own lane: the domain's snapshots go on meanwhile).
 async fn start_due_verify(jobs: &Jobs, dom: &DomainConfig, tried: &mut HashMap<String, Instant>) {
     let every = dom.policy.verify_every;
-    if every == 0 || jobs.running_for(&dom.name).is_some() || tried.get(&dom.name).is_some_and(|t| t.elapsed().as_secs() < every) {
+    if every == 0 || tried.get(&dom.name).is_some_and(|t| t.elapsed().as_secs() < every) {
         return;
     }
     let cat = match catalog::load(&jobs.zfs(), dom).await {
