@@ -41,13 +41,14 @@ fn inside() {
     let ssh_opts = remote::ssh_options(DIR);
 
     let t = Instant::now();
+    note("filling 1 GiB");
     fill();
     let first = snapshot("first");
     let full_bytes = estimate(&format!("zfs send -nP {SRC}@{first}"));
     fill();
     let second = snapshot("second");
     let incr_bytes = estimate(&format!("zfs send -nP -i @{first} {SRC}@{second}"));
-    eprintln!("data: two snapshots of 1 GiB each, made in {:.0} s", t.elapsed().as_secs_f64());
+    note(&format!("data: two snapshots of 1 GiB each, made in {:.0} s", t.elapsed().as_secs_f64()));
 
     let bare_ssh = |compress: bool| {
         let mut a = vec!["ssh".to_owned(), "-i".into(), format!("{DIR}/bare")];
@@ -103,7 +104,9 @@ fn inside() {
         for (what, bytes, v, b) in [("full", full_bytes, &vf, &bf), ("incremental", incr_bytes, &vi, &bi)] {
             let (v, b) = (median(v.clone()), median(b.clone()));
             let mibs = |s: f64| bytes as f64 / 1_048_576.0 / s;
-            println!("{:<24} {:>12.1} {:>12.1} {:>8.2}", format!("{what}, {c}"), mibs(v), mibs(b), b / v);
+            let row = format!("{:<24} {:>12.1} {:>12.1} {:>8.2}", format!("{what}, {c}"), mibs(v), mibs(b), b / v);
+            note(&row);
+            println!("{row}");
         }
     }
     remote::stop();
@@ -160,9 +163,22 @@ fn estimate(cmd: &str) -> u64 {
     sh(cmd).lines().find_map(|l| l.strip_prefix("size\t")).and_then(|n| n.trim().parse().ok()).expect("a size")
 }
 
-/// Seconds a shell pipeline takes (it must succeed).
+/// Seconds a shell pipeline takes (it must succeed); logged as it goes.
 fn timed(script: &str) -> f64 {
     let t = Instant::now();
     sh(&format!("set -o pipefail; {script}"));
-    t.elapsed().as_secs_f64()
+    let s = t.elapsed().as_secs_f64();
+    note(&format!("{s:.1} s: {}", script.chars().take(160).collect::<String>()));
+    s
+}
+
+/// A line on stderr and in `replication-bench.log` beside the binaries on the host (the VM's
+/// output reaches the host only at the end): a long run can be followed, and a run cut short
+/// still leaves its figures.
+fn note(line: &str) {
+    use std::io::Write;
+    eprintln!("{line}");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open("/mnt/share/replication-bench.log") {
+        let _ = writeln!(f, "{line}");
+    }
 }

@@ -141,7 +141,7 @@ fn snaps(ds: &str) -> Vec<String> {
 }
 
 fn vmsnap_props(snap: &str) -> Vec<String> {
-    sh(&format!("zfs get -H -s local,received -o property,value all {snap} | grep '^vmsnap:' | grep -v -e '^vmsnap:ram-dump' -e '^vmsnap:replica' | sort"))
+    sh(&format!("zfs get -H -s local,received -o property,value all {snap} | grep '^vmsnap:' | grep -v -e '^vmsnap:ram-dump' -e '^vmsnap:replica' -e '^vmsnap:verified' | sort"))
         .lines()
         .map(str::to_owned)
         .collect()

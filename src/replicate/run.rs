@@ -384,6 +384,9 @@ impl<'a> Run<'a> {
         }
         for (snap, (mut props, on)) in todo {
             self.go_on()?;
+            // This host's verification is of this host's dump: the target's copy is proven by
+            // `vmsnap verify --target`, not by the source's word.
+            props.remove(&prop::VERIFIED);
             if let (Some(path), Some(sum)) = (props.get(&prop::RAM_DUMP).cloned(), props.get(&prop::RAM_SHA256).cloned()) {
                 match crate::fsutil::open_regular(std::path::Path::new(&path)) {
                     Ok(file) => {
