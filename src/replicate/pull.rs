@@ -46,8 +46,6 @@ struct Receive {
     from: Option<String>,
     /// Rolled back to first (`-r`), destroying what is listed in the report.
     rollback_to: Option<SnapshotName>,
-    /// The target snapshot's `vmsnap:*` properties.
-    props: BTreeMap<String, String>,
 }
 
 /// Brings `dom`'s `snapshot` back from `target` (see the module doc). `ram_dir` is where this
@@ -100,7 +98,6 @@ pub async fn pull(
                 return Err(err(format!("{ds}@{snapshot} here is other data than the target's (guid {} here, {} there)", l.guid, t.guid)));
             }
             report.steps.push(format!("{ds}: {snapshot} is here already"));
-            todo.push(Receive { ds, from: None, rollback_to: None, props: t.props.clone() }.already());
             continue;
         }
         let older_there: BTreeMap<u64, u64> =
@@ -133,10 +130,10 @@ pub async fn pull(
                     );
                     report.destroyed.extend(newer.into_iter().chain(marks));
                 }
-                todo.push(Receive { ds, from: Some(base.name.snap().to_owned()), rollback_to, props: t.props.clone() });
+                todo.push(Receive { ds, from: Some(base.name.snap().to_owned()), rollback_to });
             }
             None if zfs.get_native(ds.as_str(), "guid").await?.is_none() => {
-                todo.push(Receive { ds, from: None, rollback_to: None, props: t.props.clone() });
+                todo.push(Receive { ds, from: None, rollback_to: None });
             }
             None => {
                 return Err(err(format!(
@@ -146,9 +143,6 @@ pub async fn pull(
         }
     }
     for r in todo {
-        if r.props.is_empty() {
-            continue; // here already
-        }
         let ds = &r.ds;
         if let Some(base) = &r.rollback_to {
             progress(&format!("{ds}: rolling back to {} (destroying what is newer)", base.snap()));
@@ -220,14 +214,6 @@ pub async fn pull(
         zfs.set_properties(&format!("{ds}@{snapshot}"), &local_props).await?;
     }
     Ok(report)
-}
-
-impl Receive {
-    /// Marks a dataset that already has the snapshot (nothing to receive).
-    fn already(mut self) -> Self {
-        self.props.clear();
-        self
-    }
 }
 
 /// The dump copied back to `<ram_dir>/<domain>/<snapshot>.ram` (0600 in a 0700 directory),
