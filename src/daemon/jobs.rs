@@ -495,36 +495,39 @@ impl Jobs {
                 }
             }
         };
-        tokio::pin!(work);
+        let mut work = Box::pin(work);
         let stop = async move {
             let _ = cancelled.wait_for(|c| *c).await;
         };
         tokio::select! {
-            r = &mut work => match r {
-                Ok(out) => Outcome::Succeeded(out),
-                Err(e) => Outcome::Failed(e),
-            },
-            () = stop => {
-                if lane == Lane::Replication {
-                    step("cancelling: stopping the stream in flight");
-                    stop_sending.store(true, Ordering::Relaxed);
-                    let _ = work.await;
-                    return Outcome::Cancelled("cancelled; the target keeps what it received and the next run resumes from there".into());
+            r = &mut work => {
+                return match r {
+                    Ok(out) => Outcome::Succeeded(out),
+                    Err(e) => Outcome::Failed(e),
                 }
-                // The work's future is gone mid-step: replay this domain's journal (and only
-                // its own: other domains may be mid-snapshot), as after a crash.
-                step("cancelled: undoing");
-                let msg = match engine::recover::recover_domain(cfg, &dom.name, &self.0.zfs).await {
-                    Ok(Some(r)) => format!("cancelled; the journal was replayed: {}", r.actions.join("; ")),
-                    Ok(None) => "cancelled before anything was changed".to_owned(),
-                    Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
-                };
-                if matches!(request, Request::Snapshot(_)) {
-                    self.record(cfg, dom, &Err(msg.clone()), 0);
-                }
-                Outcome::Cancelled(msg)
             }
+            () = stop => {}
         }
+        if lane == Lane::Replication {
+            // It stops by itself at the next piece; nothing to undo.
+            step("cancelling: stopping the stream in flight");
+            stop_sending.store(true, Ordering::Relaxed);
+            let _ = work.await;
+            return Outcome::Cancelled("cancelled; the target keeps what it received and the next run resumes from there".into());
+        }
+        // The work's future goes mid-step — with it the locks it holds — and this domain's
+        // journal (only its own: other domains may be mid-snapshot) is replayed, as after a crash.
+        drop(work);
+        step("cancelled: undoing");
+        let msg = match engine::recover::recover_domain(cfg, &dom.name, &self.0.zfs).await {
+            Ok(Some(r)) => format!("cancelled; the journal was replayed: {}", r.actions.join("; ")),
+            Ok(None) => "cancelled before anything was changed".to_owned(),
+            Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
+        };
+        if matches!(request, Request::Snapshot(_)) {
+            self.record(cfg, dom, &Err(msg.clone()), 0);
+        }
+        Outcome::Cancelled(msg)
     }
 
     /// A restore as `vmsnap restore` does it: from the target first when asked, then in place or
