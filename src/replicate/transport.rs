@@ -39,7 +39,10 @@ impl Transport {
                 let mut a: Vec<OsString> = ["ssh", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=30"].map(OsString::from).to_vec();
                 if let Some(dir) = control_dir {
                     a.extend(["-o".into(), "ControlMaster=auto".into(), "-o".into(), "ControlPersist=60".into(), "-o".into()]);
-                    a.push(OsString::from(format!("ControlPath={}/%C", dir.display())));
+                    // Compression belongs to the shared connection: a compressed and a plain
+                    // target on the same host must not share one (nor must a run after
+                    // `compress` changed reuse the old one).
+                    a.push(OsString::from(format!("ControlPath={}/%C{}", dir.display(), if t.compress { "-z" } else { "" })));
                 }
                 if let Some(p) = t.port {
                     a.extend(["-p".into(), p.to_string().into()]);
@@ -239,5 +242,41 @@ fn abridge(s: &str) -> String {
     match s.char_indices().nth(500) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(compress: bool) -> TargetConfig {
+        TargetConfig {
+            name: "offsite".into(),
+            host: Some("backup.example.org".into()),
+            user: None,
+            port: None,
+            identity: None,
+            ssh_options: Vec::new(),
+            compress,
+            rate_limit: 0,
+            dataset: None,
+            ram_dir: None,
+            keep: None,
+            every: None,
+        }
+    }
+
+    #[test]
+    fn compressed_and_plain_connections_are_not_shared() {
+        let args = |c: bool| {
+            Transport::for_target(&target(c), Some(std::path::Path::new("/run/ssh")))
+                .argv
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        let (plain, zipped) = (args(false), args(true));
+        assert!(plain.contains(&"ControlPath=/run/ssh/%C".to_owned()) && !plain.contains(&"-C".to_owned()), "{plain:?}");
+        assert!(zipped.contains(&"ControlPath=/run/ssh/%C-z".to_owned()) && zipped.contains(&"-C".to_owned()), "{zipped:?}");
     }
 }
