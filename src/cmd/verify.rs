@@ -12,18 +12,29 @@ pub async fn run(zfs: &Zfs, domain: Option<&str>, json: bool) -> Result<()> {
         }
     })
     .await?;
+    let rows: Vec<Row> = results.iter().map(|r| (r.domain.as_str(), r.snapshot.as_str(), r.ok, r.detail.as_str())).collect();
+    let none = format!("no vmsnap snapshot{}", domain.map(|d| format!(" of {d}")).unwrap_or_default());
+    report(&results, &rows, json, &none, "")
+}
+
+/// (domain, snapshot, ok, detail) of one verified snapshot.
+type Row<'a> = (&'a str, &'a str, bool, &'a str);
+
+/// The results as JSON or a table (`none` when there are none); an error naming how many
+/// failed (`on`: where, e.g. " on offsite").
+fn report(results: &impl serde::Serialize, rows: &[Row], json: bool, none: &str, on: &str) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
-    } else if results.is_empty() {
-        println!("no vmsnap snapshot{}", domain.map(|d| format!(" of {d}")).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(results)?);
+    } else if rows.is_empty() {
+        println!("{none}");
     } else {
-        for r in &results {
-            println!("{:<12} {:<60} {:<6} {}", r.domain, r.snapshot, if r.ok { "ok" } else { "FAILED" }, r.detail);
+        for (domain, snapshot, ok, detail) in rows {
+            println!("{domain:<12} {snapshot:<60} {:<6} {detail}", if *ok { "ok" } else { "FAILED" });
         }
     }
-    let failed = results.iter().filter(|r| !r.ok).count();
+    let failed = rows.iter().filter(|r| !r.2).count();
     if failed > 0 {
-        anyhow::bail!("{failed} of {} snapshots failed verification", results.len());
+        anyhow::bail!("{failed} of {} snapshots{on} failed verification", rows.len());
     }
     Ok(())
 }
@@ -54,18 +65,7 @@ pub async fn target(cfg: &vmsnap::config::Config, zfs: &Zfs, domain: Option<&str
             .map_err(|e| anyhow::anyhow!("{} on {tname}: {e}", dom.name))?;
         results.extend(r);
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
-    } else if results.is_empty() {
-        println!("{tname} holds no snapshot of {}", domains.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "));
-    } else {
-        for r in &results {
-            println!("{:<12} {:<60} {:<6} {}", r.domain, r.snapshot, if r.ok { "ok" } else { "FAILED" }, r.detail);
-        }
-    }
-    let failed = results.iter().filter(|r| !r.ok).count();
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} snapshots on {tname} failed verification", results.len());
-    }
-    Ok(())
+    let rows: Vec<Row> = results.iter().map(|r| (r.domain.as_str(), r.snapshot.as_str(), r.ok, r.detail.as_str())).collect();
+    let none = format!("{tname} holds no snapshot of {}", domains.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "));
+    report(&results, &rows, json, &none, &format!(" on {tname}"))
 }
