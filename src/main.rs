@@ -108,7 +108,8 @@ enum Command {
         resume: bool,
         /// A new libvirt domain from the snapshot, beside the original: clones of its datasets,
         /// its XML with a new name, UUID, MACs, disk and nvram paths; the original is untouched.
-        #[arg(long = "as", value_name = "NEW", conflicts_with_all = ["destroy_newer", "resume"])]
+        /// With --resume it starts from the snapshot's RAM, its network links down.
+        #[arg(long = "as", value_name = "NEW", conflicts_with = "destroy_newer")]
         as_name: Option<String>,
         /// With --as: `zfs promote` the clones (they no longer depend on the snapshot).
         #[arg(long, requires = "as_name")]
@@ -133,6 +134,17 @@ enum Command {
         /// source's snapshot by GUID, complete, and its RAM dump read again on the target.
         #[arg(long, value_name = "TARGET")]
         target: Option<String>,
+        /// Also start a scratch copy of the newest snapshot (libvirt domains): resumed from its
+        /// RAM dump or booted from its disks, network links down, until its guest agent
+        /// answers; then removed. The outcome is recorded on the snapshot.
+        #[arg(long, conflicts_with = "target")]
+        boot: bool,
+        /// With --boot: this snapshot instead of the newest.
+        #[arg(long, requires_all = ["boot", "domain"])]
+        snapshot: Option<String>,
+        /// With --boot: how long the copy's guest agent may take to answer (seconds).
+        #[arg(long, requires = "boot", value_name = "SECONDS", default_value_t = 600)]
+        boot_timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -302,15 +314,22 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             match as_name {
-                Some(new) => cmd::restore::run_as(&cfg, &zfs, &domain, &snapshot, &new, promote, dry_run, json).await,
+                Some(new) => {
+                    let start = if resume { vmsnap::restore::clone::Start::Resume } else { vmsnap::restore::clone::Start::No };
+                    cmd::restore::run_as(&cfg, &zfs, &domain, &snapshot, &new, promote, start, dry_run, json).await
+                }
                 None => {
                     let req = vmsnap::restore::Request { domain, snapshot, destroy_newer, resume };
                     cmd::restore::run(&cfg, &zfs, req, dry_run, json).await
                 }
             }
         }
-        Command::Verify { domain, target: None, json } => cmd::verify::run(&zfs, domain.as_deref(), json).await,
-        Command::Verify { domain, target: Some(t), json } => cmd::verify::target(&load()?, &zfs, domain.as_deref(), &t, json).await,
+        Command::Verify { domain, target: None, boot, snapshot, boot_timeout, json } => {
+            let cfg = if boot { Some(load()?) } else { None };
+            let wait = std::time::Duration::from_secs(boot_timeout.max(1));
+            cmd::verify::run(cfg.as_ref(), &zfs, domain.as_deref(), snapshot.as_deref(), wait, json).await
+        }
+        Command::Verify { domain, target: Some(t), json, .. } => cmd::verify::target(&load()?, &zfs, domain.as_deref(), &t, json).await,
         Command::Serve { root, ram_dir, keep, allow_rollback, now } => {
             cmd::replicate::serve(&root, ram_dir, keep.as_deref(), allow_rollback, now, zfs).await
         }

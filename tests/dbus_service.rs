@@ -236,8 +236,10 @@ fn authorization_arguments_registry_and_introspection() {
         ("Restore", vec!["ssa{sv}", "web", "s1", "1", "as", "s", "../x"], "is not a domain name"),
         ("Restore", vec!["ssa{sv}", "web", "s1", "1", "from", "s", "nowhere"], "no target named \"nowhere\""),
         ("Restore", vec!["ssa{sv}", "web", "s1", "1", "path", "s", "/tmp/x"], "unknown option \"path\""),
-        ("Restore", vec!["ssa{sv}", "web", "s1", "2", "as", "s", "copy", "resume", "b", "true"], "not with destroy_newer or resume"),
+        ("Restore", vec!["ssa{sv}", "web", "s1", "2", "as", "s", "copy", "destroy_newer", "b", "true"], "not with destroy_newer"),
         ("Mount", vec!["ss", "web", "../../etc"], "is not a snapshot name"),
+        ("VerifyBoot", vec!["ss", "web", "../../etc"], "is not a snapshot name"),
+        ("VerifyBoot", vec!["ss", "../etc", ""], "no domain named"),
     ] {
         let (ok, out) = f.call(false, method, &args);
         assert!(!ok && out.contains(said), "{method} {args:?}: {out}");

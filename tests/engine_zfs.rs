@@ -7,14 +7,14 @@
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Mutex;
 use std::time::Duration;
 use vmsnap::qemu::qga::{FreezeStatus, Qga, Timeouts};
 use vmsnap_testkit::rig::lane::{sh, vmsnap_bin};
 use vmsnap_testkit::rig::resume_kit;
-use vmsnap_testkit::rig::{Rig, TinyVm, TinyVmOptions};
+use vmsnap_testkit::rig::{Rig, TinyVm};
 use vmsnap_testkit::support::{check, rt};
 
 #[path = "engine_zfs/daemon.rs"]
@@ -37,6 +37,9 @@ struct Guest {
 }
 
 static GUEST: Mutex<Option<Guest>> = Mutex::new(None);
+
+/// The background RAM snapshot the guest was resumed from: (name, the guest's uptime before it).
+static RAM_SNAPSHOT: Mutex<Option<(String, f64)>> = Mutex::new(None);
 
 type Case = fn() -> Result<(), Failed>;
 
@@ -86,7 +89,8 @@ fn inside() {
         ("crash_at_every_step_then_recover", crash_and_recover),
         ("restore_killed_midway_is_finished_by_recover", restore_killed_midway),
         ("ram_precopy_snapshot", ram_precopy),
-        ("ram_background_snapshot_resumes_from_a_clone", ram_background_resumes),
+        ("ram_background_snapshot_resumed_by_vmsnap_restore", ram_background_resumes),
+        ("config_domain_copy_resumed_beside_the_original", config_copy_resumed),
         ("list_shows_consistency", list_json),
         // Last: it runs on the guest resumed from RAM above, and stops its agent.
         ("daemon_takes_prunes_and_check_goes_critical", daemon::daemon_takes_prunes_and_check_goes_critical),
@@ -96,6 +100,8 @@ fn inside() {
     if let Some(mut g) = GUEST.lock().unwrap().take() {
         g.vm.machine.kill();
     }
+    // The guest `vmsnap restore --resume` started is vmsnap's child no more: its own session.
+    let _ = std::process::Command::new("pkill").args(["-9", "-f", "qemu-system-x86_64"]).status();
     let _ = std::process::Command::new("zpool").args(["destroy", "-f", "tank"]).status();
     conclusion.exit();
 }
@@ -141,6 +147,7 @@ qga = "{qga}"
 disks = ["/{FS}/disk0.qcow2", "/dev/zvol/{ZVOL}"]
 xml = "/etc/vmsnap/demo.xml"
 nvram = "/etc/vmsnap/demo_VARS.fd"
+start = [{start}]
 
 [domain.strict]
 qmp = "{qmp}"
@@ -161,8 +168,20 @@ nvram = "/etc/vmsnap/demo_VARS.fd"
 "#,
         qmp = m.qmp_path.display(),
         qga = m.qga_path.display(),
+        start = start_argv(vm).iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", "),
     );
     std::fs::write(CONFIG, config).unwrap();
+}
+
+/// How the guest's QEMU was started, as a config domain's `start` says it: the program by its
+/// absolute path, without the `-incoming defer` the resume kit started it with (vmsnap adds it).
+fn start_argv(vm: &TinyVm) -> Vec<String> {
+    let mut argv = vm.machine.argv().to_vec();
+    argv[0] = sh(&format!("command -v {}", argv[0])).trim().to_owned();
+    if let Some(i) = argv.iter().position(|a| a == "-incoming") {
+        argv.drain(i..i + 2);
+    }
+    argv
 }
 
 fn vmsnap(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -520,6 +539,54 @@ fn ram_precopy() -> Result<(), Failed> {
     assert_clean()
 }
 
+/// `restore demo SNAP --as demo2 --resume` while the original runs: clones, a `[domain.demo2]`
+/// appended to the configuration (its disks on the clones, its own sockets and nvram, its
+/// `start` rewritten, unscheduled), its QEMU started from the dump by vmsnap, thawed, its uptime
+/// going on from the snapshot; the original runs on. (`verify --boot` makes and removes such a
+/// copy the same way: the libvirt lane runs it, `scripts/demo` runs it on this config domain.)
+fn config_copy_resumed() -> Result<(), Failed> {
+    let (name, before) = RAM_SNAPSHOT.lock().unwrap().clone().ok_or("no RAM snapshot was resumed")?;
+    let original_qga = GUEST.lock().unwrap().as_ref().ok_or("no guest")?.vm.machine.qga_path.clone();
+    let config_before = std::fs::read_to_string(CONFIG)?;
+    let t = std::time::Instant::now();
+    let out = vmsnap(&["restore", "demo", &name, "--as", "demo2", "--resume", "--json"], &[]);
+    let res = (|| {
+        check(out.status.success(), format!("restore --as demo2 --resume: {}", text(&out)))?;
+        let report: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON ({e}): {}", text(&out)))?;
+        eprintln!("METRIC restore --as --resume of a config domain: {:.1} s; {report}", t.elapsed().as_secs_f64());
+        let clones = report["clones"].to_string();
+        check(clones.contains("tank/vms/demo2") && clones.contains("tank/vms/demo2-data"), format!("clones: {report}"))?;
+        check(report["clock_set"] == true && report["thawed"].as_i64().is_some(), format!("report: {report}"))?;
+        let cfg = vmsnap::config::Config::load(Path::new(CONFIG)).map_err(|e| e.to_string())?;
+        let copy = cfg.domains.get("demo2").ok_or("no [domain.demo2] in the configuration")?;
+        check(!copy.policy.autosnap, "the copy is scheduled")?;
+        check(
+            copy.disks == [PathBuf::from("/tank/vms/demo2/disk0.qcow2"), PathBuf::from("/dev/zvol/tank/vms/demo2-data")],
+            format!("the copy's disks: {:?}", copy.disks),
+        )?;
+        let qga = copy.qga.clone().ok_or("the copy has no qga")?;
+        check(qga != original_qga && copy.start.iter().any(|a| a.contains("demo2")), format!("the copy's start: {:?}", copy.start))?;
+        let uptime = guest_uptime(&qga)?;
+        eprintln!("METRIC the copy's uptime {uptime:.1} s, the original's {before:.1} s before the snapshot");
+        check(uptime >= before, format!("the copy rebooted: uptime {uptime} < {before}"))?;
+        guest_uptime(&original_qga).map(drop)
+    })();
+    // Removed by hand, as a user would: its QEMU quit, its clones destroyed, its table gone.
+    if let Ok(cfg) = vmsnap::config::Config::load(Path::new(CONFIG)) {
+        if let Some(copy) = cfg.domains.get("demo2") {
+            let qmp = copy.qmp.clone();
+            rt().block_on(async {
+                if let Ok(q) = vmsnap::qemu::qmp::Qmp::connect(&qmp, Duration::from_secs(5)).await {
+                    let _ = q.execute(&qapi::qmp::quit {}).await;
+                }
+            });
+        }
+    }
+    destroy_clones(&["tank/vms/demo2", "tank/vms/demo2-data"]);
+    std::fs::write(CONFIG, config_before)?;
+    res
+}
+
 fn guest_uptime(qga_path: &Path) -> Result<f64, Failed> {
     rt().block_on(async {
         let mut qga = Qga::connect(qga_path, patient()).await.map_err(|e| e.to_string())?;
@@ -539,48 +606,29 @@ fn ram_background_resumes() -> Result<(), Failed> {
     // Frozen around the pause (ram_quiesce): the disks alone are app-consistent, for when the
     // dump is pruned.
     verify_snapshot(&name)?;
-    // This is the last case that needs the running guest: stop it, so the restored one has the
-    // VM's CPUs to itself (both are nested TCG).
-    if let Some(mut g) = GUEST.lock().unwrap().take() {
-        g.vm.machine.kill();
-    }
-    // A fresh QEMU on clones of the snapshot, fed the dump: the guest goes on where it was.
-    sh(&format!("zfs clone {FS}@{name} tank/restore && zfs clone {ZVOL}@{name} tank/restore-data && udevadm settle"));
-    let res = rt().block_on(async {
-        let rig = Rig::locate().map_err(|e| e.to_string())?;
-        let opts = TinyVmOptions {
-            memory_mib: resume_kit::KIT_MEMORY_MIB,
-            disk_images: Some(vec!["/tank/restore/disk0.qcow2".into(), "/dev/zvol/tank/restore-data".into()]),
-            extra_args: vec!["-incoming".into(), "defer".into()],
-            ..Default::default()
-        };
-        let t = std::time::Instant::now();
-        // Restored exactly as a user would resume the snapshot: -incoming defer + migrate-incoming.
-        let mut vm = resume_kit::restore_state(&rig, &opts, Path::new(&dump)).await.map_err(|e| e.to_string())?;
-        let qga = vm.machine.wait_agent(Duration::from_secs(120)).await.map_err(|e| e.to_string())?;
-        eprintln!("METRIC restore_to_agent_s={:.1}", t.elapsed().as_secs_f64());
-        // Taken with ram_quiesce: the guest wakes frozen, and is thawed the way vmsnap does.
-        drop(qga);
-        let was_frozen = resume_kit::thaw_if_frozen(&vm.machine.qga_path).await.map_err(|e| e.to_string())?;
-        check(was_frozen, "the resumed guest was not frozen: the RAM snapshot did not quiesce it")?;
-        let mut qga = vm.machine.wait_agent(Duration::from_secs(120)).await.map_err(|e| e.to_string())?;
-        let out = qga.sh("cut -d' ' -f1 /proc/uptime; cat /mnt/vda/counter", Duration::from_secs(600)).await.map_err(|e| e.to_string())?;
-        let text = out.stdout_text();
-        let uptime: f64 = text.lines().next().unwrap_or("").parse().map_err(|e| format!("uptime {text:?}: {e}"))?;
-        eprintln!("restored guest: uptime {uptime} s (was {before} s before the snapshot)");
-        check(uptime >= before, format!("the restored guest rebooted: uptime {uptime} < {before}"))?;
-        Ok::<TinyVm, Failed>(vm)
-    });
-    match res {
-        // The resumed guest is the one the daemon case manages next.
-        Ok(vm) => {
-            let disks = ["/tank/restore/disk0.qcow2".to_owned(), "/dev/zvol/tank/restore-data".to_owned()];
-            *GUEST.lock().unwrap() = Some(Guest { vm, fs: "tank/restore".into(), disks });
-            Ok(())
-        }
-        Err(e) => {
-            destroy_clones(&["tank/restore", "tank/restore-data"]);
-            Err(e)
-        }
-    }
+    // The guest stopped, then resumed the way a user would: `vmsnap restore --resume` rolls its
+    // datasets back, starts its QEMU from the config's `start` with `-incoming defer`, loads the
+    // dump, thaws the guest (saved frozen: ram_quiesce) and sets its clock.
+    GUEST.lock().unwrap().as_mut().ok_or("no guest")?.vm.machine.kill();
+    let t = std::time::Instant::now();
+    let out = vmsnap(&["restore", "demo", &name, "--resume", "--json"], &[]);
+    check(out.status.success(), format!("vmsnap restore --resume: {}", text(&out)))?;
+    let report: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON ({e}): {}", text(&out)))?;
+    eprintln!("METRIC vmsnap restore --resume of a config domain: {:.1} s; {report}", t.elapsed().as_secs_f64());
+    check(report["resumed_from"]["path"] == dump.as_str(), format!("resumed from the dump: {report}"))?;
+    check(report["thawed"].as_i64().is_some_and(|n| n >= 0), format!("the guest saved frozen was not thawed: {report}"))?;
+    check(report["clock_set"] == true, format!("the guest clock was not set: {report}"))?;
+    check(report["rolled_back"].as_array().is_some_and(|r| r.len() == 2), format!("both datasets rolled back: {report}"))?;
+    let uptime = guest_uptime(&qga_path)?;
+    eprintln!("restored guest: uptime {uptime} s (was {before} s before the snapshot)");
+    check(uptime >= before, format!("the restored guest rebooted: uptime {uptime} < {before}"))?;
+    let frozen = rt().block_on(async {
+        let mut qga = Qga::connect(&qga_path, patient()).await.map_err(|e| e.to_string())?;
+        qga.freeze_status().await.map_err(|e| e.to_string())
+    })?;
+    check(frozen == vmsnap::qemu::qga::FreezeStatus::Thawed, "the resumed guest is still frozen")?;
+    *RAM_SNAPSHOT.lock().unwrap() = Some((name.clone(), before));
+    // Refused while it runs, as for any restore.
+    let again = vmsnap(&["restore", "demo", &name, "--resume"], &[]);
+    check(!again.status.success() && text(&again).contains("stop it first"), format!("a second resume: {}", text(&again)))
 }

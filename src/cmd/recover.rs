@@ -12,6 +12,13 @@ pub async fn run(cfg: &Config, json: bool) -> Result<()> {
     for (domain, actions) in vmsnap::restore::recover_pending(cfg, &vmsnap::zfs::Zfs::default()).await.context("an interrupted restore")? {
         reports.push(engine::recover::RecoveryReport { journal: Default::default(), domain, actions });
     }
+    // Copies (`restore --as`, `verify --boot`'s scratch copies) a crash interrupted: undone,
+    // unless the user's copy runs.
+    for (domain, actions) in
+        vmsnap::restore::recover_copies(&cfg.state_dir, &vmsnap::zfs::Zfs::default()).await.context("an interrupted copy")?
+    {
+        reports.push(engine::recover::RecoveryReport { journal: Default::default(), domain, actions });
+    }
     // Mounts a crash interrupted half-way: undone (complete ones stay until `vmsnap umount`).
     for (domain, actions) in
         vmsnap::restore::mount::recover_interrupted(cfg, &vmsnap::zfs::Zfs::default()).await.context("an interrupted mount")?

@@ -157,11 +157,12 @@ pub async fn run_as(
     snapshot: &str,
     new: &str,
     promote: bool,
+    start: restore::clone::Start,
     dry_run: bool,
     json: bool,
 ) -> Result<()> {
     let what = format!("restore of {domain} {snapshot} as {new}");
-    let plan = restore::clone::plan(cfg, zfs, domain, snapshot, new, promote).await.with_context(|| what.clone())?;
+    let plan = restore::clone::plan(cfg, zfs, domain, snapshot, new, promote, start).await.with_context(|| what.clone())?;
     if dry_run {
         if json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -173,12 +174,35 @@ pub async fn run_as(
             if let Some((_, home)) = &plan.nvram {
                 println!("  nvram       {} (a copy of the snapshot's)", home.display());
             }
-            println!("  virsh define the snapshot's XML with a new name, UUID, MACs, disk and nvram paths");
+            match plan.manager {
+                restore::Manager::Libvirt => println!("  virsh define the snapshot's XML with a new name, UUID, MACs, disk and nvram paths"),
+                restore::Manager::Config => println!(
+                    "  [domain.{new}] appended to {}: disks on the clones, its own sockets and nvram, its `start` rewritten, autosnap = false",
+                    cfg.path.display()
+                ),
+            }
+            if let Some(r) = &plan.resume {
+                println!(
+                    "  resume      from {} ({}), checked against its sha256 first, its network links down",
+                    r.dump.display(),
+                    r.compress
+                );
+                if r.quiesced {
+                    println!("  thaw        the guest after the resume (saved frozen)");
+                }
+                println!("  clock       set from the host's after the resume");
+            }
             if promote {
                 println!("  zfs promote each clone");
             }
+            for w in &plan.warnings {
+                println!("  warning: {w}");
+            }
         }
         return Ok(());
+    }
+    for w in &plan.warnings {
+        eprintln!("vmsnap: warning: {w}");
     }
     let progress: restore::Progress = if json { Arc::new(|_: &str| {}) } else { Arc::new(|s: &str| eprintln!("vmsnap: {s}")) };
     let report = restore::clone::apply(cfg, zfs, plan, progress).await.with_context(|| what.clone())?;
@@ -193,7 +217,23 @@ pub async fn run_as(
     if let Some(n) = &report.nvram {
         println!("  nvram       {}", n.display());
     }
-    println!("  start it:   virsh start {}", report.new_name);
+    match &report.resumed_from {
+        Some(d) => {
+            println!("  resumed     from {} ({} MiB, sha256 {} checked)", d.path.display(), d.bytes >> 20, &d.sha256[..16]);
+            match report.thawed {
+                Some(n) if n >= 0 => println!("  thawed      {n} filesystems (saved frozen)"),
+                Some(_) => println!("  thawed      (through libvirt)"),
+                None => {}
+            }
+            if report.clock_set {
+                println!("  clock       set from the host");
+            }
+        }
+        None if report.uuid.is_empty() => {
+            println!("  configured  [domain.{}] in {} (autosnap = false)", report.new_name, report.xml.display())
+        }
+        None => println!("  start it:   virsh start {}", report.new_name),
+    }
     for w in &report.warnings {
         println!("  warning: {w}");
     }

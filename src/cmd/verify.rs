@@ -5,13 +5,26 @@
 use anyhow::Result;
 use vmsnap::zfs::Zfs;
 
-pub async fn run(zfs: &Zfs, domain: Option<&str>, json: bool) -> Result<()> {
-    let results = vmsnap::restore::verify::verify(zfs, domain, |s| {
+/// The dump checks; with `boot` (the configuration), then a scratch copy of the newest snapshot
+/// (or `snapshot`) of each libvirt domain started.
+pub async fn run(
+    boot: Option<&vmsnap::config::Config>,
+    zfs: &Zfs,
+    domain: Option<&str>,
+    snapshot: Option<&str>,
+    boot_wait: std::time::Duration,
+    json: bool,
+) -> Result<()> {
+    let show = move |s: &str| {
         if !json {
             eprintln!("vmsnap: {s}")
         }
-    })
-    .await?;
+    };
+    let mut results = vmsnap::restore::verify::verify(zfs, domain, show).await?;
+    if let Some(cfg) = boot {
+        let booted = vmsnap::restore::boot::boot_all(cfg, zfs, domain, snapshot, boot_wait, std::sync::Arc::new(show)).await?;
+        results.extend(booted);
+    }
     let rows: Vec<Row> = results.iter().map(|r| (r.domain.as_str(), r.snapshot.as_str(), r.ok, r.detail.as_str())).collect();
     let none = format!("no vmsnap snapshot{}", domain.map(|d| format!(" of {d}")).unwrap_or_default());
     report(&results, &rows, json, &none, "")

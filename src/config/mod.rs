@@ -86,6 +86,9 @@ pub struct DomainConfig {
     pub disks: Vec<PathBuf>,
     pub nvram: Option<PathBuf>,
     pub xml: Option<PathBuf>,
+    /// How to start the domain's QEMU (a config domain's `start`, an argument vector): what
+    /// `restore --resume` runs, with `-incoming defer` added. Empty: vmsnap cannot start it.
+    pub start: Vec<String>,
     pub quiesce: QuiescePolicy,
     pub policy: Policy,
 }
@@ -102,6 +105,7 @@ impl DomainConfig {
             disks: Vec::new(),
             nvram: None,
             xml: None,
+            start: Vec::new(),
             quiesce: QuiescePolicy::BestEffort,
             policy: Policy::default(),
         }
@@ -211,6 +215,8 @@ policy_section! {
         disks: Vec<PathBuf>,
         nvram: Option<PathBuf>,
         xml: Option<PathBuf>,
+        #[serde(default)]
+        start: Vec<String>,
         require_quiesce: Option<bool>,
     }
 }
@@ -273,10 +279,22 @@ impl Config {
                     }
                 }
             }
+            check_start(&d.start, &d.qmp).map_err(|why| at("domain", &name, "start", why))?;
             let quiesce = if d.require_quiesce.unwrap_or(default_quiesce) { QuiescePolicy::Require } else { QuiescePolicy::BestEffort };
             domains.insert(
                 name.clone(),
-                DomainConfig { name, uuid: d.uuid, qmp: d.qmp, qga: d.qga, disks: d.disks, nvram: d.nvram, xml: d.xml, quiesce, policy },
+                DomainConfig {
+                    name,
+                    uuid: d.uuid,
+                    qmp: d.qmp,
+                    qga: d.qga,
+                    disks: d.disks,
+                    nvram: d.nvram,
+                    xml: d.xml,
+                    start: d.start,
+                    quiesce,
+                    policy,
+                },
             );
         }
         let registered_policy = resolve(&raw.template, &RawPolicy::default(), "(registered)")
@@ -399,6 +417,24 @@ fn target(name: &str, t: RawTarget) -> Result<TargetConfig, (&'static str, Strin
 
 /// A domain name vmsnap accepts (it names files and locks): letters, digits, '-', '_', '.',
 /// not starting with '.' or '-' (it would read as an option to the programs it is passed to).
+/// A config domain's `start`: an absolute program, no `-incoming` or `-daemonize` (vmsnap adds
+/// the one and waits on the process itself), and the QMP socket vmsnap talks to among its
+/// arguments.
+fn check_start(start: &[String], qmp: &Path) -> Result<(), String> {
+    let Some(program) = start.first() else { return Ok(()) };
+    if !program.starts_with('/') {
+        return Err(format!("{program:?}: the program must be an absolute path"));
+    }
+    if let Some(a) = start.iter().find(|a| matches!(a.as_str(), "-incoming" | "--incoming" | "-daemonize" | "--daemonize")) {
+        return Err(format!("{a}: vmsnap adds -incoming when it resumes the domain, and runs QEMU in the foreground"));
+    }
+    let qmp = qmp.to_string_lossy();
+    if !start.iter().any(|a| a.contains(qmp.as_ref())) {
+        return Err(format!("no argument names the QMP socket {qmp} (`-qmp unix:{qmp},server=on,wait=off`)"));
+    }
+    Ok(())
+}
+
 pub fn valid_domain_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 200
@@ -518,6 +554,21 @@ mod tests {
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_start_vector_is_checked() {
+        let ok = parse("[domain.web]\nqmp = \"/run/web.qmp\"\nstart = [\"/usr/bin/qemu-system-x86_64\", \"-qmp\", \"unix:/run/web.qmp,server=on,wait=off\"]\n").unwrap();
+        assert_eq!(ok.domains["web"].start.len(), 3);
+        for (start, says) in [
+            (r#"["qemu-system-x86_64", "-qmp", "unix:/run/web.qmp"]"#, "absolute path"),
+            (r#"["/usr/bin/qemu-system-x86_64", "-qmp", "unix:/run/web.qmp", "-incoming", "defer"]"#, "-incoming"),
+            (r#"["/usr/bin/qemu-system-x86_64", "-daemonize", "-qmp", "unix:/run/web.qmp"]"#, "-daemonize"),
+            (r#"["/usr/bin/qemu-system-x86_64", "-qmp", "unix:/run/other.qmp"]"#, "QMP socket /run/web.qmp"),
+        ] {
+            let e = parse(&format!("[domain.web]\nqmp = \"/run/web.qmp\"\nstart = {start}\n")).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("start"), "{start}: {e}");
         }
     }
 

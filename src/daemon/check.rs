@@ -174,6 +174,7 @@ mod tests {
             disks: vec![],
             nvram: None,
             xml: None,
+            start: Vec::new(),
             quiesce: QuiescePolicy::BestEffort,
             policy: Policy { keep: PerPeriod([0, 24, 0, 0, 0, 0]), ..Policy::default() },
         }

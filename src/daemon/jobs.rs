@@ -42,6 +42,9 @@ pub enum Request {
     Restore(RestoreRequest),
     /// Every RAM dump of the domain read against its sha256 (`vmsnap verify`).
     Verify,
+    /// A scratch copy of a snapshot (the newest when `None`) started until its agent answers,
+    /// then removed (`vmsnap verify --boot`).
+    VerifyBoot { snapshot: Option<String> },
     /// A snapshot's file systems mounted read-only at `/mnt/vmsnap/<domain>/<snapshot>`.
     Mount { snapshot: String },
     /// What [`Request::Mount`] set up, undone.
@@ -69,6 +72,7 @@ impl Request {
             Self::Replicate { .. } => "replicate",
             Self::Restore(_) => "restore",
             Self::Verify => "verify",
+            Self::VerifyBoot { .. } => "verify-boot",
             Self::Mount { .. } => "mount",
             Self::Umount { .. } => "umount",
         }
@@ -82,7 +86,8 @@ impl Request {
     fn lane(&self) -> Lane {
         match self {
             Self::Replicate { .. } => Lane::Replication,
-            Self::Verify => Lane::Reading,
+            // It reads a snapshot and makes a copy beside the domain: its snapshots go on.
+            Self::Verify | Self::VerifyBoot { .. } => Lane::Reading,
             _ => Lane::Local,
         }
     }
@@ -344,7 +349,11 @@ impl Jobs {
         // Another process (a `vmsnap snapshot --local`, a `vmsnap prune`, a `vmsnap replicate`,
         // a restore) may hold the domain.
         match &request {
-            Request::Prune { dry_run: true } | Request::Verify | Request::Mount { .. } | Request::Umount { .. } => {}
+            Request::Prune { dry_run: true }
+            | Request::Verify
+            | Request::VerifyBoot { .. }
+            | Request::Mount { .. }
+            | Request::Umount { .. } => {}
             Request::Replicate { targets, opts } => {
                 if dom.policy.replicate_to.is_empty() {
                     return Err(StartError::Refused(format!("{}: nothing to replicate to (no replicate_to)", dom.name)));
@@ -482,6 +491,15 @@ impl Jobs {
                     let v = crate::restore::verify::verify(zfs, Some(&dom.name), |s| step(s)).await.map_err(|e| error_chain(&e))?;
                     Ok(Output::Report(serde_json::to_value(v).expect("serialises")))
                 }
+                Request::VerifyBoot { snapshot } => {
+                    step("starting a scratch copy");
+                    let zfs = &*self.0.zfs;
+                    let wait = crate::restore::boot::AGENT_WAIT;
+                    let v = crate::restore::boot::boot(cfg, zfs, &dom.name, snapshot.as_deref(), wait, step.clone())
+                        .await
+                        .map_err(|e| error_chain(&e))?;
+                    Ok(Output::Report(serde_json::to_value(v).expect("serialises")))
+                }
                 Request::Mount { snapshot } => {
                     step("mounting");
                     let at = std::path::Path::new("/mnt/vmsnap").join(&dom.name).join(snapshot);
@@ -541,6 +559,13 @@ impl Jobs {
     ) -> Result<serde_json::Value, String> {
         use crate::restore;
         let zfs = &*self.0.zfs;
+        if r.resume && cfg.domains.contains_key(&dom.name) {
+            // QEMU would be a process of the daemon's service: stopping the daemon would stop it.
+            return Err(format!(
+                "a config domain is resumed from a shell (`vmsnap restore {} {} --resume`), not by the daemon: its QEMU would run in the daemon's service and stop with it",
+                dom.name, r.snapshot
+            ));
+        }
         let mut pulled = None;
         if let Some(tname) = &r.from {
             let target = cfg.targets.get(tname).ok_or_else(|| format!("no [target.{tname}] in the configuration"))?;
@@ -551,7 +576,9 @@ impl Jobs {
         }
         let mut out = match &r.as_name {
             Some(new) => {
-                let plan = restore::clone::plan(cfg, zfs, &dom.name, &r.snapshot, new, r.promote).await.map_err(|e| error_chain(&e))?;
+                let start = if r.resume { restore::clone::Start::Resume } else { restore::clone::Start::No };
+                let plan =
+                    restore::clone::plan(cfg, zfs, &dom.name, &r.snapshot, new, r.promote, start).await.map_err(|e| error_chain(&e))?;
                 serde_json::to_value(restore::clone::apply(cfg, zfs, plan, step).await.map_err(|e| error_chain(&e))?)
             }
             None => {

@@ -64,6 +64,7 @@ impl Registration {
             disks: self.disks.clone(),
             nvram: self.nvram.clone(),
             xml: self.xml.clone(),
+            start: Vec::new(),
             quiesce: if cfg.require_quiesce { QuiescePolicy::Require } else { QuiescePolicy::BestEffort },
             policy: cfg.registered_policy.clone(),
         }

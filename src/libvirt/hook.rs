@@ -115,7 +115,8 @@ pub async fn run(args: &[String], xml: &str, bus_address: Option<&str>) -> Strin
         return format!("vmsnap hook: expected DOMAIN OPERATION SUBOP EXTRA, got {args:?}");
     };
     let act = action(op);
-    if act == Action::Nothing {
+    // `verify --boot`'s scratch copies live for a minute and are never scheduled.
+    if act == Action::Nothing || dom_arg.starts_with(crate::restore::clone::SCRATCH_PREFIX) {
         return String::new();
     }
     match tokio::time::timeout(DAEMON_TIMEOUT, call(act, dom_arg, xml, bus_address)).await {

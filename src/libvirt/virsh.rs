@@ -61,3 +61,71 @@ pub fn restore(image: &Path, paused: bool) -> Result<(), VirshError> {
     }
     run(&args).map(drop)
 }
+
+/// `virsh start`, paused when `paused` (the caller sets it up, then [`resume`]s it).
+pub fn start(domain: &str, paused: bool) -> Result<(), VirshError> {
+    let mut args = vec!["start"];
+    if paused {
+        args.push("--paused");
+    }
+    args.extend(["--", domain]);
+    run(&args).map(drop)
+}
+
+pub fn resume(domain: &str) -> Result<(), VirshError> {
+    run(&["resume", "--", domain]).map(drop)
+}
+
+/// `virsh destroy` (QEMU killed); a domain that does not run is not an error.
+pub fn destroy(domain: &str) -> Result<(), VirshError> {
+    match run(&["destroy", "--", domain]) {
+        Err(VirshError::Failed { stderr, .. }) if stderr.contains("not running") || stderr.contains("ailed to get domain") => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+/// `virsh undefine`; the nvram file stays (its owner removes it). No definition is not an error.
+pub fn undefine(domain: &str) -> Result<(), VirshError> {
+    match run(&["undefine", "--keep-nvram", "--", domain]) {
+        Err(VirshError::Failed { stderr, .. }) if stderr.contains("ailed to get domain") || stderr.contains("no domain with") => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+/// The MAC addresses of the running domain's network interfaces.
+pub fn macs(domain: &str) -> Result<Vec<String>, VirshError> {
+    let xml = run(&["dumpxml", "--", domain])?;
+    Ok(interface_macs(&xml))
+}
+
+fn interface_macs(xml: &str) -> Vec<String> {
+    let Ok(doc) = roxmltree::Document::parse(xml) else { return Vec::new() };
+    doc.descendants()
+        .filter(|n| n.is_element() && n.tag_name().name() == "interface" && n.parent().is_some_and(|p| p.has_tag_name("devices")))
+        .filter_map(|i| i.children().find(|c| c.has_tag_name("mac"))?.attribute("address").map(str::to_owned))
+        .collect()
+}
+
+/// Takes every network link of the domain down (`domif-setlink … down`): the guest sees its
+/// cable pulled and QEMU drops what it sends.
+pub fn links_down(domain: &str) -> Result<Vec<String>, VirshError> {
+    let macs = macs(domain)?;
+    for mac in &macs {
+        run(&["domif-setlink", "--", domain, mac, "down"])?;
+    }
+    Ok(macs)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn interface_macs_of_a_live_definition() {
+        let xml = "<domain><devices>
+            <interface type='network'><mac address='52:54:00:aa:bb:01'/><source network='default'/></interface>
+            <interface type='bridge'><mac address='52:54:00:aa:bb:02'/><target dev='vnet3'/></interface>
+            <hostdev><interface/></hostdev>
+          </devices></domain>";
+        assert_eq!(super::interface_macs(xml), ["52:54:00:aa:bb:01", "52:54:00:aa:bb:02"]);
+        assert!(super::interface_macs("<domain><devices/></domain>").is_empty());
+    }
+}

@@ -78,28 +78,45 @@ fn hex(bytes: &[u8]) -> String {
 /// image `src`: same XML, the stream decompressed. For `virsh restore` on a libvirt that refuses
 /// zstd images (9.0, Debian 12's). The caller removes it after use.
 pub fn raw_save_image(src: &Path, dir: &Path, name: &str) -> Result<PathBuf, BadDump> {
+    copy_save_image(src, dir, name, None)
+}
+
+/// Writes `dir/name` (0600, replaced if there) as an uncompressed save image of the save image
+/// `src` whose header carries `xml` instead of the original's (`None`: the same): the stream
+/// copied (decompressed when it is zstd), through fixed buffers or the kernel's own copy. For a
+/// copy of a VM resumed under another name. The caller removes it after use.
+pub fn copy_save_image(src: &Path, dir: &Path, name: &str, xml: Option<&str>) -> Result<PathBuf, BadDump> {
     let bad = |why: String| BadDump { path: src.to_owned(), why };
     let img = saveimage::read(src).map_err(|e| bad(e.to_string()))?.ok_or_else(|| bad("not a save image".into()))?;
+    let zstd = match img.format {
+        "raw" => false,
+        "zstd" => true,
+        other => return Err(bad(format!("{other} compression, which vmsnap does not write"))),
+    };
     let dir = fsutil::Dir::private(dir, &[]).map_err(|e| bad(e.to_string()))?;
     let out_path = dir.path().join(name);
     let mut out = dir.open_resumable(name).map_err(|e| bad(format!("creating {}: {e}", out_path.display())))?;
     let write = |out: &mut std::fs::File| -> std::io::Result<()> {
         out.set_len(0)?;
         out.seek(SeekFrom::Start(0))?;
-        saveimage::write_start(out, &img.xml, img.was_running, RamCompress::None)?;
+        saveimage::write_start(out, xml.unwrap_or(&img.xml), img.was_running, RamCompress::None)?;
         let mut input = fsutil::open_regular(src).map_err(std::io::Error::other)?;
         input.seek(SeekFrom::Start(img.data_offset))?;
-        let mut w = std::io::BufWriter::with_capacity(BUF, &mut *out);
-        zstd::stream::copy_decode(std::io::BufReader::with_capacity(BUF, input), &mut w)?;
-        w.flush()?;
-        drop(w);
+        if zstd {
+            let mut w = std::io::BufWriter::with_capacity(BUF, &mut *out);
+            zstd::stream::copy_decode(std::io::BufReader::with_capacity(BUF, input), &mut w)?;
+            w.flush()?;
+        } else {
+            // File to file: std copies in the kernel (copy_file_range) where it can.
+            std::io::copy(&mut input, out)?;
+        }
         saveimage::finish(out)
     };
     match write(&mut out) {
         Ok(()) => Ok(out_path),
         Err(e) => {
             let _ = std::fs::remove_file(&out_path);
-            Err(bad(format!("decompressing into {}: {e}", out_path.display())))
+            Err(bad(format!("copying into {}: {e}", out_path.display())))
         }
     }
 }
@@ -173,5 +190,22 @@ mod tests {
         let bare = dir.path().join("bare");
         std::fs::write(&bare, &s).unwrap();
         assert!(raw_save_image(&bare, &out, "x.save").unwrap_err().why.contains("not a save image"));
+    }
+
+    #[test]
+    fn a_copy_under_another_name_carries_the_new_xml_and_the_same_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = stream();
+        let out = dir.path().join("out");
+        let new = "<domain><name>vm2</name><uuid>0b7e1d2c-0000-4000-8000-000000000002</uuid></domain>";
+        for (name, compress) in [("r.save", RamCompress::None), ("z.save", RamCompress::Zstd)] {
+            let (src, _) = image(dir.path(), name, &s, compress);
+            let copy = copy_save_image(&src, &out, &format!("copy-{name}"), Some(new)).unwrap();
+            let img = saveimage::read(&copy).unwrap().unwrap();
+            assert_eq!((img.format, img.was_running, img.xml.as_str()), ("raw", true, new), "{name}");
+            let bytes = std::fs::read(&copy).unwrap();
+            assert_eq!(&bytes[img.data_offset as usize..], &s[..], "{name}");
+            assert_eq!(&bytes[..16], saveimage::MAGIC, "complete: {name}");
+        }
     }
 }

@@ -8,14 +8,19 @@
 //! `<state_dir>/restore/<domain>.json` before it is done, so `vmsnap recover` finishes a restore
 //! a crash interrupted ([`recover_pending`]) — and never rolls back under a running VM.
 
+pub mod boot;
 pub mod clone;
+mod config_copy;
+mod copy_journal;
 pub mod dump;
 mod journal;
 pub mod mount;
 pub mod rename;
+mod start_qemu;
 mod steps;
 pub mod verify;
 
+pub use copy_journal::recover_copies;
 pub use journal::recover_pending;
 pub use steps::{apply, Progress, RestoreReport};
 
@@ -284,39 +289,21 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
     let quiesced = get(&prop::RAM_QUIESCED).as_deref() == Some("yes");
     let mut warnings = Vec::new();
     let resume = if req.resume {
-        if manager == Manager::Config {
-            return Err(RestoreError::CannotResume {
-                domain: req.domain.clone(),
-                why: "vmsnap does not start a config domain's QEMU (not done yet): restore without --resume, or resume through libvirt"
-                    .into(),
-            });
-        }
-        let dump = get(&prop::RAM_DUMP).map(PathBuf::from).ok_or_else(|| RestoreError::NoDump {
-            snapshot: req.snapshot.clone(),
-            why: match get(&prop::RAM_PRUNED) {
-                Some(_) => "retention pruned it (ram_keep)".into(),
-                None => "it was taken without --memory".into(),
-            },
-        })?;
-        // QEMU finds out what it cannot load half-way through the load: say it before anything
-        // changes.
-        use crate::engine::resumable;
-        let cannot = |why: String| RestoreError::CannotResume { domain: req.domain.clone(), why };
-        match (resumable::Recorded::from_properties(get), saved_domain.as_ref().and_then(|d| d.emulator.clone())) {
-            (Ok(recorded), Some(emulator)) => {
-                let here = resumable::Target::of_binary(&emulator).await.map_err(cannot)?;
-                let why = resumable::check(&recorded, &here);
-                if !why.is_empty() {
-                    return Err(cannot(format!("{} cannot load this dump: {}", emulator.display(), why.join("; "))));
-                }
+        let emulator = match (manager, dom) {
+            (Manager::Config, Some(d)) if d.start.is_empty() => {
+                return Err(RestoreError::CannotResume {
+                    domain: req.domain.clone(),
+                    why: format!(
+                        "vmsnap does not know how to start its QEMU: add `start = [\"/usr/bin/qemu-system-x86_64\", …]` (the argument vector you start it with) to [domain.{}] in {}",
+                        req.domain,
+                        cfg.path.display()
+                    ),
+                });
             }
-            (Err(e), _) => warnings.push(format!("not checked whether this QEMU can load the dump: {e}")),
-            (Ok(_), None) => {
-                warnings.push("not checked whether this QEMU can load the dump: the snapshot's XML names no <emulator>".into())
-            }
-        }
-        let compress = get(&prop::RAM_COMPRESS).and_then(|c| c.parse().ok()).unwrap_or(RamCompress::None);
-        Some(ResumePlan { dump, sha256: get(&prop::RAM_SHA256), compress, quiesced })
+            (Manager::Config, d) => d.and_then(|d| d.start.first()).map(PathBuf::from),
+            (Manager::Libvirt, _) => saved_domain.as_ref().and_then(|d| d.emulator.clone()),
+        };
+        Some(resume_plan(&req.domain, &req.snapshot, &props, emulator, &mut warnings).await?)
     } else {
         match consistency.as_deref() {
             Some("crash") => warnings.push("this snapshot is crash-consistent: the guest boots as after a power cut (its journal replays)".into()),
@@ -346,4 +333,40 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
         resume,
         warnings,
     })
+}
+
+/// The RAM half of a restore of `snapshot` (its properties `props`): the dump it recorded, and
+/// whether `emulator` (the saved XML's `<emulator>`, a config domain's `start` program) can load it (QEMU finds out what it
+/// cannot load half-way through the load: said before anything changes). What could not be
+/// checked goes to `warnings`.
+pub(crate) async fn resume_plan(
+    domain: &str,
+    snapshot: &str,
+    props: &BTreeMap<PropName, String>,
+    emulator: Option<PathBuf>,
+    warnings: &mut Vec<String>,
+) -> Result<ResumePlan, RestoreError> {
+    use crate::engine::resumable;
+    let get = |p: &PropName| props.get(p).cloned();
+    let dump = get(&prop::RAM_DUMP).map(PathBuf::from).ok_or_else(|| RestoreError::NoDump {
+        snapshot: snapshot.to_owned(),
+        why: match get(&prop::RAM_PRUNED) {
+            Some(_) => "retention pruned it (ram_keep)".into(),
+            None => "it was taken without --memory".into(),
+        },
+    })?;
+    let cannot = |why: String| RestoreError::CannotResume { domain: domain.to_owned(), why };
+    match (resumable::Recorded::from_properties(get), emulator) {
+        (Ok(recorded), Some(emulator)) => {
+            let here = resumable::Target::of_binary(&emulator).await.map_err(cannot)?;
+            let why = resumable::check(&recorded, &here);
+            if !why.is_empty() {
+                return Err(cannot(format!("{} cannot load this dump: {}", emulator.display(), why.join("; "))));
+            }
+        }
+        (Err(e), _) => warnings.push(format!("not checked whether this QEMU can load the dump: {e}")),
+        (Ok(_), None) => warnings.push("not checked whether this QEMU can load the dump: the snapshot's XML names no <emulator>".into()),
+    }
+    let compress = get(&prop::RAM_COMPRESS).and_then(|c| c.parse().ok()).unwrap_or(RamCompress::None);
+    Ok(ResumePlan { dump, sha256: get(&prop::RAM_SHA256), compress, quiesced: get(&prop::RAM_QUIESCED).as_deref() == Some("yes") })
 }

@@ -28,7 +28,7 @@ fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::No
 }
 
 /// The path under the new prefix, if `p` is under one of the old ones.
-fn moved(p: &Path, paths: &[(PathBuf, PathBuf)]) -> Option<PathBuf> {
+pub(super) fn moved(p: &Path, paths: &[(PathBuf, PathBuf)]) -> Option<PathBuf> {
     paths
         .iter()
         .find_map(|(old, new)| p.strip_prefix(old).ok().map(|rest| if rest.as_os_str().is_empty() { new.clone() } else { new.join(rest) }))
@@ -47,12 +47,12 @@ fn line_of(xml: &str, r: Range<usize>) -> Range<usize> {
 
 /// The new VM's copy of a per-VM file: on the clones if it was on the datasets, else beside
 /// the original with the new name in front (`console.log` → `web2-console.log`).
-fn own_file(p: &Path, r: &Renames) -> PathBuf {
-    if let Some(m) = moved(p, &r.paths) {
+pub(super) fn own_file(p: &Path, new: &str, paths: &[(PathBuf, PathBuf)]) -> PathBuf {
+    if let Some(m) = moved(p, paths) {
         return m;
     }
     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    p.with_file_name(format!("{}-{name}", r.name))
+    p.with_file_name(format!("{new}-{name}"))
 }
 
 /// Rewrites `xml` (a libvirt domain definition). A disk (`device='disk'`) whose source is not on
@@ -98,7 +98,7 @@ pub fn rewrite(xml: &str, r: &Renames) -> Result<String, String> {
                     let logs = dev.children().filter(|c| c.is_element() && c.tag_name().name() == "log");
                     for (node, attr) in child(dev, "source").map(|s| (s, "path")).into_iter().chain(logs.map(|l| (l, "file"))) {
                         if let Some(a) = node.attribute_node(attr) {
-                            edits.push((a.range_value(), escape(&own_file(Path::new(a.value()), r).to_string_lossy())));
+                            edits.push((a.range_value(), escape(&own_file(Path::new(a.value()), &r.name, &r.paths).to_string_lossy())));
                         }
                     }
                 }

@@ -64,20 +64,7 @@ pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> R
     }
     let checked = match &plan.resume {
         None => None,
-        Some(r) => {
-            progress(&format!("checking RAM dump {} (sha256)", r.dump.display()));
-            let (path, want, p) = (r.dump.clone(), r.sha256.clone(), progress.clone());
-            let mut last = Instant::now();
-            let check = tokio::task::spawn_blocking(move || {
-                dump::check(&path, want.as_deref(), |n| {
-                    if last.elapsed() >= Duration::from_secs(1) {
-                        last = Instant::now();
-                        p(&format!("  {} MiB checked", n >> 20));
-                    }
-                })
-            });
-            Some(check.await.expect("the dump check does not panic")?)
-        }
+        Some(r) => Some(check_dump(r, &progress).await?),
     };
     let mut journal = Journal::create(&cfg.state_dir, plan)?;
     let mut report = RestoreReport {
@@ -106,16 +93,26 @@ pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> R
     if let (Some(r), Some(checked)) = (journal.state.plan.resume.clone(), checked) {
         journal.state.resume_started = true;
         journal.record("restore_resume_started")?;
-        progress("starting the domain from its RAM dump (virsh restore)");
-        resume_libvirt(cfg, &domain, &r.dump, r.compress, &progress).await.map_err(|why| step(&journal, "virsh restore", why))?;
+        let agent = match journal.state.plan.manager {
+            super::Manager::Libvirt => {
+                progress("starting the domain from its RAM dump (virsh restore)");
+                resume_libvirt(cfg, &domain, &r.dump, r.compress, &progress).await.map_err(|why| step(&journal, "virsh restore", why))?;
+                Agent::of_libvirt(&domain)
+            }
+            super::Manager::Config => {
+                let dom = cfg.domains.get(&domain).ok_or_else(|| step(&journal, "start QEMU", "no longer in the configuration".into()))?;
+                progress(&format!("starting {}'s QEMU from its RAM dump ({} … -incoming defer)", domain, dom.start[0]));
+                super::start_qemu::resume(cfg, dom, &r.dump).await.map_err(|why| step(&journal, "start QEMU", why))?;
+                dom.qga.clone().map_or(Agent::None, Agent::Socket)
+            }
+        };
         report.resumed_from = Some(checked);
         journal.finish()?;
-        let (thawed, clock_set, warnings) = after_resume(&domain, r.quiesced, &progress).await;
+        let (thawed, clock_set, warnings) = after_resume(&domain, &agent, r.quiesced, &progress).await;
         report.thawed = thawed;
         report.clock_set = clock_set;
-        let (_, qga) = crate::libvirt::enroll::sockets(&domain);
-        if clock_set && qga.exists() {
-            report.clock_offset_s = settle_clock(&qga).await;
+        if let (true, Agent::Socket(qga)) = (clock_set, &agent) {
+            report.clock_offset_s = settle_clock(qga).await;
         }
         report.warnings.extend(warnings);
     } else {
@@ -123,6 +120,23 @@ pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> R
     }
     report.seconds = t.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The dump a resume starts from, read whole against the sha256 the snapshot recorded (before
+/// anything changes); progress each second.
+pub(super) async fn check_dump(r: &super::ResumePlan, progress: &Progress) -> Result<dump::DumpCheck, RestoreError> {
+    progress(&format!("checking RAM dump {} (sha256)", r.dump.display()));
+    let (path, want, p) = (r.dump.clone(), r.sha256.clone(), progress.clone());
+    let mut last = Instant::now();
+    let check = tokio::task::spawn_blocking(move || {
+        dump::check(&path, want.as_deref(), |n| {
+            if last.elapsed() >= Duration::from_secs(1) {
+                last = Instant::now();
+                p(&format!("  {} MiB checked", n >> 20));
+            }
+        })
+    });
+    Ok(check.await.expect("the dump check does not panic")?)
 }
 
 /// The domain's lock (no snapshot or prune meanwhile) and its replication lock (no send).
@@ -214,28 +228,58 @@ async fn resume_libvirt(cfg: &Config, domain: &str, dump: &Path, compress: RamCo
     }
 }
 
+/// How to reach a resumed guest's agent.
+pub(super) enum Agent {
+    /// vmsnap's own socket (an enrolled libvirt domain, a config domain's `qga`).
+    Socket(PathBuf),
+    /// Through libvirt (`virsh domfsthaw`, `domtime`).
+    Libvirt,
+    /// None configured.
+    None,
+}
+
+impl Agent {
+    /// vmsnap's socket when the libvirt domain is enrolled, else libvirt's.
+    pub(super) fn of_libvirt(domain: &str) -> Self {
+        let (_, qga) = crate::libvirt::enroll::sockets(domain);
+        if qga.exists() {
+            Agent::Socket(qga)
+        } else {
+            Agent::Libvirt
+        }
+    }
+}
+
 /// A resumed guest: thawed if it was saved frozen, its clock set from the host's (it has no idea
-/// how long it slept). Through vmsnap's agent socket when the domain is enrolled, else through
-/// libvirt's. Failures are warnings: the guest runs either way.
-async fn after_resume(domain: &str, quiesced: bool, progress: &Progress) -> (Option<i64>, bool, Vec<String>) {
-    let (_, qga) = crate::libvirt::enroll::sockets(domain);
+/// how long it slept). Failures are warnings: the guest runs either way.
+pub(super) async fn after_resume(domain: &str, agent: &Agent, quiesced: bool, progress: &Progress) -> (Option<i64>, bool, Vec<String>) {
     let mut warnings = Vec::new();
     let mut thawed = None;
-    if !qga.exists() {
-        if quiesced {
-            match virsh::run(&["domfsthaw", "--", domain]) {
-                Ok(_) => thawed = Some(-1),
-                Err(e) => {
-                    warnings.push(format!("the guest was saved frozen and could not be thawed: {e} (run `virsh domfsthaw {domain}`)"))
+    let qga = match agent {
+        Agent::Socket(p) => p.clone(),
+        Agent::None => {
+            if quiesced {
+                warnings.push(format!("the guest was saved frozen and no agent socket is configured to thaw it ([domain.{domain}] qga)"));
+            }
+            warnings.push("the guest clock was not set: no agent socket is configured".into());
+            return (thawed, false, warnings);
+        }
+        Agent::Libvirt => {
+            if quiesced {
+                match virsh::run(&["domfsthaw", "--", domain]) {
+                    Ok(_) => thawed = Some(-1),
+                    Err(e) => {
+                        warnings.push(format!("the guest was saved frozen and could not be thawed: {e} (run `virsh domfsthaw {domain}`)"))
+                    }
                 }
             }
+            let clock = virsh::run(&["domtime", "--now", "--", domain]);
+            if let Err(e) = &clock {
+                warnings.push(format!("the guest clock was not set: {e}"));
+            }
+            return (thawed, clock.is_ok(), warnings);
         }
-        let clock = virsh::run(&["domtime", "--now", "--", domain]);
-        if let Err(e) = &clock {
-            warnings.push(format!("the guest clock was not set: {e}"));
-        }
-        return (thawed, clock.is_ok(), warnings);
-    }
+    };
     progress("waiting for the guest agent");
     let deadline = Instant::now() + AGENT_WAIT;
     let patient = Timeouts { sync: Duration::from_secs(10), ..Timeouts::default() };
@@ -288,7 +332,7 @@ fn host_ns() -> i64 {
 /// (nested TCG: over a second after a resume) lags by that delay, so the time is set again ahead
 /// by the offset measured, up to three times while it is off by more than 0.25 s (the delay
 /// shrinks as the guest settles). Returns the final offset (seconds).
-async fn settle_clock(qga: &Path) -> Option<f64> {
+pub(super) async fn settle_clock(qga: &Path) -> Option<f64> {
     let patient = Timeouts { sync: Duration::from_secs(10), ..Timeouts::default() };
     let mut ahead = 0f64;
     let mut off = guest_offset(qga, patient).await?;

@@ -4,8 +4,8 @@
 //! recorded size). The outcome is written on the snapshots themselves (`vmsnap:verified`), so
 //! `vmsnap list` and a later check can show when a backup was last proven.
 //!
-//! Not done yet: `--boot` (starting an isolated clone) and matching the snapshots on a
-//! replication target by GUID.
+//! Starting a copy (`--boot`) is [`super::boot`]'s; the target's copies are
+//! [`crate::replicate::verify`]'s.
 
 use super::dump;
 use crate::model::prop;

@@ -144,8 +144,9 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
         check(scripts.contains(&format!("post sched {} frequently", s.0)), format!("no post script for {}: {scripts}", s.0))?;
     }
     // Like sanoid's, the targets are the datasets (the guest's qcow2 filesystem and its zvol).
+    let fs = GUEST.lock().unwrap().as_ref().map(|g| g.fs.clone()).unwrap_or_default();
     check(
-        scripts.lines().all(|l| l.contains(" tank/restore") && !l.contains("/dev/") && !l.contains(".qcow2")),
+        scripts.lines().all(|l| l.contains(&format!(" {fs}")) && !l.contains("/dev/") && !l.contains(".qcow2")),
         format!("SANOID_TARGETS are datasets: {scripts}"),
     )?;
     let gone = seen.iter().find(|s| !now.iter().any(|n| n.0 == s.0)).expect("one was pruned");

@@ -18,6 +18,7 @@ pub trait Agent1 {
     fn replicate(&self, domain: &str, target: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
     fn restore(&self, domain: &str, snapshot: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
     fn verify(&self, domain: &str) -> zbus::Result<OwnedObjectPath>;
+    fn verify_boot(&self, domain: &str, snapshot: &str) -> zbus::Result<OwnedObjectPath>;
     fn mount(&self, domain: &str, snapshot: &str) -> zbus::Result<OwnedObjectPath>;
     fn umount(&self, domain: &str, snapshot: &str) -> zbus::Result<OwnedObjectPath>;
     #[allow(clippy::too_many_arguments)]

@@ -283,8 +283,8 @@ impl Agent {
     }
 
     /// Starts a restore of a stopped domain to `snapshot` (as `vmsnap restore`); returns the
-    /// job's path. Options: `destroy_newer` (b), `resume` (b), `as` (s: a new libvirt domain
-    /// beside the original), `promote` (b, with `as`), `from` (s: a replication target to bring
+    /// job's path. Options: `destroy_newer` (b), `resume` (b), `as` (s: a new domain beside
+    /// the original; with `resume`, started from the snapshot's RAM), `promote` (b, with `as`), `from` (s: a replication target to bring
     /// the snapshot back from first). A domain vmsnap does not know (a stopped libvirt domain)
     /// is found by its snapshots. Root only; not cancellable once started (it is journaled).
     async fn restore(
@@ -328,8 +328,8 @@ impl Agent {
                 }
             }
         }
-        if r.as_name.is_some() && (r.destroy_newer || r.resume) {
-            return Err(bad("option as: not with destroy_newer or resume (the original is left as it is)".into()));
+        if r.as_name.is_some() && r.destroy_newer {
+            return Err(bad("option as: not with destroy_newer (the original is left as it is)".into()));
         }
         if r.promote && r.as_name.is_none() {
             return Err(bad("option promote: only with as".into()));
@@ -350,6 +350,24 @@ impl Agent {
         require_root(conn, &hdr, "Verify").await?;
         let dom = self.known_or_named(domain)?;
         let handle = self.jobs.start(dom, Request::Verify, Origin::DBus).map_err(start_error)?;
+        self.export(handle, conn, server).await
+    }
+
+    /// Starts `vmsnap verify --boot` of one domain: a scratch copy of `snapshot` (the newest when
+    /// empty) resumed from its RAM or booted, until its guest agent answers, then removed; the
+    /// outcome recorded on the snapshot. Returns the job's path. Root only.
+    async fn verify_boot(
+        &self,
+        domain: &str,
+        snapshot: &str,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, VmsnapError> {
+        require_root(conn, &hdr, "VerifyBoot").await?;
+        let snapshot = if snapshot.is_empty() { None } else { Some(snapshot_arg(snapshot)?) };
+        let dom = self.known_or_named(domain)?;
+        let handle = self.jobs.start(dom, Request::VerifyBoot { snapshot }, Origin::DBus).map_err(start_error)?;
         self.export(handle, conn, server).await
     }
 

@@ -43,6 +43,8 @@ pub struct Machine {
     /// A second QMP monitor, for tests to observe the VM while vmsnap uses the first.
     pub observer_path: PathBuf,
     pub console_path: PathBuf,
+    /// The program and its arguments, as started.
+    argv: Vec<String>,
     started: Instant,
     // Last: removed after the process is dead.
     dir: ScratchDir,
@@ -85,6 +87,8 @@ impl Machine {
                 Ok(())
             });
         }
+        let argv: Vec<String> =
+            std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
         let child =
             cmd.spawn().map_err(|source| RigError::Io { what: "starting qemu-system-x86_64 (is the rig built?)".into(), source })?;
         Ok(Self {
@@ -94,9 +98,15 @@ impl Machine {
             observer_path,
             qga_path,
             console_path,
+            argv,
             started: Instant::now(),
             dir,
         })
+    }
+
+    /// The program and its arguments, as started (a config domain's `start` is built from it).
+    pub fn argv(&self) -> &[String] {
+        &self.argv
     }
 
     pub fn dir(&self) -> &Path {

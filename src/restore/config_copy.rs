@@ -1,0 +1,236 @@
+//! `--as NEW` of a config domain: the new domain is a `[domain.NEW]` table appended to the
+//! configuration file, written from the original's — its disks on the clones, its own QMP and
+//! agent sockets and nvram file (the original's names with `NEW-` in front, or the clone's
+//! paths when they were on the datasets), and its `start` vector with every one of those paths
+//! replaced (and `-name`). Paths in `start` that still name the original's files are said, not
+//! guessed at. The table carries `autosnap = false`: a copy is not scheduled until you say so.
+
+use crate::config::DomainConfig;
+use std::path::{Path, PathBuf};
+
+/// The new domain, as appended.
+#[derive(Debug)]
+pub(super) struct Table {
+    /// The text appended to the configuration file (whole lines).
+    pub text: String,
+    pub domain: DomainConfig,
+    pub warnings: Vec<String>,
+}
+
+fn quoted(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The copy of `dom` as `new`: disks under the clones' paths (`paths`: old → new prefixes),
+/// its nvram at `nvram`. A disk not on the snapshot's datasets is refused (both would write it).
+pub(super) fn table(
+    dom: &DomainConfig,
+    new: &str,
+    snapshot: &str,
+    paths: &[(PathBuf, PathBuf)],
+    nvram: Option<&Path>,
+) -> Result<Table, String> {
+    let own = |p: &Path| super::rename::own_file(p, new, paths);
+    let mut disks = Vec::new();
+    for d in &dom.disks {
+        disks.push(
+            super::rename::moved(d, paths)
+                .ok_or_else(|| format!("disk {} is not on the snapshot's datasets: the new VM would write the same image", d.display()))?,
+        );
+    }
+    let qmp = own(&dom.qmp);
+    let qga = dom.qga.as_deref().map(own);
+    // Longest first: a path inside another renamed one is replaced whole.
+    let mut swaps: Vec<(String, String)> = vec![(path_str(&dom.qmp), path_str(&qmp))];
+    if let (Some(o), Some(n)) = (&dom.qga, &qga) {
+        swaps.push((path_str(o), path_str(n)));
+    }
+    if let (Some(o), Some(n)) = (&dom.nvram, nvram) {
+        swaps.push((path_str(o), path_str(n)));
+    }
+    swaps.extend(paths.iter().map(|(o, n)| (path_str(o), path_str(n))));
+    swaps.sort_by_key(|(o, _)| std::cmp::Reverse(o.len()));
+    let mut start = Vec::new();
+    let mut shared = Vec::new();
+    for (i, arg) in dom.start.iter().enumerate() {
+        let renamed = if i > 0 && dom.start[i - 1] == "-name" && (arg == &dom.name || arg.starts_with(&format!("{},", dom.name))) {
+            arg.replacen(&dom.name, new, 1)
+        } else {
+            swap_paths(arg, &swaps)
+        };
+        if i > 0 && renamed == *arg && arg.contains('/') {
+            shared.push(arg.clone());
+        }
+        start.push(renamed);
+    }
+    let mut warnings = Vec::new();
+    if !shared.is_empty() {
+        warnings.push(format!(
+            "these arguments of {new}'s `start` still name what the original uses (fine for a kernel or an ISO, not for a log or a socket): {}",
+            shared.join(" ")
+        ));
+    }
+    if dom.start.iter().any(|a| matches!(a.as_str(), "-netdev" | "-nic" | "-net")) {
+        warnings.push(format!("{new} has the original's network devices and MAC addresses: give it others before both run on one network"));
+    }
+    let mut text =
+        format!("\n# A copy of {}@{snapshot}, made by `vmsnap restore --as {new}`.\n[domain.{new}]\nautosnap = false\n", dom.name);
+    text += &format!("qmp = {}\n", quoted(&path_str(&qmp)));
+    if let Some(q) = &qga {
+        text += &format!("qga = {}\n", quoted(&path_str(q)));
+    }
+    text += &format!("disks = [{}]\n", disks.iter().map(|d| quoted(&path_str(d))).collect::<Vec<_>>().join(", "));
+    if let Some(n) = nvram {
+        text += &format!("nvram = {}\n", quoted(&path_str(n)));
+    }
+    if !start.is_empty() {
+        text += &format!("start = [\n{}\n]\n", start.iter().map(|a| format!("    {},", quoted(a))).collect::<Vec<_>>().join("\n"));
+    }
+    let domain = DomainConfig {
+        name: new.to_owned(),
+        uuid: None,
+        qmp,
+        qga,
+        disks,
+        nvram: nvram.map(Path::to_path_buf),
+        xml: None,
+        start,
+        quiesce: dom.quiesce,
+        policy: dom.policy.clone(),
+    };
+    Ok(Table { text, domain, warnings })
+}
+
+/// `arg` with every old path in it replaced by its new one, where it stands as a whole path
+/// (followed by nothing, `,`, `:` or `/`).
+fn swap_paths(arg: &str, swaps: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    'scan: while !rest.is_empty() {
+        for (old, new) in swaps {
+            if let Some(after) = rest.strip_prefix(old.as_str()) {
+                let boundary = out.is_empty() || out.ends_with(['=', ':', ',']);
+                if boundary && (after.is_empty() || after.starts_with([',', ':', '/'])) {
+                    out.push_str(new);
+                    rest = after;
+                    continue 'scan;
+                }
+            }
+        }
+        let c = rest.chars().next().expect("not empty");
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Appends `text` to the configuration file (atomically: the whole file rewritten, its mode kept).
+pub(super) fn append(config: &Path, text: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let old = std::fs::read_to_string(config).map_err(|e| format!("reading {}: {e}", config.display()))?;
+    let mode = std::fs::metadata(config).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o644);
+    let mut new = old;
+    if !new.ends_with('\n') && !new.is_empty() {
+        new.push('\n');
+    }
+    new.push_str(text);
+    crate::config::Config::parse(&new, config).map_err(|e| format!("the configuration with the copy would not load: {e}"))?;
+    crate::fsutil::write_atomic(config, new.as_bytes(), mode).map_err(|e| format!("writing {}: {e}", config.display()))
+}
+
+/// Takes `text` back out of the configuration file when it is still there as appended (the end
+/// of the file). True when it was removed.
+pub(super) fn remove(config: &Path, text: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(now) = std::fs::read_to_string(config) else { return false };
+    let Some(before) = now.strip_suffix(text) else { return false };
+    let mode = std::fs::metadata(config).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o644);
+    crate::fsutil::write_atomic(config, before.as_bytes(), mode).is_ok()
+}
+
+/// Whether the copy's table is in the configuration file.
+pub(super) fn present(config: &Path, text: &str) -> bool {
+    std::fs::read_to_string(config).is_ok_and(|now| now.contains(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dom() -> DomainConfig {
+        let mut d = DomainConfig::by_name("demo");
+        d.qmp = "/run/vm/qmp.sock".into();
+        d.qga = Some("/run/vm/qga.sock".into());
+        d.disks = vec!["/tank/vms/demo/disk0.qcow2".into(), "/dev/zvol/tank/vms/demo-data".into()];
+        d.nvram = Some("/etc/vmsnap/demo_VARS.fd".into());
+        d.start = [
+            "/usr/bin/qemu-system-x86_64",
+            "-name",
+            "demo",
+            "-qmp",
+            "unix:/run/vm/qmp.sock,server=on,wait=off",
+            "-chardev",
+            "socket,id=qga0,path=/run/vm/qga.sock,server=on,wait=off",
+            "-drive",
+            "file=/tank/vms/demo/disk0.qcow2,if=virtio",
+            "-drive",
+            "file=/dev/zvol/tank/vms/demo-data,if=virtio,format=raw",
+            "-drive",
+            "file=/tank/vms/demo-other/x.img,if=virtio",
+            "-kernel",
+            "/srv/vmlinux",
+            "-serial",
+            "file:/run/vm/console.log",
+        ]
+        .map(String::from)
+        .to_vec();
+        d
+    }
+
+    fn paths() -> Vec<(PathBuf, PathBuf)> {
+        vec![
+            ("/tank/vms/demo".into(), "/tank/vms/demo2".into()),
+            ("/dev/zvol/tank/vms/demo-data".into(), "/dev/zvol/tank/vms/demo2-data".into()),
+        ]
+    }
+
+    #[test]
+    fn a_copy_gets_its_own_disks_sockets_nvram_and_name() {
+        let t = table(&dom(), "demo2", "s1", &paths(), Some(Path::new("/etc/vmsnap/demo2-demo_VARS.fd"))).unwrap();
+        let s = &t.domain.start;
+        assert_eq!(s[2], "demo2");
+        assert_eq!(s[4], "unix:/run/vm/demo2-qmp.sock,server=on,wait=off");
+        assert_eq!(s[6], "socket,id=qga0,path=/run/vm/demo2-qga.sock,server=on,wait=off");
+        assert_eq!(s[8], "file=/tank/vms/demo2/disk0.qcow2,if=virtio");
+        assert_eq!(s[10], "file=/dev/zvol/tank/vms/demo2-data,if=virtio,format=raw");
+        // `/tank/vms/demo-other` is not under `/tank/vms/demo`: a prefix of a name is no path.
+        assert_eq!(s[12], "file=/tank/vms/demo-other/x.img,if=virtio");
+        assert_eq!(t.domain.qmp, Path::new("/run/vm/demo2-qmp.sock"));
+        assert!(t.warnings[0].contains("/srv/vmlinux") && t.warnings[0].contains("file:/run/vm/console.log"), "{:?}", t.warnings);
+        assert!(t.warnings[0].contains("demo-other"), "{:?}", t.warnings);
+        // The appended text loads as a configuration of its own, with the copy unscheduled.
+        let cfg = crate::config::Config::parse(&t.text, Path::new("/x.toml")).unwrap();
+        let d = &cfg.domains["demo2"];
+        assert_eq!((&d.disks, &d.start, d.policy.autosnap), (&t.domain.disks, &t.domain.start, false));
+    }
+
+    #[test]
+    fn a_disk_outside_the_snapshot_is_refused_and_the_table_comes_back_out() {
+        let mut d = dom();
+        d.disks.push("/srv/shared.img".into());
+        assert!(table(&d, "demo2", "s1", &paths(), None).unwrap_err().contains("/srv/shared.img"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmsnap.toml");
+        std::fs::write(&path, "state_dir = \"/var/lib/vmsnap\"\n").unwrap();
+        let t = table(&dom(), "demo2", "s1", &paths(), None).unwrap();
+        append(&path, &t.text).unwrap();
+        assert!(present(&path, &t.text));
+        assert!(remove(&path, &t.text));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "state_dir = \"/var/lib/vmsnap\"\n");
+        assert!(!remove(&path, &t.text), "only what is still there");
+    }
+}
