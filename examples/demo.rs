@@ -1,6 +1,8 @@
 //! The built-in demo: a tiny running VM whose two disks live on real ZFS (a qcow2 file on a
 //! filesystem and a zvol) inside the rig's OpenZFS VM, snapshotted by the real `vmsnap` binary:
-//! overlay, direct, and with RAM, then a resume from that RAM. Run it with `scripts/demo`.
+//! overlay, direct, and with RAM; verified, also by starting a scratch copy; a copy resumed from
+//! the RAM beside it (`restore --as --resume`); then the VM resumed in place (`restore
+//! --resume`). Run it with `scripts/demo`.
 //!
 //! Everything happens inside the OpenZFS VM (OpenZFS does not load on this host's kernel); the
 //! output is printed when the run there ends.
@@ -52,8 +54,16 @@ fn inside() {
     );
     std::fs::create_dir_all("/etc/vmsnap").expect("config dir");
     std::fs::write("/etc/vmsnap/demo.xml", "<domain type='qemu'><name>demo</name></domain>\n").expect("xml");
+    // How its QEMU is started (what `vmsnap restore --resume` runs, with `-incoming defer`): the
+    // demo VM's own command line, without the `-incoming` it was first started with.
+    let mut start = vm.machine.argv().to_vec();
+    start[0] = sh(&format!("command -v {}", start[0])).trim().to_owned();
+    if let Some(i) = start.iter().position(|a| a == "-incoming") {
+        start.drain(i..i + 2);
+    }
+    let start = start.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(",\n    ");
     let config = format!(
-        "# written by the demo\nram_dir = \"/cheap/vmsnap-ram\"\n\n[domain.demo]\nqmp = \"{}\"\nqga = \"{}\"\ndisks = [\"/tank/vms/demo/disk0.qcow2\", \"/dev/zvol/tank/vms/demo-data\"]\nxml = \"/etc/vmsnap/demo.xml\"\n",
+        "# written by the demo\nram_dir = \"/cheap/vmsnap-ram\"\n\n[domain.demo]\nqmp = \"{}\"\nqga = \"{}\"\ndisks = [\"/tank/vms/demo/disk0.qcow2\", \"/dev/zvol/tank/vms/demo-data\"]\nxml = \"/etc/vmsnap/demo.xml\"\nstart = [\n    {start},\n]\n",
         vm.machine.qmp_path.display(),
         vm.machine.qga_path.display()
     );
@@ -68,43 +78,56 @@ fn inside() {
     step("RAM dumps", &["ls", "-l", "/cheap/vmsnap-ram/demo"]);
     step("verify", &[&bin, "verify", "demo"]);
 
-    // Resume from the RAM snapshot: clones of its datasets, a fresh QEMU fed the dump.
     let snap = sh("zfs list -H -t snapshot -o name -s createtxg tank/vms/demo | grep _demo3$").trim().to_owned();
     let name = snap.split('@').nth(1).expect("snapshot name").to_owned();
-    let dump = sh(&format!("zfs get -H -o value vmsnap:ram-dump {snap}")).trim().to_owned();
-    println!("\n== resuming {name} from {dump} on clones of the snapshot");
-    sh(&format!("zfs clone tank/vms/demo@{name} tank/resumed && zfs clone tank/vms/demo-data@{name} tank/resumed-data && udevadm settle"));
+
+    // Proven by starting it: a scratch copy of the newest snapshot resumed from its RAM until its
+    // agent answers, then removed.
+    println!("\n== verify --boot: a scratch copy of {name} started from its RAM, beside the running VM");
+    step("verify --boot", &[&bin, "verify", "demo", "--boot"]);
+
+    // A second VM from the RAM snapshot, beside the original: clones, a [domain.demo-copy] in the
+    // configuration, its QEMU started from the dump.
+    println!("\n== a copy of the VM as it was at {name}, running beside it");
+    step("restore --as --resume", &[&bin, "restore", "demo", &name, "--as", "demo-copy", "--resume"]);
+    let cfg = vmsnap::config::Config::load(std::path::Path::new("/etc/vmsnap/vmsnap.toml")).expect("config");
+    let copy = cfg.domains.get("demo-copy").expect("the copy's [domain.demo-copy]").clone();
+    let (original, copied) =
+        rt.block_on(async { (uptime(&vm.machine.qga_path).await, uptime(copy.qga.as_deref().expect("the copy's agent socket")).await) });
+    println!("both run: the original's guest uptime {original:.1} s, the copy's {copied:.1} s (it went on from the snapshot)");
+    step("list", &[&bin, "list", "demo"]);
+    quit(&rt, &copy.qmp);
+
+    // The VM stopped, then brought back in place from the RAM snapshot: its datasets rolled back,
+    // the dump checked, its QEMU started from `start` with `-incoming defer` and fed the dump,
+    // the guest thawed (it was saved frozen) and its clock set.
     let before = rt.block_on(uptime(&vm.machine.qga_path));
     vm.machine.kill();
-    rt.block_on(async {
-        let opts = vmsnap_testkit::rig::TinyVmOptions {
-            memory_mib: resume_kit::KIT_MEMORY_MIB,
-            disk_images: Some(vec!["/tank/resumed/disk0.qcow2".into(), "/dev/zvol/tank/resumed-data".into()]),
-            extra_args: vec!["-incoming".into(), "defer".into()],
-            ..Default::default()
-        };
-        let t = std::time::Instant::now();
-        let mut resumed = resume_kit::restore_state(&rig, &opts, std::path::Path::new(&dump)).await.expect("resuming");
-        resumed.machine.wait_agent(Duration::from_secs(300)).await.expect("resumed agent");
-        // The snapshot froze the guest around its pause (ram_quiesce): it wakes frozen.
-        if resume_kit::thaw_if_frozen(&resumed.machine.qga_path).await.expect("thawing") {
-            println!("the resumed guest woke frozen, as the snapshot left it (ram_quiesce); thawed it");
-        }
-        let after = uptime(&resumed.machine.qga_path).await;
-        println!(
-            "resumed in {:.1} s; guest uptime {after:.1} s (the original read {before:.1} s before it was stopped): it did not reboot",
-            t.elapsed().as_secs_f64()
-        );
-        resumed.machine.kill();
-    });
-    sh("zfs destroy tank/resumed && zfs destroy tank/resumed-data");
+    println!("\n== the demo VM stopped (guest uptime {before:.1} s); resuming it in place from {name}");
+    let t = std::time::Instant::now();
+    step("restore --resume", &[&bin, "restore", "demo", &name, "--resume"]);
+    let after = rt.block_on(uptime(&vm.machine.qga_path));
+    println!(
+        "resumed in {:.1} s; guest uptime {after:.1} s (it read {before:.1} s before it was stopped): it did not reboot",
+        t.elapsed().as_secs_f64()
+    );
+    quit(&rt, &vm.machine.qmp_path);
+    println!(
+        "\n== demo done: three consistent snapshots of a running VM, verified (also by starting a copy), a copy resumed from RAM beside it, and the VM resumed in place"
+    );
+}
 
-    // Back in place: the stopped domain's datasets rolled back to the first snapshot as one unit.
-    let first = sh("zfs list -H -t snapshot -o name -s createtxg tank/vms/demo | grep _demo1$").trim().to_owned();
-    let first = first.split('@').nth(1).expect("snapshot name").to_owned();
-    println!("\n== restoring the stopped demo domain to {first}, in place");
-    step("restore plan", &[&bin, "restore", "demo", &first, "--destroy-newer", "--dry-run"]);
-    step("restore", &[&bin, "restore", "demo", &first, "--destroy-newer"]);
-    step("list", &[&bin, "list", "demo"]);
-    println!("\n== demo done: three consistent snapshots of a running VM, verified, a resume from RAM, and a restore in place");
+/// Stops the QEMU on `qmp` (`quit`) and waits until it has gone.
+fn quit(rt: &tokio::runtime::Runtime, qmp: &std::path::Path) {
+    rt.block_on(async {
+        if let Ok(q) = vmsnap::qemu::qmp::Qmp::connect(qmp, Duration::from_secs(10)).await {
+            let _ = q.execute(&qapi::qmp::quit {}).await;
+        }
+    });
+    for _ in 0..50 {
+        if std::os::unix::net::UnixStream::connect(qmp).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
