@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 pub const AGENT_WAIT: Duration = Duration::from_secs(600);
 
 /// Boots a copy of `snapshot` (default: the domain's newest) and records the outcome. `Err` only
-/// when no verdict could be reached (no such snapshot, a config domain, a copy that exists);
+/// when no verdict could be reached (no such snapshot, a config domain without `start`, a copy
+/// left by an earlier run);
 /// a backup that does not start is an `Ok` with `ok: false` and the reason.
 pub async fn boot(
     cfg: &Config,
