@@ -582,7 +582,9 @@ fn config_copy_resumed() -> Result<(), Failed> {
             });
         }
     }
-    destroy_clones(&["tank/vms/demo2", "tank/vms/demo2-data"]);
+    // Only what was made: a failed copy removed its own.
+    let made = sh("zfs list -H -o name");
+    destroy_clones(&["tank/vms/demo2", "tank/vms/demo2-data"].into_iter().filter(|d| made.lines().any(|l| l == *d)).collect::<Vec<_>>());
     std::fs::write(CONFIG, config_before)?;
     res
 }

@@ -322,7 +322,18 @@ async fn make(cfg: &Config, zfs: &Zfs, journal: &mut CopyJournal, progress: &Pro
         made.push(target_ds);
         let old = snap.dataset().as_str();
         match zfs.get_native(old, "type").await?.as_deref() {
-            Some("volume") => paths.push((PathBuf::from(format!("/dev/zvol/{old}")), PathBuf::from(format!("/dev/zvol/{target}")))),
+            Some("volume") => {
+                // udev makes the clone's device node a moment later; QEMU needs it there.
+                let dev = PathBuf::from(format!("/dev/zvol/{target}"));
+                let deadline = Instant::now() + std::time::Duration::from_secs(60);
+                while !dev.exists() {
+                    if Instant::now() >= deadline {
+                        return Err(fail("clone", format!("{} did not appear within 60 s (is udev running?)", dev.display())));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                paths.push((PathBuf::from(format!("/dev/zvol/{old}")), dev));
+            }
             _ => {
                 if let (Some(o), Some(n)) = (zfs.get_native(old, "mountpoint").await?, zfs.get_native(target, "mountpoint").await?) {
                     if o.starts_with('/') && n.starts_with('/') {
