@@ -129,7 +129,14 @@ pub(super) async fn plan_copy(
 ) -> Result<ClonePlan, RestoreError> {
     let config_dom = cfg.domains.get(domain);
     let manager = if config_dom.is_some() { super::Manager::Config } else { super::Manager::Libvirt };
-    if cfg.domains.contains_key(new) || virsh::domstate(new)?.is_some() {
+    // A libvirt domain of that name would clash with the copy's name; a host without libvirt
+    // running (a config domain's) has none.
+    let in_libvirt = match virsh::domstate(new) {
+        Ok(state) => state.is_some(),
+        Err(_) if manager == super::Manager::Config => false,
+        Err(e) => return Err(e.into()),
+    };
+    if cfg.domains.contains_key(new) || in_libvirt {
         return Err(refuse(format!("a domain {new} exists already")));
     }
     if let (Some(d), true) = (config_dom, start != Start::No) {
