@@ -1,8 +1,10 @@
 //! The journal of a copy (`restore --as NEW`, and `verify --boot`'s scratch copy): the plan and
 //! each intent written before its step, in `<state_dir>/restore/copies/<new>.json`. What a copy
 //! makes is all new, so a copy that did not finish is undone — and every undo checks the system
-//! first: a clone is destroyed only while its origin is the planned snapshot, the definition
-//! only while its UUID is the one this copy generated, the nvram only once its write was intended.
+//! first: a clone is destroyed only while its origin is the planned snapshot, the libvirt
+//! definition only while its UUID is the one this copy generated, a config copy's
+//! `[domain.NEW]` only while it is still the end of the file as appended (its QEMU asked to quit
+//! first), the nvram only once its write was intended.
 //! A copy a crash left running is the user's (kept) unless it was a verification's scratch copy.
 
 use super::clone::ClonePlan;
