@@ -2,7 +2,7 @@
 //! configuration file, written from the original's — its disks on the clones, its own QMP and
 //! agent sockets and nvram file (the original's names with `NEW-` in front, or the clone's
 //! paths when they were on the datasets), and its `start` vector with every one of those paths
-//! replaced (and `-name`). Paths in `start` that still name the original's files are said, not
+//! replaced, every other listening socket in it renamed the same way, and `-name`. Paths in `start` that still name the original's files are said, not
 //! guessed at. The table carries `autosnap = false`: a copy is not scheduled until you say so.
 
 use crate::config::DomainConfig;
@@ -53,6 +53,14 @@ pub(super) fn table(
         swaps.push((path_str(o), path_str(n)));
     }
     swaps.extend(paths.iter().map(|(o, n)| (path_str(o), path_str(n))));
+    // A listening socket is the VM's own: QEMU unlinks and rebinds its path, so a copy sharing
+    // one would take it from the original for good.
+    for p in server_sockets(&dom.start) {
+        if !swaps.iter().any(|(o, _)| *o == p) {
+            let new_path = path_str(&own(Path::new(&p)));
+            swaps.push((p, new_path));
+        }
+    }
     swaps.sort_by_key(|(o, _)| std::cmp::Reverse(o.len()));
     let mut start = Vec::new();
     let mut shared = Vec::new();
@@ -103,6 +111,26 @@ pub(super) fn table(
         policy: dom.policy.clone(),
     };
     Ok(Table { text, domain, warnings })
+}
+
+/// The paths of the listening sockets in a QEMU argument vector (`unix:PATH,…,server=on`,
+/// `socket,…,path=PATH,server=on`).
+fn server_sockets(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for arg in args {
+        let opts: Vec<&str> = arg.split(',').collect();
+        if !opts.iter().any(|o| matches!(*o, "server" | "server=on" | "server=yes" | "server=true")) {
+            continue;
+        }
+        for o in opts {
+            if let Some(p) = o.strip_prefix("unix:").or_else(|| o.strip_prefix("path=")) {
+                if p.starts_with('/') && !out.iter().any(|x| x == p) {
+                    out.push(p.to_owned());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `arg` with every old path in it replaced by its new one, where it stands as a whole path
@@ -175,6 +203,8 @@ mod tests {
             "unix:/run/vm/qmp.sock,server=on,wait=off",
             "-chardev",
             "socket,id=qga0,path=/run/vm/qga.sock,server=on,wait=off",
+            "-qmp",
+            "unix:/run/vm/observer.sock,server=on,wait=off",
             "-drive",
             "file=/tank/vms/demo/disk0.qcow2,if=virtio",
             "-drive",
@@ -205,10 +235,12 @@ mod tests {
         assert_eq!(s[2], "demo2");
         assert_eq!(s[4], "unix:/run/vm/demo2-qmp.sock,server=on,wait=off");
         assert_eq!(s[6], "socket,id=qga0,path=/run/vm/demo2-qga.sock,server=on,wait=off");
-        assert_eq!(s[8], "file=/tank/vms/demo2/disk0.qcow2,if=virtio");
-        assert_eq!(s[10], "file=/dev/zvol/tank/vms/demo2-data,if=virtio,format=raw");
+        // A listening socket not named in the table is the VM's own too.
+        assert_eq!(s[8], "unix:/run/vm/demo2-observer.sock,server=on,wait=off");
+        assert_eq!(s[10], "file=/tank/vms/demo2/disk0.qcow2,if=virtio");
+        assert_eq!(s[12], "file=/dev/zvol/tank/vms/demo2-data,if=virtio,format=raw");
         // `/tank/vms/demo-other` is not under `/tank/vms/demo`: a prefix of a name is no path.
-        assert_eq!(s[12], "file=/tank/vms/demo-other/x.img,if=virtio");
+        assert_eq!(s[14], "file=/tank/vms/demo-other/x.img,if=virtio");
         assert_eq!(t.domain.qmp, Path::new("/run/vm/demo2-qmp.sock"));
         assert!(t.warnings[0].contains("/srv/vmlinux") && t.warnings[0].contains("file:/run/vm/console.log"), "{:?}", t.warnings);
         assert!(t.warnings[0].contains("demo-other"), "{:?}", t.warnings);
