@@ -72,6 +72,8 @@ fn inside() {
     let bin = vmsnap_bin();
     step("overlay snapshot", &[&bin, "snapshot", "demo", "--label", "demo1"]);
     step("direct snapshot", &[&bin, "snapshot", "demo", "--strategy", "direct", "--label", "demo2"]);
+    // The guest's uptime just before the RAM snapshot: a guest resumed from it goes on from there.
+    let at_snapshot = rt.block_on(uptime(&vm.machine.qga_path));
     step("RAM snapshot", &[&bin, "snapshot", "demo", "--memory", "--label", "demo3"]);
     step("list", &[&bin, "list", "demo"]);
     step("zfs list", &["zfs", "list", "-t", "snapshot", "-o", "name,vmsnap:consistency,vmsnap:freeze-ms,vmsnap:pause-ms", "-r", "tank"]);
@@ -94,21 +96,23 @@ fn inside() {
     let copy = cfg.domains.get("demo-copy").expect("the copy's [domain.demo-copy]").clone();
     let (original, copied) =
         rt.block_on(async { (uptime(&vm.machine.qga_path).await, uptime(copy.qga.as_deref().expect("the copy's agent socket")).await) });
-    println!("both run: the original's guest uptime {original:.1} s, the copy's {copied:.1} s (it went on from the snapshot)");
+    println!(
+        "both run: the original's guest uptime {original:.1} s, the copy's {copied:.1} s (it went on from the {at_snapshot:.1} s it read just before the snapshot: no reboot)"
+    );
     step("list", &[&bin, "list", "demo"]);
     quit(&rt, &copy.qmp);
 
     // The VM stopped, then brought back in place from the RAM snapshot: its datasets rolled back,
     // the dump checked, its QEMU started from `start` with `-incoming defer` and fed the dump,
     // the guest thawed (it was saved frozen) and its clock set.
-    let before = rt.block_on(uptime(&vm.machine.qga_path));
+    let stopped_at = rt.block_on(uptime(&vm.machine.qga_path));
     vm.machine.kill();
-    println!("\n== the demo VM stopped (guest uptime {before:.1} s); resuming it in place from {name}");
+    println!("\n== the demo VM stopped (guest uptime {stopped_at:.1} s); resuming it in place from {name}");
     let t = std::time::Instant::now();
     step("restore --resume", &[&bin, "restore", "demo", &name, "--resume"]);
     let after = rt.block_on(uptime(&vm.machine.qga_path));
     println!(
-        "resumed in {:.1} s; guest uptime {after:.1} s (it read {before:.1} s before it was stopped): it did not reboot",
+        "resumed in {:.1} s; guest uptime {after:.1} s: it went on from the {at_snapshot:.1} s it read just before the snapshot (no reboot; what it did after the snapshot went with the rollback)",
         t.elapsed().as_secs_f64()
     );
     quit(&rt, &vm.machine.qmp_path);

@@ -210,7 +210,14 @@ pub async fn run_as(
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("defined {} (uuid {}) from {} {} in {:.1} s", report.new_name, report.uuid, report.domain, report.snapshot, report.seconds);
+    if report.uuid.is_empty() {
+        println!("made {} from {} {} in {:.1} s", report.new_name, report.domain, report.snapshot, report.seconds);
+    } else {
+        println!(
+            "defined {} (uuid {}) from {} {} in {:.1} s",
+            report.new_name, report.uuid, report.domain, report.snapshot, report.seconds
+        );
+    }
     for c in &report.clones {
         println!("  clone       {c}{}", if report.promoted { " (promoted)" } else { "" });
     }
