@@ -93,20 +93,25 @@ pub async fn run(cfg: &Config, zfs: &Zfs, req: Request, dry_run: bool, json: boo
         println!("  redefined   from the snapshot's XML");
     }
     if let Some(d) = &report.resumed_from {
-        println!("  resumed     from {} ({} MiB, sha256 {} checked)", d.path.display(), d.bytes >> 20, &d.sha256[..16]);
-        match report.thawed {
-            Some(n) if n >= 0 => println!("  thawed      {n} filesystems (saved frozen)"),
-            Some(_) => println!("  thawed      (through libvirt)"),
-            None => {}
-        }
-        if report.clock_set {
-            println!("  clock       set from the host");
-        }
+        show_resumed(d, report.thawed, report.clock_set);
     }
     for w in &report.warnings {
         println!("  warning: {w}");
     }
     Ok(())
+}
+
+/// What a resume did: the dump it checked, the thaw, the clock (an in-place restore's and a copy's).
+fn show_resumed(d: &restore::dump::DumpCheck, thawed: Option<i64>, clock_set: bool) {
+    println!("  resumed     from {} ({} MiB, sha256 {} checked)", d.path.display(), d.bytes >> 20, &d.sha256[..16]);
+    match thawed {
+        Some(n) if n >= 0 => println!("  thawed      {n} filesystems (saved frozen)"),
+        Some(_) => println!("  thawed      (through libvirt)"),
+        None => {}
+    }
+    if clock_set {
+        println!("  clock       set from the host");
+    }
 }
 
 fn show(p: &Plan) {
@@ -225,17 +230,7 @@ pub async fn run_as(
         println!("  nvram       {}", n.display());
     }
     match &report.resumed_from {
-        Some(d) => {
-            println!("  resumed     from {} ({} MiB, sha256 {} checked)", d.path.display(), d.bytes >> 20, &d.sha256[..16]);
-            match report.thawed {
-                Some(n) if n >= 0 => println!("  thawed      {n} filesystems (saved frozen)"),
-                Some(_) => println!("  thawed      (through libvirt)"),
-                None => {}
-            }
-            if report.clock_set {
-                println!("  clock       set from the host");
-            }
-        }
+        Some(d) => show_resumed(d, report.thawed, report.clock_set),
         None if report.uuid.is_empty() => {
             println!("  configured  [domain.{}] in {} (autosnap = false)", report.new_name, report.xml.display())
         }

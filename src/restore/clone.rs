@@ -331,14 +331,9 @@ async fn make(cfg: &Config, zfs: &Zfs, journal: &mut CopyJournal, progress: &Pro
         match zfs.get_native(old, "type").await?.as_deref() {
             Some("volume") => {
                 // udev makes the clone's device node a moment later; QEMU needs it there.
-                let dev = PathBuf::from(format!("/dev/zvol/{target}"));
-                let deadline = Instant::now() + std::time::Duration::from_secs(60);
-                while !dev.exists() {
-                    if Instant::now() >= deadline {
-                        return Err(fail("clone", format!("{} did not appear within 60 s (is udev running?)", dev.display())));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+                let dev = crate::zfs::zvol_node(target, std::time::Duration::from_secs(60))
+                    .await
+                    .ok_or_else(|| fail("clone", format!("/dev/zvol/{target} did not appear within 60 s (is udev running?)")))?;
                 paths.push((PathBuf::from(format!("/dev/zvol/{old}")), dev));
             }
             _ => {

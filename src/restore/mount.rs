@@ -214,16 +214,11 @@ async fn open_zvol(cfg: &Config, zfs: &Zfs, snap: &SnapshotName, st: &mut MountS
     st.clones.push(clone.to_string());
     st.record(&cfg.state_dir, "clone_planned")?;
     zfs.cli().zfs(crate::zargs!["clone", "-o", "readonly=on", snap.to_string(), clone.as_str()]).await?;
-    let dev = PathBuf::from("/dev/zvol").join(clone.as_str());
     // udev makes the device node (and its partitions' links) a moment later.
     let _ = run("udevadm", &[os("settle"), os("--timeout=10")]).await;
-    for _ in 0..50 {
-        if dev.exists() {
-            return Ok(dev);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(MountError::Step { what: format!("clone {clone}"), why: format!("{} did not appear", dev.display()) })
+    crate::zfs::zvol_node(clone.as_str(), Duration::from_secs(10))
+        .await
+        .ok_or_else(|| MountError::Step { what: format!("clone {clone}"), why: format!("/dev/zvol/{clone} did not appear") })
 }
 
 async fn open_image(cfg: &Config, zfs: &Zfs, snap: &SnapshotName, disk: &Path, st: &mut MountState) -> Result<PathBuf, MountError> {

@@ -317,6 +317,22 @@ pub fn longest_mount(datasets: &[DatasetInfo], path: &Path) -> Option<Dataset> {
         .map(|(_, name)| name.clone())
 }
 
+/// The device node of zvol `volume` (`/dev/zvol/<volume>`), once udev has made it (a new clone's
+/// appears a moment after `zfs clone`); `None` when it did not within `wait`.
+pub async fn zvol_node(volume: &str, wait: std::time::Duration) -> Option<std::path::PathBuf> {
+    let dev = std::path::Path::new("/dev/zvol").join(volume);
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if dev.exists() {
+            return Some(dev);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
