@@ -7,7 +7,10 @@
 //! snapshot rewrites all of it, so the increment is 1 GiB too. Each figure is the wall time of
 //! the whole command (connection set-up included) for the same stream; the target is emptied
 //! between runs, and the two ways alternate so neither always finds the source in the ARC.
-//! `VMSNAP_BENCH_N` rounds (default 1); `VMSNAP_BENCH_COMPRESSION=off|on` for one of the two.
+//! `VMSNAP_BENCH_N` rounds (default 1); `VMSNAP_BENCH_COMPRESSION=off|on` for one of the two;
+//! `VMSNAP_BENCH_MIB` the data's size (default 1024: a small one shows the fixed cost per run);
+//! `VMSNAP_BENCH_TRACE=1` appends vmsnap's debug log (timed requests and `zfs` commands) to
+//! `replication-bench.trace` beside the binaries.
 //! Prints MiB/s and the ratio vmsnap/bare (goal ≥ 0.9).
 
 use std::process::Command;
@@ -42,14 +45,15 @@ fn inside() {
     let ssh_opts = remote::ssh_options(DIR);
 
     let t = Instant::now();
-    note("filling 1 GiB");
-    fill();
+    let mib: u64 = std::env::var("VMSNAP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    note(&format!("filling {mib} MiB"));
+    fill(mib);
     let first = snapshot("first");
     let full_bytes = estimate(&format!("zfs send -nP {SRC}@{first}"));
-    fill();
+    fill(mib);
     let second = snapshot("second");
     let incr_bytes = estimate(&format!("zfs send -nP -i @{first} {SRC}@{second}"));
-    note(&format!("data: two snapshots of 1 GiB each, made in {:.0} s", t.elapsed().as_secs_f64()));
+    note(&format!("data: two snapshots of {mib} MiB each, made in {:.0} s", t.elapsed().as_secs_f64()));
 
     let bare_ssh = |compress: bool| {
         let mut a = vec!["ssh".to_owned(), "-i".into(), format!("{DIR}/bare")];
@@ -85,13 +89,13 @@ fn inside() {
                 reset();
                 // Only the first snapshot is the domain's for this run.
                 sh(&format!("zfs inherit vmsnap:domain {SRC}@{second}"));
-                let s = timed(&format!("{} --config {CONFIG} replicate bench --json > /dev/null", vmsnap_bin()));
+                let s = timed(&replicate());
                 sh(&format!("zfs set vmsnap:domain=bench {SRC}@{second}"));
                 s
             };
             let vmsnap_incr = || {
                 back_to_first();
-                timed(&format!("{} --config {CONFIG} replicate bench --json > /dev/null", vmsnap_bin()))
+                timed(&replicate())
             };
             // Alternate which goes first; the incrementals start from the full the last full run
             // left on the target (rolled back to the first snapshot each time).
@@ -120,9 +124,17 @@ fn inside() {
     let _ = Command::new("/bin/sh").arg("-c").arg("zpool destroy backup; zpool destroy tank").status();
 }
 
-/// Rewrites the data file with 1 GiB of fresh base64 text.
-fn fill() {
-    sh(&format!("head -c 805306368 /dev/urandom | base64 -w 0 > /{SRC}/disk0.img && sync"));
+/// `vmsnap replicate` of the bench domain, as a shell command.
+fn replicate() -> String {
+    let trace = std::env::var_os("VMSNAP_BENCH_TRACE").is_some();
+    let log = if trace { "VMSNAP_LOG=vmsnap=debug " } else { "" };
+    let to = if trace { "2>> /mnt/share/replication-bench.trace" } else { "" };
+    format!("{log}{} --config {CONFIG} replicate bench --json > /dev/null {to}", vmsnap_bin())
+}
+
+/// Rewrites the data file with `mib` MiB of fresh base64 text.
+fn fill(mib: u64) {
+    sh(&format!("head -c {} /dev/urandom | base64 -w 0 > /{SRC}/disk0.img && sync", mib * 3 / 4 * 1_048_576));
 }
 
 /// An offline vmsnap snapshot of the bench domain (so it carries vmsnap's properties); its name.

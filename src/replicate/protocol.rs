@@ -44,9 +44,54 @@ pub enum Request {
     /// Sends the target's copy of a RAM dump back from `offset`: the reply line ([`RamState`]
     /// with the whole size in `partial`), then the bytes.
     RamGet { domain: String, snapshot: String, offset: u64 },
+    /// Several requests that carry no stream (no `recv`, `ram-put`, `send`, `ram-get` or
+    /// `batch`), served in order; the value is the list of their [`Reply`]s. One connection
+    /// instead of one each: every connection starts `vmsnap serve` through ssh.
+    Batch { requests: Vec<Request> },
 }
 
 impl Request {
+    /// The request's verb, as on the wire (for logs).
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Request::List { .. } => "list",
+            Request::Recv { .. } => "recv",
+            Request::Abort { .. } => "abort",
+            Request::Props { .. } => "props",
+            Request::RamStat { .. } => "ram-stat",
+            Request::RamPut { .. } => "ram-put",
+            Request::Prune { .. } => "prune",
+            Request::Rollback { .. } => "rollback",
+            Request::RamCheck { .. } => "ram-check",
+            Request::Send { .. } => "send",
+            Request::RamGet { .. } => "ram-get",
+            Request::Batch { .. } => "batch",
+        }
+    }
+
+    /// Whether it may be in a [`Request::Batch`] (it carries no stream either way).
+    pub fn batchable(&self) -> bool {
+        !matches!(self, Request::Recv { .. } | Request::RamPut { .. } | Request::Batch { .. }) && !self.streams_back()
+    }
+
+    /// `requests` in batches whose lines stay under [`MAX_REQUEST`], in order.
+    pub fn batches(requests: Vec<Request>) -> Vec<Vec<Request>> {
+        let mut out: Vec<Vec<Request>> = Vec::new();
+        let mut size = 0;
+        for r in requests {
+            let len = serde_json::to_string(&r).map(|l| l.len() + 1).unwrap_or(MAX_REQUEST);
+            match out.last_mut() {
+                Some(last) if size + len < MAX_REQUEST - 256 => last.push(r),
+                _ => {
+                    size = 0;
+                    out.push(vec![r]);
+                }
+            }
+            size += len;
+        }
+        out
+    }
+
     /// Whether the target answers with a reply line followed by a stream.
     pub fn streams_back(&self) -> bool {
         matches!(self, Request::Send { .. } | Request::RamGet { .. })
@@ -166,6 +211,43 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"verb":"destroy","dataset":"x"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"verb":"list","dataset":"x","force":true}"#).is_err());
+    }
+
+    #[test]
+    fn verbs_are_the_wire_tags_and_batches_stay_under_the_limit() {
+        let all = [
+            Request::List { dataset: "d".into() },
+            Request::Recv { dataset: "d".into() },
+            Request::Abort { dataset: "d".into() },
+            Request::Props { dataset: "d".into(), snapshot: "s".into(), props: BTreeMap::new() },
+            Request::RamStat { domain: "w".into(), snapshot: "s".into() },
+            Request::RamPut { domain: "w".into(), snapshot: "s".into(), sha256: "x".into(), offset: 0 },
+            Request::Prune { domain: "w".into() },
+            Request::Rollback { dataset: "d".into(), to_guid: 1 },
+            Request::RamCheck { domain: "w".into(), snapshot: "s".into(), sha256: "x".into() },
+            Request::Send { dataset: "d".into(), snapshot: "s".into(), from: None },
+            Request::RamGet { domain: "w".into(), snapshot: "s".into(), offset: 0 },
+            Request::Batch { requests: Vec::new() },
+        ];
+        for r in &all {
+            let v = serde_json::to_value(r).unwrap();
+            assert_eq!(v["verb"], r.verb(), "{r:?}");
+        }
+        let batchable: Vec<&str> = all.iter().filter(|r| r.batchable()).map(Request::verb).collect();
+        assert_eq!(batchable, ["list", "abort", "props", "ram-stat", "prune", "rollback", "ram-check"]);
+
+        // 300 requests of about 1 KiB: several batches, each line under the limit, order kept.
+        let big: BTreeMap<String, String> = [("vmsnap:xml".to_owned(), "x".repeat(1000))].into();
+        let reqs: Vec<Request> =
+            (0..300).map(|i| Request::Props { dataset: "d".into(), snapshot: format!("s{i}"), props: big.clone() }).collect();
+        let batches = Request::batches(reqs.clone());
+        assert!(batches.len() > 1);
+        for b in &batches {
+            let line = serde_json::to_string(&Request::Batch { requests: b.clone() }).unwrap();
+            assert!(line.len() < MAX_REQUEST, "{}", line.len());
+        }
+        assert_eq!(batches.concat(), reqs);
+        assert!(Request::batches(Vec::new()).is_empty());
     }
 
     #[test]

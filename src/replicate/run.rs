@@ -12,7 +12,7 @@
 
 use super::plan::{plan, Base, Cursor, Plan, SourceSnap, Step};
 use super::progress::Transfer;
-use super::protocol::{Listing, PruneOutcome, RamState, Request, RollbackOutcome};
+use super::protocol::{Listing, PruneOutcome, RamState, Reply, Request, RollbackOutcome};
 use super::transport::{Payload, Transport};
 use crate::config::{DomainConfig, TargetConfig};
 use crate::model::prop;
@@ -134,30 +134,14 @@ pub async fn replicate(
     let run = Run::open(zfs, state_dir, dom, target, opts, progress)?;
     let mut report = ReplicationReport { domain: dom.name.clone(), target: target.name.clone(), dry_run, ..Default::default() };
     let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
-    let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
-    for ds in &datasets {
-        report.datasets.push(run.dataset(ds).await?);
+    let mut listings = Vec::new();
+    for ds in by_pool.into_values().flatten() {
+        let (done, listing) = run.dataset(&ds).await?;
+        report.datasets.push(done);
+        listings.extend(listing.map(|l| (ds, l)));
     }
     if !dry_run {
-        run.complete(&datasets, &mut report).await?;
-        // Everything is on the target by now: a retention that fails there (or an older
-        // `vmsnap serve` without it) is reported, not a failed replication.
-        let pruned = match run.call(Request::Prune { domain: dom.name.clone() }, Payload::None).await {
-            Ok((v, _)) => serde_json::from_value::<PruneOutcome>(v).map_err(|e| format!("a prune report vmsnap cannot read: {e}")),
-            Err(e) => Err(e.to_string()),
-        };
-        match pruned {
-            Ok(p) => {
-                if !p.destroyed.is_empty() || !p.ram_dropped.is_empty() {
-                    tracing::info!(target = %target.name, domain = %dom.name, destroyed = ?p.destroyed, ram_dropped = ?p.ram_dropped, "target retention");
-                }
-                report.target_pruned = Some(p);
-            }
-            Err(e) => {
-                tracing::warn!(target = %target.name, domain = %dom.name, "the target's retention: {e}");
-                report.target_prune_error = Some(e);
-            }
-        }
+        run.complete(&listings, &mut report).await?;
     }
     report.seconds = t.elapsed().as_secs_f64();
     Ok(report)
@@ -202,7 +186,13 @@ impl<'a> Run<'a> {
         self.call_sized(req, payload, None).await
     }
 
-    async fn call_sized(&self, req: Request, payload: Payload, estimate: Option<u64>) -> Result<(serde_json::Value, u64), ReplicateError> {
+    /// `size`: the payload's size when known (0 until it is).
+    async fn call_sized(
+        &self,
+        req: Request,
+        payload: Payload,
+        size: Option<&AtomicU64>,
+    ) -> Result<(serde_json::Value, u64), ReplicateError> {
         let moved = Arc::new(AtomicU64::new(0));
         let (transport, counter) = (self.transport.clone(), moved.clone());
         let what = match &req {
@@ -213,7 +203,8 @@ impl<'a> Run<'a> {
         let t = Instant::now();
         let report = |n: u64| {
             if !what.is_empty() {
-                self.progress.transfer(&Transfer::measure(&what, n, estimate, t.elapsed()));
+                let total = size.map(|s| s.load(Ordering::Relaxed)).filter(|&s| s > 0);
+                self.progress.transfer(&Transfer::measure(&what, n, total, t.elapsed()));
             }
         };
         report(0);
@@ -243,25 +234,33 @@ impl<'a> Run<'a> {
         format!("vmsnap-{}-", self.target.name)
     }
 
-    /// Brings the target's copy of `ds` up to the domain's newest snapshot.
-    async fn dataset(&self, ds: &Dataset) -> Result<DatasetReport, ReplicateError> {
+    /// Brings the target's copy of `ds` up to the domain's newest snapshot; with the target's
+    /// listing once it is (not on a dry run).
+    async fn dataset(&self, ds: &Dataset) -> Result<(DatasetReport, Option<Listing>), ReplicateError> {
         let mut report = DatasetReport { dataset: ds.to_string(), ..Default::default() };
         let mut aborted = false;
         // The target's listing once it is up to date, for the cursor.
         let mut up_to_date = None;
+        // This side, read once: nothing below changes it (a snapshot taken meanwhile goes next time).
+        let snaps = self.zfs.list_snapshots(ds, &[]).await?;
+        let local = self.zfs.local_snapshot_properties(ds, &[prop::DOMAIN]).await?;
+        let source: Vec<SourceSnap> =
+            snaps.iter().map(|s| SourceSnap { name: s.name.snap().to_owned(), guid: s.guid, createtxg: s.createtxg }).collect();
+        let newest = snaps
+            .iter()
+            .rev()
+            .find(|s| local.get(&s.name.to_string()).and_then(|p| p.get(&prop::DOMAIN)) == Some(&self.dom.name))
+            .map(|s| s.name.snap().to_owned());
+        let bookmarks = self.zfs.bookmarks(ds).await?;
+        let cursor = self.cursor(&bookmarks);
+        // What the target answered to the last receive: its listing right after it.
+        let mut fresh: Option<Listing> = None;
         for _ in 0..6 {
             self.go_on()?;
-            let snaps = self.zfs.list_snapshots(ds, &[]).await?;
-            let local = self.zfs.local_snapshot_properties(ds, &[prop::DOMAIN]).await?;
-            let source: Vec<SourceSnap> =
-                snaps.iter().map(|s| SourceSnap { name: s.name.snap().to_owned(), guid: s.guid, createtxg: s.createtxg }).collect();
-            let newest = snaps
-                .iter()
-                .rev()
-                .find(|s| local.get(&s.name.to_string()).and_then(|p| p.get(&prop::DOMAIN)) == Some(&self.dom.name))
-                .map(|s| s.name.snap().to_owned());
-            let cursor = self.cursor(ds).await?;
-            let listing = self.list(ds).await?;
+            let listing = match fresh.take() {
+                Some(l) => l,
+                None => self.list(ds).await?,
+            };
             let steps = match plan(&source, newest.as_deref(), cursor.as_ref(), &listing) {
                 Plan::UpToDate => {
                     up_to_date = Some(listing);
@@ -297,13 +296,23 @@ impl<'a> Run<'a> {
                     continue;
                 }
                 self.progress.step(&format!("{ds}: {}", describe(&step)));
-                let estimate = self.estimate(&argv).await;
                 let mut cmd = std::process::Command::new(self.zfs.cli().zfs_program());
                 cmd.args(&argv);
-                match self.call_sized(Request::Recv { dataset: ds.to_string() }, Payload::Command(cmd), estimate).await {
-                    Ok((_, n)) => {
+                // The size estimate is for progress only: it is made while the stream starts.
+                let size = AtomicU64::new(0);
+                let estimated = async {
+                    if let Some(n) = self.estimate(&argv).await {
+                        size.store(n, Ordering::Relaxed);
+                    }
+                };
+                let sent = self.call_sized(Request::Recv { dataset: ds.to_string() }, Payload::Command(cmd), Some(&size));
+                let (sent, ()) = tokio::join!(sent, estimated);
+                match sent {
+                    Ok((v, n)) => {
                         report.bytes += n;
                         report.steps.push(describe(&step));
+                        // The target lists the dataset after each receive (an older one answers null).
+                        fresh = serde_json::from_value(v).ok();
                     }
                     // A token whose snapshot is gone on the source: drop the partial receive and
                     // plan again, once.
@@ -312,6 +321,8 @@ impl<'a> Run<'a> {
                         self.call(Request::Abort { dataset: ds.to_string() }, Payload::None).await?;
                         report.steps.push(format!("aborted an interrupted receive that could not resume ({e})"));
                         aborted = true;
+                        fresh = None;
+                        break;
                     }
                     Err(e) => return Err(e),
                 }
@@ -320,35 +331,38 @@ impl<'a> Run<'a> {
                 break;
             }
         }
-        if !self.dry_run {
-            let listing = match up_to_date {
-                Some(l) => l,
-                None => self.list(ds).await?,
-            };
-            self.move_cursor(ds, &listing).await?;
+        if self.dry_run {
+            return Ok((report, None));
         }
-        Ok(report)
+        let listing = match up_to_date {
+            Some(l) => l,
+            None => self.list(ds).await?,
+        };
+        self.move_cursor(ds, &snaps, &bookmarks, &listing).await?;
+        Ok((report, Some(listing)))
     }
 
-    /// The newest of this target's cursor bookmarks on `ds`.
-    async fn cursor(&self, ds: &Dataset) -> Result<Option<Cursor>, ReplicateError> {
+    /// The newest of this target's cursor bookmarks among `bookmarks` (name, guid, createtxg).
+    fn cursor(&self, bookmarks: &[(String, u64, u64)]) -> Option<Cursor> {
         let prefix = self.bookmark_prefix();
-        Ok(self
-            .zfs
-            .bookmarks(ds)
-            .await?
-            .into_iter()
+        bookmarks
+            .iter()
             .filter(|(n, _, _)| n.starts_with(&prefix))
-            .map(|(bookmark, guid, createtxg)| Cursor { bookmark, guid, createtxg })
-            .max_by_key(|c| c.createtxg))
+            .map(|(bookmark, guid, createtxg)| Cursor { bookmark: bookmark.clone(), guid: *guid, createtxg: *createtxg })
+            .max_by_key(|c| c.createtxg)
     }
 
     /// One bookmark per target, at the newest snapshot the target has; the older ones go.
-    async fn move_cursor(&self, ds: &Dataset, listing: &Listing) -> Result<(), ReplicateError> {
-        let snaps = self.zfs.list_snapshots(ds, &[]).await?;
+    /// `snaps` and `existing` are the dataset's snapshots and bookmarks as read before sending.
+    async fn move_cursor(
+        &self,
+        ds: &Dataset,
+        snaps: &[crate::zfs::SnapshotInfo],
+        existing: &[(String, u64, u64)],
+        listing: &Listing,
+    ) -> Result<(), ReplicateError> {
         let Some(newest) = snaps.iter().rev().find(|s| listing.snapshots.iter().any(|t| t.guid == s.guid)) else { return Ok(()) };
         let name = format!("{}{}", self.bookmark_prefix(), newest.createtxg);
-        let existing = self.zfs.bookmarks(ds).await?;
         if !existing.iter().any(|(n, _, _)| *n == name) {
             self.zfs.bookmark(&newest.name, &name).await?;
         }
@@ -366,13 +380,42 @@ impl<'a> Run<'a> {
         out.lines().find_map(|l| l.strip_prefix("size\t")).and_then(|n| n.trim().parse().ok())
     }
 
+    /// Requests that carry no stream, in as few connections as their lines allow; each one's
+    /// answer, in order. A target that does not know `batch` (an older `vmsnap serve`) is
+    /// asked one request at a time.
+    async fn call_many(&self, requests: Vec<Request>) -> Result<Vec<Result<serde_json::Value, String>>, ReplicateError> {
+        let mut out = Vec::with_capacity(requests.len());
+        for batch in Request::batches(requests) {
+            let n = batch.len();
+            match self.call(Request::Batch { requests: batch.clone() }, Payload::None).await {
+                Ok((v, _)) => {
+                    let replies: Vec<Reply> =
+                        serde_json::from_value(v).map_err(|e| self.err(format!("a batch answer vmsnap cannot read: {e}")))?;
+                    if replies.len() != n {
+                        return Err(self.err(format!("{} answers to a batch of {n} requests", replies.len())));
+                    }
+                    out.extend(replies.into_iter().map(|r| match r {
+                        Reply { ok: true, value, .. } => Ok(value),
+                        Reply { error, .. } => Err(format!("the target says: {}", error.unwrap_or_default())),
+                    }));
+                }
+                Err(ReplicateError::Target { why, .. }) if why.contains("not a request vmsnap serves") => {
+                    for r in batch {
+                        out.push(self.call(r, Payload::None).await.map(|(v, _)| v).map_err(|e| e.to_string()));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     /// RAM dumps and properties for every snapshot of the domain the target has that is not
-    /// complete there yet.
-    async fn complete(&self, datasets: &[Dataset], report: &mut ReplicationReport) -> Result<(), ReplicateError> {
+    /// complete there yet (`listings`: the target's, up to date), then the target's retention.
+    async fn complete(&self, listings: &[(Dataset, Listing)], report: &mut ReplicationReport) -> Result<(), ReplicateError> {
         // snapshot name → (its vmsnap properties, datasets whose target copy is incomplete)
         let mut todo: BTreeMap<String, (BTreeMap<PropName, String>, Vec<Dataset>)> = BTreeMap::new();
-        for ds in datasets {
-            let listing = self.list(ds).await?;
+        for (ds, listing) in listings {
             let local = self.zfs.local_snapshot_properties(ds, &prop::ALL).await?;
             for t in listing.snapshots.iter().filter(|t| t.props.get(REPLICA.as_str()).map(String::as_str) != Some("complete")) {
                 let Some(props) = local.get(&format!("{ds}@{}", t.name)) else { continue };
@@ -382,6 +425,18 @@ impl<'a> Run<'a> {
                 todo.entry(t.name.clone()).or_insert_with(|| (props.clone(), Vec::new())).1.push(ds.clone());
             }
         }
+        // How far the target has each dump, asked all at once.
+        let with_ram: Vec<&String> = todo.iter().filter(|(_, (p, _))| p.contains_key(&prop::RAM_DUMP)).map(|(s, _)| s).collect();
+        let asked = with_ram.iter().map(|s| Request::RamStat { domain: self.dom.name.clone(), snapshot: (*s).clone() }).collect();
+        let mut ram_states: BTreeMap<String, RamState> = BTreeMap::new();
+        for (snap, answer) in with_ram.iter().zip(self.call_many(asked).await?) {
+            let state = answer.and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string())).map_err(|e| self.err(e))?;
+            ram_states.insert((*snap).clone(), state);
+        }
+        // The properties go in batches: those of the snapshots done so far before each dump
+        // upload (an interrupted upload does not hold back the others), the rest at the end
+        // with the target's retention.
+        let mut pending: Vec<(Dataset, String, BTreeMap<String, String>)> = Vec::new();
         for (snap, (mut props, on)) in todo {
             self.go_on()?;
             // This host's verification is of this host's dump: the target's copy is proven by
@@ -390,7 +445,11 @@ impl<'a> Run<'a> {
             if let (Some(path), Some(sum)) = (props.get(&prop::RAM_DUMP).cloned(), props.get(&prop::RAM_SHA256).cloned()) {
                 match crate::fsutil::open_regular(std::path::Path::new(&path)) {
                     Ok(file) => {
-                        report.ram_bytes += self.send_ram(&snap, file, &sum).await?;
+                        let state = ram_states.remove(&snap).unwrap_or_default();
+                        if !state.complete {
+                            self.push_props(std::mem::take(&mut pending), None).await?;
+                            report.ram_bytes += self.send_ram(&snap, file, &sum, &state).await?;
+                        }
                         report.ram_dumps.push(snap.clone());
                     }
                     Err(e) => {
@@ -403,44 +462,75 @@ impl<'a> Run<'a> {
                 }
             }
             props.insert(REPLICA, "complete".into());
-            for ds in on {
-                self.push_props(&ds, &snap, &props).await?;
-            }
+            let wanted: BTreeMap<String, String> = props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            pending.extend(on.into_iter().map(|ds| (ds, snap.clone(), wanted.clone())));
             report.completed.push(snap);
+        }
+        self.go_on()?;
+        // Everything is on the target by now: a retention that fails there (or an older
+        // `vmsnap serve` without it) is reported, not a failed replication.
+        let pruned = match self.push_props(pending, Some(Request::Prune { domain: self.dom.name.clone() })).await? {
+            Some(Ok(v)) => serde_json::from_value::<PruneOutcome>(v).map_err(|e| format!("a prune report vmsnap cannot read: {e}")),
+            Some(Err(e)) => Err(e),
+            None => Err("no answer".into()),
+        };
+        match pruned {
+            Ok(p) => {
+                if !p.destroyed.is_empty() || !p.ram_dropped.is_empty() {
+                    tracing::info!(target = %self.target.name, domain = %self.dom.name, destroyed = ?p.destroyed, ram_dropped = ?p.ram_dropped, "target retention");
+                }
+                report.target_pruned = Some(p);
+            }
+            Err(e) => {
+                tracing::warn!(target = %self.target.name, domain = %self.dom.name, "the target's retention: {e}");
+                report.target_prune_error = Some(e);
+            }
         }
         Ok(())
     }
 
-    async fn send_ram(&self, snap: &str, file: std::fs::File, sha256: &str) -> Result<u64, ReplicateError> {
-        let domain = self.dom.name.clone();
-        let (v, _) = self.call(Request::RamStat { domain: domain.clone(), snapshot: snap.into() }, Payload::None).await?;
-        let state: RamState = serde_json::from_value(v).map_err(|e| self.err(e.to_string()))?;
-        if state.complete {
-            return Ok(0);
-        }
+    /// Uploads a dump from where the target's copy (`state`) stops.
+    async fn send_ram(&self, snap: &str, file: std::fs::File, sha256: &str, state: &RamState) -> Result<u64, ReplicateError> {
         let size = file.metadata().map_err(|e| self.err(e.to_string()))?.len();
         if state.partial > size {
             return Err(self.err(format!("the target has {} bytes of the {size}-byte RAM dump of {snap}", state.partial)));
         }
         self.progress.step(&format!("RAM dump of {snap}: {} MiB to send", (size - state.partial) >> 20));
-        let req = Request::RamPut { domain, snapshot: snap.into(), sha256: sha256.into(), offset: state.partial };
-        let (_, n) = self.call_sized(req, Payload::File(file, state.partial), Some(size - state.partial)).await?;
+        let req = Request::RamPut { domain: self.dom.name.clone(), snapshot: snap.into(), sha256: sha256.into(), offset: state.partial };
+        let left = AtomicU64::new(size - state.partial);
+        let (_, n) = self.call_sized(req, Payload::File(file, state.partial), Some(&left)).await?;
         Ok(n)
     }
 
-    /// Sets the properties on the target's snapshot and checks what it reads back.
-    async fn push_props(&self, ds: &Dataset, snap: &str, props: &BTreeMap<PropName, String>) -> Result<(), ReplicateError> {
-        let wanted: BTreeMap<String, String> = props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-        let req = Request::Props { dataset: ds.to_string(), snapshot: snap.into(), props: wanted.clone() };
-        let (v, _) = self.call(req, Payload::None).await?;
-        let back: BTreeMap<String, String> = serde_json::from_value(v).map_err(|e| self.err(e.to_string()))?;
-        for (k, v) in &wanted {
-            // The dump's path is the target's own.
-            if k != prop::RAM_DUMP.as_str() && back.get(k) != Some(v) {
-                return Err(self.err(format!("{ds}@{snap}: {k} reads back as {:?}, not {v:?}", back.get(k))));
+    /// Sets each snapshot's properties on the target (`dataset`, `snapshot`, properties) and
+    /// checks what it reads back; `then`, a request sent in the same batch after them, and its
+    /// answer.
+    async fn push_props(
+        &self,
+        props: Vec<(Dataset, String, BTreeMap<String, String>)>,
+        then: Option<Request>,
+    ) -> Result<Option<Result<serde_json::Value, String>>, ReplicateError> {
+        let mut requests: Vec<Request> = props
+            .iter()
+            .map(|(ds, snap, wanted)| Request::Props { dataset: ds.to_string(), snapshot: snap.clone(), props: wanted.clone() })
+            .collect();
+        requests.extend(then);
+        if requests.is_empty() {
+            return Ok(None);
+        }
+        let mut answers = self.call_many(requests).await?.into_iter();
+        for ((ds, snap, wanted), answer) in props.iter().zip(answers.by_ref()) {
+            let back: BTreeMap<String, String> = answer
+                .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
+                .map_err(|e| self.err(format!("{ds}@{snap}: {e}")))?;
+            for (k, v) in wanted {
+                // The dump's path is the target's own.
+                if k != prop::RAM_DUMP.as_str() && back.get(k) != Some(v) {
+                    return Err(self.err(format!("{ds}@{snap}: {k} reads back as {:?}, not {v:?}", back.get(k))));
+                }
             }
         }
-        Ok(())
+        Ok(answers.next())
     }
 }
 

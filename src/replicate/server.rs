@@ -170,6 +170,17 @@ impl Server {
             Request::Rollback { dataset, to_guid } => Ok(Reply::ok(self.rollback(&self.dataset(&dataset)?, to_guid).await?)),
             Request::RamStat { domain, snapshot } => Ok(Reply::ok(self.ram_stat(&domain, &snapshot)?)),
             Request::Send { .. } | Request::RamGet { .. } => Err("this request streams back (served by stream_back)".into()),
+            Request::Batch { requests } => {
+                let mut replies = Vec::with_capacity(requests.len());
+                for r in requests {
+                    replies.push(if r.batchable() {
+                        Box::pin(self.handle(r)).await.unwrap_or_else(Reply::err)
+                    } else {
+                        Reply::err(format!("a {} request cannot be in a batch", r.verb()))
+                    });
+                }
+                Ok(Reply::ok(replies))
+            }
             Request::RamCheck { domain, snapshot, sha256 } => {
                 if !valid_sha256(&sha256) {
                     return Err("sha256: not 64 lower-case hex digits".into());
@@ -201,14 +212,14 @@ impl Server {
     }
 
     async fn list(&self, ds: &Dataset) -> Result<Listing, String> {
-        let Some(_) = self.zfs.get_native(ds.as_str(), "guid").await.map_err(|e| e.to_string())? else {
+        let Some(mut native) = self.zfs.get_natives(ds.as_str(), &["receive_resume_token", "written"]).await.map_err(|e| e.to_string())?
+        else {
             return Ok(Listing::default());
         };
         // With `vmsnap:replica`, so a source sees which copies are complete and leaves them be.
         let snaps = self.zfs.list_snapshots(ds, &crate::model::prop::ALL_AND_REPLICA).await.map_err(|e| e.to_string())?;
-        let token = self.zfs.get_native(ds.as_str(), "receive_resume_token").await.map_err(|e| e.to_string())?;
-        let written =
-            self.zfs.get_native(ds.as_str(), "written").await.map_err(|e| e.to_string())?.and_then(|w| w.parse().ok()).unwrap_or(0);
+        let token = native.remove("receive_resume_token");
+        let written = native.get("written").and_then(|w| w.parse().ok()).unwrap_or(0);
         Ok(Listing {
             exists: true,
             snapshots: snaps
@@ -257,11 +268,24 @@ impl Server {
             Ok(()) | Err(crate::zfs::ZfsError::AlreadyExists { .. }) => {}
             Err(e) => return Err(format!("hold {newest}: {e}")),
         }
-        for s in snaps.iter().filter(|s| s.name != newest.snap()) {
-            let snap = ds.snapshot(&s.name).map_err(|e| e.to_string())?;
-            if self.zfs.holds(&snap).await.map_err(|e| e.to_string())?.iter().any(|h| h.tag == HOLD) {
-                self.zfs.release(HOLD, &[snap]).await.map_err(|e| e.to_string())?;
-            }
+        let others: Vec<SnapshotName> = snaps
+            .iter()
+            .filter(|s| s.name != newest.snap())
+            .map(|s| ds.snapshot(&s.name))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        // One `zfs holds` for all of them: a target keeps hundreds of snapshots.
+        let held: Vec<SnapshotName> = self
+            .zfs
+            .holds_of(&others)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|h| h.tag == HOLD)
+            .map(|h| h.snapshot)
+            .collect();
+        if !held.is_empty() {
+            self.zfs.release(HOLD, &held).await.map_err(|e| e.to_string())?;
         }
         Ok(())
     }

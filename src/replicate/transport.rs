@@ -7,6 +7,7 @@ use super::protocol::{Reply, Request};
 use crate::config::TargetConfig;
 use std::ffi::OsString;
 use std::io::{Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -84,6 +85,13 @@ impl Transport {
 
     /// Sends `req` and its payload; the target's answer. `moved` counts payload bytes as they go.
     pub fn call(&self, req: &Request, payload: Payload, moved: &AtomicU64) -> Result<serde_json::Value, String> {
+        let t = Instant::now();
+        let answer = self.exchange(req, payload, moved);
+        tracing::debug!(verb = req.verb(), ms = t.elapsed().as_millis() as u64, ok = answer.is_ok(), "target request");
+        answer
+    }
+
+    fn exchange(&self, req: &Request, payload: Payload, moved: &AtomicU64) -> Result<serde_json::Value, String> {
         let mut child = Command::new(&self.argv[0])
             .args(&self.argv[1..])
             .stdin(Stdio::piped())
@@ -111,7 +119,7 @@ impl Transport {
             Payload::None => Ok(()),
             Payload::File(mut f, offset) => {
                 f.seek(std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
-                self.copy(&mut f, &mut stdin, moved)
+                self.forward(f.as_fd(), stdin.as_fd(), moved)
             }
             Payload::Command(mut cmd) => {
                 let mut send = cmd
@@ -120,8 +128,8 @@ impl Transport {
                     .stdin(Stdio::null())
                     .spawn()
                     .map_err(|e| format!("cannot run zfs send: {e}"))?;
-                let mut from = send.stdout.take().expect("piped");
-                let copied = self.copy(&mut from, &mut stdin, moved);
+                let from = send.stdout.take().expect("piped");
+                let copied = self.forward(from.as_fd(), stdin.as_fd(), moved);
                 sender = Some(send);
                 copied
             }
@@ -208,11 +216,37 @@ impl Transport {
         }
     }
 
-    /// Copies in 1 MiB pieces, counting, and sleeping to keep under the rate limit.
+    /// Moves everything `from` (a pipe or a file) has into `to` (a pipe) with splice(2): the
+    /// bytes never pass through this process, and both pipes are widened to a [`PIECE`] so
+    /// `zfs send`, this thread and ssh wake up once per MiB, not once per 64 KiB (under TCG the
+    /// copy and the wake-ups through this process cost a sixth of a 1 GiB send). Where the
+    /// kernel cannot splice `from`, read and write.
+    fn forward(&self, from: BorrowedFd<'_>, to: BorrowedFd<'_>, moved: &AtomicU64) -> Result<(), String> {
+        for fd in [from, to] {
+            // Not a pipe (a file), or over the system's limit: the default size will do.
+            let _ = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIECE as i32));
+        }
+        let mut pace = Pace::new(self);
+        loop {
+            let flags = nix::fcntl::SpliceFFlags::SPLICE_F_MOVE | nix::fcntl::SpliceFFlags::SPLICE_F_MORE;
+            let n = match nix::fcntl::splice(from, None, to, None, PIECE, flags) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EINVAL) if pace.total == 0 => {
+                    let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map(std::fs::File::from).map_err(|e| e.to_string());
+                    return self.copy(&mut dup(from)?, &mut dup(to)?, moved);
+                }
+                Err(e) => return Err(format!("sending to the target: {e}")),
+            };
+            pace.went(n, moved)?;
+        }
+    }
+
+    /// Copies in [`PIECE`]s through a buffer, counting, and sleeping to keep under the rate limit.
     fn copy(&self, from: &mut dyn Read, to: &mut dyn Write, moved: &AtomicU64) -> Result<(), String> {
-        let mut buf = vec![0u8; 1 << 20];
-        let t = Instant::now();
-        let mut total = 0u64;
+        let mut buf = vec![0u8; PIECE];
+        let mut pace = Pace::new(self);
         loop {
             let n = match from.read(&mut buf) {
                 Ok(0) => return Ok(()),
@@ -220,19 +254,46 @@ impl Transport {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("reading the payload: {e}")),
             };
-            if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
-                return Err("cancelled".into());
-            }
             to.write_all(&buf[..n]).map_err(|e| format!("sending to the target: {e}"))?;
-            total += n as u64;
-            moved.fetch_add(n as u64, Ordering::Relaxed);
-            if self.rate_limit > 0 {
-                let due = Duration::from_secs_f64(total as f64 / self.rate_limit as f64);
-                if let Some(wait) = due.checked_sub(t.elapsed()) {
-                    std::thread::sleep(wait);
-                }
+            pace.went(n, moved)?;
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// The most a payload moves at once, and the pipes' size.
+const PIECE: usize = 1 << 20;
+
+/// A payload's count, rate limit and cancel check between two pieces.
+struct Pace<'a> {
+    transport: &'a Transport,
+    start: Instant,
+    total: u64,
+}
+
+impl<'a> Pace<'a> {
+    fn new(transport: &'a Transport) -> Self {
+        Self { transport, start: Instant::now(), total: 0 }
+    }
+
+    /// `n` more bytes went: counted in `moved`; then a sleep if they went faster than the rate
+    /// limit, and an error if the run was cancelled.
+    fn went(&mut self, n: usize, moved: &AtomicU64) -> Result<(), String> {
+        self.total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        if self.transport.rate_limit > 0 {
+            let due = Duration::from_secs_f64(self.total as f64 / self.transport.rate_limit as f64);
+            if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+                std::thread::sleep(wait);
             }
         }
+        if self.transport.cancelled() {
+            return Err("cancelled".into());
+        }
+        Ok(())
     }
 }
 
@@ -264,6 +325,65 @@ mod tests {
             keep: None,
             every: None,
         }
+    }
+
+    /// `forward` of what `fill` writes into a pipe, read out of another pipe: (bytes out, count).
+    fn forwarded(t: &Transport, from: BorrowedFd<'_>, fill: impl FnOnce() + Send + 'static) -> (Result<(), String>, Vec<u8>, u64) {
+        let (out_r, out_w) = nix::unistd::pipe().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            std::fs::File::from(out_r).read_to_end(&mut b).unwrap();
+            b
+        });
+        let writer = std::thread::spawn(fill);
+        let moved = AtomicU64::new(0);
+        let r = t.forward(from, out_w.as_fd(), &moved);
+        drop(out_w);
+        writer.join().unwrap();
+        (r, reader.join().unwrap(), moved.load(Ordering::Relaxed))
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    #[test]
+    fn forwards_a_pipe_and_a_file_from_an_offset_byte_for_byte() {
+        let t = Transport::for_target(&target(false), None);
+        // A pipe, as `zfs send`'s stdout: 5 MiB and a bit, in odd pieces.
+        let data = pattern((5 << 20) + 12345);
+        let (in_r, in_w) = nix::unistd::pipe().unwrap();
+        let sent = data.clone();
+        let (r, out, n) = forwarded(&t, in_r.as_fd(), move || {
+            let mut w = std::fs::File::from(in_w);
+            for piece in sent.chunks(77777) {
+                w.write_all(piece).unwrap();
+            }
+        });
+        assert_eq!(r, Ok(()));
+        assert_eq!(n, data.len() as u64);
+        assert!(out == data, "the bytes differ");
+
+        // A file from an offset, as a RAM dump's resumed upload.
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        file.seek(std::io::SeekFrom::Start(1000)).unwrap();
+        let (r, out, n) = forwarded(&t, file.as_fd(), || {});
+        assert_eq!(r, Ok(()));
+        assert_eq!(n, data.len() as u64 - 1000);
+        assert!(out == data[1000..], "the bytes differ");
+    }
+
+    #[test]
+    fn a_cancelled_forward_stops_after_a_piece() {
+        let flag = Arc::new(AtomicBool::new(true));
+        let t = Transport::for_target(&target(false), None).cancelled_by(flag);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&pattern(8 << 20)).unwrap();
+        file.seek(std::io::SeekFrom::Start(0)).unwrap();
+        let (r, out, n) = forwarded(&t, file.as_fd(), || {});
+        assert_eq!(r, Err("cancelled".to_owned()));
+        assert!(n > 0 && n <= PIECE as u64 && out.len() as u64 == n, "{n} bytes counted, {} moved", out.len());
     }
 
     #[test]

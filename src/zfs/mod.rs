@@ -135,6 +135,16 @@ impl Zfs {
         Ok(parse::holds(&self.cli.zfs(zargs!["holds", "-H", "-p", snap.to_string()]).await?)?)
     }
 
+    /// The holds on each of `snaps`, in one call (none for an empty list).
+    pub async fn holds_of(&self, snaps: &[SnapshotName]) -> Result<Vec<Hold>, ZfsError> {
+        if snaps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = zargs!["holds", "-H", "-p"];
+        args.extend(snaps.iter().map(|s| OsString::from(s.to_string())));
+        Ok(parse::holds(&self.cli.zfs(args).await?)?)
+    }
+
     /// The user properties set locally (or received) on a dataset or snapshot.
     pub async fn user_properties(&self, name: &str) -> Result<BTreeMap<PropName, String>, ZfsError> {
         let text = self.cli.zfs(zargs!["get", "-H", "-p", "-o", "name,property,value,source", "all", name]).await?;
@@ -181,6 +191,22 @@ impl Zfs {
     pub async fn get_native(&self, name: &str, prop: &str) -> Result<Option<String>, ZfsError> {
         match self.cli.zfs(zargs!["get", "-H", "-p", "-o", "value", prop, name]).await {
             Ok(v) => Ok(Some(v.trim_end_matches('\n').to_owned()).filter(|v| v != "-" && !v.is_empty())),
+            Err(ZfsError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Several native properties' parsable values in one call: property → value, without those
+    /// ZFS says `-` of; `None` when the dataset does not exist.
+    pub async fn get_natives(&self, name: &str, props: &[&str]) -> Result<Option<BTreeMap<String, String>>, ZfsError> {
+        match self.cli.zfs(zargs!["get", "-H", "-p", "-o", "property,value", props.join(","), name]).await {
+            Ok(text) => Ok(Some(
+                text.lines()
+                    .filter_map(|l| l.split_once('\t'))
+                    .filter(|(_, v)| *v != "-" && !v.is_empty())
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            )),
             Err(ZfsError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }

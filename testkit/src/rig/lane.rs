@@ -57,13 +57,15 @@ fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
         let inner = format!("/mnt/share/{}/{}", name(sub), name(&exe));
         let mut argv = vec![inner.as_str()];
         argv.extend(args.iter().map(String::as_str));
-        let env = [
+        let mut env = vec![
             format!("{INSIDE}=1"),
             "PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
             "RUST_BACKTRACE=1".into(),
             "VMSNAP_RIG=/mnt/rig".into(),
             "HOME=/root".into(),
         ];
+        // A benchmark's knobs (`VMSNAP_BENCH_N` …) reach the program inside.
+        env.extend(std::env::vars().filter(|(k, _)| k.starts_with("VMSNAP_BENCH_")).map(|(k, v)| format!("{k}={v}")));
         let env: Vec<&str> = env.iter().map(String::as_str).collect();
         // Benchmarks may ask for longer (`VMSNAP_LANE_TIMEOUT_S`).
         let limit = std::env::var("VMSNAP_LANE_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
