@@ -289,7 +289,7 @@ impl<'a> Run<'a> {
             };
             let raw = self.zfs.get_native(ds.as_str(), "encryption").await?.is_some_and(|e| e != "off");
             for step in steps {
-                let argv = send_argv(ds, &step, raw);
+                let argv = send_argv(ds, &step, raw, &snaps);
                 if self.dry_run {
                     report.steps.push(describe(&step));
                     report.bytes += self.estimate(&argv).await.unwrap_or(0);
@@ -535,7 +535,10 @@ impl<'a> Run<'a> {
 }
 
 /// The `zfs` arguments of a step (`-w`: encrypted datasets go raw, the target needs no key).
-fn send_argv(ds: &Dataset, step: &Step, raw: bool) -> Vec<String> {
+/// An incremental from a snapshot carries every snapshot between (`-I`); with none between, it
+/// is a plain `-i`: `-I` makes a stream package, which the target's `zfs receive` takes
+/// longer to apply.
+fn send_argv(ds: &Dataset, step: &Step, raw: bool, snaps: &[crate::zfs::SnapshotInfo]) -> Vec<String> {
     let mut a = vec!["send".to_owned()];
     match step {
         Step::Resume { token } => a.extend(["-t".to_owned(), token.clone()]),
@@ -550,7 +553,14 @@ fn send_argv(ds: &Dataset, step: &Step, raw: bool) -> Vec<String> {
                 a.push("-w".into());
             }
             match from {
-                Base::Snapshot(s) => a.extend(["-I".to_owned(), format!("{ds}@{s}")]),
+                Base::Snapshot(s) => {
+                    let txg = |name: &str| snaps.iter().find(|x| x.name.snap() == name).map(|x| x.createtxg);
+                    let between = match (txg(s), txg(to)) {
+                        (Some(a), Some(b)) => snaps.iter().any(|x| x.createtxg > a && x.createtxg < b),
+                        _ => true,
+                    };
+                    a.extend([if between { "-I" } else { "-i" }.to_owned(), format!("{ds}@{s}")])
+                }
                 Base::Bookmark(b) => a.extend(["-i".to_owned(), format!("{ds}#{b}")]),
             }
             a.push(format!("{ds}@{to}"));
@@ -602,4 +612,39 @@ pub async fn list_target(
         out.push((ds, listing));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snaps(ds: &Dataset, names: &[&str]) -> Vec<crate::zfs::SnapshotInfo> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| crate::zfs::SnapshotInfo {
+                name: ds.snapshot(n).unwrap(),
+                creation: i as i64,
+                used: 0,
+                guid: 100 + i as u64,
+                createtxg: 10 * (i as u64 + 1),
+                userrefs: 0,
+                props: BTreeMap::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incrementals_carry_the_snapshots_between_with_dash_capital_i_only_when_there_are_some() {
+        let ds = Dataset::new("tank/vms/web").unwrap();
+        let step = |from: &str, to: &str| Step::Incremental { from: Base::Snapshot(from.into()), to: to.into() };
+        let all = snaps(&ds, &["a", "b", "c"]);
+        assert_eq!(send_argv(&ds, &step("a", "c"), false, &all), ["send", "-I", "tank/vms/web@a", "tank/vms/web@c"]);
+        assert_eq!(send_argv(&ds, &step("b", "c"), false, &all), ["send", "-i", "tank/vms/web@b", "tank/vms/web@c"]);
+        assert_eq!(send_argv(&ds, &step("a", "b"), true, &all), ["send", "-w", "-i", "tank/vms/web@a", "tank/vms/web@b"]);
+        // A base this side no longer lists: every snapshot between is asked for.
+        assert_eq!(send_argv(&ds, &step("gone", "c"), false, &all)[1], "-I");
+        let mark = Step::Incremental { from: Base::Bookmark("vmsnap-off-10".into()), to: "b".into() };
+        assert_eq!(send_argv(&ds, &mark, false, &all), ["send", "-i", "tank/vms/web#vmsnap-off-10", "tank/vms/web@b"]);
+    }
 }
