@@ -7,11 +7,11 @@
 //! snapshot rewrites all of it, so the increment is 1 GiB too. Each figure is the wall time of
 //! the whole command (connection set-up included) for the same stream; the target is emptied
 //! between runs, and the two ways alternate so neither always finds the source in the ARC.
-//! `VMSNAP_BENCH_N` rounds (default 1) without compression, `VMSNAP_BENCH_N_COMPRESSED` (default
-//! 1) with (zlib under TCG is slow: 4 minutes a run); `VMSNAP_BENCH_COMPRESSION=off|on` for one of the two;
-//! `VMSNAP_BENCH_MIB` the data's size (default 1024: a small one shows the fixed cost per run);
-//! `VMSNAP_BENCH_TRACE=1` appends vmsnap's debug log (timed requests and `zfs` commands) to
-//! `replication-bench.trace` beside the binaries.
+//! Knobs: `VMSNAP_BENCH_N` rounds without compression and `VMSNAP_BENCH_N_COMPRESSED` with it
+//! (default 1 each; zlib under TCG is slow, 4 minutes a run); `VMSNAP_BENCH_COMPRESSION=off|on`
+//! for one of the two; `VMSNAP_BENCH_MIB` the data's size (default 1024; a small one shows the
+//! fixed cost per run); `VMSNAP_BENCH_TRACE=1` appends vmsnap's debug log (timed requests and
+//! `zfs` commands) to `replication-bench.trace` beside the binaries.
 //! Prints MiB/s and the ratio vmsnap/bare (goal ≥ 0.9).
 
 use std::process::Command;
