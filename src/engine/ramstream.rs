@@ -138,33 +138,27 @@ const IN_FLIGHT: usize = 4;
 /// A raw stream: this thread reads and hashes, a second one writes, so hashing and the copy
 /// into the file overlap (one thread doing both ran at 1/(1/write + 1/hash), about 0.65 of
 /// writing alone). Buffers are recycled: at most `IN_FLIGHT + 2` of `CHUNK` bytes exist.
-/// Every buffer but the last is filled whole, so the writer can use O_DIRECT ([`DirectWriter`]).
-fn drain_raw(mut input: File, file: File, mut hasher: Sha256, prefix_len: u64, received: &AtomicU64) -> io::Result<Drained> {
+fn drain_raw(mut input: File, mut file: File, mut hasher: Sha256, prefix_len: u64, received: &AtomicU64) -> io::Result<Drained> {
     use std::sync::mpsc::sync_channel;
-    let (full_tx, full_rx) = sync_channel::<(AlignedBuf, usize)>(IN_FLIGHT);
-    let (empty_tx, empty_rx) = sync_channel::<AlignedBuf>(IN_FLIGHT + 1);
+    let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(IN_FLIGHT);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
     let writer = std::thread::Builder::new().name("vmsnap-ram-write".into()).spawn(move || -> io::Result<File> {
-        let mut out = DirectWriter::new(file, prefix_len);
         for (buf, n) in full_rx {
-            out.write_all(&buf[..n])?;
+            file.write_all(&buf[..n])?;
             // Never blocks: a blocking send here deadlocked once the reader, done, was joining
             // this thread while the recycling channel was full (a dump that never finished).
             let _ = empty_tx.try_send(buf);
         }
-        let file = out.into_inner()?;
         file.sync_data()?;
         Ok(file)
     })?;
     let mut total = 0u64;
     let mut read_error = None;
-    loop {
-        let mut buf = match empty_rx.try_recv() {
-            Ok(b) => b,
-            Err(_) => AlignedBuf::new()?,
-        };
+    'stream: loop {
+        let mut buf = empty_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
         let mut n = 0;
-        // Fill the buffer: the pipe hands over what QEMU wrote so far, often 32 KiB.
-        while n < CHUNK {
+        // Fill most of the buffer: the pipe hands over what QEMU wrote so far, often 32 KiB.
+        while n < CHUNK / 2 {
             match input.read(&mut buf[n..]) {
                 Ok(0) => break,
                 Ok(got) => {
@@ -184,12 +178,12 @@ fn drain_raw(mut input: File, file: File, mut hasher: Sha256, prefix_len: u64, r
             if n > 0 {
                 let _ = full_tx.send((buf, n));
             }
-            break;
+            break 'stream;
         }
         if full_tx.send((buf, n)).is_err() {
             break; // the writer failed: its error is reported below
         }
-        if n < CHUNK {
+        if n < CHUNK / 2 {
             break; // end of stream
         }
     }
@@ -201,104 +195,6 @@ fn drain_raw(mut input: File, file: File, mut hasher: Sha256, prefix_len: u64, r
         return Err(e);
     }
     Ok(Drained { file, stream_bytes: total, file_bytes: prefix_len + total, sha256: hex(&hasher.finalize()) })
-}
-
-/// O_DIRECT's alignment: of buffers, lengths and file offsets.
-const ALIGN: usize = crate::engine::saveimage::STREAM_ALIGN;
-
-/// A `CHUNK`-byte buffer aligned for O_DIRECT (the allocator's large blocks are not).
-struct AlignedBuf(std::ptr::NonNull<u8>);
-
-// SAFETY: it owns its memory alone, like a `Vec<u8>`.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    const LAYOUT: std::alloc::Layout = match std::alloc::Layout::from_size_align(CHUNK, ALIGN) {
-        Ok(l) => l,
-        Err(_) => panic!("CHUNK and ALIGN make a layout"),
-    };
-
-    fn new() -> io::Result<Self> {
-        // SAFETY: the layout's size is not zero; zeroed, so every byte is initialised.
-        let p = unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) };
-        std::ptr::NonNull::new(p).map(Self).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: `CHUNK` initialised bytes owned by `self`.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), CHUNK) }
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self` is the only access.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), CHUNK) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.0.as_ptr(), Self::LAYOUT) }
-    }
-}
-
-/// Writes the dump with O_DIRECT while the pieces are aligned: the bytes go from vmsnap's buffer
-/// to the disk without a copy into the page cache (less CPU beside QEMU's and the hash's, and
-/// no page cache filled with the guest's secrets). The last, unaligned
-/// piece, a file system without O_DIRECT (tmpfs) or a dump whose stream starts unaligned are
-/// written through the page cache as before.
-struct DirectWriter {
-    file: File,
-    direct: bool,
-}
-
-impl DirectWriter {
-    /// `offset`: where the file's offset is (the stream starts there).
-    fn new(file: File, offset: u64) -> Self {
-        let mut w = Self { file, direct: false };
-        if offset % ALIGN as u64 == 0 {
-            w.direct = w.set_direct(true).is_ok();
-        }
-        w
-    }
-
-    fn set_direct(&mut self, on: bool) -> nix::Result<()> {
-        use nix::fcntl::{fcntl, FcntlArg, OFlag};
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
-        let mut flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-        flags.set(OFlag::O_DIRECT, on);
-        fcntl(fd, FcntlArg::F_SETFL(flags))?;
-        Ok(())
-    }
-
-    /// The file, its offset after the last byte written, no longer O_DIRECT.
-    fn into_inner(mut self) -> io::Result<File> {
-        if self.direct {
-            self.set_direct(false).map_err(io::Error::from)?;
-        }
-        Ok(self.file)
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        if self.direct && (buf.len() % ALIGN != 0 || buf.as_ptr() as usize % ALIGN != 0) {
-            self.set_direct(false).map_err(io::Error::from)?;
-            self.direct = false;
-        }
-        match self.file.write_all(buf) {
-            // Accepted by fcntl, refused by the file system's write: through the page cache.
-            Err(e) if self.direct && e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                self.set_direct(false).map_err(io::Error::from)?;
-                self.direct = false;
-                self.file.write_all(buf)
-            }
-            r => r,
-        }
-    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -372,27 +268,6 @@ mod tests {
         assert_eq!(drained.stream_bytes, data.len() as u64);
         assert_eq!(drained.file_bytes, on_disk.len() as u64);
         assert_eq!(drained.sha256, sha256(&on_disk));
-    }
-
-    #[tokio::test]
-    async fn an_aligned_start_writes_whole_buffers_direct_and_the_tail_buffered() {
-        // A save image's stream starts on a 4 KiB boundary: O_DIRECT for the full buffers (where
-        // the file system takes it), the page cache for the last part-filled one; same bytes.
-        let prefix = vec![b'H'; 2 * ALIGN];
-        let (data, drained, on_disk) = through(RamCompress::None, &prefix).await;
-        assert_eq!(&on_disk[..prefix.len()], &prefix[..]);
-        assert!(on_disk[prefix.len()..] == data[..], "the stream differs on disk");
-        assert_eq!(drained.sha256, sha256(&on_disk));
-        // The writer's switches: direct where allowed, off for an unaligned piece, off at the end.
-        let dir = tempfile::tempdir().unwrap();
-        let mut w = DirectWriter::new(File::create(dir.path().join("d")).unwrap(), 0);
-        let buf = AlignedBuf::new().unwrap();
-        w.write_all(&buf).unwrap();
-        w.write_all(&buf[..100]).unwrap();
-        assert!(!w.direct);
-        let f = w.into_inner().unwrap();
-        assert_eq!(f.metadata().unwrap().len(), CHUNK as u64 + 100);
-        assert!(!DirectWriter::new(f, 100).direct, "an unaligned start is never direct");
     }
 
     #[tokio::test]

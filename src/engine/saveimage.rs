@@ -25,8 +25,6 @@ pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 16 + 5 * 4 + 14 * 4;
 /// Room libvirt leaves after the XML (`virsh save-image-define` may grow it in place).
 const PAD: usize = 64 * 1024;
-/// Where QEMU's stream starts in an image vmsnap writes: a multiple of this.
-pub const STREAM_ALIGN: usize = 4096;
 /// The most XML vmsnap reads back from an image (real definitions are a few KiB).
 const MAX_DATA: u32 = 16 << 20;
 /// libvirt's `QEMU_SAVE_FORMAT_*` names, by number.
@@ -87,8 +85,7 @@ pub fn write_start(file: &mut std::fs::File, xml: &str, was_running: bool, compr
     if xml.contains('\0') {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the domain XML contains a NUL byte"));
     }
-    // The stream starts on a 4 KiB boundary, so the dump can be written with O_DIRECT.
-    let data_len = (HEADER_LEN + xml.len() + 1 + PAD).next_multiple_of(STREAM_ALIGN) - HEADER_LEN;
+    let data_len = xml.len() + 1 + PAD;
     let data_len32 = u32::try_from(data_len).ok().filter(|&n| n <= MAX_DATA).ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("the domain XML is too large ({} bytes)", xml.len()))
     })?;
@@ -216,8 +213,7 @@ mod tests {
         let path = dir.join("dump.ram");
         let mut f = std::fs::File::create(&path).unwrap();
         let prefix = write_start(&mut f, XML, true, RamCompress::None).unwrap();
-        assert!(prefix.len() >= HEADER_LEN + XML.len() + 1 + PAD && prefix.len() < HEADER_LEN + XML.len() + 1 + PAD + STREAM_ALIGN);
-        assert_eq!(prefix.len() % STREAM_ALIGN, 0);
+        assert_eq!(prefix.len(), HEADER_LEN + XML.len() + 1 + PAD);
         assert_eq!(&prefix[..16], MAGIC);
         f.write_all(stream).unwrap();
         if complete {
@@ -278,7 +274,7 @@ mod tests {
         assert!(incoming_uri(&path).unwrap_err().to_string().contains("zstd compression"));
         assert_eq!(locate(&path).unwrap().compress, RamCompress::Zstd);
         // Cut right after the header: no stream.
-        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        std::fs::write(&path, &bytes[..HEADER_LEN + XML.len() + 1 + PAD]).unwrap();
         assert!(read(&path).unwrap_err().to_string().contains("no migration stream"));
         assert!(write_start(&mut std::fs::File::create(dir.path().join("x")).unwrap(), "a\0b", true, RamCompress::None).is_err());
     }
