@@ -218,8 +218,7 @@ impl Transport {
 
     /// Moves everything `from` (a pipe or a file) has into `to` (a pipe) with splice(2): the
     /// bytes never pass through this process, and both pipes are widened to a [`PIECE`] so
-    /// `zfs send`, this thread and ssh wake up once per MiB, not once per 64 KiB (under TCG the
-    /// copy and the wake-ups through this process cost a sixth of a 1 GiB send). Where the
+    /// `zfs send`, this thread and ssh wake up once per MiB, not once per 64 KiB. Where the
     /// kernel cannot splice `from`, read and write.
     fn forward(&self, from: BorrowedFd<'_>, to: BorrowedFd<'_>, moved: &AtomicU64) -> Result<(), String> {
         for fd in [from, to] {

@@ -132,7 +132,7 @@ impl Zfs {
 
     /// The holds on `snap`.
     pub async fn holds(&self, snap: &SnapshotName) -> Result<Vec<Hold>, ZfsError> {
-        Ok(parse::holds(&self.cli.zfs(zargs!["holds", "-H", "-p", snap.to_string()]).await?)?)
+        self.holds_of(std::slice::from_ref(snap)).await
     }
 
     /// The holds on each of `snaps`, in one call (none for an empty list).
