@@ -130,6 +130,10 @@ async fn run(v: Variant, label: usize, qmp_path: &Path) -> Sample {
             assert!(out.status.success(), "{}: {}", v.name(), String::from_utf8_lossy(&out.stderr));
             let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
             assert!(report["warnings"].as_array().is_some_and(Vec::is_empty) || !background, "{report}");
+            // Where the time went (stderr, next to the round's line): the report's steps and the
+            // pause's phases.
+            eprintln!("  {mode} steps (ms): {}", report["steps"]);
+            eprintln!("  {mode} pause phases (µs): {}", report["pause_phases"]);
             sh(&format!("rm -f {}", report["ram_dump"].as_str().unwrap_or("/nonexistent")));
             Sample { pause_ms: report["pause_ms"].as_f64().unwrap_or(0.0), total_ms }
         }

@@ -305,7 +305,7 @@ impl Run<'_> {
         let path = ram::dump_path(&self.cfg.ram_dir, &self.dom.name, &self.name);
         // Journaled before the file exists, so a crash in between deletes what was made.
         self.record(Record::RamDumpStarted { path: path.clone() }).await?;
-        let drain = self.start_drain(&path).await?;
+        let drain = self.start_drain(&path, mode).await?;
         let mut events = self.qmp.subscribe().at("save RAM")?;
         let mut pauses = self.qmp.subscribe().at("save RAM")?;
         let mut marks = PauseMarks::default();
@@ -363,13 +363,7 @@ impl Run<'_> {
         }
         ram::restore_capabilities(&self.qmp, &previous).await.at("save RAM")?;
         self.record(Record::CapabilitiesReset).await?;
-        // QEMU closed its end when the migration ended: the drain has everything.
-        let drained = tokio::time::timeout(Duration::from_secs(120), drain.finish())
-            .await
-            .map_err(|_| StepError::Refused("QEMU did not close the RAM dump's pipe within 120 s of the migration's end".into()))
-            .at("save RAM")?
-            .map_err(|source| StepError::Io { what: format!("writing the RAM dump {}", path.display()), source })
-            .at("save RAM")?;
+        let drained = self.finish_drain(drain, &path).await?;
         if self.ram_format == saveimage::FORMAT_LIBVIRT {
             // The stream is whole and synced: only now does the image say so.
             let file = drained.file;
@@ -402,8 +396,15 @@ impl Run<'_> {
     }
 
     /// Creates the dump file (a save image's header first, for a domain with an XML), starts the
-    /// drain that writes QEMU's stream into it, and hands QEMU the pipe (before any pause).
-    async fn start_drain(&mut self, path: &Path) -> StepResult<ramstream::Drain> {
+    /// drain that writes QEMU's stream into it (or hashes it behind QEMU), and hands QEMU its
+    /// descriptor (before any pause).
+    ///
+    /// A raw background dump is written by QEMU itself and hashed behind it: the fastest way, and
+    /// safe, since a background migration that finishes after vmsnap died leaves the VM running.
+    /// Precopy goes through the pipe: if vmsnap dies, QEMU's writes fail and the migration ends
+    /// instead of completing into a VM paused in `postmigrate` that nobody resumes. zstd goes
+    /// through the pipe too (vmsnap compresses).
+    async fn start_drain(&mut self, path: &Path, mode: RamMode) -> StepResult<ramstream::Drain> {
         let mut file = ram::create_dump(path).at("create RAM dump")?;
         let compress = self.dom.policy.ram_compress;
         // A domain with an XML gets a libvirt save image (`virsh restore` opens it); the header
@@ -423,13 +424,56 @@ impl Run<'_> {
             }
             None => Vec::new(),
         };
-        let (qemu_end, drain) = ramstream::drain_into(file, prefix, compress, self.dom.policy.ram_compress_level)
+        let behind_qemu = mode == RamMode::Background && compress == crate::model::RamCompress::None;
+        let started = if behind_qemu {
+            ramstream::follow(file, prefix)
+        } else {
+            ramstream::drain_into(file, prefix, compress, self.dom.policy.ram_compress_level)
+        };
+        let (qemu_end, drain) = started
             .map_err(|source| StepError::Io { what: format!("starting the RAM dump's writer for {}", path.display()), source })
             .at("create RAM dump")?;
-        // QEMU keeps its own copy; ours goes, so the drain ends when QEMU closes its end.
+        // QEMU keeps its own copy; ours goes, so a pipe's drain ends when QEMU closes its end.
         ram::pass_fd(&self.qmp, qemu_end.as_fd()).await.at("prepare RAM dump")?;
         drop(qemu_end);
         Ok(drain)
+    }
+
+    /// Waits until the drain has the whole stream in the file, synced and hashed (QEMU closed the
+    /// pipe when the migration ended; a hasher behind QEMU catches up with the file's end). Fails
+    /// when it moves no byte for 120 s.
+    async fn finish_drain(&mut self, drain: ramstream::Drain, path: &Path) -> StepResult<ramstream::Drained> {
+        const STALL: Duration = Duration::from_secs(120);
+        let mut last = (drain.received(), Instant::now());
+        let received = {
+            let counter = drain.counter();
+            move || counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let finish = drain.finish();
+        tokio::pin!(finish);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                r = &mut finish => {
+                    return r
+                        .map_err(|source| StepError::Io { what: format!("writing the RAM dump {}", path.display()), source })
+                        .at("save RAM");
+                }
+                _ = tick.tick() => {
+                    let now = received();
+                    if now != last.0 {
+                        last = (now, Instant::now());
+                    } else if last.1.elapsed() > STALL {
+                        return Err(StepError::Refused(format!(
+                            "the RAM dump's writer moved no byte for {} s after the migration ended ({} MiB in)",
+                            STALL.as_secs(),
+                            now >> 20
+                        )))
+                        .at("save RAM");
+                    }
+                }
+            }
+        }
     }
 
     /// Waits for the migration to complete, showing how much of the RAM the drain has written.

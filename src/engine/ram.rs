@@ -1,6 +1,7 @@
 //! Saving the VM's RAM through a descriptor vmsnap opened (QEMU gets it with `getfd` and
 //! migrates to `fd:`; no shell, no path QEMU must be allowed to open): the write end of the pipe
-//! [`super::ramstream`] drains into the dump file, or (benchmarks) the file itself.
+//! [`super::ramstream`] drains into the dump file, or the dump file itself, which
+//! [`super::ramstream::follow`] hashes behind QEMU.
 //!
 //! Two modes: precopy (a live migration that pauses the VM at its end) and background-snapshot
 //! (the VM pauses only for the disk switch; QEMU then writes the RAM as it was at that pause while
@@ -139,7 +140,9 @@ pub fn is_running(status: &str) -> bool {
 pub fn create_dump(path: &Path) -> Result<std::fs::File, StepError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     create_private_dir(dir).map_err(|source| StepError::Io { what: format!("creating {}", dir.display()), source })?;
+    // Readable too: a dump QEMU writes itself is hashed behind it from the same file.
     let file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o600)

@@ -1,7 +1,17 @@
-//! RAM dumps streamed through vmsnap. QEMU migrates into a pipe whose write end it gets with
-//! `getfd`; a thread drains the read end into the dump file, hashing (sha256) and, when asked,
-//! compressing (zstd) as the bytes go by. So the dump is never read back to checksum it, never
-//! held in memory (fixed 1 MiB buffers), and its progress is a counter anyone can read.
+//! RAM dumps checksummed as they are written, in one of two ways:
+//!
+//! - **Through a pipe** ([`drain_into`]): QEMU migrates into a pipe whose write end it gets with
+//!   `getfd`; a thread drains the read end into the dump file, hashing (sha256) and, when asked,
+//!   compressing (zstd) as the bytes go by. If vmsnap dies, QEMU's next write fails (EPIPE) and
+//!   the migration ends by itself: a precopy dump never completes into a paused VM nobody resumes.
+//! - **Behind QEMU** ([`follow`]): QEMU writes the file itself and a thread hashes it a little
+//!   behind, reading what was just written back from the page cache. One copy of the RAM instead
+//!   of three (QEMU → pipe → vmsnap → file), so on a small host the dump goes at the speed of
+//!   QEMU writing alone. For raw background-snapshot dumps, where QEMU finishing the dump on its own
+//!   after vmsnap died leaves the VM running.
+//!
+//! Either way the dump is never held in memory (fixed 1 MiB buffers), never read back in a second
+//! pass after it is written, and its progress is a counter anyone can read.
 //!
 //! The reverse, [`feed`], decompresses a dump into a pipe that a QEMU started with `-incoming`
 //! reads: vmsnap's own resume path for dumps QEMU cannot read from a file by itself.
@@ -15,7 +25,7 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Bytes moved per read and write.
@@ -37,18 +47,43 @@ pub struct Drained {
 /// The running drain of one dump.
 pub struct Drain {
     received: Arc<AtomicU64>,
-    done: tokio::sync::oneshot::Receiver<io::Result<Drained>>,
+    done: Option<tokio::sync::oneshot::Receiver<io::Result<Drained>>>,
+    /// A [`follow`]er's end: [`RUNNING`] until told the stream is complete or abandoned.
+    ending: Option<Arc<AtomicU8>>,
 }
 
+const RUNNING: u8 = 0;
+const COMPLETE: u8 = 1;
+const ABANDONED: u8 = 2;
+
 impl Drain {
-    /// Bytes received from QEMU so far.
+    /// Bytes of QEMU's stream received (a pipe) or hashed (a follower) so far.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
 
-    /// Waits until QEMU closed its end and everything is in the file.
-    pub async fn finish(self) -> io::Result<Drained> {
-        self.done.await.unwrap_or_else(|_| Err(io::Error::other("the RAM dump's writer thread died")))
+    /// The counter behind [`Self::received`], to watch it while [`Self::finish`] runs.
+    pub fn counter(&self) -> Arc<AtomicU64> {
+        self.received.clone()
+    }
+
+    /// Waits until everything is in the file, synced, and hashed. A pipe's drain ends when QEMU
+    /// closes its end; a follower must only be finished once QEMU said the migration completed
+    /// (it then hashes up to the end of the file). Dropping a drain unfinished abandons it.
+    pub async fn finish(mut self) -> io::Result<Drained> {
+        if let Some(ending) = &self.ending {
+            ending.store(COMPLETE, Ordering::Release);
+        }
+        let done = self.done.take().expect("a drain is finished once");
+        done.await.unwrap_or_else(|_| Err(io::Error::other("the RAM dump's writer thread died")))
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        if let Some(ending) = &self.ending {
+            let _ = ending.compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 }
 
@@ -71,7 +106,66 @@ pub fn drain_into(file: File, hashed_prefix: Vec<u8>, compress: RamCompress, lev
     std::thread::Builder::new().name("vmsnap-ram-drain".into()).spawn(move || {
         let _ = tx.send(drain(File::from(read_end), file, &hashed_prefix, compress, level, &counter));
     })?;
-    Ok((write_end, Drain { received, done }))
+    Ok((write_end, Drain { received, done: Some(done), ending: None }))
+}
+
+/// Starts hashing `file` (open for reading and writing) behind QEMU, which writes a raw stream into it from its current offset,
+/// where the first bytes (the save image header, if any) end: `hashed_prefix` is what those
+/// bytes read once the image is complete. Returns the descriptor to give QEMU (the same open
+/// file; hand it over, then drop it). [`Drain::finish`] once QEMU reports the migration completed.
+///
+/// The thread reads what QEMU appended (a read never returns bytes past the file's size, and the
+/// size grows only once a write's bytes are in the page cache), so it hashes the file exactly as
+/// written; when it has caught up it sleeps a millisecond or a few. Abandoned (dropped unfinished:
+/// the migration failed or was cancelled), it stops at once and the file is the caller's to delete.
+pub fn follow(file: File, hashed_prefix: Vec<u8>) -> io::Result<(OwnedFd, Drain)> {
+    let qemu_end = OwnedFd::from(file.try_clone()?);
+    let received = Arc::new(AtomicU64::new(0));
+    let ending = Arc::new(AtomicU8::new(RUNNING));
+    let (tx, done) = tokio::sync::oneshot::channel();
+    let (counter, end) = (received.clone(), ending.clone());
+    std::thread::Builder::new().name("vmsnap-ram-hash".into()).spawn(move || {
+        let _ = tx.send(hash_behind(file, &hashed_prefix, &counter, &end));
+    })?;
+    Ok((qemu_end, Drain { received, done: Some(done), ending: Some(ending) }))
+}
+
+fn hash_behind(file: File, prefix: &[u8], hashed: &AtomicU64, ending: &AtomicU8) -> io::Result<Drained> {
+    use std::os::unix::fs::FileExt;
+    use std::time::Duration;
+    const MIN_NAP: Duration = Duration::from_micros(500);
+    let mut hasher = Sha256::new();
+    hasher.update(prefix);
+    let start = prefix.len() as u64;
+    let mut at = start;
+    let mut buf = vec![0u8; CHUNK];
+    let mut nap = MIN_NAP;
+    loop {
+        // Read the state before reading the file: a read that finds nothing after QEMU said it
+        // completed is the end of the stream.
+        let state = ending.load(Ordering::Acquire);
+        if state == ABANDONED {
+            return Err(io::Error::other("the RAM dump was abandoned before its stream completed"));
+        }
+        let n = match file.read_at(&mut buf, at) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n > 0 {
+            hasher.update(&buf[..n]);
+            at += n as u64;
+            hashed.store(at - start, Ordering::Relaxed);
+            nap = MIN_NAP;
+        } else if state == COMPLETE {
+            break;
+        } else {
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(8));
+        }
+    }
+    file.sync_data()?;
+    Ok(Drained { file, stream_bytes: at - start, file_bytes: at, sha256: hex(&hasher.finalize()) })
 }
 
 /// Writes what it is given to the file and to the hash.
@@ -282,6 +376,60 @@ mod tests {
         let drained = drain.finish().await.unwrap();
         super::super::saveimage::finish(&drained.file).unwrap();
         assert_eq!(drained.sha256, sha256(&std::fs::read(&path).unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_follower_hashes_the_image_qemu_wrote_from_the_header_on() {
+        // QEMU's descriptor shares the file's offset: its stream lands right after the header.
+        // It writes in pieces with pauses, so the hasher catches up and waits more than once.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dump");
+        let mut file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
+        let prefix = super::super::saveimage::write_start(&mut file, "<domain/>", true, RamCompress::None).unwrap();
+        let (qemu_end, drain) = follow(file, prefix.clone()).unwrap();
+        let data = stream();
+        let writer = {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let mut w = File::from(qemu_end);
+                for (i, piece) in data.chunks(40_000).enumerate() {
+                    w.write_all(piece).unwrap();
+                    if i % 15 == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(3));
+                    }
+                }
+            })
+        };
+        writer.join().unwrap(); // QEMU reports the migration completed only after its last write
+        let drained = drain.finish().await.unwrap();
+        super::super::saveimage::finish(&drained.file).unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[prefix.len()..], &data[..]);
+        assert_eq!(drained.stream_bytes, data.len() as u64);
+        assert_eq!(drained.file_bytes, on_disk.len() as u64);
+        assert_eq!(drained.sha256, sha256(&on_disk));
+    }
+
+    #[tokio::test]
+    async fn a_follower_counts_what_it_hashed_and_stops_when_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dir.path().join("dump")).unwrap();
+        let (qemu_end, drain) = follow(file, Vec::new()).unwrap();
+        File::from(qemu_end).write_all(&[1u8; 300_000]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while drain.received() < 300_000 {
+            assert!(std::time::Instant::now() < deadline, "hashed {} of 300000", drain.received());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let ending = drain.ending.clone().unwrap();
+        drop(drain);
+        assert_eq!(ending.load(Ordering::Acquire), ABANDONED);
+        // The thread sees it at its next look and lets go of the file.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while Arc::strong_count(&ending) > 1 {
+            assert!(std::time::Instant::now() < deadline, "the hashing thread still runs");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]
