@@ -48,12 +48,27 @@ impl Variant {
 struct Sample {
     secs: f64,
     file_bytes: u64,
+    /// CPU time the whole host spent (every process, kernel included) during the sample.
+    cpu_secs: f64,
+}
+
+/// Busy CPU time of the whole host so far, from `/proc/stat` (user, nice, system, irq, softirq,
+/// steal), in seconds.
+fn host_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu = stat.lines().next().unwrap_or_default();
+    let f: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<f64>();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    busy / hz
 }
 
 async fn dump(qmp: &Qmp, variant: Variant, path: &Path) -> Sample {
     let _ = std::fs::remove_file(path);
     let mut events = qmp.subscribe().unwrap();
     let t = Instant::now();
+    let cpu0 = host_busy_secs();
     let file = ram::create_dump(path).unwrap();
     let file_bytes = match variant {
         Variant::Direct | Variant::DirectReadBack => {
@@ -84,7 +99,7 @@ async fn dump(qmp: &Qmp, variant: Variant, path: &Path) -> Sample {
             drain.finish().await.unwrap().file_bytes
         }
     };
-    Sample { secs: t.elapsed().as_secs_f64(), file_bytes }
+    Sample { secs: t.elapsed().as_secs_f64(), file_bytes, cpu_secs: host_busy_secs() - cpu0 }
 }
 
 fn main() {
@@ -128,7 +143,7 @@ fn main() {
                 qmp.execute(&qapi::qmp::cont {}).await.unwrap();
                 s
             });
-            eprintln!("round {round} {}: {:.2} s, {} MiB", v.name(), s.secs, s.file_bytes >> 20);
+            eprintln!("round {round} {}: {:.2} s, {} MiB, host CPU {:.2} s", v.name(), s.secs, s.file_bytes >> 20, s.cpu_secs);
             if round > 0 {
                 samples[i].push(s);
             }
@@ -137,14 +152,31 @@ fn main() {
     drop(vm);
     let secs: Vec<f64> = samples.iter().map(|s| median(s.iter().map(|x| x.secs).collect())).collect();
     let size: Vec<u64> = samples.iter().map(|s| s[0].file_bytes).collect();
+    let cpu: Vec<f64> = samples.iter().map(|s| median(s.iter().map(|x| x.cpu_secs).collect())).collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let stream_mib = size[0] as f64 / 1048576.0;
     println!("RAM dump of a paused guest ({} MiB of RAM, {fill_mib} MiB filled: half random, half text), median of {n}:", fill_mib + 400);
     for (i, v) in variants.iter().enumerate() {
-        println!("  {:<52} {:>7.2} s  {:>7.0} MiB/s of stream  file {:>5} MiB", v.name(), secs[i], stream_mib / secs[i], size[i] >> 20);
+        println!(
+            "  {:<52} {:>7.2} s  {:>7.0} MiB/s of stream  file {:>5} MiB  host CPU {:>5.2} s ({:.1} of {cores} cores busy)",
+            v.name(),
+            secs[i],
+            stream_mib / secs[i],
+            size[i] >> 20,
+            cpu[i],
+            cpu[i] / secs[i]
+        );
     }
     println!("ratios (throughput, higher is better for vmsnap):");
     println!("  hashed behind QEMU (raw background dumps) vs QEMU → file, both synced: {:.2} (goal >= 0.95)", secs[0] / secs[4]);
     println!("  through the pipe (precopy and zstd dumps) vs QEMU → file, both synced: {:.2}", secs[0] / secs[2]);
     println!("  streamed vs the old flow (file, then read back for the checksum): {:.2}", secs[1] / secs[2]);
     println!("  zstd vs raw stream: time {:.2}x, size {:.2}", secs[3] / secs[2], size[3] as f64 / size[2] as f64);
+    // The floor the host's cores set: the CPU a variant needs, spread over every core at once.
+    println!(
+        "CPU floor: hashed behind QEMU needs {:.2} CPU s, so at least {:.2} s on {cores} cores: at best {:.2} of QEMU → file",
+        cpu[4],
+        cpu[4] / cores,
+        (secs[0] / (cpu[4] / cores)).min(1.0)
+    );
 }

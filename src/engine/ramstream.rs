@@ -130,16 +130,69 @@ pub fn follow(file: File, hashed_prefix: Vec<u8>) -> io::Result<(OwnedFd, Drain)
     Ok((qemu_end, Drain { received, done: Some(done), ending: Some(ending) }))
 }
 
+/// How much hashed data [`hash_behind`] lets go of at a time.
+const LET_GO: u64 = 8 << 20;
+
+/// Tells the kernel the hashed bytes `from..to` are not needed again: their writeback starts now
+/// (so the final sync has only the tail left instead of the whole dump: on a host with plenty of
+/// RAM nothing would be written before it) and, once written, they leave the page cache instead
+/// of pushing out what the host uses. Advice only: a file system that ignores it changes nothing.
+/// Returns where the next range starts: half a step back, so pages still being written the last
+/// time are dropped now.
+fn write_back(file: &File, from: u64, to: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let again = from.saturating_sub(LET_GO / 2);
+    let (Ok(off), Ok(len)) = (i64::try_from(again), i64::try_from(to - again)) else { return to };
+    let _ = nix::fcntl::posix_fadvise(file.as_raw_fd(), off, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    to
+}
+
+/// One thread reads behind QEMU and a second hashes what it read (reading and hashing in turn
+/// ran at 1/(1/read + 1/hash); sha256 alone is the slower one); the final sync runs while the
+/// hash finishes. Buffers are recycled: at most `IN_FLIGHT + 2` of `CHUNK` bytes exist.
 fn hash_behind(file: File, prefix: &[u8], hashed: &AtomicU64, ending: &AtomicU8) -> io::Result<Drained> {
+    use std::sync::mpsc::sync_channel;
+    let start = prefix.len() as u64;
+    let mut hasher = Sha256::new();
+    hasher.update(prefix);
+    let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(IN_FLIGHT);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
+    let (end, hasher) = std::thread::scope(|scope| -> io::Result<(u64, Sha256)> {
+        let hashing = std::thread::Builder::new().name("vmsnap-ram-sha".into()).spawn_scoped(scope, move || {
+            let mut total = 0u64;
+            for (buf, n) in full_rx {
+                hasher.update(&buf[..n]);
+                total += n as u64;
+                hashed.store(total, Ordering::Relaxed);
+                let _ = empty_tx.try_send(buf); // never blocks (see drain_raw)
+            }
+            hasher
+        })?;
+        let end = read_behind(&file, start, ending, &full_tx, &empty_rx);
+        drop(full_tx);
+        let synced = end.and_then(|end| file.sync_data().map(|()| end));
+        let hasher = hashing.join().map_err(|_| io::Error::other("the RAM dump's hashing thread panicked"))?;
+        Ok((synced?, hasher))
+    })?;
+    Ok(Drained { file, stream_bytes: end - start, file_bytes: end, sha256: hex(&hasher.finalize()) })
+}
+
+/// Reads the file from `start` as QEMU appends to it, handing each piece to the hashing thread,
+/// until QEMU completed and nothing is left. Returns the offset of the file's end.
+fn read_behind(
+    file: &File,
+    start: u64,
+    ending: &AtomicU8,
+    full: &std::sync::mpsc::SyncSender<(Vec<u8>, usize)>,
+    empty: &std::sync::mpsc::Receiver<Vec<u8>>,
+) -> io::Result<u64> {
     use std::os::unix::fs::FileExt;
     use std::time::Duration;
     const MIN_NAP: Duration = Duration::from_micros(500);
-    let mut hasher = Sha256::new();
-    hasher.update(prefix);
-    let start = prefix.len() as u64;
     let mut at = start;
-    let mut buf = vec![0u8; CHUNK];
     let mut nap = MIN_NAP;
+    let mut let_go = 0u64;
+    let mut spare = None;
     loop {
         // Read the state before reading the file: a read that finds nothing after QEMU said it
         // completed is the end of the stream.
@@ -147,25 +200,29 @@ fn hash_behind(file: File, prefix: &[u8], hashed: &AtomicU64, ending: &AtomicU8)
         if state == ABANDONED {
             return Err(io::Error::other("the RAM dump was abandoned before its stream completed"));
         }
+        let mut buf = spare.take().or_else(|| empty.try_recv().ok()).unwrap_or_else(|| vec![0u8; CHUNK]);
         let n = match file.read_at(&mut buf, at) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         if n > 0 {
-            hasher.update(&buf[..n]);
             at += n as u64;
-            hashed.store(at - start, Ordering::Relaxed);
+            if full.send((buf, n)).is_err() {
+                return Err(io::Error::other("the RAM dump's hashing thread ended early"));
+            }
             nap = MIN_NAP;
+            if at >= let_go + 2 * LET_GO {
+                let_go = write_back(file, let_go, at - LET_GO);
+            }
         } else if state == COMPLETE {
-            break;
+            return Ok(at);
         } else {
+            spare = Some(buf);
             std::thread::sleep(nap);
             nap = (nap * 2).min(Duration::from_millis(8));
         }
     }
-    file.sync_data()?;
-    Ok(Drained { file, stream_bytes: at - start, file_bytes: at, sha256: hex(&hasher.finalize()) })
 }
 
 /// Writes what it is given to the file and to the hash.
@@ -173,6 +230,8 @@ struct Hashing {
     out: io::BufWriter<File>,
     hasher: Sha256,
     bytes: u64,
+    /// Where [`write_back`] starts next.
+    let_go: u64,
 }
 
 impl Write for Hashing {
@@ -180,6 +239,9 @@ impl Write for Hashing {
         let n = self.out.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
+        if self.bytes >= self.let_go + 2 * LET_GO {
+            self.let_go = write_back(self.out.get_ref(), self.let_go, self.bytes - LET_GO);
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -199,7 +261,7 @@ fn drain(mut input: File, file: File, prefix: &[u8], compress: RamCompress, leve
     if let RamCompress::None = compress {
         return drain_raw(input, file, hasher, prefix.len() as u64, received);
     }
-    let mut out = Hashing { out: io::BufWriter::with_capacity(CHUNK, file), hasher, bytes: prefix.len() as u64 };
+    let mut out = Hashing { out: io::BufWriter::with_capacity(CHUNK, file), hasher, bytes: prefix.len() as u64, let_go: 0 };
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     let mut enc = zstd::stream::write::Encoder::new(out, level)?;
@@ -220,7 +282,7 @@ fn drain(mut input: File, file: File, prefix: &[u8], compress: RamCompress, leve
     }
     out = enc.finish()?;
     out.flush()?;
-    let Hashing { out, hasher, bytes } = out;
+    let Hashing { out, hasher, bytes, .. } = out;
     let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
     file.sync_data()?;
     Ok(Drained { file, stream_bytes: total, file_bytes: bytes, sha256: hex(&hasher.finalize()) })
@@ -237,8 +299,13 @@ fn drain_raw(mut input: File, mut file: File, mut hasher: Sha256, prefix_len: u6
     let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(IN_FLIGHT);
     let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
     let writer = std::thread::Builder::new().name("vmsnap-ram-write".into()).spawn(move || -> io::Result<File> {
+        let (mut at, mut let_go) = (prefix_len, 0u64);
         for (buf, n) in full_rx {
             file.write_all(&buf[..n])?;
+            at += n as u64;
+            if at >= let_go + 2 * LET_GO {
+                let_go = write_back(&file, let_go, at - LET_GO);
+            }
             // Never blocks: a blocking send here deadlocked once the reader, done, was joining
             // this thread while the recycling channel was full (a dump that never finished).
             let _ = empty_tx.try_send(buf);
