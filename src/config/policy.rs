@@ -105,6 +105,8 @@ pub struct Policy {
     pub ram_compress: RamCompress,
     /// zstd's level (1..=19; 3 is zstd's default).
     pub ram_compress_level: i32,
+    /// How fast QEMU may write the RAM dump.
+    pub ram_bandwidth: RamBandwidth,
     pub strategy: Strategy,
     /// Replication targets (`[target.NAME]`) the domain's snapshots go to.
     pub replicate_to: Vec<String>,
@@ -153,6 +155,7 @@ impl Default for Policy {
             ram_quiesce: true,
             ram_compress: RamCompress::None,
             ram_compress_level: 3,
+            ram_bandwidth: RamBandwidth::Unlimited,
             strategy: Strategy::Overlay,
             replicate_to: Vec::new(),
             scripts: Scripts { timeout: Duration::from_secs(5), ..Scripts::default() },
@@ -180,7 +183,8 @@ macro_rules! policy_section {
             monthly_mday: Option<u32>, monthly_hour: Option<u32>, monthly_min: Option<u32>,
             yearly_mon: Option<u32>, yearly_mday: Option<u32>, yearly_hour: Option<u32>, yearly_min: Option<u32>,
             ram: Option<Vec<String>>, ram_keep: Option<u32>, ram_mode: Option<String>, ram_quiesce: Option<bool>, strategy: Option<String>,
-            ram_compress: Option<String>, ram_compress_level: Option<i32>, replicate_to: Option<Vec<String>>,
+            ram_compress: Option<String>, ram_compress_level: Option<i32>, ram_bandwidth: Option<$crate::config::policy::TextOrNumber>,
+            replicate_to: Option<Vec<String>>,
             pre_snapshot_script: Option<PathBuf>, post_snapshot_script: Option<PathBuf>,
             pre_pruning_script: Option<PathBuf>, pruning_script: Option<PathBuf>,
             script_timeout: Option<u64>, force_post_snapshot_script: Option<bool>, no_inconsistent_snapshot: Option<bool>,
@@ -214,6 +218,48 @@ pub(crate) use policy_section;
 policy_section! {
     /// What a template or a domain section may say about policy: every key optional.
     RawPolicy {}
+}
+
+/// How fast QEMU may write a RAM dump (`ram_bandwidth`): QEMU's own default (128 MiB/s) would
+/// cap every dump, and with it how long a precopy dump keeps the guest frozen and a background
+/// one slows the guest's writes. So by default the limit is lifted for the dump and put back
+/// after it (as libvirt does for `virsh save` and snapshots with memory); `keep` leaves whatever
+/// QEMU has, a number is MiB/s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamBandwidth {
+    Unlimited,
+    Keep,
+    MibPerSec(u64),
+}
+
+impl RamBandwidth {
+    /// What to set QEMU's `max-bandwidth` to (bytes/s) for the dump; `None`: leave it.
+    pub fn bytes(self) -> Option<u64> {
+        match self {
+            // libvirt's "unlimited": the largest whole MiB/s that fits an i64 of bytes.
+            RamBandwidth::Unlimited => Some((i64::MAX as u64 >> 20) << 20),
+            RamBandwidth::Keep => None,
+            RamBandwidth::MibPerSec(m) => Some(m << 20),
+        }
+    }
+
+    fn parse(v: &TextOrNumber) -> Result<Self, String> {
+        match v {
+            TextOrNumber::Text(t) if t == "unlimited" => Ok(RamBandwidth::Unlimited),
+            TextOrNumber::Text(t) if t == "keep" => Ok(RamBandwidth::Keep),
+            TextOrNumber::Number(n) if (1..=1 << 30).contains(n) => Ok(RamBandwidth::MibPerSec(*n as u64)),
+            TextOrNumber::Number(n) => Err(format!("{n} MiB/s is out of range 1..=1073741824")),
+            TextOrNumber::Text(t) => Err(format!("{t:?} is neither \"unlimited\", \"keep\" nor a number of MiB/s")),
+        }
+    }
+}
+
+/// A key that takes a word or a number.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TextOrNumber {
+    Text(String),
+    Number(i64),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -311,6 +357,9 @@ impl RawPolicy {
                 return Err(bad("ram_compress_level", format!("{l} is out of range 1..=19")));
             }
             base.ram_compress_level = l;
+        }
+        if let Some(b) = &self.ram_bandwidth {
+            base.ram_bandwidth = RamBandwidth::parse(b).map_err(|e| bad("ram_bandwidth", e))?;
         }
         if let Some(t) = &self.replicate_to {
             base.replicate_to = t.clone();
@@ -496,6 +545,21 @@ mod tests {
         assert_eq!(p.ram_keep, Some(3));
         assert_eq!(p.strategy, Strategy::Direct);
         assert_eq!(p.warn_after.get(Period::Daily), 30 * 3600);
+    }
+
+    #[test]
+    fn ram_bandwidth_lifts_the_limit_by_default_keeps_it_or_sets_mib() {
+        assert_eq!(Policy::default().ram_bandwidth, RamBandwidth::Unlimited);
+        assert!(RamBandwidth::Unlimited.bytes().unwrap() >= 1 << 62);
+        let mut p = Policy::default();
+        raw("ram_bandwidth = \"keep\"").apply(&mut p).unwrap();
+        assert_eq!((p.ram_bandwidth, p.ram_bandwidth.bytes()), (RamBandwidth::Keep, None));
+        raw("ram_bandwidth = 200").apply(&mut p).unwrap();
+        assert_eq!(p.ram_bandwidth.bytes(), Some(200 << 20));
+        for bad in ["ram_bandwidth = \"fast\"", "ram_bandwidth = 0", "ram_bandwidth = -5"] {
+            let e = raw(bad).apply(&mut Policy::default()).unwrap_err();
+            assert_eq!(e.key, "ram_bandwidth", "{bad}");
+        }
     }
 
     #[test]

@@ -292,8 +292,17 @@ impl Run<'_> {
     ) -> StepResult<Consistency> {
         ram::check(&self.qmp).await.at("prepare RAM dump")?;
         let previous = ram::current_capabilities(&self.qmp).await.at("prepare RAM dump")?;
-        self.record(Record::CapabilitiesSet { previous: previous.clone() }).await?;
+        // The dump's bandwidth (policy `ram_bandwidth`): the previous one is journaled with the
+        // capabilities and put back with them.
+        let bandwidth = match self.dom.policy.ram_bandwidth.bytes() {
+            Some(new) => Some((ram::current_bandwidth(&self.qmp).await.at("prepare RAM dump")?, new)),
+            None => None,
+        };
+        self.record(Record::CapabilitiesSet { previous: previous.clone(), max_bandwidth: bandwidth.map(|(old, _)| old) }).await?;
         let (mode, fallback) = ram::set_mode(&self.qmp, mode).await.at("prepare RAM dump")?;
+        if let Some((_, new)) = bandwidth {
+            ram::set_bandwidth(&self.qmp, new).await.at("prepare RAM dump")?;
+        }
         if let Some(why) = fallback {
             tracing::warn!(domain = %self.dom.name, "{why}");
             self.report.warnings.push(why);
@@ -362,6 +371,9 @@ impl Run<'_> {
             }
         }
         ram::restore_capabilities(&self.qmp, &previous).await.at("save RAM")?;
+        if let Some((old, _)) = bandwidth {
+            ram::set_bandwidth(&self.qmp, old).await.at("save RAM")?;
+        }
         self.record(Record::CapabilitiesReset).await?;
         let drained = self.finish_drain(drain, &path).await?;
         if self.ram_format == saveimage::FORMAT_LIBVIRT {

@@ -61,11 +61,14 @@ pub enum Record {
     PauseStarted,
     /// Fact: the VM runs again.
     Resumed,
-    /// Intent: migration capabilities are about to change; `previous` is what they were.
+    /// Intent: migration capabilities (and, when `max_bandwidth` is there, QEMU's migration
+    /// bandwidth) are about to change; `previous` and `max_bandwidth` are what they were.
     CapabilitiesSet {
         previous: Vec<(String, bool)>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bandwidth: Option<u64>,
     },
-    /// Fact: the capabilities are back to `previous`.
+    /// Fact: the capabilities (and the bandwidth) are back as they were.
     CapabilitiesReset,
     /// Intent: the RAM dump file is about to be created.
     RamDumpStarted {
@@ -154,6 +157,8 @@ pub struct Obligations {
     pub cancel_migration: bool,
     /// Migration capabilities vmsnap may have changed: set them back to these.
     pub reset_capabilities: Option<Vec<(String, bool)>>,
+    /// The migration bandwidth to put back (bytes/s), with the capabilities.
+    pub reset_bandwidth: Option<u64>,
     /// Overlays that may be in the disk chain: commit them back (if they are), then remove them.
     pub merge: Vec<OverlayRecord>,
     /// Overlays that never reached the chain, or whose commit completed: remove their nodes,
@@ -186,8 +191,11 @@ pub fn obligations(records: &[Record]) -> Obligations {
             Record::Thawed => o.thaw = false,
             Record::PauseStarted => o.resume = true,
             Record::Resumed => o.resume = false,
-            Record::CapabilitiesSet { previous } => o.reset_capabilities = Some(previous.clone()),
-            Record::CapabilitiesReset => o.reset_capabilities = None,
+            Record::CapabilitiesSet { previous, max_bandwidth } => {
+                o.reset_capabilities = Some(previous.clone());
+                o.reset_bandwidth = *max_bandwidth;
+            }
+            Record::CapabilitiesReset => (o.reset_capabilities, o.reset_bandwidth) = (None, None),
             Record::RamDumpStarted { path } => o.ram = Some(RamObligation { path: path.clone(), ..Default::default() }),
             Record::MigrationStarted => o.cancel_migration = true,
             Record::MigrationDone => o.cancel_migration = false,
@@ -460,7 +468,10 @@ mod tests {
         vec![
             begin(None),
             Record::OverlaysCreated { overlays: vec![overlay(0)] },
-            Record::CapabilitiesSet { previous: vec![("events".into(), false), ("background-snapshot".into(), false)] },
+            Record::CapabilitiesSet {
+                previous: vec![("events".into(), false), ("background-snapshot".into(), false)],
+                max_bandwidth: Some(128 << 20),
+            },
             Record::RamDumpStarted { path: "/ram/s.ram".into() },
             Record::PauseStarted,
             Record::SwitchStarted,
@@ -508,6 +519,7 @@ mod tests {
             assert_eq!(o.resume, seen("pause_started") && !seen("resumed"), "cut {cut}");
             assert_eq!(o.cancel_migration, seen("migration_started") && !seen("migration_done"), "cut {cut}");
             assert_eq!(o.reset_capabilities.is_some(), seen("capabilities_set") && !seen("capabilities_reset") && open, "cut {cut}");
+            assert_eq!(o.reset_bandwidth.is_some(), o.reset_capabilities.is_some(), "cut {cut}");
             // The dump is an obligation until the end: recovery keeps it only if a snapshot
             // that exists references it, and only once it is complete.
             assert_eq!(o.ram.is_some(), seen("ram_dump_started") && open, "cut {cut}");

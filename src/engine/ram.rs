@@ -86,6 +86,18 @@ pub async fn set_capabilities(qmp: &Qmp, background: bool) -> Result<(), StepErr
     Ok(())
 }
 
+/// QEMU's migration bandwidth now (bytes/s), to journal before changing it.
+pub async fn current_bandwidth(qmp: &Qmp) -> Result<u64, StepError> {
+    let v = qmp.execute_raw("query-migrate-parameters", None, Duration::from_secs(10)).await?;
+    v.get("max-bandwidth").and_then(Value::as_u64).ok_or_else(|| StepError::Refused("QEMU did not say its migration max-bandwidth".into()))
+}
+
+/// Sets QEMU's migration bandwidth (bytes/s).
+pub async fn set_bandwidth(qmp: &Qmp, bytes: u64) -> Result<(), StepError> {
+    qmp.execute_raw("migrate-set-parameters", Some(serde_json::json!({ "max-bandwidth": bytes })), Duration::from_secs(10)).await?;
+    Ok(())
+}
+
 /// Puts the capabilities back as journaled (names vmsnap does not know are skipped).
 pub async fn restore_capabilities(qmp: &Qmp, previous: &[(String, bool)]) -> Result<(), StepError> {
     let caps: Vec<MigrationCapabilityStatus> = previous

@@ -151,12 +151,22 @@ pub async fn apply(
             ram::close_fd(qmp).await;
         }
         if let Some(previous) = &o.reset_capabilities {
-            match ram::restore_capabilities(qmp, previous).await {
-                Ok(()) => {
-                    let _ = journal.append(Record::CapabilitiesReset);
-                    actions.push("reset the migration capabilities".into());
+            let bandwidth = async {
+                match o.reset_bandwidth {
+                    Some(bytes) => ram::set_bandwidth(qmp, bytes).await,
+                    None => Ok(()),
                 }
-                Err(e) => failures.push(format!("reset migration capabilities: {e}")),
+            };
+            match (ram::restore_capabilities(qmp, previous).await, bandwidth.await) {
+                (Ok(()), Ok(())) => {
+                    let _ = journal.append(Record::CapabilitiesReset);
+                    actions.push(if o.reset_bandwidth.is_some() {
+                        "reset the migration capabilities and bandwidth".into()
+                    } else {
+                        "reset the migration capabilities".into()
+                    });
+                }
+                (Err(e), _) | (_, Err(e)) => failures.push(format!("reset migration capabilities: {e}")),
             }
         }
         if o.resume {

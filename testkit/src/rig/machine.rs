@@ -217,6 +217,12 @@ impl Machine {
         if vmsnap::engine::ram::is_running(st) {
             return fail(format!("a migration is left {st}"));
         }
+        // vmsnap lifts the migration bandwidth for a dump (`ram_bandwidth`) and must put it back:
+        // no test leaves QEMU's default of 128 MiB/s changed.
+        let params = qmp.execute_raw("query-migrate-parameters", None, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        if params["max-bandwidth"].as_u64() != Some(128 << 20) {
+            return fail(format!("migration max-bandwidth is {}, expected QEMU's default 134217728", params["max-bandwidth"]));
+        }
         let now = qmp.execute_raw("query-migrate-capabilities", None, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
         for (name, want) in caps {
             let on = now.as_array().into_iter().flatten().any(|c| c["capability"] == *name && c["state"] == true);
