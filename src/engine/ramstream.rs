@@ -130,21 +130,34 @@ pub fn follow(file: File, hashed_prefix: Vec<u8>) -> io::Result<(OwnedFd, Drain)
     Ok((qemu_end, Drain { received, done: Some(done), ending: Some(ending) }))
 }
 
-/// How much hashed data [`hash_behind`] lets go of at a time.
+/// How much of a dump [`LetGo`] hands to writeback at a time.
 const LET_GO: u64 = 8 << 20;
 
-/// Tells the kernel the hashed bytes `from..to` are not needed again: their writeback starts now
-/// (so the final sync has only the tail left instead of the whole dump: on a host with plenty of
-/// RAM nothing would be written before it) and, once written, they leave the page cache instead
-/// of pushing out what the host uses. Advice only: a file system that ignores it changes nothing.
-/// Returns where the next range starts: half a step back, so pages still being written the last
-/// time are dropped now.
-fn write_back(file: &File, from: u64, to: u64) -> u64 {
-    use std::os::fd::AsRawFd;
-    let again = from.saturating_sub(LET_GO / 2);
-    let (Ok(off), Ok(len)) = (i64::try_from(again), i64::try_from(to - again)) else { return to };
-    let _ = nix::fcntl::posix_fadvise(file.as_raw_fd(), off, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
-    to
+/// Lets go of a dump's bytes once they are written (and hashed): every [`LET_GO`] bytes the
+/// range behind is advised `DONTNEED`, so its writeback starts now (the final sync has only the
+/// tail left instead of the whole dump: on a host with plenty of RAM nothing would be written
+/// before it) and, once written, it leaves the page cache instead of pushing out what the host
+/// uses. Advice only: a file system that ignores it changes nothing. Each range starts half a
+/// step before the last one ended, so pages still being written then are dropped now.
+#[derive(Default)]
+struct LetGo {
+    from: u64,
+}
+
+impl LetGo {
+    /// The file's first `done` bytes are written and hashed.
+    fn done(&mut self, file: &File, done: u64) {
+        use std::os::fd::AsRawFd;
+        if done < self.from + 2 * LET_GO {
+            return;
+        }
+        let to = done - LET_GO;
+        let again = self.from.saturating_sub(LET_GO / 2);
+        if let (Ok(off), Ok(len)) = (i64::try_from(again), i64::try_from(to - again)) {
+            let _ = nix::fcntl::posix_fadvise(file.as_raw_fd(), off, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+        }
+        self.from = to;
+    }
 }
 
 /// One thread reads behind QEMU and a second hashes what it read (reading and hashing in turn
@@ -191,7 +204,7 @@ fn read_behind(
     const MIN_NAP: Duration = Duration::from_micros(500);
     let mut at = start;
     let mut nap = MIN_NAP;
-    let mut let_go = 0u64;
+    let mut let_go = LetGo::default();
     let mut spare = None;
     loop {
         // Read the state before reading the file: a read that finds nothing after QEMU said it
@@ -212,9 +225,7 @@ fn read_behind(
                 return Err(io::Error::other("the RAM dump's hashing thread ended early"));
             }
             nap = MIN_NAP;
-            if at >= let_go + 2 * LET_GO {
-                let_go = write_back(file, let_go, at - LET_GO);
-            }
+            let_go.done(file, at);
         } else if state == COMPLETE {
             return Ok(at);
         } else {
@@ -230,8 +241,7 @@ struct Hashing {
     out: io::BufWriter<File>,
     hasher: Sha256,
     bytes: u64,
-    /// Where [`write_back`] starts next.
-    let_go: u64,
+    let_go: LetGo,
 }
 
 impl Write for Hashing {
@@ -239,9 +249,7 @@ impl Write for Hashing {
         let n = self.out.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
-        if self.bytes >= self.let_go + 2 * LET_GO {
-            self.let_go = write_back(self.out.get_ref(), self.let_go, self.bytes - LET_GO);
-        }
+        self.let_go.done(self.out.get_ref(), self.bytes);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -261,7 +269,7 @@ fn drain(mut input: File, file: File, prefix: &[u8], compress: RamCompress, leve
     if let RamCompress::None = compress {
         return drain_raw(input, file, hasher, prefix.len() as u64, received);
     }
-    let mut out = Hashing { out: io::BufWriter::with_capacity(CHUNK, file), hasher, bytes: prefix.len() as u64, let_go: 0 };
+    let mut out = Hashing { out: io::BufWriter::with_capacity(CHUNK, file), hasher, bytes: prefix.len() as u64, let_go: LetGo::default() };
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     let mut enc = zstd::stream::write::Encoder::new(out, level)?;
@@ -299,13 +307,11 @@ fn drain_raw(mut input: File, mut file: File, mut hasher: Sha256, prefix_len: u6
     let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(IN_FLIGHT);
     let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
     let writer = std::thread::Builder::new().name("vmsnap-ram-write".into()).spawn(move || -> io::Result<File> {
-        let (mut at, mut let_go) = (prefix_len, 0u64);
+        let (mut at, mut let_go) = (prefix_len, LetGo::default());
         for (buf, n) in full_rx {
             file.write_all(&buf[..n])?;
             at += n as u64;
-            if at >= let_go + 2 * LET_GO {
-                let_go = write_back(&file, let_go, at - LET_GO);
-            }
+            let_go.done(&file, at);
             // Never blocks: a blocking send here deadlocked once the reader, done, was joining
             // this thread while the recycling channel was full (a dump that never finished).
             let _ = empty_tx.try_send(buf);
@@ -451,7 +457,7 @@ mod tests {
         // It writes in pieces with pauses, so the hasher catches up and waits more than once.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dump");
-        let mut file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
+        let mut file = super::super::ram::create_dump(&path).unwrap();
         let prefix = super::super::saveimage::write_start(&mut file, "<domain/>", true, RamCompress::None).unwrap();
         let (qemu_end, drain) = follow(file, prefix.clone()).unwrap();
         let data = stream();
@@ -480,7 +486,7 @@ mod tests {
     #[tokio::test]
     async fn a_follower_counts_what_it_hashed_and_stops_when_abandoned() {
         let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dir.path().join("dump")).unwrap();
+        let file = super::super::ram::create_dump(&dir.path().join("dump")).unwrap();
         let (qemu_end, drain) = follow(file, Vec::new()).unwrap();
         File::from(qemu_end).write_all(&[1u8; 300_000]).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
