@@ -91,6 +91,9 @@ enum Command {
         /// serve` has --allow-rollback. A snapshot made there by hand refuses it.
         #[arg(long)]
         rollback_target: bool,
+        /// Run in this process even when the daemon is running.
+        #[arg(long)]
+        local: bool,
         #[arg(long)]
         json: bool,
     },
@@ -302,9 +305,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::List { domain, target: None, json } => cmd::list::run(&load()?, &zfs, domain.as_deref(), json).await,
         Command::List { domain, target: Some(t), json } => cmd::list::target(&load()?, &zfs, domain.as_deref(), &t, json).await,
         Command::Prune { domain, dry_run, now, json } => cmd::prune::run(&load()?, &zfs, domain, dry_run, now, json).await,
-        Command::Replicate { domain, target, dry_run, rollback_target, json } => {
+        Command::Replicate { domain, target, dry_run, rollback_target, local, json } => {
             let opts = vmsnap::replicate::Options { dry_run, rollback_target, ..Default::default() };
-            cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), opts, json).await
+            cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), opts, json, local).await
         }
         Command::Restore { domain, snapshot, as_name, promote, destroy_newer, resume, from, dry_run, json } => {
             let cfg = load()?;

@@ -452,7 +452,7 @@ fn daemon_replicates() -> Result<(), Failed> {
         let last = busctl(&bus, &["get-property", "io.github.vmsnap.Agent1", &job, "io.github.vmsnap.Job1", "Transfer"])?;
         let (bytes, total) = (last["data"]["bytes"]["data"].as_u64().unwrap_or(0), last["data"]["total"]["data"].as_u64().unwrap_or(0));
         check(bytes > 0 && bytes <= total, format!("the last Transfer: {last}"))?;
-        Ok(())
+        cli_through_the_daemon(&bus, &daemon, &cfg, &slow)
     })();
     let _ = Command::new("kill").arg(daemon.id().to_string()).status();
     let _ = daemon.wait();
@@ -461,6 +461,80 @@ fn daemon_replicates() -> Result<(), Failed> {
     std::fs::write(CONFIG, cfg)?;
     result.map_err(|e| Failed::from(format!("{}\ndaemon log:\n{}", e.message().unwrap_or_default(), tail(&daemon_log(), 40))))?;
     assert_replicated()
+}
+
+/// `vmsnap replicate` while the daemon runs is one of its jobs: its report as in-process, its
+/// streams on the CLI, Ctrl-C cancels the job (the next run resumes), a diverged target is
+/// exit 3 as in-process.
+fn cli_through_the_daemon(bus: &str, daemon: &std::process::Child, cfg: &str, slow: &str) -> Result<(), Failed> {
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(vmsnap_bin());
+        c.env("VMSNAP_BUS_ADDRESS", bus).args(["--config", CONFIG, "replicate", "web"]).args(args);
+        c
+    };
+    let jobs = || {
+        std::fs::read_to_string(format!("{RT}/daemon.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("job started") && l.contains("replicate"))
+            .count()
+    };
+    let before = jobs();
+    let name = snapshot("cli")?;
+    let out = cli(&["--json"]).output()?;
+    check(out.status.success(), text(&out))?;
+    let reports: Value = serde_json::from_slice(&out.stdout)?;
+    check(reports[0]["completed"].to_string().contains(&name), format!("{name} not completed: {}", text(&out)))?;
+    check(jobs() > before, format!("not a job of the daemon's: {before} replication jobs before, {} after", jobs()))?;
+
+    // Interrupted mid-stream: the daemon's job is cancelled, the target keeps a resumable receive.
+    reload(daemon, slow)?;
+    sh(&format!("dd if=/dev/urandom of=/{SRC}/disk0.img bs=1M count=48 seek=16 conv=notrunc status=none"));
+    let name = snapshot("cli-stop")?;
+    let mut child = cli(&[]).stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(" MiB of ") && line.contains("(through the daemon)") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let moving = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+    sh(&format!("kill -INT {}", child.id()));
+    let status = child.wait()?;
+    let said = reader.join().map_err(|_| "the stderr reader panicked")?;
+    eprintln!("METRIC CLI interrupted through the daemon: {}", tail(&said, 3));
+    check(moving, format!("no stream shown through the daemon: {said}"))?;
+    check(
+        status.code() == Some(1) && said.contains("stopping after the piece in flight") && said.contains("cancelled"),
+        format!("{status}: {said}"),
+    )?;
+    let token = sh(&format!("zfs get -H -o value receive_resume_token {DST}")).trim().to_owned();
+    check(token.len() > 10, format!("no resumable receive on the target after the interrupt: {token:?}"))?;
+    reload(daemon, cfg)?;
+    let out = cli(&["--json"]).output()?;
+    check(out.status.success(), text(&out))?;
+    let reports: Value = serde_json::from_slice(&out.stdout)?;
+    check(reports[0]["datasets"][0]["steps"].to_string().contains("resume"), format!("not resumed: {}", text(&out)))?;
+    check(reports[0]["completed"].to_string().contains(&name), format!("{name} not completed: {}", text(&out)))?;
+
+    // A diverged target: exit 3, nothing destroyed, as in-process.
+    let kept = snaps(DST);
+    snapshot("cli-diverged")?;
+    sh(&format!("zfs set mountpoint=/backup/web-mnt {DST} && (zfs mount {DST} 2>/dev/null; mountpoint -q /backup/web-mnt) && dd if=/dev/urandom of=/backup/web-mnt/intruder bs=1M count=1 status=none && sync"));
+    let out = cli(&[]).output()?;
+    let said = text(&out);
+    sh(&format!("zfs unmount {DST}; zfs inherit mountpoint {DST}; zfs rollback {DST}@{}", kept.last().unwrap()));
+    check(out.status.code() == Some(3) && said.contains("diverged") && said.contains("hint:"), said)?;
+    check(snaps(DST) == kept, "the target's snapshots changed")?;
+    replicate(&[]).map(drop)
 }
 
 /// The last `n` lines of `s`.

@@ -1,8 +1,16 @@
 //! Reaching a running daemon from the CLI: the system bus (or `VMSNAP_BUS_ADDRESS`), and only
-//! when `io.github.vmsnap.Agent1` has an owner; otherwise the CLI works in-process.
+//! when `io.github.vmsnap.Agent1` has an owner; otherwise the CLI works in-process. And
+//! following one of its jobs to the end.
 
+use anyhow::Result;
+use futures_util::StreamExt;
+use std::collections::HashMap;
 use std::time::Duration;
+use vmsnap::daemon::dbus::client::Job1Proxy;
 use vmsnap::daemon::dbus::BUS_NAME;
+use vmsnap::replicate::Transfer;
+use zbus::proxy::CacheProperties;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 
 /// A connection to the bus where the daemon answers, if it does (within a second).
 pub async fn daemon() -> Option<zbus::Connection> {
@@ -16,4 +24,70 @@ pub async fn daemon() -> Option<zbus::Connection> {
         dbus.name_has_owner(name).await.ok()?.then_some(conn)
     };
     tokio::time::timeout(Duration::from_secs(1), connect).await.ok().flatten()
+}
+
+/// How a daemon job ended: its `State`, `Result` and `Failure`.
+pub struct Ended {
+    pub state: String,
+    pub result: String,
+    pub failure: String,
+}
+
+/// Follows the job at `path` to its end: each step (`Progress`) goes to `on_step`, with the
+/// stream in flight when the step is that stream's figures (a replication job says them in
+/// words too); when `stop` fires, the job is asked to cancel (once) and followed on.
+pub async fn follow(
+    conn: &zbus::Connection,
+    path: &OwnedObjectPath,
+    mut on_step: impl FnMut(&str, Option<Transfer>),
+    stop: Option<&tokio::sync::Notify>,
+) -> Result<Ended> {
+    // Uncached: State and Result are read fresh once the job says it has finished.
+    let job = Job1Proxy::builder(conn).path(path.clone())?.cache_properties(CacheProperties::No).build().await?;
+    let props = zbus::fdo::PropertiesProxy::builder(conn)
+        .destination(BUS_NAME)?
+        .path(path.clone())?
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?;
+    // Subscribed before the first look, so no change between the two is missed.
+    let mut changes = props.receive_properties_changed().await?;
+    let mut finished = job.receive_finished().await?;
+    show(&job, &job.progress().await?, &mut on_step).await;
+    let mut asked = false;
+    if job.state().await? == "running" {
+        loop {
+            tokio::select! {
+                Some(change) = changes.next() => {
+                    let Ok(args) = change.args() else { continue };
+                    let Some(v) = args.changed_properties().get("Progress") else { continue };
+                    if let Ok(s) = String::try_from(v.try_clone()?) {
+                        show(&job, &s, &mut on_step).await;
+                    }
+                }
+                _ = finished.next() => break,
+                () = async { stop.expect("guarded").notified().await }, if stop.is_some() && !asked => {
+                    asked = true;
+                    // It may have finished meanwhile ("already finished"): the state says.
+                    let _ = job.cancel().await;
+                }
+                else => break,
+            }
+        }
+    }
+    Ok(Ended { state: job.state().await?, result: job.result().await?, failure: job.failure().await? })
+}
+
+/// One step to `on_step`, with the stream in flight if the step is its figures (the job sets
+/// its transfer before it says the figures).
+async fn show(job: &Job1Proxy<'_>, s: &str, on_step: &mut impl FnMut(&str, Option<Transfer>)) {
+    let t = transfer(job.transfer().await.unwrap_or_default()).filter(|t| s.ends_with(&t.to_string()));
+    on_step(s, t);
+}
+
+/// A job's `Transfer` property as the library's [`Transfer`]; `None` when empty.
+fn transfer(m: HashMap<String, OwnedValue>) -> Option<Transfer> {
+    let what = String::try_from(m.get("what")?.try_clone().ok()?).ok()?;
+    let n = |k: &str| m.get(k).and_then(|v| u64::try_from(v).ok());
+    Some(Transfer { what, bytes: n("bytes")?, total: n("total").unwrap_or(0), rate: n("rate").unwrap_or(0), eta_seconds: n("eta") })
 }

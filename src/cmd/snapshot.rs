@@ -5,10 +5,9 @@
 
 use super::progress::Steps;
 use anyhow::{bail, Result};
-use futures_util::StreamExt;
 use std::sync::Arc;
 use vmsnap::config::Config;
-use vmsnap::daemon::dbus::client::{Agent1Proxy, Job1Proxy};
+use vmsnap::daemon::dbus::client::Agent1Proxy;
 use vmsnap::daemon::jobs::{Jobs, Origin, Outcome, Output, Request};
 use vmsnap::engine::{RamMode, SnapshotOptions, SnapshotReport, Strategy};
 use vmsnap::zfs::Zfs;
@@ -43,42 +42,13 @@ async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport>
     options.insert("label", Value::from(a.label.as_str()));
     let agent = Agent1Proxy::new(conn).await?;
     let path = agent.snapshot(&a.domain, options).await.map_err(|e| anyhow::anyhow!("domain {}: {e}", a.domain))?;
-    // Uncached: State and Result are read fresh once the job says it has finished.
-    let job = Job1Proxy::builder(conn).path(path.clone())?.cache_properties(zbus::proxy::CacheProperties::No).build().await?;
-    let props = zbus::fdo::PropertiesProxy::builder(conn)
-        .destination(vmsnap::daemon::dbus::BUS_NAME)?
-        .path(path.clone())?
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await?;
-    // Subscribed before the first look, so no change between the two is missed.
-    let mut changes = props.receive_properties_changed().await?;
-    let mut finished = job.receive_finished().await?;
     let mut steps = Steps::new(a.json, &a.domain, &format!("daemon job {}", path.as_str()));
-    steps.step(&job.progress().await?);
-    if job.state().await? == "running" {
-        loop {
-            tokio::select! {
-                Some(change) = changes.next() => {
-                    if let Ok(args) = change.args() {
-                        if let Some(v) = args.changed_properties().get("Progress") {
-                            if let Ok(s) = String::try_from(v.try_clone()?) {
-                                steps.step(&s);
-                            }
-                        }
-                    }
-                }
-                _ = finished.next() => break,
-                else => break,
-            }
-        }
-    }
+    let end = super::bus::follow(conn, &path, |s, _| steps.step(s), None).await?;
     steps.done();
-    let (state, result) = (job.state().await?, job.result().await?);
-    if state != "succeeded" {
-        bail!("{result}");
+    if end.state != "succeeded" {
+        bail!("{}", end.result);
     }
-    Ok(serde_json::from_str(&result)?)
+    Ok(serde_json::from_str(&end.result)?)
 }
 
 async fn in_process(cfg: Config, zfs: &Zfs, a: &Args) -> Result<SnapshotReport> {

@@ -149,8 +149,8 @@ impl Output {
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Succeeded(Output),
-    /// The error, with its causes.
-    Failed(String),
+    /// The error, with its causes, and what kind of failure it was.
+    Failed(String, Failure),
     /// Cancelled; what the undo did (or why it is incomplete).
     Cancelled(String),
 }
@@ -159,7 +159,7 @@ impl Outcome {
     pub fn state(&self) -> &'static str {
         match self {
             Self::Succeeded(_) => "succeeded",
-            Self::Failed(_) => "failed",
+            Self::Failed(..) => "failed",
             Self::Cancelled(_) => "cancelled",
         }
     }
@@ -168,7 +168,33 @@ impl Outcome {
     pub fn result_text(&self) -> String {
         match self {
             Self::Succeeded(o) => o.to_json(),
-            Self::Failed(m) | Self::Cancelled(m) => m.clone(),
+            Self::Failed(m, _) | Self::Cancelled(m) => m.clone(),
+        }
+    }
+
+    /// What kind of failure it was, if it failed.
+    pub fn failure(&self) -> Option<Failure> {
+        match self {
+            Self::Failed(_, f) => Some(*f),
+            _ => None,
+        }
+    }
+}
+
+/// What kind of failure ended a job, for a client that acts on it (the CLI's exit status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// A replication target diverged from the source: nothing was sent or destroyed there.
+    Diverged,
+    /// Anything else.
+    Error,
+}
+
+impl Failure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Diverged => "diverged",
+            Self::Error => "error",
         }
     }
 }
@@ -223,7 +249,7 @@ impl JobHandle {
     pub async fn outcome(&mut self) -> Outcome {
         match self.done.wait_for(Option::is_some).await {
             Ok(o) => o.clone().expect("waited for Some"),
-            Err(_) => Outcome::Failed("the job's task ended without an outcome".into()),
+            Err(_) => Outcome::Failed("the job's task ended without an outcome".into(), Failure::Error),
         }
     }
 
@@ -385,7 +411,7 @@ impl Jobs {
             let outcome = this.run(id, &cfg, &dom, request, cancelled, progress_tx, transfer_tx).await;
             let state = outcome.state();
             match &outcome {
-                Outcome::Failed(e) => tracing::error!(job = id, domain = %dom.name, kind, "job failed: {e}"),
+                Outcome::Failed(e, _) => tracing::error!(job = id, domain = %dom.name, kind, "job failed: {e}"),
                 Outcome::Cancelled(m) => tracing::warn!(job = id, domain = %dom.name, kind, "job cancelled: {m}"),
                 Outcome::Succeeded(_) => tracing::info!(job = id, domain = %dom.name, kind, "job succeeded"),
             }
@@ -464,6 +490,8 @@ impl Jobs {
         // Replication stops between two pieces of a stream when this is set (nothing to undo:
         // the target keeps a resumable receive).
         let stop_sending = Arc::new(AtomicBool::new(false));
+        // Set when a replication target diverged (the failure's kind).
+        let diverged = AtomicBool::new(false);
         let work = async {
             if slots.available_permits() == 0 {
                 step("waiting for a free slot (max_parallel)");
@@ -481,7 +509,7 @@ impl Jobs {
                 }
                 Request::Replicate { targets, opts } => {
                     let opts = replicate::Options { cancel: Some(stop_sending.clone()), ..opts.clone() };
-                    let watcher = Watcher { step: &*step, transfer: &transfer, target: Mutex::new(String::new()) };
+                    let watcher = Watcher { step: &*step, transfer: &transfer, target: Mutex::new(String::new()), diverged: &diverged };
                     self.replicate(cfg, dom, targets, opts, &watcher).await.map(Output::Replicate)
                 }
                 Request::Restore(r) => self.restore(cfg, dom, r, step.clone()).await.map(Output::Report),
@@ -521,7 +549,10 @@ impl Jobs {
             r = &mut work => {
                 return match r {
                     Ok(out) => Outcome::Succeeded(out),
-                    Err(e) => Outcome::Failed(e),
+                    Err(e) => {
+                        let kind = if diverged.load(Ordering::Relaxed) { Failure::Diverged } else { Failure::Error };
+                        Outcome::Failed(e, kind)
+                    }
                 }
             }
             () = stop => {}
@@ -632,6 +663,9 @@ impl Jobs {
                 }
                 Err(e @ ReplicateError::Cancelled { .. }) => return Err(e.to_string()),
                 Err(e) => {
+                    if matches!(e, ReplicateError::Diverged { .. }) {
+                        watcher.diverged.store(true, Ordering::Relaxed);
+                    }
                     tracing::error!(domain = %dom.name, target = %tname, "replication failed: {}", error_chain(&e));
                     if !opts.dry_run {
                         self.record_replication(cfg, dom, tname, None);
@@ -832,6 +866,8 @@ struct Watcher<'a> {
     step: &'a (dyn Fn(&str) + Sync),
     transfer: &'a watch::Sender<Option<Transfer>>,
     target: Mutex<String>,
+    /// Set when a target diverged.
+    diverged: &'a AtomicBool,
 }
 
 impl replicate::Observer for Watcher<'_> {

@@ -37,12 +37,13 @@ pub enum ReplicateError {
     Zfs(#[from] ZfsError),
 }
 
+/// What to do about a diverged target.
+pub const DIVERGED_HINT: &str = "look at the target's snapshots: vmsnap never forces a receive; `--rollback-target` destroys the target's newer vmsnap snapshots (if its `vmsnap serve` has --allow-rollback), or remove what diverged there by hand";
+
 impl ReplicateError {
     pub fn hint(&self) -> Option<&'static str> {
         match self {
-            ReplicateError::Diverged { .. } => Some(
-                "look at the target's snapshots: vmsnap never forces a receive; `--rollback-target` destroys the target's newer vmsnap snapshots (if its `vmsnap serve` has --allow-rollback), or remove what diverged there by hand",
-            ),
+            ReplicateError::Diverged { .. } => Some(DIVERGED_HINT),
             ReplicateError::Target { .. } => {
                 Some("can this host reach the target (`ssh` with the configured key), and does its forced command run `vmsnap serve`?")
             }
@@ -52,7 +53,7 @@ impl ReplicateError {
 }
 
 /// What one dataset's replication did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DatasetReport {
     pub dataset: String,
     /// The steps sent (or, dry run, planned), in words.
@@ -64,7 +65,8 @@ pub struct DatasetReport {
     pub rolled_back: Option<RollbackOutcome>,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// What a run did (also the `Result` of a D-Bus replication job: a list of these, as JSON).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ReplicationReport {
     pub domain: String,
     pub target: String,

@@ -43,6 +43,8 @@ pub trait Job1 {
     fn transfer(&self) -> zbus::Result<HashMap<String, zbus::zvariant::OwnedValue>>;
     #[zbus(property)]
     fn result(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn failure(&self) -> zbus::Result<String>;
     fn cancel(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn finished(&self, success: bool, result: &str) -> zbus::Result<()>;

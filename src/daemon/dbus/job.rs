@@ -1,6 +1,6 @@
 //! One job started over D-Bus, exported at `…/Jobs/<n>`: its `State` (`running`, `succeeded`,
 //! `failed`, `cancelled`), the step in `Progress`, a replication's stream in `Transfer`, the
-//! report or error in `Result` (JSON),
+//! report or error in `Result` (JSON), what kind of failure it was in `Failure`,
 //! `Cancel()`, and a `Finished(success, result)` signal. Every property change is announced
 //! with `PropertiesChanged`, so followers never poll. The job itself lives in
 //! [`crate::daemon::jobs`]; this object only shows it.
@@ -70,6 +70,14 @@ impl Job {
         self.handle.finished().map(|o| o.result_text()).unwrap_or_default()
     }
 
+    /// Why a failed job failed, for a client that acts on it: `diverged` (a replication target
+    /// diverged from the source; nothing was sent or destroyed there) or `error` (anything
+    /// else). Empty unless the job failed.
+    #[zbus(property)]
+    fn failure(&self) -> String {
+        self.handle.finished().and_then(|o| o.failure()).map(|f| f.as_str().to_owned()).unwrap_or_default()
+    }
+
     /// Stops the job at the step it is in and replays its domain's journal (thaw, resume,
     /// cancel the dump, merge overlays), as after a crash. Root only, like every mutating call.
     async fn cancel(
@@ -118,6 +126,7 @@ pub async fn follow(conn: zbus::Connection, path: OwnedObjectPath, mut handle: J
         let _ = job.state_changed(emitter).await;
         let _ = job.progress_changed(emitter).await;
         let _ = job.result_changed(emitter).await;
+        let _ = job.failure_changed(emitter).await;
         let _ = job.transfer_changed(emitter).await;
         let _ = Job::finished(emitter, matches!(outcome, Outcome::Succeeded(_)), &outcome.result_text()).await;
     }
