@@ -50,14 +50,29 @@ pub async fn follow(
         .cache_properties(CacheProperties::No)
         .build()
         .await?;
-    // Subscribed before the first look, so no change between the two is missed.
+    // Subscribed before the first look, so no change between the two is missed; and the
+    // daemon's name, so a daemon that dies (kill -9) does not leave this waiting for ever.
     let mut changes = props.receive_properties_changed().await?;
     let mut finished = job.receive_finished().await?;
-    show(&job, &job.progress().await?, &mut on_step).await;
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let mut owners = dbus.receive_name_owner_changed_with_args(&[(0, BUS_NAME)]).await?;
+    let gone = |why: &str| {
+        anyhow::anyhow!(
+            "the daemon stopped while its job {} ran ({why}): what the job had begun is undone when the daemon starts again, or now by `vmsnap recover`",
+            path.as_str()
+        )
+    };
+    let lost = |e: zbus::Error| gone(&e.to_string());
+    show(&job, &job.progress().await.map_err(lost)?, &mut on_step).await;
     let mut asked = false;
-    if job.state().await? == "running" {
+    if job.state().await.map_err(lost)? == "running" {
         loop {
             tokio::select! {
+                Some(owner) = owners.next() => {
+                    if owner.args().is_ok_and(|a| a.new_owner().is_none()) {
+                        return Err(gone("it left the bus"));
+                    }
+                }
                 Some(change) = changes.next() => {
                     let Ok(args) = change.args() else { continue };
                     let Some(v) = args.changed_properties().get("Progress") else { continue };
@@ -75,7 +90,9 @@ pub async fn follow(
             }
         }
     }
-    Ok(Ended { state: job.state().await?, result: job.result().await?, failure: job.failure().await? })
+    let read =
+        async { Ok::<_, zbus::Error>(Ended { state: job.state().await?, result: job.result().await?, failure: job.failure().await? }) };
+    read.await.map_err(lost)
 }
 
 /// One step to `on_step`, with the stream in flight if the step is its figures (the job sets
