@@ -638,42 +638,62 @@ fn daemon_sigterm_mid_freeze() -> Result<(), Failed> {
     Ok(())
 }
 
-/// `kill -9` of the daemon while `vmsnap snapshot` follows its job (direct, the guest frozen
-/// around a `zfs snapshot` that takes 5 s): the CLI says the daemon stopped and how the job is
-/// undone, instead of waiting for ever; `vmsnap recover` then thaws the guest.
-fn cli_when_the_daemon_is_killed() -> Result<(), Failed> {
+/// `vmsnap snapshot` following a daemon job (direct, the guest frozen around a `zfs snapshot`
+/// that takes 5 s): Ctrl-C has the daemon cancel the job, undone as in-process (thawed);
+/// `kill -9` of the daemon makes the CLI say the daemon stopped and how the job is
+/// undone, instead of waiting for ever, and `vmsnap recover` then thaws the guest.
+fn cli_through_the_daemon_interrupted_or_orphaned() -> Result<(), Failed> {
     let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
     let (address, _bus, mut daemon) = start_daemon_with(lab, &[("VMSNAP_STANDIN_SNAPSHOT_SLEEP", "5")])?;
-    let mut cli = lab
-        .vmsnap_cmd(&["snapshot", DOMAIN, "--strategy", "direct", "--label", &label()], &[("VMSNAP_BUS_ADDRESS", &address)])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
     let journal = lab.path("state/journal").join(format!("{DOMAIN}.json"));
-    let t = Instant::now();
-    while !std::fs::read_to_string(&journal).unwrap_or_default().contains("zfs_snapshot_started") {
-        check(t.elapsed() < Duration::from_secs(30), "the job never reached its window")?;
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let in_window = |cli: &mut std::process::Child| -> Result<(), Failed> {
+        let t = Instant::now();
+        while !std::fs::read_to_string(&journal).unwrap_or_default().contains("zfs_snapshot_started") {
+            check(t.elapsed() < Duration::from_secs(30) && cli.try_wait()?.is_none(), "the job never reached its window")?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    let start = || {
+        lab.vmsnap_cmd(&["snapshot", DOMAIN, "--strategy", "direct", "--label", &label()], &[("VMSNAP_BUS_ADDRESS", &address)])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    let ended = |mut cli: std::process::Child, within: Duration| -> Result<(bool, Output), Failed> {
+        let t = Instant::now();
+        while cli.try_wait()?.is_none() && t.elapsed() < within {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let returned = cli.try_wait()?.is_some();
+        if !returned {
+            let _ = cli.kill();
+        }
+        Ok((returned, cli.wait_with_output()?))
+    };
+
+    // Ctrl-C: the daemon's job is cancelled and undone.
+    let mut cli = start()?;
+    in_window(&mut cli)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cli.id() as i32), nix::sys::signal::Signal::SIGINT)?;
+    let (returned, out) = ended(cli, Duration::from_secs(30))?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    eprintln!("METRIC CLI interrupted while following the daemon's job: {}", said.trim());
+    check(returned && out.status.code() == Some(1) && said.contains("interrupted") && said.contains("thawed"), text(&out))?;
+    assert_invariants(lab, true)?;
+    lab.reset_snapshots();
+
+    // kill -9 of the daemon: the CLI returns at once.
+    let mut cli = start()?;
+    in_window(&mut cli)?;
     daemon.0.kill()?;
     daemon.0.wait()?;
     let t = Instant::now();
-    while cli.try_wait()?.is_none() && t.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let returned = cli.try_wait()?.is_some();
-    if !returned {
-        let _ = cli.kill();
-    }
-    let out = cli.wait_with_output()?;
-    eprintln!(
-        "METRIC CLI after the daemon was killed: {:.1} s: {}",
-        t.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    check(returned, format!("the CLI still waited 20 s after the daemon died: {}", text(&out)))?;
+    let (returned, out) = ended(cli, Duration::from_secs(20))?;
     let said = String::from_utf8_lossy(&out.stderr);
+    eprintln!("METRIC CLI after the daemon was killed: {:.1} s: {}", t.elapsed().as_secs_f64(), said.trim());
+    check(returned, format!("the CLI still waited 20 s after the daemon died: {}", text(&out)))?;
     check(out.status.code() == Some(1) && said.contains("the daemon stopped") && said.contains("vmsnap recover"), text(&out))?;
     // The stand-in `zfs snapshot` the daemon started may still be sleeping: recover after it.
     std::thread::sleep(Duration::from_secs(5));
@@ -1263,7 +1283,7 @@ fn main() {
         ("dbus_cancel_during_a_dump_cancels_the_migration", dbus_cancel_during_a_dump),
         ("cli_through_the_daemon_returns_the_jobs_result", cli_through_the_daemon_returns),
         ("daemon_sigterm_mid_freeze_waits_for_the_thaw", daemon_sigterm_mid_freeze),
-        ("cli_following_a_job_returns_when_the_daemon_is_killed", cli_when_the_daemon_is_killed),
+        ("cli_through_the_daemon_interrupted_or_orphaned", cli_through_the_daemon_interrupted_or_orphaned),
         ("scheduled_snapshot_is_announced", scheduled_snapshot_is_announced),
         ("cancel_of_one_domain_leaves_the_other_alone", cancel_of_one_domain_leaves_the_other_alone),
         ("recover_thaws_a_guest_frozen_with_nothing_running", recover_thaws_a_guest_frozen_with_nothing_running),

@@ -43,10 +43,29 @@ async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport>
     let agent = Agent1Proxy::new(conn).await?;
     let path = agent.snapshot(&a.domain, options).await.map_err(|e| anyhow::anyhow!("domain {}: {e}", a.domain))?;
     let mut steps = Steps::new(a.json, &a.domain, &format!("daemon job {}", path.as_str()));
-    let end = super::bus::follow(conn, &path, |s, _| steps.step(s), None).await?;
+    // Ctrl-C or SIGTERM: the daemon cancels the job (it undoes what it did, as in-process);
+    // this waits for that, unless asked again.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut int, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
+        let (stop, domain) = (stop.clone(), a.domain.clone());
+        tokio::spawn(async move {
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            eprintln!("vmsnap: interrupted: the daemon undoes the snapshot of {domain} (again to quit at once)");
+            stop.notify_one();
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            std::process::exit(130);
+        })
+    };
+    let end = super::bus::follow(conn, &path, |s, _| steps.step(s), Some(&stop)).await;
+    signals.abort();
+    let end = end?;
     steps.done();
-    if end.state != "succeeded" {
-        bail!("{}", end.result);
+    match end.state.as_str() {
+        "succeeded" => {}
+        "cancelled" => bail!("interrupted; the snapshot of {} was {}", a.domain, end.result),
+        _ => bail!("{}", end.result),
     }
     Ok(serde_json::from_str(&end.result)?)
 }
