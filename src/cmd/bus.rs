@@ -83,8 +83,11 @@ pub async fn follow(
                 _ = finished.next() => break,
                 () = async { stop.expect("guarded").notified().await }, if stop.is_some() && !asked => {
                     asked = true;
-                    // It may have finished meanwhile ("already finished"): the state says.
-                    let _ = job.cancel().await;
+                    // Refused (it finished meanwhile, or a caller without the right): the job's
+                    // own journal keeps whatever it must undo; this follows it to its end.
+                    if let Err(e) = job.cancel().await {
+                        on_step(&format!("the daemon did not cancel the job ({e}); following it to its end"), None);
+                    }
                 }
                 else => break,
             }
