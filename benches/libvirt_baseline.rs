@@ -107,11 +107,11 @@ fn inside() {
 }
 
 async fn run(v: Variant, label: usize, qmp_path: &Path) -> Sample {
-    let t = Instant::now();
     match v {
         Variant::Libvirt => {
             let obs = Qmp::connect(qmp_path, Duration::from_secs(30)).await.expect("observer on vmsnap's QMP socket");
             let mut pauses = obs.subscribe().expect("events");
+            let t = Instant::now();
             libvirt_flow(label).await;
             let total_ms = t.elapsed().as_secs_f64() * 1e3;
             Sample { pause_ms: ram::paused_ms(&mut pauses).await.unwrap_or(0.0), total_ms }
@@ -121,6 +121,7 @@ async fn run(v: Variant, label: usize, qmp_path: &Path) -> Sample {
             sh(&format!("echo {} > /proc/sys/vm/unprivileged_userfaultfd", u8::from(background)));
             let l = format!("b{label}");
             let mode = if background { "background" } else { "precopy" };
+            let t = Instant::now();
             let out = tokio::process::Command::new(vmsnap_bin())
                 .args(["--config", CONFIG, "snapshot", DOMAIN, "--local", "--json", "--label", &l, "--memory", mode])
                 .output()

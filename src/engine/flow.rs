@@ -113,10 +113,12 @@ pub async fn snapshot(
     run.report.name = run.name.clone();
     match run.steps().await {
         Ok(()) => {
+            let t = Instant::now();
             if let Some(mut j) = run.journal.take() {
                 j.append(Record::End).map_err(|e| fail("finish", e.into()))?;
                 j.remove().map_err(|e| fail("finish", e.into()))?;
             }
+            run.timed("finish", t);
             Ok(run.report)
         }
         Err((step, source)) => Err(run.undo(step, source).await),
@@ -173,6 +175,7 @@ impl Run<'_> {
         }
         self.timed("prepare", t);
 
+        let t = Instant::now();
         let running = self.qmp.execute(&qapi::qmp::query_status {}).await.at("query status")?.running;
         self.was_running = running;
         self.journal = Some(
@@ -204,6 +207,7 @@ impl Run<'_> {
         } else if self.opts.quiesce && !running {
             self.report.warnings.push("the VM is paused: no freeze, crash-consistent".into());
         }
+        self.timed("journal and agent", t);
 
         let overlays = match self.opts.strategy {
             Strategy::Overlay => self.create_overlays(&disks).await?,
@@ -290,6 +294,7 @@ impl Run<'_> {
         overlays: &[OverlayRecord],
         by_pool: &BTreeMap<String, Vec<Dataset>>,
     ) -> StepResult<Consistency> {
+        let t = Instant::now();
         ram::check(&self.qmp).await.at("prepare RAM dump")?;
         let previous = ram::current_capabilities(&self.qmp).await.at("prepare RAM dump")?;
         // The dump's bandwidth (policy `ram_bandwidth`): the previous one is journaled with the
@@ -318,6 +323,7 @@ impl Run<'_> {
         let mut events = self.qmp.subscribe().at("save RAM")?;
         let mut pauses = self.qmp.subscribe().at("save RAM")?;
         let mut marks = PauseMarks::default();
+        self.timed("prepare RAM dump", t);
         let t = Instant::now();
         let window = Instant::now();
         let frozen;
@@ -370,6 +376,7 @@ impl Run<'_> {
                 self.record(Record::MigrationDone).await?;
             }
         }
+        let streamed = Instant::now();
         ram::restore_capabilities(&self.qmp, &previous).await.at("save RAM")?;
         if let Some((old, _)) = bandwidth {
             ram::set_bandwidth(&self.qmp, old).await.at("save RAM")?;
@@ -385,6 +392,7 @@ impl Run<'_> {
                 .map_err(|source| StepError::Io { what: format!("completing the save image {}", path.display()), source })
                 .at("save RAM")?;
         }
+        self.timed("finish RAM dump", streamed);
         self.timed("save RAM", t);
         let paused = ram::pauses(&mut pauses).await;
         self.report.pause_ms = paused.ms();
