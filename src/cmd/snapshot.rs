@@ -40,11 +40,9 @@ async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport>
     options.insert("strategy", Value::from(a.strategy.as_str()));
     options.insert("quiesce", Value::from(!a.no_quiesce));
     options.insert("label", Value::from(a.label.as_str()));
-    let agent = Agent1Proxy::new(conn).await?;
-    let path = agent.snapshot(&a.domain, options).await.map_err(|e| anyhow::anyhow!("domain {}: {e}", a.domain))?;
-    let mut steps = Steps::new(a.json, &a.domain, &format!("daemon job {}", path.as_str()));
     // Ctrl-C or SIGTERM: the daemon cancels the job (it undoes what it did, as in-process);
-    // this waits for that, unless asked again.
+    // this waits for that, unless asked again. Caught from before the job is asked for: a
+    // signal while the daemon starts it cancels it as soon as it has a path.
     let stop = Arc::new(tokio::sync::Notify::new());
     let signals = {
         use tokio::signal::unix::{signal, SignalKind};
@@ -58,6 +56,15 @@ async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport>
             std::process::exit(130);
         })
     };
+    let agent = Agent1Proxy::new(conn).await?;
+    let path = match agent.snapshot(&a.domain, options).await {
+        Ok(p) => p,
+        Err(e) => {
+            signals.abort();
+            bail!("domain {}: {e}", a.domain);
+        }
+    };
+    let mut steps = Steps::new(a.json, &a.domain, &format!("daemon job {}", path.as_str()));
     let end = super::bus::follow(conn, &path, |s, _| steps.step(s), Some(&stop)).await;
     signals.abort();
     let end = end?;
