@@ -263,8 +263,8 @@ const VARIANTS: &[Variant] = &[
         paused: false,
         records: &[
             "begin", "overlays_created", "capabilities_set", "ram_dump_started", "freeze_started", "pause_started", "switch_started",
-            "migration_started", "resumed", "switched", "thawed", "migration_done", "capabilities_reset", "ram_dump_done", "zfs_snapshot_started",
-            "zfs_snapshot_done", "merged", "committed", "end",
+            "migration_started", "resumed", "switched", "thawed", "zfs_snapshot_started", "zfs_snapshot_done", "merged", "committed",
+            "migration_done", "capabilities_reset", "ram_dump_done", "ram_labelled", "end",
         ],
     },
     Variant {

@@ -8,6 +8,11 @@
 //! 5. one `zfs snapshot` per pool of every dataset under the disks, with vmsnap's properties;
 //! 6. active-commit each overlay back, delete its nodes, its fdset and its file.
 //!
+//! With RAM (`--memory`), the disks switch in the pause that fixes the RAM image: at the end of a
+//! precopy dump, or (background) before QEMU streams the RAM while the guest runs; then the
+//! `zfs snapshot` and the merge do not wait for the dump, and the snapshot is labelled `ram` with
+//! its dump (one `zfs set`) once the dump is complete and synced.
+//!
 //! Direct strategy: freeze (or, without an agent, pause) → `zfs snapshot` → thaw (or resume).
 //! Stopped VM: XML and nvram copied next to the disks, then `zfs snapshot` of the configured disks'
 //! datasets.
@@ -92,6 +97,7 @@ pub async fn snapshot(
         ram_bytes: None,
         ram_format: saveimage::FORMAT_STREAM,
         was_running: false,
+        snapshot_taken: false,
         report: SnapshotReport {
             domain: dom.name.clone(),
             name: String::new(),
@@ -156,6 +162,8 @@ struct Run<'a> {
     ram_format: &'static str,
     /// The VM ran when the snapshot began (a VM paused by an I/O error later is resumed).
     was_running: bool,
+    /// The ZFS snapshot exists (a RAM snapshot's may be taken before its dump is complete).
+    snapshot_taken: bool,
     report: SnapshotReport,
     progress: Progress<'a>,
 }
@@ -217,7 +225,7 @@ impl Run<'_> {
             Some(mode) => self.with_ram(mode, &overlays, &by_pool).await?,
             None => self.disk_only(running, &overlays, &by_pool).await?,
         };
-        if self.opts.strategy == Strategy::Overlay {
+        if self.opts.strategy == Strategy::Overlay && !self.snapshot_taken {
             self.zfs_snapshot(&by_pool, consistency).await?;
             self.merge(&overlays).await?;
         }
@@ -372,6 +380,14 @@ impl Run<'_> {
                 }
                 self.thaw_after_ram(frozen, window).await?;
                 (self.progress)("saving RAM (background; the VM runs)");
+                if self.opts.strategy == Strategy::Overlay {
+                    // The disks were captured in the pause and the guest now writes into the
+                    // overlays: the ZFS snapshot and the merge need not wait for the dump, so an
+                    // overlay lives seconds rather than as long as the RAM takes to save.
+                    let disks = if frozen { Consistency::App } else { Consistency::Crash };
+                    self.zfs_snapshot(by_pool, disks).await?;
+                    self.merge(overlays).await?;
+                }
                 self.wait_dump(&mut events, &drain).await?;
                 self.record(Record::MigrationDone).await?;
             }
@@ -403,9 +419,9 @@ impl Run<'_> {
         self.report.ram_sha256 = Some(drained.sha256);
         self.report.ram_file_bytes = Some(drained.file_bytes);
         self.report.ram_compress = Some(self.dom.policy.ram_compress);
-        if self.opts.strategy == Strategy::Direct {
-            // The snapshots were taken (labelled crash-consistent) before the dump was complete:
-            // one `zfs set` per snapshot makes each a `ram` snapshot with its dump, all at once.
+        if self.snapshot_taken {
+            // The snapshots were taken (labelled by their disks alone) before the dump was
+            // complete: one `zfs set` per snapshot makes each a `ram` snapshot with its dump.
             let mut props = self.ram_properties();
             props.insert(prop::CONSISTENCY, Consistency::Ram.as_str().into());
             self.label_snapshots(&props).await.at("record RAM dump")?;
@@ -738,6 +754,7 @@ impl Run<'_> {
             names.extend(made.into_iter().map(|n| n.to_string()));
         }
         self.report.snapshots = names.clone();
+        self.snapshot_taken = true;
         self.timed("zfs snapshot", t);
         self.record(Record::ZfsSnapshotDone { names }).await
     }
