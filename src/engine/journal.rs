@@ -350,6 +350,24 @@ impl Journal {
         Self::dir(state_dir).join(format!("{domain}.json"))
     }
 
+    /// The snapshot `domain`'s journal is about: one being taken now, or one a crash left for
+    /// `vmsnap recover`. Until its journal is gone such a snapshot may still change (a RAM
+    /// snapshot is labelled `ram` only once its dump is complete), so it is not final yet.
+    ///
+    /// # Errors
+    /// [`JournalError`] when the journal exists but cannot be read.
+    pub fn snapshot_in_progress(state_dir: &Path, domain: &str) -> Result<Option<String>, JournalError> {
+        let j = match Self::load(&Self::path_of(state_dir, domain)) {
+            Ok(j) => j,
+            Err(JournalError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(match j.records.first() {
+            Some(Record::Begin { snapshot, .. }) => Some(snapshot.clone()),
+            _ => None,
+        })
+    }
+
     /// Removes the temporary files of `domain`'s journal writes that were killed before their
     /// rename (the journal itself still holds the last complete state). Call it under the
     /// domain's lock: no writer of that domain runs then. Returns how many went.
@@ -487,6 +505,21 @@ mod tests {
             Record::Committed,
             Record::End,
         ]
+    }
+
+    /// A domain's snapshot is in progress exactly while its journal is there.
+    #[test]
+    fn snapshot_in_progress_while_the_journal_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Journal::snapshot_in_progress(dir.path(), "vm").unwrap(), None);
+        let mut j = Journal::create(dir.path(), "vm", begin(None)).unwrap();
+        j.append(Record::ZfsSnapshotDone { names: vec!["tank/vm@s".into()] }).unwrap();
+        assert_eq!(Journal::snapshot_in_progress(dir.path(), "vm").unwrap().as_deref(), Some("s"));
+        assert_eq!(Journal::snapshot_in_progress(dir.path(), "other").unwrap(), None);
+        j.remove().unwrap();
+        assert_eq!(Journal::snapshot_in_progress(dir.path(), "vm").unwrap(), None);
+        std::fs::write(Journal::path_of(dir.path(), "vm"), "not json").unwrap();
+        assert!(Journal::snapshot_in_progress(dir.path(), "vm").is_err());
     }
 
     /// Truncating a journal at every prefix gives exactly the obligations of that moment.

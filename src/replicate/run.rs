@@ -143,7 +143,11 @@ pub async fn replicate(
         listings.extend(listing.map(|l| (ds, l)));
     }
     if !dry_run {
-        run.complete(&listings, &mut report).await?;
+        // A snapshot still being taken (a RAM snapshot is labelled `ram` once its dump is
+        // complete) is sent but not completed: the next run brings its labels and its dump.
+        let in_progress = crate::engine::journal::Journal::snapshot_in_progress(state_dir, &dom.name)
+            .map_err(|e| run.err(format!("cannot tell whether a snapshot of {} is being taken: {e}", dom.name)))?;
+        run.complete(&listings, in_progress.as_deref(), &mut report).await?;
     }
     report.seconds = t.elapsed().as_secs_f64();
     Ok(report)
@@ -414,7 +418,12 @@ impl<'a> Run<'a> {
 
     /// RAM dumps and properties for every snapshot of the domain the target has that is not
     /// complete there yet (`listings`: the target's, up to date), then the target's retention.
-    async fn complete(&self, listings: &[(Dataset, Listing)], report: &mut ReplicationReport) -> Result<(), ReplicateError> {
+    async fn complete(
+        &self,
+        listings: &[(Dataset, Listing)],
+        in_progress: Option<&str>,
+        report: &mut ReplicationReport,
+    ) -> Result<(), ReplicateError> {
         // snapshot name → (its vmsnap properties, datasets whose target copy is incomplete)
         let mut todo: BTreeMap<String, (BTreeMap<PropName, String>, Vec<Dataset>)> = BTreeMap::new();
         for (ds, listing) in listings {
@@ -422,6 +431,11 @@ impl<'a> Run<'a> {
             for t in listing.snapshots.iter().filter(|t| t.props.get(REPLICA.as_str()).map(String::as_str) != Some("complete")) {
                 let Some(props) = local.get(&format!("{ds}@{}", t.name)) else { continue };
                 if props.get(&prop::DOMAIN) != Some(&self.dom.name) {
+                    continue;
+                }
+                if in_progress == Some(t.name.as_str()) {
+                    (self.progress)
+                        .step(&format!("{}@{}: sent; completed by the next run (the snapshot is still being taken)", ds, t.name));
                     continue;
                 }
                 todo.entry(t.name.clone()).or_insert_with(|| (props.clone(), Vec::new())).1.push(ds.clone());

@@ -116,9 +116,17 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
     // than one, so it goes, with its RAM dump.
     wait_for("a snapshot pruned", Duration::from_secs(600), || {
         for s in sched_snapshots() {
-            if !seen.iter().any(|x| x.0 == s.0) {
-                eprintln!("daemon took {} ({}, {})", s.0, s.1, s.2);
-                seen.push(s);
+            match seen.iter_mut().find(|x| x.0 == s.0) {
+                // A RAM snapshot is labelled `ram`, with its dump, once the dump is complete.
+                Some(x) if *x != s => {
+                    eprintln!("daemon's {} now ({}, {})", s.0, s.1, s.2);
+                    *x = s;
+                }
+                Some(_) => {}
+                None => {
+                    eprintln!("daemon took {} ({}, {})", s.0, s.1, s.2);
+                    seen.push(s);
+                }
             }
         }
         let now: Vec<String> = sched_snapshots().into_iter().map(|s| s.0).collect();
