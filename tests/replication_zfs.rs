@@ -534,7 +534,19 @@ fn cli_through_the_daemon(bus: &str, daemon: &std::process::Child, cfg: &str, sl
     sh(&format!("zfs unmount {DST}; zfs inherit mountpoint {DST}; zfs rollback {DST}@{}", kept.last().unwrap()));
     check(out.status.code() == Some(3) && said.contains("diverged") && said.contains("hint:"), said)?;
     check(snaps(DST) == kept, "the target's snapshots changed")?;
-    replicate(&[]).map(drop)
+    replicate(&[]).map(drop)?;
+
+    // An unreachable target: exit 1 with the same hint as in-process (the job's `Failure` is
+    // `target`).
+    let started = jobs();
+    let down = cfg.replacen("replicate_to = [\"offsite\"]", "replicate_to = [\"down\"]", 1);
+    check(down != cfg, "the config has no replicate_to = [\"offsite\"] to change")?;
+    reload(daemon, &down)?;
+    let out = cli(&[]).output()?;
+    reload(daemon, cfg)?;
+    let said = text(&out);
+    check(out.status.code() == Some(1) && said.contains("hint: can this host reach the target"), said)?;
+    check(jobs() > started, "the daemon ran no replication job to the unreachable target")
 }
 
 /// The last `n` lines of `s`.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vmsnap::config::Config;
 use vmsnap::daemon::dbus::client::Agent1Proxy;
-use vmsnap::replicate::{replicate, Observer, Options, ReplicateError, ReplicationReport, Transfer, DIVERGED_HINT};
+use vmsnap::replicate::{replicate, Observer, Options, ReplicateError, ReplicationReport, Transfer, DIVERGED_HINT, TARGET_HINT};
 use vmsnap::zfs::{Dataset, Zfs};
 
 /// The exit status when a target diverged (nothing was sent or destroyed).
@@ -151,9 +151,14 @@ async fn via_daemon(
         }
         _ => {
             let diverged = end.failure == "diverged";
+            let hint = match end.failure.as_str() {
+                "diverged" => Some(DIVERGED_HINT),
+                "target" => Some(TARGET_HINT),
+                _ => None,
+            };
             // The job's message names the target already ("offsite: …").
             let message = end.result.strip_prefix(&format!("{target}: ")).unwrap_or(&end.result).to_owned();
-            Err(Failure { message, diverged, hint: diverged.then_some(DIVERGED_HINT) })
+            Err(Failure { message, diverged, hint })
         }
     }
 }

@@ -22,4 +22,4 @@ pub mod transport;
 pub mod verify;
 
 pub use progress::{Observer, Transfer};
-pub use run::{list_target, replicate, replicated_up_to, Options, ReplicateError, ReplicationReport, DIVERGED_HINT};
+pub use run::{list_target, replicate, replicated_up_to, Options, ReplicateError, ReplicationReport, DIVERGED_HINT, TARGET_HINT};

@@ -40,13 +40,15 @@ pub enum ReplicateError {
 /// What to do about a diverged target.
 pub const DIVERGED_HINT: &str = "look at the target's snapshots: vmsnap never forces a receive; `--rollback-target` destroys the target's newer vmsnap snapshots (if its `vmsnap serve` has --allow-rollback), or remove what diverged there by hand";
 
+/// What to check when a target fails as a target.
+pub const TARGET_HINT: &str =
+    "can this host reach the target (`ssh` with the configured key), and does its forced command run `vmsnap serve`?";
+
 impl ReplicateError {
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             ReplicateError::Diverged { .. } => Some(DIVERGED_HINT),
-            ReplicateError::Target { .. } => {
-                Some("can this host reach the target (`ssh` with the configured key), and does its forced command run `vmsnap serve`?")
-            }
+            ReplicateError::Target { .. } => Some(TARGET_HINT),
             ReplicateError::Zfs(_) | ReplicateError::Cancelled { .. } => None,
         }
     }

@@ -71,7 +71,8 @@ impl Job {
     }
 
     /// Why a failed job failed, for a client that acts on it: `diverged` (a replication target
-    /// diverged from the source; nothing was sent or destroyed there) or `error` (anything
+    /// diverged from the source; nothing was sent or destroyed there), `target` (a replication
+    /// target could not be reached or refused: ssh, its forced command) or `error` (anything
     /// else). Empty unless the job failed.
     #[zbus(property)]
     fn failure(&self) -> String {

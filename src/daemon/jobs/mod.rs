@@ -184,6 +184,9 @@ impl Outcome {
 pub enum Failure {
     /// A replication target diverged from the source: nothing was sent or destroyed there.
     Diverged,
+    /// A replication target could not be reached or refused the run (ssh, its forced command,
+    /// its `vmsnap serve`).
+    Target,
     /// Anything else.
     Error,
 }
@@ -192,6 +195,7 @@ impl Failure {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Diverged => "diverged",
+            Self::Target => "target",
             Self::Error => "error",
         }
     }
@@ -488,8 +492,8 @@ impl Jobs {
         // Replication stops between two pieces of a stream when this is set (nothing to undo:
         // the target keeps a resumable receive).
         let stop_sending = Arc::new(AtomicBool::new(false));
-        // Set when a replication target diverged (the failure's kind).
-        let diverged = AtomicBool::new(false);
+        // Set when a replication target diverged, or failed as a target (the failure's kind).
+        let (diverged, target_failed) = (AtomicBool::new(false), AtomicBool::new(false));
         let work = async {
             if slots.available_permits() == 0 {
                 step("waiting for a free slot (max_parallel)");
@@ -507,7 +511,7 @@ impl Jobs {
                 }
                 Request::Replicate { targets, opts } => {
                     let opts = replicate::Options { cancel: Some(stop_sending.clone()), ..opts.clone() };
-                    let watcher = work::Watcher::new(&*step, &transfer, &diverged);
+                    let watcher = work::Watcher::new(&*step, &transfer, &diverged, &target_failed);
                     self.replicate(cfg, dom, targets, opts, &watcher).await.map(Output::Replicate)
                 }
                 Request::Restore(r) => self.restore(cfg, dom, r, step.clone()).await.map(Output::Report),
@@ -548,7 +552,13 @@ impl Jobs {
                 return match r {
                     Ok(out) => Outcome::Succeeded(out),
                     Err(e) => {
-                        let kind = if diverged.load(Ordering::Relaxed) { Failure::Diverged } else { Failure::Error };
+                        let kind = if diverged.load(Ordering::Relaxed) {
+                            Failure::Diverged
+                        } else if target_failed.load(Ordering::Relaxed) {
+                            Failure::Target
+                        } else {
+                            Failure::Error
+                        };
                         Outcome::Failed(e, kind)
                     }
                 }

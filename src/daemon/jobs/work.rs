@@ -99,8 +99,10 @@ impl Jobs {
                 }
                 Err(e @ ReplicateError::Cancelled { .. }) => return Err(e.to_string()),
                 Err(e) => {
-                    if matches!(e, ReplicateError::Diverged { .. }) {
-                        watcher.diverged.store(true, Ordering::Relaxed);
+                    match e {
+                        ReplicateError::Diverged { .. } => watcher.diverged.store(true, Ordering::Relaxed),
+                        ReplicateError::Target { .. } => watcher.target_failed.store(true, Ordering::Relaxed),
+                        _ => {}
                     }
                     tracing::error!(domain = %dom.name, target = %tname, "replication failed: {}", error_chain(&e));
                     if !opts.dry_run {
@@ -304,11 +306,18 @@ pub(super) struct Watcher<'a> {
     target: Mutex<String>,
     /// Set when a target diverged.
     diverged: &'a AtomicBool,
+    /// Set when a target could not be reached or refused.
+    target_failed: &'a AtomicBool,
 }
 
 impl<'a> Watcher<'a> {
-    pub(super) fn new(step: &'a (dyn Fn(&str) + Sync), transfer: &'a watch::Sender<Option<Transfer>>, diverged: &'a AtomicBool) -> Self {
-        Self { step, transfer, target: Mutex::new(String::new()), diverged }
+    pub(super) fn new(
+        step: &'a (dyn Fn(&str) + Sync),
+        transfer: &'a watch::Sender<Option<Transfer>>,
+        diverged: &'a AtomicBool,
+        target_failed: &'a AtomicBool,
+    ) -> Self {
+        Self { step, transfer, target: Mutex::new(String::new()), diverged, target_failed }
     }
 }
 
