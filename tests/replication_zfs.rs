@@ -38,6 +38,7 @@ fn inside() {
     let cases: &[(&str, Case)] = &[
         ("first_full_send_with_a_ram_dump", first_full_send),
         ("incrementals_carry_every_snapshot", incrementals),
+        ("a_snapshot_still_being_taken_is_sent_not_completed", snapshot_being_taken),
         ("kill_mid_stream_then_resume_sends_only_the_rest", kill_and_resume),
         ("resume_token_of_a_destroyed_snapshot_repairs_itself", token_snapshot_gone),
         ("a_changed_target_is_reported_not_overwritten", changed_target),
@@ -212,6 +213,35 @@ fn incrementals() -> Result<(), Failed> {
     let steps = r["datasets"][0]["steps"].to_string();
     check(steps.contains("incremental") && !steps.contains("full"), format!("steps: {steps}"))?;
     check(snaps(DST).contains(&"by-hand-1".to_owned()) && snaps(DST).last() == Some(&s4), format!("target: {:?}", snaps(DST)))?;
+    assert_replicated()
+}
+
+/// A snapshot whose operation is still journaled (a RAM snapshot's ZFS snapshot exists before its
+/// dump is complete and labelled) is sent but not completed; once the journal is gone, the next
+/// run completes it with the labels and the dump it has by then.
+fn snapshot_being_taken() -> Result<(), Failed> {
+    use vmsnap::engine::journal::{self, Journal, Record};
+    let name = snapshot("taking")?;
+    let begin = Record::Begin {
+        format: journal::FORMAT,
+        domain: "web".into(),
+        qmp: format!("{RT}/web.qmp").into(),
+        qga: None,
+        snapshot: name.clone(),
+        pid: std::process::id(),
+        qemu: None,
+    };
+    let taking = Journal::create(format!("{RT}/state").as_ref(), "web", begin)?;
+    let first = vmsnap(&["replicate", "web"]);
+    taking.remove()?;
+    check(first.status.success() && text(&first).contains("still being taken"), text(&first))?;
+    check(snaps(DST).last() == Some(&name), format!("{name} not sent: {:?}", snaps(DST)))?;
+    let replica = sh(&format!("zfs get -H -o value vmsnap:replica {DST}@{name}"));
+    check(replica.trim() != "complete", format!("{DST}@{name}: vmsnap:replica={replica}"))?;
+    // The dump is complete and the snapshot labelled `ram`: the next run brings both.
+    add_ram(&name, 1)?;
+    let second = replicate(&[])?;
+    check(second["completed"].to_string().contains(&name) && second["ram_dumps"].to_string().contains(&name), format!("{second}"))?;
     assert_replicated()
 }
 
