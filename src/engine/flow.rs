@@ -97,7 +97,6 @@ pub async fn snapshot(
         ram_bytes: None,
         ram_format: saveimage::FORMAT_STREAM,
         was_running: false,
-        snapshot_taken: false,
         report: SnapshotReport {
             domain: dom.name.clone(),
             name: String::new(),
@@ -162,8 +161,6 @@ struct Run<'a> {
     ram_format: &'static str,
     /// The VM ran when the snapshot began (a VM paused by an I/O error later is resumed).
     was_running: bool,
-    /// The ZFS snapshot exists (a RAM snapshot's may be taken before its dump is complete).
-    snapshot_taken: bool,
     report: SnapshotReport,
     progress: Progress<'a>,
 }
@@ -225,7 +222,7 @@ impl Run<'_> {
             Some(mode) => self.with_ram(mode, &overlays, &by_pool).await?,
             None => self.disk_only(running, &overlays, &by_pool).await?,
         };
-        if self.opts.strategy == Strategy::Overlay && !self.snapshot_taken {
+        if self.opts.strategy == Strategy::Overlay && !self.snapshot_taken() {
             self.zfs_snapshot(&by_pool, consistency).await?;
             self.merge(&overlays).await?;
         }
@@ -419,7 +416,7 @@ impl Run<'_> {
         self.report.ram_sha256 = Some(drained.sha256);
         self.report.ram_file_bytes = Some(drained.file_bytes);
         self.report.ram_compress = Some(self.dom.policy.ram_compress);
-        if self.snapshot_taken {
+        if self.snapshot_taken() {
             // The snapshots were taken (labelled by their disks alone) before the dump was
             // complete: one `zfs set` per snapshot makes each a `ram` snapshot with its dump.
             let mut props = self.ram_properties();
@@ -569,6 +566,11 @@ impl Run<'_> {
             self.zfs.set_properties(snap, props).await?;
         }
         Ok(())
+    }
+
+    /// The ZFS snapshot exists (a RAM snapshot's may be taken before its dump is complete).
+    fn snapshot_taken(&self) -> bool {
+        !self.report.snapshots.is_empty()
     }
 
     fn timed(&mut self, step: &str, since: Instant) {
@@ -754,7 +756,6 @@ impl Run<'_> {
             names.extend(made.into_iter().map(|n| n.to_string()));
         }
         self.report.snapshots = names.clone();
-        self.snapshot_taken = true;
         self.timed("zfs snapshot", t);
         self.record(Record::ZfsSnapshotDone { names }).await
     }
