@@ -74,11 +74,17 @@ fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         if !out.success() {
             eprintln!(
-                "inner run exited {:?} (signal {:?})\n---- OpenZFS VM console ----\n{}",
+                "inner run exited {:?} (signal {:?})\n---- OpenZFS VM console (last {CONSOLE_TAIL} lines) ----\n{}",
                 out.exit_code,
                 out.signal,
-                vm.machine.console()
+                last_lines(&vm.machine.console(), CONSOLE_TAIL)
             );
+            // The harness's failure messages, again after the console: the end of a long log is
+            // what a CI summary shows.
+            let stdout = out.stdout_text();
+            if let Some(at) = stdout.rfind("\nfailures:\n") {
+                eprintln!("---- the failures, once more ----{}", &stdout[at..]);
+            }
         }
         out.exit_code.unwrap_or(1) as i32
     });
@@ -95,6 +101,20 @@ fn package(binary: &std::path::Path, out: &std::path::Path) -> std::path::PathBu
         .expect("running scripts/package-deb");
     assert!(run.status.success(), "scripts/package-deb: {}", String::from_utf8_lossy(&run.stderr));
     std::path::PathBuf::from(String::from_utf8_lossy(&run.stdout).trim())
+}
+
+/// How much of the OpenZFS VM's console a failed run prints (its boot is not the news).
+const CONSOLE_TAIL: usize = 40;
+
+fn last_lines(text: &str, n: usize) -> &str {
+    let mut at = text.len();
+    for _ in 0..=n {
+        match text[..at].rfind('\n') {
+            Some(i) => at = i,
+            None => return text,
+        }
+    }
+    &text[at + 1..]
 }
 
 fn name(p: &std::path::Path) -> &str {
