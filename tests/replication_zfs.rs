@@ -429,6 +429,13 @@ fn daemon_replicates() -> Result<(), Failed> {
                 && said.contains("replicated");
         }
         eprintln!("METRIC daemon replication on the target's schedule after {:.0} s", t.elapsed().as_secs_f64());
+        let timeline: Vec<String> = daemon_log()
+            .lines()
+            .filter(|l| l.contains("job started") || l.contains("scheduled replication") || l.contains("replicated"))
+            .take(12)
+            .map(|l| l.chars().take(160).collect())
+            .collect();
+        eprintln!("METRIC daemon timeline:\n  {}", timeline.join("\n  "));
         check(done, format!("the daemon did not replicate a scheduled snapshot; the target has {:?}", snaps(DST)))?;
         check(
             !daemon_log().lines().any(|l| l.contains("replication started") && !l.contains("scheduled replication started")),

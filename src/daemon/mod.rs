@@ -19,7 +19,7 @@ pub mod registry;
 pub(crate) mod scripts;
 pub mod status;
 
-use crate::config::policy::{PerPeriod, Period};
+use crate::config::policy::{PerPeriod, Period, Policy};
 use crate::config::{Config, ConfigError, DomainConfig};
 use crate::daemon::registry::{all_domains, Registry};
 use crate::engine::{self, SnapshotOptions};
@@ -48,7 +48,8 @@ pub enum DaemonError {
 
 /// The longest the daemon sleeps between looks at the schedule.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
-/// After a failed job, the domain is not tried again sooner than this.
+/// After a failed job (or a failed look at its snapshots), the domain is not tried again
+/// sooner than this.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Runs until SIGTERM or SIGINT, serving D-Bus on `bus` unless it is `None`.
@@ -73,13 +74,19 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
         tracing::warn!(domain = %name, "unregistered: {why}");
     }
     let mut not_before: HashMap<String, Instant> = HashMap::new();
-    // When each (domain, target) with its own schedule was last started.
-    let mut sent_at: HashMap<(String, String), Instant> = HashMap::new();
+    // When each (domain, target) with its own schedule is next due (absent: now).
+    let mut replicate_at: HashMap<(String, String), Instant> = HashMap::new();
     // When a scheduled verification of each domain was last started.
     let mut verify_tried: HashMap<String, Instant> = HashMap::new();
     loop {
-        for dom in &all_domains(&cfg, &Registry::new(&cfg.state_dir)) {
-            start_due_replication(&jobs, &cfg, dom, &mut sent_at);
+        let domains = all_domains(&cfg, &Registry::new(&cfg.state_dir));
+        // Schedules of domains or targets gone since (a reload, an unregistered domain).
+        replicate_at.retain(|(domain, target), _| {
+            domains.iter().any(|d| &d.name == domain && d.policy.replicate_to.contains(target))
+                && cfg.targets.get(target).is_some_and(|t| t.every.is_some())
+        });
+        for dom in &domains {
+            start_due_replication(&jobs, &cfg, dom, &mut replicate_at);
             start_due_verify(&jobs, dom, &mut verify_tried).await;
             if jobs.running_for(&dom.name).is_some() || not_before.get(&dom.name).is_some_and(|t| Instant::now() < *t) {
                 continue;
@@ -95,12 +102,12 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
             if due.is_empty() {
                 continue;
             }
-            not_before.insert(dom.name.clone(), Instant::now() + RETRY_AFTER);
+            not_before.insert(dom.name.clone(), Instant::now() + retry_after(&dom.policy));
             if let Err(e) = jobs.start(dom.clone(), Request::Snapshot(scheduled(dom, &due)), Origin::Schedule) {
                 tracing::warn!(domain = %dom.name, "scheduled snapshot not started: {e}");
             }
         }
-        let sleep = next_wake(&cfg);
+        let sleep = next_wake(&cfg).min(next_replication(&replicate_at, |d| jobs.replicating(d).is_some(), Instant::now()));
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
             _ = hup.recv() => match Config::load(config_path) {
@@ -124,34 +131,37 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
 }
 
 /// Replication to the targets of `dom` that have their own schedule (`every_minutes`), when
-/// one was not started for that long (at start-up: at once, to catch up) and no replication of
-/// the domain runs.
-fn start_due_replication(jobs: &Jobs, cfg: &Config, dom: &DomainConfig, sent_at: &mut HashMap<(String, String), Instant>) {
+/// due (at start-up: at once, to catch up) and no replication of the domain runs. Due again
+/// `every` after it started, or after `RETRY_AFTER` when it could not start.
+fn start_due_replication(jobs: &Jobs, cfg: &Config, dom: &DomainConfig, replicate_at: &mut HashMap<(String, String), Instant>) {
     if jobs.replicating(&dom.name).is_some() {
         return;
     }
-    let due: Vec<String> = dom
+    let now = Instant::now();
+    let due: Vec<(String, Duration)> = dom
         .policy
         .replicate_to
         .iter()
-        .filter(|t| match cfg.targets.get(*t).and_then(|t| t.every) {
-            Some(every) => sent_at.get(&(dom.name.clone(), (*t).clone())).is_none_or(|at| at.elapsed() >= every),
-            None => false,
-        })
-        .cloned()
+        .filter_map(|t| Some((t.clone(), cfg.targets.get(t)?.every?)))
+        .filter(|(t, _)| replicate_at.get(&(dom.name.clone(), t.clone())).is_none_or(|at| *at <= now))
         .collect();
     if due.is_empty() {
         return;
     }
-    let request = Request::Replicate { targets: due.clone(), opts: crate::replicate::Options::default() };
-    match jobs.start(dom.clone(), request, Origin::Schedule) {
+    let targets: Vec<String> = due.iter().map(|(t, _)| t.clone()).collect();
+    let request = Request::Replicate { targets: targets.clone(), opts: crate::replicate::Options::default() };
+    let started = match jobs.start(dom.clone(), request, Origin::Schedule) {
         Ok(job) => {
-            tracing::info!(domain = %dom.name, job = job.id, targets = ?due, "scheduled replication started");
-            for t in due {
-                sent_at.insert((dom.name.clone(), t), Instant::now());
-            }
+            tracing::info!(domain = %dom.name, job = job.id, ?targets, "scheduled replication started");
+            true
         }
-        Err(e) => tracing::info!(domain = %dom.name, "scheduled replication not started now: {e}"),
+        Err(e) => {
+            tracing::info!(domain = %dom.name, "scheduled replication not started now: {e}");
+            false
+        }
+    };
+    for (t, every) in due {
+        replicate_at.insert((dom.name.clone(), t), now + if started { every } else { RETRY_AFTER.min(every) });
     }
 }
 
@@ -217,6 +227,30 @@ fn next_wake(cfg: &Config) -> Duration {
         .min(MAX_SLEEP)
 }
 
+/// After a scheduled snapshot starts, the domain is not looked at again for this long: its
+/// snapshot makes it not due, a failed one is tried again then. Half its shortest period when
+/// that is shorter than `RETRY_AFTER`: with snapshots every minute, the next minute's would
+/// otherwise find the domain still held back and wait for the one after.
+fn retry_after(policy: &Policy) -> Duration {
+    if policy.keep.get(Period::Frequently) == 0 {
+        return RETRY_AFTER;
+    }
+    RETRY_AFTER.min(Duration::from_secs(u64::from(policy.frequent_period.max(1)) * 30))
+}
+
+/// How long until a target's own schedule (`every_minutes`) makes a replication due: without
+/// it the daemon would look only at its next snapshot time or after `MAX_SLEEP`, and a target
+/// replicated every minute would wait two. A domain whose replication runs (`replicating`) is
+/// looked at again after it (within `MAX_SLEEP`).
+fn next_replication(replicate_at: &HashMap<(String, String), Instant>, replicating: impl Fn(&str) -> bool, now: Instant) -> Duration {
+    replicate_at
+        .iter()
+        .filter(|((domain, _), _)| !replicating(domain))
+        .map(|(_, at)| at.saturating_duration_since(now) + Duration::from_millis(200))
+        .min()
+        .unwrap_or(MAX_SLEEP)
+}
+
 /// The options of a scheduled snapshot of `dom` serving `due`: labelled by its longest
 /// period, with RAM when one of them is in the policy's `ram_with`.
 fn scheduled(dom: &DomainConfig, due: &BTreeSet<Period>) -> SnapshotOptions {
@@ -233,7 +267,38 @@ fn scheduled(dom: &DomainConfig, due: &BTreeSet<Period>) -> SnapshotOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::verify_due;
+    use super::{next_replication, retry_after, verify_due, MAX_SLEEP, RETRY_AFTER};
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_one_minute_period_is_not_held_back_for_a_minute() {
+        let mut policy = crate::config::policy::Policy::default();
+        assert_eq!(retry_after(&policy), RETRY_AFTER);
+        policy.keep.0[0] = 4;
+        policy.frequent_period = 1;
+        assert_eq!(retry_after(&policy), Duration::from_secs(30));
+        policy.frequent_period = 15;
+        assert_eq!(retry_after(&policy), RETRY_AFTER);
+    }
+
+    #[test]
+    fn the_daemon_wakes_when_a_targets_schedule_is_due() {
+        let now = Instant::now();
+        let key = |d: &str, t: &str| (d.to_owned(), t.to_owned());
+        let mut at = HashMap::new();
+        assert_eq!(next_replication(&at, |_| false, now), MAX_SLEEP, "no schedule: the longest sleep");
+        at.insert(key("web", "offsite"), now + Duration::from_secs(40));
+        at.insert(key("db", "offsite"), now + Duration::from_secs(10));
+        let wake = next_replication(&at, |_| false, now);
+        assert!(wake > Duration::from_secs(10) && wake < Duration::from_secs(11), "{wake:?}");
+        // A domain whose replication runs is not waited for (it would be a busy loop once due).
+        at.insert(key("db", "offsite"), now - Duration::from_secs(5));
+        let wake = next_replication(&at, |d| d == "db", now);
+        assert!(wake > Duration::from_secs(40) && wake < Duration::from_secs(41), "{wake:?}");
+        let wake = next_replication(&at, |_| false, now);
+        assert!(wake < Duration::from_secs(1), "overdue: at once, {wake:?}");
+    }
 
     #[test]
     fn a_verification_is_due_when_none_is_recent() {
