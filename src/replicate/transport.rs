@@ -8,7 +8,7 @@ use crate::config::TargetConfig;
 use std::ffi::OsString;
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,6 +83,26 @@ impl Transport {
         self
     }
 
+    /// Starts the target's `vmsnap serve` (through ssh); its stderr is read, bounded, aside.
+    fn session(&self) -> Result<Session, String> {
+        let mut child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.argv[0].to_string_lossy()))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let err = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = (&mut stderr).take(64 << 10).read_to_end(&mut b);
+            b
+        });
+        Ok(Session { child, stdin, stdout, err })
+    }
+
     /// Sends `req` and its payload; the target's answer. `moved` counts payload bytes as they go.
     pub fn call(&self, req: &Request, payload: Payload, moved: &AtomicU64) -> Result<serde_json::Value, String> {
         let t = Instant::now();
@@ -92,25 +112,11 @@ impl Transport {
     }
 
     fn exchange(&self, req: &Request, payload: Payload, moved: &AtomicU64) -> Result<serde_json::Value, String> {
-        let mut child = Command::new(&self.argv[0])
-            .args(&self.argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.argv[0].to_string_lossy()))?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        // Read both outputs while the payload goes, so neither side blocks on a full pipe.
+        let Session { mut child, mut stdin, mut stdout, err } = self.session()?;
+        // Read the answer while the payload goes, so neither side blocks on a full pipe.
         let out = std::thread::spawn(move || {
             let mut b = Vec::new();
             let _ = (&mut stdout).take(1 << 20).read_to_end(&mut b);
-            b
-        });
-        let err = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = (&mut stderr).take(64 << 10).read_to_end(&mut b);
             b
         });
         let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
@@ -161,21 +167,7 @@ impl Transport {
     /// `sink`, counting in `moved`; the reply's value. Fails when the target refuses, or when
     /// it (ssh) ends badly after streaming.
     pub fn pull(&self, req: &Request, sink: &mut dyn Write, moved: &AtomicU64) -> Result<serde_json::Value, String> {
-        let mut child = Command::new(&self.argv[0])
-            .args(&self.argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.argv[0].to_string_lossy()))?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        let err = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = (&mut stderr).take(64 << 10).read_to_end(&mut b);
-            b
-        });
+        let Session { mut child, mut stdin, mut stdout, err } = self.session()?;
         let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
         let sent = stdin.write_all(line.as_bytes());
         drop(stdin);
@@ -267,6 +259,14 @@ impl Transport {
 const PIECE: usize = 1 << 20;
 
 /// A payload's count, rate limit and cancel check between two pieces.
+/// A running `vmsnap serve` on the target: its input, its output, its stderr being read aside.
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    err: std::thread::JoinHandle<Vec<u8>>,
+}
+
 struct Pace<'a> {
     transport: &'a Transport,
     start: Instant,

@@ -8,6 +8,7 @@
 //! A copy a crash left running is the user's (kept) unless it was a verification's scratch copy.
 
 use super::clone::ClonePlan;
+use super::state_file::{self, StateFile};
 use super::RestoreError;
 use crate::fsutil::Dir;
 use crate::libvirt::virsh;
@@ -34,12 +35,9 @@ pub(super) struct State {
 }
 
 pub(super) struct CopyJournal {
-    dir: Dir,
-    name: String,
+    file: StateFile,
     pub state: State,
 }
-
-const MAX: u64 = 1 << 20;
 
 fn dir(state_dir: &Path) -> Result<Dir, RestoreError> {
     let path = state_dir.join("restore/copies");
@@ -49,46 +47,33 @@ fn dir(state_dir: &Path) -> Result<Dir, RestoreError> {
 impl CopyJournal {
     /// Writes the plan; refuses when a copy of that name did not finish.
     pub fn create(state_dir: &Path, plan: ClonePlan) -> Result<Self, RestoreError> {
-        let j = Self {
-            dir: dir(state_dir)?,
-            name: format!("{}.json", plan.new_name),
-            state: State { plan, uuid: None, config: None, nvram_intended: false, image: None, start_intended: false },
-        };
-        if j.path().exists() {
-            return Err(RestoreError::Journal {
-                path: j.path(),
-                why: format!("an earlier copy named {} did not finish: run `vmsnap recover` first", j.state.plan.new_name),
-            });
-        }
-        j.record("copy_planned")?;
-        Ok(j)
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.dir.path().join(&self.name)
+        let name = format!("{}.json", plan.new_name);
+        let unfinished = format!("an earlier copy named {} did not finish: run `vmsnap recover` first", plan.new_name);
+        let state = State { plan, uuid: None, config: None, nvram_intended: false, image: None, start_intended: false };
+        let file = StateFile::create(dir(state_dir)?, name, &state, "copy_planned", || unfinished)?;
+        Ok(Self { file, state })
     }
 
     /// Records the state (fault-injection builds may stop right after: `after:<step>`).
     pub fn record(&self, step: &'static str) -> Result<(), RestoreError> {
-        let text = serde_json::to_vec_pretty(&self.state).expect("a copy state serializes");
-        self.dir.write_atomic(&self.name, &text, 0o600).map_err(|e| RestoreError::Journal { path: self.path(), why: e.to_string() })?;
-        crate::engine::journal::fault_point("after", step);
-        Ok(())
+        self.file.write(&self.state, step)
     }
 
     pub fn finish(self) -> Result<(), RestoreError> {
-        std::fs::remove_file(self.path()).map_err(|e| RestoreError::Journal { path: self.path(), why: e.to_string() })
+        self.file.remove()
     }
 
     fn load(dir: Dir, name: String) -> Result<Self, RestoreError> {
-        let path = dir.path().join(&name);
-        let bad = |why: String| RestoreError::Journal { path: path.clone(), why };
-        let bytes = crate::fsutil::read_limited(&path, MAX).map_err(|e| bad(e.to_string()))?;
-        let state: State = serde_json::from_slice(&bytes).map_err(|e| bad(format!("unreadable: {e}")))?;
-        if format!("{}.json", state.plan.new_name) != name || !crate::config::valid_domain_name(&state.plan.new_name) {
-            return Err(bad(format!("names domain {:?}", state.plan.new_name)));
-        }
-        Ok(Self { dir, name, state })
+        let expected = name.clone();
+        let (file, state) = StateFile::read(dir, name, |s: &State| {
+            let new = &s.plan.new_name;
+            if format!("{new}.json") == expected && crate::config::valid_domain_name(new) {
+                Ok(())
+            } else {
+                Err(format!("names domain {new:?}"))
+            }
+        })?;
+        Ok(Self { file, state })
     }
 
     /// Whether libvirt's domain of the new name is the one this copy defined.
@@ -178,16 +163,7 @@ async fn destroy_retrying(zfs: &Zfs, target: &str) -> Result<(), crate::zfs::Zfs
 /// Undoes every copy a crash interrupted (a copy a crash left running is the user's and kept,
 /// unless it is a verification's scratch copy): one line per action, per copy.
 pub async fn recover_copies(state_dir: &Path, zfs: &Zfs) -> Result<Vec<(String, Vec<String>)>, RestoreError> {
-    let base = state_dir.join("restore/copies");
-    if !base.is_dir() {
-        return Ok(Vec::new());
-    }
-    let mut names: Vec<String> = std::fs::read_dir(&base)
-        .map_err(|e| RestoreError::Journal { path: base.clone(), why: e.to_string() })?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
-        .collect();
-    names.sort();
+    let names = state_file::left_in(&state_dir.join("restore/copies"))?;
     let mut out = Vec::new();
     for name in names {
         let journal = CopyJournal::load(dir(state_dir)?, name)?;

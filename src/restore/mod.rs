@@ -17,6 +17,7 @@ mod journal;
 pub mod mount;
 pub mod rename;
 mod start_qemu;
+mod state_file;
 mod steps;
 pub mod verify;
 
