@@ -74,19 +74,19 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
         tracing::warn!(domain = %name, "unregistered: {why}");
     }
     let mut not_before: HashMap<String, Instant> = HashMap::new();
-    // When each (domain, target) with its own schedule is next due (absent: now).
-    let mut replicate_at: HashMap<(String, String), Instant> = HashMap::new();
+    // When a replication to each (domain, target) with its own schedule was last tried.
+    let mut replication_tried: HashMap<(String, String), Tried> = HashMap::new();
     // When a scheduled verification of each domain was last started.
     let mut verify_tried: HashMap<String, Instant> = HashMap::new();
     loop {
         let domains = all_domains(&cfg, &Registry::new(&cfg.state_dir));
         // Schedules of domains or targets gone since (a reload, an unregistered domain).
-        replicate_at.retain(|(domain, target), _| {
+        replication_tried.retain(|(domain, target), _| {
             domains.iter().any(|d| &d.name == domain && d.policy.replicate_to.contains(target))
                 && cfg.targets.get(target).is_some_and(|t| t.every.is_some())
         });
         for dom in &domains {
-            start_due_replication(&jobs, &cfg, dom, &mut replicate_at);
+            start_due_replication(&jobs, &cfg, dom, &mut replication_tried);
             start_due_verify(&jobs, dom, &mut verify_tried).await;
             if jobs.running_for(&dom.name).is_some() || not_before.get(&dom.name).is_some_and(|t| Instant::now() < *t) {
                 continue;
@@ -107,7 +107,8 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
                 tracing::warn!(domain = %dom.name, "scheduled snapshot not started: {e}");
             }
         }
-        let sleep = next_wake(&cfg).min(next_replication(&replicate_at, |d| jobs.replicating(d).is_some(), Instant::now()));
+        let busy = |d: &str| jobs.replicating(d).is_some();
+        let sleep = next_wake(&cfg).min(next_replication(&cfg, &replication_tried, busy, Instant::now()));
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
             _ = hup.recv() => match Config::load(config_path) {
@@ -130,29 +131,43 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
     Ok(())
 }
 
+/// A replication to a target with its own schedule was tried `at`: due again `every` after it
+/// started, or `RETRY_AFTER` after it could not (a replication by hand held the domain), read
+/// against the configuration in force (a reload that shortens `every_minutes` counts at once).
+#[derive(Clone, Copy)]
+struct Tried {
+    at: Instant,
+    started: bool,
+}
+
+impl Tried {
+    fn due(self, every: Duration) -> Instant {
+        self.at + if self.started { every } else { RETRY_AFTER.min(every) }
+    }
+}
+
 /// Replication to the targets of `dom` that have their own schedule (`every_minutes`), when
-/// due (at start-up: at once, to catch up) and no replication of the domain runs. Due again
-/// `every` after it started, or after `RETRY_AFTER` when it could not start.
-fn start_due_replication(jobs: &Jobs, cfg: &Config, dom: &DomainConfig, replicate_at: &mut HashMap<(String, String), Instant>) {
+/// due (at start-up: at once, to catch up) and no replication of the domain runs.
+fn start_due_replication(jobs: &Jobs, cfg: &Config, dom: &DomainConfig, tried: &mut HashMap<(String, String), Tried>) {
     if jobs.replicating(&dom.name).is_some() {
         return;
     }
     let now = Instant::now();
-    let due: Vec<(String, Duration)> = dom
+    let due: Vec<String> = dom
         .policy
         .replicate_to
         .iter()
-        .filter_map(|t| Some((t.clone(), cfg.targets.get(t)?.every?)))
-        .filter(|(t, _)| replicate_at.get(&(dom.name.clone(), t.clone())).is_none_or(|at| *at <= now))
+        .filter_map(|t| Some((t, cfg.targets.get(t)?.every?)))
+        .filter(|(t, every)| tried.get(&(dom.name.clone(), (*t).clone())).is_none_or(|last| last.due(*every) <= now))
+        .map(|(t, _)| t.clone())
         .collect();
     if due.is_empty() {
         return;
     }
-    let targets: Vec<String> = due.iter().map(|(t, _)| t.clone()).collect();
-    let request = Request::Replicate { targets: targets.clone(), opts: crate::replicate::Options::default() };
+    let request = Request::Replicate { targets: due.clone(), opts: crate::replicate::Options::default() };
     let started = match jobs.start(dom.clone(), request, Origin::Schedule) {
         Ok(job) => {
-            tracing::info!(domain = %dom.name, job = job.id, ?targets, "scheduled replication started");
+            tracing::info!(domain = %dom.name, job = job.id, targets = ?due, "scheduled replication started");
             true
         }
         Err(e) => {
@@ -160,8 +175,8 @@ fn start_due_replication(jobs: &Jobs, cfg: &Config, dom: &DomainConfig, replicat
             false
         }
     };
-    for (t, every) in due {
-        replicate_at.insert((dom.name.clone(), t), now + if started { every } else { RETRY_AFTER.min(every) });
+    for t in due {
+        tried.insert((dom.name.clone(), t), Tried { at: now, started });
     }
 }
 
@@ -242,11 +257,12 @@ fn retry_after(policy: &Policy) -> Duration {
 /// it the daemon would look only at its next snapshot time or after `MAX_SLEEP`, and a target
 /// replicated every minute would wait two. A domain whose replication runs (`replicating`) is
 /// looked at again after it (within `MAX_SLEEP`).
-fn next_replication(replicate_at: &HashMap<(String, String), Instant>, replicating: impl Fn(&str) -> bool, now: Instant) -> Duration {
-    replicate_at
+fn next_replication(cfg: &Config, tried: &HashMap<(String, String), Tried>, replicating: impl Fn(&str) -> bool, now: Instant) -> Duration {
+    tried
         .iter()
         .filter(|((domain, _), _)| !replicating(domain))
-        .map(|(_, at)| at.saturating_duration_since(now) + Duration::from_millis(200))
+        .filter_map(|((_, target), last)| Some(last.due(cfg.targets.get(target)?.every?)))
+        .map(|due| due.saturating_duration_since(now) + Duration::from_millis(200))
         .min()
         .unwrap_or(MAX_SLEEP)
 }
@@ -267,7 +283,7 @@ fn scheduled(dom: &DomainConfig, due: &BTreeSet<Period>) -> SnapshotOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::{next_replication, retry_after, verify_due, MAX_SLEEP, RETRY_AFTER};
+    use super::{next_replication, retry_after, verify_due, Tried, MAX_SLEEP, RETRY_AFTER};
     use std::collections::HashMap;
     use std::time::{Duration, Instant};
 
@@ -284,20 +300,32 @@ mod tests {
 
     #[test]
     fn the_daemon_wakes_when_a_targets_schedule_is_due() {
+        let cfg = |every: u32| {
+            let text = format!(
+                "[target.offsite]\nhost = \"backup\"\nevery_minutes = {every}\n[target.manual]\nhost = \"other\"\n\
+                 [domain.web]\nqmp = \"/run/web.qmp\"\nreplicate_to = [\"offsite\", \"manual\"]\n"
+            );
+            crate::config::Config::parse(&text, std::path::Path::new("/x.toml")).unwrap()
+        };
         let now = Instant::now();
         let key = |d: &str, t: &str| (d.to_owned(), t.to_owned());
-        let mut at = HashMap::new();
-        assert_eq!(next_replication(&at, |_| false, now), MAX_SLEEP, "no schedule: the longest sleep");
-        at.insert(key("web", "offsite"), now + Duration::from_secs(40));
-        at.insert(key("db", "offsite"), now + Duration::from_secs(10));
-        let wake = next_replication(&at, |_| false, now);
+        let mut tried = HashMap::new();
+        assert_eq!(next_replication(&cfg(10), &tried, |_| false, now), MAX_SLEEP, "nothing tried: the longest sleep");
+        let ago = |s: u64| now - Duration::from_secs(s);
+        tried.insert(key("web", "offsite"), Tried { at: ago(590), started: true });
+        // A target without a schedule of its own is never waited for.
+        tried.insert(key("web", "manual"), Tried { at: ago(5), started: true });
+        let wake = next_replication(&cfg(10), &tried, |_| false, now);
         assert!(wake > Duration::from_secs(10) && wake < Duration::from_secs(11), "{wake:?}");
-        // A domain whose replication runs is not waited for (it would be a busy loop once due).
-        at.insert(key("db", "offsite"), now - Duration::from_secs(5));
-        let wake = next_replication(&at, |d| d == "db", now);
-        assert!(wake > Duration::from_secs(40) && wake < Duration::from_secs(41), "{wake:?}");
-        let wake = next_replication(&at, |_| false, now);
-        assert!(wake < Duration::from_secs(1), "overdue: at once, {wake:?}");
+        // A reload that shortens the schedule counts at once.
+        assert!(next_replication(&cfg(5), &tried, |_| false, now) < Duration::from_secs(1));
+        // One that could not start is tried again after RETRY_AFTER, not its whole period.
+        tried.insert(key("web", "offsite"), Tried { at: ago(40), started: false });
+        let wake = next_replication(&cfg(10), &tried, |_| false, now);
+        assert!(wake > Duration::from_secs(20) && wake < Duration::from_secs(21), "{wake:?}");
+        // A domain whose replication runs is not waited for (once due, it would spin).
+        tried.insert(key("web", "offsite"), Tried { at: ago(900), started: true });
+        assert_eq!(next_replication(&cfg(10), &tried, |d| d == "web", now), MAX_SLEEP);
     }
 
     #[test]
