@@ -488,3 +488,26 @@ fn snapshot_refuses_when_a_required_agent_is_unavailable() {
     });
     assert!(!f.state().join("journal/strict.json").exists());
 }
+
+/// The daemon idles in a few MiB of its own memory (anonymous pages: the binary's mapped pages
+/// are shared and the kernel's to drop), after serving calls and running a job.
+#[test]
+fn the_daemon_idles_in_a_few_mib() {
+    let f = start();
+    for _ in 0..20 {
+        assert!(f.call(false, "Domains", &[]).0);
+    }
+    let _ = introspect(&f, "/io/github/vmsnap/Agent1");
+    // A job (it fails: web has no VM and no disks).
+    let (ok, said) = f.call(false, "Snapshot", &["sa{sv}", "web", "0"]);
+    assert!(ok, "{said}");
+    std::thread::sleep(Duration::from_secs(2));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", f._daemon.0.id())).unwrap();
+    let kib = |key: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key} in {status}"));
+        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap()
+    };
+    let (anon, rss) = (kib("RssAnon:"), kib("VmRSS:"));
+    eprintln!("METRIC daemon idle: {anon} KiB of its own (RssAnon), {rss} KiB resident with the binary's pages");
+    assert!(anon < 8 * 1024, "the idle daemon holds {anon} KiB of its own memory");
+}
