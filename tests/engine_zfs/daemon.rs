@@ -135,6 +135,9 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
             && seen.iter().any(|s| !now.contains(&s.0))
             && std::fs::read_to_string(LOG).unwrap_or_default().lines().any(|l| l.contains("pruned") && l.contains("ram_deleted"))
     })?;
+    // Stopped first (SIGTERM lets a running snapshot finish): at one a minute, the next may
+    // start while this looks, and a RAM snapshot is labelled `ram` only once its dump is done.
+    stop(&mut daemon)?;
     let now = sched_snapshots();
     check(now.len() <= 2 && now.iter().all(|s| s.1 == "ram"), format!("kept: {now:?}"))?;
     for s in &seen {
@@ -162,10 +165,9 @@ pub fn daemon_takes_prunes_and_check_goes_critical() -> Result<(), Failed> {
     let metrics = std::fs::read_to_string(METRICS)?;
     check(metrics.contains("vmsnap_snapshots_taken_total{domain=\"sched\",consistency=\"ram\"}"), metrics.clone())?;
 
-    // Stop the daemon (SIGTERM waits for a running job), then the guest agent — never while a
-    // snapshot runs: an agent that dies between freeze and thaw leaves the guest frozen, and
-    // nothing but an agent can thaw it (a first version of this test did exactly that).
-    stop(&mut daemon)?;
+    // The daemon is stopped (above); now the guest agent — never while a snapshot runs: an
+    // agent that dies between freeze and thaw leaves the guest frozen, and nothing but an
+    // agent can thaw it (a first version of this test did exactly that).
     let qga_path = GUEST.lock().unwrap().as_ref().unwrap().vm.machine.qga_path.clone();
     super::rt().block_on(async {
         let mut qga = vmsnap::qemu::qga::Qga::connect(&qga_path, super::patient()).await.map_err(|e| e.to_string())?;
