@@ -96,3 +96,26 @@ fn an_empty_config_says_there_is_nothing_to_do() {
         assert!(err.contains("configures no domain") && err.contains("vmsnap.toml"), "{cmd}: {err}");
     }
 }
+
+/// A snapshot name that could not be one, or a target the config lacks: refused naming it,
+/// before any state file or dataset is looked for.
+#[test]
+fn bad_snapshot_and_target_names_are_refused_naming_them() {
+    let (dir, cfg) = setup();
+    let cases: [(&[&str], &str); 6] = [
+        (&["mount", "vm", "../../x"], "\"../../x\" is not a snapshot name"),
+        (&["umount", "vm", "a@b"], "\"a@b\" is not a snapshot name"),
+        (&["restore", "vm", "x;rm -rf /"], "is not a snapshot name"),
+        (&["replicate", "vm", "--target", "nope"], "no [target.nope] in"),
+        (&["verify", "vm", "--target", "nope"], "(known: none)"),
+        (&["list", "vm", "--target", "nope"], "no [target.nope] in"),
+    ];
+    for (args, says) in cases {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| os(a)).collect();
+        let out = vmsnap(&args, &cfg, b"");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(!dir.path().join("state/mounts").exists(), "a refused mount wrote state");
+}

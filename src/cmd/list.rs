@@ -128,13 +128,7 @@ struct OnTarget {
 
 /// `vmsnap list --target T`: each domain that replicates to `T` (or the one named), as `T` has it.
 pub async fn target(cfg: &Config, zfs: &Zfs, only: Option<&str>, tname: &str, json: bool) -> Result<()> {
-    let Some(t) = cfg.targets.get(tname) else {
-        anyhow::bail!(
-            "no [target.{tname}] in {} (known: {})",
-            cfg.path.display(),
-            cfg.targets.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
-    };
+    let t = cfg.target(tname)?;
     let domains: Vec<_> = vmsnap::daemon::registry::select(cfg, only)?
         .into_iter()
         .filter(|d| only.is_some() || d.policy.replicate_to.iter().any(|r| r == tname))

@@ -28,8 +28,8 @@ pub async fn run(
     json: bool,
     local: bool,
 ) -> Result<()> {
-    if let Some(t) = only_target.filter(|t| !cfg.targets.contains_key(*t)) {
-        anyhow::bail!("no [target.{t}] in {} (known: {})", cfg.path.display(), cfg.targets.keys().cloned().collect::<Vec<_>>().join(", "));
+    if let Some(t) = only_target {
+        cfg.target(t)?;
     }
     let domains = vmsnap::daemon::registry::select(cfg, domain)?;
     let pairs: Vec<(&vmsnap::config::DomainConfig, &str)> = domains

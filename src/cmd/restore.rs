@@ -21,13 +21,7 @@ pub async fn pull(
     dry_run: bool,
     json: bool,
 ) -> Result<bool> {
-    let Some(target) = cfg.targets.get(tname) else {
-        anyhow::bail!(
-            "no [target.{tname}] in {} (known: {})",
-            cfg.path.display(),
-            cfg.targets.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
-    };
+    let target = cfg.target(tname)?;
     let dom = vmsnap::daemon::registry::select(cfg, Some(domain))?.into_iter().next().context("no such domain")?;
     if dry_run {
         println!("would bring {snapshot} of {domain} back from {tname} (and its RAM dump), then restore from it; `vmsnap list {domain} --target {tname}` shows what it holds");

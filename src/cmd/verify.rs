@@ -54,13 +54,7 @@ fn report(results: &impl serde::Serialize, rows: &[Row], json: bool, none: &str,
 
 /// `vmsnap verify [DOM] --target T`: each domain replicating to `T` (or `DOM`).
 pub async fn target(cfg: &vmsnap::config::Config, zfs: &Zfs, domain: Option<&str>, tname: &str, json: bool) -> Result<()> {
-    let Some(target) = cfg.targets.get(tname) else {
-        anyhow::bail!(
-            "no [target.{tname}] in {} (known: {})",
-            cfg.path.display(),
-            cfg.targets.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
-    };
+    let target = cfg.target(tname)?;
     let domains: Vec<_> =
         vmsnap::daemon::registry::select(cfg, domain)?.into_iter().filter(|d| d.policy.replicate_to.iter().any(|t| t == tname)).collect();
     if domains.is_empty() {

@@ -59,6 +59,8 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("no domain named {name:?} in {path} (known: {known})")]
     NoSuchDomain { name: String, path: PathBuf, known: String },
+    #[error("no [target.{name}] in {path} (known: {known})")]
+    NoSuchTarget { name: String, path: PathBuf, known: String },
     #[error("nothing to do: {path} configures no domain and none is registered (add a [domain.NAME] table, or install the libvirt hook with `vmsnap setup`)")]
     NothingConfigured { path: PathBuf },
 }
@@ -355,8 +357,30 @@ impl Config {
         self.domains.get(name).ok_or_else(|| ConfigError::NoSuchDomain {
             name: name.to_owned(),
             path: self.path.clone(),
-            known: if self.domains.is_empty() { "none".into() } else { self.domains.keys().cloned().collect::<Vec<_>>().join(", ") },
+            known: known(self.domains.keys()),
         })
+    }
+
+    /// The replication target called `name`.
+    ///
+    /// # Errors
+    /// [`ConfigError::NoSuchTarget`] listing the known ones.
+    pub fn target(&self, name: &str) -> Result<&TargetConfig, ConfigError> {
+        self.targets.get(name).ok_or_else(|| ConfigError::NoSuchTarget {
+            name: name.chars().take(80).collect(),
+            path: self.path.clone(),
+            known: known(self.targets.keys()),
+        })
+    }
+}
+
+/// Names for an error message: "a, b", or "none".
+fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
     }
 }
 
