@@ -34,6 +34,7 @@ fn inside() {
         ("dataset_of_file_and_zvol", |c| Box::pin(resolve(c))),
         ("error_variant_out_of_space", |c| Box::pin(busy_and_space(c))),
         ("prune_ignores_an_inherited_domain_property", |c| Box::pin(prune_inherited(c))),
+        ("a_domain_without_disks_has_the_datasets_of_its_own_snapshots", |c| Box::pin(datasets_without_disks(c))),
     ];
     let trials = cases
         .iter()
@@ -301,4 +302,23 @@ async fn prune_inherited(c: Ctx) -> Result<(), Failed> {
         left.contains("04:00:00_hourly") && !left.contains("02:00:00_hourly") && !left.contains("03:00:00_hourly"),
         format!("hourly = 1: {left}"),
     )
+}
+
+/// A domain configured without `disks` (its running VM's disks come from QEMU): its datasets
+/// are those holding snapshots vmsnap took of it — not a dataset whose `vmsnap:domain` its
+/// snapshots only inherit, nor a replica that received one.
+async fn datasets_without_disks(c: Ctx) -> Result<(), Failed> {
+    let (own, inherits) = (c.ds("own"), c.ds("inherits"));
+    let replica = c.root2.child("replica").map_err(fail)?;
+    c.create(&[own.as_str()]).await?;
+    c.create(&["-o", "vmsnap:domain=nodisks", inherits.as_str()]).await?;
+    sh(&format!("zfs snapshot -o vmsnap:domain=nodisks {own}@a && zfs snapshot {inherits}@b"));
+    sh(&format!("zfs send -p {own}@a | zfs recv -u {replica}"));
+    let received = sh(&format!("zfs get -H -o value,source vmsnap:domain {replica}@a"));
+    check(received.contains("nodisks\treceived"), format!("the replica's copy: {received}"))?;
+    let text = "[domain.nodisks]\nqmp = \"/run/none.qmp\"\n";
+    let cfg = vmsnap::config::Config::parse(text, Path::new("test.toml")).map_err(fail)?;
+    let found = vmsnap::engine::disks::domain_datasets(&c.zfs, cfg.domain("nodisks").map_err(fail)?).await.map_err(fail)?;
+    let want: BTreeMap<String, Vec<Dataset>> = [(POOL.to_owned(), vec![own.clone()])].into();
+    check(found == want, format!("found {found:?}"))
 }

@@ -41,7 +41,7 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
     let mut rows = Vec::new();
     let domains = vmsnap::daemon::registry::select(cfg, only)?;
     for dom in &domains {
-        let by_pool = engine::disks::datasets_by_pool(zfs, &dom.disks).await.with_context(|| format!("domain {}", dom.name))?;
+        let by_pool = engine::disks::domain_datasets(zfs, dom).await.with_context(|| format!("domain {}", dom.name))?;
         let mounts = vmsnap::restore::mount::mounted(&cfg.state_dir, &dom.name);
         for ds in by_pool.values().flatten() {
             let clones = zfs.clones(ds).await?;

@@ -1,6 +1,7 @@
 //! The disks of a running VM, as QEMU reports them (`query-block`), and the ZFS datasets under
 //! them.
 
+use crate::config::DomainConfig;
 use crate::qemu::qmp::Qmp;
 use crate::zfs::{Dataset, Zfs, ZfsError};
 use std::collections::BTreeMap;
@@ -63,6 +64,21 @@ pub async fn datasets_by_pool(zfs: &Zfs, paths: &[PathBuf]) -> Result<BTreeMap<S
         if !list.contains(&ds) {
             list.push(ds);
         }
+    }
+    Ok(by_pool)
+}
+
+/// The datasets of `dom`, grouped by pool: those under its configured (or registered) disks.
+/// A domain configured without `disks` (its running VM's disks are read from QEMU at each
+/// snapshot) has the datasets holding snapshots vmsnap took of it (`vmsnap:domain` set on the
+/// snapshot itself), so that listing, pruning and replication find them too.
+pub async fn domain_datasets(zfs: &Zfs, dom: &DomainConfig) -> Result<BTreeMap<String, Vec<Dataset>>, ZfsError> {
+    if !dom.disks.is_empty() {
+        return datasets_by_pool(zfs, &dom.disks).await;
+    }
+    let mut by_pool: BTreeMap<String, Vec<Dataset>> = BTreeMap::new();
+    for ds in zfs.datasets_with_snapshot_property(crate::model::prop::DOMAIN, &dom.name).await? {
+        by_pool.entry(ds.pool().to_owned()).or_default().push(ds);
     }
     Ok(by_pool)
 }

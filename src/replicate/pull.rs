@@ -68,7 +68,7 @@ pub async fn pull(
     let _lock = crate::engine::lock::DomainLock::replication(state_dir, &dom.name)
         .map_err(|e| err(format!("{e} (a replication of {} runs)", dom.name)))?;
     let run = Run::open(zfs, state_dir, dom, target, Options::default(), &progress)?;
-    let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
+    let by_pool = crate::engine::disks::domain_datasets(zfs, dom).await?;
     let mut report = PullReport { target: target.name.clone(), snapshot: snapshot.to_owned(), ..Default::default() };
     let mut todo = Vec::new();
     let mut props = BTreeMap::new();
@@ -210,7 +210,7 @@ pub async fn pull(
         local_props.insert(prop::RAM_DUMP, path.display().to_string());
         report.ram_dump = Some(path.display().to_string());
     }
-    for ds in crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?.into_values().flatten() {
+    for ds in crate::engine::disks::domain_datasets(zfs, dom).await?.into_values().flatten() {
         zfs.set_properties(&format!("{ds}@{snapshot}"), &local_props).await?;
     }
     Ok(report)

@@ -33,6 +33,8 @@ pub enum ReplicateError {
     Target { target: String, why: String },
     #[error("target {target}: cancelled; the next run resumes where this one stopped")]
     Cancelled { target: String },
+    #[error("{domain}: nothing to replicate: its config lists no disks and no dataset holds a snapshot vmsnap took of it")]
+    NoDatasets { domain: String },
     #[error(transparent)]
     Zfs(#[from] ZfsError),
 }
@@ -49,7 +51,7 @@ impl ReplicateError {
         match self {
             ReplicateError::Diverged { .. } => Some(DIVERGED_HINT),
             ReplicateError::Target { .. } => Some(TARGET_HINT),
-            ReplicateError::Zfs(_) | ReplicateError::Cancelled { .. } => None,
+            ReplicateError::Zfs(_) | ReplicateError::Cancelled { .. } | ReplicateError::NoDatasets { .. } => None,
         }
     }
 }
@@ -137,7 +139,10 @@ pub async fn replicate(
     };
     let run = Run::open(zfs, state_dir, dom, target, opts, progress)?;
     let mut report = ReplicationReport { domain: dom.name.clone(), target: target.name.clone(), dry_run, ..Default::default() };
-    let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
+    let by_pool = crate::engine::disks::domain_datasets(zfs, dom).await?;
+    if by_pool.is_empty() {
+        return Err(ReplicateError::NoDatasets { domain: dom.name.clone() });
+    }
     let mut listings = Vec::new();
     for ds in by_pool.into_values().flatten() {
         let (done, listing) = run.dataset(&ds).await?;
@@ -623,7 +628,7 @@ pub async fn list_target(
 ) -> Result<Vec<(Dataset, Listing)>, ReplicateError> {
     let noop = |_: &str| {};
     let run = Run::open(zfs, state_dir, dom, target, Options { dry_run: true, ..Options::default() }, &noop)?;
-    let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
+    let by_pool = crate::engine::disks::domain_datasets(zfs, dom).await?;
     let mut out = Vec::new();
     for ds in by_pool.into_values().flatten() {
         let listing = run.list(&ds).await?;

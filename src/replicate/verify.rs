@@ -45,7 +45,7 @@ pub async fn verify_target(
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Vec<TargetVerified>, ReplicateError> {
     let run = Run::open(zfs, state_dir, dom, target, Options { dry_run: true, ..Options::default() }, &progress)?;
-    let by_pool = crate::engine::disks::datasets_by_pool(zfs, &dom.disks).await?;
+    let by_pool = crate::engine::disks::domain_datasets(zfs, dom).await?;
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     for ds in by_pool.into_values().flatten() {
         progress(&format!("{ds}: listing the target"));

@@ -3,7 +3,7 @@
 //! pruning, the scheduler and `vmsnap check` all start from here.
 
 use crate::config::DomainConfig;
-use crate::engine::disks::datasets_by_pool;
+use crate::engine::disks::domain_datasets;
 use crate::model::prop;
 use crate::retention::{periods_of, Snap};
 use crate::zfs::{Dataset, PropName, Zfs, ZfsError};
@@ -39,7 +39,7 @@ const PROPS: [PropName; 5] = [prop::DOMAIN, prop::PERIODS, prop::RAM_DUMP, prop:
 
 /// The snapshots vmsnap took of `dom` (those whose `vmsnap:domain` names it).
 pub async fn load(zfs: &Zfs, dom: &DomainConfig) -> Result<Catalog, ZfsError> {
-    let by_pool = datasets_by_pool(zfs, &dom.disks).await?;
+    let by_pool = domain_datasets(zfs, dom).await?;
     let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
     load_from(zfs, datasets, &dom.name).await
 }

@@ -307,6 +307,21 @@ impl Zfs {
         Ok(())
     }
 
+    /// The datasets (on every imported pool) having a snapshot whose own property `prop` is
+    /// `value` (`-s local`: a value received with a replica does not count), in name order.
+    pub async fn datasets_with_snapshot_property(&self, prop: PropName, value: &str) -> Result<Vec<Dataset>, ZfsError> {
+        let out = self.cli.zfs(zargs!["get", "-H", "-t", "snapshot", "-s", "local", "-o", "name,value", prop.as_str()]).await?;
+        let mut found: Vec<Dataset> = out
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(_, v)| *v == value)
+            .filter_map(|(name, _)| Dataset::new(name.split_once('@')?.0).ok())
+            .collect();
+        found.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        found.dedup();
+        Ok(found)
+    }
+
     /// The dataset a disk image lives on: `/dev/zvol/POOL/VOL` is the volume `POOL/VOL`; a file is
     /// on the mounted filesystem with the longest mountpoint that contains it.
     ///

@@ -79,6 +79,11 @@ def main(argv):
         for n in names:
             snaps[n] = {"createtxg": state["txg"], "creation": int(time.time()), "guid": state["txg"] * 7919, "props": dict(props)}
         save()
+    elif cmd == "get" and "-t" in args and "-d" not in args:
+        # get -H -t snapshot -s local -o name,value PROP (every pool's snapshots)
+        for name, s in sorted(snaps.items(), key=lambda kv: kv[1]["createtxg"]):
+            if args[-1] in s["props"]:
+                print(f"{name}\t{s['props'][args[-1]]}")
     elif cmd == "get" and "-t" in args:
         # get -H -p -d 1 -t snapshot -s local,received -o name,property,value,source PROPS DATASET
         wanted = args[-2].split(",")

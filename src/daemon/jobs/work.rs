@@ -136,7 +136,7 @@ impl Jobs {
         let scripted = policy.scripts.pre_snapshot.is_some() || policy.scripts.post_snapshot.is_some();
         // Like sanoid, scripts are told dataset names (the datasets under the domain's disks).
         let targets: Vec<String> = if scripted {
-            match engine::disks::datasets_by_pool(zfs, &dom.disks).await {
+            match engine::disks::domain_datasets(zfs, dom).await {
                 Ok(by_pool) => by_pool.into_values().flatten().map(|d| d.to_string()).collect(),
                 Err(e) => {
                     tracing::warn!(domain = %dom.name, "scripts get no SANOID_TARGETS: {e}");
