@@ -79,6 +79,10 @@ pub async fn run(cfg: &Config, zfs: &Zfs, only: Option<&str>, json: bool) -> Res
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
+        if rows.is_empty() {
+            let names: Vec<&str> = domains.iter().map(|d| d.name.as_str()).collect();
+            eprintln!("no snapshot of {} (taken by vmsnap) yet", if names.is_empty() { "any domain".into() } else { names.join(", ") });
+        }
         for r in rows {
             let ram = match (&r.ram_dump, &r.ram_pruned) {
                 (Some(d), _) => match (&r.ram_format, r.ram_bytes) {

@@ -33,7 +33,7 @@ pub enum ReplicateError {
     Target { target: String, why: String },
     #[error("target {target}: cancelled; the next run resumes where this one stopped")]
     Cancelled { target: String },
-    #[error("{domain}: nothing to replicate: its config lists no disks and no dataset holds a snapshot vmsnap took of it")]
+    #[error("nothing to replicate: the config lists no disks for {domain} and no dataset holds a snapshot vmsnap took of it")]
     NoDatasets { domain: String },
     #[error(transparent)]
     Zfs(#[from] ZfsError),
