@@ -102,7 +102,7 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
             if due.is_empty() {
                 continue;
             }
-            not_before.insert(dom.name.clone(), Instant::now() + retry_after(&dom.policy));
+            not_before.insert(dom.name.clone(), Instant::now() + hold_back(&dom.policy, &Local::now()));
             if let Err(e) = jobs.start(dom.clone(), Request::Snapshot(scheduled(dom, &due)), Origin::Schedule) {
                 tracing::warn!(domain = %dom.name, "scheduled snapshot not started: {e}");
             }
@@ -243,14 +243,12 @@ fn next_wake(cfg: &Config) -> Duration {
 }
 
 /// After a scheduled snapshot starts, the domain is not looked at again for this long: its
-/// snapshot makes it not due, a failed one is tried again then. Half its shortest period when
-/// that is shorter than `RETRY_AFTER`: with snapshots every minute, the next minute's would
-/// otherwise find the domain still held back and wait for the one after.
-fn retry_after(policy: &Policy) -> Duration {
-    if policy.keep.get(Period::Frequently) == 0 {
-        return RETRY_AFTER;
-    }
-    RETRY_AFTER.min(Duration::from_secs(u64::from(policy.frequent_period.max(1)) * 30))
+/// snapshot makes it not due, and a failed one is tried again at the policy's next preferred
+/// time or after `RETRY_AFTER`, whichever comes first. (A fixed minute would make the next
+/// minute's snapshot of a one-minute period wait for the one after.)
+fn hold_back<Tz: chrono::TimeZone>(policy: &Policy, now: &chrono::DateTime<Tz>) -> Duration {
+    let next = schedule::next_preferred(policy, now).and_then(|t| (t - now.clone()).to_std().ok());
+    next.map_or(RETRY_AFTER, |d| d.min(RETRY_AFTER))
 }
 
 /// How long until a target's own schedule (`every_minutes`) makes a replication due: without
@@ -283,19 +281,23 @@ fn scheduled(dom: &DomainConfig, due: &BTreeSet<Period>) -> SnapshotOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::{next_replication, retry_after, verify_due, Tried, MAX_SLEEP, RETRY_AFTER};
+    use super::{hold_back, next_replication, verify_due, Tried, MAX_SLEEP, RETRY_AFTER};
     use std::collections::HashMap;
     use std::time::{Duration, Instant};
 
     #[test]
-    fn a_one_minute_period_is_not_held_back_for_a_minute() {
+    fn a_failed_snapshot_waits_for_its_next_slot_or_a_minute() {
+        use chrono::TimeZone;
+        let at = chrono::Utc.with_ymd_and_hms(2026, 11, 30, 12, 0, 40).unwrap();
         let mut policy = crate::config::policy::Policy::default();
-        assert_eq!(retry_after(&policy), RETRY_AFTER);
+        // Hourly and coarser: the next slot is far, a minute it is.
+        assert_eq!(hold_back(&policy, &at), RETRY_AFTER);
+        // Every minute: until the next minute, not past it.
         policy.keep.0[0] = 4;
         policy.frequent_period = 1;
-        assert_eq!(retry_after(&policy), Duration::from_secs(30));
+        assert_eq!(hold_back(&policy, &at), Duration::from_secs(20));
         policy.frequent_period = 15;
-        assert_eq!(retry_after(&policy), RETRY_AFTER);
+        assert_eq!(hold_back(&policy, &at), RETRY_AFTER);
     }
 
     #[test]
