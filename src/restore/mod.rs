@@ -217,17 +217,22 @@ async fn newer_than(zfs: &Zfs, unit: &[SnapshotName]) -> Result<Vec<String>, Res
     Ok(newer)
 }
 
+/// A domain and snapshot name as a caller gave them, checked before they name a file or a
+/// dataset: what is wrong with them, the first shown abridged.
+pub(crate) fn check_names(domain: &str, snapshot: &str) -> Result<(), String> {
+    let shown = |s: &str| s.chars().take(80).collect::<String>();
+    if !crate::config::valid_domain_name(domain) {
+        return Err(format!("{:?} is not a domain name", shown(domain)));
+    }
+    if !crate::zfs::names::valid_component(snapshot) {
+        return Err(format!("{:?} is not a snapshot name (the part after the @, as `vmsnap list` shows it)", shown(snapshot)));
+    }
+    Ok(())
+}
+
 /// Everything a restore will do, read from ZFS, libvirt and the dump; changes nothing.
 pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, RestoreError> {
-    if !crate::config::valid_domain_name(&req.domain) {
-        return Err(RestoreError::BadName(format!("{:?} is not a domain name", req.domain.chars().take(80).collect::<String>())));
-    }
-    if !crate::zfs::names::valid_component(&req.snapshot) {
-        return Err(RestoreError::BadName(format!(
-            "{:?} is not a snapshot name (the part after the @, as `vmsnap list` shows it)",
-            req.snapshot.chars().take(80).collect::<String>()
-        )));
-    }
+    check_names(&req.domain, &req.snapshot).map_err(RestoreError::BadName)?;
     let dom = cfg.domains.get(&req.domain);
     let manager = if dom.is_some() { Manager::Config } else { Manager::Libvirt };
     let (unit, props, mine) = find_unit(zfs, &req.domain, &req.snapshot).await?;

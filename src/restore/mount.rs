@@ -68,22 +68,6 @@ pub struct MountState {
     pub volumes: Vec<Volume>,
 }
 
-/// The domain and snapshot names a mount is asked for, checked before they name a state file
-/// or a dataset.
-fn check_names(domain: &str, snapshot: &str) -> Result<(), MountError> {
-    let shown = |s: &str| s.chars().take(80).collect::<String>();
-    if !crate::config::valid_domain_name(domain) {
-        return Err(MountError::Refused(format!("{:?} is not a domain name", shown(domain))));
-    }
-    if !crate::zfs::names::valid_component(snapshot) {
-        return Err(MountError::Refused(format!(
-            "{:?} is not a snapshot name (the part after the @, as `vmsnap list` shows it)",
-            shown(snapshot)
-        )));
-    }
-    Ok(())
-}
-
 fn state_path(state_dir: &Path, domain: &str, snapshot: &str) -> PathBuf {
     state_dir.join("mounts").join(format!("{domain}@{snapshot}.json"))
 }
@@ -164,7 +148,7 @@ async fn disks(cfg: &Config, zfs: &Zfs, unit: &[SnapshotName], domain: &str) -> 
 
 /// Mounts every file system of `domain`'s snapshot read-only below `path`.
 pub async fn mount(cfg: &Config, zfs: &Zfs, domain: &str, snapshot: &str, path: &Path) -> Result<MountState, MountError> {
-    check_names(domain, snapshot)?;
+    super::check_names(domain, snapshot).map_err(MountError::Refused)?;
     let state_file = state_path(&cfg.state_dir, domain, snapshot);
     if state_file.exists() {
         return Err(MountError::Refused(format!(
@@ -365,7 +349,7 @@ pub async fn tear_down(cfg: &Config, zfs: &Zfs, st: &MountState) -> Result<(), M
 
 /// `vmsnap umount`: the mount of `domain@snapshot`, undone.
 pub async fn umount(cfg: &Config, zfs: &Zfs, domain: &str, snapshot: &str) -> Result<MountState, MountError> {
-    check_names(domain, snapshot)?;
+    super::check_names(domain, snapshot).map_err(MountError::Refused)?;
     let file = state_path(&cfg.state_dir, domain, snapshot);
     let text = crate::fsutil::read_limited(&file, 1 << 20)
         .map_err(|_| MountError::Refused(format!("{domain}@{snapshot} is not mounted by vmsnap (no {})", file.display())))?;
