@@ -187,12 +187,6 @@ impl Jobs {
             for w in &r.warnings {
                 tracing::warn!(domain = %dom.name, snapshot = %r.name, "{w}");
             }
-            let _ = self.0.events.send(JobEvent::SnapshotTaken {
-                id,
-                domain: dom.name.clone(),
-                snapshot: r.name.clone(),
-                consistency: r.consistency.to_string(),
-            });
         }
         let mut destroyed = 0;
         if policy.autoprune && !opts.periods.is_empty() {
@@ -211,6 +205,16 @@ impl Jobs {
             }
         }
         self.record(cfg, dom, &result, destroyed);
+        // Announced once `status.json` says so too: a listener that runs `vmsnap check` on the
+        // signal sees this snapshot, not the attempt before it.
+        if let Ok(r) = &result {
+            let _ = self.0.events.send(JobEvent::SnapshotTaken {
+                id,
+                domain: dom.name.clone(),
+                snapshot: r.name.clone(),
+                consistency: r.consistency.to_string(),
+            });
+        }
         // Off the host after each scheduled snapshot, in the replication lane: the next
         // snapshots do not wait for it. Targets with their own schedule (`every_minutes`) are
         // the daemon's to start.
