@@ -329,9 +329,10 @@ impl Run<'_> {
         let mut pauses = self.qmp.subscribe().at("save RAM")?;
         let mut marks = PauseMarks::default();
         self.timed("prepare RAM dump", t);
-        let t = Instant::now();
         let window = Instant::now();
         let frozen;
+        // "save RAM" is the dump itself: from `migrate` until the file is synced and hashed.
+        let dump_started;
         match mode {
             RamMode::Precopy => {
                 // Frozen for the whole dump: precopy pauses the VM only at its own end.
@@ -339,6 +340,7 @@ impl Run<'_> {
                 (self.progress)("saving RAM (precopy; the VM pauses at the end)");
                 self.record(Record::PauseStarted).await?;
                 self.record(Record::MigrationStarted).await?;
+                dump_started = Instant::now();
                 ram::migrate(&self.qmp).await.at("save RAM")?;
                 self.wait_dump(&mut events, &drain).await?;
                 ram::wait_postmigrate(&self.qmp, Duration::from_secs(30)).await.at("save RAM")?;
@@ -365,6 +367,7 @@ impl Run<'_> {
                 marks.mark("stop sent");
                 self.qmp.execute(&qapi::qmp::stop {}).await.at("pause")?;
                 self.capture_disks_paused(overlays, by_pool, &mut marks).await?;
+                dump_started = Instant::now();
                 ram::migrate(&self.qmp).await.at("save RAM")?;
                 marks.mark("migrate accepted");
                 ram::wait_saving_started(&self.qmp, Duration::from_secs(60)).await.at("save RAM")?;
@@ -406,7 +409,7 @@ impl Run<'_> {
                 .at("save RAM")?;
         }
         self.timed("finish RAM dump", streamed);
-        self.timed("save RAM", t);
+        self.timed("save RAM", dump_started);
         let paused = ram::pauses(&mut pauses).await;
         self.report.pause_ms = paused.ms();
         self.report.pause_phases = marks.phases(&paused);
@@ -432,8 +435,9 @@ impl Run<'_> {
     /// drain that writes QEMU's stream into it (or hashes it behind QEMU), and hands QEMU its
     /// descriptor (before any pause).
     ///
-    /// A raw background dump is written by QEMU itself and hashed behind it: the fastest way, and
-    /// safe, since a background migration that finishes after vmsnap died leaves the VM running.
+    /// A raw background dump is written by QEMU itself and hashed behind it where that is the
+    /// fastest way (not on OpenZFS: [`ramstream::qemu_writes_well_into`]), and safe, since a
+    /// background migration that finishes after vmsnap died leaves the VM running.
     /// Precopy goes through the pipe: if vmsnap dies, QEMU's writes fail and the migration ends
     /// instead of completing into a VM paused in `postmigrate` that nobody resumes. zstd goes
     /// through the pipe too (vmsnap compresses).
@@ -457,7 +461,8 @@ impl Run<'_> {
             }
             None => Vec::new(),
         };
-        let behind_qemu = mode == RamMode::Background && compress == crate::model::RamCompress::None;
+        let behind_qemu =
+            mode == RamMode::Background && compress == crate::model::RamCompress::None && ramstream::qemu_writes_well_into(&file);
         let started = if behind_qemu {
             ramstream::follow(file, prefix)
         } else {
