@@ -143,6 +143,8 @@ const ZFS_SUPER_MAGIC: i64 = 0x2fc1_2fc1;
 /// locks and QEMU's next write waits for it (measured with `cargo bench --bench ramdump` on the
 /// ZFS lane). Elsewhere (ext4, xfs, tmpfs) the page cache takes QEMU's writes as they come and
 /// the follower saves the pipe's copy. When the file system cannot be told, the follower.
+// `f_type`'s width depends on the platform (i64 on x86_64 glibc).
+#[allow(clippy::unnecessary_cast)]
 pub fn qemu_writes_well_into(file: &File) -> bool {
     match nix::sys::statfs::fstatfs(file) {
         Ok(fs) => fs.filesystem_type().0 as i64 != ZFS_SUPER_MAGIC,
