@@ -5,13 +5,19 @@
 //!
 //! `cargo bench --bench ramdump`: host lane, a tiny guest under TCG whose RAM holds
 //! `VMSNAP_BENCH_FILL_MIB` (default 600) MiB, half random bytes, half repeated text, so neither
-//! QEMU nor zstd can skip it, dumps in `/var/tmp`. `VMSNAP_BENCH_LANE=zfs cargo bench --bench
-//! ramdump`: ZFS lane, inside the OpenZFS VM, the nested guest of the engine lane (384 MiB,
-//! default fill 160 MiB), dumps on an OpenZFS file system. The guest is paused for every sample
-//! so each dump is the same one-pass copy; migration bandwidth is unlimited for all variants. N
-//! samples per variant (`VMSNAP_BENCH_N`, default 3), round-robin after a warm-up round. Each
-//! sample ends when the dump is synced to disk and its checksum is known. Prints medians and
-//! ratios from this run.
+//! QEMU nor zstd can skip it, dumps in `/var/tmp`. The guest is paused for every sample so each
+//! dump is the same one-pass copy; migration bandwidth is unlimited for all variants. Each sample
+//! ends when the dump is synced to disk and its checksum is known.
+//!
+//! `VMSNAP_BENCH_LANE=zfs cargo bench --bench ramdump`: ZFS lane, inside the OpenZFS VM, the
+//! nested guest of the engine lane (384 MiB, running, no fill by default), its RAM saved the way
+//! a snapshot saves it, onto ext4 and onto an OpenZFS file system of a pool of its own (lz4):
+//! QEMU writing the file itself against `vmsnap snapshot --memory`'s "save RAM" step (see
+//! [`on_zfs`]; `VMSNAP_BENCH_TRACE=1` prints a timeline of each vmsnap sample,
+//! `VMSNAP_BENCH_ALSO_BIN` adds an earlier build).
+//!
+//! N samples per variant (`VMSNAP_BENCH_N`, default 3), round-robin after a warm-up round.
+//! Prints medians and ratios from this run.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -142,23 +148,241 @@ fn on_host() {
 }
 
 /// ZFS lane (inside the OpenZFS VM): the nested guest of the engine lane (started from the
-/// resume kit, its disks on ZFS), dumps into a file system of their own, as `ram_dir` is.
+/// resume kit, its disks on ZFS), running, its RAM saved the way a snapshot saves it
+/// (background-snapshot: the VM runs while QEMU writes what its RAM held at the pause). For each
+/// file system a `ram_dir` may be on, ext4 (the VM's root) and OpenZFS (a pool of its own on the
+/// second disk, `compression=lz4`: cheaper storage on a ZFS host), round-robin: QEMU writing the
+/// dump into a file there itself (`migrate` to `file:`, then the file synced), and `vmsnap
+/// snapshot --memory` (its report's "save RAM": from `migrate` to the dump synced and hashed).
+/// `VMSNAP_BENCH_TRACE=1` prints a timeline of every vmsnap sample (QEMU's bytes sent, the
+/// file's size, vmsnap's threads and where each waits).
 fn on_zfs() {
-    let fill_mib = env_u32("VMSNAP_BENCH_FILL_MIB", 160);
-    let (fs, zvol, ram) = ("tank/vms/bench", "tank/vms/bench-data", "tank/ram");
+    // The guest as it is (about 86 MB to dump): a fill takes minutes under nested TCG.
+    let fill_mib = env_u32("VMSNAP_BENCH_FILL_MIB", 0);
+    let (fs, zvol) = ("tank/vms/bench", "tank/vms/bench-data");
     sh("zpool create -f -O mountpoint=/tank tank /dev/disk/by-id/virtio-pool1");
-    sh(&format!("zfs create -p {fs} && zfs create -V 64M {zvol} && zfs create {ram} && chmod 700 /{ram} && udevadm settle"));
+    sh("zpool create -f -O compression=lz4 -O mountpoint=/cheap cheap /dev/disk/by-id/virtio-pool2");
+    sh(&format!("zfs create -p {fs} && zfs create -V 64M {zvol} && udevadm settle"));
     let rig = Rig::locate().expect("rig");
     let rt = rt();
-    let (mut vm, qga) = rt.block_on(resume_kit::restore_on_zfs(&rig, fs, zvol)).expect("the nested guest");
+    let (mut vm, mut qga) = rt.block_on(resume_kit::restore_on_zfs(&rig, fs, zvol)).expect("the nested guest");
+    // A guest that does something while its RAM is saved (the demo's writer).
+    rt.block_on(qga.exec_start("/bin/sh", &["-c", "i=0; while :; do i=$((i+1)); echo $i > /mnt/vda/counter; sleep 0.2; done"], &[]))
+        .expect("the guest's writer");
     drop(qga);
-    let qmp = rt.block_on(vm.machine.qmp()).expect("QMP");
-    rt.block_on(fill(&vm.machine.qga_path, fill_mib));
-    let what = format!(
-        "ZFS lane (nested TCG), a paused guest with {KIT_MEMORY_MIB} MiB of RAM, {fill_mib} MiB filled (half random, half text), dumps on /{ram} (OpenZFS)"
+    if fill_mib > 0 {
+        rt.block_on(fill(&vm.machine.qga_path, fill_mib));
+    }
+    let observer = rt.block_on(vm.machine.observer()).expect("the observer monitor");
+    let n: usize = std::env::var("VMSNAP_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let trace = std::env::var("VMSNAP_BENCH_TRACE").is_ok_and(|v| v == "1");
+    let places = [("ext4 (the VM's root file system)", "/var/tmp/vmsnap-bench-ram"), ("OpenZFS (own pool, lz4)", "/cheap/vmsnap-ram")];
+    let mut rows = Vec::new();
+    // An earlier build to compare with, in the same run (`VMSNAP_BENCH_ALSO_BIN`: its path
+    // inside the VM, e.g. /mnt/share/vmsnap-old when it sits beside this build's binary).
+    let also = std::env::var("VMSNAP_BENCH_ALSO_BIN").ok().filter(|b| !b.is_empty());
+    for (label, dir) in places {
+        write_bench_config(&vm, fs, zvol, dir);
+        let (mut qemu, mut ours, mut earlier) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..=n {
+            let q = rt.block_on(qemu_writes_file(&observer, Path::new(dir)));
+            let v = rt.block_on(vmsnap_saves(&vmsnap_testkit::rig::lane::vmsnap_bin(), &observer, Path::new(dir), round, trace));
+            eprintln!(
+                "{label} round {round}: QEMU → file {:.2} s ({} MiB); vmsnap save RAM {:.2} s ({} MiB, whole command {:.2} s)",
+                q.secs,
+                q.file_bytes >> 20,
+                v.secs,
+                v.file_bytes >> 20,
+                v.cpu_secs
+            );
+            let e = also.as_deref().map(|bin| rt.block_on(vmsnap_saves(bin, &observer, Path::new(dir), round, trace)));
+            if let Some(e) = &e {
+                eprintln!(
+                    "{label} round {round}: {} save RAM {:.2} s, whole command {:.2} s",
+                    also.as_deref().unwrap_or(""),
+                    e.secs,
+                    e.cpu_secs
+                );
+            }
+            if round > 0 {
+                qemu.push(q);
+                ours.push(v);
+                earlier.extend(e);
+            }
+        }
+        rows.push((label, qemu, ours, earlier));
+    }
+    println!(
+        "RAM dump: ZFS lane (nested TCG), a running guest with {KIT_MEMORY_MIB} MiB of RAM, {fill_mib} MiB filled (half random, half text), background-snapshot; median of {n}:"
     );
-    compare(&rt, &qmp, std::path::Path::new(&format!("/{ram}")), &what);
+    for (label, qemu, ours, earlier) in &rows {
+        let q = median(qemu.iter().map(|s| s.secs).collect());
+        let v = median(ours.iter().map(|s| s.secs).collect());
+        let whole = median(ours.iter().map(|s| s.cpu_secs).collect());
+        let mib = qemu[0].file_bytes as f64 / 1048576.0;
+        println!("  dump on {label}:");
+        println!("    QEMU → file itself (migrate to file:, then synced)   {q:>7.2} s  {:>6.1} MiB/s  file {:>5.0} MiB", mib / q, mib);
+        println!(
+            "    vmsnap snapshot --memory, step \"save RAM\"          {v:>7.2} s  {:>6.1} MiB/s  file {:>5} MiB  (whole command {whole:.2} s)",
+            ours[0].file_bytes as f64 / 1048576.0 / v,
+            ours[0].file_bytes >> 20
+        );
+        println!("    ratio (throughput, vmsnap / QEMU alone): {:.2} (goal >= 0.9)", q / v);
+        if !earlier.is_empty() {
+            let e = median(earlier.iter().map(|s| s.secs).collect());
+            let e_whole = median(earlier.iter().map(|s| s.cpu_secs).collect());
+            println!(
+                "    {}: \"save RAM\" + \"checksum RAM dump\" {e:.2} s, whole command {e_whole:.2} s; this build's whole command / its: {:.2}",
+                also.as_deref().unwrap_or(""),
+                whole / e_whole
+            );
+        }
+    }
+    drop(observer);
     vm.machine.kill();
+}
+
+/// `[domain.bench]` for the nested guest, its dumps in `ram_dir` (raw: no XML, so the same bytes
+/// QEMU writes by itself).
+fn write_bench_config(vm: &vmsnap_testkit::rig::TinyVm, fs: &str, zvol: &str, ram_dir: &str) {
+    std::fs::create_dir_all("/etc/vmsnap").unwrap();
+    let m = &vm.machine;
+    let config = format!(
+        "state_dir = \"/var/lib/vmsnap-bench\"\nram_dir = \"{ram_dir}\"\n\n[domain.bench]\nqmp = \"{}\"\nqga = \"{}\"\ndisks = [\"/{fs}/disk0.qcow2\", \"/dev/zvol/{zvol}\"]\n",
+        m.qmp_path.display(),
+        m.qga_path.display()
+    );
+    std::fs::write(BENCH_CONFIG, config).unwrap();
+}
+
+const BENCH_CONFIG: &str = "/etc/vmsnap/bench.toml";
+
+/// QEMU saves the running guest's RAM into `dir/qemu.ram` by itself, background-snapshot, at
+/// the bandwidth vmsnap uses (unlimited); timed until the file is synced.
+async fn qemu_writes_file(qmp: &Qmp, dir: &Path) -> Sample {
+    let path = dir.join("qemu.ram");
+    let _ = std::fs::remove_file(&path);
+    std::fs::create_dir_all(dir).unwrap();
+    let old = ram::current_bandwidth(qmp).await.unwrap();
+    ram::set_capabilities(qmp, true).await.unwrap();
+    ram::set_bandwidth(qmp, vmsnap::config::policy::RamBandwidth::Unlimited.bytes().unwrap()).await.unwrap();
+    let mut events = qmp.subscribe().unwrap();
+    let t = Instant::now();
+    let cpu0 = host_busy_secs();
+    let uri = format!("file:{}", path.display());
+    qmp.execute_raw("migrate", Some(serde_json::json!({ "uri": uri })), Duration::from_secs(30)).await.unwrap();
+    ram::wait_completed(qmp, &mut events, Duration::from_secs(1800)).await.unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    let sample = Sample { secs: t.elapsed().as_secs_f64(), file_bytes: file.metadata().unwrap().len(), cpu_secs: host_busy_secs() - cpu0 };
+    ram::set_capabilities(qmp, false).await.unwrap();
+    ram::set_bandwidth(qmp, old).await.unwrap();
+    let _ = std::fs::remove_file(&path);
+    sample
+}
+
+/// `vmsnap snapshot bench --memory --no-quiesce` (background RAM, overlay); its report's "save
+/// RAM" (the sample's `cpu_secs` holds the whole command's time). Its snapshots and dump are
+/// removed afterwards.
+async fn vmsnap_saves(bin: &str, observer: &Qmp, dir: &Path, round: usize, trace: bool) -> Sample {
+    let label = format!("bench{round}");
+    let t = Instant::now();
+    let child = tokio::process::Command::new(bin)
+        .args([
+            "--config",
+            BENCH_CONFIG,
+            "snapshot",
+            "bench",
+            "--memory",
+            "background",
+            "--no-quiesce",
+            "--local",
+            "--json",
+            "--label",
+            &label,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("vmsnap");
+    let pid = child.id().unwrap_or(0);
+    let out = if trace {
+        let sampling = timeline(observer, dir, pid, t);
+        tokio::pin!(sampling);
+        let waiting = child.wait_with_output();
+        tokio::select! { out = waiting => out, _ = &mut sampling => unreachable!("the timeline samples until the command ends") }
+    } else {
+        child.wait_with_output().await
+    }
+    .expect("vmsnap ran");
+    let whole = t.elapsed().as_secs_f64();
+    assert!(out.status.success(), "vmsnap snapshot: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    let step = |name: &str| {
+        report["steps"].as_array().and_then(|s| s.iter().find(|x| x[0] == name)).and_then(|x| x[1].as_f64()).unwrap_or(f64::NAN) / 1e3
+    };
+    if trace {
+        eprintln!("report steps: {}", report["steps"]);
+    }
+    let bytes = report["ram_file_bytes"].as_u64().unwrap_or(0);
+    sh("zfs list -H -t snapshot -o name -r tank | xargs -r -n1 zfs destroy");
+    if let Some(dump) = report["ram_dump"].as_str() {
+        let _ = std::fs::remove_file(dump);
+    }
+    // An earlier build hashed the dump after it was written, in a step of its own.
+    let checksum = step("checksum RAM dump");
+    let secs = step("save RAM") + if checksum.is_nan() { 0.0 } else { checksum };
+    Sample { secs, file_bytes: bytes, cpu_secs: whole }
+}
+
+/// Every 250 ms until cancelled: QEMU's migration (status, bytes sent), the newest dump's size
+/// in `dir`, and vmsnap's threads (state, where the kernel has them wait).
+async fn timeline(observer: &Qmp, dir: &Path, pid: u32, t0: Instant) {
+    loop {
+        let m = observer.execute_raw("query-migrate", None, Duration::from_secs(10)).await.unwrap_or_default();
+        let sent = m["ram"]["transferred"].as_u64().unwrap_or(0);
+        let file = newest_file_len(dir);
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let p = e.path();
+                        let comm = std::fs::read_to_string(p.join("comm")).ok()?;
+                        let stat = std::fs::read_to_string(p.join("stat")).ok()?;
+                        let state = stat.rsplit(')').next()?.split_whitespace().next()?.to_owned();
+                        let wchan = std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
+                        (state != "S" || comm.starts_with("vmsnap-ram")).then(|| format!("{}:{state}:{wchan}", comm.trim()))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "trace {:6.2} s  migration {:<10} sent {:>4} MiB  file {:>4} MiB  {threads}",
+            t0.elapsed().as_secs_f64(),
+            m["status"].as_str().unwrap_or("-"),
+            sent >> 20,
+            file >> 20
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn newest_file_len(dir: &Path) -> u64 {
+    walk(dir).into_iter().max_by_key(|(m, _)| *m).map_or(0, |(_, len)| len)
+}
+
+fn walk(dir: &Path) -> Vec<(std::time::SystemTime, u64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(md) = e.metadata() else { continue };
+        if md.is_dir() {
+            out.extend(walk(&e.path()));
+        } else if let Ok(m) = md.modified() {
+            out.push((m, md.len()));
+        }
+    }
+    out
 }
 
 /// Fills `fill_mib` of the guest's RAM (a tmpfs: half random bytes, half repeated text) so

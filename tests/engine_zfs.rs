@@ -22,6 +22,9 @@ mod daemon;
 
 const CONFIG: &str = "/etc/vmsnap/vmsnap.toml";
 const STATE: &str = "/var/lib/vmsnap";
+/// RAM dumps on cheaper storage, as users lay it out on a ZFS host: a file system of a second
+/// pool (`cheap`, on the VM's second disk, lz4).
+const RAM_DIR: &str = "/cheap/vmsnap-ram";
 const FS: &str = "tank/vms/demo";
 const ZVOL: &str = "tank/vms/demo-data";
 
@@ -53,6 +56,7 @@ fn inside() {
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
     sh("zpool create -f -O mountpoint=/tank tank /dev/disk/by-id/virtio-pool1");
+    sh("zpool create -f -O compression=lz4 -O mountpoint=/cheap cheap /dev/disk/by-id/virtio-pool2");
     sh(&format!("zfs create -p {FS} && zfs create -V 64M {ZVOL} && zfs create tank/vms/stopped && udevadm settle"));
     let rig = Rig::locate().expect("the rig's files on /mnt/rig");
     sh("cp /mnt/rig/data-template.qcow2 /tank/vms/stopped/disk0.qcow2");
@@ -102,7 +106,9 @@ fn inside() {
     }
     // The guest `vmsnap restore --resume` started is vmsnap's child no more: its own session.
     let _ = std::process::Command::new("pkill").args(["-9", "-f", "qemu-system-x86_64"]).status();
-    let _ = std::process::Command::new("zpool").args(["destroy", "-f", "tank"]).status();
+    for pool in ["tank", "cheap"] {
+        let _ = std::process::Command::new("zpool").args(["destroy", "-f", pool]).status();
+    }
     conclusion.exit();
 }
 
@@ -141,6 +147,7 @@ fn write_config(vm: &TinyVm) {
     let m = &vm.machine;
     let config = format!(
         r#"state_dir = "{STATE}"
+ram_dir = "{RAM_DIR}"
 [domain.demo]
 qmp = "{qmp}"
 qga = "{qga}"
@@ -484,7 +491,7 @@ fn assert_dumps_referenced() -> Result<(), Failed> {
         let sum = sh(&format!("sha256sum {dump} 2>/dev/null | cut -d' ' -f1 || true"));
         check(Some(sum.trim()) == sums.get(snap).map(String::as_str), format!("{snap}: dump {dump} missing or not matching its checksum"))?;
     }
-    for file in sh(&format!("find {STATE}/ram -type f 2>/dev/null || true")).lines() {
+    for file in sh(&format!("find {RAM_DIR} -type f 2>/dev/null || true")).lines() {
         check(dumps.values().any(|d| d == file), format!("RAM dump {file} is referenced by no snapshot"))?;
     }
     Ok(())
@@ -504,6 +511,9 @@ fn check_dump(r: &Value) -> Result<String, Failed> {
     use std::os::unix::fs::PermissionsExt;
     check(r["consistency"] == "ram", format!("{r}"))?;
     let dump = r["ram_dump"].as_str().ok_or("no ram_dump in the report")?.to_owned();
+    // In ram_dir, on the second pool's ZFS file system.
+    let fs_type = sh(&format!("stat -f -c %T {dump}"));
+    check(dump.starts_with(RAM_DIR) && fs_type.trim() == "zfs", format!("dump {dump} on {}, not in {RAM_DIR} on ZFS", fs_type.trim()))?;
     let meta = std::fs::metadata(&dump)?;
     check(meta.permissions().mode() & 0o777 == 0o600, format!("dump mode {:o}", meta.permissions().mode()))?;
     let dir_mode = std::fs::metadata(Path::new(&dump).parent().unwrap())?.permissions().mode() & 0o777;
