@@ -138,10 +138,10 @@ const ZFS_SUPER_MAGIC: i64 = 0x2fc1_2fc1;
 
 /// Whether QEMU writing the dump `file` by itself, with [`follow`] hashing behind it, is the
 /// fastest way on the file system that holds it. Not on OpenZFS: QEMU's writes there (a page
-/// and its 8-byte header at a time, unaligned) went at a third of vmsnap's whole-MiB writes
-/// through the pipe, and a reader near the end of a file QEMU appends to waits on ZFS's range
-/// locks and QEMU's next write waits for it (measured with `cargo bench --bench ramdump` on the
-/// ZFS lane). Elsewhere (ext4, xfs, tmpfs) the page cache takes QEMU's writes as they come and
+/// and its 8-byte header at a time, unaligned) were slower than vmsnap's whole-MiB writes
+/// through the pipe (median 29 s against 23 s for 82 MiB), and a reader near the end of a file
+/// QEMU appends to waits on ZFS's range locks while QEMU's next write waits for it (88 s;
+/// measured with `cargo bench --bench ramdump` on the ZFS lane). Elsewhere (ext4, xfs, tmpfs) the page cache takes QEMU's writes as they come and
 /// the follower saves the pipe's copy. When the file system cannot be told, the follower.
 // `f_type`'s width depends on the platform (i64 on x86_64 glibc).
 #[allow(clippy::unnecessary_cast)]
@@ -234,6 +234,8 @@ fn read_behind(
     let mut nap = MIN_NAP;
     let mut let_go = LetGo::default();
     let mut spare = None;
+    // How far the file may be read: asked of the file again only once `at` gets there.
+    let mut readable = start;
     loop {
         // Read the state before reading the file: a read that finds nothing after QEMU said it
         // completed is the end of the stream.
@@ -243,8 +245,10 @@ fn read_behind(
         }
         // Never near the end QEMU is writing: on OpenZFS a read there waits for the range lock
         // and the block QEMU is filling, and QEMU's next write waits for the read in turn.
-        let end = file.metadata()?.len();
-        let readable = if state == COMPLETE { end } else { end.saturating_sub(TAIL_MARGIN) / ALIGN * ALIGN };
+        if at >= readable || state == COMPLETE {
+            let end = file.metadata()?.len();
+            readable = if state == COMPLETE { end } else { end.saturating_sub(TAIL_MARGIN) / ALIGN * ALIGN };
+        }
         let want = usize::try_from(readable.saturating_sub(at)).unwrap_or(CHUNK).min(CHUNK);
         let mut buf = spare.take().or_else(|| empty.try_recv().ok()).unwrap_or_else(|| vec![0u8; CHUNK]);
         let n = if want == 0 { Ok(0) } else { file.read_at(&mut buf[..want], at) };
