@@ -191,17 +191,17 @@ fn on_zfs() {
                 "{label} round {round}: QEMU → file {:.2} s ({} MiB); vmsnap save RAM {:.2} s ({} MiB, whole command {:.2} s)",
                 q.secs,
                 q.file_bytes >> 20,
-                v.secs,
+                v.save_ram_secs,
                 v.file_bytes >> 20,
-                v.cpu_secs
+                v.whole_secs
             );
             let e = also.as_deref().map(|bin| rt.block_on(vmsnap_saves(bin, &observer, Path::new(dir), round, trace)));
             if let Some(e) = &e {
                 eprintln!(
                     "{label} round {round}: {} save RAM {:.2} s, whole command {:.2} s",
                     also.as_deref().unwrap_or(""),
-                    e.secs,
-                    e.cpu_secs
+                    e.save_ram_secs,
+                    e.whole_secs
                 );
             }
             if round > 0 {
@@ -213,12 +213,12 @@ fn on_zfs() {
         rows.push((label, qemu, ours, earlier));
     }
     println!(
-        "RAM dump: ZFS lane (nested TCG), a running guest with {KIT_MEMORY_MIB} MiB of RAM, {fill_mib} MiB filled (half random, half text), background-snapshot; median of {n}:"
+        "RAM dump: ZFS lane (nested TCG), a running guest with {KIT_MEMORY_MIB} MiB of RAM, {fill_mib} MiB filled (half random, half text), background-snapshot; median of {n} (the upper one when even):"
     );
     for (label, qemu, ours, earlier) in &rows {
         let q = median(qemu.iter().map(|s| s.secs).collect());
-        let v = median(ours.iter().map(|s| s.secs).collect());
-        let whole = median(ours.iter().map(|s| s.cpu_secs).collect());
+        let v = median(ours.iter().map(|s| s.save_ram_secs).collect());
+        let whole = median(ours.iter().map(|s| s.whole_secs).collect());
         let mib = qemu[0].file_bytes as f64 / 1048576.0;
         println!("  dump on {label}:");
         println!("    QEMU → file itself (migrate to file:, then synced)   {q:>7.2} s  {:>6.1} MiB/s  file {:>5.0} MiB", mib / q, mib);
@@ -229,8 +229,8 @@ fn on_zfs() {
         );
         println!("    ratio (throughput, vmsnap / QEMU alone): {:.2} (goal >= 0.9)", q / v);
         if !earlier.is_empty() {
-            let e = median(earlier.iter().map(|s| s.secs).collect());
-            let e_whole = median(earlier.iter().map(|s| s.cpu_secs).collect());
+            let e = median(earlier.iter().map(|s| s.save_ram_secs).collect());
+            let e_whole = median(earlier.iter().map(|s| s.whole_secs).collect());
             println!(
                 "    {}: \"save RAM\" + \"checksum RAM dump\" {e:.2} s, whole command {e_whole:.2} s; this build's whole command / its: {:.2}",
                 also.as_deref().unwrap_or(""),
@@ -281,10 +281,18 @@ async fn qemu_writes_file(qmp: &Qmp, dir: &Path) -> Sample {
     sample
 }
 
-/// `vmsnap snapshot bench --memory --no-quiesce` (background RAM, overlay); its report's "save
-/// RAM" (the sample's `cpu_secs` holds the whole command's time). Its snapshots and dump are
-/// removed afterwards.
-async fn vmsnap_saves(bin: &str, observer: &Qmp, dir: &Path, round: usize, trace: bool) -> Sample {
+/// One `vmsnap snapshot --memory`.
+struct SnapshotSample {
+    /// The report's "save RAM" (plus "checksum RAM dump", a step of an earlier build's).
+    save_ram_secs: f64,
+    /// The whole command, start to exit.
+    whole_secs: f64,
+    file_bytes: u64,
+}
+
+/// `vmsnap snapshot bench --memory --no-quiesce` (background RAM, overlay) run by `bin`. Its
+/// snapshots and dump are removed afterwards.
+async fn vmsnap_saves(bin: &str, observer: &Qmp, dir: &Path, round: usize, trace: bool) -> SnapshotSample {
     let label = format!("bench{round}");
     let t = Instant::now();
     let child = tokio::process::Command::new(bin)
@@ -332,7 +340,7 @@ async fn vmsnap_saves(bin: &str, observer: &Qmp, dir: &Path, round: usize, trace
     // An earlier build hashed the dump after it was written, in a step of its own.
     let checksum = step("checksum RAM dump");
     let secs = step("save RAM") + if checksum.is_nan() { 0.0 } else { checksum };
-    Sample { secs, file_bytes: bytes, cpu_secs: whole }
+    SnapshotSample { save_ram_secs: secs, whole_secs: whole, file_bytes: bytes }
 }
 
 /// Every 250 ms until cancelled: QEMU's migration (status, bytes sent), the newest dump's size
