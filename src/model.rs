@@ -158,6 +158,16 @@ pub mod prop {
     /// verify and the source's own pruning never take it for the domain's own.
     pub const REPLICA: PropName = PropName::known("vmsnap:replica");
 
+    /// Set by `vmsnap serve` on its `--root` (so inherited by everything below it): the tree a
+    /// replication target receives into. This host's own verbs (restore, verify, mount, list,
+    /// prune, a disk-less domain's datasets) never take a dataset below one for a domain's own.
+    pub const SERVE_ROOT: PropName = PropName::known("vmsnap:serve-root");
+
+    /// Set by `vmsnap serve` itself (never by a source) on each snapshot it received: when (unix
+    /// seconds). The target's retention and rollback destroy only snapshots carrying it, and a
+    /// source may set properties on no other.
+    pub const RECEIVED: PropName = PropName::known("vmsnap:received");
+
     /// Every property `vmsnap list` shows.
     pub const LISTED: [PropName; 12] =
         [CONSISTENCY, DOMAIN, FREEZE_MS, PAUSE_MS, RAM_DUMP, RAM_SHA256, RAM_FORMAT, RAM_COMPRESS, RAM_SIZE, PERIODS, RAM_PRUNED, VERIFIED];

@@ -26,6 +26,9 @@ const RT: &str = "/root/rt";
 
 type Case = fn() -> Result<(), Failed>;
 
+#[path = "replication_zfs/hostile.rs"]
+mod hostile;
+
 fn main() {
     vmsnap_testkit::rig::lane::dispatch(inside);
 }
@@ -51,6 +54,9 @@ fn inside() {
         ("rollback_target_after_a_restore_only_with_the_targets_leave", rollback_target_after_a_restore),
         ("restore_from_the_target_after_local_pruning", restore_from_target),
         ("the_target_prunes_by_its_own_policy", target_prunes_by_its_own_policy),
+        // Hostile peers.
+        ("a_hostile_source_stream_mounts_and_marks_nothing_outside_its_root", hostile::hostile_source),
+        ("a_resume_token_naming_another_dataset_is_aborted_not_sent", hostile::forged_resume_token),
         // File-level restore (pools are here; it sends nothing).
         ("mount_reads_files_out_of_a_snapshot_and_umount_releases_it", mount_and_umount),
     ];

@@ -2,8 +2,10 @@
 //! properties, to a target that keeps them by its own rules.
 //!
 //! - [`protocol`]: what a source may ask a target and what it answers;
+//! - [`receive`]: how a peer's stream is received (what it may not set);
 //! - [`server`]: `vmsnap serve`, the target side (an ssh forced command, or a local child);
 //! - [`target_retention`]: the target's own pruning, and the rollback it may allow;
+//! - [`token`]: a target's resume token, checked before the source sends on it;
 //! - [`transport`]: reaching it (OpenSSH, or the local child);
 //! - [`plan`]: what to send, pure;
 //! - [`progress`]: what a run tells whoever watches it (steps, and each stream's bytes, size, rate);
@@ -15,9 +17,11 @@ pub mod plan;
 pub mod progress;
 pub mod protocol;
 pub mod pull;
+pub mod receive;
 pub mod run;
 pub mod server;
 pub mod target_retention;
+pub mod token;
 pub mod transport;
 pub mod verify;
 

@@ -163,7 +163,7 @@ pub async fn pull(
         let (zfs_program, name) = (zfs.cli().zfs_program().to_owned(), ds.to_string());
         let bytes = ticking(&format!("receiving {ds}"), progress, run.transport.clone(), move |t, moved| {
             let mut recv = std::process::Command::new(&zfs_program)
-                .args(["receive", "-u", &name])
+                .args(super::receive::argv(&name, super::receive::Receiving::Restore))
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())

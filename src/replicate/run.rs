@@ -238,6 +238,23 @@ impl<'a> Run<'a> {
         Ok((result.map_err(|why| self.err(why))?, n))
     }
 
+    /// Decodes the target's resume token with this host's own `zfs send -nv -t` and checks it
+    /// names a snapshot of `ds` ([`super::token`]).
+    async fn check_token(
+        &self,
+        ds: &Dataset,
+        token: &str,
+        encrypted: bool,
+        snaps: &[crate::zfs::SnapshotInfo],
+        bookmarks: &[(String, u64, u64)],
+    ) -> Result<(), String> {
+        let text = self.zfs.cli().zfs(crate::zargs!["send", "-n", "-v", "-t", token]).await.map_err(|e| e.to_string())?;
+        let decoded = super::token::parse(&text)?;
+        let own: Vec<(String, u64)> = snaps.iter().map(|s| (s.name.snap().to_owned(), s.guid)).collect();
+        let marks: Vec<u64> = bookmarks.iter().map(|b| b.1).collect();
+        super::token::check(&decoded, ds, &own, &marks, encrypted)
+    }
+
     pub(super) async fn list(&self, ds: &Dataset) -> Result<Listing, ReplicateError> {
         let (v, _) = self.call(Request::List { dataset: ds.to_string() }, Payload::None).await?;
         serde_json::from_value(v).map_err(|e| self.err(format!("a listing vmsnap cannot read: {e}")))
@@ -318,8 +335,17 @@ impl<'a> Run<'a> {
                         size.store(n, Ordering::Relaxed);
                     }
                 };
-                let sent = self.call_sized(Request::Recv { dataset: ds.to_string() }, Payload::Command(cmd), Some(&size));
-                let (sent, ()) = tokio::join!(sent, estimated);
+                let refused = match &step {
+                    Step::Resume { token } => self.check_token(ds, token, raw, &snaps, &bookmarks).await.err(),
+                    _ => None,
+                };
+                let sent = match refused {
+                    Some(why) => Err(self.err(format!("the target's resume token was not used: {why}"))),
+                    None => {
+                        let sent = self.call_sized(Request::Recv { dataset: ds.to_string() }, Payload::Command(cmd), Some(&size));
+                        tokio::join!(sent, estimated).0
+                    }
+                };
                 match sent {
                     Ok((v, n)) => {
                         report.bytes += n;
@@ -327,8 +353,9 @@ impl<'a> Run<'a> {
                         // The target lists the dataset after each receive (an older one answers null).
                         fresh = serde_json::from_value(v).ok();
                     }
-                    // A token whose snapshot is gone on the source: drop the partial receive and
-                    // plan again, once.
+                    // A token whose snapshot is gone on the source, or that names anything but
+                    // this dataset's own snapshot (token.rs): drop the partial receive and plan
+                    // again, once.
                     Err(e) if matches!(step, Step::Resume { .. }) && !aborted => {
                         tracing::warn!(dataset = %ds, "resuming failed ({e}); aborting the partial receive and planning again");
                         self.call(Request::Abort { dataset: ds.to_string() }, Payload::None).await?;
@@ -564,7 +591,13 @@ impl<'a> Run<'a> {
 fn send_argv(ds: &Dataset, step: &Step, raw: bool, snaps: &[crate::zfs::SnapshotInfo]) -> Vec<String> {
     let mut a = vec!["send".to_owned()];
     match step {
-        Step::Resume { token } => a.extend(["-t".to_owned(), token.clone()]),
+        Step::Resume { token } => {
+            // Raw whatever the token says: the target never gets an encrypted dataset's plaintext.
+            if raw {
+                a.push("-w".into());
+            }
+            a.extend(["-t".to_owned(), token.clone()])
+        }
         Step::Full { to } => {
             if raw {
                 a.push("-w".into());

@@ -10,6 +10,7 @@
 
 use super::protocol::{valid_sha256, valid_snapshot_name, Listing, RamCheck, RamState, Reply, Request, TargetSnapshot, MAX_REQUEST};
 use crate::fsutil::Dir;
+use crate::model::prop;
 use crate::zfs::{Dataset, PropName, SnapshotName, Zfs};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -18,6 +19,14 @@ use std::path::{Path, PathBuf};
 
 /// The hold on each replicated dataset's newest received snapshot.
 pub const HOLD: &str = "vmsnap-replica";
+
+/// The directory below `--ram-dir` where receives in progress are noted.
+const PENDING: &str = ".receiving";
+
+/// A note's file name: a hash of the dataset name (any length, no `/`).
+fn pending_name(ds: &Dataset) -> String {
+    Sha256::digest(ds.as_str().as_bytes()).iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
 
 /// Where this target keeps what it receives, and what it lets sources ask.
 #[derive(Debug, Clone)]
@@ -60,6 +69,11 @@ impl Server {
     /// when that says ok, the stream after it; a stream that fails half-way makes the exit
     /// status non-zero (the source's `zfs receive` or checksum sees the rest).
     pub async fn serve_stdio(&self) -> std::io::Result<()> {
+        if let Err(e) = self.mark_root().await {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string(&Reply::err(e)).unwrap_or_default())?;
+            return out.flush();
+        }
         let reply = match read_request() {
             Ok(req) if req.streams_back() => {
                 tracing::info!(?req, "request");
@@ -217,7 +231,7 @@ impl Server {
             return Ok(Listing::default());
         };
         // With `vmsnap:replica`, so a source sees which copies are complete and leaves them be.
-        let snaps = self.zfs.list_snapshots(ds, &crate::model::prop::ALL_AND_REPLICA).await.map_err(|e| e.to_string())?;
+        let snaps = self.zfs.list_snapshots(ds, &prop::ALL_AND_REPLICA).await.map_err(|e| e.to_string())?;
         let token = native.remove("receive_resume_token");
         let written = native.get("written").and_then(|w| w.parse().ok()).unwrap_or(0);
         Ok(Listing {
@@ -236,22 +250,30 @@ impl Server {
         })
     }
 
-    /// `zfs receive -s -u` from this process's stdin, then the hold moves to the newest snapshot.
+    /// `zfs receive` from this process's stdin, resumable, read-only and with nothing from the
+    /// stream that reaches outside the root ([`super::receive`]); then the hold moves to the newest
+    /// snapshot.
     async fn recv(&self, ds: &Dataset) -> Result<Listing, String> {
         // `zfs receive` makes the dataset but not its parents: they are unmounted containers.
         if let Some((parent, _)) = ds.as_str().rsplit_once('/') {
             if self.zfs.get_native(parent, "guid").await.map_err(|e| e.to_string())?.is_none() {
                 self.zfs.cli().zfs(crate::zargs!["create", "-p", "-o", "canmount=off", parent]).await.map_err(|e| e.to_string())?;
+                self.mark_root().await?;
             }
         }
+        self.finish_pending().await?;
+        let before: Vec<u64> = self.list(ds).await?.snapshots.iter().map(|s| s.guid).collect();
+        self.note_receiving(ds, &before)?;
         let out = tokio::process::Command::new(self.zfs.cli().zfs_program())
-            .args(["receive", "-s", "-u", ds.as_str()])
+            .args(super::receive::argv(ds.as_str(), super::receive::Receiving::Replica))
             .stdin(std::process::Stdio::inherit())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .output()
             .await
             .map_err(|e| format!("running zfs receive: {e}"))?;
+        // Even a failed receive may have brought some snapshots of a package.
+        self.finish_pending().await?;
         if !out.status.success() {
             return Err(format!("zfs receive into {ds}: {}", String::from_utf8_lossy(&out.stderr).trim()));
         }
@@ -260,6 +282,93 @@ impl Server {
             self.move_hold(ds, &listing.snapshots, &newest.name).await?;
         }
         Ok(listing)
+    }
+
+    /// Sets [`prop::SERVE_ROOT`] on the root itself (once), so that this host's own verbs leave
+    /// everything below it alone; nothing to do while the root does not exist yet.
+    async fn mark_root(&self) -> Result<(), String> {
+        let args = crate::zargs!["get", "-H", "-o", "source", prop::SERVE_ROOT.as_str(), self.root.as_str()];
+        match self.zfs.cli().zfs(args).await {
+            Ok(source) if source.trim() == "local" => Ok(()),
+            Ok(_) => {
+                self.zfs.set_property(self.root.as_str(), &prop::SERVE_ROOT, "on").await.map_err(|e| format!("marking {}: {e}", self.root))
+            }
+            Err(crate::zfs::ZfsError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Marks snapshots of `ds` this server received ([`prop::RECEIVED`], set locally, the time).
+    async fn mark_received(&self, ds: &Dataset, snaps: &[&str]) -> Result<(), String> {
+        let now = chrono::Utc::now().timestamp().to_string();
+        for name in snaps {
+            let snap = ds.snapshot(name).map_err(|e| e.to_string())?;
+            self.zfs.set_property(&snap.to_string(), &prop::RECEIVED, &now).await.map_err(|e| format!("marking {snap}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The snapshots below the root this server received ([`prop::RECEIVED`] set locally), full names.
+    pub(super) async fn received_snapshots(&self) -> Result<std::collections::BTreeSet<String>, String> {
+        match self.zfs.datasets_with_local(&prop::RECEIVED, "snapshot", Some(&self.root)).await {
+            Ok(names) => Ok(names.into_iter().collect()),
+            Err(crate::zfs::ZfsError::NotFound { .. }) => Ok(Default::default()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Whether this server received `snap` (after finishing any marking a stopped receive left).
+    async fn was_received(&self, snap: &SnapshotName) -> Result<bool, String> {
+        self.finish_pending().await?;
+        Ok(self.received_snapshots().await?.contains(&snap.to_string()))
+    }
+
+    /// Notes, before a receive into `ds`, the GUIDs of the snapshots it has
+    /// (`<ram_dir>/.receiving/`): whatever snapshot is there afterwards and not in the note came
+    /// from that receive, and is marked by [`Self::finish_pending`] even when this process is
+    /// stopped between the receive and the marking.
+    fn note_receiving(&self, ds: &Dataset, before: &[u64]) -> Result<(), String> {
+        let dir = Dir::private(&self.ram_dir, &[PENDING]).map_err(|e| e.to_string())?;
+        let note = serde_json::json!({ "dataset": ds.as_str(), "before": before });
+        dir.write_atomic(&pending_name(ds), note.to_string().as_bytes(), 0o600).map_err(|e| e.to_string())
+    }
+
+    /// Marks what each noted receive brought ([`Self::note_receiving`]), then drops the notes.
+    pub(super) async fn finish_pending(&self) -> Result<(), String> {
+        let dir = self.ram_dir.join(PENDING);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            let text = crate::fsutil::read_limited(&path, 1 << 20).map_err(|e| format!("{}: {e}", path.display()))?;
+            let note: serde_json::Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let ds = note["dataset"].as_str().and_then(|d| Dataset::new(d).ok()).filter(|d| self.root_contains(d));
+            if let Some(ds) = ds {
+                let before: Vec<u64> = note["before"].as_array().map(|a| a.iter().filter_map(|g| g.as_u64()).collect()).unwrap_or_default();
+                match self.zfs.list_snapshots(&ds, &[]).await {
+                    Ok(snaps) => {
+                        let marked = self.received_snapshots().await?;
+                        let new: Vec<&str> = snaps
+                            .iter()
+                            .filter(|s| !before.contains(&s.guid) && !marked.contains(&s.name.to_string()))
+                            .map(|s| s.name.snap())
+                            .collect();
+                        self.mark_received(&ds, &new).await?;
+                    }
+                    Err(crate::zfs::ZfsError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn root_contains(&self, ds: &Dataset) -> bool {
+        ds.as_str().strip_prefix(self.root.as_str()).is_some_and(|rest| rest.starts_with('/'))
     }
 
     async fn move_hold(&self, ds: &Dataset, snaps: &[TargetSnapshot], newest: &str) -> Result<(), String> {
@@ -292,24 +401,29 @@ impl Server {
 
     /// Sets `vmsnap:*` properties; `vmsnap:ram-dump` names this target's copy, and
     /// `vmsnap:replica=complete` is accepted only once that copy is whole and checked.
+    /// Only on snapshots this server received, and only the properties a snapshot carries from
+    /// when it is taken ([`prop::ALL`]) and `vmsnap:replica`: never this target's own marks.
     async fn props(&self, snap: &SnapshotName, props: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, String> {
         let mut set = BTreeMap::new();
         for (k, v) in &props {
             let name = PropName::new(k).map_err(|e| e.to_string())?;
-            if !k.starts_with("vmsnap:") {
-                return Err(format!("{k}: only vmsnap:* properties are set on a target"));
+            if !prop::ALL.contains(&name) && name != prop::REPLICA {
+                return Err(format!("{k}: not a property a source sets on a target"));
             }
             if v.len() > 4096 || v.chars().any(char::is_control) {
                 return Err(format!("{k}: the value is too long or has control characters"));
             }
             set.insert(name, v.clone());
         }
-        let ram = crate::model::prop::RAM_DUMP;
+        if !self.was_received(snap).await? {
+            return Err(format!("{snap} was not received by this target: a source sets properties only on what it sent"));
+        }
+        let ram = prop::RAM_DUMP;
         if set.contains_key(&ram) {
-            let domain = set.get(&crate::model::prop::DOMAIN).ok_or("vmsnap:ram-dump without vmsnap:domain")?.clone();
+            let domain = set.get(&prop::DOMAIN).ok_or("vmsnap:ram-dump without vmsnap:domain")?.clone();
             let state = self.ram_stat(&domain, snap.snap())?;
             set.insert(ram.clone(), state.path.clone().unwrap_or_default());
-            let complete = PropName::known("vmsnap:replica");
+            let complete = prop::REPLICA;
             if set.get(&complete).map(String::as_str) == Some("complete") && !state.complete {
                 return Err(format!("{snap}: its RAM dump is not here whole; it cannot be marked complete"));
             }

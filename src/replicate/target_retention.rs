@@ -4,7 +4,7 @@
 //!   time. The RAM dumps of destroyed snapshots go with them, and `ram_keep` drops older ones.
 //! - [`rollback`]: `--rollback-target` on the source, honoured only when the target's forced
 //!   command says `--allow-rollback`: snapshots newer than the common one are destroyed only
-//!   when vmsnap made them (a hand-made one refuses the whole request), then the dataset is
+//!   when this target received them (a hand-made one refuses the whole request), then the dataset is
 //!   rolled back to the common snapshot, which takes the replication hold.
 
 use super::protocol::{PruneOutcome, RollbackOutcome};
@@ -30,7 +30,7 @@ impl Server {
     }
 
     /// Applies the target's own policy to `domain`'s replicas (the snapshots below the root
-    /// whose own `vmsnap:domain` names it).
+    /// whose own `vmsnap:domain` names it and that this server received, [`prop::RECEIVED`]).
     pub(super) async fn prune(&self, domain: &str) -> Result<PruneOutcome, String> {
         if !crate::config::valid_domain_name(domain) {
             return Err(format!("{domain:?} is not a domain name"));
@@ -39,7 +39,12 @@ impl Server {
             return Ok(PruneOutcome { policy: None, ..Default::default() });
         };
         let now = self.now.unwrap_or_else(|| chrono::Utc::now().timestamp());
-        let cat = catalog::load_from(&self.zfs, self.received_datasets().await?, domain).await.map_err(|e| e.to_string())?;
+        let mut cat = catalog::load_from(&self.zfs, self.received_datasets().await?, domain).await.map_err(|e| e.to_string())?;
+        // Only what this target received counts: a snapshot made on the target by hand is kept,
+        // whatever `vmsnap:*` a source gave it.
+        self.finish_pending().await?;
+        let received = self.received_snapshots().await?;
+        cat.entries.retain(|e| e.datasets.iter().all(|ds| received.contains(&format!("{ds}@{}", e.snap.name))));
         let decisions = crate::retention::plan(&cat.snaps(), &keep.policy, now);
         let mut out = PruneOutcome { policy: Some(keep.spec.clone()), now, ..Default::default() };
         let doomed: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| d.name.as_str()).collect();
@@ -92,7 +97,7 @@ impl Server {
     }
 
     /// Rolls `ds` back to its snapshot whose GUID is `to_guid`, destroying the newer ones, when
-    /// this target allows it and every one of them is vmsnap's.
+    /// this target allows it and it received every one of them.
     pub(super) async fn rollback(&self, ds: &Dataset, to_guid: u64) -> Result<RollbackOutcome, String> {
         if !self.allow_rollback {
             return Err("this target does not let sources roll it back: its forced command would need --allow-rollback; \
@@ -105,11 +110,10 @@ impl Server {
         };
         let newer = &snaps[at + 1..];
         let own = self.zfs.local_snapshot_properties(ds, &[prop::DOMAIN]).await.map_err(|e| e.to_string())?;
-        let foreign: Vec<String> = newer
-            .iter()
-            .filter(|s| own.get(&s.name.to_string()).and_then(|p| p.get(&prop::DOMAIN)).is_none_or(|d| d == "-"))
-            .map(|s| format!("{} (guid {})", s.name, s.guid))
-            .collect();
+        self.finish_pending().await?;
+        let received = self.received_snapshots().await?;
+        let foreign: Vec<String> =
+            newer.iter().filter(|s| !received.contains(&s.name.to_string())).map(|s| format!("{} (guid {})", s.name, s.guid)).collect();
         if !foreign.is_empty() {
             return Err(format!(
                 "not rolled back: {} not made by vmsnap: {}",

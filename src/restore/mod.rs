@@ -125,14 +125,16 @@ pub struct Request {
 
 /// vmsnap's snapshots on this host (`vmsnap:domain` set on the snapshot itself, never
 /// inherited), by domain, then snapshot name: one snapshot per dataset (sorted), and the first's
-/// properties. Replicas (a local replication target's copies, [`prop::REPLICA`]) are not the
-/// domain's: a restore must never roll them back with it.
+/// properties. Replicas (a local replication target's copies, [`prop::REPLICA`], and anything
+/// below a `vmsnap serve` root, whatever properties a source gave it) are not the domain's: a
+/// restore must never roll them back with it, nor read a source's XML or dump for its own.
 pub(crate) type Units = BTreeMap<String, BTreeMap<String, (Vec<SnapshotName>, BTreeMap<PropName, String>)>>;
 
 pub(crate) async fn units(zfs: &Zfs) -> Result<Units, ZfsError> {
     let mut out: Units = BTreeMap::new();
+    let roots = zfs.serve_roots().await?;
     for (name, mut props) in zfs.all_snapshot_properties(&prop::ALL_AND_REPLICA).await? {
-        if props.remove(&prop::REPLICA).is_some() {
+        if props.remove(&prop::REPLICA).is_some() || roots.contain(&name) {
             continue;
         }
         let (Some(domain), Ok(snap)) = (props.get(&prop::DOMAIN).cloned(), SnapshotName::new(&name)) else { continue };

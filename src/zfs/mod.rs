@@ -19,6 +19,19 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 
+/// Replication targets' trees on this host ([`Zfs::serve_roots`]): what lies below one is a
+/// source's replica, never this host's own.
+#[derive(Debug, Clone, Default)]
+pub struct ServeRoots(Vec<String>);
+
+impl ServeRoots {
+    /// Whether `name` (a dataset or `dataset@snapshot`) is a serve root or lies below one.
+    pub fn contain(&self, name: &str) -> bool {
+        let dataset = name.split_once('@').map_or(name, |(d, _)| d);
+        self.0.iter().any(|r| dataset == r || dataset.strip_prefix(r.as_str()).is_some_and(|rest| rest.starts_with('/')))
+    }
+}
+
 /// The ZFS operations, over a [`ZfsCli`].
 #[derive(Debug, Clone, Default)]
 pub struct Zfs {
@@ -308,18 +321,39 @@ impl Zfs {
     }
 
     /// The datasets (on every imported pool) having a snapshot whose own property `prop` is
-    /// `value` (`-s local`: a value received with a replica does not count), in name order.
+    /// `value` (`-s local`: a value received with a replica does not count), in name order;
+    /// never one below a replication target's root ([`ServeRoots`]).
     pub async fn datasets_with_snapshot_property(&self, prop: PropName, value: &str) -> Result<Vec<Dataset>, ZfsError> {
         let out = self.cli.zfs(zargs!["get", "-H", "-t", "snapshot", "-s", "local", "-o", "name,value", prop.as_str()]).await?;
+        let roots = self.serve_roots().await?;
         let mut found: Vec<Dataset> = out
             .lines()
             .filter_map(|l| l.split_once('\t'))
-            .filter(|(_, v)| *v == value)
+            .filter(|(name, v)| *v == value && !roots.contain(name))
             .filter_map(|(name, _)| Dataset::new(name.split_once('@')?.0).ok())
             .collect();
         found.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         found.dedup();
         Ok(found)
+    }
+
+    /// The datasets where `prop` is set on the dataset itself (`-s local`), on every imported
+    /// pool (or on `root` and below), in name order: never a value inherited or received.
+    pub async fn datasets_with_local(&self, prop: &PropName, types: &str, root: Option<&Dataset>) -> Result<Vec<String>, ZfsError> {
+        let mut args = zargs!["get", "-H", "-t", types, "-s", "local", "-o", "name", prop.as_str()];
+        if let Some(root) = root {
+            args.extend(zargs!["-r", root.as_str()]);
+        }
+        let mut names: Vec<String> = self.cli.zfs(args).await?.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The replication targets' trees on this host: datasets `vmsnap serve` marked as its root
+    /// ([`crate::model::prop::SERVE_ROOT`], set locally).
+    pub async fn serve_roots(&self) -> Result<ServeRoots, ZfsError> {
+        let roots = self.datasets_with_local(&crate::model::prop::SERVE_ROOT, "filesystem,volume", None).await?;
+        Ok(ServeRoots(roots))
     }
 
     /// The dataset a disk image lives on: `/dev/zvol/POOL/VOL` is the volume `POOL/VOL`; a file is
@@ -393,5 +427,16 @@ mod tests {
         assert_eq!(pick("/tank/vmsx/disk.qcow2").as_deref(), Some("tank/vmsx"));
         assert_eq!(pick("/tank/vms/off/disk.qcow2").as_deref(), Some("tank/vms"));
         assert_eq!(pick("/srv/disk.qcow2"), None);
+    }
+
+    #[test]
+    fn serve_roots_contain_their_tree_only() {
+        let roots = ServeRoots(vec!["backup/replica".into(), "usb/vmsnap".into()]);
+        for name in ["backup/replica", "backup/replica/tank/vms/web", "backup/replica/tank/vms/web@autosnap_x", "usb/vmsnap@s"] {
+            assert!(roots.contain(name), "{name}");
+        }
+        for name in ["backup/replica2", "backup/replica2/x@s", "backup", "tank/vms/web@s", "usb/vmsnapper/x"] {
+            assert!(!roots.contain(name), "{name}");
+        }
     }
 }

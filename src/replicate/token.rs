@@ -1,0 +1,137 @@
+//! A target's resume token, decoded and checked before the source runs `zfs send -t` on it.
+//!
+//! The token is the target's word: a checksummed, compressed nvlist whose fields decide what
+//! `zfs send -t` sends — which snapshot (`toname`/`toguid`, looked up anywhere on the pool),
+//! from which base (`fromguid`) and whether raw (`rawok`). A compromised target could name
+//! another dataset's snapshot, or leave out `rawok` to get an encrypted dataset's plaintext.
+//! So the source decodes it with its own `zfs send -nvt` and sends only when it names a
+//! snapshot of the very dataset being replicated, by that snapshot's GUID, from one of that
+//! dataset's own snapshots or bookmarks, raw for an encrypted dataset (and `-w` is passed
+//! anyway); otherwise the partial receive is aborted and the dataset planned again.
+
+use crate::zfs::Dataset;
+use std::collections::BTreeMap;
+
+/// What a token asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub toname: String,
+    pub toguid: u64,
+    pub fromguid: Option<u64>,
+    pub rawok: bool,
+}
+
+/// Parses the `resume token contents:` nvlist `zfs send -nv -t TOKEN` prints (`\tkey = value`
+/// lines, numbers in hex; a boolean flag as its bare name or `= 1`).
+pub fn parse(text: &str) -> Result<Token, String> {
+    let start = text.find("resume token contents:").ok_or("zfs did not print the token's contents")?;
+    let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
+    for line in text[start..].lines().skip(1) {
+        let Some(body) = line.strip_prefix('\t') else {
+            if line.starts_with("nvlist version") {
+                continue;
+            }
+            break;
+        };
+        match body.split_once(" = ") {
+            Some((k, v)) => fields.insert(k.trim(), v.trim()),
+            None => fields.insert(body.trim(), "1"),
+        };
+    }
+    let num = |k: &str| -> Result<Option<u64>, String> {
+        fields
+            .get(k)
+            .map(|v| {
+                let digits = v.strip_prefix("0x").ok_or_else(|| format!("{k} = {v}: not a hex number"))?;
+                u64::from_str_radix(digits, 16).map_err(|_| format!("{k} = {v}: not a hex number"))
+            })
+            .transpose()
+    };
+    Ok(Token {
+        toname: fields.get("toname").ok_or("the token names no snapshot (toname)")?.to_string(),
+        toguid: num("toguid")?.ok_or("the token has no toguid")?,
+        fromguid: num("fromguid")?.filter(|g| *g != 0),
+        rawok: fields.get("rawok").is_some_and(|v| *v != "0"),
+    })
+}
+
+/// Checks `token` against the dataset being sent: `snapshots` and `bookmarks` are its own
+/// (name, GUID) pairs on this host; `encrypted` whether it is.
+pub fn check(token: &Token, ds: &Dataset, snapshots: &[(String, u64)], bookmarks: &[u64], encrypted: bool) -> Result<(), String> {
+    let Some((dataset, snap)) = token.toname.split_once('@') else {
+        return Err(format!("it names {:?}, not a snapshot", abridge(&token.toname)));
+    };
+    if dataset != ds.as_str() {
+        return Err(format!("it names {}, a snapshot of another dataset than {ds}", abridge(&token.toname)));
+    }
+    match snapshots.iter().find(|(name, _)| name == snap) {
+        Some((_, guid)) if *guid == token.toguid => {}
+        Some((_, guid)) => return Err(format!("it gives {} guid {}, which is {guid} here", abridge(&token.toname), token.toguid)),
+        None => return Err(format!("{} does not exist here", abridge(&token.toname))),
+    }
+    if let Some(from) = token.fromguid {
+        if !snapshots.iter().any(|(_, g)| *g == from) && !bookmarks.contains(&from) {
+            return Err(format!("its base (guid {from}) is no snapshot or bookmark of {ds}"));
+        }
+    }
+    if encrypted && !token.rawok {
+        return Err(format!("{ds} is encrypted and the token asks for a stream that is not raw"));
+    }
+    Ok(())
+}
+
+/// A peer's text, shown: control characters dropped, at most 200 characters.
+fn abridge(s: &str) -> String {
+    let clean: String = s.chars().filter(|c| !c.is_control()).take(200).collect();
+    if clean.len() < s.len() {
+        format!("{clean}…")
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The shape `zfs send -nv -t` prints (OpenZFS 2.3: libzfs's nvlist_print).
+    const DECODED: &str = "resume token contents:\nnvlist version: 0\n\tfromguid = 0x1f2e\n\tobject = 0x80\n\toffset = 0x0\n\
+        \tbytes = 0x10000\n\ttoguid = 0xabc\n\ttoname = tank/vms/web@autosnap_2026-12-01_03:00:00_daily\n\tembedok = 1\n\trawok = 1\n\
+        send from @a to tank/vms/web@autosnap_2026-12-01_03:00:00_daily estimated size is 1.2M\n";
+
+    fn ds() -> Dataset {
+        Dataset::new("tank/vms/web").unwrap()
+    }
+
+    #[test]
+    fn parses_what_zfs_prints() {
+        let t = parse(DECODED).unwrap();
+        assert_eq!(t.toname, "tank/vms/web@autosnap_2026-12-01_03:00:00_daily");
+        assert_eq!((t.toguid, t.fromguid, t.rawok), (0xabc, Some(0x1f2e), true));
+        let bare = parse("resume token contents:\nnvlist version: 0\n\ttoguid = 0x5\n\ttoname = a/b@c\n\trawok\n").unwrap();
+        assert!(bare.rawok && bare.fromguid.is_none());
+        assert!(parse("cannot resume send: token is corrupt").is_err());
+        assert!(parse("resume token contents:\n\ttoname = a@b\n\ttoguid = 12\n").unwrap_err().contains("hex"));
+    }
+
+    #[test]
+    fn only_this_datasets_snapshot_by_its_guid_from_its_own_base_raw_when_encrypted() {
+        let snaps = vec![("a".to_owned(), 0x1f2e), ("autosnap_2026-12-01_03:00:00_daily".to_owned(), 0xabc)];
+        let t = parse(DECODED).unwrap();
+        assert_eq!(check(&t, &ds(), &snaps, &[], true), Ok(()));
+        let other = Token { toname: "tank/vms/db@autosnap_2026-12-01_03:00:00_daily".into(), ..t.clone() };
+        assert!(check(&other, &ds(), &snaps, &[], false).unwrap_err().contains("another dataset"));
+        let child = Token { toname: "tank/vms/web/child@a".into(), ..t.clone() };
+        assert!(check(&child, &ds(), &snaps, &[], false).is_err());
+        let wrong_guid = Token { toguid: 7, ..t.clone() };
+        assert!(check(&wrong_guid, &ds(), &snaps, &[], false).unwrap_err().contains("guid 7"));
+        let foreign_base = Token { fromguid: Some(99), ..t.clone() };
+        assert!(check(&foreign_base, &ds(), &snaps, &[], false).unwrap_err().contains("base"));
+        assert_eq!(check(&foreign_base, &ds(), &snaps, &[99], false), Ok(()));
+        let plain = Token { rawok: false, ..t.clone() };
+        assert!(check(&plain, &ds(), &snaps, &[], true).unwrap_err().contains("not raw"));
+        assert_eq!(check(&plain, &ds(), &snaps, &[], false), Ok(()));
+        let hostile = Token { toname: "tank/vms/web@\u{1b}[2Jgone".into(), ..t };
+        assert!(!check(&hostile, &ds(), &snaps, &[], false).unwrap_err().contains('\u{1b}'));
+    }
+}

@@ -1,0 +1,112 @@
+//! Hostile peers on the replication lane: a compromised source speaking `vmsnap serve`'s
+//! protocol with crafted streams and requests (its own serve root, `backup/hostile`, as a second
+//! source's key would have), and a target answering with a resume token that names another
+//! dataset's snapshot.
+
+use super::{replicate, sh, text, vmsnap, Failed, DST_ZVOL, RT};
+use vmsnap_testkit::rig::lane::vmsnap_bin;
+use vmsnap_testkit::support::check;
+
+const ROOT: &str = "backup/hostile";
+const RAM: &str = "/backup/ram-hostile";
+
+/// One request to `vmsnap serve` (what the forced command runs), followed by the bytes of
+/// `stream` if any; its reply line.
+fn serve(request: &str, stream: Option<&str>) -> String {
+    let feed = stream.map(|f| format!("cat {f};")).unwrap_or_default();
+    let out = std::process::Command::new("/bin/bash")
+        .arg("-c")
+        .arg(format!("{{ printf '%s\\n' '{request}'; {feed} }} | {} serve --root {ROOT} --ram-dir {RAM}", vmsnap_bin()))
+        .output()
+        .expect("bash");
+    String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_owned()
+}
+
+fn get(props: &str, name: &str) -> Vec<(String, String, String)> {
+    sh(&format!("zfs get -H -o property,value,source {props} {name}"))
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 3).then(|| (f[0].to_owned(), f[1].to_owned(), f[2].to_owned()))
+        })
+        .collect()
+}
+
+/// A `zfs send -R` stream whose dataset says `mountpoint=<somewhere outside>`, setuid/exec/
+/// devices on, and whose snapshot claims to be vmsnap's snapshot of this host's domain `web`:
+/// received, it mounts only below the root, read-only, with the root's nosuid/noexec/nodev;
+/// this host's restore does not take it for web's; the source can set properties neither on a
+/// snapshot made on the target by hand nor of the target's own marks.
+pub fn hostile_source() -> Result<(), Failed> {
+    let snap = "autosnap_2026-12-01_00:00:00_daily";
+    sh(&format!(
+        "set -e; zfs create -o mountpoint={RT}/evil-mnt -o setuid=on -o exec=on -o devices=on -o canmount=on tank/evil
+         echo payload > {RT}/evil-mnt/payload
+         zfs snapshot tank/evil@{snap}
+         zfs set vmsnap:domain=web vmsnap:periods=daily vmsnap:consistency=app tank/evil@{snap}
+         zfs send -R tank/evil@{snap} > {RT}/evil.stream
+         zfs destroy -r tank/evil; rmdir {RT}/evil-mnt 2>/dev/null || true
+         zfs create -o setuid=off -o exec=off -o devices=off {ROOT}"
+    ));
+    let reply = serve(r#"{"verb":"recv","dataset":"evil"}"#, Some(&format!("{RT}/evil.stream")));
+    check(!reply.contains("\"error\""), format!("the receive: {reply}"))?;
+    let ds = format!("{ROOT}/evil");
+    for (prop, value, source) in get("mountpoint,setuid,exec,devices,readonly", &ds) {
+        let want = match prop.as_str() {
+            "mountpoint" => format!("/{ds}"),
+            "readonly" => "on".into(),
+            _ => "off".into(),
+        };
+        check(value == want && source != "received", format!("{ds}: {prop}={value} ({source}), want {want} not received"))?;
+    }
+    sh("zfs mount -a");
+    let escaped = sh(&format!("findmnt -n -o SOURCE --target {RT}/evil-mnt 2>/dev/null || true"));
+    check(!escaped.contains("evil"), format!("the replica mounted outside the root: {escaped}"))?;
+    let mounted = sh(&format!("findmnt -n -o TARGET,OPTIONS -S {ds} || true"));
+    check(
+        mounted.starts_with(&format!("/{ds} ")) && mounted.contains(" ro,") && mounted.contains("nosuid"),
+        format!("mounted: {mounted}"),
+    )?;
+    // The target's own marks, set locally by the server.
+    check(sh(&format!("zfs get -H -s local -o value vmsnap:serve-root {ROOT}")).trim() == "on", "the root is not marked")?;
+    let received = sh(&format!("zfs get -H -s local -o value vmsnap:received {ds}@{snap}"));
+    check(received.trim().parse::<i64>().is_ok(), format!("{ds}@{snap} is not marked received: {received:?}"))?;
+    // This host's own restore never takes a source's replica for a domain's snapshot.
+    let out = vmsnap(&["restore", "web", snap, "--dry-run"]);
+    check(!out.status.success() && !text(&out).contains(ROOT), format!("restore saw the hostile replica: {}", text(&out)))?;
+    // Properties: only on what the source sent, and never the target's marks.
+    let mine = "autosnap_2026-12-02_00:00:00_daily";
+    sh(&format!("zfs snapshot {ds}@{mine}"));
+    let props =
+        |snapshot: &str, kv: &str| serve(&format!(r#"{{"verb":"props","dataset":"evil","snapshot":"{snapshot}","props":{{{kv}}}}}"#), None);
+    let r = props(mine, r#""vmsnap:domain":"web","vmsnap:periods":"daily""#);
+    check(r.contains("was not received by this target"), format!("props on a hand-made snapshot: {r}"))?;
+    for kv in [r#""vmsnap:received":"1""#, r#""vmsnap:serve-root":"off""#, r#""com.example:x":"1""#] {
+        let r = props(snap, kv);
+        check(r.contains("not a property a source sets"), format!("props {kv}: {r}"))?;
+    }
+    let r = props(snap, r#""vmsnap:periods":"hourly""#);
+    check(!r.contains("\"error\""), format!("props on what it sent: {r}"))?;
+    check(sh(&format!("zfs get -H -s local -o value vmsnap:received {ds}@{mine}")).trim().is_empty(), "the hand-made snapshot got marked")?;
+    sh(&format!("zfs destroy -r {ROOT} && rm -rf {RAM} {RT}/evil.stream"));
+    Ok(())
+}
+
+/// The target's copy of the zvol is gone and a partial receive there was made from the
+/// *filesystem's* stream: its token names `tank/vms/web@…`. The source refuses to send on it,
+/// aborts the partial receive and sends the zvol in full.
+pub fn forged_resume_token() -> Result<(), Failed> {
+    sh(&format!(
+        "set -e; for s in $(zfs list -H -t snapshot -o name -d 1 {DST_ZVOL}); do zfs release vmsnap-replica $s 2>/dev/null || true; done
+         zfs destroy -r {DST_ZVOL}
+         first=$(zfs list -H -t snapshot -o name -s createtxg -d 1 tank/vms/web | head -1)
+         (zfs send $first | head -c 4194304 | zfs receive -s {DST_ZVOL}) || true"
+    ));
+    let token = sh(&format!("zfs get -H -o value receive_resume_token {DST_ZVOL}"));
+    check(token.trim().len() > 10, format!("no partial receive to forge a token from: {token:?}"))?;
+    let r = replicate(&[])?;
+    let said = r.to_string();
+    check(said.contains("another dataset") && said.contains("aborted an interrupted receive"), format!("the run: {said}"))?;
+    check(sh(&format!("zfs get -H -o value type {DST_ZVOL}")).trim() == "volume", "the zvol's copy is not a volume")?;
+    super::assert_replicated()
+}
