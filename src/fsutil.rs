@@ -222,6 +222,12 @@ fn random_u32() -> u32 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos() ^ std::process::id()
 }
 
+/// `path` is a plain absolute path below `dir` (no `..` anywhere): where vmsnap deletes a file a
+/// property or a peer named, it must lie in vmsnap's own directory.
+pub fn inside(path: &Path, dir: &Path) -> bool {
+    path.is_absolute() && path.starts_with(dir) && !path.components().any(|c| matches!(c, std::path::Component::ParentDir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -552,15 +552,22 @@ fn ram_precopy() -> Result<(), Failed> {
 /// `restore demo SNAP --as demo2 --resume` while the original runs: clones, a `[domain.demo2]`
 /// appended to the configuration (its disks on the clones, its own sockets and nvram, its
 /// `start` rewritten, unscheduled), its QEMU started from the dump by vmsnap, thawed, its uptime
-/// going on from the snapshot; the original runs on. (`verify --boot` makes and removes such a
+/// going on from the snapshot; the original (paused meanwhile) runs on. (`verify --boot` makes and removes such a
 /// copy the same way: the libvirt lane runs it, `scripts/demo` runs it on this config domain.)
 fn config_copy_resumed() -> Result<(), Failed> {
     let (name, before) = RAM_SNAPSHOT.lock().unwrap().clone().ok_or("no RAM snapshot was resumed")?;
     let original_qga = GUEST.lock().unwrap().as_ref().ok_or("no guest")?.vm.machine.qga_path.clone();
+    let original_qmp = GUEST.lock().unwrap().as_ref().ok_or("no guest")?.vm.machine.qmp_path.clone();
     let config_before = std::fs::read_to_string(CONFIG)?;
+    // The original is paused meanwhile: its QEMU, sockets and image locks stay (the copy must
+    // keep off them all the same), but two busy guests nested under TCG would double the copy's
+    // time for nothing this case checks.
+    original_vcpus(&original_qmp, false)?;
     let t = std::time::Instant::now();
     let out = vmsnap(&["restore", "demo", &name, "--as", "demo2", "--resume", "--json"], &[]);
+    let continued = original_vcpus(&original_qmp, true);
     let res = (|| {
+        continued?;
         check(out.status.success(), format!("restore --as demo2 --resume: {}", text(&out)))?;
         let report: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON ({e}): {}", text(&out)))?;
         eprintln!("METRIC restore --as --resume of a config domain: {:.1} s; {report}", t.elapsed().as_secs_f64());
@@ -597,6 +604,15 @@ fn config_copy_resumed() -> Result<(), Failed> {
     destroy_clones(&["tank/vms/demo2", "tank/vms/demo2-data"].into_iter().filter(|d| made.lines().any(|l| l == *d)).collect::<Vec<_>>());
     std::fs::write(CONFIG, config_before)?;
     res
+}
+
+/// Stops (`run` false) or continues the original guest's vCPUs over its QMP socket.
+fn original_vcpus(qmp: &Path, run: bool) -> Result<(), Failed> {
+    rt().block_on(async {
+        let q = vmsnap::qemu::qmp::Qmp::connect(qmp, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        let done = if run { q.execute(&qapi::qmp::cont {}).await.map(drop) } else { q.execute(&qapi::qmp::stop {}).await.map(drop) };
+        done.map_err(|e| format!("{} the original: {e}", if run { "cont" } else { "stop" }).into())
+    })
 }
 
 fn guest_uptime(qga_path: &Path) -> Result<f64, Failed> {

@@ -1022,7 +1022,8 @@ fn full_overlay_directory() -> Result<(), Failed> {
 /// The guest writes after the switch, then QEMU is SIGKILLed with the guest on its overlay and
 /// vmsnap dead too: `vmsnap recover` commits the overlay into the base offline, and a new QEMU on
 /// the base reads what the guest wrote. Then the same with the VM restarted before recovery:
-/// the overlay is kept (and reported), nothing is merged.
+/// the overlay is kept (and reported), nothing is merged. Then with the overlays' headers
+/// rewritten to name another file: kept, and that file untouched.
 fn qemu_killed_on_the_overlay() -> Result<(), Failed> {
     let mut guard = lab_lock();
     let lab = guard.as_mut().unwrap();
@@ -1063,6 +1064,33 @@ fn qemu_killed_on_the_overlay() -> Result<(), Failed> {
     for k in kept {
         std::fs::remove_file(k)?;
     }
+    lab.write_config("");
+
+    // QEMU rewrote its overlays' headers (it had them open read-write) to name another file,
+    // then died: recovery (root) does not follow the header into that file.
+    let out = lab.vmsnap(&["snapshot", DOMAIN, "--no-quiesce", "--label", &label()], &[("VMSNAP_ABORT_AT", "after:switched")]);
+    check(!out.status.success(), text(&out))?;
+    let victim = lab.path("victim.raw");
+    std::fs::write(&victim, vec![0x5a; 1 << 20])?;
+    let before = sha256_file(&victim);
+    let disks = lab.vm.disks.clone();
+    lab.vm.machine.kill();
+    let overlays = walk(&lab.path("overlays"));
+    check(overlays.len() == 2, format!("overlays: {overlays:?}"))?;
+    for ov in &overlays {
+        let st = Command::new("qemu-img").args(["rebase", "-u", "-f", "qcow2", "-F", "raw", "-b"]).arg(&victim).arg(ov).status()?;
+        check(st.success(), "qemu-img rebase -u")?;
+    }
+    let rec = lab.vmsnap(&["recover"], &[]);
+    let said = String::from_utf8_lossy(&rec.stdout).into_owned();
+    eprintln!("recover after QEMU rewrote its overlays' headers: {said}");
+    check(rec.status.success() && said.contains("kept overlay") && said.contains("victim.raw"), text(&rec))?;
+    check(sha256_file(&victim) == before, "recovery wrote into the file the rewritten header named")?;
+    for ov in walk(&lab.path("overlays")) {
+        std::fs::remove_file(ov)?;
+    }
+    std::fs::remove_file(&victim)?;
+    lab.vm = boot_vm(Some(disks));
     lab.write_config("");
     lab.reset_snapshots();
     assert_invariants(lab, true)

@@ -817,6 +817,8 @@ fn restore_from_target() -> Result<(), Failed> {
 /// `vmsnap recover`.
 fn mount_and_umount() -> Result<(), Failed> {
     let (img, vol) = ("/tank/vms/files/disk0.qcow2", "tank/vms/files-vol");
+    // A raw disk whose first sector the guest made a qcow2 header naming a host file.
+    let trap = "/tank/vms/files/disk2.img";
     sh(&format!(
         "set -e; zfs create tank/vms/files; zfs create -V 64M {vol}; udevadm settle
          modprobe loop; truncate -s 64M {RT}/raw.img
@@ -824,12 +826,20 @@ fn mount_and_umount() -> Result<(), Failed> {
          printf '\\x55\\xaa' | dd of={RT}/raw.img bs=1 seek=510 conv=notrunc status=none
          mkfs.ext4 -q -F -E offset=1048576 {RT}/raw.img 63M
          mkdir -p {RT}/m; mount -o loop,offset=1048576 {RT}/raw.img {RT}/m
-         head -c 300000 /dev/urandom > {RT}/known.bin; cp {RT}/known.bin {RT}/m/known.bin; umount {RT}/m
+         head -c 300000 /dev/urandom > {RT}/known.bin; cp {RT}/known.bin {RT}/m/known.bin
+         cp /bin/true {RT}/m/suid-root; chown 0:0 {RT}/m/suid-root; chmod 4755 {RT}/m/suid-root
+         mknod -m 666 {RT}/m/host-null c 1 3
+         umount {RT}/m
          qemu-img convert -O qcow2 {RT}/raw.img {img}
-         mkfs.ext4 -q /dev/zvol/{vol}; mount /dev/zvol/{vol} {RT}/m; echo 'on the zvol' > {RT}/m/note.txt; umount {RT}/m"
+         mkfs.ext4 -q /dev/zvol/{vol}; mount /dev/zvol/{vol} {RT}/m; echo 'on the zvol' > {RT}/m/note.txt; umount {RT}/m
+         truncate -s 16M {RT}/secret.img; mkfs.ext4 -q -F {RT}/secret.img
+         mount {RT}/secret.img {RT}/m; echo 'the host s secret' > {RT}/m/secret.txt; umount {RT}/m
+         qemu-img create -q -f qcow2 -b {RT}/secret.img -F raw {RT}/trap.qcow2
+         truncate -s 16M {trap}; dd if={RT}/trap.qcow2 of={trap} conv=notrunc status=none"
     ));
     let sum = |p: &str| sh(&format!("sha256sum {p} | cut -d' ' -f1")).trim().to_owned();
-    let extra = format!("\n[domain.files]\nqmp = \"{RT}/files.qmp\"\ndisks = [\"{img}\", \"/dev/zvol/{vol}\"]\nreplicate_to = []\n");
+    let extra =
+        format!("\n[domain.files]\nqmp = \"{RT}/files.qmp\"\ndisks = [\"{img}\", \"/dev/zvol/{vol}\", \"{trap}\"]\nreplicate_to = []\n");
     write_config(&["offsite"], &extra);
     let out = vmsnap(&["snapshot", "files", "--json", "--label", "m"]);
     check(out.status.success(), text(&out))?;
@@ -848,6 +858,19 @@ fn mount_and_umount() -> Result<(), Failed> {
     check(note == "on the zvol\n", format!("the zvol's note reads {note:?}"))?;
     let ro = sh(&format!("touch {at}/disk1/x 2>&1 || echo refused"));
     check(ro.contains("refused"), format!("the mount is writable: {ro}"))?;
+    // The guest's setuid program and device node are inert; only root enters the directory.
+    let opts = sh(&format!("findmnt -n -o OPTIONS {at}/disk0-p1"));
+    check(["ro", "nosuid", "nodev", "noexec"].iter().all(|o| opts.split(',').any(|x| x.trim() == *o)), format!("mount options: {opts}"))?;
+    let ran = sh(&format!("{at}/disk0-p1/suid-root 2>&1 && echo ran || echo refused"));
+    check(ran.contains("refused"), format!("a program on the guest's file system ran: {ran}"))?;
+    let dev = sh(&format!("head -c 1 {at}/disk0-p1/host-null >/dev/null 2>&1 && echo opened || echo refused"));
+    check(dev.contains("refused"), format!("the guest's device node opened: {dev}"))?;
+    check(sh(&format!("stat -c %a {at}")).trim() == "700", "the mount directory is not 0700")?;
+    // The trap disk is read as the raw disk it is: no file system, the host file never opened.
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let trapped = report.to_string();
+    check(!std::path::Path::new(&format!("{at}/disk2")).exists() && !trapped.contains("secret"), format!("the trap disk: {trapped}"))?;
+    check(sh(&format!("grep -rl secret {at} 2>/dev/null || true")).trim().is_empty(), "the host's secret is readable under the mount")?;
     let holds = sh(&format!("zfs holds -H tank/vms/files@{snap} {vol}@{snap}"));
     check(holds.matches("vmsnap-mount").count() == 2, format!("holds: {holds}"))?;
     // Retention far in the future would destroy it, but not while it is held.

@@ -173,8 +173,10 @@ pub async fn target(cfg: &Config, zfs: &Zfs, only: Option<&str>, tname: &str, js
             }
         );
     }
+    // Names and values are the target's word: shown without control characters.
+    let shown = |s: &str| vmsnap::replicate::protocol::shown(s, 200);
     for r in rows {
-        let get = |k: PropName| r.props.get(k.as_str()).cloned();
+        let get = |k: PropName| r.props.get(k.as_str()).map(|v| shown(v));
         let state = match get(prop::REPLICA).as_deref() {
             Some("complete") => "complete",
             _ if get(prop::DOMAIN).is_none() => "not vmsnap's",
@@ -184,7 +186,7 @@ pub async fn target(cfg: &Config, zfs: &Zfs, only: Option<&str>, tname: &str, js
         println!(
             "{:<12} {:<70} {:<12} {:<8} {ram}",
             r.domain,
-            format!("{}@{}", r.dataset, r.snapshot),
+            format!("{}@{}", r.dataset, shown(&r.snapshot)),
             state,
             get(prop::CONSISTENCY).as_deref().unwrap_or("-")
         );

@@ -646,6 +646,7 @@ impl Run<'_> {
                 fdset_id: None,
                 job_id: format!("vmsnap-commit{i}"),
                 base: Some(d.path.clone()),
+                base_format: Some(d.format.clone()),
             })
             .collect();
         // Journaled before any file exists, so a crash in the middle removes what was made.

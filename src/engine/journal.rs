@@ -24,6 +24,10 @@ pub struct OverlayRecord {
     /// an offline commit.
     #[serde(default)]
     pub base: Option<PathBuf>,
+    /// The base's image format (`raw`, `qcow2`): an offline commit writes into the base only
+    /// when the overlay's header still names this file in this format.
+    #[serde(default)]
+    pub base_format: Option<String>,
 }
 
 /// The journal format this vmsnap writes and reads (recorded in `begin`).
@@ -450,6 +454,7 @@ mod tests {
             fdset_id: Some(i as i64),
             job_id: format!("vmsnap-commit-{i}"),
             base: Some(PathBuf::from(format!("/tank/vm/disk{i}.qcow2"))),
+            base_format: Some("qcow2".into()),
         }
     }
 

@@ -325,6 +325,22 @@ async fn commit_offline(ov: &OverlayRecord) -> Result<Vec<String>, String> {
         let why = format!("process {held:?} holds the disk image (the VM was restarted?)");
         return Ok(vec![keep_overlay(ov, &why)]);
     }
+    // QEMU had the overlay open read-write and may have rewritten its header: `qemu-img commit`
+    // (root) follows the header, so it runs only when the header names the journaled base in
+    // its journaled format (nothing writes the file any more: no process holds it).
+    let (Some(base), Some(format)) = (&ov.base, &ov.base_format) else {
+        return Ok(vec![keep_overlay(ov, "its journal does not say which image in which format it sits on")]);
+    };
+    let (named, named_format) = header_backing(&ov.path).await?;
+    if named.as_deref() != Some(base.as_os_str().to_string_lossy().as_ref()) || named_format.as_deref() != Some(format.as_str()) {
+        let why = format!(
+            "its header names {} ({}) as its base, not {} ({format}), the image it was made on",
+            crate::replicate::protocol::shown(named.as_deref().unwrap_or("nothing"), 200),
+            crate::replicate::protocol::shown(named_format.as_deref().unwrap_or("no format"), 40),
+            base.display()
+        );
+        return Ok(vec![keep_overlay(ov, &why)]);
+    }
     let out = tokio::process::Command::new("qemu-img")
         .args(["commit", "-q", "-f", "qcow2"])
         .arg(&ov.path)
@@ -342,6 +358,25 @@ async fn commit_offline(ov: &OverlayRecord) -> Result<Vec<String>, String> {
     let mut did = vec![format!("QEMU is gone: committed {} into its base with qemu-img", ov.path.display())];
     did.extend(remove_overlay(None, ov).await?);
     Ok(did)
+}
+
+/// The backing file and format an overlay's qcow2 header names (`qemu-img info -U`, which opens
+/// no backing file).
+async fn header_backing(path: &Path) -> Result<(Option<String>, Option<String>), String> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "-U", "-f", "qcow2", "--output=json"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("running qemu-img info: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("qemu-img info {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("qemu-img info {}: not JSON: {e}", path.display()))?;
+    let field = |k: &str| info[k].as_str().map(str::to_owned);
+    Ok((field("backing-filename"), field("backing-filename-format")))
 }
 
 /// The message for an overlay that recovery must not touch.
@@ -642,6 +677,7 @@ mod tests {
             fdset_id: None,
             job_id: format!("vmsnap-commit{i}"),
             base: None,
+            base_format: None,
         };
         let o = Obligations { remove: vec![ov(&victim, 0), ov(&inside, 1)], ..Obligations::default() };
         let begin = Record::Begin {

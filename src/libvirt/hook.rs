@@ -26,6 +26,8 @@ pub struct HookDomain {
     pub qga: Option<PathBuf>,
     /// Disk images and block devices (`<disk device='disk'>` sources).
     pub disks: Vec<PathBuf>,
+    /// Each disk's image format as the host defined it (`<driver type='qcow2'/>`), by source.
+    pub formats: std::collections::BTreeMap<PathBuf, String>,
     pub nvram: Option<PathBuf>,
     /// The QEMU binary (`<devices><emulator>`).
     pub emulator: Option<PathBuf>,
@@ -53,6 +55,7 @@ pub fn parse_domain_xml(xml: &str) -> Result<HookDomain, String> {
     let uuid = text(child(root, "uuid"));
     let nvram = text(child(root, "os").and_then(|os| child(os, "nvram"))).map(PathBuf::from);
     let mut disks = Vec::new();
+    let mut formats = std::collections::BTreeMap::new();
     if let Some(devices) = child(root, "devices") {
         for d in devices.children().filter(|c| c.is_element() && c.tag_name().name() == "disk") {
             if d.attribute("device").unwrap_or("disk") != "disk" {
@@ -61,6 +64,9 @@ pub fn parse_domain_xml(xml: &str) -> Result<HookDomain, String> {
             if let Some(src) = child(d, "source") {
                 if let Some(p) = src.attribute("file").or_else(|| src.attribute("dev")) {
                     disks.push(PathBuf::from(p));
+                    if let Some(t) = child(d, "driver").and_then(|drv| drv.attribute("type")) {
+                        formats.insert(PathBuf::from(p), t.to_owned());
+                    }
                 }
             }
         }
@@ -90,7 +96,7 @@ pub fn parse_domain_xml(xml: &str) -> Result<HookDomain, String> {
         }
     }
     let emulator = text(child(root, "devices").and_then(|d| child(d, "emulator"))).map(PathBuf::from);
-    Ok(HookDomain { name, uuid, qmp, qga, disks, nvram, emulator })
+    Ok(HookDomain { name, uuid, qmp, qga, disks, formats, nvram, emulator })
 }
 
 /// What the hook does for an operation.

@@ -28,6 +28,24 @@ pub fn run(args: &[&str]) -> Result<String, VirshError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The QEMU binaries libvirt lists on this host (`virsh capabilities`, each guest's `<emulator>`).
+pub fn host_emulators() -> Result<Vec<std::path::PathBuf>, VirshError> {
+    let xml = run(&["capabilities"])?;
+    Ok(emulators_in(&xml))
+}
+
+fn emulators_in(capabilities: &str) -> Vec<std::path::PathBuf> {
+    let Ok(doc) = roxmltree::Document::parse(capabilities) else { return Vec::new() };
+    let mut out: Vec<std::path::PathBuf> = doc
+        .descendants()
+        .filter(|n| n.is_element() && n.tag_name().name() == "emulator")
+        .filter_map(|n| n.text().map(|t| std::path::PathBuf::from(t.trim())))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The domain's state as virsh words it (`running`, `paused`, `shut off`, …); `None` when libvirt
 /// has no domain of that name (or virsh is not installed: then libvirt runs nothing).
 pub fn domstate(domain: &str) -> Result<Option<String>, VirshError> {

@@ -28,8 +28,9 @@ pub enum Request {
     Props { dataset: String, snapshot: String, props: BTreeMap<String, String> },
     /// How much of a RAM dump the target has.
     RamStat { domain: String, snapshot: String },
-    /// The dump's bytes from `offset` follow; the target checks the whole file against `sha256`.
-    RamPut { domain: String, snapshot: String, sha256: String, offset: u64 },
+    /// The dump's bytes from `offset` up to `size` follow (the target reads no more); the
+    /// target checks the whole file against `sha256`.
+    RamPut { domain: String, snapshot: String, sha256: String, offset: u64, size: u64 },
     /// Applies the target's own retention to the domain's replicas (its policy, its clock).
     Prune { domain: String },
     /// Rolls the dataset back to its snapshot `to_guid` (the one in common with the source),
@@ -199,15 +200,31 @@ pub fn valid_sha256(s: &str) -> bool {
     s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
 }
 
+/// A peer's text as this host shows it (terminal, log, error): each control character (escape
+/// sequences, carriage returns, line breaks) a space, trimmed, at most `max` characters.
+pub fn shown(s: &str, max: usize) -> String {
+    let clean: String = s.trim().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    match clean.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &clean[..i]),
+        None => clean,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn a_peers_text_is_shown_without_control_characters_and_abridged() {
+        assert_eq!(shown("  cannot receive:\n\u{1b}[2Jgone\r  ", 500), "cannot receive:  [2Jgone");
+        assert_eq!(shown(&"x".repeat(600), 500).chars().count(), 501);
+    }
+
+    #[test]
     fn requests_read_back_and_unknown_fields_are_refused() {
-        let r = Request::RamPut { domain: "web".into(), snapshot: "autosnap_x".into(), sha256: "ab".into(), offset: 7 };
+        let r = Request::RamPut { domain: "web".into(), snapshot: "autosnap_x".into(), sha256: "ab".into(), offset: 7, size: 9 };
         let line = serde_json::to_string(&r).unwrap();
-        assert_eq!(line, r#"{"verb":"ram-put","domain":"web","snapshot":"autosnap_x","sha256":"ab","offset":7}"#);
+        assert_eq!(line, r#"{"verb":"ram-put","domain":"web","snapshot":"autosnap_x","sha256":"ab","offset":7,"size":9}"#);
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"verb":"destroy","dataset":"x"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"verb":"list","dataset":"x","force":true}"#).is_err());
@@ -221,7 +238,7 @@ mod tests {
             Request::Abort { dataset: "d".into() },
             Request::Props { dataset: "d".into(), snapshot: "s".into(), props: BTreeMap::new() },
             Request::RamStat { domain: "w".into(), snapshot: "s".into() },
-            Request::RamPut { domain: "w".into(), snapshot: "s".into(), sha256: "x".into(), offset: 0 },
+            Request::RamPut { domain: "w".into(), snapshot: "s".into(), sha256: "x".into(), offset: 0, size: 0 },
             Request::Prune { domain: "w".into() },
             Request::Rollback { dataset: "d".into(), to_guid: 1 },
             Request::RamCheck { domain: "w".into(), snapshot: "s".into(), sha256: "x".into() },

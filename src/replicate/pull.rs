@@ -126,7 +126,7 @@ pub async fn pull(
                         newer
                             .iter()
                             .filter_map(|n| dumps.get(n)?.get(&prop::RAM_DUMP).map(std::path::PathBuf::from))
-                            .filter(|d| d.starts_with(ram_dir)),
+                            .filter(|d| crate::fsutil::inside(d, ram_dir)),
                     );
                     report.destroyed.extend(newer.into_iter().chain(marks));
                 }
@@ -170,7 +170,7 @@ pub async fn pull(
                 .spawn()
                 .map_err(|e| format!("running zfs receive: {e}"))?;
             let mut sink = recv.stdin.take().expect("piped");
-            let pulled = t.pull(&req, &mut sink, moved);
+            let pulled = t.pull(&req, &mut sink, moved, &|_| None);
             drop(sink);
             let out = recv.wait_with_output().map_err(|e| e.to_string())?;
             pulled?;
@@ -248,7 +248,11 @@ async fn pull_dump(
         let mut file = file;
         use std::io::Seek;
         file.seek(std::io::SeekFrom::End(0)).map_err(|e| e.to_string())?;
-        let v = t.pull(&req, &mut file, moved)?;
+        // At most what the target announced from `offset` (its own answer: the whole-file
+        // check against the recorded sha256 below is what makes the copy trusted).
+        let v = t.pull(&req, &mut file, moved, &|v| {
+            serde_json::from_value::<RamState>(v.clone()).ok().map(|s| s.partial.saturating_sub(offset))
+        })?;
         let state: RamState = serde_json::from_value(v).map_err(|e| format!("an answer vmsnap cannot read: {e}"))?;
         file.sync_all().map_err(|e| e.to_string())?;
         let have = file.metadata().map_err(|e| e.to_string())?.len();

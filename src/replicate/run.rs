@@ -546,7 +546,8 @@ impl<'a> Run<'a> {
             return Err(self.err(format!("the target has {} bytes of the {size}-byte RAM dump of {snap}", state.partial)));
         }
         self.progress.step(&format!("RAM dump of {snap}: {} MiB to send", (size - state.partial) >> 20));
-        let req = Request::RamPut { domain: self.dom.name.clone(), snapshot: snap.into(), sha256: sha256.into(), offset: state.partial };
+        let req =
+            Request::RamPut { domain: self.dom.name.clone(), snapshot: snap.into(), sha256: sha256.into(), offset: state.partial, size };
         let left = AtomicU64::new(size - state.partial);
         let (_, n) = self.call_sized(req, Payload::File(file, state.partial), Some(&left)).await?;
         Ok(n)

@@ -205,12 +205,12 @@ impl Server {
                     .map_err(|e| e.to_string())??;
                 Ok(Reply::ok(checked))
             }
-            Request::RamPut { domain, snapshot, sha256, offset } => {
+            Request::RamPut { domain, snapshot, sha256, offset, size } => {
                 if !valid_sha256(&sha256) {
                     return Err("sha256: not 64 lower-case hex digits".into());
                 }
                 let (domain, snapshot, dir) = (domain.clone(), snapshot.clone(), self.ram_dir.clone());
-                let state = tokio::task::spawn_blocking(move || ram_put(&dir, &domain, &snapshot, &sha256, offset))
+                let state = tokio::task::spawn_blocking(move || ram_put(&dir, &domain, &snapshot, &sha256, offset, size))
                     .await
                     .map_err(|e| e.to_string())??;
                 Ok(Reply::ok(state))
@@ -482,8 +482,9 @@ pub(super) fn sha256_of(mut r: impl Read) -> std::io::Result<(u64, String)> {
 }
 
 /// Appends stdin to `<snapshot>.ram.part` at `offset` (which must be the partial file's length),
-/// then checks the whole file against `sha256` and only then names it `<snapshot>.ram`.
-fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str, offset: u64) -> Result<RamState, String> {
+/// at most up to `size` bytes in all, then checks the whole file against `sha256` and only then
+/// names it `<snapshot>.ram`.
+fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str, offset: u64, size: u64) -> Result<RamState, String> {
     let (_, name) = ram_place(ram_dir, domain, snapshot)?;
     let dir = Dir::private(ram_dir, &[domain]).map_err(|e| e.to_string())?;
     let part = format!("{name}.part");
@@ -492,8 +493,11 @@ fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str, offset: u
     if have != offset {
         return Err(format!("{part}: the target has {have} bytes, the source sends from {offset}"));
     }
+    if offset > size {
+        return Err(format!("{part}: offset {offset} is past the announced {size} bytes"));
+    }
     file.seek(std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
-    let mut input = std::io::stdin().lock();
+    let mut input = std::io::stdin().lock().take(size - offset);
     std::io::copy(&mut input, &mut file).map_err(|e| format!("receiving {part}: {e}"))?;
     file.sync_all().map_err(|e| e.to_string())?;
     // Checked here, on the target's own copy.

@@ -80,14 +80,8 @@ pub fn check(token: &Token, ds: &Dataset, snapshots: &[(String, u64)], bookmarks
     Ok(())
 }
 
-/// A peer's text, shown: control characters dropped, at most 200 characters.
 fn abridge(s: &str) -> String {
-    let clean: String = s.chars().filter(|c| !c.is_control()).take(200).collect();
-    if clean.len() < s.len() {
-        format!("{clean}…")
-    } else {
-        clean
-    }
+    super::protocol::shown(s, 200)
 }
 
 #[cfg(test)]

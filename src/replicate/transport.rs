@@ -31,6 +31,25 @@ pub struct Transport {
     cancel: Option<Arc<AtomicBool>>,
 }
 
+/// What makes two targets' ssh connections interchangeable: name, identity, options and
+/// compression, hashed (12 hex digits: the socket path must stay short).
+fn connection_identity(t: &TargetConfig) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(t.name.as_bytes());
+    h.update([0]);
+    if let Some(i) = &t.identity {
+        h.update(i.as_os_str().as_encoded_bytes());
+    }
+    h.update([0]);
+    for o in &t.ssh_options {
+        h.update(o.as_bytes());
+        h.update([0]);
+    }
+    h.update([u8::from(t.compress)]);
+    h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
 impl Transport {
     /// `control_dir`: a private directory for ssh's connection sharing (one TCP connection and
     /// key exchange per target for a whole run, not one per request); `None` for none.
@@ -40,10 +59,12 @@ impl Transport {
                 let mut a: Vec<OsString> = ["ssh", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=30"].map(OsString::from).to_vec();
                 if let Some(dir) = control_dir {
                     a.extend(["-o".into(), "ControlMaster=auto".into(), "-o".into(), "ControlPersist=60".into(), "-o".into()]);
-                    // Compression belongs to the shared connection: a compressed and a plain
-                    // target on the same host must not share one (nor must a run after
-                    // `compress` changed reuse the old one).
-                    a.push(OsString::from(format!("ControlPath={}/%C{}", dir.display(), if t.compress { "-z" } else { "" })));
+                    // A shared connection runs under the key (so the forced command) and options it
+                    // was opened with: two targets on one host with different keys must never
+                    // share one, or the second's requests run under the first's `vmsnap serve`
+                    // (its root, retention, rollback leave). So the path carries a hash of the
+                    // target's name, key and options, compression included.
+                    a.push(OsString::from(format!("ControlPath={}/%C-{}", dir.display(), connection_identity(t))));
                 }
                 if let Some(p) = t.port {
                     a.extend(["-p".into(), p.to_string().into()]);
@@ -152,7 +173,7 @@ impl Transport {
         let reply = String::from_utf8_lossy(&out).lines().last().and_then(|l| serde_json::from_str::<Reply>(l).ok());
         match reply {
             Some(Reply { ok: true, value, .. }) => Ok(value),
-            Some(Reply { error, .. }) => Err(format!("the target says: {}", error.unwrap_or_default())),
+            Some(Reply { error, .. }) => Err(format!("the target says: {}", abridge(&error.unwrap_or_default()))),
             None => Err(format!(
                 "no answer from the target ({}{}{}): {}",
                 status,
@@ -166,7 +187,15 @@ impl Transport {
     /// Sends `req` (one that streams back) and copies what follows the target's reply line into
     /// `sink`, counting in `moved`; the reply's value. Fails when the target refuses, or when
     /// it (ssh) ends badly after streaming.
-    pub fn pull(&self, req: &Request, sink: &mut dyn Write, moved: &AtomicU64) -> Result<serde_json::Value, String> {
+    /// `bound`: the most bytes the reply announces (a dump's size from `offset`); a target that
+    /// sends more is cut off there and the pull fails.
+    pub fn pull(
+        &self,
+        req: &Request,
+        sink: &mut dyn Write,
+        moved: &AtomicU64,
+        bound: &dyn Fn(&serde_json::Value) -> Option<u64>,
+    ) -> Result<serde_json::Value, String> {
         let Session { mut child, mut stdin, mut stdout, err } = self.session()?;
         let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
         let sent = stdin.write_all(line.as_bytes());
@@ -185,7 +214,16 @@ impl Transport {
         }
         let reply = serde_json::from_slice::<Reply>(&head).ok();
         let copied = match &reply {
-            Some(Reply { ok: true, .. }) => self.copy(&mut stdout, sink, moved),
+            Some(Reply { ok: true, value, .. }) => match bound(value) {
+                None => self.copy(&mut stdout, sink, moved),
+                Some(limit) => self.copy(&mut (&mut stdout).take(limit), sink, moved).and_then(|()| {
+                    let mut more = [0u8; 1];
+                    match stdout.read(&mut more) {
+                        Ok(0) => Ok(()),
+                        _ => Err(format!("the target sent more than the {limit} bytes it announced")),
+                    }
+                }),
+            },
             _ => Ok(()),
         };
         drop(stdout);
@@ -199,7 +237,7 @@ impl Transport {
                 }
                 Ok(value)
             }
-            Some(Reply { error, .. }) => Err(format!("the target says: {}", error.unwrap_or_default())),
+            Some(Reply { error, .. }) => Err(format!("the target says: {}", abridge(&error.unwrap_or_default()))),
             None => Err(format!(
                 "no answer from the target ({status}{}): {}",
                 sent.err().map(|e| format!("; sending failed: {e}")).unwrap_or_default(),
@@ -298,11 +336,7 @@ impl<'a> Pace<'a> {
 
 /// At most 500 characters of what a remote side said.
 fn abridge(s: &str) -> String {
-    let s = s.trim();
-    match s.char_indices().nth(500) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
+    super::protocol::shown(s, 500)
 }
 
 #[cfg(test)]
@@ -386,16 +420,24 @@ mod tests {
     }
 
     #[test]
-    fn compressed_and_plain_connections_are_not_shared() {
-        let args = |c: bool| {
-            Transport::for_target(&target(c), Some(std::path::Path::new("/run/ssh")))
+    fn connections_are_shared_only_by_the_same_key_and_options() {
+        let path = |t: &TargetConfig| {
+            Transport::for_target(t, Some(std::path::Path::new("/run/ssh")))
                 .argv
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
+                .find(|a| a.starts_with("ControlPath="))
+                .unwrap()
         };
-        let (plain, zipped) = (args(false), args(true));
-        assert!(plain.contains(&"ControlPath=/run/ssh/%C".to_owned()) && !plain.contains(&"-C".to_owned()), "{plain:?}");
-        assert!(zipped.contains(&"ControlPath=/run/ssh/%C-z".to_owned()) && zipped.contains(&"-C".to_owned()), "{zipped:?}");
+        let plain = target(false);
+        let zipped = target(true);
+        let other_key = TargetConfig { name: "offsite2".into(), identity: Some("/root/.ssh/id_other".into()), ..target(false) };
+        let other_opts = TargetConfig { ssh_options: vec!["-oCiphers=aes128-ctr".into()], ..target(false) };
+        let p = path(&plain);
+        assert!(p.starts_with("ControlPath=/run/ssh/%C-") && p.len() == "ControlPath=/run/ssh/%C-".len() + 12, "{p}");
+        assert_eq!(p, path(&target(false)));
+        for t in [&zipped, &other_key, &other_opts] {
+            assert_ne!(p, path(t), "{t:?}");
+        }
     }
 }

@@ -172,7 +172,7 @@ pub(super) async fn plan_copy(
                 .as_ref()
                 .and_then(|d| d.nvram.as_ref())
                 .map(|h| h.parent().unwrap_or(std::path::Path::new("/")).join(format!("{new}_VARS.fd")));
-            (Some(xml_from), saved.and_then(|d| d.emulator), nvram_copy.zip(home))
+            (Some(xml_from), super::host_emulator(saved.and_then(|d| d.emulator), &mut warnings), nvram_copy.zip(home))
         }
     };
     if let Some((_, home)) = &nvram {

@@ -309,7 +309,7 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
                 });
             }
             (Manager::Config, d) => d.and_then(|d| d.start.first()).map(PathBuf::from),
-            (Manager::Libvirt, _) => saved_domain.as_ref().and_then(|d| d.emulator.clone()),
+            (Manager::Libvirt, _) => host_emulator(saved_domain.as_ref().and_then(|d| d.emulator.clone()), &mut warnings),
         };
         Some(resume_plan(&req.domain, &req.snapshot, &props, emulator, &mut warnings).await?)
     } else {
@@ -341,6 +341,28 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
         resume,
         warnings,
     })
+}
+
+/// A snapshot's `<emulator>`, to ask what it can load, only when libvirt lists it among this
+/// host's QEMU binaries (`virsh capabilities`): the XML in a snapshot (a target's, after
+/// `--from`) is never a reason for root to run a program. Otherwise `None`, and why in `warnings`.
+pub(crate) fn host_emulator(saved: Option<PathBuf>, warnings: &mut Vec<String>) -> Option<PathBuf> {
+    let saved = saved?;
+    match crate::libvirt::virsh::host_emulators() {
+        Ok(known) if known.contains(&saved) => Some(saved),
+        Ok(known) => {
+            warnings.push(format!(
+                "not checked whether QEMU can load the dump: the snapshot's <emulator> {} is not one libvirt lists on this host ({})",
+                crate::replicate::protocol::shown(&saved.display().to_string(), 200),
+                known.iter().map(|k| k.display().to_string()).collect::<Vec<_>>().join(", ")
+            ));
+            None
+        }
+        Err(e) => {
+            warnings.push(format!("not checked whether QEMU can load the dump: {e}"));
+            None
+        }
+    }
 }
 
 /// The RAM half of a restore of `snapshot` (its properties `props`): the dump it recorded, and

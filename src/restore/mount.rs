@@ -1,11 +1,14 @@
 //! `vmsnap mount` / `vmsnap umount`: single files out of a snapshot without restoring it.
 //!
 //! Every disk of the snapshot is opened read-only: a disk image through `qemu-nbd --read-only`
-//! on the snapshot's own copy (`<mountpoint>/.zfs/snapshot/<snap>/…`, read-only by nature), a
+//! on the snapshot's own copy (`<mountpoint>/.zfs/snapshot/<snap>/…`, read-only by nature) with
+//! the format the host defined (never probed: the guest wrote the image's first sector), a
 //! zvol as a read-only clone (`<vol>-mnt-<snap>`, `readonly=on`). Each partition (or the whole
-//! disk, when it has none) that holds a file system is mounted read-only below the chosen
-//! directory as `disk<N>` or `disk<N>-p<M>`, without replaying a journal (`noload`,
-//! `norecovery`: a crash-consistent snapshot is read as it is, never written). A hold
+//! disk, when it has none) that holds a file system of a known kind (ext2/3/4, xfs, btrfs,
+//! vfat, ntfs) is mounted below the chosen directory, which only root enters, as `disk<N>` or
+//! `disk<N>-p<M>`: `ro,nosuid,nodev,noexec` (the guest's setuid files and device nodes are the
+//! guest's, not the host's), without replaying a journal (`noload`, `norecovery`,
+//! `rescue=nologreplay`: a crash-consistent snapshot is read as it is, never written). A hold
 //! ([`HOLD`]) on the snapshot keeps pruning and restores from destroying it meanwhile.
 //!
 //! What was set up is written to `<state_dir>/mounts/<domain>@<snapshot>.json` *before* each
@@ -130,18 +133,58 @@ fn os(s: &str) -> &std::ffi::OsStr {
     std::ffi::OsStr::new(s)
 }
 
+/// A disk to open, and its image format as the host defined it.
+struct Disk {
+    path: PathBuf,
+    format: ImageFormat,
+}
+
+/// How `qemu-nbd` is told to read an image: never by probing its contents, which the guest
+/// wrote (a raw disk whose first sector is a qcow2 header naming a host file would otherwise
+/// open that file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// From the domain XML's `<driver type>`; without one, from the file name the host chose
+    /// (`.qcow2`), else raw — a qcow2 image read as raw shows no file system, nothing worse.
+    fn of(path: &Path, driver: Option<&str>) -> Result<Self, MountError> {
+        match driver {
+            Some("raw") => Ok(Self::Raw),
+            Some("qcow2") => Ok(Self::Qcow2),
+            Some(other) => Err(MountError::Refused(format!("{}: a {other:?} image, which vmsnap does not mount", path.display()))),
+            None if path.extension().is_some_and(|e| e == "qcow2") => Ok(Self::Qcow2),
+            None => Ok(Self::Raw),
+        }
+    }
+
+    fn arg(self) -> &'static str {
+        match self {
+            Self::Raw => "--format=raw",
+            Self::Qcow2 => "--format=qcow2",
+        }
+    }
+}
+
 /// The disks the snapshot's own domain XML names (else the configured domain's).
-async fn disks(cfg: &Config, zfs: &Zfs, unit: &[SnapshotName], domain: &str) -> Result<Vec<PathBuf>, MountError> {
+async fn disks(cfg: &Config, zfs: &Zfs, unit: &[SnapshotName], domain: &str) -> Result<Vec<Disk>, MountError> {
     if let Some((xml, _)) = saved_file(zfs, unit, domain, "domain.xml").await? {
         let text = crate::fsutil::read_limited(&xml, 4 << 20).map_err(|e| MountError::Refused(e.to_string()))?;
         let parsed = crate::libvirt::hook::parse_domain_xml(&String::from_utf8_lossy(&text))
             .map_err(|e| MountError::Refused(format!("the snapshot's domain XML {}: {e}", xml.display())))?;
         if !parsed.disks.is_empty() {
-            return Ok(parsed.disks);
+            return parsed
+                .disks
+                .iter()
+                .map(|p| Ok(Disk { path: p.clone(), format: ImageFormat::of(p, parsed.formats.get(p).map(String::as_str))? }))
+                .collect();
         }
     }
     match cfg.domains.get(domain) {
-        Some(d) if !d.disks.is_empty() => Ok(d.disks.clone()),
+        Some(d) if !d.disks.is_empty() => d.disks.iter().map(|p| Ok(Disk { path: p.clone(), format: ImageFormat::of(p, None)? })).collect(),
         _ => Err(MountError::Refused(format!("the snapshot of {domain} names no disks (no domain XML in it, no configured disks)"))),
     }
 }
@@ -163,6 +206,7 @@ pub async fn mount(cfg: &Config, zfs: &Zfs, domain: &str, snapshot: &str, path: 
     }
     let (unit, _, _) = find_unit(zfs, domain, snapshot).await?;
     let disks = disks(cfg, zfs, &unit, domain).await?;
+    private_dir(path)?;
     let mut st = MountState { domain: domain.into(), snapshot: snapshot.into(), path: path.to_owned(), ..Default::default() };
     st.holds = unit.iter().map(ToString::to_string).collect();
     st.record(&cfg.state_dir, "planned")?;
@@ -179,13 +223,13 @@ pub async fn mount(cfg: &Config, zfs: &Zfs, domain: &str, snapshot: &str, path: 
     Ok(st)
 }
 
-async fn set_up(cfg: &Config, zfs: &Zfs, unit: &[SnapshotName], disks: &[PathBuf], st: &mut MountState) -> Result<(), MountError> {
+async fn set_up(cfg: &Config, zfs: &Zfs, unit: &[SnapshotName], disks: &[Disk], st: &mut MountState) -> Result<(), MountError> {
     match zfs.hold(HOLD, unit).await {
         Ok(()) | Err(crate::zfs::ZfsError::AlreadyExists { .. }) => {}
         Err(e) => return Err(e.into()),
     }
     st.record(&cfg.state_dir, "held")?;
-    for (i, disk) in disks.iter().enumerate() {
+    for (i, Disk { path: disk, format }) in disks.iter().enumerate() {
         let ds = zfs.dataset_of(disk).await?;
         let Some(snap) = unit.iter().find(|s| *s.dataset() == ds) else {
             st.volumes.push(Volume {
@@ -198,7 +242,7 @@ async fn set_up(cfg: &Config, zfs: &Zfs, unit: &[SnapshotName], disks: &[PathBuf
         let device = if disk.starts_with("/dev/zvol/") {
             open_zvol(cfg, zfs, snap, st).await?
         } else {
-            open_image(cfg, zfs, snap, disk, st).await?
+            open_image(cfg, zfs, snap, disk, *format, st).await?
         };
         let parts = partitions(&device);
         let whole = parts.is_empty();
@@ -222,7 +266,14 @@ async fn open_zvol(cfg: &Config, zfs: &Zfs, snap: &SnapshotName, st: &mut MountS
         .ok_or_else(|| MountError::Step { what: format!("clone {clone}"), why: format!("/dev/zvol/{clone} did not appear") })
 }
 
-async fn open_image(cfg: &Config, zfs: &Zfs, snap: &SnapshotName, disk: &Path, st: &mut MountState) -> Result<PathBuf, MountError> {
+async fn open_image(
+    cfg: &Config,
+    zfs: &Zfs,
+    snap: &SnapshotName,
+    disk: &Path,
+    format: ImageFormat,
+    st: &mut MountState,
+) -> Result<PathBuf, MountError> {
     let mp = zfs.get_native(snap.dataset().as_str(), "mountpoint").await?.filter(|m| m.starts_with('/'));
     let Some(mp) = mp else {
         return Err(MountError::Refused(format!("{} is not mounted: its snapshot's files cannot be read", snap.dataset())));
@@ -241,7 +292,7 @@ async fn open_image(cfg: &Config, zfs: &Zfs, snap: &SnapshotName, disk: &Path, s
     // Its control socket in vmsnap's own directory (the default, /var/lock, may not exist).
     let dev_name = dev.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let socket = format!("--socket={}", cfg.state_dir.join("mounts").join(format!("{dev_name}.sock")).display());
-    run("qemu-nbd", &[os("--read-only"), os(&connect), os(&socket), frozen.as_os_str()])
+    run("qemu-nbd", &[os("--read-only"), os(format.arg()), os(&connect), os(&socket), frozen.as_os_str()])
         .await
         .map_err(step(format!("qemu-nbd of {}", frozen.display())))?;
     let name = dev.file_name().unwrap_or_default().to_string_lossy().into_owned();
@@ -282,28 +333,48 @@ fn partitions(device: &Path) -> Vec<(u32, PathBuf)> {
     out
 }
 
+/// The file systems vmsnap mounts (the kernel drivers most used and fuzzed; a guest must not
+/// pick an obscure one to parse its crafted image): the kernel's type and the options, always
+/// read-only with no setuid, device node or program honoured, and no journal replayed.
+fn mount_options(blkid_type: &str) -> Option<(&'static str, String)> {
+    const SAFE: &str = "ro,nosuid,nodev,noexec";
+    let (kernel, extra) = match blkid_type {
+        "ext2" => ("ext2", ""),
+        "ext3" => ("ext3", ",noload"),
+        "ext4" => ("ext4", ",noload"),
+        "xfs" => ("xfs", ",norecovery"),
+        "btrfs" => ("btrfs", ",rescue=nologreplay"),
+        "vfat" => ("vfat", ""),
+        "ntfs" => ("ntfs3", ""),
+        _ => return None,
+    };
+    Some((kernel, format!("{SAFE}{extra}")))
+}
+
+/// Makes `at` (and what is missing above it) a directory only root enters: what is mounted
+/// there is the guest's, with the guest's owners and modes.
+fn private_dir(at: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let step = |e: std::io::Error| MountError::Step { what: format!("creating {}", at.display()), why: e.to_string() };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(at).map_err(step)?;
+    std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o700)).map_err(step)
+}
+
 async fn mount_volume(cfg: &Config, dev: &Path, at: &Path, st: &mut MountState) -> Result<(), MountError> {
     let probe = run("blkid", &[os("-o"), os("value"), os("-s"), os("TYPE"), dev.as_os_str()]).await.unwrap_or_default();
     let fstype = probe.trim().to_owned();
     let mut vol =
         Volume { device: dev.display().to_string(), fstype: Some(fstype.clone()).filter(|t| !t.is_empty()), ..Default::default() };
-    let options = match fstype.as_str() {
-        "" => None,
-        "ext2" | "ext3" | "ext4" => Some("ro,noload"),
-        "xfs" => Some("ro,norecovery"),
-        "swap" | "LVM2_member" | "crypto_LUKS" | "linux_raid_member" | "zfs_member" => None,
-        _ => Some("ro"),
-    };
-    let Some(options) = options else {
+    let Some((kernel_type, options)) = mount_options(&fstype) else {
         vol.skipped =
             Some(if fstype.is_empty() { "no file system found".into() } else { format!("{fstype}: not a file system vmsnap mounts") });
         st.volumes.push(vol);
         return Ok(());
     };
-    std::fs::create_dir_all(at).map_err(|e| MountError::Step { what: format!("creating {}", at.display()), why: e.to_string() })?;
+    private_dir(at)?;
     st.mounts.push(at.to_owned());
     st.record(&cfg.state_dir, "mount_planned")?;
-    run("mount", &[os("-t"), os(&fstype), os("-o"), os(options), dev.as_os_str(), at.as_os_str()])
+    run("mount", &[os("-t"), os(kernel_type), os("-o"), os(&options), dev.as_os_str(), at.as_os_str()])
         .await
         .map_err(step(format!("mounting {}", dev.display())))?;
     vol.mountpoint = Some(at.to_owned());
@@ -383,4 +454,33 @@ pub async fn recover_interrupted(cfg: &Config, zfs: &Zfs) -> Result<Vec<(String,
         out.push((st.domain.clone(), actions));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_file_systems_and_never_setuid_devices_or_programs() {
+        for t in ["ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "ntfs"] {
+            let (_, o) = mount_options(t).unwrap();
+            assert!(o.starts_with("ro,nosuid,nodev,noexec"), "{t}: {o}");
+        }
+        assert_eq!(mount_options("ext4").unwrap().1, "ro,nosuid,nodev,noexec,noload");
+        assert_eq!(mount_options("ntfs").unwrap().0, "ntfs3");
+        for t in ["", "hfsplus", "minix", "swap", "zfs_member", "crypto_LUKS", "squashfs"] {
+            assert!(mount_options(t).is_none(), "{t}");
+        }
+    }
+
+    #[test]
+    fn the_image_format_is_the_hosts_never_probed() {
+        let p = Path::new("/tank/vms/web/disk0.img");
+        assert_eq!(ImageFormat::of(p, Some("raw")).unwrap(), ImageFormat::Raw);
+        assert_eq!(ImageFormat::of(p, None).unwrap(), ImageFormat::Raw);
+        assert_eq!(ImageFormat::of(Path::new("/tank/vms/web/disk0.qcow2"), None).unwrap(), ImageFormat::Qcow2);
+        assert_eq!(ImageFormat::of(Path::new("/tank/vms/web/disk0.qcow2"), Some("raw")).unwrap(), ImageFormat::Raw);
+        assert!(ImageFormat::of(p, Some("vmdk")).is_err());
+        assert_eq!(ImageFormat::Raw.arg(), "--format=raw");
+    }
 }

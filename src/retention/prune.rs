@@ -4,6 +4,7 @@
 
 use crate::config::{Config, DomainConfig};
 use crate::daemon::scripts::{self, ScriptEnv};
+use crate::fsutil::inside;
 use crate::model::prop;
 use crate::retention::catalog::{self, Catalog};
 use crate::retention::{self, Decision};
@@ -175,11 +176,6 @@ fn unreferenced_dumps(cfg: &Config, cat: &Catalog, doomed: &[&str], dropping: &[
         out.insert(path.to_owned());
     }
     out.into_iter().collect()
-}
-
-/// `path` is a plain path below `dir` (no `..`).
-fn inside(path: &Path, dir: &Path) -> bool {
-    path.is_absolute() && path.starts_with(dir) && !path.components().any(|c| matches!(c, std::path::Component::ParentDir))
 }
 
 #[cfg(test)]

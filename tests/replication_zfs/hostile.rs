@@ -36,7 +36,8 @@ fn get(props: &str, name: &str) -> Vec<(String, String, String)> {
 /// devices on, and whose snapshot claims to be vmsnap's snapshot of this host's domain `web`:
 /// received, it mounts only below the root, read-only, with the root's nosuid/noexec/nodev;
 /// this host's restore does not take it for web's; the source can set properties neither on a
-/// snapshot made on the target by hand nor of the target's own marks.
+/// snapshot made on the target by hand nor of the target's own marks; a dump longer than it
+/// announced is cut at the announced size.
 pub fn hostile_source() -> Result<(), Failed> {
     let snap = "autosnap_2026-12-01_00:00:00_daily";
     sh(&format!(
@@ -88,7 +89,15 @@ pub fn hostile_source() -> Result<(), Failed> {
     let r = props(snap, r#""vmsnap:periods":"hourly""#);
     check(!r.contains("\"error\""), format!("props on what it sent: {r}"))?;
     check(sh(&format!("zfs get -H -s local -o value vmsnap:received {ds}@{mine}")).trim().is_empty(), "the hand-made snapshot got marked")?;
-    sh(&format!("zfs destroy -r {ROOT} && rm -rf {RAM} {RT}/evil.stream"));
+    // A dump longer than announced: the target stops at the announced size.
+    sh(&format!("printf 0123456789ABCDEFGHIJ > {RT}/long.ram"));
+    let sum = sh("printf 0123456789 | sha256sum | cut -d' ' -f1");
+    let put = format!(r#"{{"verb":"ram-put","domain":"web","snapshot":"{snap}","sha256":"{}","offset":0,"size":10}}"#, sum.trim());
+    let r = serve(&put, Some(&format!("{RT}/long.ram")));
+    check(!r.contains("\"error\""), format!("ram-put: {r}"))?;
+    let kept = sh(&format!("stat -c %s {RAM}/web/{snap}.ram"));
+    check(kept.trim() == "10", format!("the target kept {} bytes of a 10-byte dump", kept.trim()))?;
+    sh(&format!("zfs destroy -r {ROOT} && rm -rf {RAM} {RT}/evil.stream {RT}/long.ram"));
     Ok(())
 }
 
