@@ -17,6 +17,7 @@
 //! ├── replicate/           off-site copies: the plan, `vmsnap serve` (the target), ssh transport
 //! ├── zfs/                 the only place that runs zfs/zpool: validated names, parsers, operations
 //! ├── fsutil.rs            files root writes where others may reach: no symlink followed
+//! ├── integrity.rs         what each snapshot held when it was taken, checked when a target sends it back
 //! └── setup.rs             installing the hook, unit, D-Bus files, config, completions, man page
 //! ```
 //!
@@ -27,6 +28,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod fsutil;
+pub mod integrity;
 pub mod libvirt;
 pub mod model;
 pub mod qemu;

@@ -121,6 +121,10 @@ enum Command {
         /// is not here any more), then restore from it.
         #[arg(long, value_name = "TARGET")]
         from: Option<String>,
+        /// With --from: use what the target sends even though this host has no record of what
+        /// the snapshot held (a rebuilt host); otherwise such a snapshot is refused.
+        #[arg(long, requires = "from")]
+        trust_target: bool,
         /// Show the plan, change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -309,10 +313,11 @@ async fn run(cli: Cli) -> Result<()> {
             let opts = vmsnap::replicate::Options { dry_run, rollback_target, ..Default::default() };
             cmd::replicate::run(&load()?, &zfs, domain.as_deref(), target.as_deref(), opts, json, local).await
         }
-        Command::Restore { domain, snapshot, as_name, promote, destroy_newer, resume, from, dry_run, json } => {
+        Command::Restore { domain, snapshot, as_name, promote, destroy_newer, resume, from, trust_target, dry_run, json } => {
             let cfg = load()?;
             if let Some(t) = &from {
-                if cmd::restore::pull(&cfg, &zfs, &domain, &snapshot, t, destroy_newer, dry_run, json).await? {
+                let how = vmsnap::replicate::pull::PullOptions { destroy_newer, trust_target };
+                if cmd::restore::pull(&cfg, &zfs, &domain, &snapshot, t, how, dry_run, json).await? {
                     return Ok(());
                 }
             }

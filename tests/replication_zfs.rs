@@ -57,6 +57,7 @@ fn inside() {
         // Hostile peers.
         ("a_hostile_source_stream_mounts_and_marks_nothing_outside_its_root", hostile::hostile_source),
         ("a_resume_token_naming_another_dataset_is_aborted_not_sent", hostile::forged_resume_token),
+        ("a_snapshot_the_target_changed_is_refused_and_removed_on_restore_from", hostile::planted_xml),
         // File-level restore (pools are here; it sends nothing).
         ("mount_reads_files_out_of_a_snapshot_and_umount_releases_it", mount_and_umount),
     ];
@@ -129,6 +130,19 @@ fn add_ram(name: &str, mib: u32) -> Result<String, Failed> {
             "zfs set vmsnap:consistency=ram vmsnap:ram-dump={dump} vmsnap:ram-sha256={sum} vmsnap:ram-format=qemu-stream {ds}@{name}"
         ));
     }
+    // And in this host's integrity record of the snapshot, as the engine records a dump.
+    // `autosnap_YYYY-MM-…`: the month's file.
+    let file = format!("{RT}/state/integrity/web/{}.jsonl", &name["autosnap_".len().."autosnap_YYYY-MM".len()]);
+    let text = std::fs::read_to_string(&file)?;
+    let mut record: Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["snapshot"] == name)
+        .last()
+        .ok_or(format!("no integrity record of {name} in {file}"))?;
+    record["ram_sha256"] = Value::String(sum.clone());
+    use std::io::Write;
+    std::fs::OpenOptions::new().append(true).open(&file)?.write_all(format!("{record}\n").as_bytes())?;
     Ok(sum)
 }
 
@@ -148,7 +162,7 @@ fn snaps(ds: &str) -> Vec<String> {
 }
 
 fn vmsnap_props(snap: &str) -> Vec<String> {
-    sh(&format!("zfs get -H -s local,received -o property,value all {snap} | grep '^vmsnap:' | grep -v -e '^vmsnap:ram-dump' -e '^vmsnap:replica' -e '^vmsnap:verified' | sort"))
+    sh(&format!("zfs get -H -s local,received -o property,value all {snap} | grep '^vmsnap:' | grep -v -e '^vmsnap:ram-dump' -e '^vmsnap:replica' -e '^vmsnap:verified' -e '^vmsnap:received' | sort"))
         .lines()
         .map(str::to_owned)
         .collect()

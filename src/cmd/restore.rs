@@ -17,7 +17,7 @@ pub async fn pull(
     domain: &str,
     snapshot: &str,
     tname: &str,
-    destroy_newer: bool,
+    how: vmsnap::replicate::pull::PullOptions,
     dry_run: bool,
     json: bool,
 ) -> Result<bool> {
@@ -32,7 +32,7 @@ pub async fn pull(
             eprintln!("vmsnap: {s}")
         }
     };
-    let r = vmsnap::replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, &dom, target, snapshot, destroy_newer, &show)
+    let r = vmsnap::replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, &dom, target, snapshot, how, &show)
         .await
         .map_err(|e| anyhow::anyhow!("bringing {snapshot} back from {tname}: {e}"))?;
     if !json {

@@ -31,6 +31,7 @@
 //! host = "backup.example.org"
 //! identity = "/root/.ssh/vmsnap_offsite"
 //! rate_limit = 52428800                  # bytes/s
+//! idle_timeout_s = 300                   # a request fails once no byte moved for this long
 //!
 //! [target.usb]                           # or a local pool
 //! dataset = "usb/vmsnap"
@@ -176,6 +177,8 @@ struct RawTarget {
     ram_dir: Option<PathBuf>,
     /// The daemon replicates on this schedule instead of after each scheduled snapshot.
     every_minutes: Option<u32>,
+    /// A request to the target fails (its session killed) once no byte moved for this long.
+    idle_timeout_s: Option<u64>,
     /// A local target's retention (`[target.NAME.policy]`, the period counts and `use_template`).
     policy: Option<RawPolicy>,
 }
@@ -205,6 +208,9 @@ pub struct TargetConfig {
     /// The daemon replicates to it this often (`every_minutes`); `None`: after each scheduled
     /// snapshot.
     pub every: Option<std::time::Duration>,
+    /// A request fails, its ssh session killed, once no byte moved for this long
+    /// (`idle_timeout_s`, default 300): a stuck or hostile target never pins a run.
+    pub idle_timeout: std::time::Duration,
 }
 
 policy_section! {
@@ -423,6 +429,9 @@ fn target(name: &str, t: RawTarget) -> Result<TargetConfig, (&'static str, Strin
     if t.every_minutes == Some(0) {
         return Err(("every_minutes", "0: leave it out to replicate after each scheduled snapshot".into()));
     }
+    if t.idle_timeout_s == Some(0) {
+        return Err(("idle_timeout_s", "0: it must be at least 1 second (the default is 300)".into()));
+    }
     Ok(TargetConfig {
         name: name.to_owned(),
         host: t.host,
@@ -436,6 +445,7 @@ fn target(name: &str, t: RawTarget) -> Result<TargetConfig, (&'static str, Strin
         ram_dir: t.ram_dir,
         keep: None,
         every: t.every_minutes.map(|m| std::time::Duration::from_secs(u64::from(m) * 60)),
+        idle_timeout: std::time::Duration::from_secs(t.idle_timeout_s.unwrap_or(300)),
     })
 }
 

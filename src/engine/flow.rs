@@ -34,7 +34,7 @@ use crate::qemu::block::{file_node, qcow2_overlay_node};
 use crate::qemu::process::{holders_of, ProcessId};
 use crate::qemu::qga::{Qga, Timeouts};
 use crate::qemu::qmp::{Qmp, QmpError};
-use crate::zfs::{Dataset, DatasetKind, PropName, Zfs};
+use crate::zfs::{Dataset, DatasetKind, PropName, SnapshotName, Zfs};
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::os::fd::AsFd;
@@ -78,7 +78,9 @@ pub async fn snapshot(
         // crash-consistent). Any other error (permissions, a full backlog) is an error.
         Err(QmpError::Connect { source, .. }) if matches!(source.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
             let down = if source.kind() == ErrorKind::NotFound { Down::ShutDown } else { Down::Crashed };
-            return offline(dom, opts, zfs, name, down, progress).await.map_err(|(s, e)| fail(s, e));
+            let mut report = offline(dom, opts, zfs, name, down, progress).await.map_err(|(s, e)| fail(s, e))?;
+            record_integrity(cfg, zfs, &mut report).await;
+            return Ok(report);
         }
         Err(e) => return Err(fail("connect to QMP", e.into())),
     };
@@ -124,7 +126,9 @@ pub async fn snapshot(
                 j.remove().map_err(|e| fail("finish", e.into()))?;
             }
             run.timed("finish", t);
-            Ok(run.report)
+            let mut report = run.report;
+            record_integrity(cfg, zfs, &mut report).await;
+            Ok(report)
         }
         Err((step, source)) => Err(run.undo(step, source).await),
     }
@@ -857,6 +861,20 @@ impl Run<'_> {
             }
             Err(cleanup) => EngineError::CleanupFailed { domain, step, cleanup, source: Box::new(source) },
         }
+    }
+}
+
+/// Records what the snapshot holds ([`crate::integrity`]) on this host: what `restore --from`
+/// later checks a target's copy against. A failure is a warning: the snapshot is there all the
+/// same (a pull of it then needs `--trust-target`).
+async fn record_integrity(cfg: &Config, zfs: &Zfs, report: &mut SnapshotReport) {
+    let unit: Vec<SnapshotName> = report.snapshots.iter().filter_map(|s| SnapshotName::new(s).ok()).collect();
+    let written = match crate::integrity::held(zfs, &unit, &report.domain, report.ram_sha256.clone()).await {
+        Ok(r) => crate::integrity::write(&cfg.state_dir, &r).map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        report.warnings.push(format!("the snapshot's integrity record was not written: {e}"));
     }
 }
 

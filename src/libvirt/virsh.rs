@@ -137,6 +137,16 @@ pub fn links_down(domain: &str) -> Result<Vec<String>, VirshError> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn the_hosts_emulators_from_capabilities() {
+        let caps = "<capabilities><host/><guest><os_type>hvm</os_type><arch name='x86_64'><wordsize>64</wordsize>\
+            <emulator>/usr/bin/qemu-system-x86_64</emulator><domain type='qemu'/></arch></guest>\
+            <guest><arch name='i686'><emulator>/usr/bin/qemu-system-i386</emulator></arch></guest></capabilities>";
+        let found = super::emulators_in(caps);
+        assert_eq!(found, [std::path::PathBuf::from("/usr/bin/qemu-system-i386"), "/usr/bin/qemu-system-x86_64".into()]);
+        assert!(super::emulators_in("not xml").is_empty());
+    }
+
+    #[test]
     fn interface_macs_of_a_live_definition() {
         let xml = "<domain><devices>
             <interface type='network'><mac address='52:54:00:aa:bb:01'/><source network='default'/></interface>

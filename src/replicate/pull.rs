@@ -39,6 +39,16 @@ pub struct PullReport {
     pub destroyed: Vec<String>,
 }
 
+/// How a pull may go.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PullOptions {
+    /// Snapshots here newer than the common base may be destroyed to receive onto it.
+    pub destroy_newer: bool,
+    /// Use what the target sends even when this host has no integrity record of the snapshot
+    /// (a host rebuilt after a disaster): the target's word is then all there is.
+    pub trust_target: bool,
+}
+
 /// One dataset's part of the plan.
 struct Receive {
     ds: Dataset,
@@ -58,9 +68,10 @@ pub async fn pull(
     dom: &DomainConfig,
     target: &TargetConfig,
     snapshot: &str,
-    destroy_newer: bool,
+    how: PullOptions,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<PullReport, ReplicateError> {
+    let PullOptions { destroy_newer, trust_target } = how;
     let err = |why: String| ReplicateError::Target { target: target.name.clone(), why };
     if !super::protocol::valid_snapshot_name(snapshot) {
         return Err(err(format!("{snapshot:?} is not a snapshot name vmsnap makes")));
@@ -69,6 +80,8 @@ pub async fn pull(
         .map_err(|e| err(format!("{e} (a replication of {} runs)", dom.name)))?;
     let run = Run::open(zfs, state_dir, dom, target, Options::default(), &progress)?;
     let by_pool = crate::engine::disks::domain_datasets(zfs, dom).await?;
+    let all_datasets: Vec<Dataset> = by_pool.values().flatten().cloned().collect();
+    let record = crate::integrity::read(state_dir, &dom.name, snapshot).map_err(err)?;
     let mut report = PullReport { target: target.name.clone(), snapshot: snapshot.to_owned(), ..Default::default() };
     let mut todo = Vec::new();
     let mut props = BTreeMap::new();
@@ -142,7 +155,7 @@ pub async fn pull(
             }
         }
     }
-    for r in todo {
+    for r in &todo {
         let ds = &r.ds;
         if let Some(base) = &r.rollback_to {
             progress(&format!("{ds}: rolling back to {} (destroying what is newer)", base.snap()));
@@ -188,6 +201,26 @@ pub async fn pull(
         report.bytes += bytes;
         report.steps.push(format!("{ds}: received {snapshot} {how} ({} MiB)", bytes >> 20));
     }
+    // What came back is what this host recorded when it took the snapshot, or it goes again.
+    let unit: Vec<SnapshotName> = all_datasets.iter().filter_map(|d| d.snapshot(snapshot).ok()).collect();
+    let held = crate::integrity::held(zfs, &unit, &dom.name, props.get(prop::RAM_SHA256.as_str()).cloned()).await.map_err(err)?;
+    let refusal = match &record {
+        Some(r) => {
+            let d = crate::integrity::differences(r, &held);
+            (!d.is_empty()).then(|| format!("what it sent is not what this host recorded when it took {snapshot}: {}", d.join("; ")))
+        }
+        None if !trust_target => Some(format!(
+            "this host has no record of what {snapshot} held (it was taken on another host, or this one was rebuilt), so what the \
+             target sent cannot be checked; {}. If you trust {}, run it again with --trust-target",
+            what_it_would_run(zfs, &unit, &dom.name).await,
+            target.name
+        )),
+        None => None,
+    };
+    if let Some(why) = refusal {
+        let undone = undo_receives(zfs, &todo, snapshot).await;
+        return Err(err(format!("{why} (removed again: {})", if undone.is_empty() { "nothing".into() } else { undone.join(", ") })));
+    }
     stale_dumps.sort();
     stale_dumps.dedup();
     for d in stale_dumps {
@@ -204,7 +237,10 @@ pub async fn pull(
         .filter_map(|(k, v)| Some((PropName::new(k).ok()?, v.clone())))
         .collect();
     let dumped = props.contains_key(prop::RAM_DUMP.as_str()) && !props.contains_key(prop::RAM_PRUNED.as_str());
-    if let (true, Some(sum)) = (dumped, props.get(prop::RAM_SHA256.as_str())) {
+    // The dump is checked against this host's record when there is one (equal to the target's
+    // word by now), never only against a sum the target returned.
+    let want = record.as_ref().and_then(|r| r.ram_sha256.clone()).or_else(|| props.get(prop::RAM_SHA256.as_str()).cloned());
+    if let (true, Some(sum)) = (dumped, want.as_ref()) {
         let path = pull_dump(&run, ram_dir, &dom.name, snapshot, sum, progress).await.map_err(err)?;
         report.ram_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         local_props.insert(prop::RAM_DUMP, path.display().to_string());
@@ -218,6 +254,47 @@ pub async fn pull(
 
 /// The dump copied back to `<ram_dir>/<domain>/<snapshot>.ram` (0600 in a 0700 directory),
 /// resuming a partial copy, named only once its sha256 is the recorded one.
+/// What a pulled snapshot's domain XML would run, for a user deciding whether to trust it.
+async fn what_it_would_run(zfs: &Zfs, unit: &[SnapshotName], domain: &str) -> String {
+    let shown = |s: &str| super::protocol::shown(s, 200);
+    let Ok(Some(xml)) = crate::integrity::saved_file(zfs, unit, domain, "domain.xml").await else {
+        return "it holds no domain XML".into();
+    };
+    let parsed = crate::fsutil::read_limited(&xml, 4 << 20)
+        .map_err(|e| e.to_string())
+        .and_then(|t| crate::libvirt::hook::parse_domain_xml(&String::from_utf8_lossy(&t)));
+    match parsed {
+        Ok(d) => format!(
+            "its domain XML runs {} on disks {}{}",
+            d.emulator.map(|e| shown(&e.display().to_string())).unwrap_or_else(|| "libvirt's default QEMU".into()),
+            d.disks.iter().map(|p| shown(&p.display().to_string())).collect::<Vec<_>>().join(", "),
+            d.nvram.map(|n| format!(" with nvram {}", shown(&n.display().to_string()))).unwrap_or_default()
+        ),
+        Err(e) => format!("its domain XML does not read: {}", shown(&e)),
+    }
+}
+
+/// Takes back what this pull received: a dataset it made is destroyed, one it received onto is
+/// rolled back to the base (which destroys the received snapshot). What was undone, in words.
+async fn undo_receives(zfs: &Zfs, todo: &[Receive], snapshot: &str) -> Vec<String> {
+    let mut done = Vec::new();
+    for r in todo {
+        let undone = match &r.from {
+            // Made by this pull (received whole), with its snapshots.
+            None => zfs.cli().zfs(crate::zargs!["destroy", "-r", r.ds.as_str()]).await.map(|_| format!("{} (received whole)", r.ds)),
+            Some(base) => match r.ds.snapshot(base) {
+                Ok(b) => zfs.rollback(&b, true).await.map(|()| format!("{}@{snapshot}", r.ds)),
+                Err(e) => Err(ZfsError::Unexpected { what: e.to_string() }),
+            },
+        };
+        match undone {
+            Ok(what) => done.push(what),
+            Err(e) => tracing::error!(dataset = %r.ds, "undoing a refused receive: {e}"),
+        }
+    }
+    done
+}
+
 async fn pull_dump(
     run: &Run<'_>,
     ram_dir: &Path,

@@ -27,8 +27,10 @@ pub struct Transport {
     argv: Vec<OsString>,
     /// Bytes per second, 0 for no limit.
     rate_limit: u64,
-    /// Set to stop a payload between two pieces (the target's receive stays resumable).
+    /// Set to stop a request: its session is killed (the target's receive stays resumable).
     cancel: Option<Arc<AtomicBool>>,
+    /// A request's session is killed once no byte moved for this long.
+    idle_limit: Duration,
 }
 
 /// What makes two targets' ssh connections interchangeable: name, identity, options and
@@ -95,7 +97,7 @@ impl Transport {
                 a
             }
         };
-        Self { argv, rate_limit: t.rate_limit, cancel: None }
+        Self { argv, rate_limit: t.rate_limit, cancel: None, idle_limit: t.idle_timeout }
     }
 
     /// Payloads stop (the request fails) once `flag` is set.
@@ -133,54 +135,97 @@ impl Transport {
     }
 
     fn exchange(&self, req: &Request, payload: Payload, moved: &AtomicU64) -> Result<serde_json::Value, String> {
-        let Session { mut child, mut stdin, mut stdout, err } = self.session()?;
-        // Read the answer while the payload goes, so neither side blocks on a full pipe.
-        let out = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = (&mut stdout).take(1 << 20).read_to_end(&mut b);
-            b
-        });
-        let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
-        let mut sender = None;
-        let sent = stdin.write_all(line.as_bytes()).map_err(|e| e.to_string()).and_then(|()| match payload {
-            Payload::None => Ok(()),
-            Payload::File(mut f, offset) => {
-                f.seek(std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
-                self.forward(f.as_fd(), stdin.as_fd(), moved)
+        let Session { child, mut stdin, mut stdout, err } = self.session()?;
+        let replied = AtomicU64::new(0);
+        let abandon = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let dog = scope.spawn(|| self.supervise(child, &[moved, &replied], &abandon));
+            // Read the answer while the payload goes, so neither side blocks on a full pipe.
+            let out = scope.spawn(|| read_counted(&mut stdout, 1 << 20, &replied));
+            let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
+            let mut sender = None;
+            let sent = stdin.write_all(line.as_bytes()).map_err(|e| e.to_string()).and_then(|()| match payload {
+                Payload::None => Ok(()),
+                Payload::File(mut f, offset) => {
+                    f.seek(std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+                    self.forward(f.as_fd(), stdin.as_fd(), moved)
+                }
+                Payload::Command(mut cmd) => {
+                    let mut send = cmd
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .stdin(Stdio::null())
+                        .spawn()
+                        .map_err(|e| format!("cannot run zfs send: {e}"))?;
+                    let from = send.stdout.take().expect("piped");
+                    let copied = self.forward(from.as_fd(), stdin.as_fd(), moved);
+                    sender = Some(send);
+                    copied
+                }
+            });
+            drop(stdin);
+            let send_status = sender.map(|s| s.wait_with_output());
+            let (status, killed) = dog.join().unwrap_or_else(|_| (Err("the session's watcher failed".into()), None));
+            let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+            if let Some(why) = killed {
+                return Err(why);
             }
-            Payload::Command(mut cmd) => {
-                let mut send = cmd
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .stdin(Stdio::null())
-                    .spawn()
-                    .map_err(|e| format!("cannot run zfs send: {e}"))?;
-                let from = send.stdout.take().expect("piped");
-                let copied = self.forward(from.as_fd(), stdin.as_fd(), moved);
-                sender = Some(send);
-                copied
+            let status = status?;
+            if let Some(Ok(o)) = &send_status {
+                if !o.status.success() {
+                    return Err(format!("zfs send: {}", abridge(&String::from_utf8_lossy(&o.stderr))));
+                }
             }
-        });
-        drop(stdin);
-        let send_status = sender.map(|s| s.wait_with_output());
-        let status = child.wait().map_err(|e| e.to_string())?;
-        let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
-        if let Some(Ok(o)) = &send_status {
-            if !o.status.success() {
-                return Err(format!("zfs send: {}", String::from_utf8_lossy(&o.stderr).trim()));
+            let reply = String::from_utf8_lossy(&out).lines().last().and_then(|l| serde_json::from_str::<Reply>(l).ok());
+            match reply {
+                Some(Reply { ok: true, value, .. }) => Ok(value),
+                Some(Reply { error, .. }) => Err(format!("the target says: {}", abridge(&error.unwrap_or_default()))),
+                None => Err(format!(
+                    "no answer from the target ({}{}{}): {}",
+                    status,
+                    if sent.is_err() { "; sending failed: " } else { "" },
+                    sent.err().unwrap_or_default(),
+                    abridge(&String::from_utf8_lossy(&err))
+                )),
             }
-        }
-        let reply = String::from_utf8_lossy(&out).lines().last().and_then(|l| serde_json::from_str::<Reply>(l).ok());
-        match reply {
-            Some(Reply { ok: true, value, .. }) => Ok(value),
-            Some(Reply { error, .. }) => Err(format!("the target says: {}", abridge(&error.unwrap_or_default()))),
-            None => Err(format!(
-                "no answer from the target ({}{}{}): {}",
-                status,
-                if sent.is_err() { "; sending failed: " } else { "" },
-                sent.err().unwrap_or_default(),
-                abridge(&String::from_utf8_lossy(&err))
-            )),
+        })
+    }
+
+    /// Waits for a session's process (ssh, or the local `vmsnap serve`) and kills it at once
+    /// when the run is cancelled or `abandon` is set, or when none of `counters` moved for the
+    /// idle limit (a target that stopped reading or answering, a receive stuck on a suspended
+    /// pool): its exit status, and why it was killed. Killed, the session's pipes close and
+    /// every thread waiting on them returns.
+    fn supervise(
+        &self,
+        mut child: Child,
+        counters: &[&AtomicU64],
+        abandon: &AtomicBool,
+    ) -> (Result<std::process::ExitStatus, String>, Option<String>) {
+        let sum = || counters.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+        let (start, mut last, mut since) = (Instant::now(), sum(), Instant::now());
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return (Ok(status), None),
+                Ok(None) => {}
+                Err(e) => return (Err(e.to_string()), None),
+            }
+            // Quick requests end within milliseconds: look often at first.
+            std::thread::sleep(Duration::from_millis(if start.elapsed() < Duration::from_secs(1) { 5 } else { 100 }));
+            let why = if self.cancelled() {
+                Some("cancelled".to_owned())
+            } else if abandon.load(Ordering::Relaxed) {
+                None
+            } else if sum() != last {
+                (last, since) = (sum(), Instant::now());
+                continue;
+            } else if since.elapsed() >= self.idle_limit {
+                Some(format!("the target moved no byte for {} s: its session was ended (idle_timeout_s)", self.idle_limit.as_secs()))
+            } else {
+                continue;
+            };
+            let _ = child.kill();
+            return (child.wait().map_err(|e| e.to_string()), why);
         }
     }
 
@@ -196,54 +241,77 @@ impl Transport {
         moved: &AtomicU64,
         bound: &dyn Fn(&serde_json::Value) -> Option<u64>,
     ) -> Result<serde_json::Value, String> {
-        let Session { mut child, mut stdin, mut stdout, err } = self.session()?;
-        let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
-        let sent = stdin.write_all(line.as_bytes());
-        drop(stdin);
-        // The reply line, a byte at a time (the stream follows it).
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while head.len() < super::protocol::MAX_REQUEST {
-            match stdout.read(&mut byte) {
-                Ok(0) => break,
-                Ok(_) if byte[0] == b'\n' => break,
-                Ok(_) => head.push(byte[0]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("reading the target's answer: {e}")),
-            }
-        }
-        let reply = serde_json::from_slice::<Reply>(&head).ok();
-        let copied = match &reply {
-            Some(Reply { ok: true, value, .. }) => match bound(value) {
-                None => self.copy(&mut stdout, sink, moved),
-                Some(limit) => self.copy(&mut (&mut stdout).take(limit), sink, moved).and_then(|()| {
-                    let mut more = [0u8; 1];
-                    match stdout.read(&mut more) {
-                        Ok(0) => Ok(()),
-                        _ => Err(format!("the target sent more than the {limit} bytes it announced")),
+        let Session { child, mut stdin, mut stdout, err } = self.session()?;
+        let replied = AtomicU64::new(0);
+        let abandon = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let dog = scope.spawn(|| self.supervise(child, &[moved, &replied], &abandon));
+            let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
+            let sent = stdin.write_all(line.as_bytes());
+            drop(stdin);
+            // The reply line, a byte at a time (the stream follows it).
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            let mut read_failed = None;
+            while head.len() < super::protocol::MAX_REQUEST {
+                match stdout.read(&mut byte) {
+                    Ok(0) => break,
+                    Ok(_) if byte[0] == b'\n' => break,
+                    Ok(_) => {
+                        head.push(byte[0]);
+                        replied.fetch_add(1, Ordering::Relaxed);
                     }
-                }),
-            },
-            _ => Ok(()),
-        };
-        drop(stdout);
-        let status = child.wait().map_err(|e| e.to_string())?;
-        let err = err.join().unwrap_or_default();
-        match reply {
-            Some(Reply { ok: true, value, .. }) => {
-                copied?;
-                if !status.success() {
-                    return Err(format!("the target's stream ended badly ({status}): {}", abridge(&String::from_utf8_lossy(&err))));
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        read_failed = Some(format!("reading the target's answer: {e}"));
+                        break;
+                    }
                 }
-                Ok(value)
             }
-            Some(Reply { error, .. }) => Err(format!("the target says: {}", abridge(&error.unwrap_or_default()))),
-            None => Err(format!(
-                "no answer from the target ({status}{}): {}",
-                sent.err().map(|e| format!("; sending failed: {e}")).unwrap_or_default(),
-                abridge(&String::from_utf8_lossy(&err))
-            )),
-        }
+            let reply = serde_json::from_slice::<Reply>(&head).ok();
+            let copied = match (&reply, &read_failed) {
+                (Some(Reply { ok: true, value, .. }), None) => match bound(value) {
+                    None => self.copy(&mut stdout, sink, moved),
+                    Some(limit) => self.copy(&mut (&mut stdout).take(limit), sink, moved).and_then(|()| {
+                        let mut more = [0u8; 1];
+                        match stdout.read(&mut more) {
+                            Ok(0) => Ok(()),
+                            _ => Err(format!("the target sent more than the {limit} bytes it announced")),
+                        }
+                    }),
+                },
+                _ => Ok(()),
+            };
+            drop(stdout);
+            if copied.is_err() {
+                // The target may still be writing: it must not hold this run up.
+                abandon.store(true, Ordering::Relaxed);
+            }
+            let (status, killed) = dog.join().unwrap_or_else(|_| (Err("the session's watcher failed".into()), None));
+            let err = err.join().unwrap_or_default();
+            if let Some(why) = killed {
+                return Err(why);
+            }
+            if let Some(e) = read_failed {
+                return Err(e);
+            }
+            let status = status?;
+            match reply {
+                Some(Reply { ok: true, value, .. }) => {
+                    copied?;
+                    if !status.success() {
+                        return Err(format!("the target's stream ended badly ({status}): {}", abridge(&String::from_utf8_lossy(&err))));
+                    }
+                    Ok(value)
+                }
+                Some(Reply { error, .. }) => Err(format!("the target says: {}", abridge(&error.unwrap_or_default()))),
+                None => Err(format!(
+                    "no answer from the target ({status}{}): {}",
+                    sent.err().map(|e| format!("; sending failed: {e}")).unwrap_or_default(),
+                    abridge(&String::from_utf8_lossy(&err))
+                )),
+            }
+        })
     }
 
     /// Moves everything `from` (a pipe or a file) has into `to` (a pipe) with splice(2): the
@@ -335,6 +403,29 @@ impl<'a> Pace<'a> {
 }
 
 /// At most 500 characters of what a remote side said.
+/// Reads `from` to its end (at most `limit` bytes kept), counting what comes in `count` until
+/// the limit.
+fn read_counted(from: &mut dyn Read, limit: usize, count: &AtomicU64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let room = limit.saturating_sub(out.len());
+                // Past the limit the rest is drained but not counted: endless output is idle.
+                if room > 0 {
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                out.extend_from_slice(&buf[..n.min(room)]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    out
+}
+
 fn abridge(s: &str) -> String {
     super::protocol::shown(s, 500)
 }
@@ -357,6 +448,7 @@ mod tests {
             ram_dir: None,
             keep: None,
             every: None,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 
@@ -439,5 +531,33 @@ mod tests {
         for t in [&zipped, &other_key, &other_opts] {
             assert_ne!(p, path(t), "{t:?}");
         }
+    }
+
+    /// A target that neither reads nor answers (here: `sleep`) is killed after the idle limit;
+    /// a cancelled one at once.
+    #[test]
+    fn a_silent_target_is_ended_after_the_idle_limit_and_at_once_when_cancelled() {
+        let silent = |idle_ms: u64| Transport {
+            argv: vec!["sleep".into(), "30".into()],
+            rate_limit: 0,
+            cancel: None,
+            idle_limit: Duration::from_millis(idle_ms),
+        };
+        let req = Request::List { dataset: "tank/vms/web".into() };
+        let t0 = Instant::now();
+        let r = silent(300).call(&req, Payload::None, &AtomicU64::new(0));
+        assert!(r.as_ref().is_err_and(|e| e.contains("moved no byte")), "{r:?}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        let flag = Arc::new(AtomicBool::new(false));
+        let t = silent(60_000).cancelled_by(flag.clone());
+        let t0 = Instant::now();
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            flag.store(true, Ordering::Relaxed);
+        });
+        let r = t.pull(&req, &mut Vec::new(), &AtomicU64::new(0), &|_| None);
+        setter.join().unwrap();
+        assert_eq!(r, Err("cancelled".to_owned()));
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 }

@@ -1,9 +1,9 @@
 //! Hostile peers on the replication lane: a compromised source speaking `vmsnap serve`'s
 //! protocol with crafted streams and requests (its own serve root, `backup/hostile`, as a second
 //! source's key would have), and a target answering with a resume token that names another
-//! dataset's snapshot.
+//! dataset's snapshot, or sending back a snapshot whose domain XML it changed.
 
-use super::{replicate, sh, text, vmsnap, Failed, DST_ZVOL, RT};
+use super::{replicate, sh, snaps, snapshot, text, vmsnap, Failed, DST, DST_ZVOL, RT, SRC, ZVOL};
 use vmsnap_testkit::rig::lane::vmsnap_bin;
 use vmsnap_testkit::support::check;
 
@@ -118,4 +118,53 @@ pub fn forged_resume_token() -> Result<(), Failed> {
     check(said.contains("another dataset") && said.contains("aborted an interrupted receive"), format!("the run: {said}"))?;
     check(sh(&format!("zfs get -H -o value type {DST_ZVOL}")).trim() == "volume", "the zvol's copy is not a volume")?;
     super::assert_replicated()
+}
+
+/// The target swaps a snapshot for one of the same name whose domain XML runs another
+/// `<emulator>` (it destroys and takes it again over changed data, keeping the properties):
+/// `restore --from` receives it, finds the XML is not what this host recorded when it took the
+/// snapshot, and removes it again; without a record it refuses too, saying what the XML would
+/// run, unless told `--trust-target`.
+pub fn planted_xml() -> Result<(), Failed> {
+    let planted = snapshot("h1")?;
+    snapshot("h2")?;
+    replicate(&[])?;
+    let props = |snap: &str| {
+        sh(&format!(
+            "zfs get -H -s local -o property,value all {snap} | grep '^vmsnap:' | grep -v '^vmsnap:verified' | tr '\t' '=' | tr '\n' ' '"
+        ))
+    };
+    let xml = format!("/{DST}/.vmsnap/web/domain.xml");
+    for ds in [DST, DST_ZVOL] {
+        let kept = props(&format!("{ds}@{planted}"));
+        let change = if ds == DST {
+            format!(
+                "zfs set readonly=off {ds}; zfs mount {ds} 2>/dev/null || true; \
+                 sed -i 's#</domain>#<devices><emulator>/tmp/evil-qemu</emulator></devices></domain>#' {xml}; "
+            )
+        } else {
+            String::new()
+        };
+        sh(&format!(
+            "set -e; zfs release vmsnap-replica {ds}@{planted} 2>/dev/null || true; zfs destroy {ds}@{planted}; {change}\
+             zfs snapshot {ds}@{planted}; zfs set {kept} {ds}@{planted}"
+        ));
+    }
+    // Pruned here.
+    sh(&format!("zfs destroy {SRC}@{planted} && zfs destroy {ZVOL}@{planted}"));
+    let out = vmsnap(&["restore", "web", &planted, "--from", "offsite"]);
+    let said = text(&out);
+    check(!out.status.success() && said.contains("domain.xml has sha256") && said.contains("removed again"), said.clone())?;
+    check(!snaps(SRC).contains(&planted) && !snaps(ZVOL).contains(&planted), format!("the refused snapshot stayed: {said}"))?;
+    // A host without records (rebuilt): refused, showing what the XML would run.
+    sh(&format!("mv {RT}/state/integrity {RT}/integrity.saved"));
+    let out = vmsnap(&["restore", "web", &planted, "--from", "offsite"]);
+    sh(&format!("mv {RT}/integrity.saved {RT}/state/integrity"));
+    let said = text(&out);
+    check(
+        !out.status.success() && said.contains("no record") && said.contains("/tmp/evil-qemu") && said.contains("--trust-target"),
+        said.clone(),
+    )?;
+    check(!snaps(SRC).contains(&planted), format!("the unchecked snapshot stayed: {said}"))?;
+    Ok(())
 }

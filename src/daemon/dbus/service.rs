@@ -285,7 +285,8 @@ impl Agent {
     /// Starts a restore of a stopped domain to `snapshot` (as `vmsnap restore`); returns the
     /// job's path. Options: `destroy_newer` (b), `resume` (b), `as` (s: a new domain beside
     /// the original; with `resume`, started from the snapshot's RAM), `promote` (b, with `as`), `from` (s: a replication target to bring
-    /// the snapshot back from first). A domain vmsnap does not know (a stopped libvirt domain)
+    /// the snapshot back from first), `trust_target` (b, with `from`: without this host's
+    /// integrity record of the snapshot). A domain vmsnap does not know (a stopped libvirt domain)
     /// is found by its snapshots. Root only; not cancellable once started (it is journaled).
     async fn restore(
         &self,
@@ -307,6 +308,7 @@ impl Agent {
             };
             match k.as_str() {
                 "destroy_newer" => r.destroy_newer = flag()?,
+                "trust_target" => r.trust_target = flag()?,
                 "resume" => r.resume = flag()?,
                 "promote" => r.promote = flag()?,
                 "as" => {
@@ -324,7 +326,7 @@ impl Agent {
                     r.from = Some(t);
                 }
                 other => {
-                    return Err(bad(format!("unknown option {other:?} (known: destroy_newer, resume, as, promote, from)")));
+                    return Err(bad(format!("unknown option {other:?} (known: destroy_newer, resume, as, promote, from, trust_target)")));
                 }
             }
         }

@@ -54,6 +54,8 @@ pub enum Request {
 pub struct RestoreRequest {
     pub snapshot: String,
     pub destroy_newer: bool,
+    /// With `from`: use the target's copy even without this host's integrity record.
+    pub trust_target: bool,
     pub resume: bool,
     /// A new libvirt domain of this name beside the original (`--as`).
     pub as_name: Option<String>,

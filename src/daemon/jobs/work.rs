@@ -36,7 +36,8 @@ impl Jobs {
         let mut pulled = None;
         if let Some(tname) = &r.from {
             let target = cfg.targets.get(tname).ok_or_else(|| format!("no [target.{tname}] in the configuration"))?;
-            let report = replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, dom, target, &r.snapshot, r.destroy_newer, &*step)
+            let how = replicate::pull::PullOptions { destroy_newer: r.destroy_newer, trust_target: r.trust_target };
+            let report = replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, dom, target, &r.snapshot, how, &*step)
                 .await
                 .map_err(|e| format!("bringing {} back from {tname}: {}", r.snapshot, error_chain(&e)))?;
             pulled = Some(report);
