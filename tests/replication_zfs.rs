@@ -57,6 +57,7 @@ fn inside() {
         // Hostile peers.
         ("a_hostile_source_stream_mounts_and_marks_nothing_outside_its_root", hostile::hostile_source),
         ("a_resume_token_naming_another_dataset_is_aborted_not_sent", hostile::forged_resume_token),
+        ("restore_from_onto_a_host_that_lost_the_datasets_dumps_and_state", hostile::disaster_restore),
         ("a_snapshot_the_target_changed_is_refused_and_removed_on_restore_from", hostile::planted_xml),
         // File-level restore (pools are here; it sends nothing).
         ("mount_reads_files_out_of_a_snapshot_and_umount_releases_it", mount_and_umount),
@@ -340,11 +341,14 @@ fn token_snapshot_gone() -> Result<(), Failed> {
 fn changed_target() -> Result<(), Failed> {
     snapshot("five")?;
     let before = snaps(DST);
-    sh(&format!("zfs set mountpoint=/backup/web-mnt {DST} && (zfs mount {DST} 2>/dev/null; mountpoint -q /backup/web-mnt) && dd if=/dev/urandom of=/backup/web-mnt/intruder bs=1M count=1 status=none && sync"));
+    sh(&format!("zfs set readonly=off mountpoint=/backup/web-mnt {DST} && (zfs mount {DST} 2>/dev/null; mountpoint -q /backup/web-mnt) && dd if=/dev/urandom of=/backup/web-mnt/intruder bs=1M count=1 status=none && sync"));
     let out = vmsnap(&["replicate", "web"]);
     let said = text(&out);
     eprintln!("METRIC diverged target: {}", String::from_utf8_lossy(&out.stderr).trim());
-    sh(&format!("zfs unmount {DST}; zfs inherit mountpoint {DST}; zfs rollback {DST}@{}", before.last().unwrap()));
+    sh(&format!(
+        "zfs unmount {DST}; zfs inherit mountpoint {DST}; zfs set readonly=on {DST}; zfs rollback {DST}@{}",
+        before.last().unwrap()
+    ));
     check(out.status.code() == Some(3) && said.contains("diverged") && said.contains("guid"), said)?;
     check(snaps(DST) == before, "the target's snapshots changed")?;
     // Once the target is put back, replication goes on.
@@ -585,10 +589,10 @@ fn cli_through_the_daemon(bus: &str, daemon: &std::process::Child, cfg: &str, sl
     // A diverged target: exit 3, nothing destroyed, as in-process.
     let kept = snaps(DST);
     snapshot("cli-diverged")?;
-    sh(&format!("zfs set mountpoint=/backup/web-mnt {DST} && (zfs mount {DST} 2>/dev/null; mountpoint -q /backup/web-mnt) && dd if=/dev/urandom of=/backup/web-mnt/intruder bs=1M count=1 status=none && sync"));
+    sh(&format!("zfs set readonly=off mountpoint=/backup/web-mnt {DST} && (zfs mount {DST} 2>/dev/null; mountpoint -q /backup/web-mnt) && dd if=/dev/urandom of=/backup/web-mnt/intruder bs=1M count=1 status=none && sync"));
     let out = cli(&[]).output()?;
     let said = text(&out);
-    sh(&format!("zfs unmount {DST}; zfs inherit mountpoint {DST}; zfs rollback {DST}@{}", kept.last().unwrap()));
+    sh(&format!("zfs unmount {DST}; zfs inherit mountpoint {DST}; zfs set readonly=on {DST}; zfs rollback {DST}@{}", kept.last().unwrap()));
     check(out.status.code() == Some(3) && said.contains("diverged") && said.contains("hint:"), said)?;
     check(snaps(DST) == kept, "the target's snapshots changed")?;
     replicate(&[]).map(drop)?;

@@ -45,6 +45,9 @@ pub enum Request {
     /// Sends the target's copy of a RAM dump back from `offset`: the reply line ([`RamState`]
     /// with the whole size in `partial`), then the bytes.
     RamGet { domain: String, snapshot: String, offset: u64 },
+    /// The datasets (relative to the root) that hold replicas of `domain`'s snapshots: what a
+    /// source that lost its own datasets brings back.
+    Datasets { domain: String },
     /// Several requests that carry no stream (no `recv`, `ram-put`, `send`, `ram-get` or
     /// `batch`), served in order; the value is the list of their [`Reply`]s. One connection
     /// instead of one each: every connection starts `vmsnap serve` through ssh.
@@ -56,6 +59,7 @@ impl Request {
     pub fn verb(&self) -> &'static str {
         match self {
             Request::List { .. } => "list",
+            Request::Datasets { .. } => "datasets",
             Request::Recv { .. } => "recv",
             Request::Abort { .. } => "abort",
             Request::Props { .. } => "props",
@@ -244,6 +248,7 @@ mod tests {
             Request::RamCheck { domain: "w".into(), snapshot: "s".into(), sha256: "x".into() },
             Request::Send { dataset: "d".into(), snapshot: "s".into(), from: None },
             Request::RamGet { domain: "w".into(), snapshot: "s".into(), offset: 0 },
+            Request::Datasets { domain: "w".into() },
             Request::Batch { requests: Vec::new() },
         ];
         for r in &all {
@@ -251,7 +256,7 @@ mod tests {
             assert_eq!(v["verb"], r.verb(), "{r:?}");
         }
         let batchable: Vec<&str> = all.iter().filter(|r| r.batchable()).map(Request::verb).collect();
-        assert_eq!(batchable, ["list", "abort", "props", "ram-stat", "prune", "rollback", "ram-check"]);
+        assert_eq!(batchable, ["list", "abort", "props", "ram-stat", "prune", "rollback", "ram-check", "datasets"]);
 
         // 300 requests of about 1 KiB: several batches, each line under the limit, order kept.
         let big: BTreeMap<String, String> = [("vmsnap:xml".to_owned(), "x".repeat(1000))].into();

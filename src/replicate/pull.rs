@@ -79,14 +79,13 @@ pub async fn pull(
     let _lock = crate::engine::lock::DomainLock::replication(state_dir, &dom.name)
         .map_err(|e| err(format!("{e} (a replication of {} runs)", dom.name)))?;
     let run = Run::open(zfs, state_dir, dom, target, Options::default(), &progress)?;
-    let by_pool = crate::engine::disks::domain_datasets(zfs, dom).await?;
-    let all_datasets: Vec<Dataset> = by_pool.values().flatten().cloned().collect();
+    let all_datasets: Vec<Dataset> = run.datasets_to_bring_back().await?;
     let record = crate::integrity::read(state_dir, &dom.name, snapshot).map_err(err)?;
     let mut report = PullReport { target: target.name.clone(), snapshot: snapshot.to_owned(), ..Default::default() };
     let mut todo = Vec::new();
     let mut props = BTreeMap::new();
     let mut stale_dumps = Vec::new();
-    for ds in by_pool.into_values().flatten() {
+    for ds in all_datasets.iter().cloned() {
         let listing = run.list(&ds).await?;
         let Some(t) = listing.snapshots.iter().find(|t| t.name == snapshot) else {
             return Err(err(format!(
@@ -246,7 +245,7 @@ pub async fn pull(
         local_props.insert(prop::RAM_DUMP, path.display().to_string());
         report.ram_dump = Some(path.display().to_string());
     }
-    for ds in crate::engine::disks::domain_datasets(zfs, dom).await?.into_values().flatten() {
+    for ds in &all_datasets {
         zfs.set_properties(&format!("{ds}@{snapshot}"), &local_props).await?;
     }
     Ok(report)

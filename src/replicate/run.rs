@@ -255,6 +255,30 @@ impl<'a> Run<'a> {
         super::token::check(&decoded, ds, &own, &marks, encrypted)
     }
 
+    /// The domain's datasets, to list or bring back from the target: this host's (under its
+    /// disks), unless they are lost here — a disk that does not exist, or no dataset found —
+    /// then the ones the target holds replicas of the domain in (the names are the same on
+    /// both sides). A target that does not know the question answers with an error, and this
+    /// host's own answer stands.
+    pub(super) async fn datasets_to_bring_back(&self) -> Result<Vec<Dataset>, ReplicateError> {
+        let lost = self.dom.disks.iter().any(|d| std::fs::symlink_metadata(d).is_err());
+        let here = match lost {
+            true => None,
+            false => {
+                crate::engine::disks::domain_datasets(self.zfs, self.dom).await.ok().map(|p| p.into_values().flatten().collect::<Vec<_>>())
+            }
+        };
+        if let Some(here) = here.filter(|h| !h.is_empty()) {
+            return Ok(here);
+        }
+        let (v, _) = self.call(Request::Datasets { domain: self.dom.name.clone() }, Payload::None).await?;
+        let names: Vec<String> = serde_json::from_value(v).map_err(|e| self.err(format!("an answer vmsnap cannot read: {e}")))?;
+        if names.is_empty() {
+            return Err(self.err(format!("it holds no replica of {} (and its datasets are not here)", self.dom.name)));
+        }
+        names.iter().map(|n| Dataset::new(n).map_err(|e| self.err(format!("{}: {e}", super::protocol::shown(n, 200))))).collect()
+    }
+
     pub(super) async fn list(&self, ds: &Dataset) -> Result<Listing, ReplicateError> {
         let (v, _) = self.call(Request::List { dataset: ds.to_string() }, Payload::None).await?;
         serde_json::from_value(v).map_err(|e| self.err(format!("a listing vmsnap cannot read: {e}")))
@@ -662,9 +686,8 @@ pub async fn list_target(
 ) -> Result<Vec<(Dataset, Listing)>, ReplicateError> {
     let noop = |_: &str| {};
     let run = Run::open(zfs, state_dir, dom, target, Options { dry_run: true, ..Options::default() }, &noop)?;
-    let by_pool = crate::engine::disks::domain_datasets(zfs, dom).await?;
     let mut out = Vec::new();
-    for ds in by_pool.into_values().flatten() {
+    for ds in run.datasets_to_bring_back().await? {
         let listing = run.list(&ds).await?;
         out.push((ds, listing));
     }

@@ -181,6 +181,7 @@ impl Server {
                 Ok(Reply::ok(self.props(&snap, props).await?))
             }
             Request::Prune { domain } => Ok(Reply::ok(self.prune(&domain).await?)),
+            Request::Datasets { domain } => Ok(Reply::ok(self.datasets_of(&domain).await?)),
             Request::Rollback { dataset, to_guid } => Ok(Reply::ok(self.rollback(&self.dataset(&dataset)?, to_guid).await?)),
             Request::RamStat { domain, snapshot } => Ok(Reply::ok(self.ram_stat(&domain, &snapshot)?)),
             Request::Send { .. } | Request::RamGet { .. } => Err("this request streams back (served by stream_back)".into()),
@@ -282,6 +283,43 @@ impl Server {
             self.move_hold(ds, &listing.snapshots, &newest.name).await?;
         }
         Ok(listing)
+    }
+
+    /// The datasets below the root (relative names, sorted) with a received snapshot whose
+    /// `vmsnap:domain` is `domain`.
+    async fn datasets_of(&self, domain: &str) -> Result<Vec<String>, String> {
+        if !crate::config::valid_domain_name(domain) {
+            return Err(format!("{domain:?} is not a domain name"));
+        }
+        let args = crate::zargs![
+            "get",
+            "-H",
+            "-r",
+            "-t",
+            "snapshot",
+            "-s",
+            "local",
+            "-o",
+            "name,value",
+            prop::DOMAIN.as_str(),
+            self.root.as_str()
+        ];
+        let text = match self.zfs.cli().zfs(args).await {
+            Ok(t) => t,
+            Err(crate::zfs::ZfsError::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let received = self.received_snapshots().await?;
+        let prefix = format!("{}/", self.root);
+        let mut out: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(name, v)| *v == domain && received.contains(*name))
+            .filter_map(|(name, _)| name.split_once('@')?.0.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     /// Sets [`prop::SERVE_ROOT`] on the root itself (once), so that this host's own verbs leave

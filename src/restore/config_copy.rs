@@ -2,8 +2,9 @@
 //! configuration file, written from the original's — its disks on the clones, its own QMP and
 //! agent sockets and nvram file (the original's names with `NEW-` in front, or the clone's
 //! paths when they were on the datasets), and its `start` vector with every one of those paths
-//! replaced, every other listening socket in it renamed the same way, and `-name`. Paths in `start` that still name the original's files are said, not
-//! guessed at. The table carries `autosnap = false`: a copy is not scheduled until you say so.
+//! replaced (plain, `key=PATH` or inside a JSON `-blockdev`), every other listening socket in
+//! it renamed the same way, and `-name`. A `start` that would still name a file on the
+//! snapshot's datasets is refused; other paths the original uses (a kernel, a log) are said. The table carries `autosnap = false`: a copy is not scheduled until you say so.
 
 use crate::config::DomainConfig;
 use std::path::{Path, PathBuf};
@@ -75,6 +76,15 @@ pub(super) fn table(
         }
         start.push(renamed);
     }
+    // A file on the snapshot's datasets still named is the original's own: the copy would run on
+    // it (with the original stopped, QEMU's image lock does not object). Refused, never warned.
+    if let Some((arg, old)) = start.iter().find_map(|a| paths.iter().find(|(o, _)| names_below(a, &path_str(o))).map(|(o, _)| (a, o))) {
+        return Err(format!(
+            "{new}'s `start` would still name the original's {} in {arg:?}: write that path in `start` as a plain argument, \
+             `key=PATH` or a JSON string so that vmsnap can move it to the clone",
+            old.display()
+        ));
+    }
     let mut warnings = Vec::new();
     if !shared.is_empty() {
         warnings.push(format!(
@@ -133,16 +143,27 @@ fn server_sockets(args: &[String]) -> Vec<String> {
     out
 }
 
+/// Whether `arg` names `dir` or a path below it anywhere (a JSON `-blockdev` too), wherever
+/// a path may start.
+fn names_below(arg: &str, dir: &str) -> bool {
+    arg.match_indices(dir).any(|(i, _)| {
+        let before = arg[..i].chars().last();
+        let after = arg[i + dir.len()..].chars().next();
+        before.is_none_or(|c| !c.is_alphanumeric() && !matches!(c, '-' | '_' | '.' | '/'))
+            && after.is_none_or(|c| matches!(c, '/' | ',' | ':' | '"'))
+    })
+}
+
 /// `arg` with every old path in it replaced by its new one, where it stands as a whole path
-/// (followed by nothing, `,`, `:` or `/`).
+/// (after nothing, `=`, `:`, `,` or a JSON string's `"`; followed by nothing, `,`, `:`, `/` or `"`).
 fn swap_paths(arg: &str, swaps: &[(String, String)]) -> String {
     let mut out = String::with_capacity(arg.len());
     let mut rest = arg;
     'scan: while !rest.is_empty() {
         for (old, new) in swaps {
             if let Some(after) = rest.strip_prefix(old.as_str()) {
-                let boundary = out.is_empty() || out.ends_with(['=', ':', ',']);
-                if boundary && (after.is_empty() || after.starts_with([',', ':', '/'])) {
+                let boundary = out.is_empty() || out.ends_with(['=', ':', ',', '"']);
+                if boundary && (after.is_empty() || after.starts_with([',', ':', '/', '"'])) {
                     out.push_str(new);
                     rest = after;
                     continue 'scan;
@@ -248,6 +269,22 @@ mod tests {
         let cfg = crate::config::Config::parse(&t.text, Path::new("/x.toml")).unwrap();
         let d = &cfg.domains["demo2"];
         assert_eq!((&d.disks, &d.start, d.policy.autosnap), (&t.domain.disks, &t.domain.start, false));
+    }
+
+    #[test]
+    fn a_json_blockdev_is_moved_and_a_path_left_on_the_original_refused() {
+        let mut d = dom();
+        d.start.extend(["-blockdev".into(), r#"{"driver":"file","filename":"/tank/vms/demo/disk1.qcow2","node-name":"f1"}"#.into()]);
+        let t = table(&d, "demo2", "s1", &paths(), None).unwrap();
+        assert_eq!(t.domain.start.last().unwrap(), r#"{"driver":"file","filename":"/tank/vms/demo2/disk1.qcow2","node-name":"f1"}"#);
+        // A path vmsnap cannot tell apart from its surroundings stays the original's: refused.
+        let mut d = dom();
+        d.start.extend(["-append".into(), "root=/dev/vda log=@/tank/vms/demo/log.txt".into()]);
+        let e = table(&d, "demo2", "s1", &paths(), None).unwrap_err();
+        assert!(e.contains("/tank/vms/demo") && e.contains("log.txt"), "{e}");
+        assert!(names_below("x /tank/vms/demo", "/tank/vms/demo"));
+        assert!(!names_below("/tank/vms/demo-other/x", "/tank/vms/demo"));
+        assert!(!names_below("/tank/vms/demo2/x", "/tank/vms/demo"));
     }
 
     #[test]

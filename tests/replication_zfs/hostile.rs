@@ -3,7 +3,7 @@
 //! source's key would have), and a target answering with a resume token that names another
 //! dataset's snapshot, or sending back a snapshot whose domain XML it changed.
 
-use super::{replicate, sh, snaps, snapshot, text, vmsnap, Failed, DST, DST_ZVOL, RT, SRC, ZVOL};
+use super::{add_ram, replicate, sh, snaps, snapshot, text, vmsnap, Failed, DST, DST_ZVOL, RT, SRC, ZVOL};
 use vmsnap_testkit::rig::lane::vmsnap_bin;
 use vmsnap_testkit::support::check;
 
@@ -97,7 +97,7 @@ pub fn hostile_source() -> Result<(), Failed> {
     check(!r.contains("\"error\""), format!("ram-put: {r}"))?;
     let kept = sh(&format!("stat -c %s {RAM}/web/{snap}.ram"));
     check(kept.trim() == "10", format!("the target kept {} bytes of a 10-byte dump", kept.trim()))?;
-    sh(&format!("zfs destroy -r {ROOT} && rm -rf {RAM} {RT}/evil.stream {RT}/long.ram"));
+    sh(&format!("zfs release -r vmsnap-replica {ds}@{snap}; zfs destroy -r {ROOT} && rm -rf {RAM} {RT}/evil.stream {RT}/long.ram"));
     Ok(())
 }
 
@@ -166,5 +166,33 @@ pub fn planted_xml() -> Result<(), Failed> {
         said.clone(),
     )?;
     check(!snaps(SRC).contains(&planted), format!("the unchecked snapshot stayed: {said}"))?;
+    Ok(())
+}
+
+/// The disaster the backups are for, staged as a user would meet it: this host lost the domain's
+/// datasets (the file system and the zvol), its RAM dumps and its state directory. `list
+/// --target` still answers, and `restore --from` brings the snapshot back — in full, with its
+/// dump — once told to trust the target (there is no record here to check it against).
+pub fn disaster_restore() -> Result<(), Failed> {
+    let snap = snapshot("d1")?;
+    let sum = add_ram(&snap, 2)?;
+    let disk = sh(&format!("sha256sum /{SRC}/disk0.img | cut -d' ' -f1")).trim().to_owned();
+    let vol = sh(&format!("sha256sum /dev/zvol/{ZVOL} | cut -d' ' -f1")).trim().to_owned();
+    replicate(&[])?;
+    sh(&format!("zfs destroy -r {SRC} && zfs destroy -r {ZVOL} && rm -rf {RT}/ram/web {RT}/state && udevadm settle"));
+    let listed = vmsnap(&["list", "web", "--target", "offsite", "--json"]);
+    check(listed.status.success() && String::from_utf8_lossy(&listed.stdout).contains(&snap), text(&listed))?;
+    let out = vmsnap(&["restore", "web", &snap, "--from", "offsite"]);
+    check(!out.status.success() && text(&out).contains("no record") && text(&out).contains("--trust-target"), text(&out))?;
+    check(sh(&format!("zfs list -H -o name {SRC} 2>&1 || true")).contains("does not exist"), "a refused pull left the dataset")?;
+    let out = vmsnap(&["restore", "web", &snap, "--from", "offsite", "--trust-target"]);
+    eprintln!("METRIC restore --from onto an empty host: {}", String::from_utf8_lossy(&out.stderr).trim());
+    check(out.status.success(), text(&out))?;
+    sh("udevadm settle");
+    check(sh(&format!("sha256sum /{SRC}/disk0.img | cut -d' ' -f1")).trim() == disk, "the file disk is not the snapshot's")?;
+    check(sh(&format!("sha256sum /dev/zvol/{ZVOL} | cut -d' ' -f1")).trim() == vol, "the zvol is not the snapshot's")?;
+    let dump = format!("{RT}/ram/web/{snap}.ram");
+    check(sh(&format!("sha256sum {dump} | cut -d' ' -f1")).trim() == sum, "the RAM dump did not come back")?;
+    check(snaps(SRC).last() == Some(&snap), format!("{SRC}: {:?}", snaps(SRC)))?;
     Ok(())
 }
