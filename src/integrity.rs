@@ -115,9 +115,9 @@ pub fn read(state_dir: &Path, domain: &str, snapshot: &str) -> Result<Option<Rec
     };
     Ok(text
         .split(|b| *b == b'\n')
+        .rev()
         .filter_map(|l| serde_json::from_slice::<Record>(l).ok())
-        .filter(|r| r.domain == domain && r.snapshot == snapshot)
-        .last())
+        .find(|r| r.domain == domain && r.snapshot == snapshot))
 }
 
 /// Where `held` differs from `recorded`, in words (empty: the same).

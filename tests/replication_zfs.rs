@@ -137,9 +137,9 @@ fn add_ram(name: &str, mib: u32) -> Result<String, Failed> {
     let text = std::fs::read_to_string(&file)?;
     let mut record: Value = text
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["snapshot"] == name)
-        .last()
+        .find(|r| r["snapshot"] == name)
         .ok_or(format!("no integrity record of {name} in {file}"))?;
     record["ram_sha256"] = Value::String(sum.clone());
     use std::io::Write;
