@@ -66,7 +66,18 @@ pub async fn verify_target(
             // A dump the target's `ram_keep` dropped has no path any more (its sha256 stays).
             let dumped = t.props.contains_key(prop::RAM_DUMP.as_str()) && !t.props.contains_key(prop::RAM_PRUNED.as_str());
             if let Some(sum) = t.props.get(prop::RAM_SHA256.as_str()).filter(|_| dumped) {
-                e.ram_sha256 = Some(sum.clone());
+                // The target's dump is read against this host's word (its integrity record),
+                // not only against the sum the target itself keeps: a target that changed both
+                // does not pass.
+                match crate::integrity::read(state_dir, &dom.name, &t.name) {
+                    Ok(Some(r)) if r.ram_sha256.as_ref().is_some_and(|mine| mine != sum) => e.problems.push(format!(
+                        "the target records RAM dump sha256 {}, this host recorded {}",
+                        super::protocol::shown(sum, 80),
+                        r.ram_sha256.unwrap_or_default()
+                    )),
+                    Ok(Some(r)) => e.ram_sha256 = r.ram_sha256.or_else(|| Some(sum.clone())),
+                    Ok(None) | Err(_) => e.ram_sha256 = Some(sum.clone()),
+                }
             }
         }
     }
