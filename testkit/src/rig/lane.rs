@@ -67,8 +67,9 @@ fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
         // A benchmark's knobs (`VMSNAP_BENCH_N` …) reach the program inside.
         env.extend(std::env::vars().filter(|(k, _)| k.starts_with("VMSNAP_BENCH_")).map(|(k, v)| format!("{k}={v}")));
         let env: Vec<&str> = env.iter().map(String::as_str).collect();
-        // Benchmarks may ask for longer (`VMSNAP_LANE_TIMEOUT_S`).
-        let limit = std::env::var("VMSNAP_LANE_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+        // A bound for a lane that hangs, well above the longest one (the engine lane takes
+        // 20-23 min on a 2-core TCG host); benchmarks may ask for longer (`VMSNAP_LANE_TIMEOUT_S`).
+        let limit = std::env::var("VMSNAP_LANE_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(2100);
         let out = vm.run(&argv, &env, Duration::from_secs(limit)).await.expect("running inside the VM");
         print!("{}", out.stdout_text());
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
