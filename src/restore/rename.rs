@@ -105,6 +105,14 @@ pub fn rewrite(xml: &str, r: &Renames) -> Result<String, String> {
                 "disk" => {
                     let Some(src) = child(dev, "source") else { continue };
                     let is_disk = dev.attribute("device").unwrap_or("disk") == "disk";
+                    // A storage-pool volume or a network disk names no file vmsnap can move to
+                    // the clone: the copy would run on the original's.
+                    if is_disk && matches!(dev.attribute("type"), Some("volume" | "network")) {
+                        return Err(format!(
+                            "a <disk type='{}'> is not a file or block device vmsnap can move to the clone: the new VM would write the original's",
+                            dev.attribute("type").unwrap_or_default()
+                        ));
+                    }
                     for attr in src.attributes().filter(|a| matches!(a.name(), "file" | "dev")) {
                         match moved(Path::new(attr.value()), &r.paths) {
                             Some(new) => edits.push((attr.range_value(), escape(&new.to_string_lossy()))),
@@ -244,6 +252,18 @@ mod tests {
         assert!(e.is_ok(), "no nvram element: nothing to rename");
         let e = rewrite(XML, &Renames { nvram: None, ..renames() }).unwrap_err();
         assert!(e.contains("nvram"), "{e}");
+        // A pool volume or a network disk names nothing vmsnap can move: refused, not warned.
+        let volume = XML.replace(
+            "<disk type='block' device='disk'>\n      <source dev='/dev/zvol/tank/vms/web-data'/>",
+            "<disk type='volume' device='disk'>\n      <source pool='tank' volume='vms/web-data'/>",
+        );
+        assert_ne!(volume, XML);
+        assert!(rewrite(&volume, &renames()).unwrap_err().contains("type='volume'"));
+        let network = XML.replace(
+            "<disk type='block' device='disk'>\n      <source dev='/dev/zvol/tank/vms/web-data'/>",
+            "<disk type='network' device='disk'>\n      <source protocol='nbd' name='web'/>",
+        );
+        assert!(rewrite(&network, &renames()).unwrap_err().contains("type='network'"));
     }
 
     #[test]
