@@ -173,6 +173,10 @@ enum Command {
         /// snapshots newer than the one in common and roll back to it.
         #[arg(long)]
         allow_rollback: bool,
+        /// The source this key is (a name you choose, one per key): the root and the RAM
+        /// directory are bound to the first source that uses them, and every other is refused.
+        #[arg(long)]
+        source: Option<String>,
         /// The time retention decides by (unix seconds; for tests).
         #[arg(long, hide = true)]
         now: Option<i64>,
@@ -338,8 +342,8 @@ async fn run(cli: Cli) -> Result<()> {
             cmd::verify::run(cfg.as_ref(), &zfs, domain.as_deref(), snapshot.as_deref(), wait, json).await
         }
         Command::Verify { domain, target: Some(t), json, .. } => cmd::verify::target(&load()?, &zfs, domain.as_deref(), &t, json).await,
-        Command::Serve { root, ram_dir, keep, allow_rollback, now } => {
-            cmd::replicate::serve(&root, ram_dir, keep.as_deref(), allow_rollback, now, zfs).await
+        Command::Serve { root, ram_dir, keep, allow_rollback, source, now } => {
+            cmd::replicate::serve(&root, ram_dir, keep.as_deref(), allow_rollback, source, now, zfs).await
         }
         Command::Mount { domain, snapshot, path, json } => cmd::restore::mount(&load()?, &zfs, &domain, &snapshot, path, json).await,
         Command::Umount { domain, snapshot, json } => cmd::restore::umount(&load()?, &zfs, &domain, &snapshot, json).await,

@@ -163,6 +163,9 @@ pub mod prop {
     /// prune, a disk-less domain's datasets) never take a dataset below one for a domain's own.
     pub const SERVE_ROOT: PropName = PropName::known("vmsnap:serve-root");
 
+    /// Set by `vmsnap serve --source NAME` on its root: the one source that root serves.
+    pub const SERVE_SOURCE: PropName = PropName::known("vmsnap:serve-source");
+
     /// Set by `vmsnap serve` itself (never by a source) on each snapshot it received: when (unix
     /// seconds). The target's retention and rollback destroy only snapshots carrying it, and a
     /// source may set properties on no other.

@@ -213,9 +213,20 @@ fn print(r: &ReplicationReport) {
 }
 
 /// `vmsnap serve`: one request on stdin, its answer on stdout.
-pub async fn serve(root: &str, ram_dir: PathBuf, keep: Option<&str>, allow_rollback: bool, now: Option<i64>, zfs: Zfs) -> Result<()> {
+pub async fn serve(
+    root: &str,
+    ram_dir: PathBuf,
+    keep: Option<&str>,
+    allow_rollback: bool,
+    source: Option<String>,
+    now: Option<i64>,
+    zfs: Zfs,
+) -> Result<()> {
     let root = Dataset::new(root)?;
     anyhow::ensure!(ram_dir.is_absolute(), "--ram-dir must be an absolute path");
+    if let Some(s) = &source {
+        anyhow::ensure!(vmsnap::config::valid_domain_name(s), "--source {s:?}: letters, digits, '-', '_', '.' only");
+    }
     let keep = match keep {
         Some(spec) => {
             let policy = vmsnap::config::policy::parse_keep(spec).map_err(|b| anyhow::anyhow!("--keep {spec:?}: {}", b.why))?;
@@ -223,7 +234,7 @@ pub async fn serve(root: &str, ram_dir: PathBuf, keep: Option<&str>, allow_rollb
         }
         None => None,
     };
-    let server = vmsnap::replicate::server::Server { root, ram_dir, zfs, keep, allow_rollback, now };
+    let server = vmsnap::replicate::server::Server { root, ram_dir, zfs, keep, allow_rollback, source, now };
     server.serve_stdio().await?;
     Ok(())
 }

@@ -20,6 +20,17 @@ use std::path::{Path, PathBuf};
 /// The hold on each replicated dataset's newest received snapshot.
 pub const HOLD: &str = "vmsnap-replica";
 
+/// The file in `--ram-dir` naming the source it serves.
+const SOURCE_FILE: &str = ".vmsnap-source";
+
+fn refused_source(what: &str, bound: &str) -> String {
+    format!(
+        "{what} serves the source {:?} (its key's forced command says --source {}): every source needs its own key, --root, --ram-dir and --source",
+        super::protocol::shown(bound, 80),
+        super::protocol::shown(bound, 80)
+    )
+}
+
 /// The directory below `--ram-dir` where receives in progress are noted.
 const PENDING: &str = ".receiving";
 
@@ -38,6 +49,8 @@ pub struct Server {
     pub keep: Option<super::target_retention::TargetPolicy>,
     /// `--allow-rollback`: a source may ask to roll a dataset back to the common snapshot.
     pub allow_rollback: bool,
+    /// `--source`: the one source the root and RAM directory serve ([`prop::SERVE_SOURCE`]).
+    pub source: Option<String>,
     /// `--now`: the clock retention decides by (tests); `None`: the system's.
     pub now: Option<i64>,
 }
@@ -324,15 +337,49 @@ impl Server {
 
     /// Sets [`prop::SERVE_ROOT`] on the root itself (once), so that this host's own verbs leave
     /// everything below it alone; nothing to do while the root does not exist yet.
+    /// Also binds the root and the RAM directory to `--source` (the first source to use them):
+    /// another source's requests are refused, so one source cannot read, abort or overwrite
+    /// another's replicas even when an administrator gives two keys the same root.
     async fn mark_root(&self) -> Result<(), String> {
-        let args = crate::zargs!["get", "-H", "-o", "source", prop::SERVE_ROOT.as_str(), self.root.as_str()];
-        match self.zfs.cli().zfs(args).await {
-            Ok(source) if source.trim() == "local" => Ok(()),
-            Ok(_) => {
-                self.zfs.set_property(self.root.as_str(), &prop::SERVE_ROOT, "on").await.map_err(|e| format!("marking {}: {e}", self.root))
+        self.bind_ram_dir()?;
+        let props = format!("{},{}", prop::SERVE_ROOT, prop::SERVE_SOURCE);
+        let args = crate::zargs!["get", "-H", "-o", "property,value,source", props, self.root.as_str()];
+        let text = match self.zfs.cli().zfs(args).await {
+            Ok(t) => t,
+            Err(crate::zfs::ZfsError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let local = |p: &PropName| {
+            text.lines()
+                .map(|l| l.split('\t').collect::<Vec<_>>())
+                .find(|f| f.len() == 3 && f[0] == p.as_str() && f[2] == "local")
+                .map(|f| f[1].to_owned())
+        };
+        let marking = |e: crate::zfs::ZfsError| format!("marking {}: {e}", self.root);
+        match (local(&prop::SERVE_SOURCE), &self.source) {
+            (Some(bound), Some(me)) if bound != *me => return Err(refused_source(self.root.as_str(), &bound)),
+            (Some(bound), None) => return Err(refused_source(self.root.as_str(), &bound)),
+            (None, Some(me)) => self.zfs.set_property(self.root.as_str(), &prop::SERVE_SOURCE, me).await.map_err(marking)?,
+            _ => {}
+        }
+        if local(&prop::SERVE_ROOT).is_none() {
+            self.zfs.set_property(self.root.as_str(), &prop::SERVE_ROOT, "on").await.map_err(marking)?;
+        }
+        Ok(())
+    }
+
+    /// The RAM directory's `.vmsnap-source` names the source it serves (written by the first).
+    fn bind_ram_dir(&self) -> Result<(), String> {
+        let bound = crate::fsutil::read_limited(&self.ram_dir.join(SOURCE_FILE), 256).ok();
+        let bound = bound.map(|b| String::from_utf8_lossy(&b).trim().to_owned());
+        match (bound, &self.source) {
+            (Some(b), Some(me)) if b == *me => Ok(()),
+            (Some(b), _) => Err(refused_source(&self.ram_dir.display().to_string(), &b)),
+            (None, Some(me)) => {
+                let dir = Dir::private(&self.ram_dir, &[]).map_err(|e| e.to_string())?;
+                dir.write_atomic(SOURCE_FILE, format!("{me}\n").as_bytes(), 0o600).map_err(|e| e.to_string())
             }
-            Err(crate::zfs::ZfsError::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            (None, None) => Ok(()),
         }
     }
 

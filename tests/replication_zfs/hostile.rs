@@ -13,10 +13,15 @@ const RAM: &str = "/backup/ram-hostile";
 /// One request to `vmsnap serve` (what the forced command runs), followed by the bytes of
 /// `stream` if any; its reply line.
 fn serve(request: &str, stream: Option<&str>) -> String {
+    serve_with("", request, stream)
+}
+
+/// [`serve`] with more of the forced command's options.
+fn serve_with(options: &str, request: &str, stream: Option<&str>) -> String {
     let feed = stream.map(|f| format!("cat {f};")).unwrap_or_default();
     let out = std::process::Command::new("/bin/bash")
         .arg("-c")
-        .arg(format!("{{ printf '%s\\n' '{request}'; {feed} }} | {} serve --root {ROOT} --ram-dir {RAM}", vmsnap_bin()))
+        .arg(format!("{{ printf '%s\\n' '{request}'; {feed} }} | {} serve --root {ROOT} --ram-dir {RAM} {options}", vmsnap_bin()))
         .output()
         .expect("bash");
     String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_owned()
@@ -89,6 +94,16 @@ pub fn hostile_source() -> Result<(), Failed> {
     let r = props(snap, r#""vmsnap:periods":"hourly""#);
     check(!r.contains("\"error\""), format!("props on what it sent: {r}"))?;
     check(sh(&format!("zfs get -H -s local -o value vmsnap:received {ds}@{mine}")).trim().is_empty(), "the hand-made snapshot got marked")?;
+    // Two sources given one root and RAM directory: the first binds them, the other is refused.
+    let list = format!(r#"{{"verb":"list","dataset":"evil"}}"#);
+    let r = serve_with("--source a", &list, None);
+    check(!r.contains("\"error\""), format!("source a: {r}"))?;
+    for other in ["--source b", ""] {
+        let r = serve_with(other, &list, None);
+        check(r.contains("serves the source \"a\""), format!("{other:?} on a's root: {r}"))?;
+    }
+    check(sh(&format!("cat {RAM}/.vmsnap-source")).trim() == "a", "the RAM directory is not bound to a")?;
+    sh(&format!("zfs inherit vmsnap:serve-source {ROOT} && rm {RAM}/.vmsnap-source"));
     // A dump longer than announced: the target stops at the announced size.
     sh(&format!("printf 0123456789ABCDEFGHIJ > {RT}/long.ram"));
     let sum = sh("printf 0123456789 | sha256sum | cut -d' ' -f1");
