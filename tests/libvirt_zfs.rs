@@ -524,7 +524,7 @@ fn verify_and_a_damaged_dump() -> Result<(), Failed> {
     no_scratch_left()
 }
 
-/// `--as lvram --resume` of the RAM snapshot while the original runs: a copy started from the
+/// `--as lvram --resume` of the RAM snapshot beside the original (paused meanwhile): a copy started from the
 /// dump (a save image written under the copy's own XML: libvirt refuses another UUID for an
 /// image's own), its uptime going on from the snapshot, its clock the host's, thawed, its own
 /// UUID; the original runs on, its snapshots unchanged; no save image left. Then removed.
@@ -535,9 +535,15 @@ fn restore_as_resume() -> Result<(), Failed> {
     let before = sh(&format!("zfs list -H -t snapshot -o name,guid {FS} {DATA}"));
     let plan = vmsnap_json(&["restore", DOMAIN, &name, "--as", COPY, "--resume", "--dry-run", "--json"])?;
     check(plan["resume"]["dump"] == dump.as_str() && plan["start"] == "resume", format!("dry run: {plan}"))?;
+    // The original is paused meanwhile (its QEMU, image locks and sockets stay, so the copy must
+    // keep off them all the same): two busy guests nested under TCG left the copy's agent too
+    // slow to answer guest-set-time within two minutes on a 2-core host.
+    virsh(&["suspend", DOMAIN])?;
     let t = Instant::now();
     let report = vmsnap_json(&["restore", DOMAIN, &name, "--as", COPY, "--resume", "--json"]);
+    let continued = virsh(&["resume", DOMAIN]);
     let res = (|| {
+        continued?;
         let report = report?;
         eprintln!("METRIC restore --as --resume: {:.1} s", t.elapsed().as_secs_f64());
         check(virsh(&["domstate", COPY])?.trim() == "running" && virsh(&["domstate", DOMAIN])?.trim() == "running", "both run")?;
