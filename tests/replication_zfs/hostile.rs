@@ -38,7 +38,7 @@ fn get(props: &str, name: &str) -> Vec<(String, String, String)> {
 }
 
 /// A `zfs send -R` stream whose dataset says `mountpoint=<somewhere outside>`, setuid/exec/
-/// devices on, and whose snapshot claims to be vmsnap's snapshot of this host's domain `web`:
+/// devices on, a reservation of backup pool space, and whose snapshot claims to be vmsnap's snapshot of this host's domain `web`:
 /// received, it mounts only below the root, read-only, with the root's nosuid/noexec/nodev;
 /// this host's restore does not take it for web's; the source can set properties neither on a
 /// snapshot made on the target by hand nor of the target's own marks; a dump longer than it
@@ -46,7 +46,7 @@ fn get(props: &str, name: &str) -> Vec<(String, String, String)> {
 pub fn hostile_source() -> Result<(), Failed> {
     let snap = "autosnap_2026-12-01_00:00:00_daily";
     sh(&format!(
-        "set -e; zfs create -o mountpoint={RT}/evil-mnt -o setuid=on -o exec=on -o devices=on -o canmount=on tank/evil
+        "set -e; zfs create -o mountpoint={RT}/evil-mnt -o setuid=on -o exec=on -o devices=on -o canmount=on -o reservation=256M tank/evil
          echo payload > {RT}/evil-mnt/payload
          zfs snapshot tank/evil@{snap}
          zfs set vmsnap:domain=web vmsnap:periods=daily vmsnap:consistency=app tank/evil@{snap}
@@ -57,10 +57,11 @@ pub fn hostile_source() -> Result<(), Failed> {
     let reply = serve(r#"{"verb":"recv","dataset":"evil"}"#, Some(&format!("{RT}/evil.stream")));
     check(!reply.contains("\"error\""), format!("the receive: {reply}"))?;
     let ds = format!("{ROOT}/evil");
-    for (prop, value, source) in get("mountpoint,setuid,exec,devices,readonly", &ds) {
+    for (prop, value, source) in get("mountpoint,setuid,exec,devices,readonly,reservation", &ds) {
         let want = match prop.as_str() {
             "mountpoint" => format!("/{ds}"),
             "readonly" => "on".into(),
+            "reservation" => "none".into(),
             _ => "off".into(),
         };
         check(value == want && source != "received", format!("{ds}: {prop}={value} ({source}), want {want} not received"))?;
@@ -100,7 +101,8 @@ pub fn hostile_source() -> Result<(), Failed> {
     check(!r.contains("\"error\""), format!("source a: {r}"))?;
     for other in ["--source b", ""] {
         let r = serve_with(other, list, None);
-        check(r.contains("serves the source \"a\""), format!("{other:?} on a's root: {r}"))?;
+        let error: serde_json::Value = serde_json::from_str(&r).map_err(|e| format!("{other:?} on a's root: {e}: {r}"))?;
+        check(error["error"].as_str().is_some_and(|e| e.contains("serves the source \"a\"")), format!("{other:?} on a's root: {r}"))?;
     }
     check(sh(&format!("cat {RAM}/.vmsnap-source")).trim() == "a", "the RAM directory is not bound to a")?;
     sh(&format!("zfs inherit vmsnap:serve-source {ROOT} && rm {RAM}/.vmsnap-source"));
@@ -197,7 +199,11 @@ pub fn disaster_restore() -> Result<(), Failed> {
     let disk = sh(&format!("sha256sum /{SRC}/disk0.img | cut -d' ' -f1")).trim().to_owned();
     let vol = sh(&format!("sha256sum /dev/zvol/{ZVOL} | cut -d' ' -f1")).trim().to_owned();
     replicate(&[])?;
-    sh(&format!("zfs destroy -r -f {SRC} && zfs destroy -r -f {ZVOL} && rm -rf {RT}/ram/web {RT}/state && udevadm settle"));
+    // What could keep the datasets busy, shown if the destroy fails.
+    let busy = format!("zfs holds -r {SRC} {ZVOL}; grep -e {SRC} -e zd /proc/mounts; fuser -vm /{SRC} 2>&1");
+    sh(&format!(
+        "zfs destroy -r -f {SRC} && zfs destroy -r -f {ZVOL} && rm -rf {RT}/ram/web {RT}/state && udevadm settle || {{ {busy}; exit 1; }}"
+    ));
     let listed = vmsnap(&["list", "web", "--target", "offsite", "--json"]);
     check(listed.status.success() && String::from_utf8_lossy(&listed.stdout).contains(&snap), text(&listed))?;
     let out = vmsnap(&["restore", "web", &snap, "--from", "offsite"]);
