@@ -29,9 +29,18 @@ pub struct Record {
 
 const DIR: &str = "integrity";
 
-/// The saved domain files a snapshot holds, in `.vmsnap/<domain>/` of its first mounted file
-/// system, read under `.zfs/snapshot/` (what the snapshot holds, not the live file).
-pub async fn saved_file(zfs: &Zfs, unit: &[SnapshotName], domain: &str, file: &str) -> Result<Option<PathBuf>, ZfsError> {
+/// A domain file a snapshot saved in `.vmsnap/<domain>/` of its first mounted file system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedFile {
+    /// The copy as the snapshot holds it, under `.zfs/snapshot/` (what restores and checks read).
+    pub frozen: PathBuf,
+    /// Where the live file system keeps it (what a rollback brings back).
+    pub live: PathBuf,
+}
+
+/// The saved domain file `file` of `unit`: read under `.zfs/snapshot/` (what the snapshot holds,
+/// not the live file); `None` when no mounted file system of the unit holds it.
+pub async fn saved_file(zfs: &Zfs, unit: &[SnapshotName], domain: &str, file: &str) -> Result<Option<SavedFile>, ZfsError> {
     for s in unit {
         let Some(mp) = zfs.get_native(s.dataset().as_str(), "mountpoint").await? else { continue };
         if !mp.starts_with('/') {
@@ -39,7 +48,8 @@ pub async fn saved_file(zfs: &Zfs, unit: &[SnapshotName], domain: &str, file: &s
         }
         let frozen = PathBuf::from(&mp).join(".zfs/snapshot").join(s.snap()).join(".vmsnap").join(domain).join(file);
         if frozen.is_file() {
-            return Ok(Some(frozen));
+            let live = PathBuf::from(&mp).join(".vmsnap").join(domain).join(file);
+            return Ok(Some(SavedFile { frozen, live }));
         }
     }
     Ok(None)
@@ -70,7 +80,7 @@ pub async fn held(zfs: &Zfs, unit: &[SnapshotName], domain: &str, ram_sha256: Op
         ..Record::default()
     };
     for (file, slot) in [("domain.xml", &mut r.xml_sha256), ("nvram.fd", &mut r.nvram_sha256)] {
-        if let Some(path) = saved_file(zfs, unit, domain, file).await.map_err(|e| e.to_string())? {
+        if let Some(SavedFile { frozen: path, .. }) = saved_file(zfs, unit, domain, file).await.map_err(|e| e.to_string())? {
             *slot = Some(sha256_file(&path).map_err(|e| e.to_string())?);
         }
     }

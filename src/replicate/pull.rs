@@ -218,7 +218,8 @@ pub async fn pull(
     };
     if let Some(why) = refusal {
         let undone = undo_receives(zfs, &todo, snapshot).await;
-        return Err(err(format!("{why} (removed again: {})", if undone.is_empty() { "nothing".into() } else { undone.join(", ") })));
+        let undone = if undone.is_empty() { "nothing".into() } else { undone.join(", ") };
+        return Err(ReplicateError::Untrusted { target: target.name.clone(), why, undone });
     }
     stale_dumps.sort();
     stale_dumps.dedup();
@@ -251,12 +252,10 @@ pub async fn pull(
     Ok(report)
 }
 
-/// The dump copied back to `<ram_dir>/<domain>/<snapshot>.ram` (0600 in a 0700 directory),
-/// resuming a partial copy, named only once its sha256 is the recorded one.
 /// What a pulled snapshot's domain XML would run, for a user deciding whether to trust it.
 async fn what_it_would_run(zfs: &Zfs, unit: &[SnapshotName], domain: &str) -> String {
     let shown = |s: &str| super::protocol::shown(s, 200);
-    let Ok(Some(xml)) = crate::integrity::saved_file(zfs, unit, domain, "domain.xml").await else {
+    let Ok(Some(crate::integrity::SavedFile { frozen: xml, .. })) = crate::integrity::saved_file(zfs, unit, domain, "domain.xml").await else {
         return "it holds no domain XML".into();
     };
     let parsed = crate::fsutil::read_limited(&xml, 4 << 20)
@@ -294,6 +293,8 @@ async fn undo_receives(zfs: &Zfs, todo: &[Receive], snapshot: &str) -> Vec<Strin
     done
 }
 
+/// The dump copied back to `<ram_dir>/<domain>/<snapshot>.ram` (0600 in a 0700 directory),
+/// resuming a partial copy, named only once its sha256 is the recorded one.
 async fn pull_dump(
     run: &Run<'_>,
     ram_dir: &Path,

@@ -13,7 +13,8 @@ use super::copy_journal::CopyJournal;
 use super::dump::DumpCheck;
 use super::rename::{self, Renames};
 use super::steps::{self, Progress};
-use super::{find_unit, saved_file, RestoreError, ResumePlan};
+use super::{find_unit, RestoreError, ResumePlan};
+use crate::integrity::saved_file;
 use crate::config::Config;
 use crate::engine::lock::DomainLock;
 use crate::libvirt::virsh;
@@ -156,15 +157,16 @@ pub(super) async fn plan_copy(
         clones.push((s.to_string(), target));
     }
     let mut warnings = Vec::new();
-    let nvram_copy = saved_file(zfs, &unit, domain, "nvram.fd").await?.map(|(copy, _)| copy);
+    let nvram_copy = saved_file(zfs, &unit, domain, "nvram.fd").await?.map(|f| f.frozen);
     let (xml_from, emulator, nvram) = match config_dom {
         Some(d) => {
             let home = d.nvram.as_ref().map(|h| rename::own_file(h, new, &[]));
             (None, d.start.first().map(PathBuf::from), nvram_copy.zip(home))
         }
         None => {
-            let (xml_from, _) = saved_file(zfs, &unit, domain, "domain.xml")
+            let xml_from = saved_file(zfs, &unit, domain, "domain.xml")
                 .await?
+                .map(|f| f.frozen)
                 .ok_or_else(|| refuse(format!("snapshot {snapshot} holds no domain XML to define {new} from")))?;
             let old = crate::fsutil::read_limited(&xml_from, 4 << 20).map_err(|e| refuse(e.to_string()))?;
             let saved = crate::libvirt::hook::parse_domain_xml(&String::from_utf8_lossy(&old)).ok();

@@ -25,6 +25,7 @@ pub use copy_journal::recover_copies;
 pub use journal::recover_pending;
 pub use steps::{apply, Progress, RestoreReport};
 
+use crate::integrity::saved_file;
 use crate::config::{Config, DomainConfig};
 use crate::libvirt::virsh;
 use crate::model::{prop, RamCompress};
@@ -190,23 +191,6 @@ async fn ensure_stopped(domain: &str, manager: Manager, dom: Option<&DomainConfi
     }
 }
 
-/// Where a file the snapshot saved under `.vmsnap/<domain>/` is: in the snapshot (`.zfs/snapshot`)
-/// and in the dataset once rolled back. The first filesystem of the unit that has it.
-async fn saved_file(zfs: &Zfs, unit: &[SnapshotName], domain: &str, file: &str) -> Result<Option<(PathBuf, PathBuf)>, RestoreError> {
-    for s in unit {
-        let Some(mp) = zfs.get_native(s.dataset().as_str(), "mountpoint").await? else { continue };
-        if !mp.starts_with('/') {
-            continue;
-        }
-        let live = PathBuf::from(&mp).join(".vmsnap").join(domain).join(file);
-        let frozen = PathBuf::from(&mp).join(".zfs/snapshot").join(s.snap()).join(".vmsnap").join(domain).join(file);
-        if frozen.is_file() {
-            return Ok(Some((frozen, live)));
-        }
-    }
-    Ok(None)
-}
-
 /// The snapshots and bookmarks a rollback to `unit` destroys, by full name.
 async fn newer_than(zfs: &Zfs, unit: &[SnapshotName]) -> Result<Vec<String>, RestoreError> {
     let mut newer = Vec::new();
@@ -271,8 +255,8 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
         return Err(RestoreError::NewerSnapshots { snapshot: req.snapshot.clone(), newer });
     }
 
-    let xml = saved_file(zfs, &unit, &req.domain, "domain.xml").await?;
-    let nvram_copy = saved_file(zfs, &unit, &req.domain, "nvram.fd").await?;
+    let xml = saved_file(zfs, &unit, &req.domain, "domain.xml").await?.map(|f| (f.frozen, f.live));
+    let nvram_copy = saved_file(zfs, &unit, &req.domain, "nvram.fd").await?.map(|f| (f.frozen, f.live));
     let saved_domain = match (manager, &xml) {
         (Manager::Libvirt, Some((frozen, _))) => {
             let text = crate::fsutil::read_limited(frozen, 4 << 20).map_err(|e| RestoreError::Step {

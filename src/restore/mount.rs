@@ -15,7 +15,8 @@
 //! step, so `vmsnap umount` undoes exactly that, and `vmsnap recover` undoes a mount that was
 //! interrupted half-way (a complete one stays until `umount`).
 
-use super::{find_unit, saved_file};
+use super::find_unit;
+use crate::integrity::saved_file;
 use crate::config::Config;
 use crate::engine::journal::fault_point;
 use crate::zfs::{Dataset, SnapshotName, Zfs};
@@ -171,7 +172,7 @@ impl ImageFormat {
 
 /// The disks the snapshot's own domain XML names (else the configured domain's).
 async fn disks(cfg: &Config, zfs: &Zfs, unit: &[SnapshotName], domain: &str) -> Result<Vec<Disk>, MountError> {
-    if let Some((xml, _)) = saved_file(zfs, unit, domain, "domain.xml").await? {
+    if let Some(xml) = saved_file(zfs, unit, domain, "domain.xml").await?.map(|f| f.frozen) {
         let text = crate::fsutil::read_limited(&xml, 4 << 20).map_err(|e| MountError::Refused(e.to_string()))?;
         let parsed = crate::libvirt::hook::parse_domain_xml(&String::from_utf8_lossy(&text))
             .map_err(|e| MountError::Refused(format!("the snapshot's domain XML {}: {e}", xml.display())))?;
