@@ -405,7 +405,7 @@ impl Server {
     /// Whether this server received `snap` (after finishing any marking a stopped receive left).
     async fn was_received(&self, snap: &SnapshotName) -> Result<bool, String> {
         self.finish_pending().await?;
-        Ok(self.received_snapshots().await?.contains(&snap.to_string()))
+        Ok(self.zfs.get_local(&snap.to_string(), &prop::RECEIVED).await.map_err(|e| e.to_string())?.is_some())
     }
 
     /// Notes, before a receive into `ds`, the GUIDs of the snapshots it has
@@ -426,6 +426,8 @@ impl Server {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(format!("{}: {e}", dir.display())),
         };
+        // What is marked already, read once (a note's dataset is not another note's).
+        let mut marked = None;
         for entry in entries {
             let path = entry.map_err(|e| e.to_string())?.path();
             let text = crate::fsutil::read_limited(&path, 1 << 20).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -435,7 +437,10 @@ impl Server {
                 let before: Vec<u64> = note["before"].as_array().map(|a| a.iter().filter_map(|g| g.as_u64()).collect()).unwrap_or_default();
                 match self.zfs.list_snapshots(&ds, &[]).await {
                     Ok(snaps) => {
-                        let marked = self.received_snapshots().await?;
+                        let marked = match &marked {
+                            Some(m) => m,
+                            None => marked.insert(self.received_snapshots().await?),
+                        };
                         let new: Vec<&str> = snaps
                             .iter()
                             .filter(|s| !before.contains(&s.guid) && !marked.contains(&s.name.to_string()))

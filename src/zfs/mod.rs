@@ -209,6 +209,16 @@ impl Zfs {
         }
     }
 
+    /// The value of `prop` set on `name` itself (`-s local`: never inherited or received);
+    /// `None` when it is not set there or `name` does not exist.
+    pub async fn get_local(&self, name: &str, prop: &PropName) -> Result<Option<String>, ZfsError> {
+        match self.cli.zfs(zargs!["get", "-H", "-s", "local", "-o", "value", prop.as_str(), name]).await {
+            Ok(v) => Ok(Some(v.trim_end_matches('\n').to_owned()).filter(|v| !v.is_empty())),
+            Err(ZfsError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Several native properties' parsable values in one call: property → value, without those
     /// ZFS says `-` of; `None` when the dataset does not exist.
     pub async fn get_natives(&self, name: &str, props: &[&str]) -> Result<Option<BTreeMap<String, String>>, ZfsError> {
