@@ -11,6 +11,11 @@
 /// Properties a received stream never sets.
 pub const NOT_RECEIVED: &[&str] = &["mountpoint", "canmount", "sharenfs", "sharesmb", "exec", "setuid", "devices", "zoned"];
 
+/// What a replica never takes from its source either: space set aside in the backup pool (one
+/// source's stream claiming `reservation=<the pool>` would starve every other source's replicas).
+/// A restore keeps them: they are the user's own settings coming home.
+pub const NOT_RECEIVED_BY_REPLICAS: &[&str] = &["reservation", "refreservation"];
+
 /// What the received dataset is on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Receiving {
@@ -32,6 +37,9 @@ pub fn argv(dataset: &str, into: Receiving) -> Vec<String> {
         args.extend(["-x".into(), (*p).into()]);
     }
     if into == Receiving::Replica {
+        for p in NOT_RECEIVED_BY_REPLICAS {
+            args.extend(["-x".into(), (*p).into()]);
+        }
         args.extend(["-o".into(), "readonly=on".into()]);
     }
     args.push(dataset.into());
@@ -45,7 +53,7 @@ mod tests {
     #[test]
     fn every_dangerous_property_is_excluded_and_replicas_are_read_only() {
         let a = argv("backup/replica/tank/vms/web", Receiving::Replica);
-        for p in ["mountpoint", "canmount", "sharenfs", "sharesmb", "exec", "setuid", "devices", "zoned"] {
+        for p in ["mountpoint", "canmount", "sharenfs", "sharesmb", "exec", "setuid", "devices", "zoned", "reservation", "refreservation"] {
             assert!(a.windows(2).any(|w| w[0] == "-x" && w[1] == p), "{p} not excluded: {a:?}");
         }
         assert!(a.windows(2).any(|w| w[0] == "-o" && w[1] == "readonly=on"));
@@ -54,5 +62,6 @@ mod tests {
         let r = argv("tank/vms/web", Receiving::Restore);
         assert!(!r.contains(&"-s".to_owned()) && !r.contains(&"readonly=on".to_owned()));
         assert!(r.windows(2).any(|w| w[0] == "-x" && w[1] == "mountpoint"));
+        assert!(!r.contains(&"refreservation".to_owned()), "a restored zvol keeps its own refreservation: {r:?}");
     }
 }
