@@ -295,7 +295,8 @@ fn main() {
         let hint = e
             .downcast_ref::<engine::EngineError>()
             .and_then(engine::EngineError::hint)
-            .or_else(|| e.downcast_ref::<engine::recover::RecoverError>().and_then(engine::recover::RecoverError::hint));
+            .or_else(|| e.downcast_ref::<engine::recover::RecoverError>().and_then(engine::recover::RecoverError::hint))
+            .or_else(|| e.downcast_ref::<vmsnap::replicate::ReplicateError>().and_then(vmsnap::replicate::ReplicateError::hint));
         if let Some(hint) = hint {
             eprintln!("hint: {hint}");
         }

@@ -34,7 +34,7 @@ pub async fn pull(
     };
     let r = vmsnap::replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, &dom, target, snapshot, how, &show)
         .await
-        .map_err(|e| anyhow::anyhow!("bringing {snapshot} back from {tname}: {e}"))?;
+        .with_context(|| format!("bringing {snapshot} back from {tname}"))?;
     if !json {
         for s in &r.steps {
             eprintln!("vmsnap: {s}");

@@ -31,6 +31,10 @@ pub enum ReplicateError {
     Diverged { target: String, dataset: String, why: String },
     #[error("target {target}: {why}")]
     Target { target: String, why: String },
+    /// What a target sent back is not what this host recorded when it took the snapshot, or
+    /// there is no record to check it against: it was received and removed again.
+    #[error("target {target}: {why} (removed again: {undone})")]
+    Untrusted { target: String, why: String, undone: String },
     #[error("target {target}: cancelled; the next run resumes where this one stopped")]
     Cancelled { target: String },
     #[error("nothing to replicate: the config lists no disks for {domain} and no dataset holds a snapshot vmsnap took of it")]
@@ -46,11 +50,15 @@ pub const DIVERGED_HINT: &str = "look at the target's snapshots: vmsnap never fo
 pub const TARGET_HINT: &str =
     "can this host reach the target (`ssh` with the configured key), and does its forced command run `vmsnap serve`?";
 
+/// What to do about a snapshot a target sent back unchecked or changed.
+pub const UNTRUSTED_HINT: &str = "vmsnap checks what a target sends back against the sha256s this host recorded when it took the snapshot (integrity records in its state directory); a snapshot with no record here comes back only with --trust-target";
+
 impl ReplicateError {
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             ReplicateError::Diverged { .. } => Some(DIVERGED_HINT),
             ReplicateError::Target { .. } => Some(TARGET_HINT),
+            ReplicateError::Untrusted { .. } => Some(UNTRUSTED_HINT),
             ReplicateError::Zfs(_) | ReplicateError::Cancelled { .. } | ReplicateError::NoDatasets { .. } => None,
         }
     }

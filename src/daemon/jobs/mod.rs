@@ -189,6 +189,9 @@ pub enum Failure {
     /// A replication target could not be reached or refused the run (ssh, its forced command,
     /// its `vmsnap serve`).
     Target,
+    /// What a target sent back for a restore was not what this host recorded (or there was no
+    /// record and the restore did not say `trust_target`): it was removed again.
+    Untrusted,
     /// Anything else.
     Error,
 }
@@ -198,6 +201,7 @@ impl Failure {
         match self {
             Self::Diverged => "diverged",
             Self::Target => "target",
+            Self::Untrusted => "untrusted",
             Self::Error => "error",
         }
     }
@@ -494,8 +498,9 @@ impl Jobs {
         // Replication stops between two pieces of a stream when this is set (nothing to undo:
         // the target keeps a resumable receive).
         let stop_sending = Arc::new(AtomicBool::new(false));
-        // Set when a replication target diverged, or failed as a target (the failure's kind).
-        let (diverged, target_failed) = (AtomicBool::new(false), AtomicBool::new(false));
+        // Set when a replication target diverged, or failed as a target, or a restore refused
+        // what a target sent back (the failure's kind).
+        let (diverged, target_failed, untrusted) = (AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false));
         let work = async {
             if slots.available_permits() == 0 {
                 step("waiting for a free slot (max_parallel)");
@@ -516,7 +521,7 @@ impl Jobs {
                     let watcher = work::Watcher::new(&*step, &transfer, &diverged, &target_failed);
                     self.replicate(cfg, dom, targets, opts, &watcher).await.map(Output::Replicate)
                 }
-                Request::Restore(r) => self.restore(cfg, dom, r, step.clone()).await.map(Output::Report),
+                Request::Restore(r) => self.restore(cfg, dom, r, step.clone(), &untrusted).await.map(Output::Report),
                 Request::Verify => {
                     step("verifying every RAM dump");
                     let zfs = &*self.0.zfs;
@@ -558,6 +563,8 @@ impl Jobs {
                             Failure::Diverged
                         } else if target_failed.load(Ordering::Relaxed) {
                             Failure::Target
+                        } else if untrusted.load(Ordering::Relaxed) {
+                            Failure::Untrusted
                         } else {
                             Failure::Error
                         };

@@ -16,13 +16,15 @@ use tokio::sync::watch;
 
 impl Jobs {
     /// A restore as `vmsnap restore` does it: from the target first when asked, then in place or
-    /// as a new domain; the report as JSON.
+    /// as a new domain; the report as JSON. `untrusted` is set when the target's snapshot was
+    /// refused ([`ReplicateError::Untrusted`]).
     pub(super) async fn restore(
         &self,
         cfg: &Config,
         dom: &DomainConfig,
         r: &RestoreRequest,
         step: crate::restore::Progress,
+        untrusted: &AtomicBool,
     ) -> Result<serde_json::Value, String> {
         use crate::restore;
         let zfs = &*self.0.zfs;
@@ -39,7 +41,12 @@ impl Jobs {
             let how = replicate::pull::PullOptions { destroy_newer: r.destroy_newer, trust_target: r.trust_target };
             let report = replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, dom, target, &r.snapshot, how, &*step)
                 .await
-                .map_err(|e| format!("bringing {} back from {tname}: {}", r.snapshot, error_chain(&e)))?;
+                .map_err(|e| {
+                    if matches!(e, ReplicateError::Untrusted { .. }) {
+                        untrusted.store(true, Ordering::Relaxed);
+                    }
+                    format!("bringing {} back from {tname}: {}", r.snapshot, error_chain(&e))
+                })?;
             pulled = Some(report);
         }
         let mut out = match &r.as_name {
