@@ -482,7 +482,16 @@ fn daemon_replicates() -> Result<(), Failed> {
         let slow = cfg.replacen("[target.offsite]\n", "[target.offsite]\nrate_limit = 8388608\n", 1);
         reload(&daemon, &slow)?;
         sh(&format!("dd if=/dev/urandom of=/{SRC}/disk0.img bs=1M count=48 seek=16 conv=notrunc status=none"));
-        let name = snapshot("bus")?;
+        // A scheduled snapshot the old configuration started may still hold the domain's lock.
+        let t = Instant::now();
+        let name = loop {
+            match snapshot("bus") {
+                Err(e) if e.message().is_some_and(|m| m.contains("is busy")) && t.elapsed() < Duration::from_secs(60) => {
+                    std::thread::sleep(Duration::from_secs(1))
+                }
+                other => break other?,
+            }
+        };
         let job = replicate_job(&bus)?;
         let t = Instant::now();
         let mut moving = Value::Null;

@@ -200,7 +200,7 @@ pub fn disaster_restore() -> Result<(), Failed> {
     let vol = sh(&format!("sha256sum /dev/zvol/{ZVOL} | cut -d' ' -f1")).trim().to_owned();
     replicate(&[])?;
     // What could keep the datasets busy, shown if the destroy fails.
-    let busy = format!("zfs holds -r {SRC} {ZVOL}; grep -e {SRC} -e zd /proc/mounts; fuser -vm /{SRC} 2>&1");
+    let busy = format!("grep -e {SRC} -e zd /proc/mounts; ps -eo pid,ppid,stat,etime,args | grep -v -e '\\['");
     sh(&format!(
         "zfs destroy -r -f {SRC} && zfs destroy -r -f {ZVOL} && rm -rf {RT}/ram/web {RT}/state && udevadm settle || {{ {busy}; exit 1; }}"
     ));

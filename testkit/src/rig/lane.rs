@@ -31,6 +31,7 @@ pub fn dispatch_libvirt(inside_fn: fn()) {
 
 fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
     if inside() {
+        share_mounts();
         cache_the_rig();
         install_vmsnap_locally();
         inside_fn();
@@ -138,6 +139,15 @@ fn install_vmsnap_locally() {
     let local = std::path::Path::new(LOCAL_BIN);
     std::fs::create_dir_all(local.parent().expect("a directory")).expect("creating the lane's bin directory");
     std::fs::copy(SHARED_BIN, local).unwrap_or_else(|e| panic!("copying {SHARED_BIN} to {LOCAL_BIN}: {e}"));
+}
+
+/// Makes every mount shared, as systemd does on the hosts vmsnap runs on (the VM's init leaves
+/// them private). The lanes' other hosts are `ip netns exec` processes with a mount namespace of
+/// their own: with private mounts each keeps a copy of every file system mounted when it
+/// started, and `zfs destroy` of one of them fails as busy long after the host unmounted it.
+fn share_mounts() {
+    let out = std::process::Command::new("mount").args(["--make-rshared", "/"]).output().expect("mount");
+    assert!(out.status.success(), "mount --make-rshared /: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Remounts the read-only rig share with the page cache on: with 9p's default (no cache) every
