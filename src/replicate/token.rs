@@ -88,20 +88,30 @@ fn abridge(s: &str) -> String {
 mod tests {
     use super::*;
 
-    // The shape `zfs send -nv -t` prints (OpenZFS 2.3: libzfs's nvlist_print).
-    const DECODED: &str = "resume token contents:\nnvlist version: 0\n\tfromguid = 0x1f2e\n\tobject = 0x80\n\toffset = 0x0\n\
-        \tbytes = 0x10000\n\ttoguid = 0xabc\n\ttoname = tank/vms/web@autosnap_2026-12-01_03:00:00_daily\n\tembedok = 1\n\trawok = 1\n\
-        send from @a to tank/vms/web@autosnap_2026-12-01_03:00:00_daily estimated size is 1.2M\n";
+    // What `zfs send -n -v -t` printed for tokens of real interrupted receives (OpenZFS 2.3,
+    // recorded by scripts/record-fixtures).
+    const FULL: &str = include_str!("../../protocol-fixtures/zfs/send-nvt-full.txt");
+    const INCREMENTAL: &str = include_str!("../../protocol-fixtures/zfs/send-nvt-incremental.txt");
+    const RAW: &str = include_str!("../../protocol-fixtures/zfs/send-nvt-raw-encrypted.txt");
+    const OLD: (&str, u64) = ("autosnap_2026-12-01_00:00:00_daily", 0x56a4_00a1_2b04_b6b8);
+    const NEW: (&str, u64) = ("autosnap_2026-12-02_00:00:00_daily", 0xf9ac_5aae_4b85_38d3);
 
     fn ds() -> Dataset {
-        Dataset::new("tank/vms/web").unwrap()
+        Dataset::new("tokens/web").unwrap()
+    }
+
+    fn snaps() -> Vec<(String, u64)> {
+        [OLD, NEW].iter().map(|(n, g)| (n.to_string(), *g)).collect()
     }
 
     #[test]
     fn parses_what_zfs_prints() {
-        let t = parse(DECODED).unwrap();
-        assert_eq!(t.toname, "tank/vms/web@autosnap_2026-12-01_03:00:00_daily");
-        assert_eq!((t.toguid, t.fromguid, t.rawok), (0xabc, Some(0x1f2e), true));
+        let full = parse(FULL).unwrap();
+        assert_eq!(full, Token { toname: format!("tokens/web@{}", NEW.0), toguid: NEW.1, fromguid: None, rawok: false });
+        let incremental = parse(INCREMENTAL).unwrap();
+        assert_eq!((incremental.toguid, incremental.fromguid, incremental.rawok), (NEW.1, Some(OLD.1), false));
+        let raw = parse(RAW).unwrap();
+        assert_eq!((raw.toname.as_str(), raw.fromguid, raw.rawok), ("tokens/secret@autosnap_2026-12-02_00:00:00_daily", None, true));
         let bare = parse("resume token contents:\nnvlist version: 0\n\ttoguid = 0x5\n\ttoname = a/b@c\n\trawok\n").unwrap();
         assert!(bare.rawok && bare.fromguid.is_none());
         assert!(parse("cannot resume send: token is corrupt").is_err());
@@ -110,22 +120,24 @@ mod tests {
 
     #[test]
     fn only_this_datasets_snapshot_by_its_guid_from_its_own_base_raw_when_encrypted() {
-        let snaps = vec![("a".to_owned(), 0x1f2e), ("autosnap_2026-12-01_03:00:00_daily".to_owned(), 0xabc)];
-        let t = parse(DECODED).unwrap();
-        assert_eq!(check(&t, &ds(), &snaps, &[], true), Ok(()));
-        let other = Token { toname: "tank/vms/db@autosnap_2026-12-01_03:00:00_daily".into(), ..t.clone() };
+        let snaps = snaps();
+        let t = parse(INCREMENTAL).unwrap();
+        assert_eq!(check(&t, &ds(), &snaps, &[], false), Ok(()));
+        let other = Token { toname: format!("tokens/db@{}", NEW.0), ..t.clone() };
         assert!(check(&other, &ds(), &snaps, &[], false).unwrap_err().contains("another dataset"));
-        let child = Token { toname: "tank/vms/web/child@a".into(), ..t.clone() };
+        let secret = parse(RAW).unwrap();
+        assert!(check(&secret, &ds(), &snaps, &[], false).unwrap_err().contains("another dataset"));
+        let child = Token { toname: "tokens/web/child@a".into(), ..t.clone() };
         assert!(check(&child, &ds(), &snaps, &[], false).is_err());
         let wrong_guid = Token { toguid: 7, ..t.clone() };
         assert!(check(&wrong_guid, &ds(), &snaps, &[], false).unwrap_err().contains("guid 7"));
         let foreign_base = Token { fromguid: Some(99), ..t.clone() };
         assert!(check(&foreign_base, &ds(), &snaps, &[], false).unwrap_err().contains("base"));
         assert_eq!(check(&foreign_base, &ds(), &snaps, &[99], false), Ok(()));
-        let plain = Token { rawok: false, ..t.clone() };
-        assert!(check(&plain, &ds(), &snaps, &[], true).unwrap_err().contains("not raw"));
-        assert_eq!(check(&plain, &ds(), &snaps, &[], false), Ok(()));
-        let hostile = Token { toname: "tank/vms/web@\u{1b}[2Jgone".into(), ..t };
+        assert!(check(&t, &ds(), &snaps, &[], true).unwrap_err().contains("not raw"));
+        let raw = Token { rawok: true, ..t.clone() };
+        assert_eq!(check(&raw, &ds(), &snaps, &[], true), Ok(()));
+        let hostile = Token { toname: "tokens/web@\u{1b}[2Jgone".into(), ..t };
         assert!(!check(&hostile, &ds(), &snaps, &[], false).unwrap_err().contains('\u{1b}'));
     }
 }
