@@ -255,7 +255,8 @@ pub async fn pull(
 /// What a pulled snapshot's domain XML would run, for a user deciding whether to trust it.
 async fn what_it_would_run(zfs: &Zfs, unit: &[SnapshotName], domain: &str) -> String {
     let shown = |s: &str| super::protocol::shown(s, 200);
-    let Ok(Some(crate::integrity::SavedFile { frozen: xml, .. })) = crate::integrity::saved_file(zfs, unit, domain, "domain.xml").await else {
+    let Ok(Some(crate::integrity::SavedFile { frozen: xml, .. })) = crate::integrity::saved_file(zfs, unit, domain, "domain.xml").await
+    else {
         return "it holds no domain XML".into();
     };
     let parsed = crate::fsutil::read_limited(&xml, 4 << 20)

@@ -25,8 +25,8 @@ pub use copy_journal::recover_copies;
 pub use journal::recover_pending;
 pub use steps::{apply, Progress, RestoreReport};
 
-use crate::integrity::saved_file;
 use crate::config::{Config, DomainConfig};
+use crate::integrity::saved_file;
 use crate::libvirt::virsh;
 use crate::model::{prop, RamCompress};
 use crate::qemu::qmp::Qmp;

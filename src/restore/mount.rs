@@ -16,9 +16,9 @@
 //! interrupted half-way (a complete one stays until `umount`).
 
 use super::find_unit;
-use crate::integrity::saved_file;
 use crate::config::Config;
 use crate::engine::journal::fault_point;
+use crate::integrity::saved_file;
 use crate::zfs::{Dataset, SnapshotName, Zfs};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

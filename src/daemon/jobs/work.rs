@@ -39,9 +39,8 @@ impl Jobs {
         if let Some(tname) = &r.from {
             let target = cfg.targets.get(tname).ok_or_else(|| format!("no [target.{tname}] in the configuration"))?;
             let how = replicate::pull::PullOptions { destroy_newer: r.destroy_newer, trust_target: r.trust_target };
-            let report = replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, dom, target, &r.snapshot, how, &*step)
-                .await
-                .map_err(|e| {
+            let report =
+                replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, dom, target, &r.snapshot, how, &*step).await.map_err(|e| {
                     if matches!(e, ReplicateError::Untrusted { .. }) {
                         untrusted.store(true, Ordering::Relaxed);
                     }
