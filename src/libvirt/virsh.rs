@@ -1,8 +1,16 @@
 //! The few `virsh` calls restore makes (state, define, restore, the agent through libvirt): each
 //! an argument vector against `LIBVIRT_DEFAULT_URI` or `qemu:///system`, stderr kept for the error.
+//!
+//! Each call has a deadline ([`limit`]): libvirt's agent commands wait for the guest for as long
+//! as it takes by default, and a guest is free never to answer. A call made from the daemon's
+//! async workers hands the worker's other tasks on while it waits (`block_in_place`): one stuck
+//! virsh never stops another domain's timers, its freeze-window deadline among them.
 
+use std::ffi::OsStr;
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// What went wrong running virsh.
 #[derive(Debug, thiserror::Error)]
@@ -11,21 +19,98 @@ pub enum VirshError {
     Spawn(#[source] std::io::Error),
     #[error("virsh {args}: {stderr}")]
     Failed { args: String, stderr: String },
+    #[error("virsh {args}: no answer within {} s (stopped)", after.as_secs())]
+    TimedOut { args: String, after: Duration },
 }
+
+/// How long `virsh ARGS` may take: a save image's whole RAM for `restore`, the guest's own time
+/// for agent commands, libvirt's for the rest.
+pub fn limit(args: &[&str]) -> Duration {
+    Duration::from_secs(match args.first().copied() {
+        Some("restore" | "save") => 3600,
+        Some("domfsthaw" | "domfsfreeze" | "domtime" | "qemu-agent-command" | "domfsinfo" | "guestinfo") => 60,
+        _ => 120,
+    })
+}
+
+/// The most of virsh's stdout kept (a domain's XML, libvirt's capabilities: far less).
+const STDOUT_MAX: u64 = 16 << 20;
+/// The most of its stderr kept for an error.
+const STDERR_MAX: usize = 2000;
 
 /// The connection URI: the environment's, or the system instance (where vmsnap's domains run).
 fn uri() -> String {
     std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "qemu:///system".into())
 }
 
-/// Runs `virsh -c URI ARGS`; its stdout.
+/// Runs `virsh -c URI ARGS` within its [`limit`]; its stdout.
 pub fn run(args: &[&str]) -> Result<String, VirshError> {
-    let out = Command::new("virsh").arg("-c").arg(uri()).args(args).output().map_err(VirshError::Spawn)?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().chars().take(2000).collect();
-        return Err(VirshError::Failed { args: args.join(" "), stderr });
+    run_within(args, limit(args))
+}
+
+/// [`run`] with the deadline `after`.
+pub fn run_within(args: &[&str], after: Duration) -> Result<String, VirshError> {
+    let uri = uri();
+    let argv: Vec<&str> = ["-c", uri.as_str()].into_iter().chain(args.iter().copied()).collect();
+    run_program(OsStr::new("virsh"), &argv, after).map_err(|e| match e {
+        // The error names the call as the caller made it (without the URI).
+        VirshError::Failed { stderr, .. } => VirshError::Failed { args: args.join(" "), stderr },
+        VirshError::TimedOut { after, .. } => VirshError::TimedOut { args: args.join(" "), after },
+        e => e,
+    })
+}
+
+/// Runs `program ARGS` within `after` (see the module doc): its stdout.
+fn run_program(program: &OsStr, args: &[&str], after: Duration) -> Result<String, VirshError> {
+    let work = || run_blocking(program, args, after);
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
+        _ => work(),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_blocking(program: &OsStr, args: &[&str], after: Duration) -> Result<String, VirshError> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(VirshError::Spawn)?;
+    let (out, err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+    // Both pipes are drained while virsh runs (a full pipe would stall it), each to its bound.
+    let stdout = std::thread::spawn(move || drain(out, STDOUT_MAX));
+    let stderr = std::thread::spawn(move || drain(err, STDOUT_MAX));
+    let deadline = Instant::now() + after;
+    let status = loop {
+        match child.try_wait().map_err(VirshError::Spawn)? {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let (stdout, stderr) = (stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());
+    match status {
+        None => Err(VirshError::TimedOut { args: args.join(" "), after }),
+        Some(s) if !s.success() => {
+            let stderr = String::from_utf8_lossy(&stderr).trim().chars().take(STDERR_MAX).collect();
+            Err(VirshError::Failed { args: args.join(" "), stderr })
+        }
+        Some(_) => Ok(String::from_utf8_lossy(&stdout).into_owned()),
+    }
+}
+
+/// Reads `from` to its end, keeping at most `max` bytes.
+fn drain(from: impl Read, max: u64) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut from = from;
+    let _ = from.by_ref().take(max).read_to_end(&mut kept);
+    let _ = std::io::copy(&mut from, &mut std::io::sink());
+    kept
 }
 
 /// The QEMU binaries libvirt lists on this host (`virsh capabilities`, each guest's `<emulator>`).
@@ -136,6 +221,41 @@ pub fn links_down(domain: &str) -> Result<Vec<String>, VirshError> {
 
 #[cfg(test)]
 mod tests {
+    use super::{run_program, VirshError};
+    use std::ffi::OsStr;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_call_past_its_deadline_is_stopped_and_says_so() {
+        let t = Instant::now();
+        let e = run_program(OsStr::new("sleep"), &["30"], Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, VirshError::TimedOut { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10), "stopped after {:?}", t.elapsed());
+        let e =
+            run_program(OsStr::new("sh"), &["-c", "echo out; echo 'error: no domain' >&2; exit 3"], Duration::from_secs(30)).unwrap_err();
+        assert!(matches!(&e, VirshError::Failed { stderr, .. } if stderr == "error: no domain"), "{e}");
+        let out = run_program(OsStr::new("sh"), &["-c", "head -c 100000 /dev/zero; echo done >&2"], Duration::from_secs(30)).unwrap();
+        assert_eq!(out.len(), 100000);
+    }
+
+    /// A slow call on the runtime's only worker does not stop the other tasks there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_waiting_call_leaves_the_runtime_running() {
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        tokio::task::yield_now().await;
+        tokio::spawn(async { run_program(OsStr::new("sleep"), &["1"], Duration::from_secs(30)) }).await.unwrap().unwrap();
+        ticker.abort();
+        let n = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(n >= 5, "the other task ticked {n} times while virsh ran for 1 s");
+    }
+
     #[test]
     fn the_hosts_emulators_from_capabilities() {
         let caps = "<capabilities><host/><guest><os_type>hvm</os_type><arch name='x86_64'><wordsize>64</wordsize>\
