@@ -44,10 +44,12 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// A guest shell loop: a counter on both disks (`/mnt/vda`, `/mnt/vdb`), rewritten every 50 ms
-/// with write + rename, so any instant has a whole one.
+/// A guest shell loop: a counter on both disks (`/mnt/vda`, `/mnt/vdb`), rewritten about every
+/// half second with write + rename, so any instant has a whole one. (Each round forks a few
+/// programs: in a guest nested under TCG inside TCG, a tighter loop kept the guest's CPU busy
+/// for the whole lane, competing with what the lane measures.)
 pub const COUNTER_WRITER: &str =
-    "i=0; while :; do i=$((i+1)); for d in vda vdb; do echo $i > /mnt/$d/c.tmp && mv /mnt/$d/c.tmp /mnt/$d/counter; done; sleep 0.05; done";
+    "i=0; while :; do i=$((i+1)); for d in vda vdb; do echo $i > /mnt/$d/c.tmp && mv /mnt/$d/c.tmp /mnt/$d/counter; done; sleep 0.5; done";
 
 #[cfg(test)]
 mod tests {
