@@ -159,7 +159,9 @@ pub fn planted_xml() -> Result<(), Failed> {
         let kept = props(&format!("{ds}@{planted}"));
         let change = if ds == DST {
             format!(
-                "zfs set readonly=off {ds}; zfs mount {ds} 2>/dev/null || true; \
+                // Unmounted first: set on a mounted replica, readonly=off has to remount it,
+                // which can fail ("unable to remount filesystem").
+                "zfs umount {ds} 2>/dev/null || true; zfs set readonly=off {ds}; zfs mount {ds}; \
                  sed -i 's#</domain>#<devices><emulator>/tmp/evil-qemu</emulator></devices></domain>#' {xml}; "
             )
         } else {
