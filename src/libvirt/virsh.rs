@@ -25,7 +25,7 @@ pub enum VirshError {
 
 /// How long `virsh ARGS` may take: a save image's whole RAM for `restore`, the guest's own time
 /// for agent commands, libvirt's for the rest.
-pub fn limit(args: &[&str]) -> Duration {
+fn limit(args: &[&str]) -> Duration {
     Duration::from_secs(match args.first().copied() {
         Some("restore" | "save") => 3600,
         Some("domfsthaw" | "domfsfreeze" | "domtime" | "qemu-agent-command" | "domfsinfo" | "guestinfo") => 60,
@@ -35,7 +35,8 @@ pub fn limit(args: &[&str]) -> Duration {
 
 /// The most of virsh's stdout kept (a domain's XML, libvirt's capabilities: far less).
 const STDOUT_MAX: u64 = 16 << 20;
-/// The most of its stderr kept for an error.
+/// The most of its stderr read, and kept for an error.
+const STDERR_READ_MAX: u64 = 64 << 10;
 const STDERR_MAX: usize = 2000;
 
 /// The connection URI: the environment's, or the system instance (where vmsnap's domains run).
@@ -45,11 +46,7 @@ fn uri() -> String {
 
 /// Runs `virsh -c URI ARGS` within its [`limit`]; its stdout.
 pub fn run(args: &[&str]) -> Result<String, VirshError> {
-    run_within(args, limit(args))
-}
-
-/// [`run`] with the deadline `after`.
-pub fn run_within(args: &[&str], after: Duration) -> Result<String, VirshError> {
+    let after = limit(args);
     let uri = uri();
     let argv: Vec<&str> = ["-c", uri.as_str()].into_iter().chain(args.iter().copied()).collect();
     run_program(OsStr::new("virsh"), &argv, after).map_err(|e| match e {
@@ -80,7 +77,7 @@ fn run_blocking(program: &OsStr, args: &[&str], after: Duration) -> Result<Strin
     let (out, err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
     // Both pipes are drained while virsh runs (a full pipe would stall it), each to its bound.
     let stdout = std::thread::spawn(move || drain(out, STDOUT_MAX));
-    let stderr = std::thread::spawn(move || drain(err, STDOUT_MAX));
+    let stderr = std::thread::spawn(move || drain(err, STDERR_READ_MAX));
     let deadline = Instant::now() + after;
     let status = loop {
         match child.try_wait().map_err(VirshError::Spawn)? {

@@ -255,11 +255,11 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
         return Err(RestoreError::NewerSnapshots { snapshot: req.snapshot.clone(), newer });
     }
 
-    let xml = saved_file(zfs, &unit, &req.domain, "domain.xml").await?.map(|f| (f.frozen, f.live));
-    let nvram_copy = saved_file(zfs, &unit, &req.domain, "nvram.fd").await?.map(|f| (f.frozen, f.live));
+    let xml = saved_file(zfs, &unit, &req.domain, "domain.xml").await?;
+    let nvram_copy = saved_file(zfs, &unit, &req.domain, "nvram.fd").await?;
     let saved_domain = match (manager, &xml) {
-        (Manager::Libvirt, Some((frozen, _))) => {
-            let text = crate::fsutil::read_limited(frozen, 4 << 20).map_err(|e| RestoreError::Step {
+        (Manager::Libvirt, Some(saved)) => {
+            let text = crate::fsutil::read_limited(&saved.frozen, 4 << 20).map_err(|e| RestoreError::Step {
                 domain: req.domain.clone(),
                 snapshot: req.snapshot.clone(),
                 step: "read the snapshot's XML",
@@ -273,7 +273,7 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
         Manager::Config => dom.and_then(|d| d.nvram.clone()),
         Manager::Libvirt => saved_domain.as_ref().and_then(|d| d.nvram.clone()),
     };
-    let nvram = nvram_copy.zip(nvram_home).map(|((_, live), home)| (live, home));
+    let nvram = nvram_copy.zip(nvram_home).map(|(copy, home)| (copy.live, home));
     let redefine = manager == Manager::Libvirt && xml.is_some() && virsh::is_persistent(&req.domain)?;
 
     let get = |p: &PropName| props.get(p).cloned();
@@ -319,7 +319,7 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
         newer,
         newer_dumps,
         destroy_newer: req.destroy_newer,
-        xml: xml.map(|(_, live)| live),
+        xml: xml.map(|saved| saved.live),
         redefine,
         nvram,
         resume,
