@@ -546,7 +546,8 @@ fn restore_as_resume() -> Result<(), Failed> {
         continued?;
         let report = report?;
         eprintln!("METRIC restore --as --resume: {:.1} s", t.elapsed().as_secs_f64());
-        check(virsh(&["domstate", COPY])?.trim() == "running" && virsh(&["domstate", DOMAIN])?.trim() == "running", "both run")?;
+        let (copy, original) = (virsh(&["domstate", COPY])?, virsh(&["domstate", DOMAIN])?);
+        check(copy.trim() == "running" && original.trim() == "running", format!("both run: the copy {copy:?}, the original {original:?}"))?;
         check(report["resumed_from"]["sha256"] == report_sha(&dump)?, format!("resumed from the checked dump: {report}"))?;
         check(report["started"] == "resume" && report["clock_set"] == true, format!("report: {report}"))?;
         check(report["thawed"].as_i64().is_some(), format!("the guest saved frozen was thawed: {report}"))?;

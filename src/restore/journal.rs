@@ -23,6 +23,10 @@ pub(super) struct State {
     pub redefined: bool,
     /// The domain was about to be started from its RAM dump (intent): never redone by recovery.
     pub resume_started: bool,
+    /// A raw save image vmsnap was about to write for `virsh restore` (intent: a zstd dump this
+    /// libvirt cannot read); recovery deletes it (it holds the guest's RAM).
+    #[serde(default)]
+    pub image: Option<std::path::PathBuf>,
 }
 
 pub(super) struct Journal {
@@ -37,8 +41,15 @@ fn dir(state_dir: &Path) -> Result<Dir, RestoreError> {
 impl Journal {
     pub fn create(state_dir: &Path, plan: Plan) -> Result<Self, RestoreError> {
         let name = format!("{}.json", plan.domain);
-        let state =
-            State { plan, rolled_back: Vec::new(), nvram_written: false, dumps_removed: false, redefined: false, resume_started: false };
+        let state = State {
+            plan,
+            rolled_back: Vec::new(),
+            nvram_written: false,
+            dumps_removed: false,
+            redefined: false,
+            resume_started: false,
+            image: None,
+        };
         let file = StateFile::create(dir(state_dir)?, name, &state, "restore_planned", || {
             "an earlier restore of this domain did not finish: run `vmsnap recover` first".into()
         })?;

@@ -96,6 +96,11 @@ pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> R
         let agent = match journal.state.plan.manager {
             super::Manager::Libvirt => {
                 progress("starting the domain from its RAM dump (virsh restore)");
+                if r.compress == RamCompress::Zstd {
+                    // It may have to be written raw for this libvirt: a crash then leaves it to recovery.
+                    journal.state.image = Some(raw_image(cfg, &domain));
+                    journal.record("restore_image_intended")?;
+                }
                 resume_libvirt(cfg, &domain, &r.dump, r.compress, &progress).await.map_err(|why| step(&journal, "virsh restore", why))?;
                 Agent::of_libvirt(&domain)
             }
@@ -207,6 +212,13 @@ fn put_nvram(copy: &Path, home: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The name of the raw save image a resume writes for a libvirt that cannot read zstd ones.
+const RAW_IMAGE: &str = "restore-{}.save";
+
+fn raw_image(cfg: &Config, domain: &str) -> PathBuf {
+    cfg.ram_dir.join(RAW_IMAGE.replace("{}", domain))
+}
+
 /// `virsh restore` of the dump; a zstd image this libvirt cannot read (9.0 cannot) is rewritten
 /// raw into the RAM directory first, and removed after.
 async fn resume_libvirt(cfg: &Config, domain: &str, dump: &Path, compress: RamCompress, progress: &Progress) -> Result<(), String> {
@@ -216,7 +228,7 @@ async fn resume_libvirt(cfg: &Config, domain: &str, dump: &Path, compress: RamCo
         Ok(()) => Ok(()),
         Err(virsh::VirshError::Failed { stderr, .. }) if compress == RamCompress::Zstd && stderr.contains("save format") => {
             progress(&format!("this libvirt cannot read zstd save images ({stderr}): decompressing into {}", cfg.ram_dir.display()));
-            let (src, dir, name) = (dump.to_owned(), cfg.ram_dir.clone(), format!("restore-{domain}.save"));
+            let (src, dir, name) = (dump.to_owned(), cfg.ram_dir.clone(), RAW_IMAGE.replace("{}", domain));
             let raw = tokio::task::spawn_blocking(move || dump::raw_save_image(&src, &dir, &name)).await.expect("decompression runs");
             let raw = raw.map_err(|e| e.to_string())?;
             let again = raw.clone();
@@ -366,11 +378,26 @@ async fn guest_offset(qga: &Path, timeouts: Timeouts) -> Option<f64> {
 pub(super) async fn finish_interrupted(cfg: &Config, zfs: &Zfs, mut journal: Journal) -> Result<Vec<String>, RestoreError> {
     let domain = journal.state.plan.domain.clone();
     let _locks = locks(cfg, &domain)?;
+    let mut swept = Vec::new();
+    if let Some(image) = journal.state.image.take() {
+        // Only the one name a resume writes (the journal is root's, but recovery deletes nothing
+        // else). libvirt has read it or never will: a restore still running holds it open.
+        if image != raw_image(cfg, &domain) {
+            return Err(step(&journal, "recover", format!("the journal names the save image {}, not this domain's", image.display())));
+        }
+        match std::fs::remove_file(&image) {
+            Ok(()) => swept.push(format!("deleted {} (the raw save image of an interrupted resume)", image.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(step(&journal, "recover", format!("deleting {}: {e}", image.display()))),
+        }
+        journal.record("restore_image_swept")?;
+    }
     let stopped = ensure_stopped(&domain, journal.state.plan.manager, cfg.domains.get(&domain)).await;
     if let Err(e) = stopped {
         if journal.state.resume_started {
             journal.finish()?;
-            return Ok(vec![format!("the restore had started {domain} from its RAM dump and it runs: nothing left to do")]);
+            swept.push(format!("the restore had started {domain} from its RAM dump and it runs: nothing left to do"));
+            return Ok(swept);
         }
         return Err(step(&journal, "recover", format!("{e}; the restore journal stays")));
     }
@@ -389,14 +416,16 @@ pub(super) async fn finish_interrupted(cfg: &Config, zfs: &Zfs, mut journal: Jou
     if let Some(extra) = newer.iter().find(|n| !journal.state.plan.newer.contains(n)) {
         let (done, plan) = (journal.state.rolled_back.join(", "), journal.state.plan.clone());
         journal.finish()?;
-        return Ok(vec![format!(
+        swept.push(format!(
             "the restore of {domain} to {} was interrupted and {extra} was taken since: not finished (rolled back: {}); run `vmsnap restore {domain} {}` again",
             plan.snapshot,
             if done.is_empty() { "none".into() } else { done },
             plan.snapshot
-        )]);
+        ));
+        return Ok(swept);
     }
-    let mut actions = complete(zfs, &mut journal, &progress).await?;
+    let mut actions = swept;
+    actions.extend(complete(zfs, &mut journal, &progress).await?);
     if journal.state.resume_started {
         actions.push(format!(
             "{domain} was being started from its RAM dump and does not run: its disks are at {} (run `vmsnap restore {domain} {} --resume` again)",
@@ -406,4 +435,62 @@ pub(super) async fn finish_interrupted(cfg: &Config, zfs: &Zfs, mut journal: Jou
     actions.push(format!("finished the restore of {domain} to {}", journal.state.plan.snapshot));
     journal.finish()?;
     Ok(actions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zfs::ZfsCli;
+
+    fn plan(snapshot: &str) -> Plan {
+        Plan {
+            domain: "web".into(),
+            snapshot: snapshot.into(),
+            manager: super::super::Manager::Config,
+            snapshots: Vec::new(),
+            consistency: Some("ram".into()),
+            newer: Vec::new(),
+            newer_dumps: Vec::new(),
+            destroy_newer: false,
+            xml: None,
+            redefine: false,
+            nvram: None,
+            resume: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// A resume killed while its raw save image existed: recovery deletes that image (it holds
+    /// the guest's RAM) and nothing else, and the journal goes. A journal naming another file
+    /// leaves it alone and says so.
+    #[tokio::test]
+    async fn recovery_deletes_the_raw_save_image_of_an_interrupted_resume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (state, ram) = (tmp.path().join("state"), tmp.path().join("ram"));
+        let qmp = tmp.path().join("nobody-listens.qmp");
+        let text = format!("state_dir = {state:?}\nram_dir = {ram:?}\n[domain.web]\nqmp = {qmp:?}\n");
+        let cfg = Config::parse(&text, Path::new("vmsnap.toml")).unwrap();
+        std::fs::create_dir_all(&ram).unwrap();
+        let (image, dump) = (raw_image(&cfg, "web"), ram.join("web-dump.ram"));
+        std::fs::write(&image, b"guest RAM").unwrap();
+        std::fs::write(&dump, b"the snapshot's dump").unwrap();
+        // No dataset to roll back: the stand-in zfs is never run.
+        let zfs = Zfs::new(ZfsCli::with_binaries("/nonexistent/zfs".into(), "/nonexistent/zpool".into()));
+
+        let mut journal = Journal::create(&state, plan("autosnap_x")).unwrap();
+        journal.state.resume_started = true;
+        journal.state.image = Some(image.clone());
+        journal.record("restore_image_intended").unwrap();
+        let said = super::super::recover_pending(&cfg, &zfs).await.unwrap();
+        assert!(!image.exists() && dump.exists(), "{said:?}");
+        let lines = &said[0].1;
+        assert!(lines[0].contains("raw save image") && lines.iter().any(|l| l.contains("--resume")), "{lines:?}");
+        assert!(super::super::recover_pending(&cfg, &zfs).await.unwrap().is_empty(), "the journal is left");
+
+        let mut journal = Journal::create(&state, plan("autosnap_y")).unwrap();
+        journal.state.image = Some(dump.clone());
+        journal.record("restore_image_intended").unwrap();
+        let e = super::super::recover_pending(&cfg, &zfs).await.unwrap_err().to_string();
+        assert!(dump.exists() && e.contains("not this domain's"), "{e}");
+    }
 }

@@ -84,9 +84,10 @@ fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
                 last_lines(&vm.machine.console(), CONSOLE_TAIL)
             );
             // The harness's failure messages, again after the console: the end of a long log is
-            // what a CI summary shows.
+            // what a CI summary shows. libtest prints "failures:" twice: first with each test's
+            // message, then the bare names; the messages are the news.
             let stdout = out.stdout_text();
-            if let Some(at) = stdout.rfind("\nfailures:\n") {
+            if let Some(at) = stdout.rfind("\nfailures:\n\n---- ").or_else(|| stdout.rfind("\nfailures:\n")) {
                 eprintln!("---- the failures, once more ----{}", &stdout[at..]);
             }
         }
