@@ -5,7 +5,7 @@
 //! The cases share one nested guest (it takes over a minute to boot under nested TCG) and run one
 //! after the other; each checks the guest is left thawed and running with no overlay anywhere.
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -99,7 +99,7 @@ fn inside() {
         // Last: it runs on the guest resumed from RAM above, and stops its agent.
         ("daemon_takes_prunes_and_check_goes_critical", daemon::daemon_takes_prunes_and_check_goes_critical),
     ];
-    let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
+    let trials = vmsnap_testkit::support::timed_trials(cases);
     let conclusion = libtest_mimic::run(&args, trials);
     if let Some(mut g) = GUEST.lock().unwrap().take() {
         g.vm.machine.kill();
@@ -564,7 +564,8 @@ fn config_copy_resumed() -> Result<(), Failed> {
     // time for nothing this case checks.
     original_vcpus(&original_qmp, false)?;
     let t = std::time::Instant::now();
-    let out = vmsnap(&["restore", "demo", &name, "--as", "demo2", "--resume", "--json"], &[]);
+    let out = vmsnap(&["restore", "demo", &name, "--as", "demo2", "--resume", "--json"], &[("VMSNAP_LOG", "vmsnap=debug")]);
+    eprintln!("restore --as demo2 --resume, its log:\n{}", String::from_utf8_lossy(&out.stderr));
     let continued = original_vcpus(&original_qmp, true);
     let res = (|| {
         continued?;
@@ -639,7 +640,8 @@ fn ram_background_resumes() -> Result<(), Failed> {
     // dump, thaws the guest (saved frozen: ram_quiesce) and sets its clock.
     GUEST.lock().unwrap().as_mut().ok_or("no guest")?.vm.machine.kill();
     let t = std::time::Instant::now();
-    let out = vmsnap(&["restore", "demo", &name, "--resume", "--json"], &[]);
+    let out = vmsnap(&["restore", "demo", &name, "--resume", "--json"], &[("VMSNAP_LOG", "vmsnap=debug")]);
+    eprintln!("restore --resume, its log:\n{}", String::from_utf8_lossy(&out.stderr));
     check(out.status.success(), format!("vmsnap restore --resume: {}", text(&out)))?;
     let report: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bad JSON ({e}): {}", text(&out)))?;
     eprintln!("METRIC vmsnap restore --resume of a config domain: {:.1} s; {report}", t.elapsed().as_secs_f64());

@@ -1327,7 +1327,7 @@ fn main() {
         ("hostile_agent_port_costs_no_memory", hostile_agent_port),
         ("qemu_killed_on_the_overlay_keeps_the_guests_writes", qemu_killed_on_the_overlay),
     ];
-    trials.extend(cases.iter().map(|&(name, f)| Trial::test(name, f)));
+    trials.extend(vmsnap_testkit::support::timed_trials(cases));
     if !args.list {
         *lab_lock() = Some(Lab::boot());
     }

@@ -9,7 +9,7 @@
 //!
 //! The cases run in order on one libvirtd and one guest; each says what it needs.
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -85,7 +85,7 @@ fn inside() {
         ("the_daemon_keeps_live_registrations_and_drops_stale_ones", daemon_restarts),
         ("enroll_and_unenroll_through_virsh", enroll_and_unenroll),
     ];
-    let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
+    let trials = vmsnap_testkit::support::timed_trials(cases);
     let conclusion = libtest_mimic::run(&args, trials);
     let _ = virsh(&["destroy", DOMAIN]);
     let mut lane = LANE.lock().unwrap();
@@ -394,7 +394,10 @@ fn virsh_restores_a_vmsnap_dump() -> Result<(), Failed> {
 
 /// The installed vmsnap with `args`; its stdout parsed as JSON (it must succeed).
 fn vmsnap_json(args: &[&str]) -> Result<serde_json::Value, Failed> {
-    let (ok, out, err) = vmsnap_cli(args);
+    // Its debug log (each step, command and QGA/QMP request, timed) goes to the lane's log.
+    let out = Command::new(VMSNAP).env("VMSNAP_LOG", "vmsnap=debug").args(["--config", CONFIG]).args(args).output()?;
+    let (ok, out, err) =
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     eprintln!("vmsnap {}: {}\n{}", args.join(" "), err.trim(), out.trim());
     check(ok, format!("vmsnap {args:?} failed: {err}{out}"))?;
     Ok(serde_json::from_str(&out).map_err(|e| format!("vmsnap {args:?} printed no JSON ({e}): {out}"))?)

@@ -9,7 +9,7 @@
 //! it does not read them; the RAM path itself is proven on the engine lanes.
 //! The cases run in order and build on each other.
 
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use serde_json::Value;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -62,7 +62,7 @@ fn inside() {
         // File-level restore (pools are here; it sends nothing).
         ("mount_reads_files_out_of_a_snapshot_and_umount_releases_it", mount_and_umount),
     ];
-    let trials = cases.iter().map(|&(name, f)| Trial::test(name, f)).collect();
+    let trials = vmsnap_testkit::support::timed_trials(cases);
     let conclusion = libtest_mimic::run(&args, trials);
     remote::stop();
     let _ = Command::new("/bin/sh").arg("-c").arg("zpool destroy backup; zpool destroy tank").status();

@@ -33,6 +33,8 @@ impl Steps {
             return;
         }
         self.last = s.to_owned();
+        // With `--json` (nothing shown) a debug log still has each step and when it came.
+        tracing::debug!(step = s, "step");
         match &self.bar {
             Some(b) => {
                 b.println(format!("  {s}"));

@@ -1,5 +1,5 @@
 //! Helpers the test lanes and benchmarks share: the `check` of libtest-mimic cases, a runtime,
-//! polling with a deadline, a median, and the guest's counter writer.
+//! polling with a deadline, a median, timed trials, and the guest's counter writer.
 
 use libtest_mimic::Failed;
 use std::time::{Duration, Instant};
@@ -11,6 +11,25 @@ pub fn check(cond: bool, what: impl std::fmt::Display) -> Result<(), Failed> {
     } else {
         Err(what.to_string().into())
     }
+}
+
+/// A lane's case.
+pub type Case = fn() -> Result<(), Failed>;
+
+/// The lane's cases as trials, each printing `CASE <name>: N s` when it ends (what a slow lane
+/// spends its time on, in the log).
+pub fn timed_trials(cases: &[(&'static str, Case)]) -> Vec<libtest_mimic::Trial> {
+    cases
+        .iter()
+        .map(|&(name, f)| {
+            libtest_mimic::Trial::test(name, move || {
+                let t = Instant::now();
+                let res = f();
+                eprintln!("CASE {name}: {:.1} s ({})", t.elapsed().as_secs_f64(), if res.is_ok() { "ok" } else { "failed" });
+                res
+            })
+        })
+        .collect()
 }
 
 /// A runtime like the product's (two workers).
