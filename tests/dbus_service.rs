@@ -141,8 +141,9 @@ impl Fixture {
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     }
 
-    fn job_property(&self, job: &str, prop: &str) -> String {
-        self.busctl(true, &["get-property", "io.github.vmsnap.Agent1", job, "io.github.vmsnap.Job1", prop], &[]).1
+    /// A job's property as root (`nobody`: as uid 65534).
+    fn job_property(&self, nobody: bool, job: &str, prop: &str) -> (bool, String) {
+        self.busctl(nobody, &["get-property", "io.github.vmsnap.Agent1", job, "io.github.vmsnap.Job1", prop], &[])
     }
 }
 
@@ -282,7 +283,7 @@ fn authorization_arguments_registry_and_introspection() {
     let job = out.split('"').find(|s| s.starts_with("/io/github/vmsnap/Agent1/Jobs/")).unwrap().to_owned();
     let t = Instant::now();
     let state = loop {
-        let out = f.job_property(&job, "State");
+        let (_, out) = f.job_property(false, &job, "State");
         if !out.contains("\"running\"") {
             break out;
         }
@@ -290,8 +291,21 @@ fn authorization_arguments_registry_and_introspection() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(state.contains("\"failed\""), "{state}");
-    let result = f.job_property(&job, "Result");
+    let (_, result) = f.job_property(false, &job, "Result");
     assert!(result.contains("lab") && result.contains("zfs"), "{result}");
+    // Root's job is root's to read: another local user learns nothing of it.
+    for prop in ["Result", "State", "Domain", "Progress", "Failure", "Transfer"] {
+        let (ok, out) = f.job_property(true, &job, prop);
+        // busctl shows org.freedesktop.DBus.Error.AccessDenied as its errno's words.
+        assert!(!ok && out.contains("Access denied") && !out.contains("zfs"), "{prop} as nobody: {out}");
+    }
+    let out = as_caller(true, "busctl")
+        .arg(format!("--address={}", f.address))
+        .args(["introspect", "--json=short", "io.github.vmsnap.Agent1", &job, "io.github.vmsnap.Job1"])
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!said.contains("zfs"), "introspection as nobody shows the job's values: {said}");
     let (ok, out) = f.call(false, "UnregisterDomain", &["s", "lab"]);
     assert!(ok && out.contains("b true"), "{out}");
     assert!(!f.state().join("registry/lab.json").exists());

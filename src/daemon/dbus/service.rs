@@ -2,7 +2,7 @@
 //! ([`super::authz`]), and start jobs through [`crate::daemon::jobs`] like the scheduler and the CLI.
 
 use super::authz::{require_root, require_uid0};
-use super::job::Job;
+use super::job::{Job, Starter};
 use super::{VmsnapError, BUS_NAME, JOBS, PATH};
 use crate::config::{Config, DomainConfig};
 use crate::daemon::error_chain;
@@ -57,15 +57,18 @@ impl Agent {
     }
 
     /// Puts a started job on the bus at `…/Jobs/<id>` and follows it there.
+    /// Only its starter (`hdr`'s sender) and root read it.
     async fn export(
         &self,
         handle: JobHandle,
+        hdr: &zbus::message::Header<'_>,
         conn: &zbus::Connection,
         server: &zbus::ObjectServer,
     ) -> Result<OwnedObjectPath, VmsnapError> {
+        let starter = Starter::of(conn, hdr).await?;
         let path = OwnedObjectPath::try_from(format!("{JOBS}/{}", handle.id)).map_err(|e| VmsnapError::Failed(e.to_string()))?;
-        server.at(&path, Job::new(handle.clone(), self.jobs.clone())).await?;
-        tokio::spawn(super::job::follow(conn.clone(), path.clone(), handle));
+        server.at(&path, Job::new(handle.clone(), self.jobs.clone(), starter.clone())).await?;
+        tokio::spawn(super::job::follow(conn.clone(), path.clone(), handle, starter));
         Ok(path)
     }
 
@@ -250,7 +253,7 @@ impl Agent {
             agent_answers(&dom).await?;
         }
         let handle = self.jobs.start(dom, Request::Snapshot(opts), Origin::DBus).map_err(start_error)?;
-        self.export(handle, conn, server).await
+        self.export(handle, &hdr, conn, server).await
     }
 
     /// Starts replicating `domain` to `target` ("" for each of its `replicate_to` targets);
@@ -279,7 +282,7 @@ impl Agent {
         }
         let targets = if target.is_empty() { Vec::new() } else { vec![target.to_owned()] };
         let handle = self.jobs.start(dom, Request::Replicate { targets, opts }, Origin::DBus).map_err(start_error)?;
-        self.export(handle, conn, server).await
+        self.export(handle, &hdr, conn, server).await
     }
 
     /// Starts a restore of a stopped domain to `snapshot` (as `vmsnap restore`); returns the
@@ -337,7 +340,7 @@ impl Agent {
             return Err(bad("option promote: only with as".into()));
         }
         let handle = self.jobs.start(dom, Request::Restore(r), Origin::DBus).map_err(start_error)?;
-        self.export(handle, conn, server).await
+        self.export(handle, &hdr, conn, server).await
     }
 
     /// Starts `vmsnap verify` of one domain (every RAM dump read against its sha256, the
@@ -352,7 +355,7 @@ impl Agent {
         require_root(conn, &hdr, "Verify").await?;
         let dom = self.known_or_named(domain)?;
         let handle = self.jobs.start(dom, Request::Verify, Origin::DBus).map_err(start_error)?;
-        self.export(handle, conn, server).await
+        self.export(handle, &hdr, conn, server).await
     }
 
     /// Starts `vmsnap verify --boot` of one domain: a scratch copy of `snapshot` (the newest when
@@ -370,7 +373,7 @@ impl Agent {
         let snapshot = if snapshot.is_empty() { None } else { Some(snapshot_arg(snapshot)?) };
         let dom = self.known_or_named(domain)?;
         let handle = self.jobs.start(dom, Request::VerifyBoot { snapshot }, Origin::DBus).map_err(start_error)?;
-        self.export(handle, conn, server).await
+        self.export(handle, &hdr, conn, server).await
     }
 
     /// Mounts a snapshot's file systems read-only at `/mnt/vmsnap/<domain>/<snapshot>` (never a
@@ -387,7 +390,7 @@ impl Agent {
         require_root(conn, &hdr, "Mount").await?;
         let dom = self.known_or_named(domain)?;
         let handle = self.jobs.start(dom, Request::Mount { snapshot: snapshot_arg(snapshot)? }, Origin::DBus).map_err(start_error)?;
-        self.export(handle, conn, server).await
+        self.export(handle, &hdr, conn, server).await
     }
 
     /// Undoes a `Mount` (or `vmsnap mount`); returns the job's path. Root only.
@@ -402,7 +405,7 @@ impl Agent {
         require_root(conn, &hdr, "Umount").await?;
         let dom = self.known_or_named(domain)?;
         let handle = self.jobs.start(dom, Request::Umount { snapshot: snapshot_arg(snapshot)? }, Origin::DBus).map_err(start_error)?;
-        self.export(handle, conn, server).await
+        self.export(handle, &hdr, conn, server).await
     }
 
     /// Registers a domain (the libvirt hook calls this on `started`/`reconnect`). Empty
