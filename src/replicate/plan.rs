@@ -151,6 +151,7 @@ mod tests {
                 .collect(),
             resume_token: None,
             written: 0,
+            more: false,
         }
     }
 

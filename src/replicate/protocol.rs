@@ -18,8 +18,13 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    /// The target's view of one replicated dataset.
-    List { dataset: String },
+    /// The target's view of one replicated dataset: its snapshots created after txg `after`
+    /// (all when absent), a page at a time ([`Listing::more`]).
+    List {
+        dataset: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+    },
     /// `zfs receive -s -u` of the stream that follows into the dataset.
     Recv { dataset: String },
     /// `zfs receive -A`: drops a partial receive whose resume token is of no use.
@@ -159,6 +164,41 @@ pub struct Listing {
     pub resume_token: Option<String>,
     /// Bytes written to the dataset since its newest snapshot (a changed target).
     pub written: u64,
+    /// The snapshots go on in another page: ask again `after` the last one's createtxg.
+    #[serde(default)]
+    pub more: bool,
+}
+
+/// A listing answer stays under this many bytes of snapshots (an answer is read up to 1 MiB):
+/// a dataset with thousands of snapshots is listed in pages.
+pub const PAGE_BYTES: usize = 256 << 10;
+
+/// The most snapshots of one dataset a source takes from a target's listing (a target that
+/// pages on for ever is refused).
+pub const MAX_LISTED: usize = 100_000;
+
+impl Listing {
+    /// The snapshots created after txg `after` that fit [`PAGE_BYTES`], oldest first; `more`
+    /// when some are left. A page never ends between two snapshots of the same txg (the next
+    /// page starts after the last one's txg), so it may hold more than that for one txg.
+    pub fn page(mut self, after: Option<u64>) -> Listing {
+        let all = std::mem::take(&mut self.snapshots);
+        let mut rest = all.into_iter().filter(|s| after.is_none_or(|a| s.createtxg > a)).peekable();
+        let mut size = 0;
+        while let Some(s) = rest.next_if(|s| {
+            let len = serde_json::to_string(s).map_or(PAGE_BYTES, |t| t.len() + 1);
+            // A page holds at least one txg, however large.
+            let fits = size + len <= PAGE_BYTES || self.snapshots.last().is_none_or(|l: &TargetSnapshot| l.createtxg == s.createtxg);
+            if fits {
+                size += len;
+            }
+            fits
+        }) {
+            self.snapshots.push(s);
+        }
+        self.more = rest.peek().is_some();
+        self
+    }
 }
 
 /// The target's answer to [`Request::RamStat`] and [`Request::RamPut`].
@@ -237,7 +277,7 @@ mod tests {
     #[test]
     fn verbs_are_the_wire_tags_and_batches_stay_under_the_limit() {
         let all = [
-            Request::List { dataset: "d".into() },
+            Request::List { dataset: "d".into(), after: None },
             Request::Recv { dataset: "d".into() },
             Request::Abort { dataset: "d".into() },
             Request::Props { dataset: "d".into(), snapshot: "s".into(), props: BTreeMap::new() },
@@ -280,5 +320,64 @@ mod tests {
         }
         assert!(valid_sha256(&"a".repeat(64)));
         assert!(!valid_sha256(&"A".repeat(64)) && !valid_sha256("abc"));
+    }
+
+    /// 5,000 RAM snapshots (each with a dump's properties) listed page by page as a source asks:
+    /// every answer under the 1 MiB a source reads, all of them once, oldest first; the
+    /// snapshots of one txg never split across pages.
+    #[test]
+    fn a_long_listing_comes_in_pages_under_the_answer_limit() {
+        let props: BTreeMap<String, String> = [
+            ("vmsnap:domain", "web".to_owned()),
+            ("vmsnap:consistency", "ram".to_owned()),
+            ("vmsnap:ram-dump", format!("/srv/vmsnap-ram/web/{}.ram", "autosnap_2026-12-04_00:00:00_hourly")),
+            ("vmsnap:ram-sha256", "a".repeat(64)),
+            ("vmsnap:ram-format", "libvirt-save".to_owned()),
+            ("vmsnap:replica", "complete".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let snapshots: Vec<TargetSnapshot> = (0..5000u64)
+            .map(|i| TargetSnapshot {
+                name: format!("autosnap_{i:05}_hourly"),
+                guid: 1_000_000 + i,
+                // Snapshots 10 and 11, and 2000 to 2009, were taken in one txg each.
+                createtxg: match i {
+                    11 => 10,
+                    2000..=2009 => 2000,
+                    _ => i,
+                },
+                props: props.clone(),
+            })
+            .collect();
+        let whole = Listing { exists: true, snapshots, resume_token: None, written: 0, more: false };
+        let mut got: Vec<TargetSnapshot> = Vec::new();
+        let (mut after, mut pages) = (None, 0);
+        loop {
+            let page = whole.clone().page(after);
+            let answer = serde_json::to_string(&Reply::ok(&page)).unwrap();
+            assert!(answer.len() < 1 << 20, "page {pages}: {} bytes", answer.len());
+            pages += 1;
+            if let (Some(last), false) = (page.snapshots.last(), page.more) {
+                assert_eq!(last.name, "autosnap_04999_hourly");
+            }
+            if let Some(last) = page.snapshots.last() {
+                assert!(!whole.snapshots.iter().any(|s| s.createtxg == last.createtxg && !page.snapshots.contains(s) && !got.contains(s)));
+            }
+            got.extend(page.snapshots.iter().cloned());
+            if !page.more {
+                break;
+            }
+            after = page.snapshots.last().map(|s| s.createtxg);
+        }
+        assert!(pages > 3, "{pages} pages");
+        assert_eq!(got, whole.snapshots);
+        // A short listing is one page, as before.
+        let short = Listing { snapshots: whole.snapshots[..3].to_vec(), ..whole.clone() }.page(None);
+        assert!(!short.more && short.snapshots.len() == 3);
+        // After the newest: nothing, and no more.
+        let none = whole.clone().page(Some(4999));
+        assert!(none.snapshots.is_empty() && !none.more && none.exists);
     }
 }

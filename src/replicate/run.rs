@@ -287,9 +287,35 @@ impl<'a> Run<'a> {
         names.iter().map(|n| Dataset::new(n).map_err(|e| self.err(format!("{}: {e}", super::protocol::shown(n, 200))))).collect()
     }
 
+    /// The target's whole listing of `ds`, page by page.
     pub(super) async fn list(&self, ds: &Dataset) -> Result<Listing, ReplicateError> {
-        let (v, _) = self.call(Request::List { dataset: ds.to_string() }, Payload::None).await?;
-        serde_json::from_value(v).map_err(|e| self.err(format!("a listing vmsnap cannot read: {e}")))
+        let mut whole: Option<Listing> = None;
+        let mut after = None;
+        loop {
+            let (v, _) = self.call(Request::List { dataset: ds.to_string(), after }, Payload::None).await?;
+            let page: Listing = serde_json::from_value(v).map_err(|e| self.err(format!("a listing vmsnap cannot read: {e}")))?;
+            let (more, last) = (page.more, page.snapshots.last().map(|s| s.createtxg));
+            // Each page must start after the one before (oldest first), or the target loops.
+            if let (Some(a), Some(first)) = (after, page.snapshots.first()) {
+                if first.createtxg <= a {
+                    return Err(self.err(format!("a listing page of {ds} goes back to txg {} (asked after {a})", first.createtxg)));
+                }
+            }
+            match &mut whole {
+                None => whole = Some(page),
+                Some(w) => w.snapshots.extend(page.snapshots),
+            }
+            if whole.as_ref().is_some_and(|w| w.snapshots.len() > super::protocol::MAX_LISTED) {
+                return Err(self.err(format!("the target lists more than {} snapshots of {ds}", super::protocol::MAX_LISTED)));
+            }
+            if !more {
+                break;
+            }
+            after = Some(last.ok_or_else(|| self.err(format!("an empty listing page of {ds} says more follow")))?);
+        }
+        let mut whole = whole.unwrap_or_default();
+        whole.more = false;
+        Ok(whole)
     }
 
     fn bookmark_prefix(&self) -> String {
@@ -383,7 +409,8 @@ impl<'a> Run<'a> {
                         report.bytes += n;
                         report.steps.push(describe(&step));
                         // The target lists the dataset after each receive (an older one answers null).
-                        fresh = serde_json::from_value(v).ok();
+                        // (A long one comes in pages: then it is listed again, whole.)
+                        fresh = serde_json::from_value::<Listing>(v).ok().filter(|l| !l.more);
                     }
                     // A token whose snapshot is gone on the source, or that names anything but
                     // this dataset's own snapshot (token.rs): drop the partial receive and plan

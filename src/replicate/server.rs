@@ -182,8 +182,8 @@ impl Server {
 
     async fn handle(&self, req: Request) -> Result<Reply, String> {
         match req {
-            Request::List { dataset } => Ok(Reply::ok(self.list(&self.dataset(&dataset)?).await?)),
-            Request::Recv { dataset } => self.recv(&self.dataset(&dataset)?).await.map(Reply::ok),
+            Request::List { dataset, after } => Ok(Reply::ok(self.list(&self.dataset(&dataset)?).await?.page(after))),
+            Request::Recv { dataset } => self.recv(&self.dataset(&dataset)?).await.map(|l| Reply::ok(l.page(None))),
             Request::Abort { dataset } => {
                 let ds = self.dataset(&dataset)?;
                 self.zfs.cli().zfs(crate::zargs!["receive", "-A", ds.as_str()]).await.map_err(|e| e.to_string())?;
@@ -261,6 +261,7 @@ impl Server {
                 .collect(),
             resume_token: token,
             written,
+            more: false,
         })
     }
 

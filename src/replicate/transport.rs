@@ -543,7 +543,7 @@ mod tests {
             cancel: None,
             idle_limit: Duration::from_millis(idle_ms),
         };
-        let req = Request::List { dataset: "tank/vms/web".into() };
+        let req = Request::List { dataset: "tank/vms/web".into(), after: None };
         let t0 = Instant::now();
         let r = silent(300).call(&req, Payload::None, &AtomicU64::new(0));
         assert!(r.as_ref().is_err_and(|e| e.contains("moved no byte")), "{r:?}");
