@@ -194,7 +194,8 @@ pub fn planted_xml() -> Result<(), Failed> {
 /// The disaster the backups are for, staged as a user would meet it: this host lost the domain's
 /// datasets (the file system and the zvol), its RAM dumps and its state directory. `list
 /// --target` still answers, and `restore --from` brings the snapshot back — in full, with its
-/// dump — once told to trust the target (there is no record here to check it against).
+/// dump — once told to trust the target (there is no record here to check it against). After
+/// the same loss again, `restore --from --as` brings the datasets back and makes the copy.
 pub fn disaster_restore() -> Result<(), Failed> {
     let snap = snapshot("d1")?;
     let sum = add_ram(&snap, 2)?;
@@ -220,5 +221,23 @@ pub fn disaster_restore() -> Result<(), Failed> {
     let dump = format!("{RT}/ram/web/{snap}.ram");
     check(sh(&format!("sha256sum {dump} | cut -d' ' -f1")).trim() == sum, "the RAM dump did not come back")?;
     check(snaps(SRC).last() == Some(&snap), format!("{SRC}: {:?}", snaps(SRC)))?;
-    Ok(())
+
+    // The same loss again, and a copy this time (`--as`): the datasets come back from the
+    // target, and the copy's clones hold the snapshot's disks.
+    sh(&format!(
+        "zfs destroy -r -f {SRC} && zfs destroy -r -f {ZVOL} && rm -rf {RT}/ram/web {RT}/state && udevadm settle || {{ {busy}; exit 1; }}"
+    ));
+    let config = std::fs::read_to_string(super::CONFIG)?;
+    let out = vmsnap(&["restore", "web", &snap, "--from", "offsite", "--trust-target", "--as", "webcopy", "--json"]);
+    let copied = (|| {
+        check(out.status.success(), text(&out))?;
+        sh("udevadm settle");
+        let clone_disk = sh(&format!("sha256sum /{SRC}-webcopy/disk0.img | cut -d' ' -f1"));
+        check(clone_disk.trim() == disk, format!("the copy's file disk is not the snapshot's: {}", text(&out)))?;
+        check(sh(&format!("sha256sum /dev/zvol/{ZVOL}-webcopy | cut -d' ' -f1")).trim() == vol, "the copy's zvol is not the snapshot's")?;
+        check(snaps(SRC).last() == Some(&snap), format!("{SRC} did not come back: {:?}", snaps(SRC)))
+    })();
+    std::fs::write(super::CONFIG, config)?;
+    sh(&format!("zfs destroy -r {SRC}-webcopy; zfs destroy -r {ZVOL}-webcopy; udevadm settle; true"));
+    copied
 }
