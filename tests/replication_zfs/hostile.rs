@@ -154,15 +154,17 @@ pub fn planted_xml() -> Result<(), Failed> {
             "zfs get -H -s local -o property,value all {snap} | grep '^vmsnap:' | grep -v '^vmsnap:verified' | tr '\t' '=' | tr '\n' ' '"
         ))
     };
-    let xml = format!("/{DST}/.vmsnap/web/domain.xml");
     for ds in [DST, DST_ZVOL] {
         let kept = props(&format!("{ds}@{planted}"));
         let change = if ds == DST {
             format!(
-                // Unmounted first: set on a mounted replica, readonly=off has to remount it,
-                // which can fail ("unable to remount filesystem").
-                "zfs umount {ds} 2>/dev/null || true; zfs set readonly=off {ds}; zfs mount {ds}; \
-                 sed -i 's#</domain>#<devices><emulator>/tmp/evil-qemu</emulator></devices></domain>#' {xml}; "
+                // Unmounted first (set on a mounted replica, readonly=off has to remount it, which
+                // can fail: "unable to remount filesystem"), then mounted writable aside, not at its
+                // mountpoint (`zfs mount` there failed with EINVAL after the disaster case).
+                "zfs umount {ds} 2>/dev/null || true; zfs set readonly=off {ds}; mkdir -p {RT}/plant; \
+                 mount -t zfs -o zfsutil {ds} {RT}/plant || {{ dmesg | tail -5; zfs get -H mountpoint,canmount,mounted,readonly {ds}; grep {ds} /proc/mounts; exit 1; }}; \
+                 sed -i 's#</domain>#<devices><emulator>/tmp/evil-qemu</emulator></devices></domain>#' {RT}/plant/.vmsnap/web/domain.xml; \
+                 umount {RT}/plant; "
             )
         } else {
             String::new()
@@ -232,12 +234,22 @@ pub fn disaster_restore() -> Result<(), Failed> {
     let copied = (|| {
         check(out.status.success(), text(&out))?;
         sh("udevadm settle");
-        let clone_disk = sh(&format!("sha256sum /{SRC}-webcopy/disk0.img | cut -d' ' -f1"));
+        // The copy's datasets are named after it: tank/vms/webcopy and tank/vms/webcopy-data.
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))?;
+        let clones: Vec<&str> = report["clones"].as_array().map(|c| c.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+        check(clones.len() == 2 && clones.iter().all(|c| c.contains("webcopy")), format!("clones: {report}"))?;
+        let (fs, zvol) = (SRC.replace("web", "webcopy"), ZVOL.replace("web", "webcopy"));
+        check(clones.contains(&fs.as_str()) && clones.contains(&zvol.as_str()), format!("clones: {report}"))?;
+        let clone_disk = sh(&format!("sha256sum /{fs}/disk0.img | cut -d' ' -f1"));
         check(clone_disk.trim() == disk, format!("the copy's file disk is not the snapshot's: {}", text(&out)))?;
-        check(sh(&format!("sha256sum /dev/zvol/{ZVOL}-webcopy | cut -d' ' -f1")).trim() == vol, "the copy's zvol is not the snapshot's")?;
+        check(sh(&format!("sha256sum /dev/zvol/{zvol} | cut -d' ' -f1")).trim() == vol, "the copy's zvol is not the snapshot's")?;
         check(snaps(SRC).last() == Some(&snap), format!("{SRC} did not come back: {:?}", snaps(SRC)))
     })();
     std::fs::write(super::CONFIG, config)?;
-    sh(&format!("zfs destroy -r {SRC}-webcopy; zfs destroy -r {ZVOL}-webcopy; udevadm settle; true"));
+    sh(&format!(
+        "zfs destroy -r {}; zfs destroy -r {}; udevadm settle; true",
+        SRC.replace("web", "webcopy"),
+        ZVOL.replace("web", "webcopy")
+    ));
     copied
 }
