@@ -159,9 +159,13 @@ pub fn planted_xml() -> Result<(), Failed> {
         let change = if ds == DST {
             format!(
                 // Unmounted first (set on a mounted replica, readonly=off has to remount it, which
-                // can fail: "unable to remount filesystem"), then mounted writable aside, not at its
-                // mountpoint (`zfs mount` there failed with EINVAL after the disaster case).
-                "zfs umount {ds} 2>/dev/null || true; zfs set readonly=off {ds}; mkdir -p {RT}/plant; \
+                // fails: "unable to remount filesystem"), by force: a snapshot of it read through
+                // `.zfs/snapshot` (as earlier cases do) stays automounted for minutes and keeps
+                // it busy; mounted and touched here so the case always meets that. Then mounted
+                // writable aside, not at its mountpoint.
+                "zfs mount {ds} 2>/dev/null || true; ls /{ds}/.zfs/snapshot/*/ >/dev/null 2>&1 || true; \
+                 if [ \"$(zfs get -H -o value mounted {ds})\" = yes ]; then zfs umount -f {ds}; fi; \
+                 zfs set readonly=off {ds}; mkdir -p {RT}/plant; \
                  mount -t zfs -o zfsutil {ds} {RT}/plant || {{ dmesg | tail -5; zfs get -H mountpoint,canmount,mounted,readonly {ds}; grep {ds} /proc/mounts; exit 1; }}; \
                  sed -i 's#</domain>#<devices><emulator>/tmp/evil-qemu</emulator></devices></domain>#' {RT}/plant/.vmsnap/web/domain.xml; \
                  umount {RT}/plant; "
