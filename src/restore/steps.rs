@@ -212,11 +212,14 @@ fn put_nvram(copy: &Path, home: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The name of the raw save image a resume writes for a libvirt that cannot read zstd ones.
-const RAW_IMAGE: &str = "restore-{}.save";
+/// The name of the raw save image a resume writes into the RAM directory for a libvirt that
+/// cannot read zstd ones (journaled, so `recover` deletes this name and no other).
+fn raw_image_name(domain: &str) -> String {
+    format!("restore-{domain}.save")
+}
 
 fn raw_image(cfg: &Config, domain: &str) -> PathBuf {
-    cfg.ram_dir.join(RAW_IMAGE.replace("{}", domain))
+    cfg.ram_dir.join(raw_image_name(domain))
 }
 
 /// `virsh restore` of the dump; a zstd image this libvirt cannot read (9.0 cannot) is rewritten
@@ -228,7 +231,7 @@ async fn resume_libvirt(cfg: &Config, domain: &str, dump: &Path, compress: RamCo
         Ok(()) => Ok(()),
         Err(virsh::VirshError::Failed { stderr, .. }) if compress == RamCompress::Zstd && stderr.contains("save format") => {
             progress(&format!("this libvirt cannot read zstd save images ({stderr}): decompressing into {}", cfg.ram_dir.display()));
-            let (src, dir, name) = (dump.to_owned(), cfg.ram_dir.clone(), RAW_IMAGE.replace("{}", domain));
+            let (src, dir, name) = (dump.to_owned(), cfg.ram_dir.clone(), raw_image_name(domain));
             let raw = tokio::task::spawn_blocking(move || dump::raw_save_image(&src, &dir, &name)).await.expect("decompression runs");
             let raw = raw.map_err(|e| e.to_string())?;
             let again = raw.clone();
