@@ -41,18 +41,47 @@ pub struct Job {
     handle: JobHandle,
     jobs: Jobs,
     starter: Starter,
+    /// Readers' uids by unique bus name (the bus never reuses one), so a `GetAll` asks the bus
+    /// daemon once, not once per property; bounded by [`READERS_KEPT`].
+    readers: std::sync::Mutex<HashMap<OwnedUniqueName, u32>>,
 }
+
+/// How many readers' uids a job keeps before it forgets them all and asks again.
+const READERS_KEPT: usize = 64;
 
 impl Job {
     pub fn new(handle: JobHandle, jobs: Jobs, starter: Starter) -> Self {
-        Self { handle, jobs, starter }
+        Self { handle, jobs, starter, readers: Default::default() }
+    }
+
+    /// The uid of `hdr`'s sender: the starter's own connection without asking, a reader seen
+    /// before from memory, else the bus daemon.
+    async fn reader_uid(&self, conn: &zbus::Connection, hdr: &Header<'_>) -> Result<u32, VmsnapError> {
+        let sender: Option<OwnedUniqueName> = hdr.sender().map(|s| s.to_owned().into());
+        if let Some(sender) = &sender {
+            if *sender == self.starter.name {
+                return Ok(self.starter.uid);
+            }
+            if let Some(uid) = self.readers.lock().expect("readers lock").get(sender) {
+                return Ok(*uid);
+            }
+        }
+        let uid = super::authz::caller_uid(conn, hdr).await?;
+        if let Some(sender) = sender {
+            let mut readers = self.readers.lock().expect("readers lock");
+            if readers.len() >= READERS_KEPT {
+                readers.clear();
+            }
+            readers.insert(sender, uid);
+        }
+        Ok(uid)
     }
 
     /// A property read by `hdr`'s sender: root's or the starter's. Without a header the daemon
     /// itself reads it for a `PropertiesChanged` sent to the starter alone.
     async fn readable(&self, conn: &zbus::Connection, hdr: Option<Header<'_>>) -> zbus::fdo::Result<()> {
         let Some(hdr) = hdr else { return Ok(()) };
-        let uid = super::authz::caller_uid(conn, &hdr).await.map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))?;
+        let uid = self.reader_uid(conn, &hdr).await.map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))?;
         if uid == 0 || uid == self.starter.uid {
             Ok(())
         } else {
