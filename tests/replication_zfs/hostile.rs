@@ -147,7 +147,7 @@ pub fn forged_resume_token() -> Result<(), Failed> {
 /// run, unless told `--trust-target`.
 pub fn planted_xml() -> Result<(), Failed> {
     let planted = snapshot("h1")?;
-    snapshot("h2")?;
+    let newest = snapshot("h2")?;
     replicate(&[])?;
     let props = |snap: &str| {
         sh(&format!(
@@ -156,26 +156,25 @@ pub fn planted_xml() -> Result<(), Failed> {
     };
     for ds in [DST, DST_ZVOL] {
         let kept = props(&format!("{ds}@{planted}"));
-        let change = if ds == DST {
+        // The file system's XML is changed in a copy of its newest snapshot received aside, and
+        // the changed snapshot received back as an increment on it: the replica itself is never mounted here (its
+        // mount may live in the target sshd's mount namespace, and a snapshot read through
+        // `.zfs/snapshot` keeps it busy, so mounting or remounting it failed late in the lane).
+        let plant = if ds == DST {
             format!(
-                // Unmounted first (set on a mounted replica, readonly=off has to remount it, which
-                // fails: "unable to remount filesystem"), by force: a snapshot of it read through
-                // `.zfs/snapshot` (as earlier cases do) stays automounted for minutes and keeps
-                // it busy; mounted and touched here so the case always meets that. Then mounted
-                // writable aside, not at its mountpoint.
-                "zfs mount {ds} 2>/dev/null || true; ls /{ds}/.zfs/snapshot/*/ >/dev/null 2>&1 || true; \
-                 if [ \"$(zfs get -H -o value mounted {ds})\" = yes ]; then zfs umount -f {ds}; fi; \
-                 zfs set readonly=off {ds}; mkdir -p {RT}/plant; \
-                 mount -t zfs -o zfsutil {ds} {RT}/plant || {{ dmesg | tail -5; zfs get -H mountpoint,canmount,mounted,readonly {ds}; grep {ds} /proc/mounts; exit 1; }}; \
+                "zfs destroy -r backup/plant 2>/dev/null || true; \
+                 zfs send {ds}@{newest} | zfs receive -o readonly=off -o mountpoint={RT}/plant backup/plant; \
                  sed -i 's#</domain>#<devices><emulator>/tmp/evil-qemu</emulator></devices></domain>#' {RT}/plant/.vmsnap/web/domain.xml; \
-                 umount {RT}/plant; "
+                 zfs snapshot backup/plant@{planted}; \
+                 zfs send -i @{newest} backup/plant@{planted} | zfs receive -F {ds}; \
+                 zfs destroy -r backup/plant; "
             )
         } else {
-            String::new()
+            format!("zfs snapshot {ds}@{planted}; ")
         };
         sh(&format!(
-            "set -e; zfs release vmsnap-replica {ds}@{planted} 2>/dev/null || true; zfs destroy {ds}@{planted}; {change}\
-             zfs snapshot {ds}@{planted}; zfs set {kept} {ds}@{planted}"
+            "set -e; zfs release vmsnap-replica {ds}@{planted} 2>/dev/null || true; zfs destroy {ds}@{planted}; {plant}\
+             zfs set {kept} {ds}@{planted}"
         ));
     }
     // Pruned here.
