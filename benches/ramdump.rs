@@ -16,6 +16,13 @@
 //! [`on_zfs`]; `VMSNAP_BENCH_TRACE=1` prints a timeline of each vmsnap sample,
 //! `VMSNAP_BENCH_ALSO_BIN` adds an earlier build).
 //!
+//! `VMSNAP_BENCH_LANE=seal cargo bench --bench ramdump`: a dump's upload to a replication target,
+//! sealed ([`vmsnap::ramcrypt::Sealer`], ChaCha20-Poly1305) against plain (the file itself), of
+//! the same `VMSNAP_BENCH_FILL_MIB` (default 512) MiB file in `/var/tmp` (half random, half
+//! text), each through a pipe to a reader that does the target's work (sha256 of what arrives,
+//! written to a file and synced). No guest and no ssh: the ratio is of the parts vmsnap adds
+//! (ssh's own cipher would slow both alike).
+//!
 //! N samples per variant (`VMSNAP_BENCH_N`, default 3), round-robin after a warm-up round.
 //! Prints medians and ratios from this run.
 
@@ -119,8 +126,9 @@ fn main() {
     }
     match std::env::var("VMSNAP_BENCH_LANE").as_deref() {
         Ok("zfs") => vmsnap_testkit::rig::lane::dispatch(on_zfs),
+        Ok("seal") => on_seal(),
         Ok("host") | Err(_) => on_host(),
-        Ok(other) => panic!("VMSNAP_BENCH_LANE={other:?}: `host` (default) or `zfs`"),
+        Ok(other) => panic!("VMSNAP_BENCH_LANE={other:?}: `host` (default), `zfs` or `seal`"),
     }
 }
 
@@ -465,4 +473,90 @@ fn compare(rt: &tokio::runtime::Runtime, qmp: &Qmp, dir: &Path, what: &str) {
         cpu[4] / cores,
         (secs[0] / (cpu[4] / cores)).min(1.0)
     );
+}
+
+/// Seal lane: a dump's upload, sealed against plain (see the module doc).
+fn on_seal() {
+    use sha2::Digest;
+    use std::io::{Read, Write};
+    let mib = env_u32("VMSNAP_BENCH_FILL_MIB", 512);
+    let n = env_u32("VMSNAP_BENCH_N", 3);
+    let dir = tempfile::Builder::new().prefix("vmsnap-ramseal").tempdir_in("/var/tmp").unwrap();
+    let dump = dir.path().join("dump.ram");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&dump).unwrap());
+        let mut random = std::fs::File::open("/dev/urandom").unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        for i in 0..mib {
+            if i % 2 == 0 {
+                random.read_exact(&mut buf).unwrap();
+            } else {
+                buf.iter_mut().enumerate().for_each(|(j, b)| *b = b"guest page text "[j % 16]);
+            }
+            f.write_all(&buf).unwrap();
+        }
+        f.into_inner().unwrap().sync_all().unwrap();
+    }
+    let len = u64::from(mib) << 20;
+    let key = vmsnap::ramcrypt::RamKey::from_hex(&"5a".repeat(32)).unwrap();
+    let sum: String = {
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&dump).unwrap(), &mut h).unwrap();
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    };
+    // One upload: the source's side into a pipe, the target's side (hash, write, sync) out of it.
+    let upload = |sealed: bool| -> f64 {
+        let out = dir.path().join("copy.ram");
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let t = Instant::now();
+        let target = std::thread::spawn(move || {
+            let mut r = std::fs::File::from(r);
+            let mut f = std::fs::File::create(&out).unwrap();
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let k = r.read(&mut buf).unwrap();
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+                f.write_all(&buf[..k]).unwrap();
+            }
+            f.sync_all().unwrap();
+            let _ = h.finalize();
+        });
+        let mut w = std::fs::File::from(w);
+        let file = std::fs::File::open(&dump).unwrap();
+        if sealed {
+            // As the transport copies a reader: 1 MiB at a time.
+            let mut sealer = vmsnap::ramcrypt::Sealer::for_dump(file, len, &key, ("web", "autosnap_bench", &sum), 0).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let k = sealer.read(&mut buf).unwrap();
+                if k == 0 {
+                    break;
+                }
+                w.write_all(&buf[..k]).unwrap();
+            }
+        } else {
+            // As the transport forwards a file (the kernel copies it).
+            std::io::copy(&mut &file, &mut w).unwrap();
+        }
+        drop(w);
+        target.join().unwrap();
+        t.elapsed().as_secs_f64()
+    };
+    upload(false);
+    upload(true);
+    let (mut plain, mut sealed) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        plain.push(upload(false));
+        sealed.push(upload(true));
+    }
+    let (p, s) = (median(plain), median(sealed));
+    let rate = |secs: f64| f64::from(mib) / secs;
+    println!("RAM dump upload of {mib} MiB, median of {n}:");
+    println!("  plain   {p:7.2} s  {:8.1} MiB/s", rate(p));
+    println!("  sealed  {s:7.2} s  {:8.1} MiB/s", rate(s));
+    println!("  ratio sealed/plain throughput: {:.2} (goal >= 0.9)", p / s);
 }

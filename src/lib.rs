@@ -18,6 +18,7 @@
 //! ├── zfs/                 the only place that runs zfs/zpool: validated names, parsers, operations
 //! ├── fsutil.rs            files root writes where others may reach: no symlink followed
 //! ├── integrity.rs         what each snapshot held when it was taken, checked when a target sends it back
+//! ├── ramcrypt.rs          RAM dumps sealed (ChaCha20-Poly1305, chunked) for a target trusted with ciphertext only
 //! └── setup.rs             installing the hook, unit, D-Bus files, config, completions, man page
 //! ```
 //!
@@ -32,6 +33,7 @@ pub mod integrity;
 pub mod libvirt;
 pub mod model;
 pub mod qemu;
+pub mod ramcrypt;
 pub mod replicate;
 pub mod restore;
 pub mod retention;

@@ -149,6 +149,11 @@ pub mod prop {
     /// When retention dropped the snapshot's RAM dump (unix seconds); `vmsnap:ram-dump` is then gone.
     pub const RAM_PRUNED: PropName = PropName::known("vmsnap:ram-pruned");
 
+    /// Set on a target's copy whose RAM dump it holds sealed ([`crate::ramcrypt`]): the sha256 of
+    /// the sealed file there (`vmsnap verify --target` rereads against it; `vmsnap:ram-sha256`
+    /// stays the dump's own).
+    pub const RAM_SEALED: PropName = PropName::known("vmsnap:ram-sealed");
+
     /// `vmsnap verify`'s last word on the snapshot: `<unix seconds> ok: <what was checked>` or
     /// `<unix seconds> failed: <why>`. Never replicated: each side verifies its own copy.
     pub const VERIFIED: PropName = PropName::known("vmsnap:verified");
@@ -198,7 +203,7 @@ pub mod prop {
 
     /// [`ALL`] and [`REPLICA`]: what a target lists of its copies, and what tells a domain's own
     /// snapshot from a local replica of it.
-    pub const ALL_AND_REPLICA: [PropName; 18] = [
+    pub const ALL_AND_REPLICA: [PropName; 19] = [
         CONSISTENCY,
         VERSION,
         DOMAIN,
@@ -213,6 +218,7 @@ pub mod prop {
         MACHINE,
         CPU,
         RAM_BYTES,
+        RAM_SEALED,
         PERIODS,
         RAM_PRUNED,
         RAM_QUIESCED,

@@ -5,7 +5,7 @@
 //! packaging).
 
 use serde::Serialize;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// One file setup manages.
@@ -91,6 +91,7 @@ const DEFAULT_CONFIG: &str = r#"# vmsnap configuration: see `man vmsnap` and the
 state_dir = "/var/lib/vmsnap"
 # ram_dir = "/srv/cheap/vmsnap-ram"   # RAM dumps on cheaper storage (root only, files 0600)
 # metrics_file = "/var/lib/prometheus/node-exporter/vmsnap.prom"
+# ram_key = "/etc/vmsnap/ram.key"     # seals RAM dumps for targets (setup draws it; keep a copy)
 
 [template.default]
 hourly = 24
@@ -119,6 +120,16 @@ pub fn items(exe: &Path, config: &Path, extra: Vec<Item>) -> Vec<Item> {
     ];
     v.extend(extra);
     v
+}
+
+/// The RAM key at `path` (absolute; [`crate::ramcrypt`]): 32 random bytes as hex, root's only,
+/// written once and never replaced.
+pub fn ram_key_item(path: &Path) -> std::io::Result<Item> {
+    let mut key = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let path = path.strip_prefix("/").unwrap_or(path).to_owned();
+    Ok(Item { path, content: format!("{hex}\n").into_bytes(), mode: 0o600, keep_existing: true })
 }
 
 /// Installs `items` under `root` (or, `dry_run`, says what it would do).
@@ -153,13 +164,17 @@ fn write(path: &Path, content: &[u8], mode: u32) -> Result<(), SetupError> {
         std::fs::create_dir_all(dir).map_err(|e| err("creating the directory of", e))?;
     }
     let tmp = path.with_extension("vmsnap-new");
-    std::fs::write(&tmp, content).map_err(|e| err("writing", e))?;
+    let _ = std::fs::remove_file(&tmp);
+    // Made with its mode (a key is never readable by others, not even for a moment).
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(|e| err("writing", e))?;
+    std::io::Write::write_all(&mut f, content).map_err(|e| err("writing", e))?;
+    drop(f);
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(|e| err("chmod", e))?;
     std::fs::rename(&tmp, path).map_err(|e| err("installing", e))
 }
 
 /// What the user must do after setup changed something.
-pub fn next_steps(done: &[Done]) -> Vec<String> {
+pub fn next_steps(done: &[Done], ram_key: &Path) -> Vec<String> {
     let changed =
         |suffix: &str| done.iter().any(|d| d.path.ends_with(suffix) && matches!(d.outcome, Outcome::Installed | Outcome::Updated));
     let mut steps = Vec::new();
@@ -171,6 +186,13 @@ pub fn next_steps(done: &[Done]) -> Vec<String> {
     }
     if changed("etc/systemd/system/vmsnap.service") {
         steps.push("start the daemon: systemctl daemon-reload && systemctl enable --now vmsnap".into());
+    }
+    let rel = ram_key.strip_prefix("/").unwrap_or(ram_key);
+    if let Some(d) = done.iter().find(|d| d.path.ends_with(rel) && d.outcome == Outcome::Installed) {
+        steps.push(format!(
+            "keep a copy of the RAM key {} off this host, with your other secrets: RAM dumps sealed for a replication target open only with it",
+            d.path.display()
+        ));
     }
     steps.push("give each domain vmsnap's own QMP socket and agent channel: vmsnap enroll DOMAIN (effective at its next start)".into());
     steps
@@ -195,7 +217,7 @@ mod tests {
         let hook = root.path().join(HOOK_PATH);
         assert_eq!(std::fs::metadata(&hook).unwrap().permissions().mode() & 0o777, 0o755);
         assert!(std::fs::read_to_string(&hook).unwrap().contains("VMSNAP=${VMSNAP:-/usr/local/bin/vmsnap}"));
-        assert!(next_steps(&first).iter().any(|s| s.contains("restart libvirtd")));
+        assert!(next_steps(&first, Path::new(crate::config::DEFAULT_RAM_KEY)).iter().any(|s| s.contains("restart libvirtd")));
         let again = run(root.path(), false);
         assert!(again.iter().all(|d| matches!(d.outcome, Outcome::Unchanged | Outcome::Kept)), "{again:?}");
         // A changed unit is put back; the user's edited config is not touched.
@@ -207,6 +229,26 @@ mod tests {
         assert_eq!(third.iter().find(|d| d.path == unit).unwrap().outcome, Outcome::Updated);
         assert_eq!(third.iter().find(|d| d.path == cfg).unwrap().outcome, Outcome::Kept);
         assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "# mine\n");
+    }
+
+    /// The RAM key is drawn once, written 0600 from the start, never replaced, and the user is
+    /// told to keep a copy.
+    #[test]
+    fn the_ram_key_is_written_once_root_only() {
+        let root = tempfile::tempdir().unwrap();
+        let key = Path::new("/etc/vmsnap/ram.key");
+        let install = || apply(root.path(), &[ram_key_item(key).unwrap()], false).unwrap();
+        let first = install();
+        let path = root.path().join("etc/vmsnap/ram.key");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(crate::ramcrypt::RamKey::from_hex(text.trim()).is_some(), "{text:?}");
+        assert!(next_steps(&first, key).iter().any(|s| s.contains("keep a copy of the RAM key")));
+        let again = install();
+        assert_eq!(again[0].outcome, Outcome::Kept);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "a key is never replaced");
+        assert!(!next_steps(&again, key).iter().any(|s| s.contains("RAM key")));
+        assert_ne!(ram_key_item(key).unwrap().content, ram_key_item(key).unwrap().content, "each drawn at random");
     }
 
     #[test]

@@ -54,6 +54,7 @@ fn inside() {
         ("rollback_target_after_a_restore_only_with_the_targets_leave", rollback_target_after_a_restore),
         ("restore_from_the_target_after_local_pruning", restore_from_target),
         ("the_target_prunes_by_its_own_policy", target_prunes_by_its_own_policy),
+        ("a_sealed_ram_dump_leaves_no_plaintext_on_the_target", sealed_ram),
         // Hostile peers.
         ("a_hostile_source_stream_mounts_and_marks_nothing_outside_its_root", hostile::hostile_source),
         ("a_resume_token_naming_another_dataset_is_aborted_not_sent", hostile::forged_resume_token),
@@ -123,8 +124,18 @@ fn snapshot(label: &str) -> Result<String, Failed> {
 
 /// Records a RAM dump on snapshot `name` as the engine does (random bytes standing in for QEMU's stream).
 fn add_ram(name: &str, mib: u32) -> Result<String, Failed> {
+    add_ram_with(name, mib, None)
+}
+
+/// [`add_ram`], with `marker` written into the dump at each MiB (a secret of the guest's).
+fn add_ram_with(name: &str, mib: u32, marker: Option<&str>) -> Result<String, Failed> {
     let dump = format!("{RT}/ram/web/{name}.ram");
     sh(&format!("mkdir -p {RT}/ram/web && dd if=/dev/urandom of={dump} bs=1M count={mib} status=none && chmod 600 {dump}"));
+    if let Some(m) = marker {
+        for i in 0..mib {
+            sh(&format!("printf %s '{m}' | dd of={dump} bs=1M seek={i} conv=notrunc status=none"));
+        }
+    }
     let sum = sh(&format!("sha256sum {dump} | cut -d' ' -f1")).trim().to_owned();
     for ds in [SRC, ZVOL] {
         sh(&format!(
@@ -163,7 +174,7 @@ fn snaps(ds: &str) -> Vec<String> {
 }
 
 fn vmsnap_props(snap: &str) -> Vec<String> {
-    sh(&format!("zfs get -H -s local,received -o property,value all {snap} | grep '^vmsnap:' | grep -v -e '^vmsnap:ram-dump' -e '^vmsnap:replica' -e '^vmsnap:verified' -e '^vmsnap:received' | sort"))
+    sh(&format!("zfs get -H -s local,received -o property,value all {snap} | grep '^vmsnap:' | grep -v -e '^vmsnap:ram-dump' -e '^vmsnap:ram-sealed' -e '^vmsnap:replica' -e '^vmsnap:verified' -e '^vmsnap:received' | sort"))
         .lines()
         .map(str::to_owned)
         .collect()
@@ -836,6 +847,68 @@ fn restore_from_target() -> Result<(), Failed> {
     forced_command("");
     r?;
     assert_replicated()
+}
+
+/// A target trusted with ciphertext only (`seal_ram`): a RAM dump holding a marker goes sealed
+/// under this host's key, and the marker is found nowhere on the backup host; `verify --target`
+/// rereads the sealed copy; `restore --from` needs the key (without it nothing is received) and
+/// brings back the very dump. Without a key the replication refuses, saying how to make one.
+/// (The dump is the lane's stand-in for QEMU's stream, the marker written into it.)
+fn sealed_ram() -> Result<(), Failed> {
+    const MARKER: &str = "vmsnap-lane-marker: the guest secret 7f3a9c";
+    let key = format!("{RT}/ram.key");
+    write_config(&["offsite"], "");
+    let plain = std::fs::read_to_string(CONFIG)?;
+    let sealed = format!("ram_key = \"{key}\"\n{}", plain.replace("[target.offsite]\n", "[target.offsite]\nseal_ram = \"always\"\n"));
+    std::fs::write(CONFIG, sealed)?;
+    let result = sealed_ram_steps(&key, MARKER);
+    // The cases after this one replicate unsealed.
+    write_config(&["offsite"], "");
+    result?;
+    // The restore rolled the cursor bookmarks back with the datasets: a run sets them again.
+    replicate(&[])?;
+    assert_replicated()
+}
+
+fn sealed_ram_steps(key: &str, marker: &str) -> Result<(), Failed> {
+    let s = snapshot("sealed")?;
+    let sum = add_ram_with(&s, 6, Some(marker))?;
+    let here = format!("{RT}/ram/web/{s}.ram");
+    check(sh(&format!("grep -caF -- '{marker}' {here} || true")).trim() != "0", "the marker is not in the dump here")?;
+    let refused = vmsnap(&["replicate", "web"]);
+    check(!refused.status.success() && text(&refused).contains(key) && text(&refused).contains("vmsnap setup"), text(&refused))?;
+    sh(&format!("umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {key}"));
+    let r = replicate(&[])?;
+    check(r["ram_dumps"].as_array().is_some_and(|d| d.iter().any(|d| d == s.as_str())), format!("RAM dumps: {}", r["ram_dumps"]))?;
+    let there = format!("/backup/ram/web/{s}.ram");
+    check(sh(&format!("head -c 15 {there}")) == "vmsnap-ramseal1", "the target's copy is not sealed")?;
+    let found = sh(&format!("grep -rlaF -- '{marker}' /backup 2>/dev/null || true"));
+    check(found.trim().is_empty(), format!("the marker is on the backup host: {found}"))?;
+    let stored = sh(&format!("sha256sum {there} | cut -d' ' -f1")).trim().to_owned();
+    check(sh(&format!("zfs get -H -o value vmsnap:ram-sealed {DST}@{s}")).trim() == stored, "vmsnap:ram-sealed is not the copy's sha256")?;
+    let out = vmsnap(&["verify", "web", "--target", "offsite", "--json"]);
+    let rows: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))?;
+    let row = rows.as_array().and_then(|r| r.iter().find(|r| r["snapshot"] == s.as_str())).cloned().unwrap_or_default();
+    check(row["ok"] == true && row["detail"].as_str().is_some_and(|d| d.contains("sealed RAM dump sha256 ok")), format!("{row}"))?;
+    // Pruned here, dump and all; the key put away: nothing comes back.
+    sh(&format!("zfs destroy {SRC}@{s} && zfs destroy {ZVOL}@{s} && rm {here} && mv {key} {key}.away"));
+    // `--destroy-newer`: the domain's XML was saved into its file system after the snapshot
+    // before `s`, so receiving `s` discards that write (as the in-place restore would).
+    let keyless = vmsnap(&["restore", "web", &s, "--from", "offsite", "--destroy-newer"]);
+    check(
+        !keyless.status.success() && text(&keyless).contains("sealed") && text(&keyless).contains("nothing was received"),
+        text(&keyless),
+    )?;
+    check(!snaps(SRC).contains(&s), "a keyless pull received the snapshot")?;
+    sh(&format!("mv {key}.away {key}"));
+    let out = Command::new(vmsnap_bin())
+        .env("VMSNAP_LOG", "vmsnap=debug")
+        .args(["--config", CONFIG, "restore", "web", &s, "--from", "offsite", "--destroy-newer"])
+        .output()?;
+    check(out.status.success(), text(&out))?;
+    check(sh(&format!("sha256sum {here} | cut -d' ' -f1")).trim() == sum, "the dump back here is not the one sent")?;
+    check(sh(&format!("stat -c %a {here}")).trim() == "600", "the dump back here is not 0600")?;
+    Ok(())
 }
 
 /// `vmsnap mount`: a qcow2 image holding an MBR-partitioned ext4 and a zvol that is one ext4 file

@@ -24,13 +24,18 @@ pub fn run(config: &std::path::Path, root: &std::path::Path, exe: Option<std::pa
     let mut man = Vec::new();
     clap_mangen::Man::new(Cli::command()).render(&mut man)?;
     extra.push(Item { path: "usr/local/share/man/man1/vmsnap.1".into(), content: man, mode: 0o644, keep_existing: false });
+    // The RAM key sealed dumps use: the config's `ram_key`, or where it is by default.
+    let ram_key = vmsnap::config::Config::load(config)
+        .map(|c| c.ram_key)
+        .unwrap_or_else(|_| std::path::PathBuf::from(vmsnap::config::DEFAULT_RAM_KEY));
+    extra.push(setup::ram_key_item(&ram_key).context("drawing a RAM key from /dev/urandom")?);
     let done = setup::apply(root, &setup::items(&exe, config, extra), dry_run)?;
     for d in &done {
         let what = serde_json::to_value(d.outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         println!("{}{what:<10} {}", if dry_run { "would be " } else { "" }, d.path.display());
     }
     println!("\nnext:");
-    for s in setup::next_steps(&done) {
+    for s in setup::next_steps(&done, &ram_key) {
         println!("  - {s}");
     }
     Ok(())

@@ -139,6 +139,9 @@ pub struct Config {
     pub window_timeout: std::time::Duration,
     /// Replication targets by name.
     pub targets: BTreeMap<String, TargetConfig>,
+    /// The key file RAM dumps are sealed with for targets (`ram_key`, default
+    /// [`DEFAULT_RAM_KEY`]).
+    pub ram_key: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +155,7 @@ struct RawConfig {
     require_quiesce: Option<bool>,
     freeze_timeout: Option<u64>,
     window_timeout: Option<u64>,
+    ram_key: Option<PathBuf>,
     #[serde(default)]
     template: BTreeMap<String, RawPolicy>,
     #[serde(default)]
@@ -179,6 +183,9 @@ struct RawTarget {
     every_minutes: Option<u32>,
     /// A request to the target fails (its session killed) once no byte moved for this long.
     idle_timeout_s: Option<u64>,
+    /// Whether RAM dumps travel sealed: `auto` (when the domain's datasets are encrypted),
+    /// `always`, `never`.
+    seal_ram: Option<String>,
     /// A local target's retention (`[target.NAME.policy]`, the period counts and `use_template`).
     policy: Option<RawPolicy>,
 }
@@ -211,7 +218,25 @@ pub struct TargetConfig {
     /// A request fails, its ssh session killed, once no byte moved for this long
     /// (`idle_timeout_s`, default 300): a stuck or hostile target never pins a run.
     pub idle_timeout: std::time::Duration,
+    /// Whether RAM dumps go to it sealed ([`crate::ramcrypt`]).
+    pub seal_ram: SealRam,
+    /// The key file sealed dumps are sealed with and opened with (the top-level `ram_key`).
+    pub ram_key: PathBuf,
 }
+
+/// When a target gets a domain's RAM dumps sealed (`seal_ram`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SealRam {
+    /// When any of the domain's datasets is encrypted: a target trusted with its disks'
+    /// ciphertext only gets its RAM's ciphertext only.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Where the RAM key is unless `ram_key` says (`vmsnap setup` writes one there).
+pub const DEFAULT_RAM_KEY: &str = "/etc/vmsnap/ram.key";
 
 policy_section! {
     /// A `[domain.NAME]` table: where the domain is, and its policy keys.
@@ -307,6 +332,10 @@ impl Config {
         }
         let registered_policy = resolve(&raw.template, &RawPolicy::default(), "(registered)")
             .map_err(|(table, tname, key, why)| at(table, &tname, key, why))?;
+        let ram_key = raw.ram_key.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_RAM_KEY));
+        if !ram_key.is_absolute() {
+            return Err(invalid(format!("ram_key: {} is not an absolute path", ram_key.display())));
+        }
         let mut targets = BTreeMap::new();
         for (name, t) in raw.target {
             let keep = match (&t.host, &t.policy) {
@@ -332,6 +361,7 @@ impl Config {
             };
             let mut t = target(&name, t).map_err(|(key, why)| at("target", &name, key, why))?;
             t.keep = keep;
+            t.ram_key = ram_key.clone();
             targets.insert(name.clone(), t);
         }
         for (dname, d) in domains.iter().map(|(n, d)| (n.as_str(), &d.policy)).chain([("(registered)", &registered_policy)]) {
@@ -352,6 +382,7 @@ impl Config {
             freeze_timeout,
             window_timeout,
             targets,
+            ram_key,
         })
     }
 
@@ -432,6 +463,14 @@ fn target(name: &str, t: RawTarget) -> Result<TargetConfig, (&'static str, Strin
     if t.idle_timeout_s == Some(0) {
         return Err(("idle_timeout_s", "0: it must be at least 1 second (the default is 300)".into()));
     }
+    let seal_ram = match t.seal_ram.as_deref() {
+        None | Some("auto") => SealRam::Auto,
+        Some("always") => SealRam::Always,
+        Some("never") => SealRam::Never,
+        Some(other) => {
+            return Err(("seal_ram", format!("{other:?}: use \"auto\" (when the datasets are encrypted), \"always\" or \"never\"")))
+        }
+    };
     Ok(TargetConfig {
         name: name.to_owned(),
         host: t.host,
@@ -446,6 +485,8 @@ fn target(name: &str, t: RawTarget) -> Result<TargetConfig, (&'static str, Strin
         keep: None,
         every: t.every_minutes.map(|m| std::time::Duration::from_secs(u64::from(m) * 60)),
         idle_timeout: std::time::Duration::from_secs(t.idle_timeout_s.unwrap_or(300)),
+        seal_ram,
+        ram_key: PathBuf::from(DEFAULT_RAM_KEY),
     })
 }
 
@@ -566,6 +607,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope"), "{e}");
+    }
+
+    /// `seal_ram` and `ram_key`: defaults, every value, and bad ones named.
+    #[test]
+    fn sealed_ram_settings_are_checked() {
+        let ok = parse(
+            "[target.a]\nhost = \"b\"\n[target.n]\nhost = \"b\"\nseal_ram = \"never\"\n[target.y]\nhost = \"b\"\nseal_ram = \"always\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.ram_key, PathBuf::from(DEFAULT_RAM_KEY));
+        assert_eq!(
+            (ok.targets["a"].seal_ram, ok.targets["n"].seal_ram, ok.targets["y"].seal_ram),
+            (SealRam::Auto, SealRam::Never, SealRam::Always)
+        );
+        let ok = parse("ram_key = \"/root/k\"\n[target.a]\nhost = \"b\"\n").unwrap();
+        assert_eq!(ok.targets["a"].ram_key, PathBuf::from("/root/k"));
+        let e = parse("[target.a]\nhost = \"b\"\nseal_ram = \"yes\"\n").unwrap_err().to_string();
+        assert!(e.contains("seal_ram") && e.contains("\"yes\"") && e.contains("always"), "{e}");
+        let e = parse("ram_key = \"k\"\n").unwrap_err().to_string();
+        assert!(e.contains("ram_key") && e.contains("absolute"), "{e}");
     }
 
     #[test]

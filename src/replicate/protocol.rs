@@ -34,8 +34,19 @@ pub enum Request {
     /// How much of a RAM dump the target has.
     RamStat { domain: String, snapshot: String },
     /// The dump's bytes from `offset` up to `size` follow (the target reads no more); the
-    /// target checks the whole file against `sha256`.
-    RamPut { domain: String, snapshot: String, sha256: String, offset: u64, size: u64 },
+    /// target checks the whole file against `sha256`. A `sealed` dump ([`crate::ramcrypt`]:
+    /// the target holds ciphertext only) comes with `sha256` empty: the target checks it is one
+    /// and answers the sha256 of its copy ([`RamState::sha256`]); the dump's own integrity is
+    /// proven when it is opened, with the key the target never has.
+    RamPut {
+        domain: String,
+        snapshot: String,
+        sha256: String,
+        offset: u64,
+        size: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        sealed: bool,
+    },
     /// Applies the target's own retention to the domain's replicas (its policy, its clock).
     Prune { domain: String },
     /// Rolls the dataset back to its snapshot `to_guid` (the one in common with the source),
@@ -210,6 +221,12 @@ pub struct RamState {
     pub complete: bool,
     /// Where the target keeps it (recorded in the target snapshot's `vmsnap:ram-dump`).
     pub path: Option<String>,
+    /// The complete copy is a sealed dump ([`crate::ramcrypt`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sealed: bool,
+    /// A sealed upload's answer: the sha256 of the copy as stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// Every answer: `ok` and the verb's value, or the error in words.
@@ -266,7 +283,8 @@ mod tests {
 
     #[test]
     fn requests_read_back_and_unknown_fields_are_refused() {
-        let r = Request::RamPut { domain: "web".into(), snapshot: "autosnap_x".into(), sha256: "ab".into(), offset: 7, size: 9 };
+        let r =
+            Request::RamPut { domain: "web".into(), snapshot: "autosnap_x".into(), sha256: "ab".into(), offset: 7, size: 9, sealed: false };
         let line = serde_json::to_string(&r).unwrap();
         assert_eq!(line, r#"{"verb":"ram-put","domain":"web","snapshot":"autosnap_x","sha256":"ab","offset":7,"size":9}"#);
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
@@ -282,7 +300,7 @@ mod tests {
             Request::Abort { dataset: "d".into() },
             Request::Props { dataset: "d".into(), snapshot: "s".into(), props: BTreeMap::new() },
             Request::RamStat { domain: "w".into(), snapshot: "s".into() },
-            Request::RamPut { domain: "w".into(), snapshot: "s".into(), sha256: "x".into(), offset: 0, size: 0 },
+            Request::RamPut { domain: "w".into(), snapshot: "s".into(), sha256: "x".into(), offset: 0, size: 0, sealed: false },
             Request::Prune { domain: "w".into() },
             Request::Rollback { dataset: "d".into(), to_guid: 1 },
             Request::RamCheck { domain: "w".into(), snapshot: "s".into(), sha256: "x".into() },

@@ -130,7 +130,24 @@ pub async fn pull(
                         ),
                     });
                 }
-                let rollback_to = (!newer.is_empty()).then(|| base.name.clone());
+                // Written since its newest snapshot (a domain's disks, its saved XML): the
+                // receive needs that discarded too, as an in-place restore would.
+                let written = if newer.is_empty() {
+                    zfs.get_native(ds.as_str(), "written").await?.and_then(|w| w.parse::<u64>().ok()).unwrap_or(0)
+                } else {
+                    0
+                };
+                if written > 0 && !destroy_newer {
+                    return Err(ReplicateError::Diverged {
+                        target: target.name.clone(),
+                        dataset: ds.to_string(),
+                        why: format!(
+                            "receiving {snapshot} onto {} here needs the {written} bytes written to {ds} since then discarded (`--destroy-newer`, as an in-place restore would)",
+                            base.name.snap()
+                        ),
+                    });
+                }
+                let rollback_to = (!newer.is_empty() || written > 0).then(|| base.name.clone());
                 if rollback_to.is_some() {
                     // Their RAM dumps go with them (from this host's RAM directory only).
                     let dumps = zfs.local_snapshot_properties(&ds, &[prop::RAM_DUMP]).await?;
@@ -153,6 +170,15 @@ pub async fn pull(
             )))
             }
         }
+    }
+    // A dump the target holds sealed opens only with this host's RAM key: without it, nothing
+    // is received.
+    if props.contains_key(prop::RAM_SEALED.as_str()) && !props.contains_key(prop::RAM_PRUNED.as_str()) {
+        crate::ramcrypt::RamKey::load(&target.ram_key).map_err(|e| {
+            err(format!(
+                "it holds the RAM dump of {snapshot} sealed, and only this host's RAM key opens it: {e} (put back the key kept when the host was set up); nothing was received"
+            ))
+        })?;
     }
     for r in &todo {
         let ds = &r.ds;
@@ -185,11 +211,12 @@ pub async fn pull(
             let pulled = t.pull(&req, &mut sink, moved, &|_| None);
             drop(sink);
             let out = recv.wait_with_output().map_err(|e| e.to_string())?;
-            pulled?;
-            if !out.status.success() {
-                return Err(format!("zfs receive into {name}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            // A receive that refused ends the stream with a broken pipe: its own words first.
+            match (out.status.success(), pulled) {
+                (true, pulled) => pulled.map(|_| ()),
+                (false, Ok(_)) => Err(format!("zfs receive into {name}: {}", String::from_utf8_lossy(&out.stderr).trim())),
+                (false, Err(e)) => Err(format!("zfs receive into {name}: {} ({e})", String::from_utf8_lossy(&out.stderr).trim())),
             }
-            Ok(())
         })
         .await
         .map_err(err)?;
@@ -233,7 +260,8 @@ pub async fn pull(
     // The RAM dump, then the properties (the dump's path is this host's).
     let mut local_props: BTreeMap<PropName, String> = props
         .iter()
-        .filter(|(k, _)| k.as_str() != prop::REPLICA.as_str() && k.as_str() != prop::RAM_DUMP.as_str())
+        // The dump's path and the sealed copy's sum are the target's own.
+        .filter(|(k, _)| ![prop::REPLICA.as_str(), prop::RAM_DUMP.as_str(), prop::RAM_SEALED.as_str()].contains(&k.as_str()))
         .filter_map(|(k, v)| Some((PropName::new(k).ok()?, v.clone())))
         .collect();
     let dumped = props.contains_key(prop::RAM_DUMP.as_str()) && !props.contains_key(prop::RAM_PRUNED.as_str());
@@ -241,7 +269,7 @@ pub async fn pull(
     // word by now), never only against a sum the target returned.
     let want = record.as_ref().and_then(|r| r.ram_sha256.clone()).or_else(|| props.get(prop::RAM_SHA256.as_str()).cloned());
     if let (true, Some(sum)) = (dumped, want.as_ref()) {
-        let path = pull_dump(&run, ram_dir, &dom.name, snapshot, sum, progress).await.map_err(err)?;
+        let path = pull_dump(&run, ram_dir, &target.ram_key, &dom.name, snapshot, sum, progress).await.map_err(err)?;
         report.ram_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         local_props.insert(prop::RAM_DUMP, path.display().to_string());
         report.ram_dump = Some(path.display().to_string());
@@ -295,10 +323,13 @@ async fn undo_receives(zfs: &Zfs, todo: &[Receive], snapshot: &str) -> Vec<Strin
 }
 
 /// The dump copied back to `<ram_dir>/<domain>/<snapshot>.ram` (0600 in a 0700 directory),
-/// resuming a partial copy, named only once its sha256 is the recorded one.
+/// resuming a partial copy, named only once its sha256 is the recorded one. A sealed copy is
+/// opened with the RAM key at `ram_key` (and proven to be this snapshot's dump) on the way.
+#[allow(clippy::too_many_arguments)]
 async fn pull_dump(
     run: &Run<'_>,
     ram_dir: &Path,
+    ram_key: &Path,
     domain: &str,
     snapshot: &str,
     sha256: &str,
@@ -340,11 +371,50 @@ async fn pull_dump(
         Ok(())
     })
     .await?;
-    let (_, got) =
-        sha256_of(crate::fsutil::open_regular(&dir.path().join(&part)).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let part_path = dir.path().join(&part);
+    let drop_copy = |why: String| {
+        let _ = std::fs::remove_file(&part_path);
+        Err(format!("{why}; the copy was deleted"))
+    };
+    if crate::ramcrypt::is_sealed(&part_path) {
+        let key = crate::ramcrypt::RamKey::load(ram_key).map_err(|e| {
+            format!("the target holds the RAM dump of {snapshot} sealed, and only this host's RAM key opens it: {e} (put back the key kept when the host was set up)")
+        })?;
+        progress(&format!("opening the sealed RAM dump of {snapshot}"));
+        let opened = format!("{name}.open");
+        let out = dir.open_resumable(&opened).map_err(|e| e.to_string())?;
+        let (input, ids) = (crate::fsutil::open_regular(&part_path).map_err(|e| e.to_string())?, (domain.to_owned(), snapshot.to_owned()));
+        let done = tokio::task::spawn_blocking(move || -> Result<String, String> {
+            let mut out = out;
+            out.set_len(0).map_err(|e| e.to_string())?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut out);
+            let mut r = std::io::BufReader::with_capacity(1 << 20, input);
+            let (_, sum) = crate::ramcrypt::open_as(&mut r, &mut w, &key, &ids.0, &ids.1).map_err(|e| e.to_string())?;
+            std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
+            drop(w);
+            out.sync_all().map_err(|e| e.to_string())?;
+            Ok(sum)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let got = match done {
+            Ok(sum) => sum,
+            Err(e) => {
+                let _ = std::fs::remove_file(dir.path().join(&opened));
+                return drop_copy(format!("the sealed RAM dump of {snapshot} does not open: {e}"));
+            }
+        };
+        if got != sha256 {
+            let _ = std::fs::remove_file(dir.path().join(&opened));
+            return drop_copy(format!("the opened dump's sha256 is {got}, the snapshot records {sha256}"));
+        }
+        dir.rename(&opened, &name).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&part_path);
+        return Ok(path);
+    }
+    let (_, got) = sha256_of(crate::fsutil::open_regular(&part_path).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     if got != sha256 {
-        let _ = std::fs::remove_file(dir.path().join(&part));
-        return Err(format!("the copy's sha256 is {got}, the snapshot records {sha256}; the copy was deleted"));
+        return drop_copy(format!("the copy's sha256 is {got}, the snapshot records {sha256}"));
     }
     dir.rename(&part, &name).map_err(|e| e.to_string())?;
     Ok(path)

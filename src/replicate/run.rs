@@ -14,8 +14,10 @@ use super::plan::{plan, Base, Cursor, Plan, SourceSnap, Step};
 use super::progress::Transfer;
 use super::protocol::{Listing, PruneOutcome, RamState, Reply, Request, RollbackOutcome};
 use super::transport::{Payload, Transport};
+use crate::config::SealRam;
 use crate::config::{DomainConfig, TargetConfig};
 use crate::model::prop;
+use crate::ramcrypt::RamKey;
 use crate::zfs::{Dataset, PropName, Zfs, ZfsError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +39,8 @@ pub enum ReplicateError {
     Untrusted { target: String, why: String, undone: String },
     #[error("target {target}: cancelled; the next run resumes where this one stopped")]
     Cancelled { target: String },
+    #[error("{domain}'s RAM dumps go to {target} sealed ({why}), but {key}")]
+    RamKey { domain: String, target: String, why: String, key: String },
     #[error("nothing to replicate: the config lists no disks for {domain} and no dataset holds a snapshot vmsnap took of it")]
     NoDatasets { domain: String },
     #[error(transparent)]
@@ -50,6 +54,9 @@ pub const DIVERGED_HINT: &str = "look at the target's snapshots: vmsnap never fo
 pub const TARGET_HINT: &str =
     "can this host reach the target (`ssh` with the configured key), and does its forced command run `vmsnap serve`?";
 
+/// What to do about a missing RAM key.
+pub const RAM_KEY_HINT: &str = "`vmsnap setup` draws a key into ram_key's file (default /etc/vmsnap/ram.key); keep a copy off this host: a restore from the target opens sealed dumps only with it";
+
 /// What to do about a snapshot a target sent back unchecked or changed.
 pub const UNTRUSTED_HINT: &str = "vmsnap checks what a target sends back against the sha256s this host recorded when it took the snapshot (integrity records in its state directory); a snapshot with no record here comes back only with --trust-target";
 
@@ -59,6 +66,7 @@ impl ReplicateError {
             ReplicateError::Diverged { .. } => Some(DIVERGED_HINT),
             ReplicateError::Target { .. } => Some(TARGET_HINT),
             ReplicateError::Untrusted { .. } => Some(UNTRUSTED_HINT),
+            ReplicateError::RamKey { .. } => Some(RAM_KEY_HINT),
             ReplicateError::Zfs(_) | ReplicateError::Cancelled { .. } | ReplicateError::NoDatasets { .. } => None,
         }
     }
@@ -546,6 +554,7 @@ impl<'a> Run<'a> {
         // upload (an interrupted upload does not hold back the others), the rest at the end
         // with the target's retention.
         let mut pending: Vec<(Dataset, String, BTreeMap<String, String>)> = Vec::new();
+        let mut seal: Option<Option<RamKey>> = None;
         for (snap, (mut props, on)) in todo {
             self.go_on()?;
             // This host's verification is of this host's dump: the target's copy is proven by
@@ -555,9 +564,31 @@ impl<'a> Run<'a> {
                 match crate::fsutil::open_regular(std::path::Path::new(&path)) {
                     Ok(file) => {
                         let state = ram_states.remove(&snap).unwrap_or_default();
-                        if !state.complete {
+                        if seal.is_none() {
+                            let all: Vec<Dataset> = listings.iter().map(|(ds, _)| ds.clone()).collect();
+                            seal = Some(self.ram_seal_key(&all).await?);
+                        }
+                        let key = seal.as_ref().and_then(Option::as_ref);
+                        let sealed_sum = if !state.complete {
                             self.push_props(std::mem::take(&mut pending), None).await?;
-                            report.ram_bytes += self.send_ram(&snap, file, &sum, &state).await?;
+                            let (bytes, sealed_sum) = self.send_ram(&snap, file, &sum, &state, key).await?;
+                            report.ram_bytes += bytes;
+                            sealed_sum
+                        } else if let (Some(key), true) = (key, state.sealed) {
+                            let id = (self.dom.name.clone(), snap.clone(), sum.clone());
+                            let key = key.clone();
+                            let len = file.metadata().map_err(|e| self.err(e.to_string()))?.len();
+                            let sealed =
+                                tokio::task::spawn_blocking(move || crate::ramcrypt::sealed_sha256(file, len, &key, (&id.0, &id.1, &id.2)));
+                            Some(sealed.await.expect("hashing runs").map_err(|e| self.err(e.to_string()))?)
+                        } else {
+                            if key.is_some() {
+                                tracing::warn!(snapshot = %snap, "the target holds this RAM dump unsealed, from before it was sealed");
+                            }
+                            None
+                        };
+                        if let Some(s) = sealed_sum {
+                            props.insert(prop::RAM_SEALED, s);
                         }
                         report.ram_dumps.push(snap.clone());
                     }
@@ -598,18 +629,72 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Uploads a dump from where the target's copy (`state`) stops.
-    async fn send_ram(&self, snap: &str, file: std::fs::File, sha256: &str, state: &RamState) -> Result<u64, ReplicateError> {
-        let size = file.metadata().map_err(|e| self.err(e.to_string()))?.len();
+    /// Uploads a dump from where the target's copy (`state`) stops, sealed under `key` when
+    /// given: the bytes sent, and the sealed copy's sha256.
+    async fn send_ram(
+        &self,
+        snap: &str,
+        file: std::fs::File,
+        sha256: &str,
+        state: &RamState,
+        key: Option<&RamKey>,
+    ) -> Result<(u64, Option<String>), ReplicateError> {
+        let len = file.metadata().map_err(|e| self.err(e.to_string()))?.len();
+        let size = if key.is_some() { crate::ramcrypt::sealed_len(len) } else { len };
         if state.partial > size {
             return Err(self.err(format!("the target has {} bytes of the {size}-byte RAM dump of {snap}", state.partial)));
         }
-        self.progress.step(&format!("RAM dump of {snap}: {} MiB to send", (size - state.partial) >> 20));
-        let req =
-            Request::RamPut { domain: self.dom.name.clone(), snapshot: snap.into(), sha256: sha256.into(), offset: state.partial, size };
-        let left = AtomicU64::new(size - state.partial);
-        let (_, n) = self.call_sized(req, Payload::File(file, state.partial), Some(&left)).await?;
-        Ok(n)
+        let how = if key.is_some() { "sealed, " } else { "" };
+        self.progress.step(&format!("RAM dump of {snap} ({how}{} MiB to send)", (size - state.partial) >> 20));
+        let (dom, offset) = (self.dom.name.clone(), state.partial);
+        let req = Request::RamPut {
+            domain: dom.clone(),
+            snapshot: snap.into(),
+            sha256: if key.is_some() { String::new() } else { sha256.into() },
+            offset,
+            size,
+            sealed: key.is_some(),
+        };
+        let left = AtomicU64::new(size - offset);
+        let Some(key) = key else {
+            let (_, n) = self.call_sized(req, Payload::File(file, offset), Some(&left)).await?;
+            return Ok((n, None));
+        };
+        let sealer =
+            crate::ramcrypt::Sealer::for_dump(file, len, key, (&dom, snap, sha256), offset).map_err(|e| self.err(e.to_string()))?;
+        let (v, n) = self.call_sized(req, Payload::Reader(Box::new(sealer)), Some(&left)).await?;
+        let state: RamState = serde_json::from_value(v).map_err(|e| self.err(format!("a RAM upload's answer vmsnap cannot read: {e}")))?;
+        let sum = state.sha256.filter(|s| super::protocol::valid_sha256(s));
+        let sum = sum.ok_or_else(|| self.err(format!("the target did not say the sha256 of its sealed copy of {snap}'s RAM dump")))?;
+        Ok((n, Some(sum)))
+    }
+
+    /// The key this domain's RAM dumps are sealed with for this target, if they travel sealed
+    /// (`seal_ram`: by default when one of its datasets is encrypted).
+    async fn ram_seal_key(&self, datasets: &[Dataset]) -> Result<Option<RamKey>, ReplicateError> {
+        let why = match self.target.seal_ram {
+            SealRam::Never => return Ok(None),
+            SealRam::Always => "seal_ram = \"always\"",
+            SealRam::Auto => {
+                let mut encrypted = None;
+                for ds in datasets {
+                    if self.zfs.get_native(ds.as_str(), "encryption").await?.is_some_and(|e| e != "off") {
+                        encrypted = Some(ds);
+                        break;
+                    }
+                }
+                match encrypted {
+                    Some(_) => "its datasets are encrypted, so the target gets ciphertext only",
+                    None => return Ok(None),
+                }
+            }
+        };
+        RamKey::load(&self.target.ram_key).map(Some).map_err(|e| ReplicateError::RamKey {
+            domain: self.dom.name.clone(),
+            target: self.target.name.clone(),
+            why: why.into(),
+            key: e.to_string(),
+        })
     }
 
     /// Sets each snapshot's properties on the target (`dataset`, `snapshot`, properties) and

@@ -158,7 +158,7 @@ impl Server {
                 if offset > size {
                     return reply_line(&Reply::err(format!("offset {offset} is past the dump's {size} bytes")));
                 }
-                reply_line(&Reply::ok(RamState { partial: size, complete: true, path: None }))?;
+                reply_line(&Reply::ok(RamState { partial: size, complete: true, path: None, sealed: false, sha256: None }))?;
                 tokio::task::spawn_blocking(move || {
                     file.seek(std::io::SeekFrom::Start(offset))?;
                     let mut out = std::io::stdout().lock();
@@ -219,12 +219,15 @@ impl Server {
                     .map_err(|e| e.to_string())??;
                 Ok(Reply::ok(checked))
             }
-            Request::RamPut { domain, snapshot, sha256, offset, size } => {
-                if !valid_sha256(&sha256) {
-                    return Err("sha256: not 64 lower-case hex digits".into());
-                }
+            Request::RamPut { domain, snapshot, sha256, offset, size, sealed } => {
+                let sum = match (sealed, sha256.as_str()) {
+                    (true, "") => Sum::Sealed,
+                    (true, _) => return Err("sha256: a sealed dump is announced without one".into()),
+                    (false, s) if valid_sha256(s) => Sum::Announced(sha256),
+                    (false, _) => return Err("sha256: not 64 lower-case hex digits".into()),
+                };
                 let (domain, snapshot, dir) = (domain.clone(), snapshot.clone(), self.ram_dir.clone());
-                let state = tokio::task::spawn_blocking(move || ram_put(&dir, &domain, &snapshot, &sha256, offset, size))
+                let state = tokio::task::spawn_blocking(move || ram_put(&dir, &domain, &snapshot, sum, offset, size))
                     .await
                     .map_err(|e| e.to_string())??;
                 Ok(Reply::ok(state))
@@ -493,12 +496,13 @@ impl Server {
     /// Sets `vmsnap:*` properties; `vmsnap:ram-dump` names this target's copy, and
     /// `vmsnap:replica=complete` is accepted only once that copy is whole and checked.
     /// Only on snapshots this server received, and only the properties a snapshot carries from
-    /// when it is taken ([`prop::ALL`]) and `vmsnap:replica`: never this target's own marks.
+    /// when it is taken ([`prop::ALL`]), `vmsnap:replica` and `vmsnap:ram-sealed` (the sealed
+    /// copy's sha256, the source's word as `vmsnap:ram-sha256` is): never this target's own marks.
     async fn props(&self, snap: &SnapshotName, props: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, String> {
         let mut set = BTreeMap::new();
         for (k, v) in &props {
             let name = PropName::new(k).map_err(|e| e.to_string())?;
-            if !prop::ALL.contains(&name) && name != prop::REPLICA {
+            if !prop::ALL.contains(&name) && name != prop::REPLICA && name != prop::RAM_SEALED {
                 return Err(format!("{k}: not a property a source sets on a target"));
             }
             if v.len() > 4096 || v.chars().any(char::is_control) {
@@ -528,10 +532,13 @@ impl Server {
         let (dir, name) = ram_place(&self.ram_dir, domain, snapshot)?;
         let complete = dir.join(&name);
         let partial = dir.join(format!("{name}.part"));
+        let is_complete = std::fs::symlink_metadata(&complete).is_ok_and(|m| m.is_file());
         Ok(RamState {
             partial: std::fs::symlink_metadata(&partial).map(|m| m.len()).unwrap_or(0),
-            complete: std::fs::symlink_metadata(&complete).is_ok_and(|m| m.is_file()),
+            complete: is_complete,
+            sealed: is_complete && crate::ramcrypt::is_sealed(&complete),
             path: Some(complete.display().to_string()),
+            sha256: None,
         })
     }
 }
@@ -572,10 +579,18 @@ pub(super) fn sha256_of(mut r: impl Read) -> std::io::Result<(u64, String)> {
     Ok((bytes, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
 }
 
+/// Where a [`Request::RamPut`]'s whole-file sha256 is.
+enum Sum {
+    /// In the request.
+    Announced(String),
+    /// None: a sealed dump (it must begin as one); the target answers its copy's.
+    Sealed,
+}
+
 /// Appends stdin to `<snapshot>.ram.part` at `offset` (which must be the partial file's length),
-/// at most up to `size` bytes in all, then checks the whole file against `sha256` and only then
+/// at most up to `size` bytes in all, then checks the whole file against the sha256 and only then
 /// names it `<snapshot>.ram`.
-fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str, offset: u64, size: u64) -> Result<RamState, String> {
+fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sum: Sum, offset: u64, size: u64) -> Result<RamState, String> {
     let (_, name) = ram_place(ram_dir, domain, snapshot)?;
     let dir = Dir::private(ram_dir, &[domain]).map_err(|e| e.to_string())?;
     let part = format!("{name}.part");
@@ -591,14 +606,26 @@ fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str, offset: u
     let mut input = std::io::stdin().lock().take(size - offset);
     std::io::copy(&mut input, &mut file).map_err(|e| format!("receiving {part}: {e}"))?;
     file.sync_all().map_err(|e| e.to_string())?;
-    // Checked here, on the target's own copy.
+    let path = dir.path().join(&name).display().to_string();
+    let refuse = |why: String| {
+        let _ = std::fs::remove_file(dir.path().join(&part));
+        Err(format!("{path}: {why}; the partial copy was deleted"))
+    };
+    let have = file.metadata().map_err(|e| e.to_string())?.len();
+    if have < size {
+        return Err(format!("{part}: the source stopped after {have} of {size} bytes; the next run resumes from there"));
+    }
+    // Checked here, on the target's own copy: against the source's sum, or (sealed) as one.
     file.rewind().map_err(|e| e.to_string())?;
     let (_, got) = sha256_of(&mut file).map_err(|e| e.to_string())?;
-    let path = dir.path().join(&name).display().to_string();
-    if got != sha256 {
-        let _ = std::fs::remove_file(dir.path().join(&part));
-        return Err(format!("{path}: the copy's sha256 is {got}, the source's {sha256}; the partial copy was deleted"));
-    }
+    let sealed = match sum {
+        Sum::Announced(want) if got != want => return refuse(format!("the copy's sha256 is {got}, the source's {want}")),
+        Sum::Announced(_) => false,
+        Sum::Sealed if !crate::ramcrypt::is_sealed(&dir.path().join(&part)) => {
+            return refuse("announced sealed, but not a sealed RAM dump".into())
+        }
+        Sum::Sealed => true,
+    };
     dir.rename(&part, &name).map_err(|e| e.to_string())?;
-    Ok(RamState { partial: 0, complete: true, path: Some(path) })
+    Ok(RamState { partial: 0, complete: true, path: Some(path), sealed, sha256: sealed.then_some(got) })
 }

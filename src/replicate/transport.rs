@@ -20,6 +20,8 @@ pub enum Payload {
     Command(Command),
     /// A file from an offset.
     File(std::fs::File, u64),
+    /// What a reader makes (a sealed RAM dump, [`crate::ramcrypt::Sealer`]).
+    Reader(Box<dyn Read + Send>),
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +151,10 @@ impl Transport {
                 Payload::File(mut f, offset) => {
                     f.seek(std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
                     self.forward(f.as_fd(), stdin.as_fd(), moved)
+                }
+                Payload::Reader(mut r) => {
+                    let mut to = stdin.as_fd().try_clone_to_owned().map(std::fs::File::from).map_err(|e| e.to_string())?;
+                    self.copy(&mut r, &mut to, moved)
                 }
                 Payload::Command(mut cmd) => {
                     let mut send = cmd
@@ -449,6 +455,8 @@ mod tests {
             keep: None,
             every: None,
             idle_timeout: Duration::from_secs(300),
+            seal_ram: crate::config::SealRam::Auto,
+            ram_key: crate::config::DEFAULT_RAM_KEY.into(),
         }
     }
 

@@ -32,8 +32,11 @@ struct Seen {
     datasets: usize,
     matched: usize,
     problems: Vec<String>,
-    /// The RAM dump's recorded sha256 (target's properties), unless pruned there.
+    /// The sha256 the target's copy of the RAM dump must have (the dump's own, or its sealed
+    /// copy's), unless pruned there.
     ram_sha256: Option<String>,
+    /// The target holds the dump sealed.
+    sealed: bool,
 }
 
 /// Verifies what `target` holds of `dom`; `progress` hears each step.
@@ -78,6 +81,14 @@ pub async fn verify_target(
                     Ok(Some(r)) => e.ram_sha256 = r.ram_sha256.or_else(|| Some(sum.clone())),
                     Ok(None) | Err(_) => e.ram_sha256 = Some(sum.clone()),
                 }
+                // A sealed copy is read against the sealed file's sum (the source's word when it
+                // sent it): the dump's own sum is checked when it is opened, on a restore.
+                if let Some(sealed) = t.props.get(prop::RAM_SEALED.as_str()) {
+                    e.sealed = true;
+                    if e.problems.is_empty() {
+                        e.ram_sha256 = Some(sealed.clone());
+                    }
+                }
             }
         }
     }
@@ -93,7 +104,11 @@ pub async fn verify_target(
             let req = Request::RamCheck { domain: dom.name.clone(), snapshot: snapshot.clone(), sha256: sum.clone() };
             match run.call(req, Payload::None).await {
                 Ok((v, _)) => match serde_json::from_value::<RamCheck>(v) {
-                    Ok(c) if c.matches => checked.push(format!("RAM dump sha256 ok on the target ({} MiB)", c.bytes >> 20)),
+                    Ok(c) if c.matches => checked.push(format!(
+                        "{}RAM dump sha256 ok on the target ({} MiB)",
+                        if e.sealed { "sealed " } else { "" },
+                        c.bytes >> 20
+                    )),
                     Ok(c) => e.problems.push(format!("the target's RAM dump ({} bytes) does not match its sha256 {sum}", c.bytes)),
                     Err(err) => e.problems.push(format!("an answer vmsnap cannot read: {err}")),
                 },
