@@ -525,6 +525,8 @@ fn on_seal() {
             f.sync_all().unwrap();
             let _ = h.finalize();
         });
+        // A MiB's pipe, as the transport makes it.
+        let _ = nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&w), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
         let mut w = std::fs::File::from(w);
         let file = std::fs::File::open(&dump).unwrap();
         if sealed {

@@ -153,6 +153,8 @@ impl Transport {
                     self.forward(f.as_fd(), stdin.as_fd(), moved)
                 }
                 Payload::Reader(mut r) => {
+                    // Pieces of a MiB into a pipe that holds one (as `forward` sizes it).
+                    let _ = nix::fcntl::fcntl(stdin.as_fd().as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIECE as i32));
                     let mut to = stdin.as_fd().try_clone_to_owned().map(std::fs::File::from).map_err(|e| e.to_string())?;
                     self.copy(&mut r, &mut to, moved)
                 }
