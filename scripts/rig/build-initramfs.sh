@@ -33,12 +33,6 @@ install -m 755 "$HERE/tiny-init" "$R/init"
 # qemu-ga's guest-shutdown runs "shutdown -P|-r|-H +0"
 printf '#!/bin/sh\nsync\ncase "$*" in *-r*) reboot -f ;; *) poweroff -f ;; esac\n' > "$R/sbin/shutdown"
 chmod +x "$R/sbin/shutdown"
-# qemu-ga's guest-set-time sets the system clock, then runs "/sbin/hwclock -w" to copy it into the
-# RTC; busybox's hwclock under nested TCG took 30-45 s per call. The tiny guest never reads its RTC
-# back (it is not rebooted onto it), so writing it is skipped; the system clock is still set.
-rm -f "$R/sbin/hwclock"
-printf '#!/bin/sh\n# the RTC write is skipped in the test guest (see build-initramfs.sh)\nexit 0\n' > "$R/sbin/hwclock"
-chmod +x "$R/sbin/hwclock"
 echo "root:x:0:0:root:/:/bin/sh" > "$R/etc/passwd"
 echo "root:x:0:" > "$R/etc/group"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT"
