@@ -866,8 +866,10 @@ fn sealed_ram() -> Result<(), Failed> {
     write_config(&["offsite"], "");
     result?;
     // The restore rolled the cursor bookmarks back with the datasets: a run sets them again.
+    // (The target's own retention pruned it earlier in the lane: it holds fewer snapshots.)
     replicate(&[])?;
-    assert_replicated()
+    check(snaps(SRC).last() == snaps(DST).last() && snaps(ZVOL).last() == snaps(DST_ZVOL).last(), "source and target end apart")?;
+    Ok(())
 }
 
 fn sealed_ram_steps(key: &str, marker: &str) -> Result<(), Failed> {

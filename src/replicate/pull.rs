@@ -130,23 +130,14 @@ pub async fn pull(
                         ),
                     });
                 }
-                // Written since its newest snapshot (a domain's disks, its saved XML): the
-                // receive needs that discarded too, as an in-place restore would.
-                let written = if newer.is_empty() {
+                // Written since its newest snapshot (a domain's disks, its saved XML): with
+                // `--destroy-newer` those writes are discarded too, as an in-place restore would;
+                // without, the receive is tried (and says so if it refuses).
+                let written = if newer.is_empty() && destroy_newer {
                     zfs.get_native(ds.as_str(), "written").await?.and_then(|w| w.parse::<u64>().ok()).unwrap_or(0)
                 } else {
                     0
                 };
-                if written > 0 && !destroy_newer {
-                    return Err(ReplicateError::Diverged {
-                        target: target.name.clone(),
-                        dataset: ds.to_string(),
-                        why: format!(
-                            "receiving {snapshot} onto {} here needs the {written} bytes written to {ds} since then discarded (`--destroy-newer`, as an in-place restore would)",
-                            base.name.snap()
-                        ),
-                    });
-                }
                 let rollback_to = (!newer.is_empty() || written > 0).then(|| base.name.clone());
                 if rollback_to.is_some() {
                     // Their RAM dumps go with them (from this host's RAM directory only).
