@@ -164,13 +164,16 @@ pub async fn pull(
     }
     // A dump the target holds sealed opens only with this host's RAM key: without it, nothing
     // is received.
-    if props.contains_key(prop::RAM_SEALED.as_str()) && !props.contains_key(prop::RAM_PRUNED.as_str()) {
-        crate::ramcrypt::RamKey::load(&target.ram_key).map_err(|e| {
-            err(format!(
-                "it holds the RAM dump of {snapshot} sealed, and only this host's RAM key opens it: {e} (put back the key kept when the host was set up); nothing was received"
-            ))
+    let ram_key = if props.contains_key(prop::RAM_SEALED.as_str()) && !props.contains_key(prop::RAM_PRUNED.as_str()) {
+        let key = crate::ramcrypt::RamKey::load(&target.ram_key).map_err(|e| ReplicateError::SealedDumpKey {
+            target: target.name.clone(),
+            snapshot: snapshot.to_owned(),
+            key: e.to_string(),
         })?;
-    }
+        Some(key)
+    } else {
+        None
+    };
     for r in &todo {
         let ds = &r.ds;
         if let Some(base) = &r.rollback_to {
@@ -260,7 +263,7 @@ pub async fn pull(
     // word by now), never only against a sum the target returned.
     let want = record.as_ref().and_then(|r| r.ram_sha256.clone()).or_else(|| props.get(prop::RAM_SHA256.as_str()).cloned());
     if let (true, Some(sum)) = (dumped, want.as_ref()) {
-        let path = pull_dump(&run, ram_dir, &target.ram_key, &dom.name, snapshot, sum, progress).await.map_err(err)?;
+        let path = pull_dump(&run, ram_dir, ram_key.as_ref(), &dom.name, snapshot, sum, progress).await.map_err(err)?;
         report.ram_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         local_props.insert(prop::RAM_DUMP, path.display().to_string());
         report.ram_dump = Some(path.display().to_string());
@@ -315,12 +318,13 @@ async fn undo_receives(zfs: &Zfs, todo: &[Receive], snapshot: &str) -> Vec<Strin
 
 /// The dump copied back to `<ram_dir>/<domain>/<snapshot>.ram` (0600 in a 0700 directory),
 /// resuming a partial copy, named only once its sha256 is the recorded one. A sealed copy is
-/// opened with the RAM key at `ram_key` (and proven to be this snapshot's dump) on the way.
+/// opened with `ram_key` (loaded when the target's properties say it is sealed) and proven to be
+/// this snapshot's dump on the way.
 #[allow(clippy::too_many_arguments)]
 async fn pull_dump(
     run: &Run<'_>,
     ram_dir: &Path,
-    ram_key: &Path,
+    ram_key: Option<&crate::ramcrypt::RamKey>,
     domain: &str,
     snapshot: &str,
     sha256: &str,
@@ -368,9 +372,9 @@ async fn pull_dump(
         Err(format!("{why}; the copy was deleted"))
     };
     if crate::ramcrypt::is_sealed(&part_path) {
-        let key = crate::ramcrypt::RamKey::load(ram_key).map_err(|e| {
-            format!("the target holds the RAM dump of {snapshot} sealed, and only this host's RAM key opens it: {e} (put back the key kept when the host was set up)")
-        })?;
+        let Some(key) = ram_key.cloned() else {
+            return drop_copy(format!("the target sent the RAM dump of {snapshot} sealed, though its properties do not say so"));
+        };
         progress(&format!("opening the sealed RAM dump of {snapshot}"));
         let opened = format!("{name}.open");
         let out = dir.open_resumable(&opened).map_err(|e| e.to_string())?;

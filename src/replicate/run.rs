@@ -41,6 +41,10 @@ pub enum ReplicateError {
     Cancelled { target: String },
     #[error("{domain}'s RAM dumps go to {target} sealed ({why}), but {key}")]
     RamKey { domain: String, target: String, why: String, key: String },
+    #[error(
+        "target {target} holds the RAM dump of {snapshot} sealed, and only this host's RAM key opens it, but {key}; nothing was received"
+    )]
+    SealedDumpKey { target: String, snapshot: String, key: String },
     #[error("nothing to replicate: the config lists no disks for {domain} and no dataset holds a snapshot vmsnap took of it")]
     NoDatasets { domain: String },
     #[error(transparent)]
@@ -66,7 +70,7 @@ impl ReplicateError {
             ReplicateError::Diverged { .. } => Some(DIVERGED_HINT),
             ReplicateError::Target { .. } => Some(TARGET_HINT),
             ReplicateError::Untrusted { .. } => Some(UNTRUSTED_HINT),
-            ReplicateError::RamKey { .. } => Some(RAM_KEY_HINT),
+            ReplicateError::RamKey { .. } | ReplicateError::SealedDumpKey { .. } => Some(RAM_KEY_HINT),
             ReplicateError::Zfs(_) | ReplicateError::Cancelled { .. } | ReplicateError::NoDatasets { .. } => None,
         }
     }
