@@ -578,18 +578,8 @@ impl<'a> Run<'a> {
                             let (bytes, sealed_sum) = self.send_ram(&snap, file, &sum, &state, key).await?;
                             report.ram_bytes += bytes;
                             sealed_sum
-                        } else if let (Some(key), true) = (key, state.sealed) {
-                            let id = (self.dom.name.clone(), snap.clone(), sum.clone());
-                            let key = key.clone();
-                            let len = file.metadata().map_err(|e| self.err(e.to_string()))?.len();
-                            let sealed =
-                                tokio::task::spawn_blocking(move || crate::ramcrypt::sealed_sha256(file, len, &key, (&id.0, &id.1, &id.2)));
-                            Some(sealed.await.expect("hashing runs").map_err(|e| self.err(e.to_string()))?)
                         } else {
-                            if key.is_some() {
-                                tracing::warn!(snapshot = %snap, "the target holds this RAM dump unsealed, from before it was sealed");
-                            }
-                            None
+                            self.sealed_sum_of_complete(&snap, file, &sum, &state, key).await?
                         };
                         if let Some(s) = sealed_sum {
                             props.insert(prop::RAM_SEALED, s);
@@ -671,6 +661,28 @@ impl<'a> Run<'a> {
         let sum = state.sha256.filter(|s| super::protocol::valid_sha256(s));
         let sum = sum.ok_or_else(|| self.err(format!("the target did not say the sha256 of its sealed copy of {snap}'s RAM dump")))?;
         Ok((n, Some(sum)))
+    }
+
+    /// The sha256 of the target's complete sealed copy of `snap`'s dump (an earlier run sent it
+    /// and did not record it): sealed again here to hash, as it is deterministic. `None` when the
+    /// target's copy is not sealed.
+    async fn sealed_sum_of_complete(
+        &self,
+        snap: &str,
+        file: std::fs::File,
+        sum: &str,
+        state: &RamState,
+        key: Option<&RamKey>,
+    ) -> Result<Option<String>, ReplicateError> {
+        let Some(key) = key else { return Ok(None) };
+        if !state.sealed {
+            tracing::warn!(snapshot = %snap, "the target holds this RAM dump unsealed, from before it was sealed");
+            return Ok(None);
+        }
+        let (id, key) = ((self.dom.name.clone(), snap.to_owned(), sum.to_owned()), key.clone());
+        let len = file.metadata().map_err(|e| self.err(e.to_string()))?.len();
+        let sealed = tokio::task::spawn_blocking(move || crate::ramcrypt::sealed_sha256(file, len, &key, (&id.0, &id.1, &id.2)));
+        Ok(Some(sealed.await.expect("hashing runs").map_err(|e| self.err(e.to_string()))?))
     }
 
     /// The key this domain's RAM dumps are sealed with for this target, if they travel sealed
