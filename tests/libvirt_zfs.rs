@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use vmsnap::qemu::qmp::Qmp;
 use vmsnap_testkit::rig::lane::sh;
 use vmsnap_testkit::rig::libvirt::{self, virsh, LibvirtKit, Libvirtd, DOMAIN, IMAGES};
+use vmsnap_testkit::rig::remote;
 use vmsnap_testkit::rig::Rig;
 use vmsnap_testkit::support::{self, check, rt, COUNTER_WRITER};
 
@@ -84,6 +85,8 @@ fn inside() {
         ("a_libvirtd_restart_registers_again", reconnect_registers),
         ("the_daemon_keeps_live_registrations_and_drops_stale_ones", daemon_restarts),
         ("enroll_and_unenroll_through_virsh", enroll_and_unenroll),
+        // Last: it takes the host's vmsnap state away.
+        ("a_host_that_lost_the_domain_resumes_it_from_the_target", disaster_resume),
     ];
     let trials = vmsnap_testkit::support::timed_trials(cases);
     let conclusion = libtest_mimic::run(&args, trials);
@@ -857,5 +860,69 @@ fn enroll_and_unenroll() -> Result<(), Failed> {
         check(vmsnap(&["unenroll", DOMAIN])?.contains("not enrolled"), "unenroll twice")
     })();
     virsh(&["undefine", DOMAIN])?;
+    res
+}
+
+/// The disaster a backup is for, with a libvirt domain: a RAM snapshot of the running guest is
+/// replicated to a target (a second "host": sshd in its own network namespace, its own pool);
+/// then this host loses the domain (destroyed, not defined), its datasets, its RAM dumps and
+/// vmsnap's whole state directory (registry, integrity records). `list --target` still finds
+/// the snapshot by the domain's name alone, and `restore --from --resume` receives the
+/// datasets, defines the domain from the snapshot's XML and resumes the guest from its RAM where
+/// it was (no reboot).
+fn disaster_resume() -> Result<(), Failed> {
+    const RT: &str = "/root/lvrt";
+    sh(&format!(
+        "mkdir -p {RT} && chmod 700 {RT} && zpool create -f -O mountpoint=/backup backup /dev/disk/by-id/virtio-pool2 \
+         && zfs create backup/replica && mkdir -p /backup/ram"
+    ));
+    remote::start(RT);
+    let key = std::fs::read_to_string(format!("{RT}/id.pub"))?;
+    std::fs::write(
+        format!("{RT}/authorized_keys"),
+        format!("command=\"{VMSNAP} serve --root backup/replica --ram-dir /backup/ram\",restrict {}\n", key.trim()),
+    )?;
+    let options = remote::ssh_options(RT).iter().map(|o| format!("{o:?}")).collect::<Vec<_>>().join(", ");
+    let config = std::fs::read_to_string(CONFIG)?;
+    std::fs::write(
+        CONFIG,
+        format!(
+            "state_dir = \"{STATE}\"\n[template.default]\nautosnap = false\nreplicate_to = [\"offsite\"]\n\n\
+             [target.offsite]\nhost = \"{}\"\nidentity = \"{RT}/id\"\nssh_options = [{options}]\n",
+            remote::ADDRESS
+        ),
+    )?;
+    let res = (|| {
+        restore_guest()?;
+        wait_for("registered by the started hook", Duration::from_secs(30), registered)?;
+        let uptime = uptime_of(DOMAIN)?;
+        let snap = vmsnap_json(&["snapshot", DOMAIN, "--memory", "--json"])?;
+        let name = snap["name"].as_str().ok_or(format!("no name: {snap}"))?.to_owned();
+        let dump = snap["ram_dump"].as_str().ok_or(format!("no dump: {snap}"))?.to_owned();
+        let sent = vmsnap_json(&["replicate", DOMAIN, "--target", "offsite", "--local", "--json"])?;
+        eprintln!("METRIC replicated for the disaster: {sent}");
+        check(sh(&format!("ls /backup/ram/{DOMAIN}/")).contains(&name), "the dump did not reach the target")?;
+
+        // The loss: the guest, its definition, its datasets, its dumps, vmsnap's state.
+        virsh(&["destroy", DOMAIN])?;
+        check(virsh(&["domstate", DOMAIN]).is_err(), "libvirt still knows the domain")?;
+        stop_daemon()?;
+        sh(&format!("zfs destroy -r -f {FS} && zfs destroy -r -f {DATA} && rm -rf {STATE} {dump}"));
+
+        let listed = vmsnap_json(&["list", DOMAIN, "--target", "offsite", "--json"])?;
+        check(listed.to_string().contains(&name), format!("list --target: {listed}"))?;
+        let t = Instant::now();
+        let (ok, out, err) = vmsnap_cli(&["restore", DOMAIN, &name, "--from", "offsite", "--trust-target", "--resume"]);
+        eprintln!("METRIC restore --from --resume onto a host that lost the domain: {:.1} s\n{out}{err}", t.elapsed().as_secs_f64());
+        check(ok, format!("restore --from --resume: {out}{err}"))?;
+        check(virsh(&["domstate", DOMAIN])?.trim() == "running", "the restored domain is not running")?;
+        let info = virsh(&["dominfo", DOMAIN])?;
+        check(info.lines().any(|l| l.starts_with("Persistent:") && l.ends_with("yes")), format!("not defined again: {info}"))?;
+        resumed_where_it_was(DOMAIN, uptime, t)
+    })();
+    let _ = virsh(&["destroy", DOMAIN]);
+    let _ = virsh(&["undefine", DOMAIN]);
+    remote::stop();
+    std::fs::write(CONFIG, config)?;
     res
 }

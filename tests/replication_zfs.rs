@@ -59,6 +59,7 @@ fn inside() {
         ("a_hostile_source_stream_mounts_and_marks_nothing_outside_its_root", hostile::hostile_source),
         ("a_resume_token_naming_another_dataset_is_aborted_not_sent", hostile::forged_resume_token),
         ("restore_from_onto_a_host_that_lost_the_datasets_dumps_and_state", hostile::disaster_restore),
+        ("an_encrypted_dataset_comes_back_raw_and_restores_once_its_key_is_loaded", hostile::disaster_restore_encrypted),
         ("a_snapshot_the_target_changed_is_refused_and_removed_on_restore_from", hostile::planted_xml),
         // File-level restore (pools are here; it sends nothing).
         ("mount_reads_files_out_of_a_snapshot_and_umount_releases_it", mount_and_umount),
@@ -384,8 +385,7 @@ fn encrypted() -> Result<(), Failed> {
         "echo 'correct horse battery' > {RT}/pass && zfs create -o encryption=on -o keyformat=passphrase -o keylocation=file://{RT}/pass tank/vms/sec \
          && dd if=/dev/urandom of=/tank/vms/sec/disk.img bs=1M count=8 status=none"
     ));
-    let extra = format!("\n[domain.sec]\nqmp = \"{RT}/sec.qmp\"\ndisks = [\"/tank/vms/sec/disk.img\"]\nreplicate_to = [\"offsite\"]\n");
-    write_config(&["offsite"], &extra);
+    write_config(&["offsite"], &sec_domain());
     let out = vmsnap(&["snapshot", "sec", "--label", "enc"]);
     check(out.status.success(), text(&out))?;
     let out = vmsnap(&["replicate", "sec"]);
@@ -399,6 +399,11 @@ fn encrypted() -> Result<(), Failed> {
     check(same.contains("same"), "the decrypted copy differs")?;
     write_config(&["offsite"], "");
     Ok(())
+}
+
+/// The config of `sec`, a stopped VM whose disk is on an encrypted dataset (a passphrase in a file).
+fn sec_domain() -> String {
+    format!("\n[domain.sec]\nqmp = \"{RT}/sec.qmp\"\ndisks = [\"/tank/vms/sec/disk.img\"]\nreplicate_to = [\"offsite\"]\n")
 }
 
 fn unreachable_target() -> Result<(), Failed> {

@@ -133,10 +133,13 @@ struct OnTarget {
 /// `vmsnap list --target T`: each domain that replicates to `T` (or the one named), as `T` has it.
 pub async fn target(cfg: &Config, zfs: &Zfs, only: Option<&str>, tname: &str, json: bool) -> Result<()> {
     let t = cfg.target(tname)?;
-    let domains: Vec<_> = vmsnap::daemon::registry::select(cfg, only)?
-        .into_iter()
-        .filter(|d| only.is_some() || d.policy.replicate_to.iter().any(|r| r == tname))
-        .collect();
+    let domains: Vec<_> = match only {
+        // Named: whatever this host knows of it (a host that lost it knows only the name).
+        Some(name) => vec![vmsnap::daemon::registry::known_or_named(cfg, name)?],
+        None => {
+            vmsnap::daemon::registry::select(cfg, None)?.into_iter().filter(|d| d.policy.replicate_to.iter().any(|r| r == tname)).collect()
+        }
+    };
     let mut rows = Vec::new();
     let mut in_progress = Vec::new();
     for dom in &domains {

@@ -22,7 +22,8 @@ pub async fn pull(
     json: bool,
 ) -> Result<bool> {
     let target = cfg.target(tname)?;
-    let dom = vmsnap::daemon::registry::select(cfg, Some(domain))?.into_iter().next().context("no such domain")?;
+    // A libvirt domain is in no registry once it stopped, nor anywhere on a host that lost it.
+    let dom = vmsnap::daemon::registry::known_or_named(cfg, domain)?;
     if dry_run {
         println!("would bring {snapshot} of {domain} back from {tname} (and its RAM dump), then restore from it; `vmsnap list {domain} --target {tname}` shows what it holds");
         return Ok(true);

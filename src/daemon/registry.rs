@@ -203,6 +203,20 @@ pub fn select(cfg: &Config, only: Option<&str>) -> Result<Vec<DomainConfig>, cra
     }
 }
 
+/// A configured or registered domain, else one known only by its name
+/// ([`DomainConfig::by_name`]): a libvirt domain that is not running, or one whose host lost its
+/// state directory. What restores, mounts and a target's listings act on.
+///
+/// # Errors
+/// [`crate::config::ConfigError::NoSuchDomain`] when `name` cannot be a domain's name.
+pub fn known_or_named(cfg: &Config, name: &str) -> Result<DomainConfig, crate::config::ConfigError> {
+    match select(cfg, Some(name)) {
+        Ok(mut d) => Ok(d.remove(0)),
+        Err(_) if crate::config::valid_domain_name(name) => Ok(DomainConfig::by_name(name)),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +293,17 @@ mod tests {
         r = reg("web");
         r.uuid = Some("nope".into());
         assert!(r.validate().unwrap_err().to_string().contains("uuid"));
+    }
+
+    #[test]
+    fn a_domain_this_host_lost_is_known_by_its_name_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("state_dir = \"{}\"\n[domain.db]\nqmp = \"/run/db.qmp\"\n", dir.path().display());
+        let cfg = Config::parse(&text, Path::new("/x.toml")).unwrap();
+        assert_eq!(known_or_named(&cfg, "db").unwrap().qmp, PathBuf::from("/run/db.qmp"));
+        let lost = known_or_named(&cfg, "web").unwrap();
+        assert_eq!((lost.name.as_str(), lost.disks.len()), ("web", 0));
+        let bad = known_or_named(&cfg, "../etc").unwrap_err().to_string();
+        assert!(bad.contains("../etc") && bad.contains("db"), "{bad}");
     }
 }

@@ -214,13 +214,10 @@ pub async fn pull(
         })
         .await
         .map_err(err)?;
-        if new && zfs.get_native(ds.as_str(), "type").await?.as_deref() == Some("filesystem") {
-            // The restore reads the saved XML and nvram under `.zfs/snapshot`.
-            zfs.cli().zfs(crate::zargs!["mount", ds.as_str()]).await?;
-        }
         report.bytes += bytes;
         report.steps.push(format!("{ds}: received {snapshot} {how} ({} MiB)", bytes >> 20));
     }
+    unlock_and_mount(zfs, &all_datasets, snapshot, &target.name).await?;
     // What came back is what this host recorded when it took the snapshot, or it goes again.
     let unit: Vec<SnapshotName> = all_datasets.iter().filter_map(|d| d.snapshot(snapshot).ok()).collect();
     let held = crate::integrity::held(zfs, &unit, &dom.name, props.get(prop::RAM_SHA256.as_str()).cloned()).await.map_err(err)?;
@@ -293,6 +290,30 @@ async fn what_it_would_run(zfs: &Zfs, unit: &[SnapshotName], domain: &str) -> St
         ),
         Err(e) => format!("its domain XML does not read: {}", shown(&e)),
     }
+}
+
+/// Readies what came back for the restore, which reads the saved XML and nvram under
+/// `.zfs/snapshot` and the disks: file systems are mounted. An encrypted dataset received raw
+/// stays locked until its key is loaded here, and then nothing of the unit can be checked: the
+/// pull stops, naming them, and keeps what it received (a second run finds it here already).
+async fn unlock_and_mount(zfs: &Zfs, datasets: &[Dataset], snapshot: &str, target: &str) -> Result<(), ReplicateError> {
+    let (mut locked, mut to_mount) = (Vec::new(), Vec::new());
+    for ds in datasets {
+        let Some(p) = zfs.get_natives(ds.as_str(), &["type", "keystatus", "mounted", "canmount"]).await? else { continue };
+        let is = |k: &str, v: &str| p.get(k).map(String::as_str) == Some(v);
+        if is("keystatus", "unavailable") {
+            locked.push(ds.to_string());
+        } else if is("type", "filesystem") && is("mounted", "no") && is("canmount", "on") {
+            to_mount.push(ds);
+        }
+    }
+    if !locked.is_empty() {
+        return Err(ReplicateError::KeyNotLoaded { target: target.to_owned(), snapshot: snapshot.to_owned(), datasets: locked.join(", ") });
+    }
+    for ds in to_mount {
+        zfs.cli().zfs(crate::zargs!["mount", ds.as_str()]).await?;
+    }
+    Ok(())
 }
 
 /// Takes back what this pull received: a dataset it made is destroyed, one it received onto is

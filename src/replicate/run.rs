@@ -45,6 +45,12 @@ pub enum ReplicateError {
         "target {target} holds the RAM dump of {snapshot} sealed, and only this host's RAM key opens it, but {key}; nothing was received"
     )]
     SealedDumpKey { target: String, snapshot: String, key: String },
+    /// Encrypted datasets come back raw (as they were sent): nothing of them can be read or
+    /// checked here until their key is loaded. What was received stays.
+    #[error(
+        "{snapshot} came back from {target} encrypted, and the key of {datasets} is not loaded here; what was received stays: load it, then run the same restore again"
+    )]
+    KeyNotLoaded { target: String, snapshot: String, datasets: String },
     #[error("nothing to replicate: the config lists no disks for {domain} and no dataset holds a snapshot vmsnap took of it")]
     NoDatasets { domain: String },
     #[error(transparent)]
@@ -61,6 +67,9 @@ pub const TARGET_HINT: &str =
 /// What to do about a missing RAM key.
 pub const RAM_KEY_HINT: &str = "`vmsnap setup` draws a key into ram_key's file (default /etc/vmsnap/ram.key); keep a copy off this host: a restore from the target opens sealed dumps only with it";
 
+/// How to load the key of a dataset that came back raw.
+pub const LOAD_KEY_HINT: &str = "a raw receive leaves the key location at `prompt`: `zfs load-key DATASET` asks for the passphrase, or `zfs set keylocation=file:///path/to/key DATASET && zfs load-key DATASET` reads your key file (and keeps reading it at boot)";
+
 /// What to do about a snapshot a target sent back unchecked or changed.
 pub const UNTRUSTED_HINT: &str = "vmsnap checks what a target sends back against the sha256s this host recorded when it took the snapshot (integrity records in its state directory); a snapshot with no record here comes back only with --trust-target";
 
@@ -70,6 +79,7 @@ impl ReplicateError {
             ReplicateError::Diverged { .. } => Some(DIVERGED_HINT),
             ReplicateError::Target { .. } => Some(TARGET_HINT),
             ReplicateError::Untrusted { .. } => Some(UNTRUSTED_HINT),
+            ReplicateError::KeyNotLoaded { .. } => Some(LOAD_KEY_HINT),
             ReplicateError::RamKey { .. } | ReplicateError::SealedDumpKey { .. } => Some(RAM_KEY_HINT),
             ReplicateError::Zfs(_) | ReplicateError::Cancelled { .. } | ReplicateError::NoDatasets { .. } => None,
         }

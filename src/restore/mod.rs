@@ -274,7 +274,10 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
         Manager::Libvirt => saved_domain.as_ref().and_then(|d| d.nvram.clone()),
     };
     let nvram = nvram_copy.zip(nvram_home).map(|(copy, home)| (copy.live, home));
-    let redefine = manager == Manager::Libvirt && xml.is_some() && virsh::is_persistent(&req.domain)?;
+    // A persistent domain gets the snapshot's definition back, and so does one libvirt no
+    // longer knows at all (a host that lost it); a transient one is left as it is.
+    let redefine =
+        manager == Manager::Libvirt && xml.is_some() && (virsh::is_persistent(&req.domain)? || virsh::domstate(&req.domain)?.is_none());
 
     let get = |p: &PropName| props.get(p).cloned();
     let consistency = get(&prop::CONSISTENCY);

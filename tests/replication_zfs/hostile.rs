@@ -3,7 +3,7 @@
 //! source's key would have), and a target answering with a resume token that names another
 //! dataset's snapshot, or sending back a snapshot whose domain XML it changed.
 
-use super::{add_ram, replicate, sh, snaps, snapshot, text, vmsnap, Failed, DST, DST_ZVOL, RT, SRC, ZVOL};
+use super::{add_ram, replicate, sec_domain, sh, snaps, snapshot, text, vmsnap, write_config, Failed, DST, DST_ZVOL, RT, SRC, ZVOL};
 use vmsnap_testkit::rig::lane::vmsnap_bin;
 use vmsnap_testkit::support::check;
 
@@ -255,4 +255,31 @@ pub fn disaster_restore() -> Result<(), Failed> {
         ZVOL.replace("web", "webcopy")
     ));
     copied
+}
+
+/// The same loss for a domain whose dataset is encrypted (`sec`, replicated raw by the
+/// encrypted-datasets case): it comes back raw, as it was sent, so nothing of it can be read or
+/// checked until its key is loaded here. The first restore says so and keeps what it received;
+/// once the key is loaded, the same command restores it.
+pub fn disaster_restore_encrypted() -> Result<(), Failed> {
+    const SEC: &str = "tank/vms/sec";
+    write_config(&["offsite"], &sec_domain());
+    let restored = (|| {
+        let snap = snaps(SEC).last().cloned().ok_or("sec has no snapshot (the encrypted-datasets case makes one)")?;
+        let disk = sh(&format!("sha256sum /{SEC}/disk.img | cut -d' ' -f1")).trim().to_owned();
+        sh(&format!("zfs destroy -r -f {SEC} && rm -rf {RT}/state && udevadm settle"));
+        let out = vmsnap(&["restore", "sec", &snap, "--from", "offsite", "--trust-target"]);
+        let said = text(&out);
+        check(!out.status.success() && said.contains("not loaded") && said.contains(SEC) && said.contains("zfs load-key"), &said)?;
+        let kept = sh(&format!("zfs get -H -o value keystatus {SEC} 2>&1"));
+        check(kept.contains("unavailable"), format!("the raw receive was not kept: {kept}"))?;
+        // As the hint says: the key's file, then the same command.
+        sh(&format!("zfs set keylocation=file://{RT}/pass {SEC} && zfs load-key {SEC}"));
+        let out = vmsnap(&["restore", "sec", &snap, "--from", "offsite", "--trust-target"]);
+        check(out.status.success() && text(&out).contains("here already"), text(&out))?;
+        check(sh(&format!("sha256sum /{SEC}/disk.img | cut -d' ' -f1")).trim() == disk, "the encrypted disk is not the snapshot's")?;
+        check(sh(&format!("zfs get -H -o value encryption {SEC}")).trim() != "off", "the restored dataset is not encrypted")
+    })();
+    write_config(&["offsite"], "");
+    restored
 }
