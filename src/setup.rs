@@ -85,7 +85,7 @@ User=root
 SystemdService=vmsnap.service
 ";
 
-const DEFAULT_CONFIG: &str = r#"# vmsnap configuration: see `man vmsnap` and the README.
+const DEFAULT_CONFIG: &str = r#"# vmsnap configuration: see `man vmsnap` and the manual (/usr/share/doc/vmsnap/manual).
 # Domains started by libvirt register themselves through the hook once enrolled
 # (`vmsnap enroll DOMAIN`); they use [template.default]. Sanoid's keys and defaults apply.
 state_dir = "/var/lib/vmsnap"

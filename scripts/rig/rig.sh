@@ -1,7 +1,7 @@
 #!/bin/bash
 # vmsnap test rig: real QEMU + a tiny guest running the real qemu-guest-agent (host lane), and a
 # Debian VM with real OpenZFS built by DKMS (ZFS lane). Debian 12 host, root, TCG only (KVM does not
-# work on this machine: see README "Test rig").
+# work on this machine: see docs/development/testing.md).
 #
 # Usage: scripts/rig/rig.sh [all|packages|tiny|zfsvm|zfsvm_extra|sanoid|env]
 #   all      build every missing or outdated step (idempotent, cached in $VMSNAP_RIG)
