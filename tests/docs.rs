@@ -77,7 +77,12 @@ fn the_readme_is_short_and_user_docs_keep_no_work_log() {
         for word in ["issue ", "stop "] {
             for (i, _) in text.match_indices(word) {
                 let next = text[i + word.len()..].chars().next().unwrap_or(' ');
-                assert!(!next.is_ascii_digit(), "{}: \"{}\" (work bookkeeping belongs in closing notes)", f.display(), &text[i..(i + 12).min(text.len())]);
+                assert!(
+                    !next.is_ascii_digit(),
+                    "{}: \"{}\" (work bookkeeping belongs in closing notes)",
+                    f.display(),
+                    &text[i..(i + 12).min(text.len())]
+                );
             }
         }
     }

@@ -421,7 +421,10 @@ fn many_snapshots() -> Result<(), Failed> {
          -o vmsnap:cpu={cpu} {MANY}@autosnap_2026-01-01_00:00:00.${{i}}_hourly || exit 1; done"
     ));
     eprintln!("METRIC {n} snapshots made in {:.1} s", t.elapsed().as_secs_f64());
-    write_config(&["offsite"], &format!("\n[domain.many]\nqmp = \"{RT}/many.qmp\"\ndisks = [\"/{MANY}/disk.img\"]\nreplicate_to = [\"offsite\"]\n"));
+    write_config(
+        &["offsite"],
+        &format!("\n[domain.many]\nqmp = \"{RT}/many.qmp\"\ndisks = [\"/{MANY}/disk.img\"]\nreplicate_to = [\"offsite\"]\n"),
+    );
     let res = (|| {
         check(snaps(MANY).len() == n, format!("{} snapshots made", snaps(MANY).len()))?;
         let t = Instant::now();
