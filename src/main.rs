@@ -397,6 +397,6 @@ async fn run(cli: Cli) -> Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "vmsnap", &mut buf);
             Ok(std::io::Write::write_all(&mut std::io::stdout(), &buf)?)
         }
-        Command::Manpage => Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?),
+        Command::Manpage => Ok(clap_mangen::Man::new(Cli::command()).section("8").render(&mut std::io::stdout())?),
     }
 }

@@ -54,7 +54,7 @@ fn unit(exe: &Path, config: &Path) -> String {
     format!(
         "[Unit]
 Description=vmsnap: consistent live snapshots of QEMU/libvirt VMs on ZFS
-Documentation=man:vmsnap(1)
+Documentation=man:vmsnap(8)
 After=zfs.target zfs-mount.service dbus.service libvirtd.service
 Wants=zfs.target
 

@@ -6,6 +6,7 @@ pub mod check;
 pub mod enroll;
 pub mod import_sanoid;
 pub mod list;
+pub mod man;
 pub mod progress;
 pub mod prune;
 pub mod recover;

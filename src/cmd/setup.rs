@@ -1,4 +1,4 @@
-//! `vmsnap setup`: the edge of `vmsnap::setup`, adding the completions and man page clap makes.
+//! `vmsnap setup`: the edge of `vmsnap::setup`, adding the completions and the man pages clap makes.
 
 use crate::Cli;
 use anyhow::{Context, Result};
@@ -21,9 +21,15 @@ pub fn run(config: &std::path::Path, root: &std::path::Path, exe: Option<std::pa
         clap_complete::generate(shell, &mut Cli::command(), "vmsnap", &mut buf);
         extra.push(Item { path: path.into(), content: buf, mode: 0o644, keep_existing: false });
     }
-    let mut man = Vec::new();
-    clap_mangen::Man::new(Cli::command()).render(&mut man)?;
-    extra.push(Item { path: "usr/local/share/man/man1/vmsnap.1".into(), content: man, mode: 0o644, keep_existing: false });
+    for (file, page) in super::man::pages()? {
+        let section = file.rsplit('.').next().unwrap_or("8");
+        extra.push(Item {
+            path: format!("usr/local/share/man/man{section}/{file}").into(),
+            content: page,
+            mode: 0o644,
+            keep_existing: false,
+        });
+    }
     // The RAM key sealed dumps use: the config's `ram_key`, or where it is by default.
     let ram_key = vmsnap::config::Config::load(config)
         .map(|c| c.ram_key)
