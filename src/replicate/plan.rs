@@ -62,9 +62,49 @@ pub enum Plan {
     Diverged(String, Option<Common>),
 }
 
+/// The most snapshots one stream carries. A receive commits each snapshot in a transaction group
+/// of its own (0.1–0.3 s each on a slow pool), and the stream of a thousand small snapshots fits
+/// in the pipes: the target would then work for minutes after the last byte moved, past any idle
+/// deadline (`idle_timeout_s`), and a failure would cost the whole range. In pieces, each
+/// receive ends within seconds and what it received stays.
+pub const MAX_SNAPSHOTS_PER_STREAM: usize = 100;
+
 /// `source`: every snapshot of the dataset, oldest first; `newest`: the one to bring the target
-/// to (the newest vmsnap snapshot of the domain).
+/// to (the newest vmsnap snapshot of the domain). Incrementals carry at most
+/// [`MAX_SNAPSHOTS_PER_STREAM`] snapshots each.
 pub fn plan(source: &[SourceSnap], newest: Option<&str>, cursor: Option<&Cursor>, target: &Listing) -> Plan {
+    match plan_whole(source, newest, cursor, target) {
+        Plan::Send(steps) => Plan::Send(in_pieces(source, steps)),
+        other => other,
+    }
+}
+
+/// Each incremental from a snapshot split into ones of at most [`MAX_SNAPSHOTS_PER_STREAM`]
+/// snapshots, from the source's own snapshots in between.
+fn in_pieces(source: &[SourceSnap], steps: Vec<Step>) -> Vec<Step> {
+    let at = |name: &str| source.iter().position(|s| s.name == name);
+    let mut out = Vec::with_capacity(steps.len());
+    for step in steps {
+        match step {
+            Step::Incremental { from: Base::Snapshot(from), to } => {
+                let (Some(mut i), Some(j)) = (at(&from), at(&to)) else {
+                    out.push(Step::Incremental { from: Base::Snapshot(from), to });
+                    continue;
+                };
+                while j > i + MAX_SNAPSHOTS_PER_STREAM {
+                    let next = i + MAX_SNAPSHOTS_PER_STREAM;
+                    out.push(Step::Incremental { from: Base::Snapshot(source[i].name.clone()), to: source[next].name.clone() });
+                    i = next;
+                }
+                out.push(Step::Incremental { from: Base::Snapshot(source[i].name.clone()), to });
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn plan_whole(source: &[SourceSnap], newest: Option<&str>, cursor: Option<&Cursor>, target: &Listing) -> Plan {
     if let Some(token) = &target.resume_token {
         return Plan::Send(vec![Step::Resume { token: token.clone() }]);
     }
@@ -213,5 +253,22 @@ mod tests {
         let mut t = tgt(&[("a", 1)]);
         t.resume_token = Some("1-abc".into());
         assert_eq!(plan(&src(&[("a", 1), ("b", 2)]), Some("b"), None, &t), Plan::Send(vec![Step::Resume { token: "1-abc".into() }]));
+    }
+
+    #[test]
+    fn long_ranges_go_in_pieces_of_at_most_a_hundred_snapshots() {
+        let names: Vec<String> = (0..250).map(|i| format!("s{i:03}")).collect();
+        let source: Vec<SourceSnap> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| SourceSnap { name: n.clone(), guid: 1000 + i as u64, createtxg: 10 + i as u64 })
+            .collect();
+        let fresh = Listing { exists: false, ..Default::default() };
+        let Plan::Send(steps) = plan(&source, Some("s249"), None, &fresh) else { panic!("nothing to send") };
+        let inc = |a: &str, b: &str| Step::Incremental { from: Base::Snapshot(a.into()), to: b.into() };
+        assert_eq!(steps, vec![Step::Full { to: "s000".into() }, inc("s000", "s100"), inc("s100", "s200"), inc("s200", "s249")]);
+        // A short range stays one stream.
+        let Plan::Send(steps) = plan(&source[..50], Some("s049"), None, &fresh) else { panic!("nothing to send") };
+        assert_eq!(steps, vec![Step::Full { to: "s000".into() }, inc("s000", "s049")]);
     }
 }

@@ -15,6 +15,11 @@ use std::collections::BTreeMap;
 /// The longest request line the server reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
+/// The most requests one batch holds: the target answers a batch once it served all of them
+/// (a `props` request runs `zfs` three times there), and nothing moves meanwhile, so a batch must
+/// end well within the idle deadline (`idle_timeout_s`) on a slow target.
+pub const MAX_BATCH: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
@@ -95,14 +100,15 @@ impl Request {
         !matches!(self, Request::Recv { .. } | Request::RamPut { .. } | Request::Batch { .. }) && !self.streams_back()
     }
 
-    /// `requests` in batches whose lines stay under [`MAX_REQUEST`], in order.
+    /// `requests` in batches whose lines stay under [`MAX_REQUEST`] and that hold at most
+    /// [`MAX_BATCH`] requests, in order.
     pub fn batches(requests: Vec<Request>) -> Vec<Vec<Request>> {
         let mut out: Vec<Vec<Request>> = Vec::new();
         let mut size = 0;
         for r in requests {
             let len = serde_json::to_string(&r).map(|l| l.len() + 1).unwrap_or(MAX_REQUEST);
             match out.last_mut() {
-                Some(last) if size + len < MAX_REQUEST - 256 => last.push(r),
+                Some(last) if size + len < MAX_REQUEST - 256 && last.len() < MAX_BATCH => last.push(r),
                 _ => {
                     size = 0;
                     out.push(vec![r]);
@@ -328,6 +334,10 @@ mod tests {
         }
         assert_eq!(batches.concat(), reqs);
         assert!(Request::batches(Vec::new()).is_empty());
+        // Small requests: the count bounds a batch (the target answers once all are served).
+        let small: Vec<Request> = (0..200).map(|i| Request::RamStat { domain: "w".into(), snapshot: format!("s{i}") }).collect();
+        let sizes: Vec<usize> = Request::batches(small).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [MAX_BATCH, MAX_BATCH, MAX_BATCH, 200 - 3 * MAX_BATCH]);
     }
 
     #[test]
