@@ -332,7 +332,7 @@ async fn run(cli: Cli) -> Result<()> {
                     cmd::restore::run_as(&cfg, &zfs, &domain, &snapshot, &new, promote, start, dry_run, json).await
                 }
                 None => {
-                    let req = vmsnap::restore::Request { domain, snapshot, destroy_newer, resume };
+                    let req = vmsnap::restore::Request { domain, snapshot, destroy_newer, resume, from_target: from.is_some() };
                     cmd::restore::run(&cfg, &zfs, req, dry_run, json).await
                 }
             }

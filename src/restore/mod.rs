@@ -122,6 +122,10 @@ pub struct Request {
     pub snapshot: String,
     pub destroy_newer: bool,
     pub resume: bool,
+    /// The snapshot came back from a target (`--from`): a libvirt domain this host no longer
+    /// knows is defined again from the snapshot's XML. Otherwise a domain libvirt does not know
+    /// (a transient one that stopped) is left undefined, as it was.
+    pub from_target: bool,
 }
 
 /// vmsnap's snapshots on this host (`vmsnap:domain` set on the snapshot itself, never
@@ -274,10 +278,11 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
         Manager::Libvirt => saved_domain.as_ref().and_then(|d| d.nvram.clone()),
     };
     let nvram = nvram_copy.zip(nvram_home).map(|(copy, home)| (copy.live, home));
-    // A persistent domain gets the snapshot's definition back, and so does one libvirt no
-    // longer knows at all (a host that lost it); a transient one is left as it is.
-    let redefine =
-        manager == Manager::Libvirt && xml.is_some() && (virsh::is_persistent(&req.domain)? || virsh::domstate(&req.domain)?.is_none());
+    // A persistent domain gets the snapshot's definition back, and so does one libvirt does not
+    // know when it came back from a target (a host that lost it); a transient one is left as it is.
+    let redefine = manager == Manager::Libvirt
+        && xml.is_some()
+        && (virsh::is_persistent(&req.domain)? || (req.from_target && virsh::domstate(&req.domain)?.is_none()));
 
     let get = |p: &PropName| props.get(p).cloned();
     let consistency = get(&prop::CONSISTENCY);

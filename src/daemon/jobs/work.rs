@@ -61,6 +61,7 @@ impl Jobs {
                     snapshot: r.snapshot.clone(),
                     destroy_newer: r.destroy_newer,
                     resume: r.resume,
+                    from_target: r.from.is_some(),
                 };
                 let plan = restore::plan(cfg, zfs, &req).await.map_err(|e| error_chain(&e))?;
                 for w in &plan.warnings {
