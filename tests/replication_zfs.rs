@@ -402,18 +402,18 @@ fn encrypted() -> Result<(), Failed> {
     Ok(())
 }
 
-/// A dataset with many vmsnap snapshots (250; `VMSNAP_MANY_SNAPSHOTS` for another count), each
+/// A dataset with many vmsnap snapshots (150; `VMSNAP_MANY_SNAPSHOTS` for another count), each
 /// with the properties a snapshot carries and a long CPU definition, so that the target's
-/// listing (about 450 KB) comes in pages, and the first replication sends them in several
+/// listing (about 350 KB) comes in pages, and the first replication sends them in several
 /// streams (at most 100 snapshots each: a receive commits each one in its own transaction group,
 /// and one stream of a thousand kept the target busy past the idle deadline after its last byte).
 /// The domain `many` is a stopped VM. It replicates whole, `list --target` shows every snapshot,
 /// and after this host lost the dataset `restore --from` brings one back. (Under nested TCG each
-/// snapshot costs about 85 ms to make, 0.3 s to receive and 0.3 s to mark complete there: 5,000
-/// would take this lane about an hour more.)
+/// snapshot costs about 0.1 s to make and 0.9 s to replicate (receive, then the properties
+/// that mark it complete there, three `zfs` runs): 250 took 320 s, 5,000 would take over an hour.)
 fn many_snapshots() -> Result<(), Failed> {
     const MANY: &str = "tank/vms/many";
-    let n: usize = std::env::var("VMSNAP_MANY_SNAPSHOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(250);
+    let n: usize = std::env::var("VMSNAP_MANY_SNAPSHOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(150);
     sh(&format!("zfs create {MANY} && dd if=/dev/urandom of=/{MANY}/disk.img bs=64k count=4 status=none"));
     let t = Instant::now();
     let name = |i: usize| format!("autosnap_2026-01-01_00:00:00.{i:05}_hourly");
@@ -445,7 +445,7 @@ fn many_snapshots() -> Result<(), Failed> {
         // More than one page of the target's listing: it came in pages.
         eprintln!("METRIC list --target --json: {} bytes", listed.stdout.len());
         let page = vmsnap::replicate::protocol::PAGE_BYTES;
-        check(listed.stdout.len() > page || n < 200, format!("the listing is {} bytes: one page holds it", listed.stdout.len()))?;
+        check(listed.stdout.len() > page || n < 120, format!("the listing is {} bytes: one page holds it", listed.stdout.len()))?;
         let rows: Value = serde_json::from_slice(&listed.stdout)?;
         let rows = rows.as_array().ok_or("list --json is not a list")?;
         check(rows.len() == n && rows.iter().any(|r| r["snapshot"] == name(n)), format!("{} rows listed", rows.len()))?;
