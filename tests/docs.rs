@@ -87,3 +87,26 @@ fn the_readme_is_short_and_user_docs_keep_no_work_log() {
         }
     }
 }
+
+#[test]
+fn every_method_property_and_signal_of_the_bus_interfaces_is_in_the_manual() {
+    let xml = std::fs::read_to_string(root().join("dist/dbus/io.github.vmsnap.Agent1.xml")).unwrap();
+    let manual = std::fs::read_to_string(root().join("docs/libvirt-dbus.md")).unwrap();
+    let (mut missing, mut checked) = (Vec::new(), 0);
+    // vmsnap's own interfaces; the freedesktop ones (Properties, Peer, Introspectable) are D-Bus's.
+    for part in xml.split("<interface name=\"").skip(1).filter(|p| p.starts_with("io.github.vmsnap.")) {
+        let (iface, body) = part.split_once('"').unwrap();
+        let body = body.split("</interface>").next().unwrap();
+        for kind in ["method", "property", "signal"] {
+            for item in body.split(&format!("<{kind} name=\"")).skip(1) {
+                let name = item.split('"').next().unwrap();
+                checked += 1;
+                if !manual.contains(&format!("`{name}")) {
+                    missing.push(format!("{iface} {kind} {name}"));
+                }
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} names read from the introspection XML");
+    assert!(missing.is_empty(), "not in docs/libvirt-dbus.md:\n{}", missing.join("\n"));
+}
