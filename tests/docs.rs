@@ -110,3 +110,17 @@ fn every_method_property_and_signal_of_the_bus_interfaces_is_in_the_manual() {
     assert!(checked > 20, "only {checked} names read from the introspection XML");
     assert!(missing.is_empty(), "not in docs/libvirt-dbus.md:\n{}", missing.join("\n"));
 }
+
+#[test]
+fn every_prometheus_metric_is_in_the_monitoring_chapter() {
+    let code = std::fs::read_to_string(root().join("src/daemon/metrics.rs")).unwrap();
+    let manual = std::fs::read_to_string(root().join("docs/monitoring.md")).unwrap();
+    let names: Vec<&str> = code
+        .split('"')
+        .filter(|s| s.starts_with("vmsnap_") && s.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .filter(|s| ["_total", "_seconds", "_milliseconds"].iter().any(|end| s.ends_with(end)))
+        .collect();
+    assert!(names.len() >= 8, "only {names:?} found in src/daemon/metrics.rs");
+    let missing: Vec<&&str> = names.iter().filter(|n| !manual.contains(&format!("`{n}`"))).collect();
+    assert!(missing.is_empty(), "metrics not in docs/monitoring.md: {missing:?}");
+}
