@@ -9,12 +9,14 @@
 //! ├── engine/              one consistent snapshot: flow.rs top to bottom, journal, recover, lock, ram
 //! ├── retention/           the pure keep/destroy plan (mod.rs), what is due (schedule), the
 //! │                        snapshots read back from ZFS (catalog), carrying the plan out (prune)
-//! ├── daemon/              the scheduler (mod.rs), the job layer every entrance uses (jobs.rs),
+//! ├── daemon/              the scheduler (mod.rs), the job layer every entrance uses (jobs/),
 //! │                        the registry, status.json, metrics, the Nagios check, the user's
 //! │                        scripts, and the D-Bus service (dbus/)
 //! ├── libvirt/             the qemu hook and enrolment of libvirt domains
 //! ├── qemu/                QMP and guest-agent clients over unix sockets, block jobs, fd passing
 //! ├── replicate/           off-site copies: the plan, `vmsnap serve` (the target), ssh transport
+//! ├── restore/             back to a snapshot: in place, as a copy (--as), verify and verify --boot,
+//! │                        mounts of single files; journaled like snapshots
 //! ├── zfs/                 the only place that runs zfs/zpool: validated names, parsers, operations
 //! ├── fsutil.rs            files root writes where others may reach: no symlink followed
 //! ├── integrity.rs         what each snapshot held when it was taken, checked when a target sends it back
