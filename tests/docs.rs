@@ -124,3 +124,13 @@ fn every_prometheus_metric_is_in_the_monitoring_chapter() {
     let missing: Vec<&&str> = names.iter().filter(|n| !manual.contains(&format!("`{n}`"))).collect();
     assert!(missing.is_empty(), "metrics not in docs/monitoring.md: {missing:?}");
 }
+
+#[test]
+fn the_readmes_configuration_loads() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let blocks: Vec<&str> = readme.split("```toml\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+    assert!(!blocks.is_empty(), "the README shows no configuration");
+    for b in blocks {
+        vmsnap::config::Config::parse(b, Path::new("README.md")).unwrap_or_else(|e| panic!("{e}\n{b}"));
+    }
+}
