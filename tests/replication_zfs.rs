@@ -59,6 +59,7 @@ fn inside() {
         // Hostile peers.
         ("a_hostile_source_stream_mounts_and_marks_nothing_outside_its_root", hostile::hostile_source),
         ("a_resume_token_naming_another_dataset_is_aborted_not_sent", hostile::forged_resume_token),
+        ("a_target_listing_thousands_or_endless_pages_or_a_huge_reply_is_refused_in_seconds", hostile::hostile_listings),
         ("restore_from_onto_a_host_that_lost_the_datasets_dumps_and_state", hostile::disaster_restore),
         ("an_encrypted_dataset_comes_back_raw_and_restores_once_its_key_is_loaded", hostile::disaster_restore_encrypted),
         ("a_snapshot_the_target_changed_is_refused_and_removed_on_restore_from", hostile::planted_xml),

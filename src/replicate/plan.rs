@@ -104,6 +104,21 @@ fn in_pieces(source: &[SourceSnap], steps: Vec<Step>) -> Vec<Step> {
     out
 }
 
+/// A target's snapshots for a message: the first few by name and GUID, then how many more (a
+/// target may list thousands).
+fn named(snapshots: &[super::protocol::TargetSnapshot]) -> String {
+    const SHOWN: usize = 5;
+    let mut out: Vec<String> = snapshots.iter().take(SHOWN).map(|t| format!("{} (guid {})", t.name, t.guid)).collect();
+    if snapshots.len() > SHOWN {
+        out.push(format!("and {} more", snapshots.len() - SHOWN));
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(", ")
+    }
+}
+
 fn plan_whole(source: &[SourceSnap], newest: Option<&str>, cursor: Option<&Cursor>, target: &Listing) -> Plan {
     if let Some(token) = &target.resume_token {
         return Plan::Send(vec![Step::Resume { token: token.clone() }]);
@@ -120,16 +135,12 @@ fn plan_whole(source: &[SourceSnap], newest: Option<&str>, cursor: Option<&Curso
     let known = |guid: u64| source.iter().position(|s| s.guid == guid);
     let common = target.snapshots.iter().rposition(|t| known(t.guid).is_some() || cursor.is_some_and(|c| c.guid == t.guid));
     let Some(common) = common else {
-        let theirs: Vec<String> = target.snapshots.iter().map(|t| format!("{} (guid {})", t.name, t.guid)).collect();
         return Plan::Diverged(
-            format!(
-                "the target has no snapshot in common with the source (it has: {})",
-                if theirs.is_empty() { "none".into() } else { theirs.join(", ") }
-            ),
+            format!("the target has no snapshot in common with the source (it has: {})", named(&target.snapshots)),
             None,
         );
     };
-    let newer: Vec<String> = target.snapshots[common + 1..].iter().map(|t| format!("{} (guid {})", t.name, t.guid)).collect();
+    let newer = &target.snapshots[common + 1..];
     let base = &target.snapshots[common];
     let back_to = || Some(Common { name: base.name.clone(), guid: base.guid });
     if !newer.is_empty() {
@@ -138,7 +149,7 @@ fn plan_whole(source: &[SourceSnap], newest: Option<&str>, cursor: Option<&Curso
                 "the target has snapshots after the common one {} (guid {}) that the source does not: {}",
                 base.name,
                 base.guid,
-                newer.join(", ")
+                named(newer)
             ),
             back_to(),
         );
@@ -270,5 +281,16 @@ mod tests {
         // A short range stays one stream.
         let Plan::Send(steps) = plan(&source[..50], Some("s049"), None, &fresh) else { panic!("nothing to send") };
         assert_eq!(steps, vec![Step::Full { to: "s000".into() }, inc("s000", "s049")]);
+    }
+
+    #[test]
+    fn a_target_listing_thousands_of_strangers_is_named_in_a_few_words() {
+        let source = src(&[("a", 1)]);
+        let strangers: Vec<TargetSnapshot> = (0..5000)
+            .map(|i| TargetSnapshot { name: format!("s{i}"), guid: 900_000 + i, createtxg: 10 + i, props: Default::default() })
+            .collect();
+        let target = Listing { exists: true, snapshots: strangers, ..Default::default() };
+        let Plan::Diverged(why, None) = plan(&source, Some("a"), None, &target) else { panic!("not diverged") };
+        assert!(why.contains("s0 (guid 900000)") && why.ends_with("and 4995 more)") && why.len() < 400, "{why}");
     }
 }

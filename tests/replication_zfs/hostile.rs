@@ -1,7 +1,8 @@
 //! Hostile peers on the replication lane: a compromised source speaking `vmsnap serve`'s
 //! protocol with crafted streams and requests (its own serve root, `backup/hostile`, as a second
 //! source's key would have), and a target answering with a resume token that names another
-//! dataset's snapshot, or sending back a snapshot whose domain XML it changed.
+//! dataset's snapshot, or sending back a snapshot whose domain XML it changed, or listing
+//! thousands of snapshots.
 
 use super::{add_ram, replicate, sec_domain, sh, snaps, snapshot, text, vmsnap, write_config, Failed, DST, DST_ZVOL, RT, SRC, ZVOL};
 use vmsnap_testkit::rig::lane::vmsnap_bin;
@@ -282,4 +283,71 @@ pub fn disaster_restore_encrypted() -> Result<(), Failed> {
     })();
     write_config(&["offsite"], "");
     restored
+}
+
+/// A target program behind the forced command instead of `vmsnap serve`: it answers `list` as
+/// `{RT}/hostile-mode` says and refuses anything else.
+const HOSTILE_TARGET: &str = r#"#!/bin/bash
+IFS= read -r -n 65536 line
+case "$line" in
+  *'"verb":"list"'*) ;;
+  *) echo '{"ok":false,"error":"refused"}'; exit 0 ;;
+esac
+after=$(printf '%s' "$line" | sed -n 's/.*"after":\([0-9]*\).*/\1/p')
+mode=$(cat /root/rt/hostile-mode)
+# entries FROM, how many, more (true/false), the padding of each entry's property
+listing() {
+  awk -v from="$1" -v n="$2" -v more="$3" -v pad="$4" 'BEGIN {
+    p = ""; for (k = 0; k < pad; k++) p = p "x";
+    printf "{\"ok\":true,\"value\":{\"exists\":true,\"written\":0,\"more\":%s,\"snapshots\":[", more;
+    for (i = from; i < from + n; i++) {
+      if (i > from) printf ",";
+      printf "{\"name\":\"planted%06d\",\"guid\":%d,\"createtxg\":%d,\"props\":{\"vmsnap:domain\":\"web%s\"}}", i, 7000000 + i, i, p;
+    }
+    printf "]}}\n";
+  }'
+}
+case "$mode" in
+  many) listing 1 5000 false 0 ;;
+  endless) listing $(( ${after:-0} + 1 )) 5000 true 0 ;;
+  huge) listing 1 5000 false 300 ;;
+esac
+"#;
+
+/// A hostile target's listings (a program answering `list` behind the forced command): 5,000
+/// snapshots the source never made are a divergence, said in a few words, nothing sent; pages
+/// that never end are refused at the most a source takes (100,000); a reply over the 1 MiB a
+/// source reads is refused. Each run ends within seconds, and the real target is untouched.
+pub fn hostile_listings() -> Result<(), Failed> {
+    let program = format!("{RT}/hostile-target");
+    std::fs::write(&program, HOSTILE_TARGET)?;
+    sh(&format!("chmod 755 {program}"));
+    let key = std::fs::read_to_string(format!("{RT}/id.pub"))?;
+    std::fs::write(format!("{RT}/authorized_keys"), format!("command=\"{program}\",restrict {}\n", key.trim()))?;
+    let _ = std::process::Command::new("/bin/sh").arg("-c").arg(format!("rm -f {RT}/state/ssh/*")).status();
+    let before = sh("zfs list -H -t all -o name,guid -r backup | sort");
+    let run = |mode: &str| {
+        std::fs::write(format!("{RT}/hostile-mode"), mode).unwrap();
+        let t = std::time::Instant::now();
+        let out = vmsnap(&["replicate", "web", "--local"]);
+        eprintln!("METRIC hostile listing {mode}: {:.1} s, exit {:?}", t.elapsed().as_secs_f64(), out.status.code());
+        (out, t.elapsed())
+    };
+    let res = (|| {
+        let (out, took) = run("many");
+        let said = text(&out);
+        check(out.status.code() == Some(3) && said.contains("no snapshot in common") && said.contains("and 4995 more"), &said)?;
+        check(said.len() < 4000 && took.as_secs() < 60, format!("{} bytes said in {took:?}", said.len()))?;
+        let (out, took) = run("endless");
+        let said = text(&out);
+        check(!out.status.success() && said.contains("more than 100000 snapshots"), &said)?;
+        check(took.as_secs() < 180, format!("the endless listing took {took:?}"))?;
+        let (out, took) = run("huge");
+        let said = text(&out);
+        check(!out.status.success() && said.len() < 4000 && took.as_secs() < 60, format!("{took:?}: {said}"))?;
+        eprintln!("METRIC hostile listing huge says: {}", said.lines().find(|l| l.contains("error")).unwrap_or_default());
+        check(sh("zfs list -H -t all -o name,guid -r backup | sort") == before, "the backup host's datasets changed")
+    })();
+    super::forced_command("");
+    res
 }
