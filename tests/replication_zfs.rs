@@ -945,6 +945,8 @@ fn sealed_ram_steps(key: &str, marker: &str) -> Result<(), Failed> {
     check(sh(&format!("grep -caF -- '{marker}' {here} || true")).trim() != "0", "the marker is not in the dump here")?;
     let refused = vmsnap(&["replicate", "web"]);
     check(!refused.status.success() && text(&refused).contains(key) && text(&refused).contains("vmsnap setup"), text(&refused))?;
+    // Refused before anything went: the key is asked for first.
+    check(!snaps(DST).contains(&s), "the streams went before the missing key was found")?;
     sh(&format!("umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {key}"));
     let r = replicate(&[])?;
     check(r["ram_dumps"].as_array().is_some_and(|d| d.iter().any(|d| d == s.as_str())), format!("RAM dumps: {}", r["ram_dumps"]))?;

@@ -173,8 +173,14 @@ pub async fn replicate(
     if by_pool.is_empty() {
         return Err(ReplicateError::NoDatasets { domain: dom.name.clone() });
     }
+    let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
+    // A domain whose dumps travel sealed needs the RAM key before anything goes: found missing
+    // only at the first dump, the streams would have gone and the run would stop half done.
+    if !dry_run && run.has_ram_dumps(&datasets).await? {
+        run.ram_seal_key(&datasets).await?;
+    }
     let mut listings = Vec::new();
-    for ds in by_pool.into_values().flatten() {
+    for ds in datasets {
         let (done, listing) = run.dataset(&ds).await?;
         report.datasets.push(done);
         listings.extend(listing.map(|l| (ds, l)));
@@ -693,6 +699,19 @@ impl<'a> Run<'a> {
         let len = file.metadata().map_err(|e| self.err(e.to_string()))?.len();
         let sealed = tokio::task::spawn_blocking(move || crate::ramcrypt::sealed_sha256(file, len, &key, (&id.0, &id.1, &id.2)));
         Ok(Some(sealed.await.expect("hashing runs").map_err(|e| self.err(e.to_string()))?))
+    }
+
+    /// Whether any snapshot of the domain here still has its RAM dump.
+    async fn has_ram_dumps(&self, datasets: &[Dataset]) -> Result<bool, ReplicateError> {
+        for ds in datasets {
+            let props = self.zfs.local_snapshot_properties(ds, &[prop::DOMAIN, prop::RAM_DUMP, prop::RAM_PRUNED]).await?;
+            if props.values().any(|p| {
+                p.get(&prop::DOMAIN) == Some(&self.dom.name) && p.contains_key(&prop::RAM_DUMP) && !p.contains_key(&prop::RAM_PRUNED)
+            }) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The key this domain's RAM dumps are sealed with for this target, if they travel sealed
