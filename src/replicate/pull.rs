@@ -217,7 +217,7 @@ pub async fn pull(
         report.bytes += bytes;
         report.steps.push(format!("{ds}: received {snapshot} {how} ({} MiB)", bytes >> 20));
     }
-    unlock_and_mount(zfs, &all_datasets, snapshot, &target.name).await?;
+    mount_if_unlocked(zfs, &all_datasets, snapshot, &target.name).await?;
     // What came back is what this host recorded when it took the snapshot, or it goes again.
     let unit: Vec<SnapshotName> = all_datasets.iter().filter_map(|d| d.snapshot(snapshot).ok()).collect();
     let held = crate::integrity::held(zfs, &unit, &dom.name, props.get(prop::RAM_SHA256.as_str()).cloned()).await.map_err(err)?;
@@ -296,7 +296,7 @@ async fn what_it_would_run(zfs: &Zfs, unit: &[SnapshotName], domain: &str) -> St
 /// `.zfs/snapshot` and the disks: file systems are mounted. An encrypted dataset received raw
 /// stays locked until its key is loaded here, and then nothing of the unit can be checked: the
 /// pull stops, naming them, and keeps what it received (a second run finds it here already).
-async fn unlock_and_mount(zfs: &Zfs, datasets: &[Dataset], snapshot: &str, target: &str) -> Result<(), ReplicateError> {
+async fn mount_if_unlocked(zfs: &Zfs, datasets: &[Dataset], snapshot: &str, target: &str) -> Result<(), ReplicateError> {
     let (mut locked, mut to_mount) = (Vec::new(), Vec::new());
     for ds in datasets {
         let Some(p) = zfs.get_natives(ds.as_str(), &["type", "keystatus", "mounted", "canmount"]).await? else { continue };
