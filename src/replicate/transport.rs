@@ -179,12 +179,19 @@ impl Transport {
                 return Err(why);
             }
             let status = status?;
+            let reply = String::from_utf8_lossy(&out).lines().last().and_then(|l| serde_json::from_str::<Reply>(l).ok());
             if let Some(Ok(o)) = &send_status {
                 if !o.status.success() {
-                    return Err(format!("zfs send: {}", abridge(&String::from_utf8_lossy(&o.stderr))));
+                    // A target that refused closes its end, and the send dies of it with nothing
+                    // to say: the target's words are the cause, the send's the consequence.
+                    let said = abridge(&String::from_utf8_lossy(&o.stderr));
+                    let send = if said.is_empty() { format!("zfs send stopped ({})", o.status) } else { format!("zfs send: {said}") };
+                    return Err(match reply {
+                        Some(Reply { ok: false, error, .. }) => format!("the target says: {} ({send})", abridge(&error.unwrap_or_default())),
+                        _ => send,
+                    });
                 }
             }
-            let reply = String::from_utf8_lossy(&out).lines().last().and_then(|l| serde_json::from_str::<Reply>(l).ok());
             match reply {
                 Some(Reply { ok: true, value, .. }) => Ok(value),
                 Some(Reply { error, .. }) => Err(format!("the target says: {}", abridge(&error.unwrap_or_default()))),
