@@ -39,6 +39,13 @@ fn pending_name(ds: &Dataset) -> String {
     Sha256::digest(ds.as_str().as_bytes()).iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
+/// The lock a receive holds on its note while it runs (`<note>.lock`, beside it).
+const LOCK_SUFFIX: &str = ".lock";
+
+/// How long a receive waits for an earlier one into the same dataset (a connection that was cut:
+/// its `zfs receive` is ending) before it gives up.
+const EARLIER_RECEIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Where this target keeps what it receives, and what it lets sources ask.
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -279,7 +286,11 @@ impl Server {
                 self.mark_root().await?;
             }
         }
-        self.finish_pending().await?;
+        // An earlier receive into the same dataset (a cut connection's) may still be ending.
+        let running = self.receiving_lock(ds).await?;
+        // Its note, if a receive into `ds` stopped before marking what it brought, is finished
+        // first (this process holds its lock now).
+        self.finish_notes(Some(&pending_name(ds))).await?;
         let before: Vec<u64> = self.list(ds).await?.snapshots.iter().map(|s| s.guid).collect();
         self.note_receiving(ds, &before)?;
         let out = tokio::process::Command::new(self.zfs.cli().zfs_program())
@@ -291,6 +302,7 @@ impl Server {
             .await
             .map_err(|e| format!("running zfs receive: {e}"))?;
         // Even a failed receive may have brought some snapshots of a package.
+        drop(running);
         self.finish_pending().await?;
         if !out.status.success() {
             return Err(format!("zfs receive into {ds}: {}", String::from_utf8_lossy(&out.stderr).trim()));
@@ -422,8 +434,42 @@ impl Server {
         dir.write_atomic(&pending_name(ds), note.to_string().as_bytes(), 0o600).map_err(|e| e.to_string())
     }
 
+    /// The lock of the note of a receive into `ds`, held while the receive runs; waits up to
+    /// [`EARLIER_RECEIVE_WAIT`] for an earlier receive's.
+    async fn receiving_lock(&self, ds: &Dataset) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(lock) = self.try_note_lock(&pending_name(ds))? {
+                return Ok(lock);
+            }
+            if t.elapsed() > EARLIER_RECEIVE_WAIT {
+                return Err(format!("an earlier receive into {ds} still runs here after {} s", EARLIER_RECEIVE_WAIT.as_secs()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The lock of note `name`, or `None` while a receive holds it.
+    fn try_note_lock(&self, name: &str) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, String> {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = Dir::private(&self.ram_dir, &[PENDING]).map_err(|e| e.to_string())?;
+        let file = dir.open_resumable(&format!("{name}{LOCK_SUFFIX}")).map_err(|e| e.to_string())?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(format!("locking the note of a receive: {e}")),
+        }
+    }
+
     /// Marks what each noted receive brought ([`Self::note_receiving`]), then drops the notes.
+    /// A note whose receive still runs (in another `vmsnap serve`: its lock is held) is left to
+    /// it, and one another process finished meanwhile is gone, not an error.
     pub(super) async fn finish_pending(&self) -> Result<(), String> {
+        self.finish_notes(None).await
+    }
+
+    /// [`Self::finish_pending`]; `held`: the note whose lock this process holds already.
+    async fn finish_notes(&self, held: Option<&str>) -> Result<(), String> {
         let dir = self.ram_dir.join(PENDING);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
@@ -434,7 +480,22 @@ impl Server {
         let mut marked = None;
         for entry in entries {
             let path = entry.map_err(|e| e.to_string())?.path();
-            let text = crate::fsutil::read_limited(&path, 1 << 20).map_err(|e| format!("{}: {e}", path.display()))?;
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
+            if name.ends_with(LOCK_SUFFIX) || name.starts_with('.') {
+                continue;
+            }
+            let _lock = match held {
+                Some(h) if h == name => None,
+                _ => match self.try_note_lock(&name)? {
+                    Some(lock) => Some(lock),
+                    None => continue,
+                },
+            };
+            let text = match crate::fsutil::read_limited(&path, 1 << 20) {
+                Ok(t) => t,
+                Err(crate::fsutil::FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            };
             let note: serde_json::Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             let ds = note["dataset"].as_str().and_then(|d| Dataset::new(d).ok()).filter(|d| self.root_contains(d));
             if let Some(ds) = ds {
@@ -456,7 +517,11 @@ impl Server {
                     Err(e) => return Err(e.to_string()),
                 }
             }
-            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
         }
         Ok(())
     }

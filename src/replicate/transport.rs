@@ -187,7 +187,9 @@ impl Transport {
                     let said = abridge(&String::from_utf8_lossy(&o.stderr));
                     let send = if said.is_empty() { format!("zfs send stopped ({})", o.status) } else { format!("zfs send: {said}") };
                     return Err(match reply {
-                        Some(Reply { ok: false, error, .. }) => format!("the target says: {} ({send})", abridge(&error.unwrap_or_default())),
+                        Some(Reply { ok: false, error, .. }) => {
+                            format!("the target says: {} ({send})", abridge(&error.unwrap_or_default()))
+                        }
                         _ => send,
                     });
                 }
