@@ -143,7 +143,7 @@ impl Transport {
         std::thread::scope(|scope| {
             let dog = scope.spawn(|| self.supervise(child, &[moved, &replied], &abandon));
             // Read the answer while the payload goes, so neither side blocks on a full pipe.
-            let out = scope.spawn(|| read_counted(&mut stdout, 1 << 20, &replied));
+            let out = scope.spawn(|| read_counted(&mut stdout, MAX_REPLY, &replied));
             let line = serde_json::to_string(req).map_err(|e| e.to_string())? + "\n";
             let mut sender = None;
             let sent = stdin.write_all(line.as_bytes()).map_err(|e| e.to_string()).and_then(|()| match payload {
@@ -179,6 +179,9 @@ impl Transport {
                 return Err(why);
             }
             let status = status?;
+            if out.len() >= MAX_REPLY {
+                return Err(format!("the target answered more than {} MiB (the most vmsnap reads): refused", MAX_REPLY >> 20));
+            }
             let reply = String::from_utf8_lossy(&out).lines().last().and_then(|l| serde_json::from_str::<Reply>(l).ok());
             if let Some(Ok(o)) = &send_status {
                 if !o.status.success() {
@@ -380,6 +383,9 @@ impl Transport {
 
 /// The most a payload moves at once, and the pipes' size.
 const PIECE: usize = 1 << 20;
+
+/// The most of a target's answer vmsnap reads (a listing comes in pages well under it).
+const MAX_REPLY: usize = 1 << 20;
 
 /// A payload's count, rate limit and cancel check between two pieces.
 /// A running `vmsnap serve` on the target: its input, its output, its stderr being read aside.
