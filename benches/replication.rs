@@ -97,6 +97,9 @@ fn inside() {
             };
             let vmsnap_incr = || {
                 back_to_first();
+                // The base may be the bare pipe's, and a target sets properties only on what its
+                // `vmsnap serve` received: mark it as serve would have (not timed).
+                sh(&format!("zfs set vmsnap:received=$(date +%s) $(zfs list -H -t snapshot -o name -s createtxg -d 1 {DST} | head -1)"));
                 timed(&replicate())
             };
             // Alternate which goes first; the incrementals start from the full the last full run
