@@ -74,11 +74,7 @@ impl Agent {
 
     /// A configured or registered domain, else (a stopped libvirt domain) one known by name.
     fn known_or_named(&self, name: &str) -> Result<DomainConfig, VmsnapError> {
-        match self.domain(name) {
-            Ok(d) => Ok(d),
-            Err(_) if crate::config::valid_domain_name(name) => Ok(DomainConfig::by_name(name)),
-            Err(e) => Err(e),
-        }
+        crate::daemon::registry::known_or_named(&self.config(), name).map_err(|e| VmsnapError::NoSuchDomain(e.to_string()))
     }
 
     fn registry(&self) -> Registry {
