@@ -176,9 +176,9 @@ pub async fn replicate(
     let datasets: Vec<Dataset> = by_pool.into_values().flatten().collect();
     // A domain whose dumps travel sealed needs the RAM key before anything goes: found missing
     // only at the first dump, the streams would have gone and the run would stop half done.
-    if !dry_run && run.has_ram_dumps(&datasets).await? {
-        run.ram_seal_key(&datasets).await?;
-    }
+    // Asked once: `complete` seals the dumps with it (and asks itself only if a dump appeared
+    // since, a RAM snapshot finishing meanwhile).
+    let seal = if !dry_run && run.has_ram_dumps(&datasets).await? { Some(run.ram_seal_key(&datasets).await?) } else { None };
     let mut listings = Vec::new();
     for ds in datasets {
         let (done, listing) = run.dataset(&ds).await?;
@@ -190,7 +190,7 @@ pub async fn replicate(
         // complete) is sent but not completed: the next run brings its labels and its dump.
         let in_progress = crate::engine::journal::Journal::snapshot_in_progress(state_dir, &dom.name)
             .map_err(|e| run.err(format!("cannot tell whether a snapshot of {} is being taken: {e}", dom.name)))?;
-        run.complete(&listings, in_progress.as_deref(), &mut report).await?;
+        run.complete(&listings, in_progress.as_deref(), seal, &mut report).await?;
     }
     report.seconds = t.elapsed().as_secs_f64();
     Ok(report)
@@ -539,10 +539,12 @@ impl<'a> Run<'a> {
 
     /// RAM dumps and properties for every snapshot of the domain the target has that is not
     /// complete there yet (`listings`: the target's, up to date), then the target's retention.
+    /// `seal`: the RAM key as the run found it (`None`: not asked yet).
     async fn complete(
         &self,
         listings: &[(Dataset, Listing)],
         in_progress: Option<&str>,
+        mut seal: Option<Option<RamKey>>,
         report: &mut ReplicationReport,
     ) -> Result<(), ReplicateError> {
         // snapshot name → (its vmsnap properties, datasets whose target copy is incomplete)
@@ -574,7 +576,6 @@ impl<'a> Run<'a> {
         // upload (an interrupted upload does not hold back the others), the rest at the end
         // with the target's retention.
         let mut pending: Vec<(Dataset, String, BTreeMap<String, String>)> = Vec::new();
-        let mut seal: Option<Option<RamKey>> = None;
         for (snap, (mut props, on)) in todo {
             self.go_on()?;
             // This host's verification is of this host's dump: the target's copy is proven by
