@@ -8,10 +8,12 @@
 //! [`HOLD`] so the target's own pruning cannot take the common base away. What it destroys, by
 //! its own rules only, is in [`super::target_retention`].
 
-use super::protocol::{valid_sha256, valid_snapshot_name, Listing, RamCheck, RamState, Reply, Request, TargetSnapshot, MAX_REQUEST};
+use super::protocol::{
+    valid_sha256, valid_snapshot_name, Listing, RamCheck, RamState, Reply, Request, TargetSnapshot, MAX_REQUEST, PAGE_BYTES,
+};
 use crate::fsutil::Dir;
 use crate::model::prop;
-use crate::zfs::{Dataset, PropName, SnapshotName, Zfs};
+use crate::zfs::{Dataset, PropName, SnapshotInfo, SnapshotName, Zfs};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, Write};
@@ -41,6 +43,12 @@ fn pending_name(ds: &Dataset) -> String {
 
 /// The lock a receive holds on its note while it runs (`<note>.lock`, beside it).
 const LOCK_SUFFIX: &str = ".lock";
+
+/// A snapshot and the properties a source asked to set on it, checked.
+type Wanted = (SnapshotName, BTreeMap<PropName, String>);
+
+/// Snapshots whose properties one `zfs get` reads for a listing's page.
+const LIST_CHUNK: usize = 128;
 
 /// How long a receive waits for an earlier one into the same dataset (a connection that was cut:
 /// its `zfs receive` is ending) before it gives up.
@@ -189,16 +197,16 @@ impl Server {
 
     async fn handle(&self, req: Request) -> Result<Reply, String> {
         match req {
-            Request::List { dataset, after } => Ok(Reply::ok(self.list(&self.dataset(&dataset)?).await?.page(after))),
-            Request::Recv { dataset } => self.recv(&self.dataset(&dataset)?).await.map(|l| Reply::ok(l.page(None))),
+            Request::List { dataset, after } => Ok(Reply::ok(self.list(&self.dataset(&dataset)?, after).await?)),
+            Request::Recv { dataset } => self.recv(&self.dataset(&dataset)?).await.map(Reply::ok),
             Request::Abort { dataset } => {
                 let ds = self.dataset(&dataset)?;
                 self.zfs.cli().zfs(crate::zargs!["receive", "-A", ds.as_str()]).await.map_err(|e| e.to_string())?;
                 Ok(Reply::ok("aborted"))
             }
             Request::Props { dataset, snapshot, props } => {
-                let snap = self.snapshot(&dataset, &snapshot)?;
-                Ok(Reply::ok(self.props(&snap, props).await?))
+                let answer = self.props_many(vec![(dataset, snapshot, props)]).await.pop().ok_or("no answer")?;
+                Ok(Reply::ok(answer?))
             }
             Request::Prune { domain } => Ok(Reply::ok(self.prune(&domain).await?)),
             Request::Datasets { domain } => Ok(Reply::ok(self.datasets_of(&domain).await?)),
@@ -207,13 +215,22 @@ impl Server {
             Request::Send { .. } | Request::RamGet { .. } => Err("this request streams back (served by stream_back)".into()),
             Request::Batch { requests } => {
                 let mut replies = Vec::with_capacity(requests.len());
+                // Consecutive `props` requests are served together (one `zfs get` reads all
+                // their marks, one reads all their values back).
+                let mut props = Vec::new();
                 for r in requests {
+                    if let Request::Props { dataset, snapshot, props: p } = r {
+                        props.push((dataset, snapshot, p));
+                        continue;
+                    }
+                    self.flush_props(&mut props, &mut replies).await;
                     replies.push(if r.batchable() {
                         Box::pin(self.handle(r)).await.unwrap_or_else(Reply::err)
                     } else {
                         Reply::err(format!("a {} request cannot be in a batch", r.verb()))
                     });
                 }
+                self.flush_props(&mut props, &mut replies).await;
                 Ok(Reply::ok(replies))
             }
             Request::RamCheck { domain, snapshot, sha256 } => {
@@ -249,30 +266,81 @@ impl Server {
         self.dataset(dataset)?.snapshot(snapshot).map_err(|e| e.to_string())
     }
 
-    async fn list(&self, ds: &Dataset) -> Result<Listing, String> {
+    /// One page of the target's listing of `ds`: the snapshots created after txg `after`
+    /// ([`Listing::page`]). The snapshots are listed without their properties (cheap), and only
+    /// the page's are read with theirs, so that each page costs what it holds: a dataset with
+    /// thousands of snapshots is listed in many pages, not in many whole listings.
+    async fn list(&self, ds: &Dataset, after: Option<u64>) -> Result<Listing, String> {
         let Some(mut native) = self.zfs.get_natives(ds.as_str(), &["receive_resume_token", "written"]).await.map_err(|e| e.to_string())?
         else {
             return Ok(Listing::default());
         };
-        // With `vmsnap:replica`, so a source sees which copies are complete and leaves them be.
-        let snaps = self.zfs.list_snapshots(ds, &prop::ALL_AND_REPLICA).await.map_err(|e| e.to_string())?;
-        let token = native.remove("receive_resume_token");
-        let written = native.get("written").and_then(|w| w.parse().ok()).unwrap_or(0);
-        Ok(Listing {
+        let all = match self.zfs.list_snapshots(ds, &[]).await {
+            Ok(all) => all,
+            Err(crate::zfs::ZfsError::NotFound { .. }) => return Ok(Listing::default()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let rest: Vec<&SnapshotInfo> = all.iter().filter(|s| after.is_none_or(|a| s.createtxg > a)).collect();
+        let mut fetched = Vec::new();
+        let mut size = 0;
+        let mut next = 0;
+        // Whole chunks until the page is full and the last one's txg is over.
+        while next < rest.len()
+            && (size <= PAGE_BYTES || fetched.last().is_some_and(|l: &TargetSnapshot| l.createtxg == rest[next].createtxg))
+        {
+            let chunk = &rest[next..rest.len().min(next + LIST_CHUNK)];
+            next += chunk.len();
+            for snap in self.with_props(chunk).await? {
+                size += serde_json::to_string(&snap).map_or(PAGE_BYTES, |t| t.len() + 1);
+                fetched.push(snap);
+            }
+        }
+        let listing = Listing {
             exists: true,
-            snapshots: snaps
-                .into_iter()
-                .map(|s| TargetSnapshot {
-                    name: s.name.snap().to_owned(),
-                    guid: s.guid,
-                    createtxg: s.createtxg,
-                    props: s.props.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-                })
-                .collect(),
-            resume_token: token,
-            written,
+            snapshots: fetched,
+            resume_token: native.remove("receive_resume_token"),
+            written: native.get("written").and_then(|w| w.parse().ok()).unwrap_or(0),
             more: false,
-        })
+        };
+        let mut page = listing.page(after);
+        page.more |= next < rest.len();
+        Ok(page)
+    }
+
+    /// `snaps` as the target lists them, with their `vmsnap:*` properties (with
+    /// `vmsnap:replica`, so a source sees which copies are complete and leaves them be), set on
+    /// the snapshot or received with it: one `zfs get` for all; one that is gone meanwhile
+    /// (destroyed by this target's retention) is left out.
+    async fn with_props(&self, snaps: &[&SnapshotInfo]) -> Result<Vec<TargetSnapshot>, String> {
+        let names: Vec<String> = snaps.iter().map(|s| s.name.to_string()).collect();
+        let mut gone = std::collections::BTreeSet::new();
+        let mut props = match self.zfs.properties_of(&names, &prop::ALL_AND_REPLICA, "local,received").await {
+            Ok(p) => p,
+            Err(crate::zfs::ZfsError::NotFound { .. }) => {
+                let mut each = BTreeMap::new();
+                for name in &names {
+                    match self.zfs.properties_of(std::slice::from_ref(name), &prop::ALL_AND_REPLICA, "local,received").await {
+                        Ok(p) => each.extend(p),
+                        Err(crate::zfs::ZfsError::NotFound { .. }) => {
+                            gone.insert(name.clone());
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                each
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        Ok(snaps
+            .iter()
+            .filter(|s| !gone.contains(&s.name.to_string()))
+            .map(|s| TargetSnapshot {
+                name: s.name.snap().to_owned(),
+                guid: s.guid,
+                createtxg: s.createtxg,
+                props: props.remove(&s.name.to_string()).unwrap_or_default().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            })
+            .collect())
     }
 
     /// `zfs receive` from this process's stdin, resumable, read-only and with nothing from the
@@ -291,7 +359,12 @@ impl Server {
         // Its note, if a receive into `ds` stopped before marking what it brought, is finished
         // first (this process holds its lock now).
         self.finish_notes(Some(&pending_name(ds))).await?;
-        let before: Vec<u64> = self.list(ds).await?.snapshots.iter().map(|s| s.guid).collect();
+        // GUIDs only: a listing without user properties costs a fraction of a full one.
+        let before: Vec<u64> = match self.zfs.list_snapshots(ds, &[]).await {
+            Ok(snaps) => snaps.iter().map(|s| s.guid).collect(),
+            Err(crate::zfs::ZfsError::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e.to_string()),
+        };
         self.note_receiving(ds, &before)?;
         let out = tokio::process::Command::new(self.zfs.cli().zfs_program())
             .args(super::receive::argv(ds.as_str(), super::receive::Receiving::Replica))
@@ -307,11 +380,8 @@ impl Server {
         if !out.status.success() {
             return Err(format!("zfs receive into {ds}: {}", String::from_utf8_lossy(&out.stderr).trim()));
         }
-        let listing = self.list(ds).await?;
-        if let Some(newest) = listing.snapshots.last() {
-            self.move_hold(ds, &listing.snapshots, &newest.name).await?;
-        }
-        Ok(listing)
+        self.move_hold(ds).await?;
+        self.list(ds, None).await
     }
 
     /// The datasets below the root (relative names, sorted) with a received snapshot whose
@@ -402,11 +472,9 @@ impl Server {
     /// Marks snapshots of `ds` this server received ([`prop::RECEIVED`], set locally, the time).
     async fn mark_received(&self, ds: &Dataset, snaps: &[&str]) -> Result<(), String> {
         let now = chrono::Utc::now().timestamp().to_string();
-        for name in snaps {
-            let snap = ds.snapshot(name).map_err(|e| e.to_string())?;
-            self.zfs.set_property(&snap.to_string(), &prop::RECEIVED, &now).await.map_err(|e| format!("marking {snap}: {e}"))?;
-        }
-        Ok(())
+        let names = snaps.iter().map(|name| ds.snapshot(name).map(|s| s.to_string())).collect::<Result<Vec<_>, _>>();
+        let names = names.map_err(|e| e.to_string())?;
+        self.zfs.set_property_on(&names, &prop::RECEIVED, &now).await.map_err(|e| format!("marking what {ds} received: {e}"))
     }
 
     /// The snapshots below the root this server received ([`prop::RECEIVED`] set locally), full names.
@@ -418,10 +486,24 @@ impl Server {
         }
     }
 
-    /// Whether this server received `snap` (after finishing any marking a stopped receive left).
-    async fn was_received(&self, snap: &SnapshotName) -> Result<bool, String> {
-        self.finish_pending().await?;
-        Ok(self.zfs.get_local(&snap.to_string(), &prop::RECEIVED).await.map_err(|e| e.to_string())?.is_some())
+    /// Which of `snaps` (full names) this server marked as received: one `zfs get` per 500;
+    /// when one of them is gone meanwhile (that fails the whole call), each is asked alone.
+    async fn marked_among(&self, snaps: &[String]) -> Result<std::collections::BTreeSet<String>, String> {
+        let mut marked = std::collections::BTreeSet::new();
+        for chunk in snaps.chunks(500) {
+            match self.zfs.properties_of(chunk, &[prop::RECEIVED], "local").await {
+                Ok(marks) => marked.extend(marks.into_iter().filter(|(_, p)| p.contains_key(&prop::RECEIVED)).map(|(n, _)| n)),
+                Err(crate::zfs::ZfsError::NotFound { .. }) => {
+                    for name in chunk {
+                        if self.zfs.get_local(name, &prop::RECEIVED).await.map_err(|e| e.to_string())?.is_some() {
+                            marked.insert(name.clone());
+                        }
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(marked)
     }
 
     /// Notes, before a receive into `ds`, the GUIDs of the snapshots it has
@@ -476,8 +558,6 @@ impl Server {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(format!("{}: {e}", dir.display())),
         };
-        // What is marked already, read once (a note's dataset is not another note's).
-        let mut marked = None;
         for entry in entries {
             let path = entry.map_err(|e| e.to_string())?.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
@@ -502,10 +582,11 @@ impl Server {
                 let before: Vec<u64> = note["before"].as_array().map(|a| a.iter().filter_map(|g| g.as_u64()).collect()).unwrap_or_default();
                 match self.zfs.list_snapshots(&ds, &[]).await {
                     Ok(snaps) => {
-                        let marked = match &marked {
-                            Some(m) => m,
-                            None => marked.insert(self.received_snapshots().await?),
-                        };
+                        // What the receive brought, less what is marked already (a note
+                        // finished once but not removed): asked of those snapshots only.
+                        let before: std::collections::HashSet<u64> = before.into_iter().collect();
+                        let brought: Vec<String> = snaps.iter().filter(|s| !before.contains(&s.guid)).map(|s| s.name.to_string()).collect();
+                        let marked = self.marked_among(&brought).await?;
                         let new: Vec<&str> = snaps
                             .iter()
                             .filter(|s| !before.contains(&s.guid) && !marked.contains(&s.name.to_string()))
@@ -530,19 +611,17 @@ impl Server {
         ds.as_str().strip_prefix(self.root.as_str()).is_some_and(|rest| rest.starts_with('/'))
     }
 
-    async fn move_hold(&self, ds: &Dataset, snaps: &[TargetSnapshot], newest: &str) -> Result<(), String> {
-        let newest = ds.snapshot(newest).map_err(|e| e.to_string())?;
-        match self.zfs.hold(HOLD, std::slice::from_ref(&newest)).await {
+    /// Holds the newest snapshot of `ds` ([`HOLD`]: the next incremental's base cannot be
+    /// destroyed here) and releases the older ones this server held.
+    async fn move_hold(&self, ds: &Dataset) -> Result<(), String> {
+        let snaps = self.zfs.list_snapshots(ds, &[]).await.map_err(|e| e.to_string())?;
+        let Some(newest) = snaps.last() else { return Ok(()) };
+        match self.zfs.hold(HOLD, std::slice::from_ref(&newest.name)).await {
             Ok(()) | Err(crate::zfs::ZfsError::AlreadyExists { .. }) => {}
-            Err(e) => return Err(format!("hold {newest}: {e}")),
+            Err(e) => return Err(format!("hold {}: {e}", newest.name)),
         }
-        let others: Vec<SnapshotName> = snaps
-            .iter()
-            .filter(|s| s.name != newest.snap())
-            .map(|s| ds.snapshot(&s.name))
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?;
-        // One `zfs holds` for all of them: a target keeps hundreds of snapshots.
+        // Only snapshots with a hold are asked which: a target keeps thousands of snapshots.
+        let others: Vec<SnapshotName> = snaps.iter().filter(|s| s.name != newest.name && s.userrefs > 0).map(|s| s.name.clone()).collect();
         let held: Vec<SnapshotName> = self
             .zfs
             .holds_of(&others)
@@ -558,39 +637,92 @@ impl Server {
         Ok(())
     }
 
-    /// Sets `vmsnap:*` properties; `vmsnap:ram-dump` names this target's copy, and
-    /// `vmsnap:replica=complete` is accepted only once that copy is whole and checked.
+    /// Serves the `props` requests gathered in `pending`, appending their replies.
+    async fn flush_props(&self, pending: &mut Vec<(String, String, BTreeMap<String, String>)>, replies: &mut Vec<Reply>) {
+        if pending.is_empty() {
+            return;
+        }
+        let answers = self.props_many(std::mem::take(pending)).await;
+        replies.extend(answers.into_iter().map(|a| a.map_or_else(Reply::err, Reply::ok)));
+    }
+
+    /// Sets `vmsnap:*` properties on each snapshot (`dataset`, `snapshot`, properties), each
+    /// one's answer in order: what it holds afterwards. `vmsnap:ram-dump` names this target's
+    /// copy, and `vmsnap:replica=complete` is accepted only once that copy is whole and checked.
     /// Only on snapshots this server received, and only the properties a snapshot carries from
     /// when it is taken ([`prop::ALL`]), `vmsnap:replica` and `vmsnap:ram-sealed` (the sealed
     /// copy's sha256, the source's word as `vmsnap:ram-sha256` is): never this target's own marks.
-    async fn props(&self, snap: &SnapshotName, props: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, String> {
+    /// The marks are read in one `zfs get` and the values back in another; each snapshot's
+    /// values are set in one `zfs set` (all or none of them).
+    async fn props_many(&self, items: Vec<(String, String, BTreeMap<String, String>)>) -> Vec<Result<BTreeMap<String, String>, String>> {
+        let mut wanted: Vec<Result<Wanted, String>> = items
+            .into_iter()
+            .map(|(ds, snap, props)| self.snapshot(&ds, &snap).and_then(|s| Ok((s.clone(), self.wanted(&s, props)?))))
+            .collect();
+        let names: Vec<String> = wanted.iter().flatten().map(|(s, _)| s.to_string()).collect();
+        let received = match self.finish_pending().await {
+            Ok(()) => self.marked_among(&names).await,
+            Err(e) => Err(e),
+        };
+        for w in &mut wanted {
+            let Ok((snap, props)) = &*w else { continue };
+            let name = snap.to_string();
+            let was = received.as_ref().map(|marked| marked.contains(&name)).map_err(Clone::clone);
+            let set = match was {
+                Ok(true) => self.zfs.set_properties(&name, props).await.map_err(|e| e.to_string()),
+                Ok(false) => Err(format!("{name} was not received by this target: a source sets properties only on what it sent")),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = set {
+                *w = Err(e);
+            }
+        }
+        let set: Vec<String> = wanted.iter().flatten().map(|(s, _)| s.to_string()).collect();
+        let keys: std::collections::BTreeSet<PropName> = wanted.iter().flatten().flat_map(|(_, p)| p.keys().cloned()).collect();
+        let keys: Vec<PropName> = keys.into_iter().collect();
+        let mut back = self.zfs.properties_of(&set, &keys, "local,received").await.map_err(|e| e.to_string());
+        let mut answers = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            answers.push(match w {
+                Err(e) => Err(e),
+                Ok((snap, _)) => {
+                    let name = snap.to_string();
+                    let values = match &mut back {
+                        Ok(all) => Ok(all.remove(&name).unwrap_or_default()),
+                        Err(_) => self.zfs.user_properties(&name).await.map_err(|e| e.to_string()),
+                    };
+                    values.map(|v| {
+                        v.into_iter().filter(|(k, _)| k.as_str().starts_with("vmsnap:")).map(|(k, v)| (k.to_string(), v)).collect()
+                    })
+                }
+            });
+        }
+        answers
+    }
+
+    /// The properties a source asked to set on `snap`, checked; the RAM dump's path is this
+    /// target's.
+    fn wanted(&self, snap: &SnapshotName, props: BTreeMap<String, String>) -> Result<BTreeMap<PropName, String>, String> {
         let mut set = BTreeMap::new();
-        for (k, v) in &props {
-            let name = PropName::new(k).map_err(|e| e.to_string())?;
+        for (k, v) in props {
+            let name = PropName::new(&k).map_err(|e| e.to_string())?;
             if !prop::ALL.contains(&name) && name != prop::REPLICA && name != prop::RAM_SEALED {
                 return Err(format!("{k}: not a property a source sets on a target"));
             }
             if v.len() > 4096 || v.chars().any(char::is_control) {
                 return Err(format!("{k}: the value is too long or has control characters"));
             }
-            set.insert(name, v.clone());
+            set.insert(name, v);
         }
-        if !self.was_received(snap).await? {
-            return Err(format!("{snap} was not received by this target: a source sets properties only on what it sent"));
-        }
-        let ram = prop::RAM_DUMP;
-        if set.contains_key(&ram) {
+        if set.contains_key(&prop::RAM_DUMP) {
             let domain = set.get(&prop::DOMAIN).ok_or("vmsnap:ram-dump without vmsnap:domain")?.clone();
             let state = self.ram_stat(&domain, snap.snap())?;
-            set.insert(ram.clone(), state.path.clone().unwrap_or_default());
-            let complete = prop::REPLICA;
-            if set.get(&complete).map(String::as_str) == Some("complete") && !state.complete {
+            set.insert(prop::RAM_DUMP, state.path.clone().unwrap_or_default());
+            if set.get(&prop::REPLICA).map(String::as_str) == Some("complete") && !state.complete {
                 return Err(format!("{snap}: its RAM dump is not here whole; it cannot be marked complete"));
             }
         }
-        self.zfs.set_properties(&snap.to_string(), &set).await.map_err(|e| e.to_string())?;
-        let back = self.zfs.user_properties(&snap.to_string()).await.map_err(|e| e.to_string())?;
-        Ok(back.into_iter().filter(|(k, _)| k.as_str().starts_with("vmsnap:")).map(|(k, v)| (k.to_string(), v)).collect())
+        Ok(set)
     }
 
     fn ram_stat(&self, domain: &str, snapshot: &str) -> Result<RamState, String> {

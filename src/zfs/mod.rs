@@ -284,6 +284,35 @@ impl Zfs {
         Ok(())
     }
 
+    /// Sets one user property to the same value on each of `names`, in one `zfs set` per
+    /// hundred names (a receive that brought many snapshots marks them all).
+    pub async fn set_property_on(&self, names: &[String], prop: &PropName, value: &str) -> Result<(), ZfsError> {
+        for chunk in names.chunks(100) {
+            let mut args = zargs!["set", format!("{prop}={value}")];
+            args.extend(chunk.iter().map(OsString::from));
+            self.cli.zfs(args).await?;
+        }
+        Ok(())
+    }
+
+    /// The given user properties of each of `names` (datasets or snapshots) in one `zfs get`,
+    /// only where their source is one of `sources` (`"local"`, `"local,received"`): name →
+    /// properties, without the names that have none of them.
+    pub async fn properties_of(
+        &self,
+        names: &[String],
+        props: &[PropName],
+        sources: &str,
+    ) -> Result<BTreeMap<String, BTreeMap<PropName, String>>, ZfsError> {
+        if names.is_empty() || props.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let columns: Vec<&str> = props.iter().map(PropName::as_str).collect();
+        let mut args = zargs!["get", "-H", "-p", "-s", sources, "-o", "name,property,value,source", columns.join(",")];
+        args.extend(names.iter().map(OsString::from));
+        Ok(parse::user_properties(&self.cli.zfs(args).await?)?)
+    }
+
     /// Sets several user properties in one `zfs set` (one ioctl: all of them or none).
     pub async fn set_properties(&self, name: &str, props: &BTreeMap<PropName, String>) -> Result<(), ZfsError> {
         let mut args = zargs!["set"];

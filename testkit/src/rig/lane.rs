@@ -68,7 +68,11 @@ fn dispatch_with(inside_fn: fn(), libvirt_kit: bool) {
             "HOME=/root".into(),
         ];
         // A benchmark's knobs (`VMSNAP_BENCH_N` …) reach the program inside.
-        env.extend(std::env::vars().filter(|(k, _)| k.starts_with("VMSNAP_BENCH_")).map(|(k, v)| format!("{k}={v}")));
+        env.extend(
+            std::env::vars()
+                .filter(|(k, _)| k.starts_with("VMSNAP_BENCH_") || k == "VMSNAP_MANY_SNAPSHOTS")
+                .map(|(k, v)| format!("{k}={v}")),
+        );
         let env: Vec<&str> = env.iter().map(String::as_str).collect();
         // A bound for a lane that hangs, well above the longest one (the engine lane takes
         // 20-23 min on a 2-core TCG host); benchmarks may ask for longer (`VMSNAP_LANE_TIMEOUT_S`).
