@@ -1216,6 +1216,54 @@ fn cancel_of_one_domain_leaves_the_other_alone() -> Result<(), Failed> {
     res
 }
 
+/// A daemon's job that panics (a bug, injected once right after the disks switched to their
+/// overlays, the guest frozen) ends as failed, of kind `bug`, with its journal replayed as after a
+/// kill: the guest thawed, the overlays merged. The domain is free again: the next snapshot, in
+/// the same daemon, succeeds.
+fn a_panicking_job_frees_its_domain() -> Result<(), Failed> {
+    let guard = lab_lock();
+    let lab = guard.as_ref().unwrap();
+    let (address, _bus, _daemon) = start_daemon_with(lab, &[("VMSNAP_ABORT_AT", "panic:after:switched")])?;
+    let busctl = |args: &[&str]| busctl(&address, args);
+    let property = |job: &str, name: &str| busctl(&["get-property", "io.github.vmsnap.Agent1", job, "io.github.vmsnap.Job1", name]).1;
+    let ended = |job: &str| -> Result<String, Failed> {
+        let t = Instant::now();
+        loop {
+            let state = property(job, "State");
+            if !state.contains("running") && !state.contains("waiting") {
+                return Ok(state);
+            }
+            check(t.elapsed() < Duration::from_secs(120), format!("the job did not end: {state}"))?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let res = (|| {
+        let (ok, reply) = busctl(&[&AGENT1[..], &["Snapshot", "sa{sv}", DOMAIN, "0"]].concat());
+        check(ok, format!("Snapshot: {reply}"))?;
+        let job = reply.split('"').nth(1).ok_or(format!("no job path in {reply:?}"))?.to_owned();
+        let state = ended(&job)?;
+        let (failure, result) = (property(&job, "Failure"), property(&job, "Result"));
+        eprintln!("panicked job: {} {} {}", state.trim(), failure.trim(), result.trim());
+        check(state.contains("failed") && failure.contains("bug"), format!("{state} {failure} {result}"))?;
+        check(result.contains("bug in vmsnap") && result.contains("journal was replayed"), result.clone())?;
+        rt().block_on(async {
+            let mut q = Qga::connect(&lab.vm.machine.qga_path, agent(&lab.vm.machine.qga_path)).await.map_err(|e| e.to_string())?;
+            check(q.freeze_status().await.map_err(|e| e.to_string())? == FreezeStatus::Thawed, "left frozen after the panic")
+        })?;
+        assert_invariants(lab, true)?;
+        // The same daemon starts the domain's next job (it would answer busy if the panicked
+        // one had kept it), and that one succeeds.
+        let (ok, reply) = busctl(&[&AGENT1[..], &["Snapshot", "sa{sv}", DOMAIN, "0"]].concat());
+        check(ok, format!("the next Snapshot: {reply}"))?;
+        let job = reply.split('"').nth(1).ok_or(format!("no job path in {reply:?}"))?.to_owned();
+        let state = ended(&job)?;
+        check(state.contains("succeeded"), format!("the next snapshot: {state} {}", property(&job, "Result")))?;
+        assert_invariants(lab, true)
+    })();
+    lab.reset_snapshots();
+    res
+}
+
 /// A guest frozen while no vmsnap operation runs (as one resumed from a quiesced RAM snapshot
 /// wakes) is thawed by `vmsnap recover`, which says so; a second run has nothing to do.
 fn recover_thaws_a_guest_frozen_with_nothing_running() -> Result<(), Failed> {
@@ -1317,6 +1365,7 @@ fn main() {
         ("cli_through_the_daemon_interrupted_or_orphaned", cli_through_the_daemon_interrupted_or_orphaned),
         ("scheduled_snapshot_is_announced", scheduled_snapshot_is_announced),
         ("cancel_of_one_domain_leaves_the_other_alone", cancel_of_one_domain_leaves_the_other_alone),
+        ("a_panicking_job_frees_its_domain", a_panicking_job_frees_its_domain),
         ("recover_thaws_a_guest_frozen_with_nothing_running", recover_thaws_a_guest_frozen_with_nothing_running),
         ("compressed_dump_streams_and_resumes", compressed_dump_streams_and_resumes),
         ("full_overlay_directory_pauses_then_resumes", full_overlay_directory),

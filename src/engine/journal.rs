@@ -271,19 +271,32 @@ pub struct Journal {
 }
 
 /// Environment variable naming a record before or after whose append the process aborts, as
-/// `before:NAME` or `after:NAME` (fault-injection tests: a kill -9 at that instant). Only builds
-/// with the `fault-injection` feature (the tests') read it.
+/// `before:NAME` or `after:NAME` (fault-injection tests: a kill -9 at that instant), or
+/// `panic:before:NAME` / `panic:after:NAME` (the job panics there, once per process: a bug in
+/// a daemon's job). Only builds with the `fault-injection` feature (the tests') read it.
 #[cfg(feature = "fault-injection")]
 pub const ABORT_AT_ENV: &str = "VMSNAP_ABORT_AT";
 
-/// Aborts the process when [`ABORT_AT_ENV`] names this moment.
+/// Aborts the process (or panics, once) when [`ABORT_AT_ENV`] names this moment.
 #[cfg(feature = "fault-injection")]
 pub fn fault_point(when: &str, name: &str) {
+    static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if let Ok(v) = std::env::var(ABORT_AT_ENV) {
-        if v.split_once(':') == Some((when, name)) {
-            eprintln!("vmsnap: {ABORT_AT_ENV}={v}: aborting (fault-injection test)");
-            std::process::abort();
+        let (panics, point) = match v.strip_prefix("panic:") {
+            Some(p) => (true, p),
+            None => (false, v.as_str()),
+        };
+        if point.split_once(':') != Some((when, name)) {
+            return;
         }
+        if panics {
+            if !PANICKED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                panic!("{ABORT_AT_ENV}={v}: a panic (fault-injection test)");
+            }
+            return;
+        }
+        eprintln!("vmsnap: {ABORT_AT_ENV}={v}: aborting (fault-injection test)");
+        std::process::abort();
     }
 }
 

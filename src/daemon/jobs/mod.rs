@@ -192,6 +192,8 @@ pub enum Failure {
     /// What a target sent back for a restore was not what this host recorded (or there was no
     /// record and the restore did not say `trust_target`): it was removed again.
     Untrusted,
+    /// The job panicked (a bug in vmsnap): its journal was replayed as after a kill.
+    Bug,
     /// Anything else.
     Error,
 }
@@ -202,6 +204,7 @@ impl Failure {
             Self::Diverged => "diverged",
             Self::Target => "target",
             Self::Untrusted => "untrusted",
+            Self::Bug => "bug",
             Self::Error => "error",
         }
     }
@@ -416,7 +419,17 @@ impl Jobs {
         let this = self.clone();
         let domain = dom.name.clone();
         let task = tokio::spawn(async move {
-            let outcome = this.run(id, &cfg, &dom, request, cancelled, progress_tx, transfer_tx).await;
+            // The work runs in a task of its own, so that a panic in it (a bug) ends this job as
+            // failed and frees the domain, instead of leaving it busy until a restart.
+            let is_snapshot = matches!(request, Request::Snapshot(_));
+            let work = {
+                let (this, cfg, dom) = (this.clone(), cfg.clone(), dom.clone());
+                tokio::spawn(async move { this.run(id, &cfg, &dom, request, cancelled, progress_tx, transfer_tx).await })
+            };
+            let outcome = match work.await {
+                Ok(outcome) => outcome,
+                Err(e) => this.after_panic(&cfg, &dom, e, is_snapshot).await,
+            };
             let state = outcome.state();
             match &outcome {
                 Outcome::Failed(e, _) => tracing::error!(job = id, domain = %dom.name, kind, "job failed: {e}"),
@@ -465,6 +478,30 @@ impl Jobs {
         for t in tasks {
             let _ = t.await;
         }
+    }
+
+    /// A job whose work panicked (or was aborted): its domain's journal is replayed as after a
+    /// kill (the guest thawed and resumed, the overlays merged), and it ends as failed.
+    async fn after_panic(&self, cfg: &Config, dom: &DomainConfig, e: tokio::task::JoinError, is_snapshot: bool) -> Outcome {
+        let what = match e.try_into_panic() {
+            Ok(p) => p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "a panic".into()),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(domain = %dom.name, "the job panicked: {what}; replaying its journal");
+        let undo = match engine::recover::recover_domain(cfg, &dom.name, &self.0.zfs).await {
+            Ok(Some(r)) => format!("its journal was replayed: {}", r.actions.join("; ")),
+            Ok(None) => "nothing was left to undo".to_owned(),
+            Err(e) => format!("recovery incomplete, run `vmsnap recover`: {e}"),
+        };
+        let msg = format!("the job stopped on a bug in vmsnap ({what}); {undo}");
+        if is_snapshot {
+            self.record(cfg, dom, &Err(msg.clone()), 0);
+        }
+        Outcome::Failed(msg, Failure::Bug)
     }
 
     /// The job itself: waits for a slot, then does the work unless cancelled first.
