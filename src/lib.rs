@@ -18,6 +18,7 @@
 //! ├── restore/             back to a snapshot: in place, as a copy (--as), verify and verify --boot,
 //! │                        mounts of single files; journaled like snapshots
 //! ├── zfs/                 the only place that runs zfs/zpool: validated names, parsers, operations
+//! ├── error.rs             how errors travel to the user: the rules, the chain, the operator's hint
 //! ├── fsutil.rs            files root writes where others may reach: no symlink followed
 //! ├── integrity.rs         what each snapshot held when it was taken, checked when a target sends it back
 //! ├── ramcrypt.rs          RAM dumps sealed (ChaCha20-Poly1305, chunked) for a target trusted with ciphertext only
@@ -30,6 +31,7 @@
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod error;
 pub mod fsutil;
 pub mod integrity;
 pub mod libvirt;

@@ -292,12 +292,9 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("vmsnap: error: {e:#}");
-        let hint = e
-            .downcast_ref::<engine::EngineError>()
-            .and_then(engine::EngineError::hint)
-            .or_else(|| e.downcast_ref::<engine::recover::RecoverError>().and_then(engine::recover::RecoverError::hint))
-            .or_else(|| e.downcast_ref::<vmsnap::replicate::ReplicateError>().and_then(vmsnap::replicate::ReplicateError::hint));
-        if let Some(hint) = hint {
+        // The first hint along the chain, from whichever layer gave one (a job's travels with
+        // it, through the daemon too).
+        if let Some(hint) = e.chain().find_map(vmsnap::error::hint_of) {
             eprintln!("hint: {hint}");
         }
         std::process::exit(1);

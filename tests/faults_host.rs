@@ -579,6 +579,20 @@ fn busctl(address: &str, args: &[&str]) -> (bool, String) {
 fn cli_through_the_daemon_returns() -> Result<(), Failed> {
     let guard = lab_lock();
     let lab = guard.as_ref().unwrap();
+    // `down`'s QMP path cannot be reached (its parent is a file): its snapshot fails with a hint.
+    let (down_disk, down_qmp) = (lab.path("disks/down.qcow2"), lab.path("down.qmp"));
+    std::fs::copy(Rig::locate().unwrap().dir().join("data-template.qcow2"), &down_disk)?;
+    std::fs::write(&down_qmp, b"")?;
+    let config = std::fs::read_to_string(lab.config())?;
+    std::fs::write(lab.config(), config.replace(&format!("{}\"", down_qmp.display()), &format!("{}/sock\"", down_qmp.display())))?;
+    let res = through_the_daemon(lab);
+    lab.write_config("");
+    let _ = std::fs::remove_file(&down_disk);
+    let _ = std::fs::remove_file(&down_qmp);
+    res
+}
+
+fn through_the_daemon(lab: &Lab) -> Result<(), Failed> {
     let (address, _bus, _daemon) = start_daemon(lab)?;
     let run = |args: &[&str]| {
         let mut cmd = lab.vmsnap_cmd(args, &[("VMSNAP_BUS_ADDRESS", &address)]);
@@ -608,6 +622,17 @@ fn cli_through_the_daemon_returns() -> Result<(), Failed> {
         out.status.code() == Some(1) && String::from_utf8_lossy(&out.stderr).contains("paused"),
         format!("a failed job: {}", text(&out)),
     )?;
+    // A failure with a hint: the job's `Hint` comes through the daemon, and the CLI prints the
+    // same words as when it runs the job itself.
+    let through = run(&["snapshot", "down", "--label", &label()]);
+    let local = lab.vmsnap(&["snapshot", "down", "--local", "--label", &label()], &[]);
+    let hint = |o: &Output| String::from_utf8_lossy(&o.stderr).lines().find(|l| l.starts_with("hint: ")).map(str::to_owned);
+    eprintln!("through the daemon: {:?}; in process: {:?}", hint(&through), hint(&local));
+    check(
+        through.status.code() == Some(1) && hint(&through).is_some_and(|h| h.contains("is the VM running")),
+        format!("a failed job's hint through the daemon: {}", text(&through)),
+    )?;
+    check(hint(&through) == hint(&local), format!("in process: {}", text(&local)))?;
     assert_invariants(lab, true)?;
     lab.reset_snapshots();
     Ok(())

@@ -26,11 +26,20 @@ pub async fn daemon() -> Option<zbus::Connection> {
     tokio::time::timeout(Duration::from_secs(1), connect).await.ok().flatten()
 }
 
-/// How a daemon job ended: its `State`, `Result` and `Failure`.
+/// How a daemon job ended: its `State`, `Result`, `Failure` and `Hint`.
 pub struct Ended {
     pub state: String,
     pub result: String,
     pub failure: String,
+    pub hint: String,
+}
+
+impl Ended {
+    /// A failed job's error as the job layer had it: its message and its hint (which `main`
+    /// prints as it does for a job run in this process).
+    pub fn error(&self) -> vmsnap::daemon::jobs::JobError {
+        vmsnap::daemon::jobs::JobError { message: self.result.clone(), hint: Some(self.hint.clone()).filter(|h| !h.is_empty()) }
+    }
 }
 
 /// Follows the job at `path` to its end: each step (`Progress`) goes to `on_step`, with the
@@ -93,8 +102,11 @@ pub async fn follow(
             }
         }
     }
-    let read =
-        async { Ok::<_, zbus::Error>(Ended { state: job.state().await?, result: job.result().await?, failure: job.failure().await? }) };
+    let read = async {
+        // An older daemon has no `Hint`: none then.
+        let hint = job.hint().await.unwrap_or_default();
+        Ok::<_, zbus::Error>(Ended { state: job.state().await?, result: job.result().await?, failure: job.failure().await?, hint })
+    };
     read.await.map_err(lost)
 }
 

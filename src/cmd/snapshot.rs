@@ -72,7 +72,7 @@ async fn via_daemon(conn: &zbus::Connection, a: &Args) -> Result<SnapshotReport>
     match end.state.as_str() {
         "succeeded" => {}
         "cancelled" => bail!("interrupted; the snapshot of {} was {}", a.domain, end.result),
-        _ => bail!("{}", end.result),
+        _ => return Err(end.error().into()),
     }
     Ok(serde_json::from_str(&end.result)?)
 }
@@ -110,6 +110,7 @@ async fn in_process(cfg: Config, zfs: &Zfs, a: &Args) -> Result<SnapshotReport> 
     match end.outcome().await {
         Outcome::Succeeded(Output::Snapshot(r)) => Ok(*r),
         Outcome::Cancelled(m) => bail!("interrupted; the snapshot of {} was {}", a.domain, m),
+        Outcome::Failed(e, _) => Err(e.into()),
         other => bail!("{}", other.result_text()),
     }
 }

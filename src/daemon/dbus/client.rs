@@ -45,6 +45,8 @@ pub trait Job1 {
     fn result(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn failure(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn hint(&self) -> zbus::Result<String>;
     fn cancel(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn finished(&self, success: bool, result: &str) -> zbus::Result<()>;

@@ -163,8 +163,9 @@ impl Job {
 
     /// Why a failed job failed, for a client that acts on it: `diverged` (a replication target
     /// diverged from the source; nothing was sent or destroyed there), `target` (a replication
-    /// target could not be reached or refused: ssh, its forced command) or `error` (anything
-    /// else). Empty unless the job failed.
+    /// target could not be reached or refused: ssh, its forced command), `untrusted` (what a
+    /// target sent back for a restore was refused), `bug` (the job stopped on a bug in vmsnap;
+    /// its journal was replayed) or `error` (anything else). Empty unless the job failed.
     #[zbus(property)]
     async fn failure(
         &self,
@@ -173,6 +174,18 @@ impl Job {
     ) -> zbus::fdo::Result<String> {
         self.readable(conn, hdr).await?;
         Ok(self.handle.finished().and_then(|o| o.failure()).map(|f| f.as_str().to_owned()).unwrap_or_default())
+    }
+
+    /// What the operator can do about a failure (the same hint `vmsnap` prints when it runs
+    /// the job itself). Empty unless the job failed and there is an obvious next thing to try.
+    #[zbus(property)]
+    async fn hint(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> zbus::fdo::Result<String> {
+        self.readable(conn, hdr).await?;
+        Ok(self.handle.finished().and_then(|o| o.hint().map(str::to_owned)).unwrap_or_default())
     }
 
     /// Stops the job at the step it is in and replays its domain's journal (thaw, resume,

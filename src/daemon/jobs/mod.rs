@@ -145,12 +145,41 @@ impl Output {
     }
 }
 
+/// Why a job failed: the error with its causes, once ([`crate::error::chain`]), and what the
+/// operator can do about it ([`crate::error::hint_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobError {
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl JobError {
+    /// From a typed error: its chain and its hint.
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> Self {
+        JobError { message: crate::error::chain(e), hint: crate::error::hint_of(e) }
+    }
+}
+
+impl From<String> for JobError {
+    fn from(message: String) -> Self {
+        JobError { message, hint: None }
+    }
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for JobError {}
+
 /// How a job ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Succeeded(Output),
-    /// The error, with its causes, and what kind of failure it was.
-    Failed(String, Failure),
+    /// The error and what kind of failure it was.
+    Failed(JobError, Failure),
     /// Cancelled; what the undo did (or why it is incomplete).
     Cancelled(String),
 }
@@ -168,7 +197,16 @@ impl Outcome {
     pub fn result_text(&self) -> String {
         match self {
             Self::Succeeded(o) => o.to_json(),
-            Self::Failed(m, _) | Self::Cancelled(m) => m.clone(),
+            Self::Failed(e, _) => e.message.clone(),
+            Self::Cancelled(m) => m.clone(),
+        }
+    }
+
+    /// What the operator can do about a failure, when there is an obvious next thing.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            Self::Failed(e, _) => e.hint.as_deref(),
+            _ => None,
         }
     }
 
@@ -260,7 +298,7 @@ impl JobHandle {
     pub async fn outcome(&mut self) -> Outcome {
         match self.done.wait_for(Option::is_some).await {
             Ok(o) => o.clone().expect("waited for Some"),
-            Err(_) => Outcome::Failed("the job's task ended without an outcome".into(), Failure::Error),
+            Err(_) => Outcome::Failed("the job's task ended without an outcome".to_owned().into(), Failure::Error),
         }
     }
 
@@ -499,9 +537,9 @@ impl Jobs {
         };
         let msg = format!("the job stopped on a bug in vmsnap ({what}); {undo}");
         if is_snapshot {
-            self.record(cfg, dom, &Err(msg.clone()), 0);
+            self.record(cfg, dom, &Err(msg.clone().into()), 0);
         }
-        Outcome::Failed(msg, Failure::Bug)
+        Outcome::Failed(msg.into(), Failure::Bug)
     }
 
     /// The job itself: waits for a slot, then does the work unless cancelled first.
@@ -542,7 +580,7 @@ impl Jobs {
             if slots.available_permits() == 0 {
                 step("waiting for a free slot (max_parallel)");
             }
-            let _slot = slots.acquire_owned().await.map_err(|_| "the job slots are gone".to_owned())?;
+            let _slot = slots.acquire_owned().await.map_err(|_| JobError::from("the job slots are gone".to_owned()))?;
             match &request {
                 Request::Snapshot(opts) => self.snapshot(id, cfg, dom, opts, &*step).await.map(|r| Output::Snapshot(Box::new(r))),
                 Request::Prune { dry_run } => {
@@ -551,7 +589,7 @@ impl Jobs {
                     prune::prune(cfg, dom, &self.0.zfs, now, *dry_run)
                         .await
                         .map(|r| Output::Prune(Box::new(r)))
-                        .map_err(|e| error_chain(&e))
+                        .map_err(|e| JobError::of(&e))
                 }
                 Request::Replicate { targets, opts } => {
                     let opts = replicate::Options { cancel: Some(stop_sending.clone()), ..opts.clone() };
@@ -562,7 +600,7 @@ impl Jobs {
                 Request::Verify => {
                     step("verifying every RAM dump");
                     let zfs = &*self.0.zfs;
-                    let v = crate::restore::verify::verify(zfs, Some(&dom.name), |s| step(s)).await.map_err(|e| error_chain(&e))?;
+                    let v = crate::restore::verify::verify(zfs, Some(&dom.name), |s| step(s)).await.map_err(|e| JobError::of(&e))?;
                     Ok(Output::Report(serde_json::to_value(v).expect("serialises")))
                 }
                 Request::VerifyBoot { snapshot } => {
@@ -571,18 +609,19 @@ impl Jobs {
                     let wait = crate::restore::boot::AGENT_WAIT;
                     let v = crate::restore::boot::boot(cfg, zfs, &dom.name, snapshot.as_deref(), wait, step.clone())
                         .await
-                        .map_err(|e| error_chain(&e))?;
+                        .map_err(|e| JobError::of(&e))?;
                     Ok(Output::Report(serde_json::to_value(v).expect("serialises")))
                 }
                 Request::Mount { snapshot } => {
                     step("mounting");
                     let at = std::path::Path::new("/mnt/vmsnap").join(&dom.name).join(snapshot);
-                    let st = crate::restore::mount::mount(cfg, &self.0.zfs, &dom.name, snapshot, &at).await.map_err(|e| error_chain(&e))?;
+                    let st =
+                        crate::restore::mount::mount(cfg, &self.0.zfs, &dom.name, snapshot, &at).await.map_err(|e| JobError::of(&e))?;
                     Ok(Output::Report(serde_json::to_value(st).expect("serialises")))
                 }
                 Request::Umount { snapshot } => {
                     step("unmounting");
-                    let st = crate::restore::mount::umount(cfg, &self.0.zfs, &dom.name, snapshot).await.map_err(|e| error_chain(&e))?;
+                    let st = crate::restore::mount::umount(cfg, &self.0.zfs, &dom.name, snapshot).await.map_err(|e| JobError::of(&e))?;
                     Ok(Output::Report(serde_json::to_value(st).expect("serialises")))
                 }
             }
@@ -628,7 +667,7 @@ impl Jobs {
             Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
         };
         if matches!(request, Request::Snapshot(_)) {
-            self.record(cfg, dom, &Err(msg.clone()), 0);
+            self.record(cfg, dom, &Err(msg.clone().into()), 0);
         }
         Outcome::Cancelled(msg)
     }
@@ -636,14 +675,5 @@ impl Jobs {
 
 mod work;
 
-/// `a: b: c` from an error and its sources.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// `a: b: c` from an error and its sources ([`crate::error::chain`]).
+pub use crate::error::chain as error_chain;

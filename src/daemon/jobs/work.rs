@@ -2,7 +2,7 @@
 //! its scripts and the pruning after it, a restore, a replication to each target; and what is
 //! recorded of them (`status.json`, the metrics file).
 
-use super::{error_chain, JobEvent, Jobs, Origin, Records, Request, RestoreRequest};
+use super::{error_chain, JobError, JobEvent, Jobs, Origin, Records, Request, RestoreRequest};
 use crate::config::{Config, DomainConfig};
 use crate::daemon::scripts::{self, ScriptEnv};
 use crate::daemon::status::{Attempt, Status};
@@ -25,26 +25,27 @@ impl Jobs {
         r: &RestoreRequest,
         step: crate::restore::Progress,
         untrusted: &AtomicBool,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, JobError> {
         use crate::restore;
         let zfs = &*self.0.zfs;
         if r.resume && cfg.domains.contains_key(&dom.name) {
             // QEMU would be a process of the daemon's service: stopping the daemon would stop it.
-            return Err(format!(
+            return Err(JobError::from(format!(
                 "a config domain is resumed from a shell (`vmsnap restore {} {} --resume`), not by the daemon: its QEMU would run in the daemon's service and stop with it",
                 dom.name, r.snapshot
-            ));
+            )));
         }
         let mut pulled = None;
         if let Some(tname) = &r.from {
-            let target = cfg.targets.get(tname).ok_or_else(|| format!("no [target.{tname}] in the configuration"))?;
+            let target = cfg.targets.get(tname).ok_or_else(|| JobError::from(format!("no [target.{tname}] in the configuration")))?;
             let how = replicate::pull::PullOptions { destroy_newer: r.destroy_newer, trust_target: r.trust_target };
             let report =
                 replicate::pull::pull(zfs, &cfg.state_dir, &cfg.ram_dir, dom, target, &r.snapshot, how, &*step).await.map_err(|e| {
                     if matches!(e, ReplicateError::Untrusted { .. }) {
                         untrusted.store(true, Ordering::Relaxed);
                     }
-                    format!("bringing {} back from {tname}: {}", r.snapshot, error_chain(&e))
+                    let e = JobError::of(&e);
+                    JobError { message: format!("bringing {} back from {tname}: {}", r.snapshot, e.message), ..e }
                 })?;
             pulled = Some(report);
         }
@@ -52,8 +53,8 @@ impl Jobs {
             Some(new) => {
                 let start = if r.resume { restore::clone::Start::Resume } else { restore::clone::Start::No };
                 let plan =
-                    restore::clone::plan(cfg, zfs, &dom.name, &r.snapshot, new, r.promote, start).await.map_err(|e| error_chain(&e))?;
-                serde_json::to_value(restore::clone::apply(cfg, zfs, plan, step).await.map_err(|e| error_chain(&e))?)
+                    restore::clone::plan(cfg, zfs, &dom.name, &r.snapshot, new, r.promote, start).await.map_err(|e| JobError::of(&e))?;
+                serde_json::to_value(restore::clone::apply(cfg, zfs, plan, step).await.map_err(|e| JobError::of(&e))?)
             }
             None => {
                 let req = restore::Request {
@@ -63,11 +64,11 @@ impl Jobs {
                     resume: r.resume,
                     from_target: r.from.is_some(),
                 };
-                let plan = restore::plan(cfg, zfs, &req).await.map_err(|e| error_chain(&e))?;
+                let plan = restore::plan(cfg, zfs, &req).await.map_err(|e| JobError::of(&e))?;
                 for w in &plan.warnings {
                     tracing::warn!(domain = %dom.name, snapshot = %r.snapshot, "{w}");
                 }
-                serde_json::to_value(restore::apply(cfg, zfs, plan, step).await.map_err(|e| error_chain(&e))?)
+                serde_json::to_value(restore::apply(cfg, zfs, plan, step).await.map_err(|e| JobError::of(&e))?)
             }
         }
         .expect("reports serialise");
@@ -86,9 +87,10 @@ impl Jobs {
         only: &[String],
         opts: replicate::Options,
         watcher: &Watcher<'_>,
-    ) -> Result<Vec<ReplicationReport>, String> {
+    ) -> Result<Vec<ReplicationReport>, JobError> {
         let mut reports = Vec::new();
         let mut failed = Vec::new();
+        let mut hint = None;
         for tname in dom.policy.replicate_to.iter().filter(|t| only.is_empty() || only.contains(t)) {
             let Some(target) = cfg.targets.get(tname) else {
                 failed.push(format!("{tname}: no [target.{tname}] in the configuration"));
@@ -105,7 +107,7 @@ impl Jobs {
                     }
                     reports.push(r);
                 }
-                Err(e @ ReplicateError::Cancelled { .. }) => return Err(e.to_string()),
+                Err(e @ ReplicateError::Cancelled { .. }) => return Err(JobError::of(&e)),
                 Err(e) => {
                     match e {
                         ReplicateError::Diverged { .. } => watcher.diverged.store(true, Ordering::Relaxed),
@@ -117,13 +119,14 @@ impl Jobs {
                         self.record_replication(cfg, dom, tname, None);
                     }
                     failed.push(format!("{tname}: {}", error_chain(&e)));
+                    hint = hint.or(e.hint().map(str::to_owned));
                 }
             }
         }
         if failed.is_empty() {
             Ok(reports)
         } else {
-            Err(failed.join("; "))
+            Err(JobError { message: failed.join("; "), hint })
         }
     }
 
@@ -135,7 +138,7 @@ impl Jobs {
         dom: &DomainConfig,
         opts: &SnapshotOptions,
         step: &(dyn Fn(&str) + Sync),
-    ) -> Result<SnapshotReport, String> {
+    ) -> Result<SnapshotReport, JobError> {
         let zfs = &*self.0.zfs;
         let policy = &dom.policy;
         // The name is fixed now so the pre-snapshot script is told the one taken.
@@ -170,9 +173,9 @@ impl Jobs {
             }
         }
         let result = if pre_failed && policy.scripts.no_inconsistent_snapshot {
-            Err("pre_snapshot_script failed and no_inconsistent_snapshot is set: snapshot skipped".to_owned())
+            Err(JobError::from("pre_snapshot_script failed and no_inconsistent_snapshot is set: snapshot skipped".to_owned()))
         } else {
-            engine::snapshot(cfg, dom, &opts, zfs, step).await.map_err(|e| error_chain(&e))
+            engine::snapshot(cfg, dom, &opts, zfs, step).await.map_err(|e| JobError::of(&e))
         };
         if let Some(s) = &policy.scripts.post_snapshot {
             if !pre_failed || policy.scripts.force_post {
@@ -243,11 +246,11 @@ impl Jobs {
 
     /// The attempt into `status.json` (read back first: another vmsnap process may have written
     /// other domains) and, in the daemon, into the metrics file.
-    pub(super) fn record(&self, cfg: &Config, dom: &DomainConfig, result: &Result<SnapshotReport, String>, destroyed: u64) {
+    pub(super) fn record(&self, cfg: &Config, dom: &DomainConfig, result: &Result<SnapshotReport, JobError>, destroyed: u64) {
         let at = chrono::Utc::now().timestamp();
         let attempt = match result {
             Ok(r) => Attempt { at, ok: true, snapshot: Some(r.name.clone()), consistency: Some(r.consistency.to_string()), error: None },
-            Err(e) => Attempt { at, ok: false, snapshot: None, consistency: None, error: Some(e.clone()) },
+            Err(e) => Attempt { at, ok: false, snapshot: None, consistency: None, error: Some(e.message.clone()) },
         };
         let mut rec = self.0.record.lock().expect("no job panics while holding the records");
         let mut status = Status::load(&cfg.state_dir).unwrap_or_else(|e| {
