@@ -359,8 +359,8 @@ fn stopped_vm() -> Result<(), Failed> {
     Ok(())
 }
 
-/// A stopped two-dataset domain restored in place: refused while a newer snapshot exists (named),
-/// then killed (-9) right after the first dataset's rollback with `--destroy-newer`; `vmsnap
+/// A stopped two-dataset domain restored in place: refused while a newer snapshot exists (named;
+/// a dry run shows the plan with that refusal and `--destroy-newer`, exit 0), then killed (-9) right after the first dataset's rollback with `--destroy-newer`; `vmsnap
 /// recover` finishes the unit: both datasets and the nvram are the snapshot's, the newer
 /// snapshot is gone, and no journal is left.
 fn restore_killed_midway() -> Result<(), Failed> {
@@ -385,6 +385,18 @@ fn restore_killed_midway() -> Result<(), Failed> {
         !out.status.success() && text(&out).contains(&format!("tank/vms/off-a@{second}")),
         format!("newer snapshot not named: {}", text(&out)),
     )?;
+    // A dry run shows the whole plan with what the real run would refuse and the flag it
+    // needs, and exits 0 (a plan was shown); it changes nothing.
+    let out = vmsnap(&["restore", "offline2", &first, "--dry-run"], &[]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    check(
+        out.status.success() && said.contains("roll back") && said.contains("refused:") && said.contains("(needs --destroy-newer)"),
+        format!("dry run with newer snapshots: {}", text(&out)),
+    )?;
+    let out = vmsnap(&["restore", "offline2", &first, "--dry-run", "--json"], &[]);
+    let plan: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))?;
+    check(plan["refused"][0]["needs"] == "--destroy-newer" && plan["newer"].to_string().contains(&second), format!("{plan}"))?;
+    check(sh("cat /tank/vms/off-a/a.img").trim() == "three", "the dry run changed the disk")?;
     let out = vmsnap(&["restore", "offline2", &first, "--destroy-newer"], &[("VMSNAP_ABORT_AT", "after:restore_rolled_back")]);
     check(!out.status.success(), format!("vmsnap should have aborted: {}", text(&out)))?;
     let journal = format!("{STATE}/restore/offline2.json");

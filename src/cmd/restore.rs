@@ -146,6 +146,15 @@ fn show(p: &Plan) {
     for w in &p.warnings {
         println!("  warning: {w}");
     }
+    for r in &p.refused {
+        match &r.needs {
+            Some(flag) => println!("  refused:    {} (needs {flag})", r.why),
+            None => println!("  refused:    {}", r.why),
+        }
+    }
+    if !p.refused.is_empty() {
+        println!("  (a dry run: nothing was changed; the real run stops at the first refusal)");
+    }
 }
 
 /// `--as NEW`: the clone plan, then the clones, nvram and definition.

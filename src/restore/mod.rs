@@ -113,6 +113,18 @@ pub struct Plan {
     pub resume: Option<ResumePlan>,
     /// Said before it starts: what the restored disks are and are not.
     pub warnings: Vec<String>,
+    /// What the real run would refuse (a dry run shows it; [`apply`] refuses it again, from the
+    /// state it finds then).
+    #[serde(default)]
+    pub refused: Vec<Refusal>,
+}
+
+/// Something a restore would refuse: why, and the flag that lifts it (none: something to do
+/// first, such as stopping the domain).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refusal {
+    pub why: String,
+    pub needs: Option<String>,
 }
 
 /// What the caller asked for.
@@ -166,6 +178,21 @@ async fn find_unit(zfs: &Zfs, domain: &str, snapshot: &str) -> Result<(Vec<Snaps
         });
     };
     Ok((unit, props, mine))
+}
+
+/// Refuses a domain with a mounted snapshot: it is held, and a zvol's read-only clone hangs on
+/// it, so a rollback past it would stop half-way.
+fn ensure_unmounted(cfg: &Config, domain: &str) -> Result<(), RestoreError> {
+    let mounted: Vec<String> = mount::states(&cfg.state_dir)
+        .into_iter()
+        .filter_map(|(_, s)| s.ok())
+        .filter(|s| s.domain == domain)
+        .map(|s| format!("{} (at {})", s.snapshot, s.path.display()))
+        .collect();
+    if mounted.is_empty() {
+        return Ok(());
+    }
+    Err(RestoreError::BadName(format!("{domain} has mounted snapshots: {}; `vmsnap umount {domain} SNAPSHOT` first", mounted.join(", "))))
 }
 
 /// Refuses a domain whose QEMU runs (or may run): a rollback under it would lose the guest's
@@ -226,22 +253,15 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
     let dom = cfg.domains.get(&req.domain);
     let manager = if dom.is_some() { Manager::Config } else { Manager::Libvirt };
     let (unit, props, mine) = find_unit(zfs, &req.domain, &req.snapshot).await?;
-    ensure_stopped(&req.domain, manager, dom).await?;
-    // A mounted snapshot is held and a zvol's read-only clone hangs on it: a rollback past it
-    // would stop half-way.
-    let mounted: Vec<String> = mount::states(&cfg.state_dir)
-        .into_iter()
-        .filter_map(|(_, s)| s.ok())
-        .filter(|s| s.domain == req.domain)
-        .map(|s| format!("{} (at {})", s.snapshot, s.path.display()))
-        .collect();
-    if !mounted.is_empty() {
-        return Err(RestoreError::BadName(format!(
-            "{} has mounted snapshots: {}; `vmsnap umount {} SNAPSHOT` first",
-            req.domain,
-            mounted.join(", "),
-            req.domain
-        )));
+    // What the real run would refuse is planned too (a dry run shows all of it).
+    let mut refused = Vec::new();
+    match ensure_stopped(&req.domain, manager, dom).await {
+        Ok(()) => {}
+        Err(e @ RestoreError::Running { .. }) => refused.push(Refusal { why: e.to_string(), needs: None }),
+        Err(e) => return Err(e),
+    }
+    if let Err(e) = ensure_unmounted(cfg, &req.domain) {
+        refused.push(Refusal { why: e.to_string(), needs: None });
     }
 
     let newer = newer_than(zfs, &unit).await?;
@@ -256,7 +276,8 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
     newer_dumps.sort();
     newer_dumps.dedup();
     if !newer.is_empty() && !req.destroy_newer {
-        return Err(RestoreError::NewerSnapshots { snapshot: req.snapshot.clone(), newer });
+        let e = RestoreError::NewerSnapshots { snapshot: req.snapshot.clone(), newer: newer.clone() };
+        refused.push(Refusal { why: e.to_string(), needs: Some("--destroy-newer".into()) });
     }
 
     let xml = saved_file(zfs, &unit, &req.domain, "domain.xml").await?;
@@ -332,6 +353,7 @@ pub async fn plan(cfg: &Config, zfs: &Zfs, req: &Request) -> Result<Plan, Restor
         nvram,
         resume,
         warnings,
+        refused,
     })
 }
 

@@ -52,10 +52,17 @@ pub async fn apply(cfg: &Config, zfs: &Zfs, plan: Plan, progress: Progress) -> R
     let t = Instant::now();
     let domain = plan.domain.clone();
     let _locks = locks(cfg, &domain)?;
+    // What a plan lists as refused is refused here, from the state as it is now (each
+    // refusal's own error).
     ensure_stopped(&domain, plan.manager, cfg.domains.get(&domain)).await?;
+    super::ensure_unmounted(cfg, &domain)?;
     // The plan was read before the locks: what a rollback destroys must still be what it said.
     let unit: Vec<SnapshotName> = plan.snapshots.iter().filter_map(|s| SnapshotName::new(s).ok()).collect();
     let newer = super::newer_than(zfs, &unit).await?;
+    if !newer.is_empty() && !plan.destroy_newer {
+        return Err(RestoreError::NewerSnapshots { snapshot: plan.snapshot.clone(), newer });
+    }
+
     if newer != plan.newer {
         return Err(RestoreError::Changed {
             domain,
@@ -460,6 +467,7 @@ mod tests {
             nvram: None,
             resume: None,
             warnings: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
