@@ -39,6 +39,8 @@ pub fn hint_of(e: &(dyn Error + 'static)) -> Option<String> {
             e.hint()
         } else if let Some(e) = e.downcast_ref::<crate::engine::journal::JournalError>() {
             e.hint()
+        } else if let Some(e) = e.downcast_ref::<crate::recovery::RecoveryError>() {
+            e.hint()
         } else {
             None
         };

@@ -21,6 +21,7 @@
 //! ├── error.rs             how errors travel to the user: the rules, the chain, the operator's hint
 //! ├── fsutil.rs            files root writes where others may reach: no symlink followed
 //! ├── integrity.rs         what each snapshot held when it was taken, checked when a target sends it back
+//! ├── recovery.rs          everything a crash left, settled in one call (`vmsnap recover`, daemon start)
 //! ├── ramcrypt.rs          RAM dumps sealed (ChaCha20-Poly1305, chunked) for a target trusted with ciphertext only
 //! └── setup.rs             installing the hook, unit, D-Bus files, config, completions, man page
 //! ```
@@ -38,6 +39,7 @@ pub mod libvirt;
 pub mod model;
 pub mod qemu;
 pub mod ramcrypt;
+pub mod recovery;
 pub mod replicate;
 pub mod restore;
 pub mod retention;

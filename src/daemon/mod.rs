@@ -22,7 +22,7 @@ pub mod status;
 use crate::config::policy::{PerPeriod, Period, Policy};
 use crate::config::{Config, ConfigError, DomainConfig};
 use crate::daemon::registry::{all_domains, Registry};
-use crate::engine::{self, SnapshotOptions};
+use crate::engine::SnapshotOptions;
 use crate::retention::catalog;
 use crate::retention::schedule;
 use crate::zfs::Zfs;
@@ -64,11 +64,12 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     tracing::info!(config = %config_path.display(), domains = cfg.domains.len(), "vmsnap daemon starting");
-    match engine::recover::recover_all(&cfg, &jobs.zfs()).await {
+    // What `vmsnap recover` does: snapshot journals, restores, copies, mounts, woken-frozen guests.
+    match crate::recovery::everything(&cfg, &jobs.zfs()).await {
         Ok(reports) => {
             reports.iter().for_each(|r| tracing::warn!(domain = %r.domain, "recovered an interrupted operation: {:?}", r.actions))
         }
-        Err(e) => tracing::error!("recovering interrupted operations: {e}"),
+        Err(e) => tracing::error!("recovering interrupted operations: {}", crate::error::chain(&e)),
     }
     for (name, why) in Registry::new(&cfg.state_dir).drop_stale() {
         tracing::warn!(domain = %name, "unregistered: {why}");
