@@ -181,6 +181,53 @@ impl Obligations {
     }
 }
 
+/// A record that cannot be where it is in a journal vmsnap wrote: a fact before its intent, an
+/// undo of something never begun, anything before the begin or after the end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("record {index} ({record}) {why}")]
+pub struct IllegalRecord {
+    pub index: usize,
+    pub record: &'static str,
+    pub why: &'static str,
+}
+
+/// Checks that `records` is a sequence vmsnap writes (the flow and recovery's own appends):
+/// [`Journal::load`] refuses any other, so [`obligations`] never replays an impossible one.
+pub fn check(records: &[Record]) -> Result<(), IllegalRecord> {
+    let mut seen: std::collections::HashSet<&'static str> = std::collections::HashSet::new();
+    let mut overlays: Vec<&str> = Vec::new();
+    for (index, r) in records.iter().enumerate() {
+        let illegal = |why: &'static str| Err(IllegalRecord { index, record: r.name(), why });
+        let after = |cause: &'static str, why: &'static str| if seen.contains(cause) { Ok(()) } else { illegal(why) };
+        match r {
+            _ if seen.contains("end") => illegal("comes after the end record"),
+            Record::Begin { .. } if index > 0 => illegal("is a second begin record"),
+            Record::Begin { .. } => Ok(()),
+            _ if index == 0 => illegal("comes before the begin record"),
+            Record::Thawed => after("freeze_started", "comes without a freeze_started before it"),
+            Record::Resumed => after("pause_started", "comes without a pause_started before it"),
+            Record::CapabilitiesReset => after("capabilities_set", "comes without a capabilities_set before it"),
+            Record::MigrationStarted => after("ram_dump_started", "comes without a ram_dump_started before it"),
+            Record::MigrationDone => after("migration_started", "comes without a migration_started before it"),
+            Record::SwitchStarted => after("overlays_created", "comes without an overlays_created before it"),
+            Record::Switched => after("switch_started", "comes without a switch_started before it"),
+            Record::ZfsSnapshotDone { .. } => after("zfs_snapshot_started", "comes without a zfs_snapshot_started before it"),
+            Record::Merged { overlay_node } if !overlays.contains(&overlay_node.as_str()) => {
+                illegal("names an overlay no overlays_created record made")
+            }
+            Record::Merged { .. } => after("switch_started", "comes without a switch_started before it"),
+            Record::Committed => after("overlays_created", "comes without an overlays_created before it"),
+            Record::OverlaysCreated { overlays: list } => {
+                overlays = list.iter().map(|o| o.overlay_node.as_str()).collect();
+                Ok(())
+            }
+            _ => Ok(()),
+        }?;
+        seen.insert(r.name());
+    }
+    Ok(())
+}
+
 /// Pure replay of a journal (any prefix of one) to what must still be undone.
 pub fn obligations(records: &[Record]) -> Obligations {
     let mut o = Obligations::default();
@@ -338,7 +385,10 @@ impl Journal {
             }
         };
         match records.first() {
-            Some(Record::Begin { format, .. }) if *format == FORMAT => Ok(Self { path: path.to_owned(), records }),
+            Some(Record::Begin { format, .. }) if *format == FORMAT => match check(&records) {
+                Ok(()) => Ok(Self { path: path.to_owned(), records }),
+                Err(e) => Err(JournalError::Damaged { path: path.to_owned(), why: e.to_string() }),
+            },
             Some(Record::Begin { format, .. }) => Err(JournalError::OldFormat { path: path.to_owned(), found: (*format).max(1) }),
             _ => Err(JournalError::Damaged { path: path.to_owned(), why: "it does not start with a begin record".into() }),
         }
@@ -531,6 +581,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Journal::snapshot_in_progress(dir.path(), "vm").unwrap(), None);
         let mut j = Journal::create(dir.path(), "vm", begin(None)).unwrap();
+        j.append(Record::ZfsSnapshotStarted { names: vec!["tank/vm@s".into()] }).unwrap();
         j.append(Record::ZfsSnapshotDone { names: vec!["tank/vm@s".into()] }).unwrap();
         assert_eq!(Journal::snapshot_in_progress(dir.path(), "vm").unwrap().as_deref(), Some("s"));
         assert_eq!(Journal::snapshot_in_progress(dir.path(), "other").unwrap(), None);
@@ -538,6 +589,88 @@ mod tests {
         assert_eq!(Journal::snapshot_in_progress(dir.path(), "vm").unwrap(), None);
         std::fs::write(Journal::path_of(dir.path(), "vm"), "not json").unwrap();
         assert!(Journal::snapshot_in_progress(dir.path(), "vm").is_err());
+    }
+
+    /// Every prefix of what the flow writes is legal, and so is a prefix followed by what
+    /// recovery appends (thawed, capabilities reset, the overlays merged) and the end.
+    #[test]
+    fn what_vmsnap_writes_is_legal() {
+        for run in [full_overlay_run(), full_ram_run()] {
+            for cut in 1..=run.len() {
+                check(&run[..cut]).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+                let mut recovered = run[..cut].to_vec();
+                let o = obligations(&recovered);
+                if o.thaw {
+                    recovered.push(Record::Thawed);
+                }
+                if o.reset_capabilities.is_some() {
+                    recovered.push(Record::CapabilitiesReset);
+                }
+                recovered.extend(o.merge.iter().map(|ov| Record::Merged { overlay_node: ov.overlay_node.clone() }));
+                check(&recovered).unwrap_or_else(|e| panic!("cut {cut}, recovered: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn impossible_sequences_are_refused_by_name() {
+        let run = full_overlay_run();
+        let thawed_first = vec![run[0].clone(), Record::Thawed];
+        assert_eq!(check(&thawed_first).unwrap_err().to_string(), "record 1 (thawed) comes without a freeze_started before it");
+        let after_end = [run.clone(), vec![Record::FreezeStarted]].concat();
+        assert!(check(&after_end).unwrap_err().why.contains("after the end"));
+        let merged_unknown = vec![run[0].clone(), run[1].clone(), Record::SwitchStarted, Record::Merged { overlay_node: "x".into() }];
+        assert!(check(&merged_unknown).unwrap_err().why.contains("no overlays_created"));
+        assert!(check(&[Record::Thawed]).unwrap_err().why.contains("before the begin"));
+        // And a journal file with such records is refused as damaged, with the hint.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vm.json");
+        std::fs::write(&p, serde_json::to_string(&thawed_first).unwrap()).unwrap();
+        let e = Journal::load(&p).unwrap_err();
+        assert!(matches!(e, JournalError::Damaged { .. }) && e.to_string().contains("thawed") && e.hint().is_some(), "{e}");
+    }
+
+    fn any_record() -> impl proptest::strategy::Strategy<Value = Record> {
+        use proptest::prelude::*;
+        let names = prop_oneof![Just("vmsnap-ov0".to_owned()), Just("vmsnap-ov1".to_owned()), Just("x".to_owned())];
+        prop_oneof![
+            Just(begin(Some("/a"))),
+            Just(Record::OverlaysCreated { overlays: vec![overlay(0), overlay(1)] }),
+            Just(Record::FreezeStarted),
+            Just(Record::Thawed),
+            Just(Record::PauseStarted),
+            Just(Record::Resumed),
+            Just(Record::CapabilitiesSet { previous: vec![("x".into(), false)], max_bandwidth: None }),
+            Just(Record::CapabilitiesReset),
+            Just(Record::RamDumpStarted { path: "/r/vm/s.ram".into() }),
+            Just(Record::MigrationStarted),
+            Just(Record::MigrationDone),
+            Just(Record::SwitchStarted),
+            Just(Record::Switched),
+            Just(Record::ZfsSnapshotStarted { names: vec!["tank/vm@s".into()] }),
+            Just(Record::ZfsSnapshotDone { names: vec!["tank/vm@s".into()] }),
+            names.prop_map(|overlay_node| Record::Merged { overlay_node }),
+            Just(Record::Committed),
+            Just(Record::End),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any sequence is refused, or replays to obligations that follow from its records: a
+        /// thaw only after a freeze began, a resume only after a pause, a merge only of an
+        /// overlay the journal made once the switch began, nothing left after the end.
+        #[test]
+        fn any_sequence_is_refused_or_replayed_soundly(records in proptest::collection::vec(any_record(), 0..14)) {
+            if check(&records).is_ok() {
+                let o = obligations(&records);
+                let seen = |name: &str| records.iter().any(|r| r.name() == name);
+                proptest::prop_assert!(!o.thaw || seen("freeze_started"));
+                proptest::prop_assert!(!o.resume || seen("pause_started"));
+                proptest::prop_assert!(!o.cancel_migration || seen("ram_dump_started"));
+                proptest::prop_assert!(o.merge.is_empty() || (seen("overlays_created") && seen("switch_started")));
+                proptest::prop_assert!(!seen("end") || o.is_empty());
+            }
+        }
     }
 
     /// Truncating a journal at every prefix gives exactly the obligations of that moment.
