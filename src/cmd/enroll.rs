@@ -8,12 +8,10 @@ use std::path::{Path, PathBuf};
 use vmsnap::config::{valid_domain_name, Config};
 use vmsnap::libvirt::enroll::{enroll_xml, is_enrolled};
 
+/// `virsh ARGS` through the library's one wrapper (the same connection URI, deadline and
+/// bounded output as every other virsh call vmsnap makes).
 fn virsh(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new("virsh").args(args).output().context("running virsh (is libvirt-clients installed?)")?;
-    if !out.status.success() {
-        bail!("virsh {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    String::from_utf8(out.stdout).context("virsh printed non-UTF-8")
+    Ok(vmsnap::libvirt::virsh::run(args)?)
 }
 
 fn backup_path(cfg: &Config, domain: &str) -> PathBuf {
