@@ -881,18 +881,9 @@ async fn record_integrity(cfg: &Config, zfs: &Zfs, report: &mut SnapshotReport) 
 /// `qemu-img create` of an overlay whose backing is `disk` (vmsnap never attaches it through the
 /// header: `blockdev-snapshot` links the live node, `-u` spares opening the backing here).
 async fn make_overlay_file(path: &Path, disk: &LiveDisk) -> Result<(), StepError> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-u", "-F", &disk.format, "-b"])
-        .arg(&disk.path)
-        .arg(path)
-        .arg(disk.virtual_size.to_string())
-        .stdin(std::process::Stdio::null())
-        .output()
+    crate::qemu::img::create_overlay(path, &disk.path, &disk.format, disk.virtual_size)
         .await
-        .map_err(|source| StepError::Io { what: "running qemu-img".into(), source })?;
-    if !out.status.success() {
-        return Err(StepError::Refused(format!("qemu-img create {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim())));
-    }
+        .map_err(|e| StepError::Refused(e.to_string()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|source| StepError::Io { what: format!("chmod {}", path.display()), source })

@@ -331,7 +331,7 @@ async fn commit_offline(ov: &OverlayRecord) -> Result<Vec<String>, String> {
     let (Some(base), Some(format)) = (&ov.base, &ov.base_format) else {
         return Ok(vec![keep_overlay(ov, "its journal does not say which image in which format it sits on")]);
     };
-    let (named, named_format) = header_backing(&ov.path).await?;
+    let (named, named_format) = crate::qemu::img::header_backing(&ov.path).await.map_err(|e| e.to_string())?;
     if named.as_deref() != Some(base.as_os_str().to_string_lossy().as_ref()) || named_format.as_deref() != Some(format.as_str()) {
         let why = format!(
             "its header names {} ({}) as its base, not {} ({format}), the image it was made on",
@@ -341,42 +341,10 @@ async fn commit_offline(ov: &OverlayRecord) -> Result<Vec<String>, String> {
         );
         return Ok(vec![keep_overlay(ov, &why)]);
     }
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["commit", "-q", "-f", "qcow2"])
-        .arg(&ov.path)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| format!("running qemu-img commit: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "qemu-img commit {} failed, the overlay stays: {}",
-            ov.path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    crate::qemu::img::commit(&ov.path).await.map_err(|e| format!("{e}; the overlay stays"))?;
     let mut did = vec![format!("QEMU is gone: committed {} into its base with qemu-img", ov.path.display())];
     did.extend(remove_overlay(None, ov).await?);
     Ok(did)
-}
-
-/// The backing file and format an overlay's qcow2 header names (`qemu-img info -U`, which opens
-/// no backing file).
-async fn header_backing(path: &Path) -> Result<(Option<String>, Option<String>), String> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["info", "-U", "-f", "qcow2", "--output=json"])
-        .arg(path)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| format!("running qemu-img info: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("qemu-img info {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    let info: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("qemu-img info {}: not JSON: {e}", path.display()))?;
-    let field = |k: &str| info[k].as_str().map(str::to_owned);
-    Ok((field("backing-filename"), field("backing-filename-format")))
 }
 
 /// The message for an overlay that recovery must not touch.

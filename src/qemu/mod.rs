@@ -7,6 +7,7 @@
 pub mod block;
 pub mod blockjob;
 pub mod fdpass;
+pub mod img;
 pub(crate) mod process;
 pub mod qga;
 pub mod qmp;
