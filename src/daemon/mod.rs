@@ -56,6 +56,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(60);
 pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), DaemonError> {
     let mut cfg = Arc::new(Config::load(config_path)?);
     let jobs = Jobs::new(cfg.clone(), Arc::new(zfs), true);
+    // D-Bus is served from the start (the hook must never wait), and jobs asked for before the
+    // recovery below is over wait for it.
+    jobs.hold_until_recovered();
     let _bus = match &bus {
         Some(b) => Some(dbus::serve(b, jobs.clone()).await.map_err(DaemonError::DBus)?),
         None => None,
@@ -71,6 +74,7 @@ pub async fn run(config_path: &Path, zfs: Zfs, bus: Option<Bus>) -> Result<(), D
         }
         Err(e) => tracing::error!("recovering interrupted operations: {}", crate::error::chain(&e)),
     }
+    jobs.recovered();
     for (name, why) in Registry::new(&cfg.state_dir).drop_stale() {
         tracing::warn!(domain = %name, "unregistered: {why}");
     }

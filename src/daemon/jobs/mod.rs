@@ -346,6 +346,9 @@ struct Inner {
     events: broadcast::Sender<JobEvent>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    /// False while the daemon's start-up recovery runs ([`Jobs::hold_until_recovered`]): it
+    /// holds domain locks, and a job started meanwhile waits for it instead of failing busy.
+    ready: watch::Sender<bool>,
 }
 
 /// The daemon's counters, and whether this process writes the metrics file (only the daemon
@@ -370,6 +373,7 @@ impl Jobs {
             slots: RwLock::new((n, Arc::new(Semaphore::new(n)), Arc::new(Semaphore::new(n)))),
             running: Mutex::new(HashMap::new()),
             record: Mutex::new(Records { metrics: Metrics::default(), write_metrics }),
+            ready: watch::channel(true).0,
             events: broadcast::channel(1024).0,
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -398,6 +402,17 @@ impl Jobs {
         self.0.events.subscribe()
     }
 
+    /// Jobs started from now on wait until [`Jobs::recovered`] before they do anything (the
+    /// daemon's start-up recovery holds domain locks while it settles what a crash left).
+    pub fn hold_until_recovered(&self) {
+        self.0.ready.send_replace(false);
+    }
+
+    /// The start-up recovery is over: waiting jobs go on.
+    pub fn recovered(&self) {
+        self.0.ready.send_replace(true);
+    }
+
     /// Is a snapshot or prune job of `domain` running (its id)?
     pub fn running_for(&self, domain: &str) -> Option<u64> {
         self.0.running.lock().expect("jobs lock").get(&(domain.to_owned(), Lane::Local)).map(|(id, _)| *id)
@@ -422,7 +437,9 @@ impl Jobs {
             return Err(StartError::Busy { domain: dom.name.clone(), id: *id, kind: r.kind });
         }
         // Another process (a `vmsnap snapshot --local`, a `vmsnap prune`, a `vmsnap replicate`,
-        // a restore) may hold the domain.
+        // a restore) may hold the domain; during the start-up recovery this daemon does, and
+        // the job waits for it instead ([`Self::run`]).
+        let recovering = !*self.0.ready.borrow();
         match &request {
             Request::Prune { dry_run: true }
             | Request::Verify
@@ -440,10 +457,11 @@ impl Jobs {
                         dom.policy.replicate_to.join(", ")
                     )));
                 }
-                if !opts.dry_run {
+                if !opts.dry_run && !recovering {
                     drop(DomainLock::replication(&cfg.state_dir, &dom.name).map_err(|e| StartError::Locked(e.to_string()))?);
                 }
             }
+            _ if recovering => {}
             _ => drop(DomainLock::acquire(&cfg.state_dir, &dom.name).map_err(|e| StartError::Locked(e.to_string()))?),
         }
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
@@ -576,7 +594,12 @@ impl Jobs {
         // Set when a replication target diverged, or failed as a target, or a restore refused
         // what a target sent back (the failure's kind).
         let (diverged, target_failed, untrusted) = (AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false));
+        let mut ready = self.0.ready.subscribe();
         let work = async {
+            if !*ready.borrow() {
+                step("waiting for the daemon's start-up recovery");
+                let _ = ready.wait_for(|r| *r).await;
+            }
             if slots.available_permits() == 0 {
                 step("waiting for a free slot (max_parallel)");
             }
