@@ -84,6 +84,24 @@ pub async fn snapshot(
         }
         Err(e) => return Err(fail("connect to QMP", e.into())),
     };
+    // Read before anything changes; the journal exists from here on, and so does the Run.
+    let t = Instant::now();
+    let prepared = prepare(&qmp, zfs, dom, progress).await.map_err(|(s, e)| fail(s, e))?;
+    let prepare_ms = ms(t.elapsed());
+    let journal = Journal::create(
+        &cfg.state_dir,
+        &dom.name,
+        Record::Begin {
+            format: journal::FORMAT,
+            domain: dom.name.clone(),
+            qmp: dom.qmp.clone(),
+            qga: dom.qga.clone(),
+            snapshot: name.clone(),
+            pid: std::process::id(),
+            qemu: qmp.peer_pid().and_then(ProcessId::of),
+        },
+    )
+    .map_err(|e| fail("journal", e.into()))?;
     let mut run = Run {
         cfg,
         dom,
@@ -92,7 +110,7 @@ pub async fn snapshot(
         qmp,
         qga: None,
         name,
-        journal: None,
+        journal,
         machine: None,
         ram_quiesced: false,
         cpu: None,
@@ -112,26 +130,49 @@ pub async fn snapshot(
             ram_file_bytes: None,
             ram_compress: None,
             pause_phases: Vec::new(),
-            warnings: Vec::new(),
-            steps: Vec::new(),
+            warnings: prepared.warnings.clone(),
+            steps: vec![("prepare".to_owned(), prepare_ms)],
         },
         progress,
     };
     run.report.name = run.name.clone();
-    match run.steps().await {
+    match run.steps(&prepared).await {
         Ok(()) => {
             let t = Instant::now();
-            if let Some(mut j) = run.journal.take() {
-                j.append(Record::End).map_err(|e| fail("finish", e.into()))?;
-                j.remove().map_err(|e| fail("finish", e.into()))?;
-            }
-            run.timed("finish", t);
+            let mut journal = run.journal;
+            journal.append(Record::End).map_err(|e| fail("finish", e.into()))?;
+            journal.remove().map_err(|e| fail("finish", e.into()))?;
             let mut report = run.report;
+            report.steps.push(("finish".to_owned(), ms(t.elapsed())));
             record_integrity(cfg, zfs, &mut report).await;
             Ok(report)
         }
         Err((step, source)) => Err(run.undo(step, source).await),
     }
+}
+
+/// What a snapshot reads before it changes anything (and before its journal exists).
+struct Prepared {
+    disks: Vec<LiveDisk>,
+    by_pool: BTreeMap<String, Vec<Dataset>>,
+    /// The VM ran (it was not paused).
+    running: bool,
+    warnings: Vec<String>,
+}
+
+/// The VM's disks and their datasets, the domain's XML and nvram saved beside them, and
+/// whether the VM runs.
+async fn prepare(qmp: &Qmp, zfs: &Zfs, dom: &DomainConfig, progress: Progress<'_>) -> StepResult<Prepared> {
+    progress("querying disks");
+    let disks = live_disks(qmp).await.at("query disks")?;
+    if disks.is_empty() {
+        return Err(("query disks", StepError::Refused("the VM has no writable disk".into())));
+    }
+    let paths: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
+    let by_pool = datasets_by_pool(zfs, &paths).await.at("resolve datasets")?;
+    let warnings = save_domain_files(zfs, dom, &by_pool).await.at("save XML and nvram")?.into_iter().collect();
+    let running = qmp.execute(&qapi::qmp::query_status {}).await.at("query status")?.running;
+    Ok(Prepared { disks, by_pool, running, warnings })
 }
 
 type StepResult<T = ()> = Result<T, (&'static str, StepError)>;
@@ -154,7 +195,8 @@ struct Run<'a> {
     qmp: Qmp,
     qga: Option<Qga>,
     name: String,
-    journal: Option<Journal>,
+    /// Created before the first step that changes anything; every such step is recorded in it.
+    journal: Journal,
     /// QEMU's machine type, recorded with a RAM dump.
     machine: Option<String>,
     /// The RAM snapshot's disks were captured with the guest frozen.
@@ -170,40 +212,11 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    async fn steps(&mut self) -> StepResult {
+    async fn steps(&mut self, prepared: &Prepared) -> StepResult {
+        let Prepared { disks, by_pool, running, .. } = prepared;
+        let (by_pool, running) = (by_pool, *running);
         let t = Instant::now();
-        (self.progress)("querying disks");
-        let disks = live_disks(&self.qmp).await.at("query disks")?;
-        if disks.is_empty() {
-            return Err(("query disks", StepError::Refused("the VM has no writable disk".into())));
-        }
-        let paths: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
-        let by_pool = datasets_by_pool(self.zfs, &paths).await.at("resolve datasets")?;
-        if let Some(w) = save_domain_files(self.zfs, self.dom, &by_pool).await.at("save XML and nvram")? {
-            self.report.warnings.push(w);
-        }
-        self.timed("prepare", t);
-
-        let t = Instant::now();
-        let running = self.qmp.execute(&qapi::qmp::query_status {}).await.at("query status")?.running;
         self.was_running = running;
-        self.journal = Some(
-            Journal::create(
-                &self.cfg.state_dir,
-                &self.dom.name,
-                Record::Begin {
-                    format: journal::FORMAT,
-                    domain: self.dom.name.clone(),
-                    qmp: self.dom.qmp.clone(),
-                    qga: self.dom.qga.clone(),
-                    snapshot: self.name.clone(),
-                    pid: std::process::id(),
-                    qemu: self.qmp.peer_pid().and_then(ProcessId::of),
-                },
-            )
-            .at("journal")?,
-        );
-
         if self.opts.memory.is_some() && !running {
             return Err(("save RAM", StepError::Refused("the VM is paused; vmsnap saves the RAM of running VMs".into())));
         }
@@ -219,15 +232,15 @@ impl Run<'_> {
         self.timed("journal and agent", t);
 
         let overlays = match self.opts.strategy {
-            Strategy::Overlay => self.create_overlays(&disks).await?,
+            Strategy::Overlay => self.create_overlays(disks).await?,
             Strategy::Direct => Vec::new(),
         };
         let consistency = match self.opts.memory {
-            Some(mode) => self.with_ram(mode, &overlays, &by_pool).await?,
-            None => self.disk_only(running, &overlays, &by_pool).await?,
+            Some(mode) => self.with_ram(mode, &overlays, by_pool).await?,
+            None => self.disk_only(running, &overlays, by_pool).await?,
         };
         if self.opts.strategy == Strategy::Overlay && !self.snapshot_taken() {
-            self.zfs_snapshot(&by_pool, consistency).await?;
+            self.zfs_snapshot(by_pool, consistency).await?;
             self.merge(&overlays).await?;
         }
         Ok(())
@@ -565,7 +578,7 @@ impl Run<'_> {
     }
 
     fn journal_has_switch_intent(&self) -> bool {
-        self.journal.as_ref().is_some_and(|j| j.records().iter().any(|r| matches!(r, Record::SwitchStarted)))
+        self.journal.records().iter().any(|r| matches!(r, Record::SwitchStarted))
     }
 
     /// Sets `props` on each snapshot taken, in one `zfs set` each (direct strategy: the
@@ -588,7 +601,7 @@ impl Run<'_> {
 
     async fn record(&mut self, r: Record) -> StepResult {
         let step = r.name();
-        self.journal.as_mut().expect("journal is open").append(r).at(step)
+        self.journal.append(r).at(step)
     }
 
     /// Connects to the guest agent. A missing agent refuses the snapshot when quiescing is
@@ -828,8 +841,7 @@ impl Run<'_> {
         (self.progress)("merging overlays back");
         let t = Instant::now();
         for ov in overlays {
-            let journal = self.journal.as_mut().expect("journal is open");
-            recover::merge_overlay(&self.qmp, ov, journal).await.map_err(StepError::Refused).at("merge overlays")?;
+            recover::merge_overlay(&self.qmp, ov, &mut self.journal).await.map_err(StepError::Refused).at("merge overlays")?;
         }
         // A full overlay directory stops the VM with an I/O error; its requests are retried on
         // the base now that the overlay is merged.
@@ -843,13 +855,11 @@ impl Run<'_> {
     }
 
     /// After a failed step: carry out the journal's obligations, then report the step's error.
-    async fn undo(&mut self, step: &'static str, source: StepError) -> EngineError {
+    async fn undo(mut self, step: &'static str, source: StepError) -> EngineError {
         let domain = self.dom.name.clone();
-        let Some(mut journal) = self.journal.take() else {
-            return EngineError::Step { domain, step, source: Box::new(source) };
-        };
         // The agent connection may be the one that just failed: recovery opens its own.
         self.qga = None;
+        let mut journal = self.journal;
         let mut actions = Vec::new();
         match recover::settle(&mut journal, Some(&self.qmp), recover::Places::of(self.cfg), self.zfs, &mut actions).await {
             Ok(()) => {
