@@ -74,7 +74,7 @@ pub async fn run(
                 replicate(zfs, &cfg.state_dir, dom, &cfg.targets[*tname], opts.clone(), &show).await.map_err(|e| Failure {
                     diverged: matches!(e, ReplicateError::Diverged { .. }),
                     hint: e.hint(),
-                    message: e.to_string(),
+                    message: vmsnap::error::chain(&e),
                 })
             }
         };

@@ -53,6 +53,20 @@ pub enum ReplicateError {
     KeyNotLoaded { target: String, snapshot: String, datasets: String },
     #[error("nothing to replicate: the config lists no disks for {domain} and no dataset holds a snapshot vmsnap took of it")]
     NoDatasets { domain: String },
+    /// This host's own lock on the domain (a restore, or another replication of it): not
+    /// the target's doing.
+    #[error("{domain}: a restore or another replication of it runs")]
+    Busy {
+        domain: String,
+        #[source]
+        source: Box<crate::engine::EngineError>,
+    },
+    #[error("cannot tell whether a snapshot of {domain} is being taken")]
+    Journal {
+        domain: String,
+        #[source]
+        source: crate::engine::journal::JournalError,
+    },
     #[error(transparent)]
     Zfs(#[from] ZfsError),
 }
@@ -81,6 +95,10 @@ impl ReplicateError {
             ReplicateError::Untrusted { .. } => Some(UNTRUSTED_HINT),
             ReplicateError::KeyNotLoaded { .. } => Some(LOAD_KEY_HINT),
             ReplicateError::RamKey { .. } | ReplicateError::SealedDumpKey { .. } => Some(RAM_KEY_HINT),
+            ReplicateError::Busy { .. } => {
+                Some("wait for it to end (`vmsnap check` shows what runs), or run `vmsnap recover` if none does")
+            }
+            ReplicateError::Journal { source, .. } => source.hint(),
             ReplicateError::Zfs(_) | ReplicateError::Cancelled { .. } | ReplicateError::NoDatasets { .. } => None,
         }
     }
@@ -162,10 +180,10 @@ pub async fn replicate(
     let _lock = if dry_run {
         None
     } else {
-        Some(crate::engine::lock::DomainLock::replication(state_dir, &dom.name).map_err(|e| ReplicateError::Target {
-            target: target.name.clone(),
-            why: format!("{e} (a restore or another replication of {} runs)", dom.name),
-        })?)
+        Some(
+            crate::engine::lock::DomainLock::replication(state_dir, &dom.name)
+                .map_err(|e| ReplicateError::Busy { domain: dom.name.clone(), source: Box::new(e) })?,
+        )
     };
     let run = Run::open(zfs, state_dir, dom, target, opts, progress)?;
     let mut report = ReplicationReport { domain: dom.name.clone(), target: target.name.clone(), dry_run, ..Default::default() };
@@ -189,7 +207,7 @@ pub async fn replicate(
         // A snapshot still being taken (a RAM snapshot is labelled `ram` once its dump is
         // complete) is sent but not completed: the next run brings its labels and its dump.
         let in_progress = crate::engine::journal::Journal::snapshot_in_progress(state_dir, &dom.name)
-            .map_err(|e| run.err(format!("cannot tell whether a snapshot of {} is being taken: {e}", dom.name)))?;
+            .map_err(|source| ReplicateError::Journal { domain: dom.name.clone(), source })?;
         run.complete(&listings, in_progress.as_deref(), seal, &mut report).await?;
     }
     report.seconds = t.elapsed().as_secs_f64();
