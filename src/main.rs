@@ -258,18 +258,13 @@ fn parse_label(s: &str) -> Result<String, String> {
 /// The most domain XML the hook reads from libvirt (real definitions are a few KiB).
 const HOOK_XML_MAX: u64 = 4 << 20;
 
-/// The daemon logs what it does (one line per snapshot); other commands only warnings.
-fn default_log_level() -> &'static str {
-    if std::env::args_os().any(|a| a == "daemon") {
-        "info"
-    } else {
-        "warn"
-    }
-}
-
-fn main() {
+/// Logging to stderr (`VMSNAP_LOG` filters it). The daemon logs what it does (one line per
+/// snapshot); other commands only warnings. Set up once the arguments are parsed: a domain named
+/// `daemon` is not the daemon.
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMSNAP_LOG").unwrap_or_else(|_| default.into());
     // journald adds its own timestamps and shows no colours: plain lines when stderr goes there.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMSNAP_LOG").unwrap_or_else(|_| default_log_level().into());
     let plain = std::env::var_os("JOURNAL_STREAM").is_some() || !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(!plain);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
@@ -277,16 +272,34 @@ fn main() {
     } else {
         fmt.init();
     }
+}
+
+/// Whether the subcommand (the first argument after the global `--config PATH`) is `hook`,
+/// read before the arguments parse: a domain named `hook` is not the hook.
+fn subcommand_is_hook() -> bool {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--config" {
+            args.next();
+        } else if !a.to_string_lossy().starts_with("--config=") {
+            return a == "hook";
+        }
+    }
+    false
+}
+
+fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        // The hook always exits 0 (libvirt would refuse to start the domain otherwise), even
-        // on arguments it cannot read.
-        Err(e) if std::env::args_os().skip(1).any(|a| a == "hook") && e.use_stderr() => {
+        // The hook (`vmsnap hook ARGS`, as hooks/qemu runs it) always exits 0 (libvirt would
+        // refuse to start the domain otherwise), even on arguments it cannot read.
+        Err(e) if subcommand_is_hook() && e.use_stderr() => {
             eprintln!("vmsnap hook: {}", e.to_string().lines().next().unwrap_or("bad arguments"));
             std::process::exit(0);
         }
         Err(e) => e.exit(),
     };
+    init_logging(matches!(cli.command, Command::Daemon { .. }));
     // Two workers: one domain's blocking step (a checksum, a fsync) never holds up another
     // domain's frozen window, D-Bus or the hook.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");

@@ -71,6 +71,19 @@ fn the_hook_exits_0_on_any_input() {
     }
 }
 
+/// A domain named like a subcommand is an argument like any other: `vmsnap snapshot hook` with a
+/// bad option is refused with exit 2 (only `vmsnap hook …` exits 0 whatever it is given), and
+/// `vmsnap list daemon` does not log as the daemon does.
+#[test]
+fn a_domain_named_hook_or_daemon_is_just_a_name() {
+    let (_dir, cfg) = setup();
+    let out = vmsnap(&[os("snapshot"), os("hook"), os("--no-such-option")], &cfg, b"");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = vmsnap(&[os("list"), os("daemon")], &cfg, b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains(" INFO "), "{err}");
+}
+
 #[test]
 fn a_long_label_is_refused_before_anything_is_touched() {
     let (dir, cfg) = setup();
