@@ -81,16 +81,17 @@ impl Agent {
         Registry::new(&self.config().state_dir)
     }
 
+    /// A configured or registered domain, as every command selects one
+    /// ([`crate::daemon::registry::select`]); the error names the known ones (not the config's
+    /// path: a caller may be anyone).
     fn domain(&self, name: &str) -> Result<DomainConfig, VmsnapError> {
-        let cfg = self.config();
-        let all = all_domains(&cfg, &Registry::new(&cfg.state_dir));
-        let known: Vec<&str> = all.iter().map(|d| d.name.as_str()).collect();
-        all.iter().find(|d| d.name == name).cloned().ok_or_else(|| {
-            VmsnapError::NoSuchDomain(format!(
-                "no domain named {name:?} (known: {})",
-                if known.is_empty() { "none".into() } else { known.join(", ") }
-            ))
-        })
+        match crate::daemon::registry::select(&self.config(), Some(name)) {
+            Ok(mut found) => Ok(found.remove(0)),
+            Err(crate::config::ConfigError::NoSuchDomain { known, .. }) => {
+                Err(VmsnapError::NoSuchDomain(format!("no domain named {name:?} (known: {known})")))
+            }
+            Err(e) => Err(VmsnapError::NoSuchDomain(e.to_string())),
+        }
     }
 }
 
