@@ -222,6 +222,32 @@ fn random_u32() -> u32 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos() ^ std::process::id()
 }
 
+/// Lower-case hex of bytes (a sha256 as vmsnap records it).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The length and sha256 (lower-case hex) of everything `r` reads, in 1 MiB pieces (never a
+/// whole dump in memory); `progress` is told the bytes read so far after each piece.
+pub fn sha256_of(mut r: impl Read, mut progress: impl FnMut(u64)) -> std::io::Result<(u64, String)> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+        progress(bytes);
+    }
+    Ok((bytes, hex(&hasher.finalize())))
+}
+
 /// `path` is a plain absolute path below `dir` (no `..` anywhere): where vmsnap deletes a file a
 /// property or a peer named, it must lie in vmsnap's own directory.
 pub fn inside(path: &Path, dir: &Path) -> bool {

@@ -13,8 +13,6 @@
 use crate::fsutil::{Dir, FsError};
 use crate::zfs::{SnapshotName, Zfs, ZfsError};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// What a snapshot held, by sha256 (lower-case hex); `None`: it held no such file.
@@ -57,17 +55,9 @@ pub async fn saved_file(zfs: &Zfs, unit: &[SnapshotName], domain: &str, file: &s
 
 /// The sha256 of a regular file (never a symlink or a FIFO), streamed.
 pub fn sha256_file(path: &Path) -> Result<String, FsError> {
-    let mut f = crate::fsutil::open_regular(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|source| FsError::Io { what: "reading", path: path.to_owned(), source })?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    let f = crate::fsutil::open_regular(path)?;
+    let (_, sum) = crate::fsutil::sha256_of(f, |_| {}).map_err(|source| FsError::Io { what: "reading", path: path.to_owned(), source })?;
+    Ok(sum)
 }
 
 /// What `unit` (a domain's snapshot, one per dataset) holds now: its saved XML and nvram hashed;

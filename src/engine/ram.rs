@@ -12,8 +12,6 @@ use super::{RamMode, StepError};
 use crate::qemu::qmp::{EventStream, Qmp};
 use qapi::qmp::{self, MigrationCapability, MigrationCapabilityStatus};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -255,18 +253,9 @@ pub async fn wait_saving_started(qmp: &Qmp, timeout: Duration) -> Result<(), Ste
 /// sha256 of a file, read in 1 MiB pieces (never the whole dump in memory).
 pub fn sha256_file(path: &Path) -> Result<String, StepError> {
     let io = |source| StepError::Io { what: format!("reading {}", path.display()), source };
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    let f = std::fs::File::open(path).map_err(io)?;
     f.sync_all().map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::fsutil::sha256_of(f, |_| {}).map_err(io)?.1)
 }
 
 /// The machine type QEMU runs (`pc-i440fx-10.0`), which a restore must use again.

@@ -209,7 +209,7 @@ fn hash_behind(file: File, prefix: &[u8], hashed: &AtomicU64, ending: &AtomicU8)
         let hasher = hashing.join().map_err(|_| io::Error::other("the RAM dump's hashing thread panicked"))?;
         Ok((synced?, hasher))
     })?;
-    Ok(Drained { file, stream_bytes: end - start, file_bytes: end, sha256: hex(&hasher.finalize()) })
+    Ok(Drained { file, stream_bytes: end - start, file_bytes: end, sha256: crate::fsutil::hex(&hasher.finalize()) })
 }
 
 /// How far behind the end of the file the follower stays until QEMU has completed: more than
@@ -331,7 +331,7 @@ fn drain(mut input: File, file: File, prefix: &[u8], compress: RamCompress, leve
     let Hashing { out, hasher, bytes, .. } = out;
     let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
     file.sync_data()?;
-    Ok(Drained { file, stream_bytes: total, file_bytes: bytes, sha256: hex(&hasher.finalize()) })
+    Ok(Drained { file, stream_bytes: total, file_bytes: bytes, sha256: crate::fsutil::hex(&hasher.finalize()) })
 }
 
 /// Buffers in flight between the reading thread and the writing one.
@@ -399,11 +399,7 @@ fn drain_raw(mut input: File, mut file: File, mut hasher: Sha256, prefix_len: u6
     if let Some(e) = read_error {
         return Err(e);
     }
-    Ok(Drained { file, stream_bytes: total, file_bytes: prefix_len + total, sha256: hex(&hasher.finalize()) })
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(Drained { file, stream_bytes: total, file_bytes: prefix_len + total, sha256: crate::fsutil::hex(&hasher.finalize()) })
 }
 
 /// A running [`feed`]: its result once QEMU has read everything (or closed its end).
@@ -440,7 +436,7 @@ mod tests {
     use super::*;
 
     fn sha256(bytes: &[u8]) -> String {
-        hex(&Sha256::digest(bytes))
+        crate::fsutil::hex(&Sha256::digest(bytes))
     }
 
     /// A stream that compresses but is not trivial.

@@ -760,20 +760,9 @@ fn ram_check(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str) -> Resu
     Ok(RamCheck { bytes, matches: got == sha256 })
 }
 
-/// The length and sha256 (lower-case hex) of what `r` reads, in 1 MiB pieces.
-pub(super) fn sha256_of(mut r: impl Read) -> std::io::Result<(u64, String)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        bytes += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    Ok((bytes, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+/// The length and sha256 (lower-case hex) of what `r` reads ([`crate::fsutil::sha256_of`]).
+pub(super) fn sha256_of(r: impl Read) -> std::io::Result<(u64, String)> {
+    crate::fsutil::sha256_of(r, |_| {})
 }
 
 /// Where a [`Request::RamPut`]'s whole-file sha256 is.

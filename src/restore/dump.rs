@@ -6,8 +6,7 @@
 use crate::engine::saveimage;
 use crate::fsutil;
 use crate::model::RamCompress;
-use sha2::{Digest, Sha256};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 /// What a good dump is.
@@ -33,7 +32,7 @@ const BUF: usize = 1 << 20;
 
 /// Checks the dump at `path` against the sha256 the snapshot recorded (`want`; a dump without a
 /// recorded sum is refused: nothing proves it is the one written). `progress` gets the bytes read.
-pub fn check(path: &Path, want: Option<&str>, mut progress: impl FnMut(u64)) -> Result<DumpCheck, BadDump> {
+pub fn check(path: &Path, want: Option<&str>, progress: impl FnMut(u64)) -> Result<DumpCheck, BadDump> {
     let bad = |why: String| BadDump { path: path.to_owned(), why };
     let want = want.ok_or_else(|| bad("the snapshot records no sha256 for it".into()))?;
     let (format, compress) = match saveimage::read(path) {
@@ -48,30 +47,12 @@ pub fn check(path: &Path, want: Option<&str>, mut progress: impl FnMut(u64)) -> 
         Ok(None) => ("qemu-stream", saveimage::locate(path).map_err(|e| bad(e.to_string()))?.compress),
         Err(e) => return Err(bad(e.to_string())),
     };
-    let mut file = fsutil::open_regular(path).map_err(|e| bad(e.to_string()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; BUF];
-    let mut bytes = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(bad(format!("reading: {e}"))),
-        };
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
-        progress(bytes);
-    }
-    let sha256 = hex(&hasher.finalize());
+    let file = fsutil::open_regular(path).map_err(|e| bad(e.to_string()))?;
+    let (bytes, sha256) = fsutil::sha256_of(file, progress).map_err(|e| bad(format!("reading: {e}")))?;
     if !sha256.eq_ignore_ascii_case(want) {
         return Err(bad(format!("its sha256 is {sha256}, the snapshot recorded {want}: the file changed since it was written")));
     }
     Ok(DumpCheck { path: path.to_owned(), bytes, format, compress, sha256 })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes `dir/name` (0600, replaced if there) as an uncompressed save image of the zstd save
@@ -124,6 +105,8 @@ pub fn copy_save_image(src: &Path, dir: &Path, name: &str, xml: Option<&str>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsutil::hex;
+    use sha2::{Digest, Sha256};
 
     /// A save image of `stream` (compressed as `compress`), complete; its sha256.
     fn image(dir: &Path, name: &str, stream: &[u8], compress: RamCompress) -> (PathBuf, String) {
