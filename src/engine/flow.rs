@@ -866,6 +866,8 @@ impl Run<'_> {
                 for a in &actions {
                     tracing::info!(domain = %domain, "undo: {a}");
                 }
+                // Everything is undone; a journal that stays is settled again, with nothing
+                // left to do, by the next snapshot or `vmsnap recover`.
                 let _ = journal.remove();
                 EngineError::Step { domain, step, source: Box::new(source) }
             }

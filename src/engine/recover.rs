@@ -159,6 +159,7 @@ pub async fn apply(
             };
             match (ram::restore_capabilities(qmp, previous).await, bandwidth.await) {
                 (Ok(()), Ok(())) => {
+                    // Unrecorded, the next recovery resets them again: harmless (idempotent).
                     let _ = journal.append(Record::CapabilitiesReset);
                     actions.push(if o.reset_bandwidth.is_some() {
                         "reset the migration capabilities and bandwidth".into()
@@ -180,6 +181,8 @@ pub async fn apply(
             match qga_path {
                 Some(path) => match thaw(path).await {
                     Ok(n) => {
+                        // Unrecorded, the next recovery thaws again: harmless (a thawed guest
+                        // stays thawed).
                         let _ = journal.append(Record::Thawed);
                         actions.push(format!("thawed the guest ({n} filesystems)"));
                     }
