@@ -239,6 +239,7 @@ pub async fn follow(conn: zbus::Connection, path: OwnedObjectPath, mut handle: J
         let _ = job.progress_changed(emitter).await;
         let _ = job.result_changed(emitter).await;
         let _ = job.failure_changed(emitter).await;
+        let _ = job.hint_changed(emitter).await;
         let _ = job.transfer_changed(emitter).await;
         let _ = Job::finished(emitter, matches!(outcome, Outcome::Succeeded(_)), &outcome.result_text()).await;
     }
