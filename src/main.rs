@@ -307,7 +307,7 @@ fn main() {
         eprintln!("vmsnap: error: {e:#}");
         // The first hint along the chain, from whichever layer gave one (a job's travels with
         // it, through the daemon too).
-        if let Some(hint) = e.chain().find_map(vmsnap::error::hint_of) {
+        if let Some(hint) = vmsnap::error::hint_of(e.as_ref()) {
             eprintln!("hint: {hint}");
         }
         std::process::exit(1);

@@ -7,12 +7,9 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use vmsnap::config::{valid_domain_name, Config};
 use vmsnap::libvirt::enroll::{enroll_xml, is_enrolled};
-
-/// `virsh ARGS` through the library's one wrapper (the same connection URI, deadline and
-/// bounded output as every other virsh call vmsnap makes).
-fn virsh(args: &[&str]) -> Result<String> {
-    Ok(vmsnap::libvirt::virsh::run(args)?)
-}
+// The library's one virsh wrapper: the same connection URI, deadline and bounded output as every
+// other virsh call vmsnap makes.
+use vmsnap::libvirt::virsh::run as virsh;
 
 fn backup_path(cfg: &Config, domain: &str) -> PathBuf {
     cfg.state_dir.join("enroll").join(format!("{domain}.xml"))

@@ -86,7 +86,7 @@ pub async fn snapshot(
     };
     // Read before anything changes; the journal exists from here on, and so does the Run.
     let t = Instant::now();
-    let prepared = prepare(&qmp, zfs, dom, progress).await.map_err(|(s, e)| fail(s, e))?;
+    let mut prepared = prepare(&qmp, zfs, dom, progress).await.map_err(|(s, e)| fail(s, e))?;
     let prepare_ms = ms(t.elapsed());
     let journal = Journal::create(
         &cfg.state_dir,
@@ -130,7 +130,7 @@ pub async fn snapshot(
             ram_file_bytes: None,
             ram_compress: None,
             pause_phases: Vec::new(),
-            warnings: prepared.warnings.clone(),
+            warnings: std::mem::take(&mut prepared.warnings),
             steps: vec![("prepare".to_owned(), prepare_ms)],
         },
         progress,

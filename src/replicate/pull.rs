@@ -12,7 +12,6 @@
 
 use super::protocol::{RamState, Request};
 use super::run::{Options, ReplicateError, Run};
-use super::server::sha256_of;
 use super::transport::Transport;
 use crate::config::{DomainConfig, TargetConfig};
 use crate::model::prop;
@@ -355,7 +354,7 @@ async fn pull_dump(
     let name = format!("{snapshot}.ram");
     let path = dir.path().join(&name);
     if let Ok(f) = crate::fsutil::open_regular(&path) {
-        if sha256_of(f).map_err(|e| e.to_string())?.1 == sha256 {
+        if crate::fsutil::sha256_of(f, |_| {}).map_err(|e| e.to_string())?.1 == sha256 {
             progress(&format!("the RAM dump of {snapshot} is here already"));
             return Ok(path);
         }
@@ -428,7 +427,8 @@ async fn pull_dump(
         let _ = std::fs::remove_file(&part_path);
         return Ok(path);
     }
-    let (_, got) = sha256_of(crate::fsutil::open_regular(&part_path).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let (_, got) =
+        crate::fsutil::sha256_of(crate::fsutil::open_regular(&part_path).map_err(|e| e.to_string())?, |_| {}).map_err(|e| e.to_string())?;
     if got != sha256 {
         return drop_copy(format!("the copy's sha256 is {got}, the snapshot records {sha256}"));
     }

@@ -756,13 +756,8 @@ fn ram_check(ram_dir: &Path, domain: &str, snapshot: &str, sha256: &str) -> Resu
     let (dir, name) = ram_place(ram_dir, domain, snapshot)?;
     let path = dir.join(&name);
     let file = crate::fsutil::open_regular(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let (bytes, got) = sha256_of(file).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let (bytes, got) = crate::fsutil::sha256_of(file, |_| {}).map_err(|e| format!("reading {}: {e}", path.display()))?;
     Ok(RamCheck { bytes, matches: got == sha256 })
-}
-
-/// The length and sha256 (lower-case hex) of what `r` reads ([`crate::fsutil::sha256_of`]).
-pub(super) fn sha256_of(r: impl Read) -> std::io::Result<(u64, String)> {
-    crate::fsutil::sha256_of(r, |_| {})
 }
 
 /// Where a [`Request::RamPut`]'s whole-file sha256 is.
@@ -803,7 +798,7 @@ fn ram_put(ram_dir: &Path, domain: &str, snapshot: &str, sum: Sum, offset: u64, 
     }
     // Checked here, on the target's own copy: against the source's sum, or (sealed) as one.
     file.rewind().map_err(|e| e.to_string())?;
-    let (_, got) = sha256_of(&mut file).map_err(|e| e.to_string())?;
+    let (_, got) = crate::fsutil::sha256_of(&mut file, |_| {}).map_err(|e| e.to_string())?;
     let sealed = match sum {
         Sum::Announced(want) if got != want => return refuse(format!("the copy's sha256 is {got}, the source's {want}")),
         Sum::Announced(_) => false,

@@ -536,6 +536,16 @@ impl Jobs {
         }
     }
 
+    /// Replays `dom`'s journal (only its own: other domains may be mid-snapshot), as after a
+    /// crash; what it did, in words.
+    async fn replay_journal(&self, cfg: &Config, dom: &DomainConfig) -> String {
+        match engine::recover::recover_domain(cfg, &dom.name, &self.0.zfs).await {
+            Ok(Some(r)) => format!("the journal was replayed: {}", r.actions.join("; ")),
+            Ok(None) => "nothing had been changed".to_owned(),
+            Err(e) => format!("recovery incomplete, run `vmsnap recover`: {}", crate::error::chain(&e)),
+        }
+    }
+
     /// A job whose work panicked (or was aborted): its domain's journal is replayed as after a
     /// kill (the guest thawed and resumed, the overlays merged), and it ends as failed.
     async fn after_panic(&self, cfg: &Config, dom: &DomainConfig, e: tokio::task::JoinError, is_snapshot: bool) -> Outcome {
@@ -548,12 +558,7 @@ impl Jobs {
             Err(e) => e.to_string(),
         };
         tracing::error!(domain = %dom.name, "the job panicked: {what}; replaying its journal");
-        let undo = match engine::recover::recover_domain(cfg, &dom.name, &self.0.zfs).await {
-            Ok(Some(r)) => format!("its journal was replayed: {}", r.actions.join("; ")),
-            Ok(None) => "nothing was left to undo".to_owned(),
-            Err(e) => format!("recovery incomplete, run `vmsnap recover`: {e}"),
-        };
-        let msg = format!("the job stopped on a bug in vmsnap ({what}); {undo}");
+        let msg = format!("the job stopped on a bug in vmsnap ({what}); {}", self.replay_journal(cfg, dom).await);
         if is_snapshot {
             self.record(cfg, dom, &Err(msg.clone().into()), 0);
         }
@@ -684,11 +689,7 @@ impl Jobs {
         // journal (only its own: other domains may be mid-snapshot) is replayed, as after a crash.
         drop(work);
         step("cancelled: undoing");
-        let msg = match engine::recover::recover_domain(cfg, &dom.name, &self.0.zfs).await {
-            Ok(Some(r)) => format!("cancelled; the journal was replayed: {}", r.actions.join("; ")),
-            Ok(None) => "cancelled before anything was changed".to_owned(),
-            Err(e) => format!("cancelled; recovery incomplete, run `vmsnap recover`: {e}"),
-        };
+        let msg = format!("cancelled; {}", self.replay_journal(cfg, dom).await);
         if matches!(request, Request::Snapshot(_)) {
             self.record(cfg, dom, &Err(msg.clone().into()), 0);
         }
